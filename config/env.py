@@ -1,0 +1,87 @@
+"""The one environment reader. Every value is validated when settings load; a bad value stops
+the process with a message naming the variable (manage.py and wsgi print it without a traceback)."""
+
+import re
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+env = environ.Env()
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigurationError(ImproperlyConfigured):
+    """A missing or malformed environment variable."""
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = env.str(name, default=None)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(f"{name}: expected true or false, got {raw!r}")
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.str(name, default=default).strip()
+    if value not in choices:
+        raise ConfigurationError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def env_duration(name: str, default: str) -> timedelta:
+    """Durations are written like the seed's: 30s, 1m, 5m, 30m, 1h (or 250ms)."""
+    raw = env.str(name, default=default).strip()
+    match = _DURATION.match(raw)
+    if not match or int(match.group(1)) == 0:
+        raise ConfigurationError(
+            f"{name}: expected a positive duration such as 30s, 5m or 1h, got {raw!r}"
+        )
+    return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+def env_decimal(name: str, default: str) -> Decimal:
+    raw = env.str(name, default=default).strip()
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ConfigurationError(f"{name}: expected a decimal number, got {raw!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ConfigurationError(f"{name}: expected a non-negative decimal number, got {raw!r}")
+    return value
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = env.str(name, default=str(default)).strip()
+    if not re.fullmatch(r"-?\d+", raw) or int(raw) < minimum:
+        raise ConfigurationError(f"{name}: expected a whole number >= {minimum}, got {raw!r}")
+    return int(raw)
+
+
+def env_url(name: str, default: str | None, schemes: tuple[str, ...]) -> str | None:
+    raw = env.str(name, default=default)
+    if raw is None:
+        return None
+    if not raw.split("://", 1)[0] in schemes or "://" not in raw:
+        raise ConfigurationError(
+            f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}, "
+            f"got {raw!r}"
+        )
+    return raw
+
+
+def env_secret(name: str, required: bool) -> str:
+    value = env.str(name, default="")
+    if required and not value:
+        raise ConfigurationError(f"{name}: required in this environment but not set")
+    return value

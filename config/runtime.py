@@ -1,0 +1,68 @@
+"""Helpers shared by the long-running commands (`rehearse`, `bench`): the database they run on,
+worker processes and latency statistics."""
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from django.conf import settings
+from django.core.management import call_command
+from django.db import connections
+
+from config import embedded_db
+
+
+@contextmanager
+def database_ready(say: Callable[[str], None]) -> Iterator[str]:
+    """The configured database, migrated; the embedded one (started here) without DATABASE_URL."""
+    if settings.EMBEDDED_DATABASE:
+        say(
+            f"Using the embedded PostgreSQL in {embedded_db.EMBEDDED_DIR} (no DATABASE_URL)"
+        )
+        with embedded_db.running() as url:
+            call_command("migrate", interactive=False, verbosity=0)
+            yield url
+            connections.close_all()
+    else:
+        call_command("migrate", interactive=False, verbosity=0)
+        yield settings.DATABASE_URL
+
+
+def processes_run(
+    target: Callable[..., Any],
+    args_per_process: list[tuple],
+    on_tick: Callable[[], None] | None = None,
+) -> list[Any]:
+    """Run `target(*args)` in one forked process each (each opens its own database connection)
+    and return their results in order, calling `on_tick` about five times a second meanwhile.
+    A process that dies makes this raise (BrokenProcessPool) instead of waiting forever."""
+    connections.close_all()  # a forked child must not share the parent's socket
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=len(args_per_process), mp_context=context) as pool:
+        futures = [pool.submit(target, *args) for args in args_per_process]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=0.2)
+            if on_tick:
+                on_tick()
+        return [future.result() for future in futures]
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values (0.0 for none)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, round(fraction * len(sorted_values) + 0.5))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies_ms)
+    return {
+        "p50_ms": round(percentile(ordered, 0.50), 3),
+        "p95_ms": round(percentile(ordered, 0.95), 3),
+        "p99_ms": round(percentile(ordered, 0.99), 3),
+        "max_ms": round(ordered[-1], 3) if ordered else 0.0,
+    }

@@ -1,0 +1,141 @@
+"""Settings shared by every environment. Differences come from the environment, read once through
+config.env and validated here: a missing or malformed variable stops the process naming it."""
+
+from pathlib import Path
+
+from config import embedded_db
+from config.env import (
+    env,
+    env_bool,
+    env_choice,
+    env_decimal,
+    env_duration,
+    env_int,
+    env_secret,
+    env_url,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="insecure-development-key-not-for-production")
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_prometheus",
+    "ledger",
+    "cutover",
+    "treasury",
+    "onchain",
+    "config",
+]
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Without DATABASE_URL the project uses its own embedded PostgreSQL (config/embedded_db.py),
+# which `rehearse` and `bench` start and stop themselves.
+EMBEDDED_DATABASE = env.str("DATABASE_URL", default="") == ""
+DATABASE_URL = env_url(
+    "DATABASE_URL",
+    default=embedded_db.database_url(),
+    schemes=("postgres", "postgresql", "pgsql"),
+)
+DATABASES = {
+    "default": env.db_url_config(DATABASE_URL, engine="django_prometheus.db.backends.postgresql")
+}
+DATABASES["default"]["CONN_MAX_AGE"] = env_int("DB_CONN_MAX_AGE", 60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+}
+
+# Feature flags (seed 001 "Configuration"). They seed the first phase state; after that the
+# state lives in the database and changes only through the cutover service.
+USE_LEDGER_INTEGRATION = env_bool("USE_LEDGER_INTEGRATION", False)
+LEDGER_SHADOW_MODE = env_bool("LEDGER_SHADOW_MODE", False)
+LEDGER_STRICT_MODE = env_bool("LEDGER_STRICT_MODE", False)
+BALANCE_SOURCE = env_choice("BALANCE_SOURCE", "legacy", ("legacy", "ledger"))
+USE_ENHANCED_BALANCE_SERVICE = env_bool("USE_ENHANCED_BALANCE_SERVICE", False)
+ENABLE_TREASURY_SCHEDULER = env_bool("ENABLE_TREASURY_SCHEDULER", False)
+ENABLE_ONCHAIN_ENGINE = env_bool("ENABLE_ONCHAIN_ENGINE", False)
+
+TREASURY_SCHEDULER_INTERVAL = env_duration("TREASURY_SCHEDULER_INTERVAL", "5m")
+TREASURY_MONITOR_INTERVAL = env_duration("TREASURY_MONITOR_INTERVAL", "1m")
+TREASURY_CONVERSION_TIMEOUT = env_duration("TREASURY_CONVERSION_TIMEOUT", "30m")
+ONCHAIN_DEPOSIT_POLL_INTERVAL = env_duration("ONCHAIN_DEPOSIT_POLL_INTERVAL", "30s")
+ONCHAIN_BUFFER_ALERT_THRESHOLD = env_decimal("ONCHAIN_BUFFER_ALERT_THRESHOLD", "5000.0")
+
+# Secrets: optional in development, required by config.settings.production.
+SECRETS_REQUIRED = False
+CIRCLE_API_KEY = env_secret("CIRCLE_API_KEY", required=SECRETS_REQUIRED)
+CIRCLE_WEBHOOK_SECRET = env_secret("CIRCLE_WEBHOOK_SECRET", required=SECRETS_REQUIRED)
+DUE_API_KEY = env_secret("DUE_API_KEY", required=SECRETS_REQUIRED)
+DUE_API_SECRET = env_secret("DUE_API_SECRET", required=SECRETS_REQUIRED)
+ADMIN_TOKEN = env_secret("ADMIN_TOKEN", required=SECRETS_REQUIRED)
+
+# Ledger posting: how many times a serialization failure or deadlock is retried.
+LEDGER_POSTING_MAX_ATTEMPTS = env_int("LEDGER_POSTING_MAX_ATTEMPTS", 3, minimum=1)
+
+CELERY_BROKER_URL = env_url(
+    "CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0", schemes=("redis", "rediss", "amqp")
+)
+CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=None)
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]

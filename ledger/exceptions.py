@@ -1,0 +1,67 @@
+"""Domain errors of the ledger. Database rule violations (SQLSTATE LD001..LD008, raised by
+ledger/sql/ledger.sql) are translated here so callers never see a driver error."""
+
+from django.db import DatabaseError
+
+
+class LedgerError(Exception):
+    """Base class; `str()` is a message fit for an operator or an API client."""
+
+
+class InvalidPosting(LedgerError):
+    """The posting is malformed (legs, reference, kind)."""
+
+
+class InvalidAmount(InvalidPosting):
+    """An amount that is not a positive exact decimal within its currency's places."""
+
+
+class UnbalancedTransaction(InvalidPosting):
+    """Debits and credits differ in some currency."""
+
+
+class IdempotencyConflict(LedgerError):
+    """The reference was already posted with different legs."""
+
+
+class InsufficientFunds(LedgerError):
+    """The posting would take an account below zero that may not go there."""
+
+
+class UnknownAccount(LedgerError):
+    """A leg names an account that does not exist."""
+
+
+class CurrencyMismatch(InvalidPosting):
+    """A leg's currency is not its account's currency."""
+
+
+class ImmutableRecord(LedgerError):
+    """Entries and transactions are never updated or deleted."""
+
+
+SQLSTATE_ERRORS: dict[str, type[LedgerError]] = {
+    "LD001": IdempotencyConflict,
+    "LD002": InsufficientFunds,
+    "LD003": UnknownAccount,
+    "LD004": CurrencyMismatch,
+    "LD005": InvalidAmount,
+    "LD006": UnbalancedTransaction,
+    "LD007": ImmutableRecord,
+    "LD008": UnbalancedTransaction,
+}
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    cause = exc.__cause__ if isinstance(exc, DatabaseError) else exc
+    return getattr(cause, "sqlstate", None)
+
+
+def ledger_error_from(exc: DatabaseError) -> LedgerError | None:
+    """The domain error for a database error raised by a ledger rule, or None."""
+    error_class = SQLSTATE_ERRORS.get(sqlstate_of(exc) or "")
+    if error_class is None:
+        return None
+    diag = getattr(exc.__cause__, "diag", None)
+    message = getattr(diag, "message_primary", None) or str(exc)
+    return error_class(message.removeprefix("ledger: "))

@@ -1,0 +1,18 @@
+"""Installs the ledger's database rules (triggers, the posting function): ledger/sql/ledger.sql."""
+
+from pathlib import Path
+
+from django.db import migrations
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+class Migration(migrations.Migration):
+    dependencies = [("ledger", "0001_initial")]
+
+    operations = [
+        migrations.RunSQL(
+            sql=(SQL_DIR / "ledger.sql").read_text(),
+            reverse_sql=(SQL_DIR / "ledger_drop.sql").read_text(),
+        ),
+    ]

@@ -1,0 +1,30 @@
+"""Exact amounts per currency. The database holds the same table (ledger_currencies) and checks
+it again; this copy gives a clear error before a round trip."""
+
+from decimal import Decimal, InvalidOperation
+
+from ledger.exceptions import InvalidAmount
+
+CURRENCY_DECIMALS = {"USD": 2, "USDC": 6}
+
+
+def amount_parse(value: Decimal | str | int, currency: str) -> Decimal:
+    """A positive Decimal with no more places than `currency` has; floats are refused."""
+    if currency not in CURRENCY_DECIMALS:
+        raise InvalidAmount(f"unknown currency {currency!r}")
+    if isinstance(value, float | bool):
+        raise InvalidAmount(f"amount {value!r} must be an exact decimal (a string), not a float")
+    try:
+        amount = Decimal(value)
+    except (InvalidOperation, TypeError, ValueError):
+        raise InvalidAmount(f"amount {value!r} is not a decimal number") from None
+    if not amount.is_finite() or amount <= 0:
+        raise InvalidAmount(f"amount {value!r} must be a positive number")
+    places = CURRENCY_DECIMALS[currency]
+    if amount != amount.quantize(Decimal(1).scaleb(-places)):
+        raise InvalidAmount(f"amount {value} has more than {places} decimal places for {currency}")
+    return amount
+
+
+def amount_format(amount: Decimal, currency: str) -> str:
+    return str(amount.quantize(Decimal(1).scaleb(-CURRENCY_DECIMALS[currency])))

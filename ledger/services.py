@@ -1,0 +1,172 @@
+"""Writes to the ledger. `transaction_post` is the one posting path for money: everything that
+moves money calls it (or `transaction_apply`, its form inside a caller's transaction)."""
+
+import json
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db import DatabaseError, connection, transaction
+
+from ledger import metrics
+from ledger.exceptions import (
+    InvalidPosting,
+    UnbalancedTransaction,
+    ledger_error_from,
+    sqlstate_of,
+)
+from ledger.models import Account, Side
+from ledger.money import CURRENCY_DECIMALS, amount_format, amount_parse
+
+# Serialization failures and deadlocks: the posting is retried from the start.
+RETRYABLE_SQLSTATES = {"40001", "40P01"}
+MAX_REFERENCE_LENGTH = 255
+MAX_NAME_LENGTH = 64
+USER_ACCOUNT_NORMAL_BALANCE = Side.CREDIT  # what the company owes a user: a liability
+
+
+@dataclass(frozen=True)
+class Leg:
+    account_id: int
+    side: str
+    amount: Decimal
+    currency: str
+
+    @classmethod
+    def debit(cls, account: Account, amount: Decimal | str) -> "Leg":
+        return cls(account.pk, Side.DEBIT, Decimal(amount), account.currency_id)
+
+    @classmethod
+    def credit(cls, account: Account, amount: Decimal | str) -> "Leg":
+        return cls(account.pk, Side.CREDIT, Decimal(amount), account.currency_id)
+
+
+@dataclass(frozen=True)
+class PostingResult:
+    transaction_id: int
+    created: bool  # False: an idempotent replay of an earlier posting with the same reference
+
+
+def _name_check(field: str, value: str, limit: int) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidPosting(f"{field} must be a non-empty string")
+    if len(value) > limit:
+        raise InvalidPosting(f"{field} is longer than {limit} characters")
+
+
+def _legs_payload(legs: list[Leg]) -> str:
+    """Validate the legs (shape, amounts, balance per currency) and encode them for the database."""
+    if len(legs) < 2:
+        raise InvalidPosting("a transaction needs at least two legs")
+    totals: dict[str, Decimal] = defaultdict(Decimal)
+    rows = []
+    for index, leg in enumerate(legs):
+        if leg.side not in Side.values:
+            raise InvalidPosting(f"leg {index}: side must be debit or credit, not {leg.side!r}")
+        if leg.currency not in CURRENCY_DECIMALS:
+            raise InvalidPosting(f"leg {index}: unknown currency {leg.currency!r}")
+        amount = amount_parse(leg.amount, leg.currency)
+        totals[leg.currency] += amount if leg.side == Side.DEBIT else -amount
+        rows.append(
+            {
+                "account_id": int(leg.account_id),
+                "side": leg.side,
+                "amount": amount_format(amount, leg.currency),
+                "currency": leg.currency,
+            }
+        )
+    for currency, difference in totals.items():
+        if difference:
+            raise UnbalancedTransaction(
+                f"debits and credits differ by {abs(difference)} {currency}"
+            )
+    return json.dumps(rows)
+
+
+def transaction_apply(
+    *,
+    namespace: str,
+    reference_id: str,
+    kind: str,
+    legs: list[Leg],
+    metadata: dict[str, Any] | None = None,
+) -> PostingResult:
+    """Post inside the caller's database transaction (for example the savepoint of a dual write).
+
+    Locks the legs' account rows, in account order, until the caller's transaction ends. The
+    balance rule is checked by PostgreSQL at the caller's COMMIT, after Python checked it here.
+    """
+    if not connection.in_atomic_block:
+        raise RuntimeError("transaction_apply must run inside transaction.atomic()")
+    _name_check("namespace", namespace, MAX_NAME_LENGTH)
+    _name_check("reference_id", reference_id, MAX_REFERENCE_LENGTH)
+    _name_check("kind", kind, MAX_NAME_LENGTH)
+    payload = _legs_payload(legs)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT transaction_id, created FROM ledger_post_transaction(%s, %s, %s, %s, %s)",
+                [namespace, reference_id, kind, json.dumps(metadata or {}), payload],
+            )
+            transaction_id, created = cursor.fetchone()
+    except DatabaseError as exc:
+        raise (ledger_error_from(exc) or exc) from exc
+    if created:
+        transaction.on_commit(metrics.transaction_created.labels(kind=kind).inc)
+    return PostingResult(transaction_id=transaction_id, created=created)
+
+
+def transaction_post(
+    *,
+    namespace: str,
+    reference_id: str,
+    kind: str,
+    legs: list[Leg],
+    metadata: dict[str, Any] | None = None,
+) -> PostingResult:
+    """Post a balanced transaction in its own database transaction; idempotent on
+    (namespace, reference_id). Serialization failures and deadlocks are retried a bounded
+    number of times (LEDGER_POSTING_MAX_ATTEMPTS)."""
+    attempts = settings.LEDGER_POSTING_MAX_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        started = time.perf_counter()
+        try:
+            with transaction.atomic(durable=True):
+                result = transaction_apply(
+                    namespace=namespace,
+                    reference_id=reference_id,
+                    kind=kind,
+                    legs=legs,
+                    metadata=metadata,
+                )
+        except DatabaseError as exc:
+            error = ledger_error_from(exc)
+            if error is not None:
+                raise error from exc
+            if sqlstate_of(exc) in RETRYABLE_SQLSTATES and attempt < attempts:
+                time.sleep(random.uniform(0, 0.005 * 2**attempt))  # noqa: S311 (jitter)
+                continue
+            raise
+        metrics.transaction_duration_ms.observe((time.perf_counter() - started) * 1000)
+        return result
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def account_open(*, user_id: UUID, account_type: str, currency: str) -> Account:
+    """The user's account of this type and currency, created on first use (idempotent)."""
+    _name_check("account_type", account_type, MAX_NAME_LENGTH)
+    if currency not in CURRENCY_DECIMALS:
+        raise InvalidPosting(f"unknown currency {currency!r}")
+    # get_or_create falls back to a second read when a concurrent open wins the unique race.
+    account, _ = Account.objects.get_or_create(
+        user_id=user_id,
+        account_type=account_type,
+        currency_id=currency,
+        defaults={"normal_balance": USER_ACCOUNT_NORMAL_BALANCE, "allow_negative": False},
+    )
+    return account

@@ -1,0 +1,174 @@
+-- The ledger's rules, held by PostgreSQL so that no writer (ORM, raw SQL, a future service)
+-- can break them. Error codes LD001..LD008 are mapped to domain exceptions in ledger/exceptions.py.
+
+-- Entry insert: lock the account row, check currency and scale, move the cached balance,
+-- extend the account's hash chain. Runs in the inserting statement, so a raw INSERT keeps
+-- balances and chains right too.
+CREATE OR REPLACE FUNCTION ledger_entry_apply() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    acc record;
+    places int;
+    new_balance numeric;
+BEGIN
+    SELECT id, currency, normal_balance, allow_negative, balance, entry_count, last_hash
+      INTO acc FROM ledger_accounts WHERE id = NEW.account_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'ledger: account % does not exist', NEW.account_id
+            USING ERRCODE = 'LD003';
+    END IF;
+    IF acc.currency <> NEW.currency THEN
+        RAISE EXCEPTION 'ledger: account % holds %, not %', acc.id, acc.currency, NEW.currency
+            USING ERRCODE = 'LD004';
+    END IF;
+    SELECT decimals INTO places FROM ledger_currencies WHERE code = NEW.currency;
+    IF NEW.amount <= 0 OR NEW.amount <> round(NEW.amount, places) THEN
+        RAISE EXCEPTION 'ledger: amount % is not a positive % amount with at most % decimal places',
+            NEW.amount, NEW.currency, places USING ERRCODE = 'LD005';
+    END IF;
+    new_balance := acc.balance
+        + CASE WHEN NEW.side = acc.normal_balance THEN NEW.amount ELSE -NEW.amount END;
+    IF new_balance < 0 AND NOT acc.allow_negative THEN
+        RAISE EXCEPTION 'ledger: account % would go negative (balance %, % %)',
+            acc.id, acc.balance, NEW.side, NEW.amount USING ERRCODE = 'LD002';
+    END IF;
+    NEW.seq := acc.entry_count + 1;
+    NEW.balance_after := new_balance;
+    NEW.prev_hash := acc.last_hash;
+    NEW.hash := ledger_entry_hash(acc.last_hash, NEW.id, NEW.transaction_id, NEW.account_id,
+                                  NEW.currency, NEW.side, NEW.amount, NEW.seq);
+    UPDATE ledger_accounts
+       SET balance = new_balance, entry_count = NEW.seq, last_hash = NEW.hash
+     WHERE id = acc.id;
+    RETURN NEW;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_entry_hash(
+    prev_hash text, entry_id bigint, transaction_id bigint, account_id bigint,
+    currency text, side text, amount numeric, seq bigint
+) RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT encode(sha256(convert_to(concat_ws('|', prev_hash, entry_id, transaction_id,
+        account_id, currency, side, amount::numeric(38, 6)::text, seq), 'UTF8')), 'hex')
+$$;
+
+DROP TRIGGER IF EXISTS ledger_entries_apply ON ledger_entries;
+CREATE TRIGGER ledger_entries_apply BEFORE INSERT ON ledger_entries
+    FOR EACH ROW EXECUTE FUNCTION ledger_entry_apply();
+
+-- Entries and transactions are written once.
+CREATE OR REPLACE FUNCTION ledger_refuse_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'ledger: % rows are immutable (% refused)', TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'LD007';
+END $$;
+
+DROP TRIGGER IF EXISTS ledger_entries_immutable ON ledger_entries;
+CREATE TRIGGER ledger_entries_immutable BEFORE UPDATE OR DELETE ON ledger_entries
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
+DROP TRIGGER IF EXISTS ledger_transactions_immutable ON ledger_transactions;
+CREATE TRIGGER ledger_transactions_immutable BEFORE UPDATE OR DELETE ON ledger_transactions
+    FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
+
+-- At COMMIT: a transaction has two or more entries and balances per currency. Checked once
+-- per transaction (from the transaction row) and once per entry (so entries added later to an
+-- old transaction are caught too).
+CREATE OR REPLACE FUNCTION ledger_transaction_check(txn_id bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    legs int;
+    bad record;
+BEGIN
+    SELECT count(*) INTO legs FROM ledger_entries WHERE transaction_id = txn_id;
+    IF legs < 2 THEN
+        RAISE EXCEPTION 'ledger: transaction % has % entries; at least 2 are required',
+            txn_id, legs USING ERRCODE = 'LD008';
+    END IF;
+    SELECT currency,
+           sum(amount) FILTER (WHERE side = 'debit') AS debits,
+           sum(amount) FILTER (WHERE side = 'credit') AS credits
+      INTO bad
+      FROM ledger_entries WHERE transaction_id = txn_id
+     GROUP BY currency
+    HAVING coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0)
+        <> coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'ledger: transaction % does not balance in %: debits %, credits %',
+            txn_id, bad.currency, coalesce(bad.debits, 0), coalesce(bad.credits, 0)
+            USING ERRCODE = 'LD006';
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_entry_check_balanced() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM ledger_transaction_check(NEW.transaction_id);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_transaction_check_balanced() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM ledger_transaction_check(NEW.id);
+    RETURN NULL;
+END $$;
+
+DROP TRIGGER IF EXISTS ledger_entries_balanced ON ledger_entries;
+CREATE CONSTRAINT TRIGGER ledger_entries_balanced AFTER INSERT ON ledger_entries
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION ledger_entry_check_balanced();
+DROP TRIGGER IF EXISTS ledger_transactions_balanced ON ledger_transactions;
+CREATE CONSTRAINT TRIGGER ledger_transactions_balanced AFTER INSERT ON ledger_transactions
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION ledger_transaction_check_balanced();
+
+-- An entry's currency is its account's currency, also for raw writes.
+ALTER TABLE ledger_entries DROP CONSTRAINT IF EXISTS ledger_entries_fk_account_currency;
+ALTER TABLE ledger_entries ADD CONSTRAINT ledger_entries_fk_account_currency
+    FOREIGN KEY (account_id, currency) REFERENCES ledger_accounts (id, currency);
+
+-- The one posting path, in one round trip. `legs` is a JSON array of
+-- {"account_id", "side", "amount", "currency"}. Idempotent on (namespace, reference_id): a replay
+-- with the same kind and legs returns the first transaction (created = false); different legs
+-- are refused (LD001). Entries are inserted in account order, so concurrent postings lock
+-- accounts in one global order and cannot deadlock each other.
+CREATE OR REPLACE FUNCTION ledger_post_transaction(
+    p_namespace text, p_reference_id text, p_kind text, p_metadata jsonb, p_legs jsonb,
+    OUT transaction_id bigint, OUT created boolean
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_fingerprint text;
+    v_existing text;
+BEGIN
+    SELECT encode(sha256(convert_to(p_kind || '|' || string_agg(
+               concat_ws(':', l.account_id, l.side, l.amount::numeric(38, 6)::text, l.currency),
+               ',' ORDER BY l.account_id, l.side, l.amount, l.currency), 'UTF8')), 'hex')
+      INTO v_fingerprint
+      FROM jsonb_to_recordset(p_legs) AS l(account_id bigint, side text, amount numeric,
+                                           currency text);
+
+    INSERT INTO ledger_transactions (namespace, reference_id, kind, metadata, fingerprint)
+    VALUES (p_namespace, p_reference_id, p_kind, coalesce(p_metadata, '{}'), v_fingerprint)
+    ON CONFLICT (namespace, reference_id) DO NOTHING
+    RETURNING id INTO transaction_id;
+
+    IF transaction_id IS NULL THEN
+        SELECT t.id, t.fingerprint INTO transaction_id, v_existing
+          FROM ledger_transactions t
+         WHERE t.namespace = p_namespace AND t.reference_id = p_reference_id;
+        IF v_existing IS DISTINCT FROM v_fingerprint THEN
+            RAISE EXCEPTION 'ledger: reference %:% was already posted with different legs',
+                p_namespace, p_reference_id USING ERRCODE = 'LD001';
+        END IF;
+        created := false;
+        RETURN;
+    END IF;
+
+    INSERT INTO ledger_entries (transaction_id, account_id, currency, side, amount)
+    SELECT transaction_id, l.account_id, l.currency, l.side, l.amount
+      FROM jsonb_to_recordset(p_legs) AS l(account_id bigint, side text, amount numeric,
+                                           currency text)
+     ORDER BY l.account_id, l.side, l.amount;
+    created := true;
+END $$;
