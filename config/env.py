@@ -72,7 +72,7 @@ def env_url(name: str, default: str | None, schemes: tuple[str, ...]) -> str | N
     raw = env.str(name, default=default)
     if raw is None:
         return None
-    if not raw.split("://", 1)[0] in schemes or "://" not in raw:
+    if raw.split("://", 1)[0] not in schemes or "://" not in raw:
         raise ConfigurationError(
             f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}, "
             f"got {raw!r}"

@@ -2,8 +2,8 @@
 worker processes and latency statistics."""
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, wait
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,9 +18,7 @@ from config import embedded_db
 def database_ready(say: Callable[[str], None]) -> Iterator[str]:
     """The configured database, migrated; the embedded one (started here) without DATABASE_URL."""
     if settings.EMBEDDED_DATABASE:
-        say(
-            f"Using the embedded PostgreSQL in {embedded_db.EMBEDDED_DIR} (no DATABASE_URL)"
-        )
+        say(f"Using the embedded PostgreSQL in {embedded_db.EMBEDDED_DIR} (no DATABASE_URL)")
         with embedded_db.running() as url:
             call_command("migrate", interactive=False, verbosity=0)
             yield url

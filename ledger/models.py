@@ -2,7 +2,8 @@
 
 What PostgreSQL itself enforces (see ledger/sql/ledger.sql and the constraints below):
 - every transaction has at least two entries and balances per currency: debits == credits
-  (deferred constraint triggers, checked at COMMIT);
+  (checked after the statement that inserts its entries, which must be all of them, and again
+  at COMMIT by a deferred constraint trigger);
 - an account's balance never goes below zero unless the account is declared `allow_negative`,
   and a user account can never be declared so (CHECK constraints);
 - an entry's currency is its account's currency, and its amount is positive and no finer than
@@ -16,7 +17,6 @@ What PostgreSQL itself enforces (see ledger/sql/ledger.sql and the constraints b
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Now
-
 
 GENESIS_HASH = "0" * 64
 
@@ -95,7 +95,7 @@ class Account(models.Model):
 
 
 class Transaction(models.Model):
-    """A posting: two or more entries that balance per currency, unique by (namespace, reference)."""
+    """A posting: two or more entries balancing per currency, unique by (namespace, reference)."""
 
     namespace = models.CharField(max_length=64)
     reference_id = models.CharField(max_length=255)
@@ -122,12 +122,22 @@ class Entry(models.Model):
     set by the database when the row is inserted."""
 
     transaction = models.ForeignKey(Transaction, on_delete=models.PROTECT, related_name="entries")
-    # (account, seq) is unique and indexed, which serves every lookup by account.
+    # Both are enforced by one composite foreign key (account_id, currency) -> ledger_accounts
+    # (id, currency), declared in ledger/sql/ledger.sql; (account, seq) is unique and indexed,
+    # which serves every lookup by account.
     account = models.ForeignKey(
-        Account, on_delete=models.PROTECT, related_name="entries", db_index=False
+        Account,
+        on_delete=models.PROTECT,
+        related_name="entries",
+        db_index=False,
+        db_constraint=False,
     )
     currency = models.ForeignKey(
-        Currency, on_delete=models.PROTECT, db_column="currency", db_index=False
+        Currency,
+        on_delete=models.PROTECT,
+        db_column="currency",
+        db_index=False,
+        db_constraint=False,
     )
     side = models.CharField(max_length=6, choices=Side.choices)
     amount = models.DecimalField(max_digits=38, decimal_places=6)

@@ -25,7 +25,7 @@ def system_account(*, code: str) -> Account:
 
 
 def account_balance(*, account_id: int) -> Decimal:
-    """The cached balance, kept by the database in the posting transaction (never summed on read)."""
+    """The cached balance, kept by the database when posting (never summed on read)."""
     balance = Account.objects.values_list("balance", flat=True).get(pk=account_id)
     metrics.account_balance_checked.labels(source="read").inc()
     return balance

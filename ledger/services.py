@@ -88,6 +88,26 @@ def _legs_payload(legs: list[Leg]) -> str:
     return json.dumps(rows)
 
 
+POST_SQL = "SELECT transaction_id, created FROM ledger_post_transaction(%s, %s, %s, %s, %s)"
+
+
+def _posting_execute(
+    namespace: str, reference_id: str, kind: str, legs: list[Leg], metadata: dict | None
+) -> PostingResult:
+    _name_check("namespace", namespace, MAX_NAME_LENGTH)
+    _name_check("reference_id", reference_id, MAX_REFERENCE_LENGTH)
+    _name_check("kind", kind, MAX_NAME_LENGTH)
+    payload = _legs_payload(legs)
+    params = [namespace, reference_id, kind, json.dumps(metadata or {}), payload]
+    # The driver's own cursor with a server-side prepared statement: the hottest statement of
+    # the service skips Django's cursor wrappers and PostgreSQL's parse/plan on every call.
+    connection.ensure_connection()
+    with connection.wrap_database_errors, connection.connection.cursor() as cursor:
+        cursor.execute(POST_SQL, params, prepare=True)
+        transaction_id, created = cursor.fetchone()
+    return PostingResult(transaction_id=transaction_id, created=created)
+
+
 def transaction_apply(
     *,
     namespace: str,
@@ -99,26 +119,17 @@ def transaction_apply(
     """Post inside the caller's database transaction (for example the savepoint of a dual write).
 
     Locks the legs' account rows, in account order, until the caller's transaction ends. The
-    balance rule is checked by PostgreSQL at the caller's COMMIT, after Python checked it here.
+    balance rule is checked again by PostgreSQL at the caller's COMMIT.
     """
     if not connection.in_atomic_block:
         raise RuntimeError("transaction_apply must run inside transaction.atomic()")
-    _name_check("namespace", namespace, MAX_NAME_LENGTH)
-    _name_check("reference_id", reference_id, MAX_REFERENCE_LENGTH)
-    _name_check("kind", kind, MAX_NAME_LENGTH)
-    payload = _legs_payload(legs)
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT transaction_id, created FROM ledger_post_transaction(%s, %s, %s, %s, %s)",
-                [namespace, reference_id, kind, json.dumps(metadata or {}), payload],
-            )
-            transaction_id, created = cursor.fetchone()
+        result = _posting_execute(namespace, reference_id, kind, legs, metadata)
     except DatabaseError as exc:
         raise (ledger_error_from(exc) or exc) from exc
-    if created:
+    if result.created:
         transaction.on_commit(metrics.transaction_created.labels(kind=kind).inc)
-    return PostingResult(transaction_id=transaction_id, created=created)
+    return result
 
 
 def transaction_post(
@@ -129,21 +140,23 @@ def transaction_post(
     legs: list[Leg],
     metadata: dict[str, Any] | None = None,
 ) -> PostingResult:
-    """Post a balanced transaction in its own database transaction; idempotent on
+    """Post a balanced transaction in a database transaction of its own; idempotent on
     (namespace, reference_id). Serialization failures and deadlocks are retried a bounded
-    number of times (LEDGER_POSTING_MAX_ATTEMPTS)."""
+    number of times (LEDGER_POSTING_MAX_ATTEMPTS).
+
+    The posting is one statement run in autocommit mode, which PostgreSQL makes one
+    transaction (deferred balance checks included): the guarantee of atomic(durable=True) in
+    one round trip instead of three. Inside atomic(), use transaction_apply.
+    """
+    if connection.in_atomic_block:
+        raise RuntimeError(
+            "transaction_post commits on its own; inside transaction.atomic() use transaction_apply"
+        )
     attempts = settings.LEDGER_POSTING_MAX_ATTEMPTS
     for attempt in range(1, attempts + 1):
         started = time.perf_counter()
         try:
-            with transaction.atomic(durable=True):
-                result = transaction_apply(
-                    namespace=namespace,
-                    reference_id=reference_id,
-                    kind=kind,
-                    legs=legs,
-                    metadata=metadata,
-                )
+            result = _posting_execute(namespace, reference_id, kind, legs, metadata)
         except DatabaseError as exc:
             error = ledger_error_from(exc)
             if error is not None:
@@ -153,6 +166,8 @@ def transaction_post(
                 continue
             raise
         metrics.transaction_duration_ms.observe((time.perf_counter() - started) * 1000)
+        if result.created:
+            metrics.transaction_created.labels(kind=kind).inc()
         return result
     raise AssertionError("unreachable: the loop returns or raises")
 

@@ -9,8 +9,8 @@ if not os.environ.get("DATABASE_URL"):
 if not os.environ.get("DJANGO_SECRET_KEY"):
     raise ConfigurationError("DJANGO_SECRET_KEY: required in production but not set")
 
-from config.settings.base import *  # noqa: E402, F403
-from config.settings.base import env_secret  # noqa: E402
+from config.settings.base import *  # noqa: F403
+from config.settings.base import env_secret
 
 DEBUG = False
 SECRETS_REQUIRED = True

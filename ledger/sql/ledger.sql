@@ -8,11 +8,14 @@ CREATE OR REPLACE FUNCTION ledger_entry_apply() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     acc record;
-    places int;
     new_balance numeric;
 BEGIN
-    SELECT id, currency, normal_balance, allow_negative, balance, entry_count, last_hash
-      INTO acc FROM ledger_accounts WHERE id = NEW.account_id FOR UPDATE;
+    SELECT a.id, a.currency, a.normal_balance, a.allow_negative, a.balance, a.entry_count,
+           a.last_hash, c.decimals
+      INTO acc
+      FROM ledger_accounts a JOIN ledger_currencies c ON c.code = a.currency
+     WHERE a.id = NEW.account_id
+       FOR UPDATE OF a;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'ledger: account % does not exist', NEW.account_id
             USING ERRCODE = 'LD003';
@@ -21,10 +24,9 @@ BEGIN
         RAISE EXCEPTION 'ledger: account % holds %, not %', acc.id, acc.currency, NEW.currency
             USING ERRCODE = 'LD004';
     END IF;
-    SELECT decimals INTO places FROM ledger_currencies WHERE code = NEW.currency;
-    IF NEW.amount <= 0 OR NEW.amount <> round(NEW.amount, places) THEN
+    IF NEW.amount <= 0 OR NEW.amount <> round(NEW.amount, acc.decimals) THEN
         RAISE EXCEPTION 'ledger: amount % is not a positive % amount with at most % decimal places',
-            NEW.amount, NEW.currency, places USING ERRCODE = 'LD005';
+            NEW.amount, NEW.currency, acc.decimals USING ERRCODE = 'LD005';
     END IF;
     new_balance := acc.balance
         + CASE WHEN NEW.side = acc.normal_balance THEN NEW.amount ELSE -NEW.amount END;
@@ -70,58 +72,62 @@ DROP TRIGGER IF EXISTS ledger_transactions_immutable ON ledger_transactions;
 CREATE TRIGGER ledger_transactions_immutable BEFORE UPDATE OR DELETE ON ledger_transactions
     FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
 
--- At COMMIT: a transaction has two or more entries and balances per currency. Checked once
--- per transaction (from the transaction row) and once per entry (so entries added later to an
--- old transaction are caught too).
-CREATE OR REPLACE FUNCTION ledger_transaction_check(txn_id bigint) RETURNS void
+-- A transaction's entries are all inserted by one statement, and after that statement they
+-- number two or more and balance per currency. One check per posting (a statement-level
+-- trigger over the inserted rows), so a raw INSERT of an unbalanced leg, or of legs added to
+-- an existing transaction, fails at once.
+CREATE OR REPLACE FUNCTION ledger_entries_check_balanced() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    legs int;
     bad record;
 BEGIN
-    SELECT count(*) INTO legs FROM ledger_entries WHERE transaction_id = txn_id;
-    IF legs < 2 THEN
-        RAISE EXCEPTION 'ledger: transaction % has % entries; at least 2 are required',
-            txn_id, legs USING ERRCODE = 'LD008';
-    END IF;
-    SELECT currency,
-           sum(amount) FILTER (WHERE side = 'debit') AS debits,
-           sum(amount) FILTER (WHERE side = 'credit') AS credits
+    SELECT n.transaction_id, n.currency, n.debits, n.credits
       INTO bad
-      FROM ledger_entries WHERE transaction_id = txn_id
-     GROUP BY currency
-    HAVING coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0)
-        <> coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0)
+      FROM (SELECT transaction_id, currency,
+                   coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0) AS debits,
+                   coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0) AS credits
+              FROM inserted GROUP BY transaction_id, currency) n
+     WHERE n.debits <> n.credits
      LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'ledger: transaction % does not balance in %: debits %, credits %',
-            txn_id, bad.currency, coalesce(bad.debits, 0), coalesce(bad.credits, 0)
-            USING ERRCODE = 'LD006';
+            bad.transaction_id, bad.currency, bad.debits, bad.credits USING ERRCODE = 'LD006';
     END IF;
-END $$;
-
-CREATE OR REPLACE FUNCTION ledger_entry_check_balanced() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM ledger_transaction_check(NEW.transaction_id);
-    RETURN NULL;
-END $$;
-
-CREATE OR REPLACE FUNCTION ledger_transaction_check_balanced() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM ledger_transaction_check(NEW.id);
+    SELECT i.transaction_id, i.legs, (SELECT count(*) FROM ledger_entries e
+                                       WHERE e.transaction_id = i.transaction_id) AS stored
+      INTO bad
+      FROM (SELECT transaction_id, count(*) AS legs FROM inserted GROUP BY transaction_id) i
+     WHERE i.legs < 2
+        OR i.legs <> (SELECT count(*) FROM ledger_entries e WHERE e.transaction_id = i.transaction_id)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'ledger: transaction % must get all its entries (two or more) in one '
+            'statement; this one inserted %, % are stored', bad.transaction_id, bad.legs,
+            bad.stored USING ERRCODE = 'LD008';
+    END IF;
     RETURN NULL;
 END $$;
 
 DROP TRIGGER IF EXISTS ledger_entries_balanced ON ledger_entries;
-CREATE CONSTRAINT TRIGGER ledger_entries_balanced AFTER INSERT ON ledger_entries
-    DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION ledger_entry_check_balanced();
+CREATE TRIGGER ledger_entries_balanced AFTER INSERT ON ledger_entries
+    REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger_entries_check_balanced();
+
+-- At COMMIT: no transaction is left without entries.
+CREATE OR REPLACE FUNCTION ledger_transaction_check_legs() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM ledger_entries WHERE transaction_id = NEW.id) THEN
+        RAISE EXCEPTION 'ledger: transaction % has no entries; at least 2 are required', NEW.id
+            USING ERRCODE = 'LD008';
+    END IF;
+    RETURN NULL;
+END $$;
+
 DROP TRIGGER IF EXISTS ledger_transactions_balanced ON ledger_transactions;
 CREATE CONSTRAINT TRIGGER ledger_transactions_balanced AFTER INSERT ON ledger_transactions
     DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION ledger_transaction_check_balanced();
+    FOR EACH ROW EXECUTE FUNCTION ledger_transaction_check_legs();
 
 -- An entry's currency is its account's currency, also for raw writes.
 ALTER TABLE ledger_entries DROP CONSTRAINT IF EXISTS ledger_entries_fk_account_currency;

@@ -1,0 +1,166 @@
+"""`bench posting`: our posting path against pgbench running an equivalent plain-SQL posting
+(two account UPDATEs, the transaction and two entry INSERTs, one commit) on the same server."""
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import connection
+
+from config.runtime import latency_summary, processes_run
+from ledger.selectors import system_account
+from ledger.services import Leg, account_open, transaction_post
+
+BENCH_NAMESPACE = "bench"
+BENCH_ACCOUNT_TYPE = "bench_usdc"
+OPENING = Decimal("1000000")
+
+PGBENCH_SCHEMA = """
+DROP SCHEMA IF EXISTS bench_pgbench CASCADE;
+CREATE SCHEMA bench_pgbench;
+CREATE TABLE bench_pgbench.accounts (id bigint PRIMARY KEY, balance numeric(38, 6) NOT NULL);
+CREATE TABLE bench_pgbench.transactions (
+    id bigserial PRIMARY KEY, reference text NOT NULL UNIQUE, created_at timestamptz DEFAULT now());
+CREATE TABLE bench_pgbench.entries (
+    id bigserial PRIMARY KEY, transaction_id bigint NOT NULL REFERENCES bench_pgbench.transactions,
+    account_id bigint NOT NULL REFERENCES bench_pgbench.accounts, amount numeric(38, 6) NOT NULL);
+CREATE INDEX ON bench_pgbench.entries (transaction_id);
+INSERT INTO bench_pgbench.accounts SELECT g, 1000000 FROM generate_series(1, %(accounts)s) g;
+"""
+
+# Accounts are updated in id order, as our posting function locks them, so neither deadlocks.
+PGBENCH_SCRIPT = """\\set a random(1, {accounts})
+\\set b random(1, {accounts})
+\\set lo least(:a, :b)
+\\set hi greatest(:a, :b) + case when :a = :b then 1 else 0 end
+\\set amount random(1, 100)
+BEGIN;
+UPDATE bench_pgbench.accounts SET balance = balance - :amount WHERE id = :lo;
+UPDATE bench_pgbench.accounts SET balance = balance + :amount WHERE id = :hi;
+INSERT INTO bench_pgbench.transactions (reference) VALUES (md5(random()::text || clock_timestamp()::text)) RETURNING id AS txn \\gset
+INSERT INTO bench_pgbench.entries (transaction_id, account_id, amount) VALUES (:txn, :lo, -:amount), (:txn, :hi, :amount);
+END;
+"""
+
+
+def bench_accounts_open(count: int) -> list[int]:
+    """`count` bench accounts with a large opening balance (idempotent across runs)."""
+    equity = system_account(code="opening_balance_equity_usdc")
+    ids = []
+    for index in range(count):
+        account = account_open(
+            user_id=uuid.uuid5(uuid.NAMESPACE_URL, f"bench-account-{index}"),
+            account_type=BENCH_ACCOUNT_TYPE,
+            currency="USDC",
+        )
+        transaction_post(
+            namespace=BENCH_NAMESPACE,
+            reference_id=f"opening-{account.pk}",
+            kind="opening_balance",
+            legs=[Leg.debit(equity, OPENING), Leg.credit(account, OPENING)],
+        )
+        ids.append(account.pk)
+    return ids
+
+
+def posting_client(client: int, account_ids: list[int], seconds: float) -> list[float]:
+    from ledger.models import Account
+
+    rng = random.Random(client)
+    accounts = list(Account.objects.filter(pk__in=account_ids))
+    run = uuid.uuid4().hex[:12]
+    latencies = []
+    deadline = time.perf_counter() + seconds
+    index = 0
+    while time.perf_counter() < deadline:
+        source, target = rng.sample(accounts, 2)
+        amount = Decimal(rng.randint(1, 100)) / 100
+        started = time.perf_counter()
+        transaction_post(
+            namespace=BENCH_NAMESPACE,
+            reference_id=f"{run}-{client}-{index}",
+            kind="transfer",
+            legs=[Leg.debit(source, amount), Leg.credit(target, amount)],
+        )
+        latencies.append((time.perf_counter() - started) * 1000)
+        index += 1
+    connection.close()
+    return latencies
+
+
+def posting_measure(clients: int, seconds: float, account_ids: list[int]) -> dict:
+    started = time.perf_counter()
+    results = processes_run(posting_client, [(c, account_ids, seconds) for c in range(clients)])
+    elapsed = time.perf_counter() - started
+    latencies = [value for result in results for value in result]
+    return {
+        "postings": len(latencies),
+        "per_second": round(len(latencies) / max(elapsed, seconds), 1),
+        **latency_summary(latencies),
+    }
+
+
+def _pg_env() -> tuple[list[str], dict]:
+    db = settings.DATABASES["default"]
+    args = ["-h", db.get("HOST") or "/var/run/postgresql", "-U", db.get("USER") or "postgres"]
+    if db.get("PORT"):
+        args += ["-p", str(db["PORT"])]
+    env = dict(os.environ)
+    if db.get("PASSWORD"):
+        env["PGPASSWORD"] = db["PASSWORD"]
+    return args, env
+
+
+def pgbench_binary() -> str:
+    found = shutil.which("pgbench")
+    if not found:
+        raise FileNotFoundError("pgbench not found: install Debian's postgresql-client package")
+    return found
+
+
+def pgbench_measure(clients: int, seconds: int, accounts: int) -> dict:
+    with connection.cursor() as cursor:
+        cursor.execute(PGBENCH_SCHEMA % {"accounts": int(accounts)})
+    connection.close()
+    args, env = _pg_env()
+    with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
+        script.write(PGBENCH_SCRIPT.format(accounts=accounts))
+        script.flush()
+        result = subprocess.run(
+            [
+                pgbench_binary(),
+                *args,
+                "-n",
+                "-c",
+                str(clients),
+                "-j",
+                str(min(clients, 2)),
+                "-T",
+                str(seconds),
+                "-f",
+                script.name,
+                settings.DATABASES["default"]["NAME"],
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+    if result.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {result.stderr.strip()}")
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", result.stdout)
+    latency = re.search(r"latency average = ([\d.]+) ms", result.stdout)
+    processed = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
+    with connection.cursor() as cursor:
+        cursor.execute("DROP SCHEMA IF EXISTS bench_pgbench CASCADE")
+    return {
+        "postings": int(processed.group(1)) if processed else 0,
+        "per_second": float(tps.group(1)) if tps else 0.0,
+        "latency_avg_ms": float(latency.group(1)) if latency else 0.0,
+    }

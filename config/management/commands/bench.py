@@ -1,0 +1,99 @@
+"""`python manage.py bench posting`: benchmarks that print numbers beside their reference."""
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from rich.console import Console
+from rich.table import Table
+
+from config.benchmarks import bench_accounts_open, pgbench_binary, pgbench_measure, posting_measure
+from config.runtime import database_ready
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+class Command(BaseCommand):
+    help = "Benchmarks. `posting`: our posting path side by side with pgbench on the same server."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{posting}")
+        posting = sub.add_parser(
+            "posting",
+            help="postings/s and p50/p95/p99 of transaction_post from N processes, then pgbench "
+            "running an equivalent plain-SQL posting with the same client count, and the ratio",
+        )
+        posting.add_argument(
+            "--clients",
+            type=positive_int,
+            nargs="+",
+            default=[4],
+            help="concurrent clients; several values run one after another (4)",
+        )
+        posting.add_argument(
+            "--seconds", type=positive_int, default=10, help="seconds per measurement (10)"
+        )
+        posting.add_argument(
+            "--accounts", type=positive_int, default=1000, help="accounts to spread over (1000)"
+        )
+        posting.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    def handle(self, *args, **options) -> None:
+        try:
+            pgbench_binary()
+        except FileNotFoundError as exc:
+            raise CommandError(str(exc)) from None
+        if options["accounts"] < 2:
+            raise CommandError("--accounts: at least 2 accounts are needed")
+        console = Console(file=self.stdout._out, quiet=options["json"])
+        rows = []
+        with database_ready(console.print):
+            console.print(f"Opening {options['accounts']} bench accounts ...")
+            account_ids = bench_accounts_open(options["accounts"])
+            for clients in options["clients"]:
+                console.print(f"{clients} clients: transaction_post for {options['seconds']} s ...")
+                ours = posting_measure(clients, options["seconds"], account_ids)
+                console.print(f"{clients} clients: pgbench for {options['seconds']} s ...")
+                reference = pgbench_measure(clients, options["seconds"], options["accounts"])
+                ratio = (
+                    ours["per_second"] / reference["per_second"] if reference["per_second"] else 0
+                )
+                rows.append(
+                    {
+                        "clients": clients,
+                        "ours": ours,
+                        "pgbench": reference,
+                        "ratio": round(ratio, 3),
+                    }
+                )
+        if options["json"]:
+            self.stdout.write(json.dumps({"benchmark": "posting", "results": rows}, indent=2))
+            return
+        table = Table(title="bench posting: transaction_post vs pgbench plain-SQL posting")
+        for column in (
+            "clients",
+            "ours/s",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "pgbench/s",
+            "pgbench avg ms",
+            "ratio",
+        ):
+            table.add_column(column, justify="right")
+        for row in rows:
+            table.add_row(
+                str(row["clients"]),
+                f"{row['ours']['per_second']:.0f}",
+                f"{row['ours']['p50_ms']:.2f}",
+                f"{row['ours']['p95_ms']:.2f}",
+                f"{row['ours']['p99_ms']:.2f}",
+                f"{row['pgbench']['per_second']:.0f}",
+                f"{row['pgbench']['latency_avg_ms']:.2f}",
+                f"{row['ratio']:.2f}",
+            )
+        console.print(table)

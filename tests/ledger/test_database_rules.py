@@ -1,0 +1,164 @@
+"""The ledger's rules hold against raw SQL too: PostgreSQL refuses what Python would."""
+
+from decimal import Decimal
+
+import pytest
+from django.db import DatabaseError, IntegrityError, connection, transaction
+
+from ledger.models import Account, Entry, Transaction
+from ledger.selectors import system_account
+from tests.ledger.factories import UserAccountFactory, fund
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def sql(statement: str, params: list | None = None) -> None:
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(statement, params or [])
+
+
+def insert_transaction(reference: str) -> str:
+    return (
+        "INSERT INTO ledger_transactions (namespace, reference_id, kind, fingerprint) "
+        f"VALUES ('raw', '{reference}', 'raw', 'x') RETURNING id"
+    )
+
+
+def raw_posting(reference: str, legs: list[tuple[int, str, str, str]]) -> None:
+    values = ", ".join(
+        f"((SELECT id FROM t), {account}, '{currency}', '{side}', {amount})"
+        for account, side, amount, currency in legs
+    )
+    sql(
+        f"WITH t AS ({insert_transaction(reference)}) "
+        "INSERT INTO ledger_entries (transaction_id, account_id, currency, side, amount) "
+        f"VALUES {values}"
+    )
+
+
+def sqlstate(excinfo) -> str:
+    return excinfo.value.__cause__.sqlstate
+
+
+@pytest.fixture
+def user():
+    account = UserAccountFactory()
+    fund(account, "100")
+    return Account.objects.get(pk=account.pk)
+
+
+@pytest.fixture
+def clearing():
+    return system_account(code="deposits_clearing_usdc")
+
+
+def test_raw_balanced_posting_is_accepted_and_moves_cached_balances(user, clearing):
+    raw_posting("ok", [(clearing.pk, "debit", "5", "USDC"), (user.pk, "credit", "5", "USDC")])
+    user.refresh_from_db()
+    assert user.balance == Decimal("105")
+    entry = Entry.objects.get(transaction__reference_id="ok", account=user)
+    assert entry.seq == 2
+    assert entry.balance_after == Decimal("105")
+    assert len(entry.hash) == 64 and entry.prev_hash != entry.hash
+
+
+def test_raw_unbalanced_transaction_fails(user, clearing):
+    with pytest.raises(DatabaseError) as excinfo:
+        raw_posting("bad", [(clearing.pk, "debit", "5", "USDC"), (user.pk, "credit", "4", "USDC")])
+    assert sqlstate(excinfo) == "LD006"
+    assert not Transaction.objects.filter(reference_id="bad").exists()
+    user.refresh_from_db()
+    assert user.balance == Decimal("100")
+
+
+def test_raw_single_leg_transaction_fails(clearing):
+    with pytest.raises(DatabaseError) as excinfo:
+        raw_posting("one", [(clearing.pk, "debit", "0", "USDC")])
+    assert not Transaction.objects.filter(reference_id="one").exists()
+    assert sqlstate(excinfo) in {"LD005", "LD008"}
+
+
+def test_transaction_without_entries_fails_at_commit():
+    with pytest.raises(DatabaseError) as excinfo:
+        sql(insert_transaction("empty"))
+    assert sqlstate(excinfo) == "LD008"
+    assert not Transaction.objects.filter(reference_id="empty").exists()
+
+
+def test_entries_added_later_to_an_existing_transaction_fail(user, clearing):
+    raw_posting("first", [(clearing.pk, "debit", "5", "USDC"), (user.pk, "credit", "5", "USDC")])
+    txn = Transaction.objects.get(reference_id="first")
+    with pytest.raises(DatabaseError) as excinfo:
+        sql(
+            "INSERT INTO ledger_entries (transaction_id, account_id, currency, side, amount) "
+            "VALUES (%s, %s, 'USDC', 'debit', 1), (%s, %s, 'USDC', 'credit', 1)",
+            [txn.pk, clearing.pk, txn.pk, user.pk],
+        )
+    assert sqlstate(excinfo) == "LD008"
+    assert Entry.objects.filter(transaction=txn).count() == 2
+
+
+def test_raw_write_driving_a_user_negative_fails(user, clearing):
+    with pytest.raises(DatabaseError) as excinfo:
+        raw_posting(
+            "neg", [(user.pk, "debit", "100.01", "USDC"), (clearing.pk, "credit", "100.01", "USDC")]
+        )
+    assert sqlstate(excinfo) == "LD002"
+    user.refresh_from_db()
+    assert user.balance == Decimal("100")
+
+
+def test_direct_update_of_a_user_balance_below_zero_fails(user):
+    with pytest.raises(IntegrityError) as excinfo:
+        sql("UPDATE ledger_accounts SET balance = -1 WHERE id = %s", [user.pk])
+    assert "ledger_accounts_chk_non_negative" in str(excinfo.value)
+
+
+def test_user_account_cannot_be_declared_negative_allowed(user):
+    with pytest.raises(IntegrityError) as excinfo:
+        sql("UPDATE ledger_accounts SET allow_negative = true WHERE id = %s", [user.pk])
+    assert "ledger_accounts_chk_user_never_negative" in str(excinfo.value)
+
+
+def test_duplicate_reference_in_a_namespace_fails(user, clearing):
+    raw_posting("dup", [(clearing.pk, "debit", "1", "USDC"), (user.pk, "credit", "1", "USDC")])
+    with pytest.raises(IntegrityError) as excinfo:
+        raw_posting("dup", [(clearing.pk, "debit", "1", "USDC"), (user.pk, "credit", "1", "USDC")])
+    assert "ledger_transactions_uniq_reference" in str(excinfo.value)
+    assert Transaction.objects.filter(reference_id="dup").count() == 1
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE ledger_entries SET amount = amount + 1",
+        "DELETE FROM ledger_entries",
+        "UPDATE ledger_transactions SET kind = 'other'",
+        "DELETE FROM ledger_transactions",
+    ],
+)
+def test_entries_and_transactions_are_immutable(user, statement):
+    with pytest.raises(DatabaseError) as excinfo:
+        sql(statement)
+    assert sqlstate(excinfo) == "LD007"
+    user.refresh_from_db()
+    assert user.balance == Decimal("100")
+    assert Entry.objects.filter(account=user).get().amount == Decimal("100")
+
+
+def test_amount_finer_than_the_currency_fails():
+    usd_user = UserAccountFactory(currency_id="USD", account_type="usd_balance")
+    clearing = system_account(code="deposits_clearing_usd")
+    with pytest.raises(DatabaseError) as excinfo:
+        raw_posting(
+            "fine",
+            [(clearing.pk, "debit", "1.005", "USD"), (usd_user.pk, "credit", "1.005", "USD")],
+        )
+    assert sqlstate(excinfo) == "LD005"
+
+
+def test_entry_currency_must_be_its_accounts(user):
+    clearing = system_account(code="deposits_clearing_usd")
+    with pytest.raises(DatabaseError) as excinfo:
+        raw_posting("cur", [(clearing.pk, "debit", "1", "USD"), (user.pk, "credit", "1", "USD")])
+    assert sqlstate(excinfo) == "LD004"
