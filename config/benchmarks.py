@@ -37,9 +37,10 @@ INSERT INTO bench_pgbench.accounts SELECT g, 1000000 FROM generate_series(1, %(a
 
 # Accounts are updated in id order, as our posting function locks them, so neither deadlocks.
 PGBENCH_SCRIPT = """\\set a random(1, {accounts})
-\\set b random(1, {accounts})
+\\set b random(1, {accounts} - 1)
+\\set b :b + case when :b >= :a then 1 else 0 end
 \\set lo least(:a, :b)
-\\set hi greatest(:a, :b) + case when :a = :b then 1 else 0 end
+\\set hi greatest(:a, :b)
 \\set amount random(1, 100)
 BEGIN;
 UPDATE bench_pgbench.accounts SET balance = balance - :amount WHERE id = :lo;

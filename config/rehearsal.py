@@ -98,7 +98,8 @@ def users_open(
     account_ids, total = [], Decimal(0)
     for index in range(users):
         account = account_open(
-            user_id=uuid.UUID(int=rng.getrandbits(128), version=4),
+            # New users every run: a rehearsal never reuses an earlier run's accounts.
+            user_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{namespace}/user/{index}"),
             account_type=USER_ACCOUNT_TYPE,
             currency=CURRENCY,
         )

@@ -1,0 +1,92 @@
+"""`ledger verify` finds tampering: altered amounts, cached balances and broken chains."""
+
+import json
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import connection
+
+from ledger.models import Entry
+from ledger.services import Leg, transaction_post
+from tests.ledger.factories import UserAccountFactory, fund
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def history():
+    alice, bob = UserAccountFactory(), UserAccountFactory()
+    fund(alice, "100")
+    for index in range(3):
+        transaction_post(
+            namespace="verify",
+            reference_id=f"t{index}",
+            kind="transfer",
+            legs=[Leg.debit(alice, "10"), Leg.credit(bob, "10")],
+        )
+    return alice, bob
+
+
+def verify(*args) -> tuple[str, str | None]:
+    out = StringIO()
+    try:
+        call_command("ledger", "verify", *args, stdout=out)
+    except CommandError as exc:
+        return out.getvalue(), str(exc)
+    return out.getvalue(), None
+
+
+def tamper(statement: str, params: list) -> None:
+    """What an attacker with table access could do: the immutability trigger switched off."""
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_immutable")
+        cursor.execute(statement, params)
+        cursor.execute("ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_immutable")
+
+
+def test_clean_ledger_verifies(history):
+    output, error = verify()
+    assert error is None
+    assert output.count("ok  ") == 4
+
+
+def test_json_output_for_machines(history):
+    output, error = verify("--json")
+    report = json.loads(output)
+    assert error is None and report["ok"] is True
+    assert {c["name"] for c in report["checks"]} == {
+        "balanced",
+        "two_legs",
+        "cached_balances",
+        "hash_chains",
+    }
+
+
+def test_tampered_amount_is_caught(history):
+    _alice, bob = history
+    entry = Entry.objects.filter(account=bob).order_by("seq")[1]
+    tamper("UPDATE ledger_entries SET amount = 1000 WHERE id = %s", [entry.pk])
+    output, error = verify()
+    assert error == "ledger verify failed: balanced, cached_balances, hash_chains"
+    assert f"account {bob.pk}, entry {entry.pk} (seq 2): hash does not match" in output
+    assert f"transaction {entry.transaction_id}: USDC" in output
+
+
+def test_rewritten_hash_still_breaks_the_chain(history):
+    _alice, bob = history
+    entry = Entry.objects.filter(account=bob).order_by("seq")[0]
+    tamper("UPDATE ledger_entries SET hash = repeat('a', 64) WHERE id = %s", [entry.pk])
+    output, error = verify()
+    assert error == "ledger verify failed: hash_chains"
+    assert "link to previous entry broken" in output
+
+
+def test_cached_balance_drift_is_caught(history):
+    _alice, bob = history
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE ledger_accounts SET balance = balance + 1 WHERE id = %s", [bob.pk])
+    output, error = verify()
+    assert error == "ledger verify failed: cached_balances"
+    assert f"account {bob.pk}: cached balance 31.000000 but entries sum to 30.000000" in output

@@ -1,0 +1,103 @@
+"""The operators' commands: rehearse (on the test server and on the embedded default) and
+bench, with their errors."""
+
+import json
+import os
+import subprocess
+import sys
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from config import embedded_db
+from ledger.models import Transaction
+from ledger.selectors import ledger_integrity_checks
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_rehearse_reports_and_checks_every_invariant():
+    out = StringIO()
+    call_command(
+        "rehearse", "--users", "30", "--operations", "600", "--workers", "3", "--json", stdout=out
+    )
+    report = json.loads(out.getvalue())
+    assert report["ok"] is True
+    assert {c["name"] for c in report["invariants"]} >= {
+        "balanced",
+        "cached_balances",
+        "hash_chains",
+        "conservation",
+    }
+    assert report["postings"] + report["idempotent_replays"] + report["refused_overdrafts"] == 600
+    assert report["idempotent_replays"] > 0
+    stored = Transaction.objects.filter(namespace=report["namespace"]).count()
+    assert stored == 30 + report["postings"]
+    assert all(check.ok for check in ledger_integrity_checks())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["rehearse", "--users", "1"], "--users: at least 2 users"),
+        (["bench", "posting", "--accounts", "1", "--seconds", "1"], "--accounts: at least 2"),
+    ],
+)
+def test_command_errors_name_the_flag(args, message):
+    with pytest.raises(CommandError, match=message):
+        call_command(*args, stdout=StringIO())
+
+
+def test_bench_posting_prints_ours_beside_pgbench():
+    out = StringIO()
+    call_command(
+        "bench",
+        "posting",
+        "--clients",
+        "2",
+        "--seconds",
+        "1",
+        "--accounts",
+        "20",
+        "--json",
+        stdout=out,
+    )
+    result = json.loads(out.getvalue())["results"][0]
+    assert result["clients"] == 2
+    assert result["ours"]["postings"] > 0 and result["pgbench"]["postings"] > 0
+    assert result["ratio"] > 0
+    assert result["ours"]["p50_ms"] <= result["ours"]["p95_ms"] <= result["ours"]["p99_ms"]
+
+
+@pytest.mark.django_db(transaction=False)
+def test_rehearse_runs_on_the_embedded_default_without_database_url():
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["DJANGO_SETTINGS_MODULE"] = "config.settings.base"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "manage.py",
+            "rehearse",
+            "--users",
+            "10",
+            "--operations",
+            "100",
+            "--workers",
+            "2",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["postings"] > 0
+    assert (embedded_db.DATA_DIR / "PG_VERSION").exists()
+    assert not (embedded_db.DATA_DIR / "postmaster.pid").exists()  # stopped after

@@ -1,0 +1,57 @@
+"""Probes, metrics and the read-only ledger console over Django's test client."""
+
+import pytest
+from django.contrib.auth.models import User
+
+from ledger.models import Account, Transaction
+from ledger.services import Leg, transaction_post
+from tests.ledger.factories import UserAccountFactory, fund
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_healthz_and_readyz(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["database"] == "ok"
+
+
+def test_metrics_expose_the_ledger_series(client):
+    alice, bob = UserAccountFactory(), UserAccountFactory()
+    fund(alice, "10")
+    transaction_post(
+        namespace="metrics",
+        reference_id="m1",
+        kind="metrics_transfer",
+        legs=[Leg.debit(alice, "1"), Leg.credit(bob, "1")],
+    )
+    body = client.get("/metrics").content.decode()
+    assert 'ledger_transaction_created_total{kind="metrics_transfer"} 1.0' in body
+    assert "ledger_transaction_duration_ms_bucket" in body
+    assert "ledger_account_balance_checked_total" in body
+    assert "django_db_execute_total" in body
+
+
+@pytest.fixture
+def operator(client):
+    user = User.objects.create_superuser("operator", "op@example.com", "a-long-password-1")
+    client.force_login(user)
+    return client
+
+
+def test_ledger_console_is_read_only(operator):
+    account = UserAccountFactory()
+    fund(account, "5", reference="console")
+    txn = Transaction.objects.get(reference_id="console")
+    assert operator.get("/admin/ledger/account/").status_code == 200
+    assert operator.get(f"/admin/ledger/transaction/{txn.pk}/change/").status_code == 200
+    assert operator.get("/admin/ledger/entry/").status_code == 200
+    assert operator.get("/admin/ledger/account/add/").status_code == 403
+    response = operator.post(f"/admin/ledger/account/{account.pk}/change/", {"balance": "1000000"})
+    assert response.status_code == 403
+    assert (
+        operator.post(f"/admin/ledger/transaction/{txn.pk}/delete/", {"post": "yes"}).status_code
+        == 403
+    )
+    assert Account.objects.get(pk=account.pk).balance == 5
