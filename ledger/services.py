@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
@@ -102,7 +103,7 @@ def _posting_execute(
     # The driver's own cursor with a server-side prepared statement: the hottest statement of
     # the service skips Django's cursor wrappers and PostgreSQL's parse/plan on every call.
     connection.ensure_connection()
-    with connection.wrap_database_errors, connection.connection.cursor() as cursor:
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
         cursor.execute(POST_SQL, params, prepare=True)
         transaction_id, created = cursor.fetchone()
     return PostingResult(transaction_id=transaction_id, created=created)

@@ -20,6 +20,13 @@ BEGIN
         RAISE EXCEPTION 'ledger: account % does not exist', NEW.account_id
             USING ERRCODE = 'LD003';
     END IF;
+    PERFORM 1 FROM ledger_transactions
+      WHERE id = NEW.transaction_id AND xact_id = pg_current_xact_id();
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'ledger: transaction % was not created by this database transaction; '
+            'a transaction gets all its entries when it is posted', NEW.transaction_id
+            USING ERRCODE = 'LD008';
+    END IF;
     IF acc.currency <> NEW.currency THEN
         RAISE EXCEPTION 'ledger: account % holds %, not %', acc.id, acc.currency, NEW.currency
             USING ERRCODE = 'LD004';
@@ -72,54 +79,37 @@ DROP TRIGGER IF EXISTS ledger_transactions_immutable ON ledger_transactions;
 CREATE TRIGGER ledger_transactions_immutable BEFORE UPDATE OR DELETE ON ledger_transactions
     FOR EACH ROW EXECUTE FUNCTION ledger_refuse_change();
 
--- A transaction's entries are all inserted by one statement, and after that statement they
--- number two or more and balance per currency. One check per posting (a statement-level
--- trigger over the inserted rows), so a raw INSERT of an unbalanced leg, or of legs added to
--- an existing transaction, fails at once.
-CREATE OR REPLACE FUNCTION ledger_entries_check_balanced() RETURNS trigger
+-- The database transaction that created a ledger transaction (top-level id, also when created
+-- inside a savepoint): entries may be added to a ledger transaction only by that database
+-- transaction, so a committed transaction can never gain legs.
+ALTER TABLE ledger_transactions
+    ADD COLUMN IF NOT EXISTS xact_id xid8 NOT NULL DEFAULT pg_current_xact_id();
+
+-- At COMMIT, once per ledger transaction: two or more entries, balanced per currency.
+CREATE OR REPLACE FUNCTION ledger_transaction_check() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    bad record;
+    legs bigint;
+    unbalanced text;
+    debits numeric;
+    credits numeric;
 BEGIN
-    SELECT n.transaction_id, n.currency, n.debits, n.credits
-      INTO bad
-      FROM (SELECT transaction_id, currency,
-                   coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0) AS debits,
-                   coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0) AS credits
-              FROM inserted GROUP BY transaction_id, currency) n
-     WHERE n.debits <> n.credits
-     LIMIT 1;
-    IF FOUND THEN
+    SELECT coalesce(sum(n), 0), min(currency) FILTER (WHERE difference <> 0)
+      INTO legs, unbalanced
+      FROM (SELECT currency, count(*) AS n,
+                   sum(CASE WHEN side = 'debit' THEN amount ELSE -amount END) AS difference
+              FROM ledger_entries WHERE transaction_id = NEW.id GROUP BY currency) per_currency;
+    IF legs < 2 THEN
+        RAISE EXCEPTION 'ledger: transaction % has % entries; at least 2 are required',
+            NEW.id, legs USING ERRCODE = 'LD008';
+    END IF;
+    IF unbalanced IS NOT NULL THEN
+        SELECT coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0),
+               coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0)
+          INTO debits, credits
+          FROM ledger_entries WHERE transaction_id = NEW.id AND currency = unbalanced;
         RAISE EXCEPTION 'ledger: transaction % does not balance in %: debits %, credits %',
-            bad.transaction_id, bad.currency, bad.debits, bad.credits USING ERRCODE = 'LD006';
-    END IF;
-    SELECT i.transaction_id, i.legs, (SELECT count(*) FROM ledger_entries e
-                                       WHERE e.transaction_id = i.transaction_id) AS stored
-      INTO bad
-      FROM (SELECT transaction_id, count(*) AS legs FROM inserted GROUP BY transaction_id) i
-     WHERE i.legs < 2
-        OR i.legs <> (SELECT count(*) FROM ledger_entries e WHERE e.transaction_id = i.transaction_id)
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'ledger: transaction % must get all its entries (two or more) in one '
-            'statement; this one inserted %, % are stored', bad.transaction_id, bad.legs,
-            bad.stored USING ERRCODE = 'LD008';
-    END IF;
-    RETURN NULL;
-END $$;
-
-DROP TRIGGER IF EXISTS ledger_entries_balanced ON ledger_entries;
-CREATE TRIGGER ledger_entries_balanced AFTER INSERT ON ledger_entries
-    REFERENCING NEW TABLE AS inserted
-    FOR EACH STATEMENT EXECUTE FUNCTION ledger_entries_check_balanced();
-
--- At COMMIT: no transaction is left without entries.
-CREATE OR REPLACE FUNCTION ledger_transaction_check_legs() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM ledger_entries WHERE transaction_id = NEW.id) THEN
-        RAISE EXCEPTION 'ledger: transaction % has no entries; at least 2 are required', NEW.id
-            USING ERRCODE = 'LD008';
+            NEW.id, unbalanced, debits, credits USING ERRCODE = 'LD006';
     END IF;
     RETURN NULL;
 END $$;
@@ -127,7 +117,7 @@ END $$;
 DROP TRIGGER IF EXISTS ledger_transactions_balanced ON ledger_transactions;
 CREATE CONSTRAINT TRIGGER ledger_transactions_balanced AFTER INSERT ON ledger_transactions
     DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION ledger_transaction_check_legs();
+    FOR EACH ROW EXECUTE FUNCTION ledger_transaction_check();
 
 -- An entry's currency is its account's currency, also for raw writes.
 ALTER TABLE ledger_entries DROP CONSTRAINT IF EXISTS ledger_entries_fk_account_currency;

@@ -1,9 +1,8 @@
 DROP FUNCTION IF EXISTS ledger_post_transaction(text, text, text, jsonb, jsonb);
 ALTER TABLE ledger_entries DROP CONSTRAINT IF EXISTS ledger_entries_fk_account_currency;
 DROP TRIGGER IF EXISTS ledger_transactions_balanced ON ledger_transactions;
-DROP FUNCTION IF EXISTS ledger_transaction_check_legs();
-DROP TRIGGER IF EXISTS ledger_entries_balanced ON ledger_entries;
-DROP FUNCTION IF EXISTS ledger_entries_check_balanced();
+DROP FUNCTION IF EXISTS ledger_transaction_check();
+ALTER TABLE ledger_transactions DROP COLUMN IF EXISTS xact_id;
 DROP TRIGGER IF EXISTS ledger_transactions_immutable ON ledger_transactions;
 DROP TRIGGER IF EXISTS ledger_entries_immutable ON ledger_entries;
 DROP FUNCTION IF EXISTS ledger_refuse_change();
