@@ -18,7 +18,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 class EntryInline(admin.TabularInline):
     model = Entry
-    fields = ("id", "account", "side", "amount", "currency", "seq", "balance_after", "hash")
+    fields = ("account", "side", "amount", "currency", "seq", "balance_after")
     readonly_fields = fields
     extra = 0
     can_delete = False
