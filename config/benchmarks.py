@@ -16,8 +16,7 @@ from django.db import connection
 
 from config.runtime import latency_summary, processes_run
 from ledger.models import Account
-from ledger.selectors import system_account
-from ledger.services import Leg, account_open, transaction_post
+from ledger.services import Leg, account_open, opening_balance_post, transaction_post
 
 BENCH_NAMESPACE = "bench"
 BENCH_ACCOUNT_TYPE = "bench_usdc"
@@ -54,7 +53,6 @@ END;
 
 def bench_accounts_open(count: int) -> list[int]:
     """`count` bench accounts with a large opening balance (idempotent across runs)."""
-    equity = system_account(code="opening_balance_equity_usdc")
     ids = []
     for index in range(count):
         account = account_open(
@@ -62,12 +60,7 @@ def bench_accounts_open(count: int) -> list[int]:
             account_type=BENCH_ACCOUNT_TYPE,
             currency="USDC",
         )
-        transaction_post(
-            namespace=BENCH_NAMESPACE,
-            reference_id=f"opening-{account.pk}",
-            kind="opening_balance",
-            legs=[Leg.debit(equity, OPENING), Leg.credit(account, OPENING)],
-        )
+        opening_balance_post(namespace=BENCH_NAMESPACE, account=account, amount=OPENING)
         ids.append(account.pk)
     return ids
 

@@ -15,7 +15,7 @@ from config.runtime import latency_summary, processes_run
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account
 from ledger.selectors import ledger_integrity_checks, system_account
-from ledger.services import Leg, account_open, transaction_post
+from ledger.services import Leg, account_open, opening_balance_post, transaction_post
 
 CURRENCY = "USDC"
 USER_ACCOUNT_TYPE = "usdc_balance"
@@ -54,16 +54,15 @@ def traffic_worker(namespace: str, worker: int, account_ids: list[int], operatio
         else:
             reference = f"w{worker}-{index}"
             roll = rng.random()
-            user = accounts[rng.choice(account_ids)]
+            user, other = (accounts[pk] for pk in rng.sample(account_ids, 2))
             if roll < 0.5:
-                other = accounts[rng.choice([a for a in account_ids if a != user.pk])]
-                kind, legs = "transfer", [Leg.debit(user, _amount(rng, 300)), None]
-                legs[1] = Leg.credit(other, legs[0].amount)
+                amount = _amount(rng, 300)
+                kind, legs = "transfer", [Leg.debit(user, amount), Leg.credit(other, amount)]
             elif roll < 0.75:
                 amount = _amount(rng, 200)
                 kind, legs = "credit", [Leg.debit(deposits, amount), Leg.credit(user, amount)]
             else:
-                amount = _amount(rng, 400)
+                amount = _amount(rng, 150)
                 kind, legs = "debit", [Leg.debit(user, amount), Leg.credit(withdrawals, amount)]
         started = time.perf_counter()
         try:
@@ -94,7 +93,6 @@ def users_open(
 ) -> tuple[list[int], Decimal]:
     """N synthetic users, each with an account and an opening balance posted against
     opening-balance equity. Returns their account ids and the opening total."""
-    equity = system_account(code="opening_balance_equity_usdc")
     account_ids, total = [], Decimal(0)
     for index in range(users):
         account = account_open(
@@ -104,12 +102,7 @@ def users_open(
             currency=CURRENCY,
         )
         amount = _amount(rng, 1000)
-        transaction_post(
-            namespace=namespace,
-            reference_id=f"opening-{account.pk}",
-            kind="opening_balance",
-            legs=[Leg.debit(equity, amount), Leg.credit(account, amount)],
-        )
+        opening_balance_post(namespace=namespace, account=account, amount=amount)
         account_ids.append(account.pk)
         total += amount
         if on_user:

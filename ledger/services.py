@@ -23,6 +23,7 @@ from ledger.exceptions import (
 )
 from ledger.models import Account, Side
 from ledger.money import CURRENCY_DECIMALS, amount_format, amount_parse
+from ledger.selectors import system_account
 
 # Serialization failures and deadlocks: the posting is retried from the start.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -171,6 +172,20 @@ def transaction_post(
             metrics.transaction_created.labels(kind=kind).inc()
         return result
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+def opening_balance_post(
+    *, namespace: str, account: Account, amount: Decimal, reference_id: str | None = None
+) -> PostingResult:
+    """Give an account its opening balance against the currency's opening-balance equity.
+    Idempotent: one opening balance per account and namespace unless a reference is given."""
+    equity = system_account(code=f"opening_balance_equity_{account.currency_id.lower()}")
+    return transaction_post(
+        namespace=namespace,
+        reference_id=reference_id or f"opening-{account.pk}",
+        kind="opening_balance",
+        legs=[Leg.debit(equity, amount), Leg.credit(account, amount)],
+    )
 
 
 def account_open(*, user_id: UUID, account_type: str, currency: str) -> Account:

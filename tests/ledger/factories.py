@@ -7,8 +7,7 @@ from decimal import Decimal
 import factory
 
 from ledger.models import Account, Side
-from ledger.selectors import system_account
-from ledger.services import Leg, transaction_post
+from ledger.services import opening_balance_post
 
 
 class UserAccountFactory(factory.django.DjangoModelFactory):
@@ -23,11 +22,10 @@ class UserAccountFactory(factory.django.DjangoModelFactory):
 
 
 def fund(account: Account, amount: Decimal | str, reference: str | None = None) -> None:
-    """Give a user account an opening balance against opening-balance equity."""
-    equity = system_account(code=f"opening_balance_equity_{account.currency_id.lower()}")
-    transaction_post(
+    """Give a user account an opening balance (several calls give several)."""
+    opening_balance_post(
         namespace="test-opening",
+        account=account,
+        amount=Decimal(amount),
         reference_id=reference or f"opening-{account.pk}-{uuid.uuid4().hex}",
-        kind="opening_balance",
-        legs=[Leg.debit(equity, Decimal(amount)), Leg.credit(account, Decimal(amount))],
     )

@@ -16,7 +16,7 @@ from ledger.exceptions import (
 )
 from ledger.models import Account, Entry, Transaction
 from ledger.selectors import account_balance, system_account
-from ledger.services import Leg, transaction_apply, transaction_post
+from ledger.services import Leg, opening_balance_post, transaction_apply, transaction_post
 from tests.ledger.factories import UserAccountFactory, fund
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -215,3 +215,12 @@ def test_multi_currency_posting_balances_per_currency(alice):
     )
     assert account_balance(account_id=alice.pk) == Decimal("50")
     assert account_balance(account_id=usd_user.pk) == Decimal("49.95")
+
+
+def test_opening_balance_is_posted_once_per_account(bob):
+    first = opening_balance_post(namespace="backfill", account=bob, amount=Decimal("42.5"))
+    again = opening_balance_post(namespace="backfill", account=bob, amount=Decimal("42.5"))
+    assert first.created and not again.created
+    assert account_balance(account_id=bob.pk) == Decimal("42.5")
+    equity = system_account(code="opening_balance_equity_usdc")
+    assert Entry.objects.get(transaction_id=first.transaction_id, account=equity).side == "debit"

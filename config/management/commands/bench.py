@@ -7,14 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from config.benchmarks import bench_accounts_open, pgbench_binary, pgbench_measure, posting_measure
-from config.runtime import database_ready
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
+from config.runtime import database_ready, positive_int
 
 
 class Command(BaseCommand):

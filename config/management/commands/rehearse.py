@@ -10,14 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from config.rehearsal import invariants_check, latency_figures, traffic_run, users_open
-from config.runtime import database_ready
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
+from config.runtime import database_ready, positive_int
 
 
 class Command(BaseCommand):
