@@ -17,3 +17,8 @@ account_balance_checked = Counter(
     "Account balances read or verified",
     ["source"],
 )
+transaction_retried = Counter(
+    "ledger_transaction_retried",
+    "Postings retried after a serialization failure or deadlock",
+    ["sqlstate"],
+)

@@ -163,7 +163,9 @@ def transaction_post(
             error = ledger_error_from(exc)
             if error is not None:
                 raise error from exc
-            if sqlstate_of(exc) in RETRYABLE_SQLSTATES and attempt < attempts:
+            state = sqlstate_of(exc)
+            if state in RETRYABLE_SQLSTATES and attempt < attempts:
+                metrics.transaction_retried.labels(sqlstate=state).inc()
                 time.sleep(random.uniform(0, 0.005 * 2**attempt))  # noqa: S311 (jitter)
                 continue
             raise

@@ -9,7 +9,7 @@ import time
 from decimal import Decimal
 
 import pytest
-from django.db import connection, connections, transaction
+from django.db import OperationalError, connection, connections, transaction
 
 from config.runtime import processes_run
 from ledger.exceptions import InsufficientFunds
@@ -161,4 +161,69 @@ def test_posting_killed_mid_flight_loses_and_duplicates_nothing(commit):
     assert Transaction.objects.filter(namespace="crash").count() == 1
     assert account_balance(account_id=source.pk) == Decimal("75")
     assert account_balance(account_id=target.pk) == Decimal("25")
+    assert all(check.ok for check in ledger_integrity_checks())
+
+
+def serializable_worker(
+    worker: int, source_id: int, target_id: int, attempts: int, start_at: float
+) -> dict:
+    from django.conf import settings
+    from prometheus_client import REGISTRY
+
+    settings.LEDGER_POSTING_MAX_ATTEMPTS = attempts
+    source, target = Account.objects.get(pk=source_id), Account.objects.get(pk=target_id)
+    posted = failed = 0
+    time.sleep(max(0.0, start_at - time.time()))  # all workers collide from the first posting
+    for index in range(60):
+        try:
+            transaction_post(
+                namespace="ser",
+                reference_id=f"{worker}-{index}",
+                kind="transfer",
+                legs=[Leg.debit(source, "1"), Leg.credit(target, "1")],
+            )
+            posted += 1
+        except OperationalError as exc:
+            assert exc.__cause__.sqlstate == "40001"
+            failed += 1
+    connection.close()
+    retried = REGISTRY.get_sample_value("ledger_transaction_retried_total", {"sqlstate": "40001"})
+    return {"posted": posted, "failed": failed, "retried": retried or 0}
+
+
+@pytest.fixture
+def serializable_database():
+    """Every new connection to the test database runs SERIALIZABLE, where concurrent postings
+    on one account fail with serialization errors (40001) that the posting path must retry."""
+    name = connection.settings_dict["NAME"]
+    with connection.cursor() as cursor:
+        cursor.execute(f'ALTER DATABASE "{name}" SET default_transaction_isolation = serializable')
+    connections.close_all()
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute(f'ALTER DATABASE "{name}" RESET default_transaction_isolation')
+    connections.close_all()
+
+
+@pytest.mark.parametrize("attempts", [50, 1])
+def test_serialization_failures_are_retried_a_bounded_number_of_times(
+    serializable_database, attempts
+):
+    source, target = UserAccountFactory(), UserAccountFactory()
+    fund(source, "1000")
+    connections.close_all()
+    start_at = time.time() + 1.0
+    results = processes_run(
+        serializable_worker, [(w, source.pk, target.pk, attempts, start_at) for w in range(6)]
+    )
+    posted = sum(r["posted"] for r in results)
+    if attempts == 50:
+        assert posted == 6 * 60
+        assert sum(r["retried"] for r in results) > 0
+    else:
+        assert sum(r["retried"] for r in results) == 0
+        assert sum(r["failed"] for r in results) > 0  # surfaced, not retried
+    assert Transaction.objects.filter(namespace="ser").count() == posted
+    assert account_balance(account_id=target.pk) == Decimal(posted)
+    assert account_balance(account_id=source.pk) == Decimal(1000 - posted)
     assert all(check.ok for check in ledger_integrity_checks())
