@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 from django.conf import settings
@@ -19,6 +20,7 @@ from ledger.models import Account
 from ledger.services import Leg, account_open, opening_balance_post, transaction_post
 
 BENCH_NAMESPACE = "bench"
+PGBENCH_THREADS = 2  # pgbench -j: one thread per core of this machine kind
 BENCH_ACCOUNT_TYPE = "bench_usdc"
 OPENING = Decimal("1000000")
 
@@ -92,12 +94,22 @@ def posting_client(client: int, account_ids: list[int], start_at: float, seconds
     return latencies
 
 
+def posting_process(clients: list[int], account_ids: list[int], start_at: float, seconds: float):
+    """One process running several clients as threads, each with its own connection."""
+    with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+        return list(pool.map(lambda c: posting_client(c, account_ids, start_at, seconds), clients))
+
+
 def posting_measure(clients: int, seconds: float, account_ids: list[int]) -> dict:
+    """`clients` concurrent connections laid out as pgbench lays out its own (-j 2): at most
+    two processes (the machine's cores), the clients spread over them as threads."""
+    processes = min(clients, PGBENCH_THREADS)
+    layout = [list(range(p, clients, processes)) for p in range(processes)]
     start_at = time.time() + 1.0 + clients * 0.05  # after every client has connected
     results = processes_run(
-        posting_client, [(c, account_ids, start_at, seconds) for c in range(clients)]
+        posting_process, [(group, account_ids, start_at, seconds) for group in layout]
     )
-    latencies = [value for result in results for value in result]
+    latencies = [value for process in results for client in process for value in client]
     return {
         "postings": len(latencies),
         "per_second": round(len(latencies) / seconds, 1),
@@ -139,7 +151,7 @@ def pgbench_measure(clients: int, seconds: int, accounts: int) -> dict:
                 "-c",
                 str(clients),
                 "-j",
-                str(min(clients, 2)),
+                str(min(clients, PGBENCH_THREADS)),
                 "-T",
                 str(seconds),
                 "-f",

@@ -17,8 +17,10 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{posting}")
         posting = sub.add_parser(
             "posting",
-            help="postings/s and p50/p95/p99 of transaction_post from N processes, then pgbench "
-            "running an equivalent plain-SQL posting with the same client count, and the ratio",
+            help="postings/s and p50/p95/p99 of transaction_post from N concurrent clients (laid "
+            "out as pgbench -j 2 lays out its own: two processes, clients as threads), then "
+            "pgbench running an equivalent plain-SQL posting with the same client count, and the "
+            "ratio",
         )
         posting.add_argument(
             "--clients",
