@@ -61,6 +61,13 @@ def env_decimal(name: str, default: str) -> Decimal:
     return value
 
 
+def env_fraction(name: str, default: str) -> Decimal:
+    value = env_decimal(name, default)
+    if value > 1:
+        raise ConfigurationError(f"{name}: expected a fraction from 0 to 1, got {value}")
+    return value
+
+
 def env_int(name: str, default: int, minimum: int = 0) -> int:
     raw = env.str(name, default=str(default)).strip()
     if not re.fullmatch(r"-?\d+", raw) or int(raw) < minimum:

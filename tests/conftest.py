@@ -1,18 +1,22 @@
-"""Shared fixtures. Tests run against the real PostgreSQL named by DATABASE_URL; ledger tests
-that need the database rules to fire at COMMIT use `django_db(transaction=True)`."""
+"""Shared fixtures. Tests run against the real PostgreSQL named by DATABASE_URL; tests that need
+database rules to fire at COMMIT use `django_db(transaction=True)`."""
 
 import importlib
 
 import pytest
 from django.apps import apps
 
-SYSTEM_ACCOUNTS = importlib.import_module("ledger.migrations.0003_system_accounts")
+# Data migrations whose rows a transactional test's flush removes: run again before each test.
+DATA_MIGRATIONS = [
+    importlib.import_module("ledger.migrations.0003_system_accounts").create,
+    importlib.import_module("cutover.migrations.0003_seed_phase").seed,
+]
 
 
 @pytest.fixture(autouse=True)
-def _system_accounts(request):
-    """Transactional tests flush every table when they end; put the currencies and system
-    accounts (a data migration) back before each database test. Idempotent."""
+def _data_migrations(request):
+    """Currencies, system accounts and the first phase state, idempotently."""
     if request.node.get_closest_marker("django_db"):
         request.getfixturevalue("_django_db_helper")
-        SYSTEM_ACCOUNTS.create(apps, None)
+        for migration in DATA_MIGRATIONS:
+            migration(apps, None)

@@ -5,15 +5,18 @@ from pathlib import Path
 
 from config import embedded_db
 from config.env import (
+    ConfigurationError,
     env,
     env_bool,
     env_choice,
     env_decimal,
     env_duration,
+    env_fraction,
     env_int,
     env_secret,
     env_url,
 )
+from cutover.phases import UnknownFlagCombination, phase_from_flags
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
@@ -110,6 +113,28 @@ LEDGER_SHADOW_MODE = env_bool("LEDGER_SHADOW_MODE", False)
 LEDGER_STRICT_MODE = env_bool("LEDGER_STRICT_MODE", False)
 BALANCE_SOURCE = env_choice("BALANCE_SOURCE", "legacy", ("legacy", "ledger"))
 USE_ENHANCED_BALANCE_SERVICE = env_bool("USE_ENHANCED_BALANCE_SERVICE", False)
+try:
+    # Where a new database starts; afterwards the phase lives in the database.
+    INITIAL_PHASE = phase_from_flags(
+        (
+            USE_LEDGER_INTEGRATION,
+            LEDGER_SHADOW_MODE,
+            LEDGER_STRICT_MODE,
+            BALANCE_SOURCE,
+            USE_ENHANCED_BALANCE_SERVICE,
+        )
+    ).value
+except UnknownFlagCombination as exc:
+    raise ConfigurationError(str(exc)) from None
+
+# Gates between phases (seed 001 Phase 4): how long a phase must run and what it must show.
+CUTOVER_SHADOW_MIN_DURATION = env_duration("CUTOVER_SHADOW_MIN_DURATION", "48h")
+CUTOVER_READ_SWITCH_MIN_DURATION = env_duration("CUTOVER_READ_SWITCH_MIN_DURATION", "48h")
+CUTOVER_STRICT_MIN_DURATION = env_duration("CUTOVER_STRICT_MIN_DURATION", "72h")
+CUTOVER_MIN_WRITE_SUCCESS_RATE = env_fraction("CUTOVER_MIN_WRITE_SUCCESS_RATE", "0.999")
+CUTOVER_READ_P99_BUDGET_MS = env_int("CUTOVER_READ_P99_BUDGET_MS", 500, minimum=1)
+CUTOVER_RECONCILE_INTERVAL = env_duration("CUTOVER_RECONCILE_INTERVAL", "15m")
+
 ENABLE_TREASURY_SCHEDULER = env_bool("ENABLE_TREASURY_SCHEDULER", False)
 ENABLE_ONCHAIN_ENGINE = env_bool("ENABLE_ONCHAIN_ENGINE", False)
 

@@ -1,0 +1,43 @@
+"""Domain errors of the cutover. Each message is fit for an operator or an API client."""
+
+
+class CutoverError(Exception):
+    pass
+
+
+class KillSwitchEngaged(CutoverError):
+    """Every money mutation is refused while the kill switch is on."""
+
+
+class TransitionRefused(CutoverError):
+    """The requested phase change is not legal from the current phase."""
+
+
+class GateNotMet(CutoverError):
+    def __init__(self, message: str, evidence: dict):
+        super().__init__(message)
+        self.evidence = evidence
+
+
+class ReasonRequired(CutoverError):
+    pass
+
+
+class OperatorNotPermitted(CutoverError):
+    pass
+
+
+class MutationConflict(CutoverError):
+    """The reference was already used for a different mutation."""
+
+
+class StrictLedgerFailure(CutoverError):
+    """Strict or cutover phase: the ledger write failed, so the whole request failed."""
+
+
+class NotApplicable(CutoverError):
+    """The operation has no meaning in the current phase."""
+
+
+class ReconciliationBusy(CutoverError):
+    """Another reconciliation holds the single-leader lock."""

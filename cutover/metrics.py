@@ -1,0 +1,17 @@
+"""The cutover's Prometheus metrics (names from seed 001)."""
+
+from prometheus_client import Counter, Gauge
+
+discrepancy_count = Gauge(
+    "discrepancy_count", "Discrepancies recorded by this process (dual writes and reconciliation)"
+)
+ledger_write_outcome = Counter(
+    "cutover_ledger_write", "Ledger writes of the balance path by outcome", ["outcome"]
+)
+write_success_rate = Gauge(
+    "write_success_rate", "Share of the balance path's ledger writes that succeeded (this process)"
+)
+strict_failures = Counter("cutover_strict_failures", "Requests failed by strict mode")
+balance_mutations = Counter(
+    "cutover_balance_mutations", "Balance mutations by phase and outcome", ["phase", "outcome"]
+)

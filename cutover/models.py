@@ -1,0 +1,240 @@
+"""The migration's state: the legacy `balances` table, the phase, its audit trail, the balance
+path's journal, discrepancies, reconciliation runs and strict-mode failures.
+
+What PostgreSQL holds: one phase row (id = 1) with a legal phase and read percentage; legacy
+balances never negative; one journal row per mutation reference (exactly once); one open
+discrepancy per user and currency; audit rows never updated or deleted (trigger in
+cutover/sql/cutover.sql).
+"""
+
+from django.db import models
+from django.db.models import Q
+from django.db.models.functions import Now
+
+from cutover.phases import Phase
+
+PHASE_CHOICES = [(phase.value, phase.value) for phase in Phase]
+
+
+class Direction(models.TextChoices):
+    CREDIT = "credit", "Credit"
+    DEBIT = "debit", "Debit"
+
+
+class LegacyBalance(models.Model):
+    """The legacy store, as the old system has it."""
+
+    user_id = models.UUIDField(primary_key=True)
+    buying_power = models.DecimalField(max_digits=38, decimal_places=6, db_default=0)
+    currency = models.CharField(max_length=8, db_default="USDC")
+    updated_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        db_table = "balances"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(buying_power__gte=0), name="balances_chk_non_negative"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id}: {self.buying_power} {self.currency}"
+
+
+class PhaseState(models.Model):
+    """The one row saying where the rollout stands; changed only by cutover.services."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    phase = models.CharField(max_length=16, choices=PHASE_CHOICES)
+    read_percent = models.PositiveSmallIntegerField(default=0)
+    entered_at = models.DateTimeField()
+    kill_switch = models.BooleanField(default=False)
+    kill_switch_reason = models.TextField(blank=True)
+    kill_switch_changed_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        db_table = "cutover_phase_state"
+        verbose_name = "phase and flags"
+        verbose_name_plural = "phase and flags"
+        permissions = [
+            ("advance_phase", "Can advance the rollout to the next phase"),
+            ("force_gate", "Can advance past a gate that is not met (with a reason)"),
+            ("rollback_phase", "Can roll the rollout back to legacy"),
+            ("operate_kill_switch", "Can engage and release the kill switch"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(id=1), name="cutover_phase_state_chk_singleton"),
+            models.CheckConstraint(
+                condition=Q(phase__in=[p.value for p in Phase]),
+                name="cutover_phase_state_chk_phase",
+            ),
+            models.CheckConstraint(
+                condition=Q(read_percent__lte=100), name="cutover_phase_state_chk_percent"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.phase
+
+
+class AuditAction(models.TextChoices):
+    SEED = "seed", "Seeded from the environment"
+    ADVANCE = "advance", "Advance"
+    FORCE = "force", "Forced advance"
+    ROLLBACK = "rollback", "Rollback"
+    READ_PERCENT = "read_percent", "Read percentage"
+    KILL_SWITCH_ON = "kill_switch_on", "Kill switch engaged"
+    KILL_SWITCH_OFF = "kill_switch_off", "Kill switch released"
+
+
+class PhaseAudit(models.Model):
+    """Append-only: who changed what, when, from, to, why, and the gate evidence."""
+
+    at = models.DateTimeField(db_default=Now())
+    actor = models.CharField(max_length=150)
+    action = models.CharField(max_length=16, choices=AuditAction.choices)
+    from_phase = models.CharField(max_length=16)
+    to_phase = models.CharField(max_length=16)
+    reason = models.TextField(blank=True)
+    evidence = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        db_table = "cutover_phase_audit"
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M} {self.actor} {self.action} {self.to_phase}"
+
+
+class LedgerStatus(models.TextChoices):
+    POSTED = "posted", "Posted"
+    FAILED = "failed", "Failed (recorded, request succeeded)"
+    NOT_WRITTEN = "not_written", "Not written in this phase"
+
+
+class BalanceMutation(models.Model):
+    """The balance path's journal: one row per mutation reference, written in the mutation's
+    transaction, so a reference is applied exactly once in every phase."""
+
+    reference = models.CharField(max_length=255, unique=True)
+    user_id = models.UUIDField()
+    direction = models.CharField(max_length=6, choices=Direction.choices)
+    amount = models.DecimalField(max_digits=38, decimal_places=6)
+    currency = models.CharField(max_length=8)
+    reason = models.CharField(max_length=64)
+    phase = models.CharField(max_length=16, choices=PHASE_CHOICES)
+    legacy_balance_after = models.DecimalField(
+        max_digits=38, decimal_places=6, null=True, blank=True
+    )
+    ledger_status = models.CharField(max_length=12, choices=LedgerStatus.choices)
+    ledger_transaction_id = models.BigIntegerField(null=True, blank=True)
+    ledger_error = models.TextField(blank=True, db_default="")
+    correlation_id = models.CharField(max_length=128, blank=True, db_default="")
+    created_at = models.DateTimeField(db_default=Now(), db_index=True)
+
+    class Meta:
+        db_table = "cutover_balance_mutations"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(amount__gt=0), name="cutover_balance_mutations_chk_positive"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.reference}: {self.direction} {self.amount} {self.currency}"
+
+
+class DiscrepancyStatus(models.TextChoices):
+    OPEN = "open", "Open"
+    RESOLVED = "resolved", "Resolved"
+
+
+class DiscrepancySource(models.TextChoices):
+    DUAL_WRITE = "dual_write", "Compared after a dual write"
+    LEDGER_WRITE_FAILED = "ledger_write_failed", "Ledger write failed in a tolerant phase"
+    RECONCILIATION = "reconciliation", "Found by reconciliation"
+
+
+class Discrepancy(models.Model):
+    """A user whose legacy and ledger balances differ. One open row per user and currency;
+    later sightings update it (occurrences, last values)."""
+
+    user_id = models.UUIDField()
+    currency = models.CharField(max_length=8)
+    legacy_balance = models.DecimalField(max_digits=38, decimal_places=6, null=True)
+    ledger_balance = models.DecimalField(max_digits=38, decimal_places=6, null=True)
+    difference = models.DecimalField(max_digits=38, decimal_places=6)
+    status = models.CharField(
+        max_length=8, choices=DiscrepancyStatus.choices, default=DiscrepancyStatus.OPEN
+    )
+    source = models.CharField(max_length=24, choices=DiscrepancySource.choices)
+    phase = models.CharField(max_length=16, choices=PHASE_CHOICES)
+    reference = models.CharField(max_length=255, blank=True, db_default="")
+    detail = models.TextField(blank=True, db_default="")
+    occurrences = models.PositiveIntegerField(db_default=1)
+    first_seen_at = models.DateTimeField(db_default=Now())
+    last_seen_at = models.DateTimeField(db_default=Now())
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(max_length=150, blank=True, db_default="")
+    resolution_note = models.TextField(blank=True, db_default="")
+
+    class Meta:
+        db_table = "cutover_discrepancies"
+        verbose_name_plural = "discrepancies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user_id", "currency"],
+                condition=Q(status="open"),
+                name="cutover_discrepancies_uniq_open",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=DiscrepancyStatus.values),
+                name="cutover_discrepancies_chk_status",
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "last_seen_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.user_id}: legacy {self.legacy_balance} ledger {self.ledger_balance}"
+
+
+class ReconciliationRun(models.Model):
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+    phase = models.CharField(max_length=16, choices=PHASE_CHOICES)
+    users_checked = models.BigIntegerField()
+    differences = models.BigIntegerField()
+    new_discrepancies = models.BigIntegerField()
+    resolved = models.BigIntegerField()
+    legacy_total = models.DecimalField(max_digits=38, decimal_places=6)
+    ledger_total = models.DecimalField(max_digits=38, decimal_places=6)
+    triggered_by = models.CharField(max_length=150)
+
+    class Meta:
+        db_table = "cutover_reconciliation_runs"
+        ordering = ["-finished_at"]
+
+    def __str__(self) -> str:
+        return f"reconciliation {self.finished_at:%Y-%m-%d %H:%M}: {self.differences} differences"
+
+    @property
+    def clean(self) -> bool:
+        return self.differences == 0
+
+
+class StrictFailure(models.Model):
+    """A request refused in strict mode because its ledger write failed (its legacy write was
+    rolled back with it). Recorded after the rollback, in a transaction of its own."""
+
+    at = models.DateTimeField(db_default=Now())
+    phase = models.CharField(max_length=16, choices=PHASE_CHOICES)
+    user_id = models.UUIDField()
+    reference = models.CharField(max_length=255)
+    error = models.TextField()
+
+    class Meta:
+        db_table = "cutover_strict_failures"
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.reference}: {self.error}"

@@ -1,0 +1,304 @@
+"""Reads of the cutover: the phase, balances from the phase's read source, gate evidence."""
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+from uuid import UUID
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import Count, Q
+from django.utils import timezone
+
+from cutover.models import (
+    BalanceMutation,
+    Discrepancy,
+    DiscrepancyStatus,
+    LedgerStatus,
+    PhaseState,
+    ReconciliationRun,
+    StrictFailure,
+)
+from cutover.phases import Phase
+from ledger import metrics as ledger_metrics
+from ledger.selectors import ledger_integrity_checks
+
+READ_LATENCY_SAMPLE = 200
+
+
+def user_account_type(currency: str) -> str:
+    """The ledger account type that mirrors a legacy balance in `currency`."""
+    return f"{currency.lower()}_balance"
+
+
+def phase_state() -> PhaseState:
+    return PhaseState.objects.get(pk=1)
+
+
+def read_bucket(user_id: UUID) -> int:
+    """A stable bucket 0..99 from a hash of the user id: the same user reads the same store at a
+    given percentage, and raising the percentage only adds users."""
+    return int.from_bytes(hashlib.sha256(user_id.bytes).digest()[:8], "big") % 100
+
+
+def read_source(state: PhaseState, user_id: UUID) -> str:
+    if state.phase == Phase.LEGACY or state.phase == Phase.SHADOW:
+        return "legacy"
+    if state.phase == Phase.READ_SWITCH:
+        return "ledger" if read_bucket(user_id) < state.read_percent else "legacy"
+    return "ledger"
+
+
+@dataclass(frozen=True)
+class BalanceReading:
+    user_id: UUID
+    currency: str
+    amount: Decimal
+    source: str
+    phase: str
+
+
+LEGACY_READ_SQL = "SELECT buying_power FROM balances WHERE user_id = %s AND currency = %s"
+LEDGER_READ_SQL = """
+    SELECT balance FROM ledger_accounts
+     WHERE user_id = %s AND account_type = %s AND currency = %s
+"""
+
+
+def balance_get(*, user_id: UUID, currency: str = "USDC") -> BalanceReading:
+    """The user's balance from the store the phase reads (0 for a user never seen)."""
+    state = phase_state()
+    source = read_source(state, user_id)
+    with connection.cursor() as cursor:
+        if source == "ledger":
+            cursor.execute(LEDGER_READ_SQL, [user_id, user_account_type(currency), currency])
+            ledger_metrics.account_balance_checked.labels(source="read").inc()
+        else:
+            cursor.execute(LEGACY_READ_SQL, [user_id, currency])
+        row = cursor.fetchone()
+    amount = row[0] if row else Decimal(0)
+    return BalanceReading(user_id, currency, amount, source, state.phase)
+
+
+def open_discrepancy_count() -> int:
+    return Discrepancy.objects.filter(status=DiscrepancyStatus.OPEN).count()
+
+
+def discrepancy_list(*, status: str | None = None, user_id: UUID | None = None):
+    queryset = Discrepancy.objects.order_by("-last_seen_at")
+    if status:
+        queryset = queryset.filter(status=status)
+    if user_id:
+        queryset = queryset.filter(user_id=user_id)
+    return queryset
+
+
+# Users whose ledger balance is not their legacy balance: a missing account counts as 0.
+DIFFERENCES_SQL = """
+    SELECT coalesce(b.user_id, a.user_id) AS user_id,
+           coalesce(b.currency, a.currency) AS currency,
+           b.buying_power AS legacy, a.balance AS ledger
+      FROM balances b
+      FULL JOIN ledger_accounts a
+        ON a.user_id = b.user_id AND a.currency = b.currency
+       AND a.account_type = lower(b.currency) || '_balance'
+     WHERE (a.id IS NULL OR a.account_type = lower(a.currency) || '_balance')
+       AND coalesce(b.buying_power, 0) <> coalesce(a.balance, 0)
+"""
+TOTALS_SQL = """
+    SELECT (SELECT coalesce(sum(buying_power), 0) FROM balances),
+           (SELECT coalesce(sum(balance), 0) FROM ledger_accounts
+             WHERE user_id IS NOT NULL AND account_type = lower(currency) || '_balance'),
+           (SELECT count(*) FROM balances)
+"""
+
+
+def store_differences(limit: int = 20) -> tuple[int, list[dict]]:
+    """How many users differ between the stores, and the first few."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM ({DIFFERENCES_SQL}) d")
+        (count,) = cursor.fetchone()
+        cursor.execute(f"{DIFFERENCES_SQL} ORDER BY 1 LIMIT %s", [limit])
+        rows = cursor.fetchall()
+    return count, [
+        {"user_id": str(u), "currency": c, "legacy": str(legacy), "ledger": str(ledger)}
+        for u, c, legacy, ledger in rows
+    ]
+
+
+def store_totals() -> dict:
+    with connection.cursor() as cursor:
+        cursor.execute(TOTALS_SQL)
+        legacy, ledger, users = cursor.fetchone()
+    return {"legacy_total": str(legacy), "ledger_total": str(ledger), "legacy_users": users}
+
+
+@dataclass
+class GateCheck:
+    name: str
+    required: str
+    actual: str
+    ok: bool
+
+
+@dataclass
+class Gate:
+    from_phase: str
+    to_phase: str
+    checks: list[GateCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    def as_evidence(self) -> dict:
+        return {
+            "from": self.from_phase,
+            "to": self.to_phase,
+            "passed": self.passed,
+            "evaluated_at": timezone.now().isoformat(),
+            "checks": [check.__dict__ for check in self.checks],
+        }
+
+    def failures(self) -> str:
+        return "; ".join(
+            f"{c.name}: needs {c.required}, is {c.actual}" for c in self.checks if not c.ok
+        )
+
+
+def _duration_check(state: PhaseState, minimum: timedelta) -> GateCheck:
+    elapsed = timezone.now() - state.entered_at
+    return GateCheck(
+        "time_in_phase",
+        f">= {minimum}",
+        str(elapsed).split(".")[0],
+        elapsed >= minimum,
+    )
+
+
+def _discrepancy_check() -> GateCheck:
+    count = open_discrepancy_count()
+    return GateCheck("open_discrepancies", "0", str(count), count == 0)
+
+
+def _reconciliation_check(state: PhaseState) -> GateCheck:
+    run = ReconciliationRun.objects.filter(started_at__gte=state.entered_at).first()
+    if run is None:
+        return GateCheck("reconciliation", "a clean full run in this phase", "none yet", False)
+    return GateCheck(
+        "reconciliation",
+        "last full run in this phase clean",
+        f"{run.differences} differences at {run.finished_at:%Y-%m-%d %H:%M:%S}",
+        run.clean,
+    )
+
+
+def ledger_write_stats(since) -> dict:
+    counts = BalanceMutation.objects.filter(created_at__gte=since).aggregate(
+        posted=Count("id", filter=Q(ledger_status=LedgerStatus.POSTED)),
+        failed=Count("id", filter=Q(ledger_status=LedgerStatus.FAILED)),
+    )
+    strict = StrictFailure.objects.filter(at__gte=since).count()
+    attempts = counts["posted"] + counts["failed"] + strict
+    rate = Decimal(counts["posted"]) / attempts if attempts else None
+    return {**counts, "strict_failures": strict, "attempts": attempts, "success_rate": rate}
+
+
+def _write_rate_check(state: PhaseState) -> GateCheck:
+    stats = ledger_write_stats(state.entered_at)
+    minimum = settings.CUTOVER_MIN_WRITE_SUCCESS_RATE
+    rate = stats["success_rate"]
+    actual = "no ledger writes yet" if rate is None else f"{rate:.4%} of {stats['attempts']}"
+    return GateCheck(
+        "ledger_write_success", f">= {minimum:.1%}", actual, rate is not None and rate >= minimum
+    )
+
+
+def read_latency_p99_ms(sample: int = READ_LATENCY_SAMPLE) -> float | None:
+    """p99 of balance reads through the balance path, measured now on up to `sample` users."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT user_id, currency FROM balances ORDER BY user_id LIMIT %s", [sample])
+        users = cursor.fetchall()
+    if not users:
+        return None
+    timings = []
+    for user_id, currency in users:
+        started = time.perf_counter()
+        balance_get(user_id=user_id, currency=currency)
+        timings.append((time.perf_counter() - started) * 1000)
+    timings.sort()
+    return timings[min(len(timings) - 1, int(len(timings) * 0.99))]
+
+
+def _read_latency_check() -> GateCheck:
+    budget = settings.CUTOVER_READ_P99_BUDGET_MS
+    p99 = read_latency_p99_ms()
+    actual = "no users to read" if p99 is None else f"{p99:.2f} ms"
+    return GateCheck("read_p99", f"<= {budget} ms", actual, p99 is not None and p99 <= budget)
+
+
+def _read_percent_check(state: PhaseState) -> GateCheck:
+    return GateCheck("read_percent", "100", str(state.read_percent), state.read_percent == 100)
+
+
+def _strict_failure_check(state: PhaseState) -> GateCheck:
+    count = StrictFailure.objects.filter(at__gte=state.entered_at).count()
+    return GateCheck("strict_failures", "0", str(count), count == 0)
+
+
+def _backfill_check() -> GateCheck:
+    count, _ = store_differences(limit=0)
+    return GateCheck(
+        "backfill", "every legacy balance in the ledger", f"{count} users differ", count == 0
+    )
+
+
+def _ledger_integrity_check() -> GateCheck:
+    failed = [check.name for check in ledger_integrity_checks() if not check.ok]
+    return GateCheck("ledger_verify", "clean", ", ".join(failed) or "clean", not failed)
+
+
+def equality_proof() -> GateCheck:
+    """Per-user equality and equal totals of both stores (taken under the write fence)."""
+    count, first = store_differences(limit=5)
+    totals = store_totals()
+    equal = count == 0 and totals["legacy_total"] == totals["ledger_total"]
+    actual = (
+        f"{count} users differ, legacy total {totals['legacy_total']}, "
+        f"ledger total {totals['ledger_total']}, {totals['legacy_users']} users"
+    )
+    if first:
+        actual += f"; e.g. {first[0]}"
+    return GateCheck("stores_equal", "every user equal and totals equal", actual, equal)
+
+
+def gate_evaluate(state: PhaseState, to: Phase) -> Gate:
+    """The evidence for moving from the current phase to `to` (the next one)."""
+    gate = Gate(state.phase, to.value)
+    if to == Phase.SHADOW:
+        gate.checks += [_backfill_check(), _ledger_integrity_check()]
+    elif to == Phase.READ_SWITCH:
+        gate.checks += [
+            _duration_check(state, settings.CUTOVER_SHADOW_MIN_DURATION),
+            _discrepancy_check(),
+            _reconciliation_check(state),
+            _write_rate_check(state),
+        ]
+    elif to == Phase.STRICT:
+        gate.checks += [
+            _duration_check(state, settings.CUTOVER_READ_SWITCH_MIN_DURATION),
+            _discrepancy_check(),
+            _reconciliation_check(state),
+            _read_percent_check(state),
+            _read_latency_check(),
+        ]
+    elif to == Phase.CUTOVER:
+        gate.checks += [
+            _duration_check(state, settings.CUTOVER_STRICT_MIN_DURATION),
+            _discrepancy_check(),
+            _reconciliation_check(state),
+            _strict_failure_check(state),
+        ]
+    return gate

@@ -1,0 +1,37 @@
+"""Helpers to arrange the cutover's state for a test."""
+
+import uuid
+from decimal import Decimal
+
+from django.utils import timezone
+
+from cutover.models import LegacyBalance, PhaseState
+from cutover.selectors import user_account_type
+from ledger.services import account_open, opening_balance_post
+
+
+def legacy_user(amount: str | Decimal = "100", currency: str = "USDC") -> uuid.UUID:
+    user_id = uuid.uuid4()
+    LegacyBalance.objects.create(user_id=user_id, buying_power=Decimal(amount), currency=currency)
+    return user_id
+
+
+def ledger_balance_set(user_id: uuid.UUID, amount: str | Decimal, currency: str = "USDC"):
+    """Give the user's ledger account this opening balance (as a backfill would)."""
+    account = account_open(
+        user_id=user_id, account_type=user_account_type(currency), currency=currency
+    )
+    if Decimal(amount):
+        opening_balance_post(namespace="test-backfill", account=account, amount=Decimal(amount))
+    return account
+
+
+def phase_set(phase: str, read_percent: int = 0, kill_switch: bool = False) -> None:
+    """Arrange a phase directly (the tests of the phase machine go through its service)."""
+    PhaseState.objects.filter(pk=1).update(
+        phase=phase,
+        read_percent=read_percent,
+        entered_at=timezone.now(),
+        kill_switch=kill_switch,
+        kill_switch_reason="test" if kill_switch else "",
+    )

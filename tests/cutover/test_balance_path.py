@@ -1,0 +1,227 @@
+"""The phase table of product.md, shown in both stores: every phase x (credit, debit,
+overdraft, ledger failure)."""
+
+import uuid
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+
+from cutover.exceptions import KillSwitchEngaged, MutationConflict, StrictLedgerFailure
+from cutover.models import (
+    BalanceMutation,
+    Discrepancy,
+    DiscrepancySource,
+    LegacyBalance,
+    StrictFailure,
+)
+from cutover.selectors import balance_get, read_bucket
+from cutover.services import balance_credit, balance_debit
+from ledger.exceptions import InsufficientFunds
+from ledger.models import Account
+from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ALL = ["legacy", "shadow", "read_switch", "strict", "cutover"]
+LEGACY_WRITTEN = {"legacy", "shadow", "read_switch", "strict"}
+LEDGER_WRITTEN = {"shadow", "read_switch", "strict", "cutover"}
+
+
+def stores(user_id) -> tuple[Decimal | None, Decimal | None]:
+    legacy = LegacyBalance.objects.filter(user_id=user_id).values_list("buying_power", flat=True)
+    ledger = Account.objects.filter(user_id=user_id, account_type="usdc_balance").values_list(
+        "balance", flat=True
+    )
+    return (legacy.first(), ledger.first())
+
+
+@pytest.fixture
+def user():
+    user_id = legacy_user("100")
+    ledger_balance_set(user_id, "100")
+    return user_id
+
+
+@pytest.mark.parametrize("phase", ALL)
+def test_credit(phase, user):
+    phase_set(phase)
+    result = balance_credit(user_id=user, amount="10.5", reference="c1", reason="test")
+    assert result.created and result.phase == phase
+    legacy, ledger = stores(user)
+    assert legacy == Decimal("110.5" if phase in LEGACY_WRITTEN else "100")
+    assert ledger == Decimal("110.5" if phase in LEDGER_WRITTEN else "100")
+    assert not Discrepancy.objects.exists()
+    assert BalanceMutation.objects.get(reference="c1").ledger_status == (
+        "posted" if phase in LEDGER_WRITTEN else "not_written"
+    )
+
+
+@pytest.mark.parametrize("phase", ALL)
+def test_debit(phase, user):
+    phase_set(phase)
+    balance_debit(user_id=user, amount="40", reference="d1", reason="test")
+    legacy, ledger = stores(user)
+    assert legacy == Decimal("60" if phase in LEGACY_WRITTEN else "100")
+    assert ledger == Decimal("60" if phase in LEDGER_WRITTEN else "100")
+    assert not Discrepancy.objects.exists()
+
+
+@pytest.mark.parametrize("phase", ALL)
+def test_overdraft_is_refused_in_both_stores(phase, user):
+    phase_set(phase)
+    with pytest.raises(InsufficientFunds):
+        balance_debit(user_id=user, amount="100.01", reference="o1", reason="test")
+    assert stores(user) == (Decimal("100"), Decimal("100"))
+    assert not BalanceMutation.objects.exists()
+    assert not StrictFailure.objects.exists()
+
+
+@pytest.fixture
+def drifted_user():
+    """Legacy says 100, the ledger only 30: a debit of 50 fails in the ledger alone."""
+    user_id = legacy_user("100")
+    ledger_balance_set(user_id, "30")
+    return user_id
+
+
+@pytest.mark.parametrize("phase", ["shadow", "read_switch"])
+def test_ledger_failure_in_shadow_phases_is_recorded_request_succeeds(phase, drifted_user):
+    phase_set(phase)
+    result = balance_debit(user_id=drifted_user, amount="50", reference="f1", reason="test")
+    assert result.created and result.ledger_status == "failed"
+    assert stores(drifted_user) == (Decimal("50"), Decimal("30"))
+    discrepancy = Discrepancy.objects.get(user_id=drifted_user)
+    assert discrepancy.source == DiscrepancySource.LEDGER_WRITE_FAILED
+    assert discrepancy.difference == Decimal("20")
+    assert discrepancy.reference == "f1"
+    assert "would go negative" in discrepancy.detail
+    assert BalanceMutation.objects.get(reference="f1").ledger_status == "failed"
+
+
+def test_ledger_failure_in_strict_fails_the_whole_request(drifted_user):
+    phase_set("strict")
+    with pytest.raises(StrictLedgerFailure, match="ledger refused"):
+        balance_debit(user_id=drifted_user, amount="50", reference="f1", reason="test")
+    assert stores(drifted_user) == (Decimal("100"), Decimal("30"))  # legacy rolled back
+    assert not BalanceMutation.objects.exists()
+    assert StrictFailure.objects.get().reference == "f1"
+
+
+def test_ledger_refusal_in_cutover_is_an_ordinary_refusal(drifted_user):
+    phase_set("cutover")
+    with pytest.raises(InsufficientFunds):
+        balance_debit(user_id=drifted_user, amount="50", reference="f1", reason="test")
+    assert stores(drifted_user) == (Decimal("100"), Decimal("30"))
+    assert not StrictFailure.objects.exists()
+
+
+@pytest.fixture
+def ledger_fault():
+    """A fault injected in the database: entries for one account fail to insert."""
+
+    def install(account_id: int) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"""
+                CREATE FUNCTION test_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN RAISE EXCEPTION 'injected fault'; END $$;
+                CREATE TRIGGER test_fault BEFORE INSERT ON ledger_entries FOR EACH ROW
+                    WHEN (NEW.account_id = {int(account_id)}) EXECUTE FUNCTION test_fault();
+                """
+            )
+
+    yield install
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TRIGGER IF EXISTS test_fault ON ledger_entries")
+        cursor.execute("DROP FUNCTION IF EXISTS test_fault()")
+
+
+@pytest.mark.parametrize("phase", ALL)
+def test_injected_ledger_fault_per_phase(phase, user, ledger_fault):
+    phase_set(phase)
+    ledger_fault(Account.objects.get(user_id=user).pk)
+    if phase in {"strict", "cutover"}:
+        with pytest.raises(StrictLedgerFailure, match="injected fault"):
+            balance_credit(user_id=user, amount="10", reference="x1", reason="test")
+        assert stores(user) == (Decimal("100"), Decimal("100"))
+        assert StrictFailure.objects.count() == 1
+        return
+    result = balance_credit(user_id=user, amount="10", reference="x1", reason="test")
+    assert stores(user)[0] == Decimal("110")
+    assert stores(user)[1] == Decimal("100")
+    if phase == "legacy":
+        assert result.ledger_status == "not_written"
+        assert not Discrepancy.objects.exists()
+    else:
+        assert result.ledger_status == "failed"
+        assert Discrepancy.objects.get(user_id=user).difference == Decimal("10")
+
+
+@pytest.mark.parametrize("phase", ALL)
+def test_same_reference_is_applied_once(phase, user):
+    phase_set(phase)
+    first = balance_credit(user_id=user, amount="5", reference="once", reason="test")
+    again = balance_credit(user_id=user, amount="5", reference="once", reason="test")
+    assert first.created and not again.created
+    legacy, ledger = stores(user)
+    assert (legacy, ledger) == (
+        Decimal("105" if phase in LEGACY_WRITTEN else "100"),
+        Decimal("105" if phase in LEDGER_WRITTEN else "100"),
+    )
+    with pytest.raises(MutationConflict, match="already used"):
+        balance_credit(user_id=user, amount="6", reference="once", reason="test")
+
+
+def test_kill_switch_refuses_every_mutation(user):
+    phase_set("shadow", kill_switch=True)
+    with pytest.raises(KillSwitchEngaged):
+        balance_credit(user_id=user, amount="5", reference="k", reason="test")
+    assert stores(user) == (Decimal("100"), Decimal("100"))
+    assert not BalanceMutation.objects.exists()
+
+
+def test_dual_write_notices_a_drift_made_outside_the_path(user):
+    phase_set("shadow")
+    with connection.cursor() as cursor:  # someone writes the legacy table directly
+        cursor.execute("UPDATE balances SET buying_power = 101 WHERE user_id = %s", [user])
+    balance_credit(user_id=user, amount="1", reference="n1", reason="test")
+    discrepancy = Discrepancy.objects.get(user_id=user)
+    assert discrepancy.source == DiscrepancySource.DUAL_WRITE
+    assert (discrepancy.legacy_balance, discrepancy.ledger_balance) == (Decimal(102), Decimal(101))
+
+
+def test_new_user_credit_in_shadow_opens_both_stores():
+    phase_set("shadow")
+    user_id = uuid.uuid4()
+    balance_credit(user_id=user_id, amount="7", reference="new", reason="test")
+    assert stores(user_id) == (Decimal("7"), Decimal("7"))
+
+
+@pytest.mark.parametrize(
+    ("phase", "percent", "expected"),
+    [
+        ("legacy", 0, "legacy"),
+        ("shadow", 0, "legacy"),
+        ("read_switch", 100, "ledger"),
+        ("read_switch", 0, "legacy"),
+        ("strict", 100, "ledger"),
+        ("cutover", 100, "ledger"),
+    ],
+)
+def test_reads_come_from_the_phase_source(phase, percent, expected, drifted_user):
+    phase_set(phase, read_percent=percent)
+    reading = balance_get(user_id=drifted_user)
+    assert reading.source == expected
+    assert reading.amount == Decimal("100" if expected == "legacy" else "30")
+
+
+def test_read_buckets_are_stable_and_monotonic():
+    users = [uuid.uuid4() for _ in range(2000)]
+    buckets = {u: read_bucket(u) for u in users}
+    assert all(read_bucket(u) == buckets[u] for u in users)
+    for low, high in [(1, 10), (10, 50), (50, 100)]:
+        at_low = {u for u in users if buckets[u] < low}
+        at_high = {u for u in users if buckets[u] < high}
+        assert at_low <= at_high
+    share = sum(1 for u in users if buckets[u] < 10) / len(users)
+    assert 0.07 < share < 0.13
