@@ -53,5 +53,17 @@ def test_production_requires_its_secrets():
 
 
 def test_valid_configuration_passes_the_checks():
-    result = manage("check", TREASURY_SCHEDULER_INTERVAL="5m", LEDGER_SHADOW_MODE="true")
+    result = manage(
+        "check",
+        TREASURY_SCHEDULER_INTERVAL="5m",
+        USE_LEDGER_INTEGRATION="true",
+        LEDGER_SHADOW_MODE="true",
+    )
     assert result.returncode == 0, result.stderr
+
+
+def test_flag_combination_matching_no_phase_is_refused():
+    result = manage("check", LEDGER_SHADOW_MODE="true")  # shadow without the ledger integration
+    assert result.returncode == 2
+    assert "USE_LEDGER_INTEGRATION=False, LEDGER_SHADOW_MODE=True" in result.stderr
+    assert result.stderr.rstrip().endswith("matches no phase")
