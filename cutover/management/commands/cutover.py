@@ -1,0 +1,234 @@
+"""`python manage.py cutover ...`: the operators' controls of the migration."""
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cutover.actors import Actor
+from cutover.exceptions import CutoverError, GateNotMet
+from cutover.phases import ORDER, flags_of, next_phase
+from cutover.selectors import (
+    gate_evaluate,
+    ledger_write_stats,
+    open_discrepancy_count,
+    phase_state,
+)
+from cutover.services import (
+    backfill_pending,
+    backfill_run,
+    kill_switch_set,
+    phase_advance,
+    phase_rollback,
+    reconciliation_run,
+)
+from ledger.exceptions import LedgerError
+
+PHASES = [phase.value for phase in ORDER]
+
+
+def percent(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 100:
+        raise ValueError(value)
+    return number
+
+
+def positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+class Command(BaseCommand):
+    help = (
+        "The migration's controls: status, gates, advance, rollback, backfill, reconcile, "
+        "killswitch. Every change is checked, audited and attributed to the OS user."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+        status = sub.add_parser("status", help="phase, flags, kill switch, discrepancies")
+        status.add_argument("--json", action="store_true", help="print JSON")
+        gates = sub.add_parser("gates", help="evaluate the gate to the next phase, change nothing")
+        gates.add_argument("--json", action="store_true", help="print JSON")
+
+        advance = sub.add_parser(
+            "advance",
+            help="move to the next phase when its gate is met; in read_switch, "
+            "`--to read_switch --percent N` raises the share of reads served by the ledger",
+        )
+        advance.add_argument("--to", required=True, choices=PHASES, help="the next phase")
+        advance.add_argument(
+            "--percent",
+            type=percent,
+            default=1,
+            help="read_switch only: percentage of users reading from the ledger, 1..100 (1)",
+        )
+        advance.add_argument(
+            "--force", action="store_true", help="advance although the gate is not met"
+        )
+        advance.add_argument("--reason", default="", help="why (required with --force)")
+        advance.add_argument("--json", action="store_true", help="print the audit record as JSON")
+
+        rollback = sub.add_parser("rollback", help="emergency rollback to legacy in one step")
+        rollback.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+        rollback.add_argument("--json", action="store_true", help="print the audit record as JSON")
+
+        backfill = sub.add_parser(
+            "backfill",
+            help="open ledger accounts with opening balances from the legacy balances "
+            "(chunked, resumable, safe while mutations flow)",
+        )
+        backfill.add_argument(
+            "--chunk-size", type=positive, default=500, help="users per transaction (500)"
+        )
+        backfill.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+        reconcile = sub.add_parser(
+            "reconcile", help="compare every user's legacy and ledger balance; record differences"
+        )
+        reconcile.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+        killswitch = sub.add_parser("killswitch", help="stop or resume every money mutation")
+        killswitch.add_argument("state", choices=["on", "off"], help="on stops, off resumes")
+        killswitch.add_argument("--reason", required=True, help="why (recorded)")
+
+    def handle(self, *args, **options) -> None:
+        self.console = Console(file=self.stdout._out, quiet=options.get("json", False))
+        action = options["action"]
+        try:
+            getattr(self, f"_{action}")(options)
+        except GateNotMet as exc:
+            if options.get("json"):
+                self.stdout.write(json.dumps(exc.evidence, indent=2))
+            raise CommandError(str(exc)) from None
+        except (CutoverError, LedgerError) as exc:
+            raise CommandError(str(exc)) from None
+
+    def _emit(self, options, data: dict, table: Table | None = None) -> None:
+        if options.get("json"):
+            self.stdout.write(json.dumps(data, indent=2, default=str))
+        elif table is not None:
+            self.console.print(table)
+
+    def _status(self, options) -> None:
+        state = phase_state()
+        stats = ledger_write_stats(state.entered_at)
+        data = {
+            "phase": state.phase,
+            "entered_at": state.entered_at.isoformat(),
+            "read_percent": state.read_percent,
+            "flags": flags_of(state.phase),
+            "kill_switch": state.kill_switch,
+            "kill_switch_reason": state.kill_switch_reason,
+            "open_discrepancies": open_discrepancy_count(),
+            "ledger_writes_in_phase": {k: v for k, v in stats.items() if k != "success_rate"},
+            "ledger_write_success_rate": stats["success_rate"],
+            "next_phase": next_phase(state.phase),
+        }
+        table = Table(title="cutover status", show_header=False)
+        for key, value in data.items():
+            table.add_row(key.replace("_", " "), str(value))
+        self._emit(options, data, table)
+
+    def _gates(self, options) -> None:
+        state = phase_state()
+        target = next_phase(state.phase)
+        if target is None:
+            raise CommandError("cutover is terminal: there is no next gate")
+        gate = gate_evaluate(state, target)
+        table = Table(
+            title=f"gate {state.phase} -> {target}: {'MET' if gate.passed else 'NOT MET'}"
+        )
+        for column in ("check", "required", "actual", "ok"):
+            table.add_column(column)
+        for check in gate.checks:
+            table.add_row(check.name, check.required, check.actual, "yes" if check.ok else "NO")
+        self._emit(options, gate.as_evidence(), table)
+
+    def _advance(self, options) -> None:
+        audit = phase_advance(
+            to=options["to"],
+            actor=Actor.command_line(),
+            reason=options["reason"],
+            force=options["force"],
+            read_percent=options["percent"],
+        )
+        self._audited(options, audit)
+
+    def _rollback(self, options) -> None:
+        audit = phase_rollback(actor=Actor.command_line(), reason=options["reason"])
+        self._audited(options, audit)
+
+    def _killswitch(self, options) -> None:
+        audit = kill_switch_set(
+            engaged=options["state"] == "on", actor=Actor.command_line(), reason=options["reason"]
+        )
+        self._audited(options, audit)
+
+    def _audited(self, options, audit) -> None:
+        data = {
+            "audit_id": audit.pk,
+            "action": audit.action,
+            "from": audit.from_phase,
+            "to": audit.to_phase,
+            "actor": audit.actor,
+            "reason": audit.reason,
+            "evidence": audit.evidence,
+        }
+        if options.get("json"):
+            self._emit(options, data)
+        else:
+            self.console.print(
+                f"{audit.action}: {audit.from_phase} -> {audit.to_phase} by {audit.actor} "
+                f"(audit #{audit.pk})"
+            )
+
+    def _backfill(self, options) -> None:
+        total = backfill_pending()
+        with Progress(
+            TextColumn("backfill"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+        ) as progress:
+            task = progress.add_task("backfill", total=total)
+            result = backfill_run(
+                chunk_size=options["chunk_size"],
+                on_progress=lambda done: progress.update(task, completed=done),
+            )
+        data = {
+            "users_pending_at_start": total,
+            "users_examined": result.users_examined,
+            "postings": result.postings,
+            "amount": str(result.amount),
+            "users_pending_now": backfill_pending(),
+        }
+        table = Table(title="backfill", show_header=False)
+        for key, value in data.items():
+            table.add_row(key.replace("_", " "), str(value))
+        self._emit(options, data, table)
+
+    def _reconcile(self, options) -> None:
+        result = reconciliation_run(triggered_by=Actor.command_line().name)
+        data = {
+            "run_id": result.run_id,
+            "phase": result.phase,
+            "users_checked": result.users_checked,
+            "differences": result.differences,
+            "new_discrepancies": result.new_discrepancies,
+            "resolved": result.resolved,
+            "legacy_total": str(result.legacy_total),
+            "ledger_total": str(result.ledger_total),
+            "seconds": round(result.seconds, 3),
+            "clean": result.clean,
+        }
+        table = Table(title="reconciliation", show_header=False)
+        for key, value in data.items():
+            table.add_row(key.replace("_", " "), str(value))
+        self._emit(options, data, table)
