@@ -41,3 +41,11 @@ class NotApplicable(CutoverError):
 
 class ReconciliationBusy(CutoverError):
     """Another reconciliation holds the single-leader lock."""
+
+
+class IdempotencyKeyReused(CutoverError):
+    """The Idempotency-Key was used before with a different request."""
+
+
+class IdempotencyKeyInFlight(CutoverError):
+    """A request with this Idempotency-Key is still being processed."""

@@ -238,3 +238,52 @@ class StrictFailure(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.reference}: {self.error}"
+
+
+class ApiClient(models.Model):
+    """A caller of the balance API. `user_id` set: the client may only read and move that
+    user's balance; empty: a service client for any user. Only the token's hash is stored."""
+
+    name = models.CharField(max_length=100, unique=True)
+    token_sha256 = models.CharField(max_length=64, unique=True)
+    user_id = models.UUIDField(null=True, blank=True)
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        db_table = "cutover_api_clients"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class IdempotencyStatus(models.TextChoices):
+    IN_FLIGHT = "in_flight", "In flight"
+    COMPLETED = "completed", "Completed"
+
+
+class IdempotencyRecord(models.Model):
+    """One Idempotency-Key of one client: the request's hash and, once done, its response."""
+
+    client = models.ForeignKey(ApiClient, on_delete=models.CASCADE)
+    key = models.CharField(max_length=255)
+    request_sha256 = models.CharField(max_length=64)
+    status = models.CharField(max_length=12, choices=IdempotencyStatus.choices)
+    response_status = models.PositiveSmallIntegerField(null=True)
+    response_body = models.JSONField(null=True)
+    locked_until = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+    created_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        db_table = "cutover_idempotency_keys"
+        constraints = [
+            models.UniqueConstraint(fields=["client", "key"], name="cutover_idempotency_uniq_key"),
+            models.CheckConstraint(
+                condition=Q(status__in=IdempotencyStatus.values),
+                name="cutover_idempotency_chk_status",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.client_id}:{self.key}"

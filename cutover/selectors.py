@@ -13,6 +13,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from cutover.models import (
+    ApiClient,
     BalanceMutation,
     Discrepancy,
     DiscrepancyStatus,
@@ -31,6 +32,14 @@ READ_LATENCY_SAMPLE = 200
 def user_account_type(currency: str) -> str:
     """The ledger account type that mirrors a legacy balance in `currency`."""
     return f"{currency.lower()}_balance"
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def api_client_authenticate(*, token: str) -> ApiClient | None:
+    return ApiClient.objects.filter(token_sha256=token_digest(token), active=True).first()
 
 
 def phase_state() -> PhaseState:

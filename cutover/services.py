@@ -7,10 +7,12 @@ mutations in flight, and no mutation starts under the old state once a flip has 
 Within a mutation the user's legacy row is locked first, then (by the ledger) the accounts.
 """
 
+import secrets
 from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID
 
+from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
@@ -18,6 +20,8 @@ from cutover import metrics
 from cutover.actors import Actor
 from cutover.exceptions import (
     GateNotMet,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
     KillSwitchEngaged,
     MutationConflict,
     NotApplicable,
@@ -27,10 +31,13 @@ from cutover.exceptions import (
     TransitionRefused,
 )
 from cutover.models import (
+    ApiClient,
     AuditAction,
     BalanceMutation,
     Direction,
     DiscrepancySource,
+    IdempotencyRecord,
+    IdempotencyStatus,
     LedgerStatus,
     PhaseAudit,
     PhaseState,
@@ -51,6 +58,7 @@ from cutover.selectors import (
     equality_proof,
     gate_evaluate,
     phase_state,
+    token_digest,
     user_account_type,
 )
 from ledger.exceptions import InsufficientFunds, LedgerError
@@ -731,3 +739,66 @@ def _backfill_user(user_id: UUID, legacy: Decimal, currency: str) -> Decimal:
         metadata={"user_id": str(user_id), "legacy_balance": str(legacy)},
     )
     return difference
+
+
+# --- balance API clients and idempotency keys -------------------------------------------------
+
+
+def api_client_create(*, name: str, user_id: UUID | None = None) -> tuple[ApiClient, str]:
+    """A new API client and its bearer token (shown once; only its hash is stored)."""
+    token = secrets.token_urlsafe(32)
+    client = ApiClient.objects.create(name=name, token_sha256=token_digest(token), user_id=user_id)
+    return client, token
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    record: IdempotencyRecord | None  # set: this request owns the key and must complete it
+    replay_status: int | None = None
+    replay_body: dict | None = None
+
+
+def idempotency_claim(*, client: ApiClient, key: str, request_sha256: str) -> IdempotencyClaim:
+    """Claim `key` for this request in a short transaction of its own, so a concurrent duplicate
+    sees it at once: a finished request is replayed, one in flight is refused (409), the same
+    key with another request is refused (422). An expired key starts afresh; a claim whose
+    holder died is taken over after IDEMPOTENCY_LOCK_TIMEOUT (the journal reference keeps the
+    mutation itself exactly-once)."""
+    now = timezone.now()
+    with transaction.atomic(durable=True):
+        IdempotencyRecord.objects.filter(client=client, key=key, expires_at__lte=now).delete()
+        record, created = IdempotencyRecord.objects.get_or_create(
+            client=client,
+            key=key,
+            defaults={
+                "request_sha256": request_sha256,
+                "status": IdempotencyStatus.IN_FLIGHT,
+                "locked_until": now + settings.IDEMPOTENCY_LOCK_TIMEOUT,
+                "expires_at": now + settings.IDEMPOTENCY_KEY_TTL,
+            },
+        )
+        if created:
+            return IdempotencyClaim(record)
+        record = IdempotencyRecord.objects.select_for_update().get(pk=record.pk)
+        if record.request_sha256 != request_sha256:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was used with a different request; use a new key"
+            )
+        if record.status == IdempotencyStatus.COMPLETED:
+            return IdempotencyClaim(None, record.response_status, record.response_body)
+        if record.locked_until > now:
+            raise IdempotencyKeyInFlight("a request with this Idempotency-Key is in flight")
+        record.locked_until = now + settings.IDEMPOTENCY_LOCK_TIMEOUT
+        record.save(update_fields=["locked_until"])
+        return IdempotencyClaim(record)
+
+
+def idempotency_complete(*, record: IdempotencyRecord, status: int, body: dict) -> None:
+    IdempotencyRecord.objects.filter(pk=record.pk).update(
+        status=IdempotencyStatus.COMPLETED, response_status=status, response_body=body
+    )
+
+
+def idempotency_release(*, record: IdempotencyRecord) -> None:
+    """Forget a claim whose request failed in a retryable way (nothing was applied)."""
+    IdempotencyRecord.objects.filter(pk=record.pk, status=IdempotencyStatus.IN_FLIGHT).delete()

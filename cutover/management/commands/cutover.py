@@ -1,6 +1,7 @@
 """`python manage.py cutover ...`: the operators' controls of the migration."""
 
 import json
+import uuid
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.console import Console
@@ -9,6 +10,7 @@ from rich.table import Table
 
 from cutover.actors import Actor
 from cutover.exceptions import CutoverError, GateNotMet
+from cutover.models import ApiClient
 from cutover.phases import ORDER, flags_of, next_phase
 from cutover.selectors import (
     gate_evaluate,
@@ -17,6 +19,7 @@ from cutover.selectors import (
     phase_state,
 )
 from cutover.services import (
+    api_client_create,
     backfill_pending,
     backfill_run,
     kill_switch_set,
@@ -93,6 +96,18 @@ class Command(BaseCommand):
         )
         reconcile.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+        client = sub.add_parser(
+            "client", help="create a balance API client and print its bearer token once"
+        )
+        client.add_argument("--name", required=True, help="a unique name for the caller")
+        client.add_argument(
+            "--user-id",
+            type=uuid.UUID,
+            default=None,
+            help="restrict the client to this user's balance (default: any user)",
+        )
+        client.add_argument("--json", action="store_true", help="print JSON")
+
         killswitch = sub.add_parser("killswitch", help="stop or resume every money mutation")
         killswitch.add_argument("state", choices=["on", "off"], help="on stops, off resumes")
         killswitch.add_argument("--reason", required=True, help="why (recorded)")
@@ -163,6 +178,18 @@ class Command(BaseCommand):
     def _rollback(self, options) -> None:
         audit = phase_rollback(actor=Actor.command_line(), reason=options["reason"])
         self._audited(options, audit)
+
+    def _client(self, options) -> None:
+        if ApiClient.objects.filter(name=options["name"]).exists():
+            raise CommandError(f"--name: a client named {options['name']!r} already exists")
+        client, token = api_client_create(name=options["name"], user_id=options["user_id"])
+        data = {"name": client.name, "user_id": client.user_id, "token": token}
+        if options.get("json"):
+            self._emit(options, data)
+        else:
+            scope = f"user {client.user_id}" if client.user_id else "any user"
+            self.console.print(f"client {client.name} ({scope}); bearer token (shown once):")
+            self.stdout.write(token)
 
     def _killswitch(self, options) -> None:
         audit = kill_switch_set(
