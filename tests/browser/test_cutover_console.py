@@ -1,0 +1,83 @@
+"""The cutover console in Chromium: the kill switch with its confirmation, and resolving a
+discrepancy with a note; both land in the audit trail / the row, attributed to the operator."""
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from playwright.sync_api import expect
+
+from cutover.models import Discrepancy, PhaseAudit, PhaseState
+from tests.browser.test_ledger_console import browser_page  # noqa: F401 (fixture)
+from tests.cutover.factories import legacy_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def login(page, live_server, username: str) -> None:
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", "a-long-password-1")
+    page.click("input[type=submit]")
+    expect(page.locator("#site-name")).to_be_visible()
+
+
+def test_kill_switch_needs_confirmation_and_a_reason(live_server, browser_page, tmp_path):  # noqa: F811
+    User.objects.create_superuser("operator", "op@example.com", "a-long-password-1")
+    page = browser_page
+    login(page, live_server, "operator")
+    page.goto(f"{live_server.url}/admin/cutover/phasestate/1/change/")
+    expect(page.locator("body")).to_contain_text("USE_LEDGER_INTEGRATION=False")
+    page.click("#kill-switch-link")
+    expect(page.locator("h1")).to_have_text("Engage the kill switch")
+    page.click("#confirm")  # no reason: the browser does not submit the form
+    expect(page.locator("#id_reason:invalid")).to_have_count(1)
+    expect(page.locator("h1")).to_have_text("Engage the kill switch")
+    assert not PhaseState.objects.get(pk=1).kill_switch
+    page.fill("#id_reason", "payments incident 17")
+    page.screenshot(path=str(tmp_path / "kill-switch-confirm.png"))
+    page.click("#confirm")
+    expect(page.locator(".messagelist")).to_contain_text("Kill switch engaged")
+    state = PhaseState.objects.get(pk=1)
+    assert state.kill_switch and state.kill_switch_reason == "payments incident 17"
+    audit = PhaseAudit.objects.get(action="kill_switch_on")
+    assert audit.actor == "admin:operator"
+
+
+def test_operator_without_permission_is_refused(live_server, browser_page):  # noqa: F811
+    user = User.objects.create_user("viewer", password="a-long-password-1", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_phasestate"))
+    page = browser_page
+    login(page, live_server, "viewer")
+    page.goto(f"{live_server.url}/admin/cutover/phasestate/1/change/")
+    page.click("#kill-switch-link")
+    page.fill("#id_reason", "trying")
+    page.click("#confirm")
+    expect(page.locator(".messagelist")).to_contain_text("lacks the permission")
+    assert not PhaseState.objects.get(pk=1).kill_switch
+    assert not PhaseAudit.objects.filter(action="kill_switch_on").exists()
+
+
+def test_discrepancy_resolved_with_a_note(live_server, browser_page):  # noqa: F811
+    User.objects.create_superuser("operator", "op@example.com", "a-long-password-1")
+    user_id = legacy_user("5")
+    Discrepancy.objects.create(
+        user_id=user_id,
+        currency="USDC",
+        legacy_balance=5,
+        ledger_balance=4,
+        difference=1,
+        source="reconciliation",
+        phase="shadow",
+    )
+    page = browser_page
+    login(page, live_server, "operator")
+    page.goto(f"{live_server.url}/admin/cutover/discrepancy/?status__exact=open")
+    page.check("input.action-select")
+    page.select_option("select[name=action]", "resolve")
+    page.click("button[name=index]")
+    page.fill("#id_note", "legacy corrected by support ticket 881")
+    page.click("#confirm")
+    expect(page.locator(".messagelist")).to_contain_text("1 discrepancies resolved")
+    discrepancy = Discrepancy.objects.get()
+    assert discrepancy.status == "resolved"
+    assert discrepancy.resolved_by == "admin:operator"
+    assert discrepancy.resolution_note == "legacy corrected by support ticket 881"
