@@ -167,3 +167,9 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_BEAT_SCHEDULE = {
+    "cutover-reconcile": {
+        "task": "cutover.reconcile",
+        "schedule": CUTOVER_RECONCILE_INTERVAL.total_seconds(),
+    },
+}

@@ -1,0 +1,30 @@
+"""Celery tasks of the cutover: thin shells over the services."""
+
+import logging
+
+from celery import shared_task
+
+from cutover.exceptions import NotApplicable, ReconciliationBusy
+from cutover.services import reconciliation_run
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name="cutover.reconcile")
+def reconciliation_task() -> dict:
+    """The periodic full reconciliation. Any number of beat replicas and workers may fire it:
+    the advisory lock in reconciliation_run lets one run at a time, the others skip."""
+    try:
+        result = reconciliation_run(triggered_by="celery")
+    except (ReconciliationBusy, NotApplicable) as exc:
+        log.info("reconciliation skipped: %s", exc)
+        return {"skipped": str(exc)}
+    log.info(
+        "reconciliation run %s: %s users, %s differences, %s new, %s resolved",
+        result.run_id,
+        result.users_checked,
+        result.differences,
+        result.new_discrepancies,
+        result.resolved,
+    )
+    return {"run_id": result.run_id, "differences": result.differences}
