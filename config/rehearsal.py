@@ -1,182 +1,337 @@
-"""The rehearsal: synthetic users and traffic driven through the one posting path from several
-processes, then every invariant checked. Later phases of the product extend it to the rollout."""
+"""The rehearsal: a whole rollout on synthetic users and live traffic, in a scratch database.
+
+legacy users with balances -> backfill under traffic -> shadow (with one injected drift that
+reconciliation must catch and the gate must block on) -> read_switch 1/10/50/100 % -> strict ->
+cutover -> rollback drill; every gate's evidence and every invariant in the report.
+"""
 
 import multiprocessing
 import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import connection
-from django.db.models import Min, Sum
+from django.utils import timezone
 
 from config.runtime import latency_summary, processes_run
+from cutover.actors import Actor
+from cutover.exceptions import GateNotMet, KillSwitchEngaged, StrictLedgerFailure
+from cutover.phases import Phase
+from cutover.selectors import open_discrepancy_count, phase_state, store_differences, store_totals
+from cutover.services import (
+    backfill_run,
+    balance_credit,
+    balance_debit,
+    phase_advance,
+    phase_rollback,
+    reconciliation_run,
+)
 from ledger.exceptions import InsufficientFunds
-from ledger.models import Account
-from ledger.selectors import ledger_integrity_checks, system_account
-from ledger.services import Leg, account_open, opening_balance_post, transaction_post
+from ledger.selectors import ledger_integrity_checks
 
-CURRENCY = "USDC"
-USER_ACCOUNT_TYPE = "usdc_balance"
 CENT = Decimal("0.01")
+ACTOR = Actor("rehearsal")
+# Gates wait 48-72 h in production; the rehearsal shows the same gates with seconds.
+REHEARSAL_MIN_DURATION = timedelta(seconds=1)
 
-# Shared with forked workers: how many operations all of them have finished.
-_progress = None
+_progress = None  # shared with forked workers: operations finished
 
 
 @dataclass
-class WorkerReport:
-    postings: int = 0
+class Traffic:
+    operations: int = 0
+    applied: int = 0
     replays: int = 0
     refused_overdrafts: int = 0
+    refused_other: int = 0
     credited: Decimal = Decimal(0)
     debited: Decimal = Decimal(0)
     latencies_ms: list[float] = field(default_factory=list)
 
+    def add(self, other: "Traffic") -> None:
+        for name in ("operations", "applied", "replays", "refused_overdrafts", "refused_other"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.credited += other.credited
+        self.debited += other.debited
+        self.latencies_ms += other.latencies_ms
 
-def _amount(rng: random.Random, upto: int) -> Decimal:
-    return Decimal(rng.randint(1, upto * 100)) * CENT
 
-
-def traffic_worker(namespace: str, worker: int, account_ids: list[int], operations: int, seed: int):
-    """Random transfers, credits and debits among the run's users; about one in twenty is a
-    duplicate delivery of an earlier posting, which must come back as a replay."""
-    rng = random.Random(seed * 1000 + worker)
-    accounts = Account.objects.in_bulk(account_ids)
-    deposits = system_account(code="deposits_clearing_usdc")
-    withdrawals = system_account(code="withdrawals_clearing_usdc")
-    report = WorkerReport()
-    sent: list[tuple[str, str, list[Leg]]] = []
+def traffic_worker(stage: str, worker: int, user_ids: list, operations: int, seed: int):
+    """Random credits and debits through the balance path; one in twenty is a duplicate
+    delivery of an earlier mutation, which must be applied once."""
+    rng = random.Random(f"{seed}-{stage}-{worker}")
+    traffic, sent = Traffic(), []
     for index in range(operations):
         if sent and rng.random() < 0.05:
-            reference, kind, legs = rng.choice(sent)
+            reference, user, credit, amount = rng.choice(sent)
         else:
-            reference = f"w{worker}-{index}"
-            roll = rng.random()
-            user, other = (accounts[pk] for pk in rng.sample(account_ids, 2))
-            if roll < 0.5:
-                amount = _amount(rng, 300)
-                kind, legs = "transfer", [Leg.debit(user, amount), Leg.credit(other, amount)]
-            elif roll < 0.75:
-                amount = _amount(rng, 200)
-                kind, legs = "credit", [Leg.debit(deposits, amount), Leg.credit(user, amount)]
-            else:
-                amount = _amount(rng, 150)
-                kind, legs = "debit", [Leg.debit(user, amount), Leg.credit(withdrawals, amount)]
+            reference = f"{stage}-{worker}-{index}"
+            user, credit = rng.choice(user_ids), rng.random() < 0.55
+            amount = Decimal(rng.randint(1, 20000)) * CENT
         started = time.perf_counter()
         try:
-            result = transaction_post(
-                namespace=namespace, reference_id=reference, kind=kind, legs=legs
-            )
+            mutate = balance_credit if credit else balance_debit
+            result = mutate(user_id=user, amount=amount, reference=reference, reason="rehearsal")
         except InsufficientFunds:
-            report.refused_overdrafts += 1
+            traffic.refused_overdrafts += 1
+        except (KillSwitchEngaged, StrictLedgerFailure):
+            traffic.refused_other += 1
         else:
-            report.latencies_ms.append((time.perf_counter() - started) * 1000)
+            traffic.latencies_ms.append((time.perf_counter() - started) * 1000)
             if result.created:
-                report.postings += 1
-                sent.append((reference, kind, legs))
-                if kind == "credit":
-                    report.credited += legs[0].amount
-                elif kind == "debit":
-                    report.debited += legs[0].amount
+                traffic.applied += 1
+                sent.append((reference, user, credit, amount))
+                if credit:
+                    traffic.credited += amount
+                else:
+                    traffic.debited += amount
             else:
-                report.replays += 1
+                traffic.replays += 1
+        traffic.operations += 1
         with _progress.get_lock():
             _progress.value += 1
     connection.close()
-    return report
+    return traffic
 
 
-def users_open(
-    namespace: str, users: int, rng: random.Random, on_user=None
-) -> tuple[list[int], Decimal]:
-    """N synthetic users, each with an account and an opening balance posted against
-    opening-balance equity. Returns their account ids and the opening total."""
-    account_ids, total = [], Decimal(0)
-    for index in range(users):
-        account = account_open(
-            # New users every run: a rehearsal never reuses an earlier run's accounts.
-            user_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{namespace}/user/{index}"),
-            account_type=USER_ACCOUNT_TYPE,
-            currency=CURRENCY,
+def backfill_worker(chunk_size: int):
+    result = backfill_run(chunk_size=chunk_size)
+    connection.close()
+    return result
+
+
+def _role(name: str, *args):
+    return {"traffic": traffic_worker, "backfill": backfill_worker}[name](*args)
+
+
+@dataclass
+class Stage:
+    name: str
+    phase: str
+    traffic: Traffic
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        t = self.traffic
+        return {
+            "stage": self.name,
+            "phase": self.phase,
+            "operations": t.operations,
+            "applied": t.applied,
+            "replays": t.replays,
+            "refused_overdrafts": t.refused_overdrafts,
+            "refused_other": t.refused_other,
+            "mutations_per_second": round(t.applied / self.seconds, 1) if self.seconds else 0.0,
+            **latency_summary(t.latencies_ms),
+            "notes": self.notes,
+        }
+
+
+class Rehearsal:
+    def __init__(self, *, users: int, workers: int, operations: int, seed: int, on_progress):
+        self.users, self.workers, self.operations, self.seed = users, workers, operations, seed
+        self.on_progress = on_progress  # (stage name, done, total) -> None
+        self.stages: list[Stage] = []
+        self.gates: list[dict] = []
+        self.total = Traffic()
+        self.opening_total = Decimal(0)
+        self.user_ids: list[uuid.UUID] = []
+
+    def run(self) -> dict:
+        for name in (
+            "CUTOVER_SHADOW_MIN_DURATION",
+            "CUTOVER_READ_SWITCH_MIN_DURATION",
+            "CUTOVER_STRICT_MIN_DURATION",
+        ):
+            setattr(settings, name, REHEARSAL_MIN_DURATION)
+        if phase_state().phase != Phase.LEGACY:
+            phase_rollback(actor=ACTOR, reason="the rehearsal starts from legacy")
+        self._legacy_users()
+        self._traffic("legacy", with_backfill=True)
+        backfill_run()  # catch up with what the legacy traffic changed meanwhile
+        self._advance(Phase.SHADOW, "backfill verified")
+        self._traffic("shadow")
+        self._drift_drill()
+        for percent in (1, 10, 50, 100):
+            if percent == 1:
+                self._advance(Phase.READ_SWITCH, "shadow clean", read_percent=1)
+            else:
+                self._advance(
+                    Phase.READ_SWITCH, f"raise reads to {percent} %", read_percent=percent
+                )
+            self._traffic(f"read_switch {percent}%", share=4)
+        self._reconcile("read_switch")
+        self._advance(Phase.STRICT, "read_switch clean at 100 %")
+        self._traffic("strict")
+        self._reconcile("strict")
+        self._advance(Phase.CUTOVER, "strict clean")
+        self._traffic("cutover")
+        self._rollback_drill()
+        return self._report()
+
+    def _legacy_users(self) -> None:
+        """N users in the legacy store only, as the old system has them."""
+        rng = random.Random(self.seed)
+        rows = [
+            (uuid.UUID(int=rng.getrandbits(128), version=4), Decimal(rng.randint(0, 200000)) * CENT)
+            for _ in range(self.users)
+        ]
+        with connection.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO balances (user_id, buying_power, currency) VALUES (%s, %s, 'USDC')",
+                rows,
+            )
+        self.user_ids = [user for user, _ in rows]
+        self.opening_total = sum((amount for _, amount in rows), Decimal(0))
+
+    def _traffic(self, name: str, with_backfill: bool = False, share: int = 1) -> None:
+        global _progress
+        _progress = multiprocessing.get_context("fork").Value("q", 0)
+        operations = max(self.workers, self.operations // share)
+        per_worker = operations // self.workers
+        jobs = [
+            ("traffic", name, w, self.user_ids, per_worker, self.seed) for w in range(self.workers)
+        ]
+        if with_backfill:
+            jobs.append(("backfill", 50))
+        started = time.perf_counter()
+        results = processes_run(
+            _role,
+            jobs,
+            on_tick=lambda: self.on_progress(name, _progress.value, per_worker * self.workers),
         )
-        amount = _amount(rng, 1000)
-        opening_balance_post(namespace=namespace, account=account, amount=amount)
-        account_ids.append(account.pk)
-        total += amount
-        if on_user:
-            on_user(index + 1)
-    return account_ids, total
+        seconds = time.perf_counter() - started
+        traffic = Traffic()
+        for result in results[: self.workers]:
+            traffic.add(result)
+        self.total.add(traffic)
+        stage = Stage(name, phase_state().phase, traffic, seconds)
+        if with_backfill:
+            stage.notes.append(
+                f"backfill ran under this traffic: {results[-1].postings} opening postings"
+            )
+        self.stages.append(stage)
 
+    def _advance(self, to: Phase, reason: str, read_percent: int = 1) -> None:
+        before = phase_state()
+        if before.phase != to:  # the gate's time in phase: wait it out, as an operator would
+            ready_at = before.entered_at + REHEARSAL_MIN_DURATION
+            time.sleep(max(0.0, (ready_at - timezone.now()).total_seconds()))
+        audit = phase_advance(to=to, actor=ACTOR, reason=reason, read_percent=read_percent)
+        self.gates.append(
+            {
+                "transition": f"{before.phase} -> {to.value}"
+                + (f" ({read_percent} %)" if to == Phase.READ_SWITCH else ""),
+                "result": audit.action,
+                "evidence": audit.evidence,
+            }
+        )
 
-def traffic_run(
-    namespace, account_ids, workers, operations, seed, on_tick=None
-) -> tuple[WorkerReport, float]:
-    global _progress
-    _progress = multiprocessing.get_context("fork").Value("q", 0)
-    per_worker = [
-        operations // workers + (1 if w < operations % workers else 0) for w in range(workers)
-    ]
-    started = time.perf_counter()
-    reports = processes_run(
-        traffic_worker,
-        [(namespace, w, account_ids, per_worker[w], seed) for w in range(workers)],
-        on_tick=(lambda: on_tick(_progress.value)) if on_tick else None,
-    )
-    seconds = time.perf_counter() - started
-    total = WorkerReport()
-    for report in reports:
-        total.postings += report.postings
-        total.replays += report.replays
-        total.refused_overdrafts += report.refused_overdrafts
-        total.credited += report.credited
-        total.debited += report.debited
-        total.latencies_ms += report.latencies_ms
-    return total, seconds
+    def _reconcile(self, label: str):
+        result = reconciliation_run(triggered_by="rehearsal")
+        self.stages[-1].notes.append(
+            f"reconciliation after {label}: {result.users_checked} users, "
+            f"{result.differences} differences, {result.seconds * 1000:.0f} ms"
+        )
+        return result
 
+    def _drift_drill(self) -> None:
+        """An out-of-band write to the legacy table: reconciliation must find it and the gate
+        must refuse to move on until it is repaired."""
+        victim = self.user_ids[len(self.user_ids) // 2]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE balances SET buying_power = buying_power + 0.01 WHERE user_id = %s",
+                [victim],
+            )
+        found = self._reconcile("injected drift")
+        notes = self.stages[-1].notes
+        notes.append(f"drift injected on user {victim}: {found.differences} difference found")
+        try:
+            phase_advance(to=Phase.READ_SWITCH, actor=ACTOR, reason="should be blocked")
+        except GateNotMet as exc:
+            self.gates.append(
+                {
+                    "transition": "shadow -> read_switch",
+                    "result": "blocked",
+                    "evidence": exc.evidence,
+                }
+            )
+        else:
+            raise AssertionError("the gate let a known discrepancy through")
+        with connection.cursor() as cursor:  # the operator repairs the legacy row
+            cursor.execute(
+                "UPDATE balances SET buying_power = buying_power - 0.01 WHERE user_id = %s",
+                [victim],
+            )
+        repaired = self._reconcile("repair")
+        notes.append(f"repaired: {repaired.resolved} discrepancy resolved by reconciliation")
+        self.drift_found = found.differences
 
-def invariants_check(
-    account_ids: list[int], opening_total: Decimal, report: WorkerReport
-) -> list[dict]:
-    """The ledger's own checks plus conservation of the run's money."""
-    checks = [
-        {
-            "name": c.name,
-            "description": c.description,
-            "ok": c.ok,
-            "detail": c.problems[:5],
-            "checked": c.checked,
+    def _rollback_drill(self) -> None:
+        audit = phase_rollback(actor=ACTOR, reason="rollback drill")
+        differing, _ = store_differences(limit=0)
+        self.gates.append(
+            {
+                "transition": "cutover -> legacy (drill)",
+                "result": audit.action,
+                "evidence": audit.evidence,
+            }
+        )
+        self.rollback_differences = differing
+
+    def _report(self) -> dict:
+        totals = store_totals()
+        expected = self.opening_total + self.total.credited - self.total.debited
+        checks = [
+            {
+                "name": c.name,
+                "ok": c.ok,
+                "detail": "; ".join(c.problems[:3]) or f"{c.checked} checked",
+            }
+            for c in ledger_integrity_checks()
+        ]
+        checks += [
+            {
+                "name": "drift_caught",
+                "ok": self.drift_found == 1,
+                "detail": f"{self.drift_found} difference found for 1 injected",
+            },
+            {
+                "name": "conservation",
+                "ok": Decimal(totals["legacy_total"])
+                == expected
+                == Decimal(totals["ledger_total"]),
+                "detail": f"legacy {totals['legacy_total']}, ledger {totals['ledger_total']}, "
+                f"expected {expected}",
+            },
+            {
+                "name": "rollback_rebuilt_legacy",
+                "ok": self.rollback_differences == 0,
+                "detail": f"{self.rollback_differences} users differ after the drill",
+            },
+            {
+                "name": "no_open_discrepancies",
+                "ok": open_discrepancy_count() == 0,
+                "detail": f"{open_discrepancy_count()} open",
+            },
+        ]
+        return {
+            "users": self.users,
+            "workers": self.workers,
+            "stages": [stage.as_dict() for stage in self.stages],
+            "gates": self.gates,
+            "all_traffic": {
+                "operations": self.total.operations,
+                "applied": self.total.applied,
+                "replays": self.total.replays,
+                **latency_summary(self.total.latencies_ms),
+            },
+            "invariants": checks,
+            "ok": all(check["ok"] for check in checks),
         }
-        for c in ledger_integrity_checks()
-    ]
-    users = Account.objects.filter(pk__in=account_ids).aggregate(
-        total=Sum("balance"), low=Min("balance")
-    )
-    expected = opening_total + report.credited - report.debited
-    checks.append(
-        {
-            "name": "conservation",
-            "description": "users' balances = opening balances + credits - debits, exactly",
-            "ok": users["total"] == expected,
-            "detail": [f"ledger {users['total']}, expected {expected}"],
-            "checked": len(account_ids),
-        }
-    )
-    checks.append(
-        {
-            "name": "no_negative_user_balance",
-            "description": "no user balance is below zero",
-            "ok": users["low"] >= 0,
-            "detail": [f"lowest user balance {users['low']}"],
-            "checked": len(account_ids),
-        }
-    )
-    return checks
-
-
-def latency_figures(report: WorkerReport, seconds: float) -> dict:
-    return {
-        "postings_per_second": round(report.postings / seconds, 1) if seconds else 0.0,
-        **latency_summary(report.latencies_ms),
-    }

@@ -2,6 +2,7 @@
 worker processes and latency statistics."""
 
 import multiprocessing
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, wait
 from contextlib import contextmanager
@@ -9,7 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from config import embedded_db
 
@@ -26,6 +27,37 @@ def database_ready(say: Callable[[str], None]) -> Iterator[str]:
     else:
         call_command("migrate", interactive=False, verbosity=0)
         yield settings.DATABASE_URL
+
+
+class ScratchDatabaseError(RuntimeError):
+    pass
+
+
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new database beside the configured one, migrated, used by this process (and the ones
+    it forks) for the duration of the block, then dropped. Nothing else on the server is
+    touched. Needs the CREATEDB privilege."""
+    default = connections["default"]
+    original = default.settings_dict["NAME"]
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    try:
+        with default.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+    except DatabaseError as exc:
+        raise ScratchDatabaseError(
+            f"cannot create the scratch database {name} (needs CREATEDB): {exc}"
+        ) from None
+    connections.close_all()
+    default.settings_dict["NAME"] = name
+    try:
+        call_command("migrate", interactive=False, verbosity=0)
+        yield name
+    finally:
+        connections.close_all()
+        default.settings_dict["NAME"] = original
+        with default.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def processes_run(

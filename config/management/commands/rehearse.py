@@ -1,24 +1,25 @@
-"""`python manage.py rehearse`: the whole product rehearsed on synthetic users and traffic."""
+"""`python manage.py rehearse`: a whole rollout rehearsed on synthetic users and traffic."""
 
 import json
-import random
-import uuid
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from config.rehearsal import invariants_check, latency_figures, traffic_run, users_open
-from config.runtime import database_ready, positive_int
+from config.rehearsal import Rehearsal
+from config.runtime import ScratchDatabaseError, database_ready, positive_int, scratch_database
+from cutover.exceptions import CutoverError
 
 
 class Command(BaseCommand):
     help = (
-        "Rehearse on synthetic users: open accounts with opening balances, drive concurrent "
-        "transfers, credits and debits (with duplicate deliveries and overdraft attempts) "
-        "through the posting path from several processes, then check every invariant and "
-        "print a report. Without DATABASE_URL it runs on the embedded PostgreSQL."
+        "Rehearse the whole rollout in a scratch database: legacy users -> backfill under "
+        "traffic -> shadow (with an injected drift that reconciliation must catch and the gate "
+        "must block on) -> read_switch 1/10/50/100 % -> strict -> cutover -> rollback drill, "
+        "with duplicate deliveries and overdraft attempts in the traffic; then every invariant "
+        "is checked and a report printed. Without DATABASE_URL it runs on the embedded "
+        "PostgreSQL; with it, on a scratch database created (and dropped) on that server."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -27,99 +28,116 @@ class Command(BaseCommand):
             "--workers", type=positive_int, default=4, help="concurrent worker processes (4)"
         )
         parser.add_argument(
-            "--operations", type=positive_int, default=8000, help="operations in all (8000)"
+            "--operations",
+            type=positive_int,
+            default=2000,
+            help="balance mutations per stage, over all workers (2000)",
         )
         parser.add_argument("--seed", type=int, default=7, help="random seed (7)")
         parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
     def handle(self, *args, **options) -> None:
         if options["users"] < 2:
-            raise CommandError("--users: at least 2 users are needed for transfers")
-        console = Console(file=self.stdout._out, stderr=False, quiet=options["json"])
-        rng = random.Random(options["seed"])
-        namespace = f"rehearsal-{uuid.uuid4().hex[:12]}"
-        with database_ready(console.print):
-            with self._progress(console) as progress:
-                task = progress.add_task("opening users", total=options["users"])
-                account_ids, opening = users_open(
-                    namespace,
-                    options["users"],
-                    rng,
-                    on_user=lambda done: progress.update(task, completed=done),
-                )
-                task = progress.add_task("traffic", total=options["operations"])
-                report, seconds = traffic_run(
-                    namespace,
-                    account_ids,
-                    options["workers"],
-                    options["operations"],
-                    options["seed"],
-                    on_tick=lambda done: progress.update(task, completed=done),
-                )
-            checks = invariants_check(account_ids, opening, report)
-        summary = {
-            "namespace": namespace,
-            "users": options["users"],
-            "workers": options["workers"],
-            "operations": options["operations"],
-            "postings": report.postings,
-            "idempotent_replays": report.replays,
-            "refused_overdrafts": report.refused_overdrafts,
-            "seconds": round(seconds, 3),
-            **latency_figures(report, seconds),
-            "invariants": checks,
-            "ok": all(check["ok"] for check in checks),
-        }
-        if options["json"]:
-            self.stdout.write(json.dumps(summary, indent=2, default=str))
-        else:
-            self._print(console, summary)
-        if not summary["ok"]:
-            failed = ", ".join(c["name"] for c in checks if not c["ok"])
-            raise CommandError(f"rehearsal failed: {failed}")
-
-    @staticmethod
-    def _progress(console: Console) -> Progress:
-        return Progress(
-            TextColumn("{task.description:<14}"),
+            raise CommandError("--users: at least 2 users are needed")
+        console = Console(file=self.stdout._out, quiet=options["json"])
+        progress = Progress(
+            TextColumn("{task.description:<18}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             console=console,
-            transient=False,
         )
+        tasks: dict[str, int] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done)
+
+        try:
+            with database_ready(console.print), scratch_database("rehearsal") as name:
+                console.print(f"Scratch database {name} (dropped at the end)")
+                with progress:
+                    report = Rehearsal(
+                        users=options["users"],
+                        workers=options["workers"],
+                        operations=options["operations"],
+                        seed=options["seed"],
+                        on_progress=on_progress,
+                    ).run()
+        except ScratchDatabaseError as exc:
+            raise CommandError(str(exc)) from None
+        except CutoverError as exc:
+            raise CommandError(f"rehearsal stopped: {exc}") from None
+        if options["json"]:
+            self.stdout.write(json.dumps(report, indent=2, default=str))
+        else:
+            self._print(console, report)
+        if not report["ok"]:
+            failed = ", ".join(c["name"] for c in report["invariants"] if not c["ok"])
+            raise CommandError(f"rehearsal failed: {failed}")
 
     @staticmethod
-    def _print(console: Console, summary: dict) -> None:
-        traffic = Table(title="Rehearsal: ledger traffic", show_header=False)
-        for key in (
-            "users",
-            "workers",
+    def _print(console: Console, report: dict) -> None:
+        stages = Table(
+            title=f"Rollout rehearsal: {report['users']} users, {report['workers']} workers"
+        )
+        columns = (
+            "stage",
             "operations",
-            "postings",
-            "idempotent_replays",
-            "refused_overdrafts",
-            "seconds",
-            "postings_per_second",
-            "p50_ms",
-            "p95_ms",
-            "p99_ms",
-            "max_ms",
-        ):
-            traffic.add_row(key.replace("_", " "), str(summary[key]))
-        console.print(traffic)
+            "applied",
+            "replays",
+            "refused",
+            "mut/s",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+        )
+        for column in columns:
+            stages.add_column(column, justify="left" if column == "stage" else "right")
+        for s in report["stages"]:
+            stages.add_row(
+                s["stage"],
+                str(s["operations"]),
+                str(s["applied"]),
+                str(s["replays"]),
+                str(s["refused_overdrafts"] + s["refused_other"]),
+                f"{s['mutations_per_second']:.0f}",
+                f"{s['p50_ms']:.2f}",
+                f"{s['p95_ms']:.2f}",
+                f"{s['p99_ms']:.2f}",
+            )
+        console.print(stages)
+        for s in report["stages"]:
+            for note in s["notes"]:
+                console.print(f"  {s['stage']}: {note}")
+        gates = Table(title="Gates and their evidence")
+        for column in ("transition", "result", "checks"):
+            gates.add_column(column)
+        for gate in report["gates"]:
+            evidence = gate["evidence"]
+            checks = "; ".join(
+                f"{'ok' if c['ok'] else 'NOT MET'} {c['name']} ({c['actual']})"
+                for c in evidence.get("checks", [])
+            )
+            if "proof" in evidence:
+                checks += f"; proof: {evidence['proof']['actual']}"
+            if "read_percent_after" in evidence:
+                checks = f"reads from the ledger: {evidence['read_percent_before']} % -> "
+                checks += f"{evidence['read_percent_after']} % of users"
+            if "legacy_rows_rebuilt" in evidence:
+                checks += f"legacy rows rebuilt from the ledger: {evidence['legacy_rows_rebuilt']}"
+            gates.add_row(gate["transition"], gate["result"], checks or "-")
+        console.print(gates)
         invariants = Table(title="Invariants")
-        invariants.add_column("check")
-        invariants.add_column("checked", justify="right")
-        invariants.add_column("result")
-        invariants.add_column("detail")
-        for check in summary["invariants"]:
+        for column in ("check", "result", "detail"):
+            invariants.add_column(column)
+        for check in report["invariants"]:
             invariants.add_row(
                 check["name"],
-                str(check["checked"]),
                 "[green]ok[/green]" if check["ok"] else "[red]FAIL[/red]",
-                "; ".join(check["detail"]),
+                check["detail"],
             )
         console.print(invariants)
-        verdict = "[green]PASS[/green]" if summary["ok"] else "[red]FAIL[/red]"
-        console.print(f"Rehearsal {summary['namespace']}: {verdict}")
+        verdict = "[green]PASS[/green]" if report["ok"] else "[red]FAIL[/red]"
+        console.print(f"Rehearsal: {verdict}")
