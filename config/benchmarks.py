@@ -16,6 +16,9 @@ from django.conf import settings
 from django.db import connection
 
 from config.runtime import latency_summary, processes_run
+from cutover.actors import Actor
+from cutover.phases import ORDER, Phase
+from cutover.services import backfill_run, balance_credit, balance_debit, phase_advance
 from ledger.models import Account
 from ledger.services import Leg, account_open, opening_balance_post, transaction_post
 
@@ -67,47 +70,77 @@ def bench_accounts_open(count: int) -> list[int]:
     return ids
 
 
-def posting_client(client: int, account_ids: list[int], start_at: float, seconds: float) -> list:
-    """One client: connects and loads its accounts, waits for the common start, then posts
-    transfers until the window closes (connection set-up is outside the window, as pgbench
-    reports it)."""
+def _transfer(rng: random.Random, accounts: list, reference: str) -> None:
+    source, target = rng.sample(accounts, 2)
+    amount = Decimal(rng.randint(1, 100)) / 100
+    transaction_post(
+        namespace=BENCH_NAMESPACE,
+        reference_id=reference,
+        kind="transfer",
+        legs=[Leg.debit(source, amount), Leg.credit(target, amount)],
+    )
+
+
+def _balance_mutation(rng: random.Random, users: list, reference: str) -> None:
+    mutate = balance_credit if rng.random() < 0.5 else balance_debit
+    amount = Decimal(rng.randint(1, 100)) / 100
+    mutate(user_id=rng.choice(users), amount=amount, reference=reference, reason="bench")
+
+
+def posting_client(client: int, targets: list, start_at: float, seconds: float) -> list:
+    """One client: connects and loads what it needs, waits for the common start, then posts
+    until the window closes (connection set-up is outside the window, as pgbench reports it).
+    `targets` are ledger account ids (transfers through transaction_post) or user ids
+    (credits and debits through the phase's balance path)."""
     rng = random.Random(client)
-    accounts = list(Account.objects.filter(pk__in=account_ids))
+    if isinstance(targets[0], int):
+        operate, items = _transfer, list(Account.objects.filter(pk__in=targets))
+    else:
+        operate, items = _balance_mutation, targets
     run = uuid.uuid4().hex[:12]
     latencies = []
     time.sleep(max(0.0, start_at - time.time()))
     deadline = start_at + seconds
     index = 0
     while time.time() < deadline:
-        source, target = rng.sample(accounts, 2)
-        amount = Decimal(rng.randint(1, 100)) / 100
         started = time.perf_counter()
-        transaction_post(
-            namespace=BENCH_NAMESPACE,
-            reference_id=f"{run}-{client}-{index}",
-            kind="transfer",
-            legs=[Leg.debit(source, amount), Leg.credit(target, amount)],
-        )
+        operate(rng, items, f"{run}-{client}-{index}")
         latencies.append((time.perf_counter() - started) * 1000)
         index += 1
     connection.close()
     return latencies
 
 
-def posting_process(clients: list[int], account_ids: list[int], start_at: float, seconds: float):
+def posting_process(clients: list[int], targets: list, start_at: float, seconds: float):
     """One process running several clients as threads, each with its own connection."""
     with ThreadPoolExecutor(max_workers=len(clients)) as pool:
-        return list(pool.map(lambda c: posting_client(c, account_ids, start_at, seconds), clients))
+        return list(pool.map(lambda c: posting_client(c, targets, start_at, seconds), clients))
 
 
-def posting_measure(clients: int, seconds: float, account_ids: list[int]) -> dict:
+def bench_users_in_phase(count: int, phase: str) -> list[uuid.UUID]:
+    """`count` users with large balances in both stores, and the rollout moved to `phase`
+    (forced, audited as the bench's): for a scratch database only."""
+    users = [uuid.uuid5(uuid.NAMESPACE_URL, f"bench-user-{index}") for index in range(count)]
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO balances (user_id, buying_power, currency) VALUES (%s, %s, 'USDC')",
+            [(user, OPENING) for user in users],
+        )
+    backfill_run(chunk_size=1000)
+    actor = Actor("bench")
+    for target in ORDER[1 : ORDER.index(Phase(phase)) + 1]:
+        phase_advance(to=target, actor=actor, force=True, reason="bench", read_percent=100)
+    return users
+
+
+def posting_measure(clients: int, seconds: float, targets: list) -> dict:
     """`clients` concurrent connections laid out as pgbench lays out its own (-j 2): at most
     two processes (the machine's cores), the clients spread over them as threads."""
     processes = min(clients, PGBENCH_THREADS)
     layout = [list(range(p, clients, processes)) for p in range(processes)]
     start_at = time.time() + 1.0 + clients * 0.05  # after every client has connected
     results = processes_run(
-        posting_process, [(group, account_ids, start_at, seconds) for group in layout]
+        posting_process, [(group, targets, start_at, seconds) for group in layout]
     )
     latencies = [value for process in results for client in process for value in client]
     return {

@@ -49,3 +49,7 @@ class IdempotencyKeyReused(CutoverError):
 
 class IdempotencyKeyInFlight(CutoverError):
     """A request with this Idempotency-Key is still being processed."""
+
+
+class ConcurrentDuplicate(CutoverError):
+    """The same reference was committed by a concurrent request first; nothing was applied."""

@@ -33,12 +33,9 @@ FLAGS: dict[Phase, tuple[bool, bool, bool, str, bool]] = {
     Phase.CUTOVER: (True, False, True, "ledger", True),
 }
 
-WRITES_LEGACY = {Phase.LEGACY, Phase.SHADOW, Phase.READ_SWITCH, Phase.STRICT}
-WRITES_LEDGER = {Phase.SHADOW, Phase.READ_SWITCH, Phase.STRICT, Phase.CUTOVER}
-# Phases where a failed ledger write is recorded and the request still succeeds.
-LEDGER_FAILURE_TOLERATED = {Phase.SHADOW, Phase.READ_SWITCH}
-# Phases where both stores are written and must agree.
-DUAL_WRITE = WRITES_LEGACY & WRITES_LEDGER
+# Phases where both stores are written and must agree (the routing itself is in
+# cutover_balance_mutate, cutover/sql/cutover.sql).
+DUAL_WRITE = {Phase.SHADOW, Phase.READ_SWITCH, Phase.STRICT}
 
 
 class UnknownFlagCombination(ValueError):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID
 
+import psycopg
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
@@ -19,6 +20,7 @@ from django.utils import timezone
 from cutover import metrics
 from cutover.actors import Actor
 from cutover.exceptions import (
+    ConcurrentDuplicate,
     GateNotMet,
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
@@ -33,9 +35,7 @@ from cutover.exceptions import (
 from cutover.models import (
     ApiClient,
     AuditAction,
-    BalanceMutation,
     Direction,
-    DiscrepancySource,
     IdempotencyRecord,
     IdempotencyStatus,
     LedgerStatus,
@@ -46,9 +46,6 @@ from cutover.models import (
 )
 from cutover.phases import (
     DUAL_WRITE,
-    LEDGER_FAILURE_TOLERATED,
-    WRITES_LEDGER,
-    WRITES_LEGACY,
     Phase,
     next_phase,
 )
@@ -61,16 +58,14 @@ from cutover.selectors import (
     token_digest,
     user_account_type,
 )
-from ledger.exceptions import InsufficientFunds, LedgerError
+from ledger.exceptions import InsufficientFunds
 from ledger.money import amount_parse
 from ledger.selectors import system_account
 from ledger.services import Leg, account_open, transaction_apply
 
 # Advisory lock keys (any fixed 64-bit numbers; named here so they are never reused).
-PHASE_LOCK = 7_401_001
+PHASE_LOCK = 7_401_001  # also written in cutover_balance_mutate
 RECONCILE_LOCK = 7_401_002
-BACKFILL_LOCK = 7_401_003
-LEDGER_NAMESPACE = "balance"
 BACKFILL_NAMESPACE = "backfill"
 DEPRECATION_COMMENT = "DEPRECATED: balances live in ledger_accounts since the cutover of {at}."
 
@@ -104,126 +99,20 @@ class MutationResult:
     created: bool  # False: a replay of an earlier mutation with this reference
 
 
-JOURNAL_INSERT_SQL = """
-    INSERT INTO cutover_balance_mutations
-        (reference, user_id, direction, amount, currency, reason, phase, ledger_status,
-         correlation_id, ledger_error)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, '')
-    ON CONFLICT (reference) DO NOTHING
-    RETURNING id
+MUTATE_SQL = """
+    SELECT created, phase, legacy_balance, ledger_balance, ledger_status, ledger_transaction_id,
+           ledger_error, discrepancy
+      FROM cutover_balance_mutate(%s, %s, %s, %s, %s, %s, %s, %s)
 """
-LEGACY_OPEN_SQL = """
-    INSERT INTO balances (user_id, buying_power, currency) VALUES (%s, 0, %s)
-    ON CONFLICT (user_id) DO NOTHING
-"""
-LEGACY_LOCK_SQL = "SELECT buying_power, currency FROM balances WHERE user_id = %s FOR UPDATE"
-LEGACY_UPDATE_SQL = "UPDATE balances SET buying_power = %s, updated_at = now() WHERE user_id = %s"
-DISCREPANCY_UPSERT_SQL = """
-    INSERT INTO cutover_discrepancies
-        (user_id, currency, legacy_balance, ledger_balance, difference, status, source, phase,
-         reference, detail, occurrences)
-    VALUES (%s, %s, %s, %s, %s, 'open', %s, %s, %s, %s, 1)
-    ON CONFLICT (user_id, currency) WHERE status = 'open' DO UPDATE
-       SET legacy_balance = EXCLUDED.legacy_balance, ledger_balance = EXCLUDED.ledger_balance,
-           difference = EXCLUDED.difference, source = EXCLUDED.source,
-           phase = EXCLUDED.phase, reference = EXCLUDED.reference, detail = EXCLUDED.detail,
-           occurrences = cutover_discrepancies.occurrences + 1, last_seen_at = now()
-"""
-
-
-def _legacy_write(user_id: UUID, currency: str, delta: Decimal) -> Decimal:
-    """The legacy write path as the old code had it: a row update under a row lock."""
-    with connection.cursor() as cursor:
-        if delta > 0:
-            cursor.execute(LEGACY_OPEN_SQL, [user_id, currency])
-        cursor.execute(LEGACY_LOCK_SQL, [user_id])
-        row = cursor.fetchone()
-        current, held = row if row else (Decimal(0), currency)
-        if held != currency:
-            raise MutationConflict(
-                f"user {user_id} holds {held} in the legacy store, not {currency}"
-            )
-        after = current + delta
-        if after < 0:
-            raise InsufficientFunds(
-                f"user {user_id}: balance {current} {currency} is less than {-delta}"
-            )
-        cursor.execute(LEGACY_UPDATE_SQL, [after, user_id])
-    return after
-
-
-def _ledger_legs(user_account, direction: str, amount: Decimal, counterparty: str | None):
-    code = counterparty or (
-        f"deposits_clearing_{user_account.currency_id.lower()}"
-        if direction == Direction.CREDIT
-        else f"withdrawals_clearing_{user_account.currency_id.lower()}"
-    )
-    other = system_account(code=code)
-    if direction == Direction.CREDIT:
-        return [Leg.debit(other, amount), Leg.credit(user_account, amount)]
-    return [Leg.debit(user_account, amount), Leg.credit(other, amount)]
-
-
-def _ledger_write(user_id, currency, direction, amount, reference, reason, counterparty, meta):
-    account = account_open(
-        user_id=user_id, account_type=user_account_type(currency), currency=currency
-    )
-    return transaction_apply(
-        namespace=LEDGER_NAMESPACE,
-        reference_id=reference,
-        kind=f"balance_{direction}",
-        legs=_ledger_legs(account, direction, amount, counterparty),
-        metadata={"reason": reason, "user_id": str(user_id), **meta},
-    ).transaction_id
-
-
-def _ledger_balance(user_id: UUID, currency: str) -> Decimal | None:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT balance FROM ledger_accounts WHERE user_id = %s AND account_type = %s "
-            "AND currency = %s",
-            [user_id, user_account_type(currency), currency],
-        )
-        row = cursor.fetchone()
-    return row[0] if row else None
-
-
-def discrepancy_record(
-    *, user_id, currency, legacy, ledger, source, phase, reference="", detail=""
-) -> None:
-    """Open (or update) the user's discrepancy. Expects to run inside the writer's transaction."""
-    difference = (legacy or Decimal(0)) - (ledger or Decimal(0))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            DISCREPANCY_UPSERT_SQL,
-            [user_id, currency, legacy, ledger, difference, source, phase, reference, detail],
-        )
-    transaction.on_commit(metrics.discrepancy_count.inc)
-
-
-def _replay(reference: str, user_id, direction, amount, currency) -> MutationResult:
-    first = BalanceMutation.objects.get(reference=reference)
-    if (first.user_id, first.direction, first.amount, first.currency) != (
-        user_id,
-        direction,
-        amount,
-        currency,
-    ):
-        raise MutationConflict(
-            f"reference {reference} was already used for {first.direction} {first.amount} "
-            f"{first.currency} to user {first.user_id}"
-        )
-    return MutationResult(
-        reference,
-        first.user_id,
-        first.direction,
-        first.amount,
-        first.currency,
-        first.phase,
-        first.legacy_balance_after,
-        first.ledger_status,
-        created=False,
-    )
+# SQLSTATEs raised by cutover_balance_mutate (cutover/sql/cutover.sql).
+MUTATION_ERRORS = {
+    "CU002": KillSwitchEngaged,
+    "CU003": MutationConflict,
+    "CU004": InsufficientFunds,
+    "CU005": StrictLedgerFailure,
+    "CU006": ConcurrentDuplicate,
+    "LD002": InsufficientFunds,
+}
 
 
 _write_tally = {LedgerStatus.POSTED: 0, LedgerStatus.FAILED: 0}
@@ -233,6 +122,41 @@ def _write_outcome(status: str) -> None:
     metrics.ledger_write_outcome.labels(outcome=status).inc()
     _write_tally[status] += 1
     metrics.write_success_rate.set(_write_tally[LedgerStatus.POSTED] / sum(_write_tally.values()))
+
+
+def _mutation_execute(
+    user_id, direction, amount, reference, reason, currency, counterparty, correlation_id
+) -> MutationResult:
+    if direction not in Direction.values:
+        raise MutationConflict(f"direction must be credit or debit, not {direction!r}")
+    amount = amount_parse(amount, currency)
+    if not isinstance(reference, str) or not reference or len(reference) > 255:
+        raise MutationConflict("reference must be 1..255 characters")
+    counterparty = counterparty or (
+        f"deposits_clearing_{currency.lower()}"
+        if direction == Direction.CREDIT
+        else f"withdrawals_clearing_{currency.lower()}"
+    )
+    params = [user_id, direction, amount, currency, reference, reason, counterparty, correlation_id]
+    connection.ensure_connection()
+    try:
+        with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(MUTATE_SQL, params, prepare=True)
+            row = cursor.fetchone()
+    except DatabaseError as exc:
+        error = MUTATION_ERRORS.get(getattr(exc.__cause__, "sqlstate", None) or "")
+        if error is None:
+            raise
+        message = exc.__cause__.diag.message_primary or str(exc)
+        raise error(message.removeprefix("ledger: ")) from exc
+    created, phase, legacy, _, status, _, _, discrepancy = row
+    if created and status != LedgerStatus.NOT_WRITTEN:
+        transaction.on_commit(lambda: _write_outcome(status))
+    if discrepancy:
+        transaction.on_commit(metrics.discrepancy_count.inc)
+    return MutationResult(
+        reference, user_id, direction, amount, currency, phase, legacy, status, created
+    )
 
 
 def balance_mutation_apply(
@@ -246,117 +170,46 @@ def balance_mutation_apply(
     counterparty: str | None = None,
     correlation_id: str = "",
 ) -> MutationResult:
-    """Apply one user-balance mutation inside the caller's transaction, routed by phase.
+    """Apply one user-balance mutation inside the caller's transaction, routed by phase
+    (cutover_balance_mutate in cutover/sql/cutover.sql, one round trip).
 
     Exactly once per `reference` in every phase (the journal row); the same reference with a
     different mutation raises MutationConflict. `counterparty` names the system account on the
-    other side of the ledger posting (default: deposits or withdrawals clearing).
+    other side of the ledger posting (default: the user's shard of deposits or withdrawals
+    clearing).
     """
     if not connection.in_atomic_block:
         raise RuntimeError("balance_mutation_apply must run inside transaction.atomic()")
-    if direction not in Direction.values:
-        raise MutationConflict(f"direction must be credit or debit, not {direction!r}")
-    amount = amount_parse(amount, currency)
-    _phase_lock_shared()
-    state = phase_state()
-    if state.kill_switch:
-        raise KillSwitchEngaged(f"kill switch engaged: {state.kill_switch_reason}")
-    phase = Phase(state.phase)
-    writes_ledger = phase in WRITES_LEDGER
-    with connection.cursor() as cursor:
-        cursor.execute(
-            JOURNAL_INSERT_SQL,
-            [
-                reference,
-                user_id,
-                direction,
-                amount,
-                currency,
-                reason,
-                phase.value,
-                LedgerStatus.POSTED if writes_ledger else LedgerStatus.NOT_WRITTEN,
-                correlation_id,
-            ],
-        )
-        journal = cursor.fetchone()
-    if journal is None:
-        return _replay(reference, user_id, direction, amount, currency)
-
-    delta = amount if direction == Direction.CREDIT else -amount
-    legacy_after = _legacy_write(user_id, currency, delta) if phase in WRITES_LEGACY else None
-    ledger_status, ledger_txn, ledger_error = LedgerStatus.NOT_WRITTEN, None, ""
-    if writes_ledger:
-        args = (user_id, currency, direction, amount, reference, reason, counterparty)
-        meta = {"correlation_id": correlation_id} if correlation_id else {}
-        if phase in LEDGER_FAILURE_TOLERATED:
-            try:
-                with transaction.atomic():  # the savepoint of the shadow write
-                    ledger_txn = _ledger_write(*args, meta)
-                ledger_status = LedgerStatus.POSTED
-            except (LedgerError, DatabaseError) as exc:
-                ledger_status, ledger_error = LedgerStatus.FAILED, str(exc)
-        else:
-            try:
-                ledger_txn = _ledger_write(*args, meta)
-            except InsufficientFunds:
-                if phase == Phase.CUTOVER:
-                    raise  # the ledger is the only store: an ordinary refusal
-                raise StrictLedgerFailure(
-                    f"ledger refused the debit that the legacy store allowed (user {user_id})"
-                ) from None
-            except (LedgerError, DatabaseError) as exc:
-                raise StrictLedgerFailure(f"ledger write failed: {exc}") from exc
-            ledger_status = LedgerStatus.POSTED
-        transaction.on_commit(lambda: _write_outcome(ledger_status))
-
-    BalanceMutation.objects.filter(pk=journal[0]).update(
-        legacy_balance_after=legacy_after,
-        ledger_status=ledger_status,
-        ledger_transaction_id=ledger_txn,
-        ledger_error=ledger_error,
-    )
-    if phase in DUAL_WRITE:
-        ledger_after = _ledger_balance(user_id, currency)
-        if ledger_after != legacy_after:
-            discrepancy_record(
-                user_id=user_id,
-                currency=currency,
-                legacy=legacy_after,
-                ledger=ledger_after,
-                source=(
-                    DiscrepancySource.LEDGER_WRITE_FAILED
-                    if ledger_status == LedgerStatus.FAILED
-                    else DiscrepancySource.DUAL_WRITE
-                ),
-                phase=phase.value,
-                reference=reference,
-                detail=ledger_error,
-            )
-    return MutationResult(
-        reference,
-        user_id,
-        direction,
-        amount,
-        currency,
-        phase.value,
-        legacy_after,
-        ledger_status,
-        created=True,
+    return _mutation_execute(
+        user_id, direction, amount, reference, reason, currency, counterparty, correlation_id
     )
 
 
-def balance_mutate(**kwargs) -> MutationResult:
-    """`balance_mutation_apply` in a transaction of its own. A strict-mode failure rolls the
-    whole mutation back and is then recorded (StrictFailure) before it is raised."""
+def balance_mutate(
+    *,
+    user_id: UUID,
+    direction: str,
+    amount: Decimal | str,
+    reference: str,
+    reason: str,
+    currency: str = "USDC",
+    counterparty: str | None = None,
+    correlation_id: str = "",
+) -> MutationResult:
+    """One mutation in a database transaction of its own: a single statement in autocommit
+    mode (the guarantee of atomic(durable=True) in one round trip). A strict-mode failure rolls
+    the whole mutation back and is then recorded (StrictFailure) before it is raised."""
+    if connection.in_atomic_block:
+        raise RuntimeError("balance_mutate commits on its own; inside atomic() use the _apply form")
+    args = (user_id, direction, amount, reference, reason, currency, counterparty, correlation_id)
     try:
-        with transaction.atomic(durable=True):
-            result = balance_mutation_apply(**kwargs)
+        try:
+            result = _mutation_execute(*args)
+        except ConcurrentDuplicate:  # the other delivery won: this one is now a replay
+            result = _mutation_execute(*args)
     except StrictLedgerFailure as exc:
         StrictFailure.objects.create(
-            phase=phase_state().phase,
-            user_id=kwargs["user_id"],
-            reference=kwargs["reference"],
-            error=str(exc),
+            phase=phase_state().phase, user_id=user_id, reference=reference, error=str(exc)
         )
         metrics.strict_failures.inc()
         raise
@@ -392,17 +245,6 @@ def _locked_state() -> PhaseState:
     """The write fence: waits for every mutation in flight, holds new ones until commit."""
     _phase_lock_exclusive()
     return PhaseState.objects.select_for_update().get(pk=1)
-
-
-def phase_seed(*, phase: str) -> PhaseState:
-    """The first phase state, from the environment's flags (a no-op once it exists)."""
-    with transaction.atomic():
-        state, created = PhaseState.objects.get_or_create(
-            pk=1, defaults={"phase": phase, "entered_at": timezone.now()}
-        )
-        if created:
-            _audit(Actor("environment"), AuditAction.SEED, phase, phase, "first start", {})
-    return state
 
 
 def phase_advance(

@@ -9,6 +9,7 @@ from django.apps import apps
 # Data migrations whose rows a transactional test's flush removes: run again before each test.
 DATA_MIGRATIONS = [
     importlib.import_module("ledger.migrations.0003_system_accounts").create,
+    importlib.import_module("ledger.migrations.0004_clearing_shards").create,
     importlib.import_module("cutover.migrations.0003_seed_phase").seed,
 ]
 

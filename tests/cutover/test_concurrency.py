@@ -235,3 +235,24 @@ def test_backfill_killed_mid_run_resumes_with_exactly_one_opening_balance():
 def _database_url() -> str:
     db = connection.settings_dict
     return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+def deliver(user, reference: str, start_at: float) -> bool:
+    time.sleep(max(0.0, start_at - time.time()))
+    result = balance_credit(user_id=user, amount="7.25", reference=reference, reason="test")
+    connection.close()
+    return result.created
+
+
+@pytest.mark.parametrize("phase", ["legacy", "shadow", "strict", "cutover"])
+def test_same_mutation_delivered_ten_times_concurrently_applies_once(phase):
+    phase_set(phase, read_percent=100)
+    user = users_with_balances(1)[0]
+    connections.close_all()
+    start_at = time.time() + 1.0
+    created = processes_run(deliver, [(user, "dup-1", start_at)] * 10)
+    assert created.count(True) == 1
+    assert BalanceMutation.objects.filter(reference="dup-1").count() == 1
+    legacy, ledger = totals([user])
+    assert legacy == Decimal("107.25" if phase != "cutover" else "100")
+    assert ledger == Decimal("107.25" if phase != "legacy" else "100")

@@ -1,13 +1,21 @@
 """`python manage.py bench posting`: benchmarks that print numbers beside their reference."""
 
 import json
+from contextlib import ExitStack
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.console import Console
 from rich.table import Table
 
-from config.benchmarks import bench_accounts_open, pgbench_binary, pgbench_measure, posting_measure
-from config.runtime import database_ready, positive_int
+from config.benchmarks import (
+    bench_accounts_open,
+    bench_users_in_phase,
+    pgbench_binary,
+    pgbench_measure,
+    posting_measure,
+)
+from config.runtime import database_ready, positive_int, scratch_database
+from cutover.phases import ORDER
 
 
 class Command(BaseCommand):
@@ -35,6 +43,14 @@ class Command(BaseCommand):
         posting.add_argument(
             "--accounts", type=positive_int, default=1000, help="accounts to spread over (1000)"
         )
+        posting.add_argument(
+            "--phase",
+            choices=[phase.value for phase in ORDER],
+            default=None,
+            help="post through the balance path in this rollout phase (legacy write, ledger "
+            "posting and compare in shadow), in a scratch database; default: transaction_post "
+            "transfers between ledger accounts",
+        )
         posting.add_argument("--json", action="store_true", help="print the results as JSON")
 
     def handle(self, *args, **options) -> None:
@@ -46,12 +62,20 @@ class Command(BaseCommand):
             raise CommandError("--accounts: at least 2 accounts are needed")
         console = Console(file=self.stdout._out, quiet=options["json"])
         rows = []
-        with database_ready(console.print):
-            console.print(f"Opening {options['accounts']} bench accounts ...")
-            account_ids = bench_accounts_open(options["accounts"])
+        phase = options["phase"]
+        path = f"balance path ({phase})" if phase else "transaction_post"
+        with ExitStack() as stack:
+            stack.enter_context(database_ready(console.print))
+            if phase:
+                stack.enter_context(scratch_database("bench"))
+                console.print(f"Opening {options['accounts']} users in {phase} ...")
+                targets = bench_users_in_phase(options["accounts"], phase)
+            else:
+                console.print(f"Opening {options['accounts']} bench accounts ...")
+                targets = bench_accounts_open(options["accounts"])
             for clients in options["clients"]:
-                console.print(f"{clients} clients: transaction_post for {options['seconds']} s ...")
-                ours = posting_measure(clients, options["seconds"], account_ids)
+                console.print(f"{clients} clients: {path} for {options['seconds']} s ...")
+                ours = posting_measure(clients, options["seconds"], targets)
                 console.print(f"{clients} clients: pgbench for {options['seconds']} s ...")
                 reference = pgbench_measure(clients, options["seconds"], options["accounts"])
                 ratio = (
@@ -66,9 +90,11 @@ class Command(BaseCommand):
                     }
                 )
         if options["json"]:
-            self.stdout.write(json.dumps({"benchmark": "posting", "results": rows}, indent=2))
+            self.stdout.write(
+                json.dumps({"benchmark": "posting", "path": path, "results": rows}, indent=2)
+            )
             return
-        table = Table(title="bench posting: transaction_post vs pgbench plain-SQL posting")
+        table = Table(title=f"bench posting: {path} vs pgbench plain-SQL posting")
         for column in (
             "clients",
             "ours/s",
