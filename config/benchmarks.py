@@ -1,15 +1,23 @@
 """`bench posting`: our posting path against pgbench running an equivalent plain-SQL posting
 (two account UPDATEs, the transaction and two entry INSERTs, one commit) on the same server."""
 
+import http.client
 import os
 import random
 import re
+import resource
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from decimal import Decimal
 
 from django.conf import settings
@@ -18,8 +26,15 @@ from django.db import connection
 from config.runtime import latency_summary, processes_run
 from cutover.actors import Actor
 from cutover.phases import ORDER, Phase
-from cutover.services import backfill_run, balance_credit, balance_debit, phase_advance
+from cutover.services import (
+    backfill_run,
+    balance_credit,
+    balance_debit,
+    phase_advance,
+    reconciliation_run,
+)
 from ledger.models import Account
+from ledger.selectors import system_account
 from ledger.services import Leg, account_open, opening_balance_post, transaction_post
 
 BENCH_NAMESPACE = "bench"
@@ -206,4 +221,195 @@ def pgbench_measure(clients: int, seconds: int, accounts: int) -> dict:
         "postings": int(processed.group(1)) if processed else 0,
         "per_second": float(tps.group(1)) if tps else 0.0,
         "latency_avg_ms": float(latency.group(1)) if latency else 0.0,
+    }
+
+
+# --- bench reconcile --------------------------------------------------------------------------
+
+SEED_LEGACY_SQL = """
+    INSERT INTO balances (user_id, buying_power, currency)
+    SELECT md5('bench-user-' || g)::uuid, ((g::bigint * 7919) %% 10000000) / 100.0, 'USDC'
+      FROM generate_series(1, %(users)s) g
+"""
+SEED_ACCOUNTS_SQL = """
+    INSERT INTO ledger_accounts (user_id, account_type, currency, normal_balance, allow_negative)
+    SELECT md5('bench-user-' || g)::uuid, 'usdc_balance', 'USDC', 'credit', false
+      FROM generate_series(1, %(users)s) g
+"""
+# Opening balances through the one posting function: one transaction per chunk of users
+# (a debit of the chunk's total on opening-balance equity, a credit to each user).
+SEED_OPENING_SQL = """
+    WITH chunk AS (
+        SELECT a.id, b.buying_power FROM ledger_accounts a JOIN balances b ON b.user_id = a.user_id
+         WHERE a.account_type = 'usdc_balance' AND b.buying_power > 0
+           AND a.id >= %(low)s AND a.id < %(high)s
+    )
+    SELECT ledger_post_transaction(
+        'bench', 'opening-' || %(low)s, 'opening_balance', '{}',
+        (SELECT jsonb_agg(jsonb_build_object('account_id', id, 'side', 'credit',
+                                             'amount', buying_power, 'currency', 'USDC'))
+           FROM chunk)
+        || jsonb_build_array(jsonb_build_object(
+               'account_id', %(equity)s, 'side', 'debit',
+               'amount', (SELECT sum(buying_power) FROM chunk), 'currency', 'USDC')))
+     WHERE EXISTS (SELECT 1 FROM chunk)
+"""
+INJECT_DRIFT_SQL = """
+    UPDATE balances SET buying_power = buying_power + 0.01
+     WHERE user_id IN (SELECT md5('bench-user-' || g)::uuid
+                         FROM generate_series(1, %(users)s, %(step)s) g LIMIT %(count)s)
+"""
+SEED_CHUNK = 10_000
+
+
+def reconcile_seed(users: int, differences: int, on_progress=None) -> None:
+    """`users` users with equal balances in both stores (opening balances posted through the
+    ledger), then `differences` of them drifted by a cent in the legacy store; phase shadow."""
+    with connection.cursor() as cursor:
+        cursor.execute(SEED_LEGACY_SQL, {"users": users})
+        cursor.execute(SEED_ACCOUNTS_SQL, {"users": users})
+        cursor.execute(
+            "SELECT min(id), max(id) FROM ledger_accounts WHERE account_type = 'usdc_balance'"
+        )
+        low, high = cursor.fetchone()
+        equity = system_account(code="opening_balance_equity_usdc").pk
+        for start in range(low, high + 1, SEED_CHUNK):
+            cursor.execute(
+                SEED_OPENING_SQL, {"low": start, "high": start + SEED_CHUNK, "equity": equity}
+            )
+            if on_progress:
+                on_progress(min(start + SEED_CHUNK, high + 1) - low)
+        cursor.execute("ANALYZE")
+    phase_advance(to=Phase.SHADOW, actor=Actor("bench"), force=False, reason="bench seeded")
+    with connection.cursor() as cursor:
+        step = max(1, users // max(differences, 1))
+        cursor.execute(INJECT_DRIFT_SQL, {"users": users, "step": step, "count": differences})
+
+
+def reconcile_measure() -> dict:
+    """One full reconciliation, timed, with this process's peak RSS around it."""
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    result = reconciliation_run(triggered_by="bench")
+    seconds = time.perf_counter() - started
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "users_checked": result.users_checked,
+        "differences_found": result.differences,
+        "seconds": round(seconds, 3),
+        "python_peak_rss_mb": round(rss_peak / 1024, 1),
+        "python_rss_growth_mb": round((rss_peak - rss_before) / 1024, 1),
+    }
+
+
+# --- bench reads ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def api_server(database_name: str) -> Iterator[int]:
+    """gunicorn serving this project on a loopback port, on `database_name`; yields the port."""
+    db = settings.DATABASES["default"]
+    host = db.get("HOST") or "/var/run/postgresql"
+    auth = f"{db['USER']}:{db['PASSWORD']}" if db.get("PASSWORD") else db["USER"]
+    if host.startswith("/"):
+        url = f"postgres://{auth}@/{database_name}?host={host}"
+    else:
+        url = f"postgres://{auth}@{host}:{db.get('PORT') or 5432}/{database_name}"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "DJANGO_SETTINGS_MODULE": "config.settings.base",
+        "LOG_LEVEL": "WARNING",  # one log line per request would measure the log, not the API
+    }
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "config.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                "2",
+                "--threads",
+                "4",
+                "--log-level",
+                "warning",
+            ],
+            cwd=settings.BASE_DIR,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.time() + 30
+            while not _answers(port):
+                if time.time() > deadline or process.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"gunicorn did not start: {log.read()[-2000:]}")
+                time.sleep(0.1)
+            yield port
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def reads_measure(port: int, token: str, users: list, rps: int, seconds: int) -> dict:
+    """An open-loop load at `rps` requests/s of GET .../balance (threads, keep-alive
+    connections): latency measured from each request's scheduled time, so a slow server
+    cannot hide its queueing."""
+    total = rps * seconds
+    interval = 1.0 / rps
+    started = time.perf_counter() + 0.5
+    latencies, errors, lock = [], [0], threading.Lock()
+    local = threading.local()
+
+    def request(index: int) -> None:
+        scheduled = started + index * interval
+        time.sleep(max(0.0, scheduled - time.perf_counter()))
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        user = users[index % len(users)]
+        try:
+            local.conn.request(
+                "GET",
+                f"/api/v1/users/{user}/balance",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            response = local.conn.getresponse()
+            response.read()
+            ok = response.status == 200
+        except (OSError, http.client.HTTPException):
+            local.conn.close()
+            del local.conn
+            ok = False
+        elapsed = (time.perf_counter() - scheduled) * 1000
+        with lock:
+            latencies.append(elapsed)
+            errors[0] += not ok
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        list(pool.map(request, range(total)))
+    achieved = total / (time.perf_counter() - started)
+    return {
+        "requests": total,
+        "errors": errors[0],
+        "achieved_rps": round(achieved, 1),
+        **latency_summary(latencies),
     }

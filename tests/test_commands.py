@@ -115,3 +115,46 @@ def test_rehearse_runs_on_the_embedded_default_without_database_url():
     assert report["ok"] is True and report["all_traffic"]["applied"] > 0
     assert (embedded_db.DATA_DIR / "PG_VERSION").exists()
     assert not (embedded_db.DATA_DIR / "postmaster.pid").exists()  # stopped after
+
+
+def test_bench_posting_through_the_shadow_balance_path():
+    out = StringIO()
+    call_command(
+        "bench",
+        "posting",
+        "--phase",
+        "shadow",
+        "--clients",
+        "2",
+        "--seconds",
+        "1",
+        "--accounts",
+        "20",
+        "--json",
+        stdout=out,
+    )
+    report = json.loads(out.getvalue())
+    assert report["path"] == "balance path (shadow)"
+    result = report["results"][0]
+    assert result["ours"]["postings"] > 0 and result["pgbench"]["postings"] > 0
+
+
+def test_bench_reconcile_finds_every_injected_difference():
+    out = StringIO()
+    call_command(
+        "bench", "reconcile", "--users", "3000", "--differences", "7", "--json", stdout=out
+    )
+    report = json.loads(out.getvalue())
+    assert report["users_checked"] == 3000
+    assert report["differences_found"] == report["differences_injected"] == 7
+    assert report["python_peak_rss_mb"] > 0
+
+
+def test_bench_reads_serves_every_request():
+    out = StringIO()
+    call_command(
+        "bench", "reads", "--rps", "20", "--seconds", "2", "--users", "30", "--json", stdout=out
+    )
+    report = json.loads(out.getvalue())
+    assert report["requests"] == 40 and report["errors"] == 0
+    assert report["p50_ms"] <= report["p99_ms"]

@@ -1,28 +1,38 @@
 """`python manage.py bench posting`: benchmarks that print numbers beside their reference."""
 
 import json
+import time
 from contextlib import ExitStack
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connections
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from config.benchmarks import (
+    api_server,
     bench_accounts_open,
     bench_users_in_phase,
     pgbench_binary,
     pgbench_measure,
     posting_measure,
+    reads_measure,
+    reconcile_measure,
+    reconcile_seed,
 )
 from config.runtime import database_ready, positive_int, scratch_database
 from cutover.phases import ORDER
+from cutover.services import api_client_create
 
 
 class Command(BaseCommand):
     help = "Benchmarks. `posting`: our posting path side by side with pgbench on the same server."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        sub = parser.add_subparsers(dest="benchmark", required=True, metavar="{posting}")
+        sub = parser.add_subparsers(
+            dest="benchmark", required=True, metavar="{posting,reconcile,reads}"
+        )
         posting = sub.add_parser(
             "posting",
             help="postings/s and p50/p95/p99 of transaction_post from N concurrent clients (laid "
@@ -53,7 +63,35 @@ class Command(BaseCommand):
         )
         posting.add_argument("--json", action="store_true", help="print the results as JSON")
 
+        reconcile = sub.add_parser(
+            "reconcile",
+            help="seed N users in both stores (with a few injected differences) in a scratch "
+            "database and time one full reconciliation; goal: 1,000,000 users in < 10 s, "
+            "peak RSS < 200 MB",
+        )
+        reconcile.add_argument(
+            "--users", type=positive_int, default=1_000_000, help="users (1,000,000)"
+        )
+        reconcile.add_argument(
+            "--differences", type=positive_int, default=7, help="injected differences (7)"
+        )
+        reconcile.add_argument("--json", action="store_true", help="print the results as JSON")
+
+        reads = sub.add_parser(
+            "reads",
+            help="GET /api/v1/users/<id>/balance at a fixed rate against gunicorn on loopback, "
+            "in read_switch at 100 %%; goal: p99 < 25 ms at 200 requests/s",
+        )
+        reads.add_argument("--rps", type=positive_int, default=200, help="requests/s (200)")
+        reads.add_argument("--seconds", type=positive_int, default=20, help="duration (20)")
+        reads.add_argument("--users", type=positive_int, default=10_000, help="users (10,000)")
+        reads.add_argument("--json", action="store_true", help="print the results as JSON")
+
     def handle(self, *args, **options) -> None:
+        if options["benchmark"] == "reconcile":
+            return self._reconcile(options)
+        if options["benchmark"] == "reads":
+            return self._reads(options)
         try:
             pgbench_binary()
         except FileNotFoundError as exc:
@@ -117,4 +155,94 @@ class Command(BaseCommand):
                 f"{row['pgbench']['latency_avg_ms']:.2f}",
                 f"{row['ratio']:.2f}",
             )
+        console.print(table)
+
+    def _reconcile(self, options) -> None:
+        console = Console(file=self.stdout._out, quiet=options["json"])
+        users = options["users"]
+        with database_ready(console.print), scratch_database("bench") as name:
+            console.print(f"Seeding {users:,} users in both stores in {name} ...")
+            with Progress(
+                TextColumn("seeding"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
+                task = progress.add_task("seed", total=users)
+                started = time.perf_counter()
+                reconcile_seed(
+                    users,
+                    options["differences"],
+                    on_progress=lambda done: progress.update(task, completed=done),
+                )
+                seeded = time.perf_counter() - started
+            console.print("Reconciling ...")
+            result = reconcile_measure()
+        result.update(
+            {
+                "differences_injected": options["differences"],
+                "seed_seconds": round(seeded, 1),
+                "goal_seconds": 10,
+                "goal_peak_rss_mb": 200,
+            }
+        )
+        if options["json"]:
+            self.stdout.write(json.dumps({"benchmark": "reconcile", **result}, indent=2))
+            return
+        table = Table(title="bench reconcile (goal beside each figure)")
+        for column in (
+            "users",
+            "found / injected",
+            "seconds (goal < 10)",
+            "peak RSS MB (goal < 200)",
+            "seeding s",
+        ):
+            table.add_column(column, justify="right")
+        table.add_row(
+            f"{result['users_checked']:,}",
+            f"{result['differences_found']} / {result['differences_injected']}",
+            f"{result['seconds']:.2f}",
+            f"{result['python_peak_rss_mb']:.0f}",
+            f"{result['seed_seconds']:.0f}",
+        )
+        console.print(table)
+
+    def _reads(self, options) -> None:
+        console = Console(file=self.stdout._out, quiet=options["json"])
+        with database_ready(console.print), scratch_database("bench") as name:
+            console.print(f"Opening {options['users']:,} users in read_switch (100 %) ...")
+            users = bench_users_in_phase(options["users"], "read_switch")
+            _, token = api_client_create(name="bench-reads")
+            connections.close_all()
+            with api_server(name) as port:
+                console.print(
+                    f"{options['rps']} requests/s for {options['seconds']} s "
+                    f"against gunicorn on 127.0.0.1:{port} ..."
+                )
+                result = reads_measure(port, token, users, options["rps"], options["seconds"])
+        result["goal_p99_ms"] = 25
+        if options["json"]:
+            self.stdout.write(json.dumps({"benchmark": "reads", **result}, indent=2))
+            return
+        table = Table(title="bench reads: GET balance in read_switch (goal p99 < 25 ms)")
+        for column in (
+            "requests",
+            "errors",
+            "achieved rps",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "max ms",
+        ):
+            table.add_column(column, justify="right")
+        table.add_row(
+            str(result["requests"]),
+            str(result["errors"]),
+            f"{result['achieved_rps']:.0f}",
+            f"{result['p50_ms']:.2f}",
+            f"{result['p95_ms']:.2f}",
+            f"{result['p99_ms']:.2f}",
+            f"{result['max_ms']:.2f}",
+        )
         console.print(table)
