@@ -20,17 +20,7 @@ from cutover.models import (
 )
 from cutover.phases import flags_of
 from cutover.services import discrepancy_resolve, kill_switch_set
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
+from ledger.admin import ReadOnlyAdmin
 
 
 class ReasonForm(forms.Form):

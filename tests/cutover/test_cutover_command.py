@@ -1,0 +1,77 @@
+"""`manage.py cutover ...`: the operators' controls, with clear errors naming what is wrong."""
+
+import json
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from cutover.models import ApiClient, PhaseAudit, PhaseState
+from tests.cutover.factories import legacy_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run(*args) -> str:
+    out = StringIO()
+    call_command("cutover", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_status_reports_phase_flags_and_kill_switch():
+    status = json.loads(run("status", "--json"))
+    assert status["phase"] == "legacy" and status["next_phase"] == "shadow"
+    assert status["flags"]["BALANCE_SOURCE"] == "legacy"
+    assert status["kill_switch"] is False
+
+
+def test_gates_shows_the_evidence_without_changing_anything():
+    legacy_user("5")
+    gate = json.loads(run("gates", "--json"))
+    assert gate["to"] == "shadow" and gate["passed"] is False
+    assert PhaseState.objects.get(pk=1).phase == "legacy"
+
+
+def test_advance_refusals_are_command_errors():
+    with pytest.raises(CommandError, match="legacy -> cutover is not a legal transition"):
+        run("advance", "--to", "cutover")
+    with pytest.raises(CommandError, match="--force needs a written --reason"):
+        run("advance", "--to", "shadow", "--force")
+    legacy_user("5")
+    with pytest.raises(CommandError, match="gate legacy -> shadow not met: backfill"):
+        run("advance", "--to", "shadow")
+    assert not PhaseAudit.objects.exclude(action="seed").exists()
+
+
+def test_backfill_then_advance_then_rollback():
+    legacy_user("5")
+    summary = json.loads(run("backfill", "--json"))
+    assert summary["postings"] == 1 and summary["users_pending_now"] == 0
+    audit = json.loads(run("advance", "--to", "shadow", "--reason", "verified", "--json"))
+    assert audit["action"] == "advance" and audit["actor"].startswith("cli:")
+    assert json.loads(run("reconcile", "--json"))["clean"] is True
+    rolled = json.loads(run("rollback", "--reason", "drill", "--json"))
+    assert (rolled["from"], rolled["to"]) == ("shadow", "legacy")
+
+
+def test_killswitch_on_and_off():
+    assert "kill_switch_on" in run("killswitch", "on", "--reason", "incident")
+    assert PhaseState.objects.get(pk=1).kill_switch
+    with pytest.raises(CommandError, match="already on"):
+        run("killswitch", "on", "--reason", "again")
+    run("killswitch", "off", "--reason", "resolved")
+    assert not PhaseState.objects.get(pk=1).kill_switch
+
+
+def test_client_token_is_shown_once_and_names_are_unique():
+    created = json.loads(run("client", "--name", "payments", "--json"))
+    client = ApiClient.objects.get(name="payments")
+    assert created["token"] and client.token_sha256 != created["token"]
+    with pytest.raises(CommandError, match="--name: a client named 'payments' already exists"):
+        run("client", "--name", "payments")
+
+
+def test_reconcile_outside_dual_write_is_a_clear_error():
+    with pytest.raises(CommandError, match="the phase is legacy"):
+        run("reconcile")
