@@ -80,21 +80,13 @@ class Command(BaseCommand):
     @staticmethod
     def _print(console: Console, report: dict) -> None:
         stages = Table(
-            title=f"Rollout rehearsal: {report['users']} users, {report['workers']} workers"
+            title=f"Rollout rehearsal: {report['users']} users, {report['workers']} workers "
+            "(latencies in ms)"
         )
-        columns = (
-            "stage",
-            "operations",
-            "applied",
-            "replays",
-            "refused",
-            "mut/s",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-        )
-        for column in columns:
-            stages.add_column(column, justify="left" if column == "stage" else "right")
+        for column in ("stage", "ops", "applied", "dups", "refused", "mut/s", "p50", "p95", "p99"):
+            stages.add_column(
+                column, justify="left" if column == "stage" else "right", no_wrap=True
+            )
         for s in report["stages"]:
             stages.add_row(
                 s["stage"],
@@ -103,9 +95,9 @@ class Command(BaseCommand):
                 str(s["replays"]),
                 str(s["refused_overdrafts"] + s["refused_other"]),
                 f"{s['mutations_per_second']:.0f}",
-                f"{s['p50_ms']:.2f}",
-                f"{s['p95_ms']:.2f}",
-                f"{s['p99_ms']:.2f}",
+                f"{s['p50_ms']:.1f}",
+                f"{s['p95_ms']:.1f}",
+                f"{s['p99_ms']:.1f}",
             )
         console.print(stages)
         for s in report["stages"]:
