@@ -100,19 +100,24 @@ def run_workers(users, processes=16, operations=120) -> dict:
     return {key: sum(r[key] for r in results) for key in results[0]}
 
 
-@pytest.mark.parametrize("phase", ["shadow", "read_switch", "strict"])
+@pytest.mark.parametrize("phase", ["legacy", "shadow", "read_switch", "strict", "cutover"])
 def test_bank_through_the_balance_path(phase):
-    phase_set(phase, read_percent=100 if phase != "shadow" else 0)
+    phase_set(phase, read_percent=100 if phase not in {"legacy", "shadow"} else 0)
     users = users_with_balances(24)
     outcome = run_workers(users)
     expected = Decimal(100 * 24) + outcome["credited"] - outcome["debited"]
-    assert totals(users) == (expected, expected)
-    for account in Account.objects.filter(user_id__in=users, account_type="usdc_balance"):
-        assert LegacyBalance.objects.get(user_id=account.user_id).buying_power == account.balance
+    legacy, ledger = totals(users)
+    assert legacy == (expected if phase != "cutover" else Decimal(2400))
+    assert ledger == (expected if phase != "legacy" else Decimal(2400))
+    assert outcome["strict_failed"] == 0
     assert not Discrepancy.objects.exists()
     ledger_postings = Transaction.objects.filter(namespace="balance").count()
-    assert ledger_postings == BalanceMutation.objects.count()
+    assert ledger_postings == BalanceMutation.objects.filter(ledger_status="posted").count()
     assert all(check.ok for check in ledger_integrity_checks())
+    if phase in {"legacy", "cutover"}:
+        return
+    for account in Account.objects.filter(user_id__in=users, account_type="usdc_balance"):
+        assert LegacyBalance.objects.get(user_id=account.user_id).buying_power == account.balance
     run = reconciliation_run(triggered_by="test")
     assert run.clean and run.users_checked == 24
 
