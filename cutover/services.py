@@ -14,7 +14,7 @@ from uuid import UUID
 
 import psycopg
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from cutover import metrics
@@ -439,9 +439,26 @@ class ReconciliationResult:
         return self.differences == 0
 
 
+RECONCILE_ATTEMPTS = 3
+
+
 def reconciliation_run(*, triggered_by: str) -> ReconciliationResult:
     """Compare every user's legacy and ledger balance in one snapshot, set-based; record new
-    discrepancies, resolve the ones that agree again. One at a time (advisory lock)."""
+    discrepancies, resolve the ones that agree again. One at a time (advisory lock).
+
+    The snapshot is REPEATABLE READ: a discrepancy row that a concurrent mutation changed after
+    it was taken makes PostgreSQL refuse the write (40001); the run is then repeated, a bounded
+    number of times, on a fresh snapshot."""
+    for attempt in range(1, RECONCILE_ATTEMPTS + 1):
+        try:
+            return _reconciliation_attempt(triggered_by)
+        except OperationalError as exc:
+            if getattr(exc.__cause__, "sqlstate", None) != "40001" or attempt == RECONCILE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _reconciliation_attempt(triggered_by: str) -> ReconciliationResult:
     started = timezone.now()
     with transaction.atomic(durable=True):
         with connection.cursor() as cursor:

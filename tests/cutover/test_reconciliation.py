@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -73,6 +74,8 @@ def test_one_leader_at_a_time():
         with pytest.raises(ReconciliationBusy):
             reconciliation_run(triggered_by="test")
         assert reconciliation_task() == {"skipped": "another reconciliation is running"}
+        other.execute("SELECT pg_advisory_unlock(%s)", [RECONCILE_LOCK])  # not on disconnect:
+        # the server may end the session a moment after the client has gone
     assert reconciliation_run(triggered_by="test").clean
 
 
@@ -123,3 +126,22 @@ def test_periodic_task_runs_in_a_real_celery_worker():
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=30)
+
+
+def test_a_concurrent_write_to_a_discrepancy_makes_the_run_start_again():
+    """A mutation updates a user's open discrepancy after the reconciliation's snapshot was
+    taken (the other connection commits between the snapshot and the write): the run is
+    refused by PostgreSQL (40001) and repeated, and ends with the current values."""
+    phase_set("shadow")
+    user = legacy_user("10")
+    ledger_balance_set(user, "9")
+    reconciliation_run(triggered_by="test")  # opens the discrepancy
+    with other_connection() as other:
+        other.autocommit = False
+        other.execute("UPDATE cutover_discrepancies SET detail = 'touched' WHERE status = 'open'")
+        # Commit from a timer while the reconciliation holds its snapshot and waits on the row.
+        threading.Timer(0.5, other.commit).start()
+        result = reconciliation_run(triggered_by="test")
+    assert result.differences == 1
+    discrepancy = Discrepancy.objects.get(user_id=user, status="open")
+    assert discrepancy.occurrences >= 2
