@@ -8,5 +8,6 @@ urlpatterns = [
     path("readyz", views.readyz, name="readyz"),
     path("admin/", admin.site.urls),
     path("", include("cutover.urls")),
+    path("", include("onchain.urls")),
     path("", include("django_prometheus.urls")),
 ]

@@ -155,6 +155,14 @@ DUE_API_KEY = env_secret("DUE_API_KEY", required=SECRETS_REQUIRED)
 DUE_API_SECRET = env_secret("DUE_API_SECRET", required=SECRETS_REQUIRED)
 ADMIN_TOKEN = env_secret("ADMIN_TOKEN", required=SECRETS_REQUIRED)
 
+# Circle: where its API is (the shipped sandbox in development and tests), how long a call may
+# take, and the largest webhook body accepted.
+CIRCLE_API_BASE_URL = env_url(
+    "CIRCLE_API_BASE_URL", default="https://api.circle.com", schemes=("https", "http")
+).rstrip("/")
+CIRCLE_HTTP_TIMEOUT = env_duration("CIRCLE_HTTP_TIMEOUT", "5s").total_seconds()
+CIRCLE_WEBHOOK_MAX_BYTES = env_int("CIRCLE_WEBHOOK_MAX_BYTES", 65536, minimum=1024)
+
 # Ledger posting: how many times a serialization failure or deadlock is retried.
 LEDGER_POSTING_MAX_ATTEMPTS = env_int("LEDGER_POSTING_MAX_ATTEMPTS", 3, minimum=1)
 
