@@ -1,8 +1,9 @@
 """The on-chain engine's Prometheus metrics (names from seed 001)."""
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 webhook_received = Counter(
     "circle_webhook_received", "Circle notifications received, by outcome", ["outcome"]
 )
 deposits_processed = Counter("onchain_deposits_processed", "Inbound transfers credited")
+buffer_level = Gauge("onchain_buffer_level", "The system USDC buffer, from the ledger")

@@ -1,4 +1,4 @@
-"""The on-chain engine's writes: verifying and storing Circle notifications, and applying them
+"""The on-chain engine's services: verifying and storing Circle notifications, and applying them
 (a completed inbound transfer to a user's deposit address credits that user through the
 cutover's balance path, against the system USDC buffer)."""
 
@@ -14,11 +14,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from cutover.services import balance_mutation_apply
+from ledger.selectors import system_account
 from onchain import circle, metrics
 from onchain.exceptions import MalformedNotification, SignatureRejected
 from onchain.models import CircleNotification, CirclePublicKey, DepositAddress, InboxStatus
@@ -148,3 +150,29 @@ def _apply(row: CircleNotification) -> str:
     )
     transaction.on_commit(metrics.deposits_processed.inc)
     return InboxStatus.PROCESSED
+
+
+@dataclass(frozen=True)
+class BufferStatus:
+    currency: str
+    balance: Decimal
+    alert_threshold: Decimal
+
+    @property
+    def below_threshold(self) -> bool:
+        return self.balance < self.alert_threshold
+
+
+def buffer_status() -> BufferStatus:
+    """The system USDC buffer from the ledger, against ONCHAIN_BUFFER_ALERT_THRESHOLD; sets
+    `onchain_buffer_level` and logs an alert when it is below."""
+    balance = system_account(code="usdc_buffer").balance
+    status = BufferStatus("USDC", balance, settings.ONCHAIN_BUFFER_ALERT_THRESHOLD)
+    metrics.buffer_level.set(float(balance))
+    if status.below_threshold:
+        log.warning(
+            "ALERT onchain USDC buffer %s below the alert threshold %s",
+            balance,
+            status.alert_threshold,
+        )
+    return status

@@ -4,4 +4,5 @@ from onchain import views
 
 urlpatterns = [
     path("webhooks/circle/transfers", views.circle_transfers, name="circle-transfers"),
+    path("internal/onchain/buffer-status", views.buffer_status_view, name="onchain-buffer-status"),
 ]

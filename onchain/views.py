@@ -1,11 +1,13 @@
 """Circle's webhook: a thin view over onchain.services.notification_receive."""
 
+import hmac
 import logging
+from decimal import Decimal
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods
 
 from cutover.exceptions import CutoverError
 from onchain import metrics
@@ -15,7 +17,7 @@ from onchain.exceptions import (
     SignatureRejected,
     UnknownSigningKey,
 )
-from onchain.services import notification_receive
+from onchain.services import buffer_status, notification_receive
 
 log = logging.getLogger("onchain.webhook")
 
@@ -57,5 +59,42 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
             "notificationId": delivery.notification_id,
             "status": delivery.status,
             "duplicate": delivery.duplicate,
+        }
+    )
+
+
+@require_GET
+def buffer_status_view(request: HttpRequest) -> JsonResponse:
+    """Bearer ADMIN_TOKEN: the USDC buffer against its alert threshold."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return JsonResponse(
+            {
+                "error": {
+                    "code": "unauthenticated",
+                    "field": "Authorization",
+                    "message": "send Authorization: Bearer <ADMIN_TOKEN>",
+                }
+            },
+            status=401,
+        )
+    if not settings.ADMIN_TOKEN or not hmac.compare_digest(token.strip(), settings.ADMIN_TOKEN):
+        return JsonResponse(
+            {
+                "error": {
+                    "code": "forbidden",
+                    "field": "Authorization",
+                    "message": "the token is not the admin token",
+                }
+            },
+            status=403,
+        )
+    status = buffer_status()
+    return JsonResponse(
+        {
+            "currency": status.currency,
+            "balance": str(status.balance.quantize(Decimal("0.000001"))),
+            "alert_threshold": str(status.alert_threshold),
+            "below_threshold": status.below_threshold,
         }
     )

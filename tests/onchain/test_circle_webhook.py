@@ -192,3 +192,23 @@ def test_parked_deposit_is_credited_by_a_replay_once_the_address_is_known(sandbo
     assert BalanceMutation.objects.count() == 1
     with pytest.raises(CommandError, match="no stored notification"):
         call_command("onchain", "replay", "missing")
+
+
+def test_buffer_status_needs_the_admin_token_and_reports_the_alert(
+    client, settings, sandbox, webhook, depositor
+):
+    settings.ADMIN_TOKEN = "admin-secret"
+    settings.ONCHAIN_BUFFER_ALERT_THRESHOLD = Decimal("100")
+    url = "/internal/onchain/buffer-status"
+    assert client.get(url).status_code == 401
+    assert client.get(url, HTTP_AUTHORIZATION="Bearer wrong").status_code == 403
+    phase_set("shadow")
+    sandbox.deliver(webhook, completed(amount="25.50"))
+    body = client.get(url, HTTP_AUTHORIZATION="Bearer admin-secret").json()
+    assert body == {
+        "currency": "USDC",
+        "balance": "25.500000",
+        "alert_threshold": "100",
+        "below_threshold": True,
+    }
+    assert "onchain_buffer_level 25.5" in client.get("/metrics").content.decode()
