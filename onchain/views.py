@@ -36,6 +36,13 @@ def _refuse(status: int, code: str, message: str, field: str | None = None) -> J
 def circle_transfers(request: HttpRequest) -> HttpResponse:
     if request.method == "HEAD":  # Circle checks the endpoint answers before subscribing it
         return HttpResponse(status=200)
+    # CIRCLE_WEBHOOK_SECRET, when set, is a token in the subscriber URL registered with Circle
+    # (`.../webhooks/circle/transfers?token=<secret>`), checked before anything else so that
+    # strangers cannot make us fetch signing keys. It is an extra gate, never a substitute:
+    # the signature is verified on every delivery either way.
+    secret = settings.CIRCLE_WEBHOOK_SECRET
+    if secret and not hmac.compare_digest(request.GET.get("token", ""), secret):
+        return _refuse(401, "bad_token", "the subscriber URL's token is missing or wrong", "token")
     if len(request.body) > settings.CIRCLE_WEBHOOK_MAX_BYTES:
         return _refuse(413, "too_large", f"over {settings.CIRCLE_WEBHOOK_MAX_BYTES} bytes")
     try:

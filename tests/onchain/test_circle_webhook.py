@@ -212,3 +212,18 @@ def test_buffer_status_needs_the_admin_token_and_reports_the_alert(
         "below_threshold": True,
     }
     assert "onchain_buffer_level 25.5" in client.get("/metrics").content.decode()
+
+
+def test_webhook_secret_is_an_extra_gate_never_a_bypass(sandbox, webhook, depositor, settings):
+    settings.CIRCLE_WEBHOOK_SECRET = "s3cret"
+    phase_set("shadow")
+    body = completed()
+    status, answer = sandbox.deliver(webhook, body)  # no token
+    assert status == 401 and answer["error"]["field"] == "token"
+    assert sandbox.key_fetches == 0  # refused before any key was fetched
+    status, answer = sandbox.deliver(f"{webhook}?token=s3cret", body, signature="AAAA")
+    assert status == 401 and answer["error"]["code"] == "bad_signature"  # token does not bypass
+    assert not CircleNotification.objects.exists()
+    status, answer = sandbox.deliver(f"{webhook}?token=s3cret", body)
+    assert (status, answer["status"]) == (200, "processed")
+    assert balances(depositor) == (Decimal("25.5"), Decimal("25.5"))
