@@ -227,3 +227,14 @@ def test_webhook_secret_is_an_extra_gate_never_a_bypass(sandbox, webhook, deposi
     status, answer = sandbox.deliver(f"{webhook}?token=s3cret", body)
     assert (status, answer["status"]) == (200, "processed")
     assert balances(depositor) == (Decimal("25.5"), Decimal("25.5"))
+
+
+def test_console_shows_a_banner_while_the_buffer_is_below_the_threshold(client, settings):
+    from django.contrib.auth.models import User
+
+    client.force_login(User.objects.create_superuser("op", "op@example.com", "pw-long-enough-1"))
+    settings.ONCHAIN_BUFFER_ALERT_THRESHOLD = Decimal("5000")
+    page = client.get("/admin/").content.decode()
+    assert 'id="buffer-alert"' in page and "below the alert threshold" in page
+    settings.ONCHAIN_BUFFER_ALERT_THRESHOLD = Decimal("0")
+    assert 'id="buffer-alert"' not in client.get("/admin/").content.decode()
