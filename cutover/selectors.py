@@ -95,15 +95,6 @@ def open_discrepancy_count() -> int:
     return Discrepancy.objects.filter(status=DiscrepancyStatus.OPEN).count()
 
 
-def discrepancy_list(*, status: str | None = None, user_id: UUID | None = None):
-    queryset = Discrepancy.objects.order_by("-last_seen_at")
-    if status:
-        queryset = queryset.filter(status=status)
-    if user_id:
-        queryset = queryset.filter(user_id=user_id)
-    return queryset
-
-
 # Users whose ledger balance is not their legacy balance: a missing account counts as 0.
 DIFFERENCES_SQL = """
     SELECT coalesce(b.user_id, a.user_id) AS user_id,

@@ -55,6 +55,7 @@ from cutover.selectors import (
     equality_proof,
     gate_evaluate,
     phase_state,
+    store_totals,
     token_digest,
     user_account_type,
 )
@@ -335,25 +336,18 @@ def phase_rollback(*, actor: Actor, reason: str) -> PhaseAudit:
         current = Phase(state.phase)
         if current == Phase.LEGACY:
             raise TransitionRefused("already in legacy: nothing to roll back")
-        evidence: dict = {"totals_before": _totals()}
+        evidence: dict = {"totals_before": store_totals()}
         if current == Phase.CUTOVER:
             with connection.cursor() as cursor:
                 cursor.execute(LEGACY_REBUILD_SQL)
                 evidence["legacy_rows_rebuilt"] = cursor.rowcount
                 cursor.execute("COMMENT ON TABLE balances IS NULL")
-            evidence["totals_after"] = _totals()
+            evidence["totals_after"] = store_totals()
         state.phase = Phase.LEGACY
         state.entered_at = timezone.now()
         state.read_percent = 0
         state.save()
         return _audit(actor, AuditAction.ROLLBACK, current, Phase.LEGACY, reason, evidence)
-
-
-def _totals() -> dict:
-    with connection.cursor() as cursor:
-        cursor.execute(TOTALS_SQL)
-        legacy, ledger, users = cursor.fetchone()
-    return {"legacy_total": str(legacy), "ledger_total": str(ledger), "legacy_users": users}
 
 
 def kill_switch_set(*, engaged: bool, actor: Actor, reason: str) -> PhaseAudit:

@@ -89,10 +89,6 @@ class Account(models.Model):
         owner = f"user {self.user_id}" if self.user_id else f"system {self.code}"
         return f"{owner} {self.account_type} {self.currency_id}"
 
-    @property
-    def is_system(self) -> bool:
-        return self.user_id is None
-
 
 class Transaction(models.Model):
     """A posting: two or more entries balancing per currency, unique by (namespace, reference)."""

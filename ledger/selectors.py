@@ -2,22 +2,11 @@
 
 from dataclasses import dataclass, field
 from decimal import Decimal
-from uuid import UUID
 
 from django.db import connection, transaction
 
 from ledger import metrics
 from ledger.models import GENESIS_HASH, Account
-
-
-def account_get(*, account_id: int) -> Account:
-    return Account.objects.get(pk=account_id)
-
-
-def account_get_for_user(*, user_id: UUID, account_type: str, currency: str) -> Account | None:
-    return Account.objects.filter(
-        user_id=user_id, account_type=account_type, currency_id=currency
-    ).first()
 
 
 def system_account(*, code: str) -> Account:
