@@ -1,10 +1,14 @@
-"""The on-chain console: the Circle inbox (with replay) and users' deposit addresses."""
+"""The on-chain console: the Circle inbox (with replay), withdrawals (dead ones resent or
+cancelled by an operator, after a confirmation) and users' deposit addresses."""
 
+from django import forms
 from django.contrib import admin, messages
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
 
 from ledger.admin import ReadOnlyAdmin
-from onchain.models import CircleNotification, DepositAddress
-from onchain.services import notification_process
+from onchain.models import CircleNotification, DepositAddress, Withdrawal
+from onchain.services import notification_process, withdrawal_cancel, withdrawal_resend
 
 
 @admin.register(CircleNotification)
@@ -39,3 +43,89 @@ class CircleNotificationAdmin(ReadOnlyAdmin):
 class DepositAddressAdmin(admin.ModelAdmin):
     list_display = ("address", "chain", "user_id", "currency", "created_at")
     search_fields = ("address", "=user_id")
+
+
+class CancelForm(forms.Form):
+    reason = forms.CharField(
+        help_text="Cancel only once Circle shows no transfer with this withdrawal's key.",
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+    )
+
+
+@admin.register(Withdrawal)
+class WithdrawalAdmin(ReadOnlyAdmin):
+    list_display = (
+        "created_at",
+        "user_id",
+        "amount",
+        "chain",
+        "address",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "circle_transfer_id",
+    )
+    list_filter = ("status", "chain")
+    search_fields = ("=user_id", "=idempotency_key", "circle_transfer_id", "address")
+    actions = ["resend", "cancel"]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("onchain.change_withdrawal")
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in self.model._meta.fields]
+
+    def _confirm(self, request, queryset, action, question, button, form=None):
+        context = {
+            **self.admin_site.each_context(request),
+            "title": button,
+            "question": question,
+            "button": button,
+            "action": action,
+            "queryset": queryset,
+            "form": form,
+            "opts": self.model._meta,
+            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/onchain/withdrawal_action.html", context)
+
+    def _each(self, request, queryset, service, **kwargs) -> None:
+        for withdrawal in queryset:
+            try:
+                done = service(
+                    withdrawal_id=withdrawal.pk, actor=request.user.get_username(), **kwargs
+                )
+            except Exception as exc:  # any failure is the operator's to see, per row
+                self.message_user(request, f"{withdrawal}: {exc}", messages.ERROR)
+            else:
+                self.message_user(request, str(done), messages.SUCCESS)
+
+    @admin.action(description="Send the selected dead withdrawals again", permissions=["change"])
+    def resend(self, request: HttpRequest, queryset):
+        if request.POST.get("confirmed") != "yes":
+            return self._confirm(
+                request,
+                queryset,
+                "resend",
+                "Send these dead withdrawals to Circle again, with their same idempotency keys?",
+                "Send again",
+            )
+        self._each(request, queryset, withdrawal_resend)
+        return None
+
+    @admin.action(
+        description="Cancel the selected dead withdrawals (return the hold)", permissions=["change"]
+    )
+    def cancel(self, request: HttpRequest, queryset):
+        form = CancelForm(request.POST if request.POST.get("confirmed") == "yes" else None)
+        if not form.is_valid():
+            return self._confirm(
+                request,
+                queryset,
+                "cancel",
+                "Cancel these dead withdrawals and return the held USDC to their users?",
+                "Cancel withdrawals",
+                form,
+            )
+        self._each(request, queryset, withdrawal_cancel, reason=form.cleaned_data["reason"])
+        return None

@@ -1,31 +1,95 @@
-"""Circle's HTTP API, as far as the engine uses it, over real HTTP (urllib)."""
+"""Circle's HTTP API, as far as the engine uses it, over real HTTP (urllib).
+
+Errors: 4xx that says the request itself is wrong (400, 404 for a transfer, 422) raises
+CircleRefused, which is final; anything else (timeouts, 5xx, 429, 401/403 from our own bad
+key) raises CircleUnavailable, which a caller may retry.
+"""
 
 import json
 import urllib.error
 import urllib.request
-from urllib.parse import quote
+from decimal import Decimal
+from urllib.parse import quote, urlencode
 
 from django.conf import settings
 
-from onchain.exceptions import CircleUnavailable, UnknownSigningKey
+from onchain.exceptions import CircleRefused, CircleUnavailable, UnknownSigningKey
+
+REFUSALS = {400, 404, 409, 422}
+
+
+def _call(method: str, path: str, body: dict | None = None, *, idempotency_key: str = "") -> dict:
+    headers = {"Authorization": f"Bearer {settings.CIRCLE_API_KEY}", "Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    request = urllib.request.Request(  # noqa: S310 (settings allow only http and https)
+        f"{settings.CIRCLE_API_BASE_URL}{path}", data=data, method=method, headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=settings.CIRCLE_HTTP_TIMEOUT) as response:  # noqa: S310
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("message", "")
+        except (ValueError, AttributeError):
+            message = ""
+        if exc.code in REFUSALS:
+            raise CircleRefused(
+                exc.code, f"Circle refused {method} {path}: {exc.code} {message}"
+            ) from None
+        raise CircleUnavailable(
+            f"Circle answered {exc.code} to {method} {path} {message}"
+        ) from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
+        raise CircleUnavailable(f"{method} {path} failed: {exc}") from None
 
 
 def public_key_fetch(key_id: str) -> tuple[str, str]:
     """(algorithm, base64 DER public key) of a notification-signing key."""
-    request = urllib.request.Request(  # noqa: S310 (settings allow only http and https)
-        f"{settings.CIRCLE_API_BASE_URL}/v2/notifications/publicKey/{quote(key_id, safe='')}",
-        headers={
-            "Authorization": f"Bearer {settings.CIRCLE_API_KEY}",
-            "Accept": "application/json",
-        },
-    )
     try:
-        with urllib.request.urlopen(request, timeout=settings.CIRCLE_HTTP_TIMEOUT) as response:  # noqa: S310
-            data = json.loads(response.read())["data"]
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
+        data = _call("GET", f"/v2/notifications/publicKey/{quote(key_id, safe='')}")["data"]
+        return data["algorithm"], data["publicKey"]
+    except CircleRefused as exc:
+        if exc.status == 404:
             raise UnknownSigningKey(f"Circle does not know the key id {key_id}") from None
-        raise CircleUnavailable(f"Circle answered {exc.code} for key {key_id}") from None
-    except (urllib.error.URLError, TimeoutError, ValueError, KeyError) as exc:
-        raise CircleUnavailable(f"Circle's public key endpoint failed: {exc}") from None
-    return data["algorithm"], data["publicKey"]
+        raise CircleUnavailable(str(exc)) from None
+    except (KeyError, TypeError):
+        raise CircleUnavailable(f"Circle's public key answer for {key_id} is malformed") from None
+
+
+def transfer_create(*, idempotency_key: str, amount: Decimal, address: str, chain: str) -> dict:
+    """Send USDC from our wallet to a blockchain address; Circle's transfer object. The same
+    idempotency key always names the same transfer, so a resend after any failure is safe."""
+    body = {
+        "idempotencyKey": idempotency_key,
+        "source": {"type": "wallet", "id": settings.CIRCLE_WALLET_ID},
+        "destination": {"type": "blockchain", "address": address, "chain": chain},
+        "amount": {"amount": str(amount), "currency": "USD"},
+    }
+    return _transfer(_call("POST", "/v1/transfers", body, idempotency_key=idempotency_key))
+
+
+def transfer_get(transfer_id: str) -> dict:
+    return _transfer(_call("GET", f"/v1/transfers/{quote(transfer_id, safe='')}"))
+
+
+def transfers_inbound(*, since: str, page_size: int = 50) -> list[dict]:
+    """Transfers into our wallet created at or after `since` (ISO 8601), oldest first."""
+    query = urlencode(
+        {"destinationWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size}
+    )
+    answer = _call("GET", f"/v1/transfers?{query}")
+    if not isinstance(answer.get("data"), list):
+        raise CircleUnavailable("Circle's transfer list is malformed")
+    return [_transfer({"data": item}) for item in answer["data"]]
+
+
+def _transfer(answer: dict) -> dict:
+    transfer = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(transfer, dict) or not transfer.get("id") or not transfer.get("status"):
+        raise CircleUnavailable("Circle's transfer object is malformed")
+    return transfer

@@ -19,3 +19,15 @@ class CircleUnavailable(OnchainError):
 
 class MalformedNotification(OnchainError):
     """The body is not a notification we understand."""
+
+
+class CircleRefused(OnchainError):
+    """Circle refused the request itself (a final answer, not worth resending)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class WithdrawalRefused(OnchainError):
+    """The withdrawal cannot be made as asked (bad address, amount, or state for the action)."""

@@ -7,3 +7,5 @@ webhook_received = Counter(
 )
 deposits_processed = Counter("onchain_deposits_processed", "Inbound transfers credited")
 buffer_level = Gauge("onchain_buffer_level", "The system USDC buffer, from the ledger")
+withdrawals_executed = Counter("onchain_withdrawals_executed", "Withdrawals Circle completed")
+withdrawals_dead = Counter("onchain_withdrawals_dead", "Withdrawals whose sending gave up")

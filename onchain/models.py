@@ -1,8 +1,9 @@
 """The on-chain engine's records: users' deposit addresses, Circle's signing keys as fetched,
-and the inbox of Circle notifications.
+the inbox of Circle notifications and the outbox of withdrawals.
 
 What PostgreSQL holds: one inbox row per Circle notification id (Circle redelivers with the same
-id); one user per deposit address; legal inbox statuses.
+id); one user per deposit address; legal inbox statuses; one withdrawal per Circle transfer id
+and per idempotency key; the withdrawals' legal state transitions (onchain/sql/onchain.sql).
 """
 
 from django.db import models
@@ -52,6 +53,7 @@ class CircleNotification(models.Model):
 
     notification_id = models.CharField(max_length=64, unique=True)
     notification_type = models.CharField(max_length=64)
+    transfer_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
     key_id = models.CharField(max_length=64)
     body = models.TextField()
     status = models.CharField(
@@ -74,3 +76,75 @@ class CircleNotification(models.Model):
 
     def __str__(self) -> str:
         return f"{self.notification_type} {self.notification_id}"
+
+
+class WithdrawalStatus(models.TextChoices):
+    PENDING = "pending", "Pending (held, to be sent to Circle)"
+    SUBMITTED = "submitted", "Submitted (Circle accepted the transfer)"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed (the hold was reversed)"
+    DEAD = "dead", "Dead (sending gave up; an operator decides)"
+
+
+class Withdrawal(models.Model):
+    """A user's USDC withdrawal, and the outbox row a worker sends to Circle.
+
+    The user's money is held in `withdrawals_pending_usdc` from the moment the row exists (the
+    hold and the row are one transaction); completion moves it out of the USDC buffer, failure
+    reverses the hold. `idempotency_key` is Circle's idempotencyKey for the transfer: every
+    resend, after any crash, asks Circle for the same transfer.
+    """
+
+    idempotency_key = models.UUIDField(unique=True)
+    user_id = models.UUIDField(db_index=True)
+    amount = models.DecimalField(max_digits=30, decimal_places=6)
+    currency = models.CharField(max_length=8, default="USDC")
+    address = models.CharField(max_length=128)
+    chain = models.CharField(max_length=16)
+    status = models.CharField(
+        max_length=12, choices=WithdrawalStatus.choices, default=WithdrawalStatus.PENDING
+    )
+    hold_in_ledger = models.BooleanField()  # the hold was posted to the ledger (not legacy)
+    circle_transfer_id = models.CharField(max_length=64, null=True, blank=True, unique=True)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(db_default=Now())
+    last_error = models.TextField(blank=True, default="")
+    requested_by = models.CharField(max_length=150, blank=True, default="")
+    correlation_id = models.CharField(max_length=128, blank=True, default="")
+    created_at = models.DateTimeField(db_default=Now())
+    updated_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        db_table = "onchain_withdrawals"
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=Q(status="pending"),
+                name="onchain_withdrawals_due",
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=WithdrawalStatus.values),
+                name="onchain_withdrawals_chk_status",
+            ),
+            models.CheckConstraint(
+                condition=Q(amount__gt=0), name="onchain_withdrawals_chk_amount"
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=["pending", "dead", "failed"])
+                | Q(circle_transfer_id__isnull=False),
+                name="onchain_withdrawals_chk_transfer_id",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"withdrawal {self.idempotency_key} {self.amount} {self.currency} {self.status}"
+
+    @property
+    def hold_reference(self) -> str:
+        return f"circle:withdrawal:{self.idempotency_key}:hold"
+
+    @property
+    def reversal_reference(self) -> str:
+        return f"circle:withdrawal:{self.idempotency_key}:reversal"

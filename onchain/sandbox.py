@@ -1,25 +1,55 @@
 """A Circle sandbox shipped with the product, for development, tests and the rehearsal.
 
 It speaks Circle's wire format for what the engine uses: the notification public-key endpoint
-(`GET /v2/notifications/publicKey/{id}`, bearer-authenticated) and signed notifications posted
-to a subscriber with `X-Circle-Signature` (base64 ECDSA-SHA256 over the raw body) and
-`X-Circle-Key-Id`. Nothing in the engine knows it is a sandbox: it is just a base URL.
+(`GET /v2/notifications/publicKey/{id}`), transfers (`POST /v1/transfers` with an
+idempotencyKey, `GET /v1/transfers/{id}`, `GET /v1/transfers?destinationWalletId=...`), all
+bearer-authenticated, and signed notifications posted to a subscriber with `X-Circle-Signature`
+(base64 ECDSA-SHA256 over the raw body) and `X-Circle-Key-Id`. Nothing in the engine knows it is
+a sandbox: it is just a base URL.
+
+Knobs for tests and the rehearsal: `fail_next` (answer the next transfer creations with an
+error status), `delay` (seconds before answering them: timeouts), `on_created` (called after a
+transfer is recorded and before the answer is sent: a caller killed there has been accepted
+but never heard it), `subscriber` + `settle` (notify a subscriber of transfers and complete or
+fail new outbound transfers on their own).
 """
 
 import base64
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+STATUS_OF = {
+    "transfers.created": "pending",
+    "transfers.completed": "complete",
+    "transfers.failed": "failed",
+}
+TYPE_OF = {status: kind for kind, status in STATUS_OF.items()}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
 
 class CircleSandbox:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        wallet_id: str = "1000000001",
+        subscriber: str | None = None,
+        settle: str | None = None,
+    ):
         self.private_key = ec.generate_private_key(ec.SECP256R1())
         self.key_id = str(uuid.uuid4())
         public_der = self.private_key.public_key().public_bytes(
@@ -27,7 +57,18 @@ class CircleSandbox:
         )
         self.public_key_b64 = base64.b64encode(public_der).decode()
         self.key_fetches = 0
+        self.wallet_id = wallet_id
+        self.subscriber = subscriber
+        self.settle = settle  # None, "complete" or "failed": what happens to new outbound transfers
+        self.transfers: dict[str, dict] = {}  # id -> Circle's transfer object
+        self.by_key: dict[str, tuple[str, dict]] = {}  # idempotencyKey -> (id, request body)
+        self.create_calls = 0
+        self.fail_next: list[int] = []  # statuses for the next transfer creations
+        self.delay = 0.0
+        self.on_created = None
+        self.lock = threading.Lock()
         self.server = ThreadingHTTPServer((host, port), self._handler())
+        self.server.handle_error = lambda request, address: None  # a caller that hung up
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -43,17 +84,128 @@ class CircleSandbox:
         self.server.shutdown()
         self.server.server_close()
 
+    # What Circle does on its side --------------------------------------------------------
+
+    def deposit(
+        self, *, address: str, amount: str, transfer_id: str | None = None, notify: bool = True
+    ) -> dict:
+        """USDC arrives at one of our deposit addresses: a completed inbound transfer, notified
+        to the subscriber unless told otherwise (a webhook that never came)."""
+        transfer = {
+            "id": transfer_id or str(uuid.uuid4()),
+            "source": {"type": "blockchain", "chain": "ETH"},
+            "destination": {
+                "type": "wallet",
+                "id": self.wallet_id,
+                "address": address,
+                "chain": "ETH",
+            },
+            "amount": {"amount": amount, "currency": "USD"},
+            "transactionHash": "0x" + uuid.uuid4().hex,
+            "status": "complete",
+            "createDate": _now(),
+        }
+        with self.lock:
+            self.transfers[transfer["id"]] = transfer
+        if notify and self.subscriber:
+            self.deliver(self.subscriber, self.notification("transfers.completed", transfer))
+        return transfer
+
+    def transfer_finish(self, transfer_id: str, status: str, *, notify: bool = True) -> dict:
+        """An outbound transfer completes ("complete") or fails ("failed") on chain."""
+        with self.lock:
+            transfer = self.transfers[transfer_id]
+            transfer["status"] = status
+            if status == "failed":
+                transfer["errorCode"] = "transfer_failed"
+        if notify and self.subscriber:
+            self.deliver(self.subscriber, self.notification(TYPE_OF[status], transfer))
+        return transfer
+
+    # The wire -----------------------------------------------------------------------------
+
     def _handler(self):
         sandbox = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
-                prefix = "/v2/notifications/publicKey/"
-                if not self.headers.get("Authorization", "").startswith("Bearer "):
-                    return self._json(401, {"code": 401, "message": "Malformed authorization."})
-                if not self.path.startswith(prefix):
+                if not self._authorised():
+                    return None
+                url = urlsplit(self.path)
+                if url.path.startswith("/v2/notifications/publicKey/"):
+                    return self._public_key(url.path.rsplit("/", 1)[1])
+                if url.path == "/v1/transfers":
+                    return self._list(parse_qs(url.query))
+                if url.path.startswith("/v1/transfers/"):
+                    transfer = sandbox.transfers.get(url.path.rsplit("/", 1)[1])
+                    if transfer is None:
+                        return self._json(404, {"code": 404, "message": "Transfer not found."})
+                    return self._json(200, {"data": transfer})
+                return self._json(404, {"code": 404, "message": "Not found."})
+
+            def do_POST(self):
+                if not self._authorised():
+                    return None
+                if urlsplit(self.path).path != "/v1/transfers":
                     return self._json(404, {"code": 404, "message": "Not found."})
-                key_id = self.path[len(prefix) :]
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with sandbox.lock:
+                    sandbox.create_calls += 1
+                    failure = sandbox.fail_next.pop(0) if sandbox.fail_next else None
+                if sandbox.delay:
+                    time.sleep(sandbox.delay)
+                if failure is not None:
+                    return self._json(failure, {"code": failure, "message": "Injected failure."})
+                try:
+                    body = json.loads(raw)
+                    key = str(uuid.UUID(body["idempotencyKey"]))
+                    address = body["destination"]["address"]
+                    chain = body["destination"]["chain"]
+                    amount = body["amount"]["amount"]
+                    if body["source"] != {"type": "wallet", "id": sandbox.wallet_id}:
+                        raise ValueError("unknown source wallet")
+                except (ValueError, KeyError, TypeError) as exc:
+                    return self._json(400, {"code": 2, "message": f"Invalid request: {exc}"})
+                if address.startswith("0xbad"):  # a destination Circle refuses
+                    return self._json(400, {"code": 5001, "message": "Invalid destination."})
+                with sandbox.lock:
+                    known = sandbox.by_key.get(key)
+                    if known is not None and known[1] != body:
+                        return self._json(409, {"code": 409, "message": "Idempotency key reused."})
+                    if known is None:
+                        transfer = {
+                            "id": str(uuid.uuid4()),
+                            "source": {"type": "wallet", "id": sandbox.wallet_id},
+                            "destination": {
+                                "type": "blockchain",
+                                "address": address,
+                                "chain": chain,
+                            },
+                            "amount": {"amount": amount, "currency": "USD"},
+                            "status": "pending",
+                            "createDate": _now(),
+                        }
+                        sandbox.transfers[transfer["id"]] = transfer
+                        sandbox.by_key[key] = (transfer["id"], body)
+                    transfer = dict(sandbox.transfers[sandbox.by_key[key][0]])
+                if known is None:
+                    if sandbox.on_created is not None:
+                        sandbox.on_created(transfer)
+                    if sandbox.settle and sandbox.subscriber:
+                        threading.Thread(
+                            target=sandbox.transfer_finish,
+                            args=(transfer["id"], sandbox.settle),
+                            daemon=True,
+                        ).start()
+                return self._json(201 if known is None else 200, {"data": transfer})
+
+            def _authorised(self) -> bool:
+                if not self.headers.get("Authorization", "").startswith("Bearer "):
+                    self._json(401, {"code": 401, "message": "Malformed authorization."})
+                    return False
+                return True
+
+            def _public_key(self, key_id: str) -> None:
                 if key_id != sandbox.key_id:
                     return self._json(404, {"code": 404, "message": "Public key not found."})
                 sandbox.key_fetches += 1
@@ -69,6 +221,25 @@ class CircleSandbox:
                     },
                 )
 
+            def _list(self, query: dict) -> None:
+                """Inbound transfers to the wallet, newest first, `pageAfter` as Circle pages."""
+                if query.get("destinationWalletId", [""])[0] != sandbox.wallet_id:
+                    return self._json(200, {"data": []})
+                since = query.get("from", [""])[0]
+                size = min(int(query.get("pageSize", ["50"])[0]), 50)
+                with sandbox.lock:
+                    inbound = [
+                        t
+                        for t in sandbox.transfers.values()
+                        if t["destination"].get("type") == "wallet" and t["createDate"] >= since
+                    ]
+                inbound.sort(key=lambda t: t["createDate"], reverse=True)
+                after = query.get("pageAfter", [None])[0]
+                if after is not None:
+                    ids = [t["id"] for t in inbound]
+                    inbound = inbound[ids.index(after) + 1 :] if after in ids else []
+                return self._json(200, {"data": inbound[:size]})
+
             def _json(self, status: int, body: dict) -> None:
                 raw = json.dumps(body).encode()
                 self.send_response(status)
@@ -82,11 +253,29 @@ class CircleSandbox:
 
         return Handler
 
+    # Notifications ------------------------------------------------------------------------
+
     def sign(self, body: bytes) -> str:
         return base64.b64encode(self.private_key.sign(body, ec.ECDSA(hashes.SHA256()))).decode()
 
     @staticmethod
+    def notification(
+        notification_type: str, transfer: dict, notification_id: str | None = None
+    ) -> bytes:
+        return json.dumps(
+            {
+                "subscriptionId": "00000000-0000-0000-0000-000000000001",
+                "notificationId": notification_id or str(uuid.uuid4()),
+                "notificationType": notification_type,
+                "notification": transfer,
+                "timestamp": _now(),
+                "version": 2,
+            }
+        ).encode()
+
+    @classmethod
     def transfer_notification(
+        cls,
         *,
         notification_type: str,
         transfer_id: str,
@@ -95,29 +284,16 @@ class CircleSandbox:
         notification_id: str | None = None,
     ) -> bytes:
         """A notification about an inbound USDC transfer, in Circle's shape."""
-        status = {
-            "transfers.created": "pending",
-            "transfers.completed": "complete",
-            "transfers.failed": "failed",
-        }[notification_type]
-        return json.dumps(
-            {
-                "subscriptionId": "00000000-0000-0000-0000-000000000001",
-                "notificationId": notification_id or str(uuid.uuid4()),
-                "notificationType": notification_type,
-                "notification": {
-                    "id": transfer_id,
-                    "source": {"type": "blockchain", "chain": "ETH"},
-                    "destination": {"type": "blockchain", "address": address, "chain": "ETH"},
-                    "amount": {"amount": amount, "currency": "USD"},
-                    "transactionHash": "0x" + uuid.uuid4().hex,
-                    "status": status,
-                    "createDate": "2026-11-24T00:00:00Z",
-                },
-                "timestamp": "2026-11-24T00:00:01Z",
-                "version": 2,
-            }
-        ).encode()
+        transfer = {
+            "id": transfer_id,
+            "source": {"type": "blockchain", "chain": "ETH"},
+            "destination": {"type": "blockchain", "address": address, "chain": "ETH"},
+            "amount": {"amount": amount, "currency": "USD"},
+            "transactionHash": "0x" + uuid.uuid4().hex,
+            "status": STATUS_OF[notification_type],
+            "createDate": "2026-11-24T00:00:00Z",
+        }
+        return cls.notification(notification_type, transfer, notification_id)
 
     def deliver(
         self, url: str, body: bytes, *, signature: str | None = None, key_id: str | None = None

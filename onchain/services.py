@@ -1,13 +1,18 @@
-"""The on-chain engine's services: verifying and storing Circle notifications, and applying them
+"""The on-chain engine's services: verifying and storing Circle notifications and applying them
 (a completed inbound transfer to a user's deposit address credits that user through the
-cutover's balance path, against the system USDC buffer)."""
+cutover's balance path, against the system USDC buffer); withdrawals, as TigerBeetle's pending
+transfers: the request holds the user's money in `withdrawals_pending_usdc` and writes the
+outbox row in one transaction, a worker sends it to Circle, completion posts the hold out of
+the USDC buffer, failure reverses it; and polling Circle for what its webhook did not bring."""
 
 import base64
 import binascii
 import json
 import logging
 import traceback
+import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 
 from cryptography.exceptions import InvalidSignature
@@ -19,11 +24,29 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from cutover.exceptions import ConcurrentDuplicate
+from cutover.models import BalanceMutation
+from cutover.selectors import phase_state
 from cutover.services import balance_mutation_apply
+from ledger.money import amount_parse
 from ledger.selectors import system_account
+from ledger.services import Leg, transaction_apply
 from onchain import circle, metrics
-from onchain.exceptions import MalformedNotification, SignatureRejected
-from onchain.models import CircleNotification, CirclePublicKey, DepositAddress, InboxStatus
+from onchain.exceptions import (
+    CircleRefused,
+    CircleUnavailable,
+    MalformedNotification,
+    SignatureRejected,
+    WithdrawalRefused,
+)
+from onchain.models import (
+    CircleNotification,
+    CirclePublicKey,
+    DepositAddress,
+    InboxStatus,
+    Withdrawal,
+    WithdrawalStatus,
+)
 
 log = logging.getLogger(__name__)
 SUPPORTED_TYPES = {"transfers.created", "transfers.completed", "transfers.failed", "webhooks.test"}
@@ -72,7 +95,8 @@ def notification_receive(*, body: bytes, signature: str, key_id: str) -> Deliver
         payload = json.loads(body)
         notification_id = str(payload["notificationId"])
         notification_type = str(payload["notificationType"])
-    except (ValueError, KeyError, TypeError):
+        transfer_id = str((payload.get("notification") or {}).get("id") or "")
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise MalformedNotification("the body is not a Circle notification") from None
     if notification_type not in SUPPORTED_TYPES:
         raise MalformedNotification(f"unsupported notificationType {notification_type!r}")
@@ -81,6 +105,7 @@ def notification_receive(*, body: bytes, signature: str, key_id: str) -> Deliver
             CircleNotification.objects.create(
                 notification_id=notification_id,
                 notification_type=notification_type,
+                transfer_id=transfer_id[:64],
                 key_id=key_id,
                 body=body.decode(),
             )
@@ -122,10 +147,33 @@ def notification_process(*, notification_id: str) -> str:
 
 
 def _apply(row: CircleNotification) -> str:
-    payload = json.loads(row.body)
+    transfer = json.loads(row.body).get("notification") or {}
+    if not isinstance(transfer, dict) or row.notification_type == "webhooks.test":
+        return InboxStatus.PROCESSED
+    transfer_id = str(transfer.get("id") or "")
+    withdrawal = (
+        Withdrawal.objects.select_for_update().filter(circle_transfer_id=transfer_id).first()
+        if transfer_id
+        else None
+    )
+    if withdrawal is not None:
+        settled = _withdrawal_settle(withdrawal, transfer)
+        return InboxStatus.PARKED if settled == InboxStatus.PARKED else InboxStatus.PROCESSED
+    if (transfer.get("source") or {}).get("type") == "wallet":
+        # One of our withdrawals whose send has not been recorded yet (the worker crashed, or
+        # is still committing): kept for the worker, which replays it once it records the id.
+        if transfer.get("status") in ("complete", "failed"):
+            log.warning("circle transfer %s from our wallet not yet recorded: parked", transfer_id)
+            return InboxStatus.PARKED
+        return InboxStatus.PROCESSED
     if row.notification_type != "transfers.completed":
         return InboxStatus.PROCESSED  # recorded; only a completed transfer moves money here
-    transfer = payload.get("notification") or payload.get("transfer") or {}
+    return _deposit_credit(transfer, correlation_id=row.notification_id)
+
+
+def _deposit_credit(transfer: dict, *, correlation_id: str) -> str:
+    """Credit a completed inbound transfer to its deposit address's user, once per transfer id
+    whichever way it arrives (webhook, redelivery, poll)."""
     destination = (transfer.get("destination") or {}).get("address")
     address = DepositAddress.objects.filter(address=destination).first()
     if address is None:
@@ -138,7 +186,7 @@ def _apply(row: CircleNotification) -> str:
         transfer_id = str(transfer["id"])
     except (KeyError, TypeError, InvalidOperation):
         raise MalformedNotification("the transfer has no id or amount") from None
-    balance_mutation_apply(
+    result = balance_mutation_apply(
         user_id=address.user_id,
         direction="credit",
         amount=amount,
@@ -146,10 +194,327 @@ def _apply(row: CircleNotification) -> str:
         reason="circle_deposit",
         currency=address.currency,
         counterparty="usdc_buffer",
-        correlation_id=row.notification_id,
+        correlation_id=correlation_id,
     )
-    transaction.on_commit(metrics.deposits_processed.inc)
+    if result.created:
+        transaction.on_commit(metrics.deposits_processed.inc)
     return InboxStatus.PROCESSED
+
+
+# Withdrawals ------------------------------------------------------------------------------
+
+CHAINS = {"ETH", "SOL", "MATIC", "AVAX", "ARB", "BASE", "OP", "ALGO", "XLM", "TRX", "NOBLE"}
+MAX_ADDRESS_LENGTH = 128
+
+
+def withdrawal_request(
+    *,
+    user_id,
+    amount: Decimal | str,
+    address: str,
+    chain: str,
+    idempotency_key: uuid.UUID | None = None,
+    requested_by: str = "",
+    correlation_id: str = "",
+) -> Withdrawal:
+    """Hold the user's USDC (a debit through the balance path into `withdrawals_pending_usdc`)
+    and write the outbox row, in one transaction: both or neither. The same idempotency key
+    returns the first withdrawal, or is refused if it asked for something else."""
+    amount = amount_parse(amount, "USDC")
+    if not isinstance(address, str) or not address.strip() or len(address) > MAX_ADDRESS_LENGTH:
+        raise WithdrawalRefused(f"address must be 1..{MAX_ADDRESS_LENGTH} characters")
+    if chain not in CHAINS:
+        raise WithdrawalRefused(f"chain must be one of {', '.join(sorted(CHAINS))}")
+    key = idempotency_key or uuid.uuid4()
+    existing = Withdrawal.objects.filter(idempotency_key=key).first()
+    if existing is None:
+        try:
+            with transaction.atomic(durable=True):
+                withdrawal = Withdrawal(
+                    idempotency_key=key,
+                    user_id=user_id,
+                    amount=amount,
+                    address=address.strip(),
+                    chain=chain,
+                    requested_by=requested_by,
+                    correlation_id=correlation_id,
+                )
+                hold = balance_mutation_apply(
+                    user_id=user_id,
+                    direction="debit",
+                    amount=amount,
+                    reference=withdrawal.hold_reference,
+                    reason="circle_withdrawal",
+                    counterparty="withdrawals_pending_usdc",
+                    correlation_id=correlation_id,
+                )
+                withdrawal.hold_in_ledger = hold.ledger_status == "posted"
+                withdrawal.save(force_insert=True)
+            return withdrawal
+        except (IntegrityError, ConcurrentDuplicate):  # the same key, concurrently: a replay
+            existing = Withdrawal.objects.get(idempotency_key=key)
+    if (existing.user_id, existing.amount, existing.address, existing.chain) != (
+        user_id,
+        amount,
+        address.strip(),
+        chain,
+    ):
+        raise WithdrawalRefused(f"idempotency key {key} was used for another withdrawal")
+    return existing
+
+
+@dataclass
+class SendReport:
+    submitted: int = 0
+    failed: int = 0  # refused by Circle: reversed
+    retried: int = 0
+    dead: int = 0
+
+
+def withdrawals_send(*, limit: int = 100) -> SendReport:
+    """The outbox worker: send due pending withdrawals to Circle, one row at a time, each
+    claimed with FOR UPDATE SKIP LOCKED so that any number of workers share the work. Nothing
+    is sent while the kill switch is on. A row is tried at most once per pass."""
+    report = SendReport()
+    tried: list[int] = []
+    if phase_state().kill_switch:
+        log.warning("kill switch engaged: withdrawals are not sent")
+        return report
+    for _ in range(limit):
+        claimed = None
+        try:
+            with transaction.atomic(durable=True):
+                claimed = (
+                    Withdrawal.objects.select_for_update(skip_locked=True)
+                    .filter(status=WithdrawalStatus.PENDING, next_attempt_at__lte=timezone.now())
+                    .exclude(pk__in=tried)
+                    .order_by("next_attempt_at", "id")
+                    .first()
+                )
+                if claimed is None:
+                    break
+                tried.append(claimed.pk)
+                outcome = _withdrawal_send(claimed)
+        except Exception as exc:
+            if claimed is None:
+                raise
+            log.exception("withdrawal %s not sent", claimed.idempotency_key)
+            outcome = _withdrawal_retry_later(claimed.pk, f"{type(exc).__name__}: {exc}")
+        setattr(report, outcome, getattr(report, outcome) + 1)
+    return report
+
+
+def _withdrawal_send(withdrawal: Withdrawal) -> str:
+    """Send one claimed withdrawal (its row locked by the caller) and record Circle's answer."""
+    try:
+        transfer = circle.transfer_create(
+            idempotency_key=str(withdrawal.idempotency_key),
+            amount=withdrawal.amount,
+            address=withdrawal.address,
+            chain=withdrawal.chain,
+        )
+    except CircleRefused as exc:  # final: the hold goes back to the user
+        withdrawal.attempts += 1
+        _withdrawal_fail(withdrawal, reason=str(exc))
+        return "failed"
+    except CircleUnavailable as exc:
+        withdrawal.attempts += 1
+        return _withdrawal_backoff(withdrawal, str(exc))
+    withdrawal.attempts += 1
+    withdrawal.circle_transfer_id = str(transfer["id"])
+    withdrawal.last_error = ""
+    withdrawal.status = WithdrawalStatus.SUBMITTED
+    withdrawal.save()
+    # Settled in transactions of their own, after the transfer id is safely recorded: what
+    # Circle answered, then any notification that came before this send was recorded (parked).
+    # If either fails, the webhook's redelivery or the poll settles it later.
+    transaction.on_commit(lambda: _transfer_settle(withdrawal.pk, transfer), robust=True)
+    transaction.on_commit(lambda: _parked_replay(withdrawal.circle_transfer_id), robust=True)
+    return "submitted"
+
+
+def _transfer_settle(withdrawal_pk: int, transfer: dict) -> str:
+    with transaction.atomic(durable=True):
+        withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_pk)
+        return _withdrawal_settle(withdrawal, transfer)
+
+
+def _withdrawal_backoff(withdrawal: Withdrawal, error: str) -> str:
+    withdrawal.last_error = error
+    if withdrawal.attempts >= settings.ONCHAIN_WITHDRAWAL_MAX_ATTEMPTS:
+        withdrawal.status = WithdrawalStatus.DEAD
+        log.error(
+            "ALERT withdrawal %s dead after %s attempts: %s",
+            withdrawal.idempotency_key,
+            withdrawal.attempts,
+            error,
+        )
+        transaction.on_commit(metrics.withdrawals_dead.inc)
+    else:
+        delay = min(
+            settings.ONCHAIN_WITHDRAWAL_BACKOFF * 2 ** (withdrawal.attempts - 1),
+            settings.ONCHAIN_WITHDRAWAL_BACKOFF_MAX,
+        )
+        withdrawal.next_attempt_at = timezone.now() + delay
+    withdrawal.save(update_fields=["attempts", "last_error", "status", "next_attempt_at"])
+    return "dead" if withdrawal.status == WithdrawalStatus.DEAD else "retried"
+
+
+def _withdrawal_retry_later(withdrawal_pk: int, error: str) -> str:
+    with transaction.atomic(durable=True):
+        withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_pk)
+        if withdrawal.status != WithdrawalStatus.PENDING:
+            return "retried"
+        withdrawal.attempts += 1
+        return _withdrawal_backoff(withdrawal, error)
+
+
+def _withdrawal_settle(withdrawal: Withdrawal, transfer: dict) -> str:
+    """Bring a withdrawal (row locked) to what Circle says of its transfer; idempotent. A
+    contradiction (Circle completes what we reversed, or fails what completed) is parked."""
+    status = transfer.get("status")
+    done = {"complete": WithdrawalStatus.COMPLETED, "failed": WithdrawalStatus.FAILED}.get(status)
+    if withdrawal.status in (WithdrawalStatus.COMPLETED, WithdrawalStatus.FAILED):
+        if done is None or done == withdrawal.status:
+            return InboxStatus.PROCESSED
+        log.error(
+            "ALERT withdrawal %s is %s but Circle says transfer %s is %s",
+            withdrawal.idempotency_key,
+            withdrawal.status,
+            withdrawal.circle_transfer_id,
+            status,
+        )
+        return InboxStatus.PARKED
+    if done == WithdrawalStatus.COMPLETED:
+        _withdrawal_complete(withdrawal)
+        return "completed"
+    if done == WithdrawalStatus.FAILED:
+        _withdrawal_fail(
+            withdrawal, reason=f"Circle failed transfer {withdrawal.circle_transfer_id}"
+        )
+        return "failed"
+    return InboxStatus.PROCESSED  # still pending at Circle
+
+
+def _withdrawal_complete(withdrawal: Withdrawal) -> None:
+    """The money left our wallet: the hold moves out of the USDC buffer (when the ledger saw
+    the hold; a hold placed in `legacy` never reached it)."""
+    if withdrawal.hold_in_ledger:
+        transaction_apply(
+            namespace="circle",
+            reference_id=f"withdrawal:{withdrawal.idempotency_key}:complete",
+            kind="withdrawal_complete",
+            legs=[
+                Leg.debit(system_account(code="withdrawals_pending_usdc"), withdrawal.amount),
+                Leg.credit(system_account(code="usdc_buffer"), withdrawal.amount),
+            ],
+            metadata={
+                "user_id": str(withdrawal.user_id),
+                "transfer": withdrawal.circle_transfer_id,
+            },
+        )
+    withdrawal.status = WithdrawalStatus.COMPLETED
+    withdrawal.save()
+    transaction.on_commit(metrics.withdrawals_executed.inc)
+
+
+def _withdrawal_fail(withdrawal: Withdrawal, *, reason: str) -> None:
+    """Reverse the hold, exactly once (its own balance-path reference), through the balance
+    path. A hold the ledger never saw (placed in `legacy`) is reversed against opening balance
+    equity, where the backfill put the money it brought in."""
+    balance_mutation_apply(
+        user_id=withdrawal.user_id,
+        direction="credit",
+        amount=withdrawal.amount,
+        reference=withdrawal.reversal_reference,
+        reason="circle_withdrawal_reversal",
+        counterparty="withdrawals_pending_usdc"
+        if withdrawal.hold_in_ledger
+        else "opening_balance_equity_usdc",
+        correlation_id=withdrawal.correlation_id,
+    )
+    withdrawal.status = WithdrawalStatus.FAILED
+    withdrawal.last_error = reason
+    withdrawal.save()
+    log.warning("withdrawal %s failed and was reversed: %s", withdrawal.idempotency_key, reason)
+
+
+def _parked_replay(transfer_id: str) -> None:
+    for notification_id in CircleNotification.objects.filter(
+        transfer_id=transfer_id, status__in=[InboxStatus.PARKED, InboxStatus.FAILED]
+    ).values_list("notification_id", flat=True):
+        notification_process(notification_id=notification_id)
+
+
+def withdrawal_resend(*, withdrawal_id: int, actor: str) -> Withdrawal:
+    """An operator sends a dead withdrawal again (the same idempotency key, attempts reset)."""
+    with transaction.atomic(durable=True):
+        withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_id)
+        if withdrawal.status != WithdrawalStatus.DEAD:
+            raise WithdrawalRefused(f"{withdrawal} is not dead; only dead withdrawals are resent")
+        withdrawal.status = WithdrawalStatus.PENDING
+        withdrawal.attempts = 0
+        withdrawal.next_attempt_at = timezone.now()
+        withdrawal.last_error = f"resent by {actor} after: {withdrawal.last_error}"
+        withdrawal.save()
+    log.warning("withdrawal %s resent by %s", withdrawal.idempotency_key, actor)
+    return withdrawal
+
+
+def withdrawal_cancel(*, withdrawal_id: int, actor: str, reason: str) -> Withdrawal:
+    """An operator gives up on a dead withdrawal: its hold goes back to the user. (Circle never
+    accepted it: a dead withdrawal has no transfer.)"""
+    if not reason.strip():
+        raise WithdrawalRefused("a reason is required to cancel a withdrawal")
+    with transaction.atomic(durable=True):
+        withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_id)
+        if withdrawal.status != WithdrawalStatus.DEAD:
+            raise WithdrawalRefused(
+                f"{withdrawal} is not dead; only dead withdrawals are cancelled"
+            )
+        _withdrawal_fail(withdrawal, reason=f"cancelled by {actor}: {reason.strip()}")
+    return withdrawal
+
+
+# Polling ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PollReport:
+    deposits_seen: int = 0
+    deposits_credited: int = 0
+    deposits_parked: int = 0
+    withdrawals_checked: int = 0
+    withdrawals_settled: int = 0
+
+
+def transfers_poll(*, lookback: timedelta | None = None) -> PollReport:
+    """The fallback for webhooks that never came: completed inbound transfers of the last
+    `lookback` are credited (the same `circle:transfer:<id>` reference as the webhook, so
+    whichever comes second changes nothing), and submitted withdrawals are brought to
+    Circle's status."""
+    report = PollReport()
+    since = timezone.now() - (lookback or settings.ONCHAIN_DEPOSIT_POLL_LOOKBACK)
+    for transfer in circle.transfers_inbound(since=since.isoformat().replace("+00:00", "Z")):
+        report.deposits_seen += 1
+        if transfer.get("status") != "complete":
+            continue
+        reference = f"circle:transfer:{transfer['id']}"
+        if BalanceMutation.objects.filter(reference=reference).exists():
+            continue
+        with transaction.atomic(durable=True):
+            outcome = _deposit_credit(transfer, correlation_id=f"poll:{transfer['id']}")
+        if outcome == InboxStatus.PARKED:
+            report.deposits_parked += 1
+        else:
+            report.deposits_credited += 1
+    for pk, transfer_id in Withdrawal.objects.filter(status=WithdrawalStatus.SUBMITTED).values_list(
+        "pk", "circle_transfer_id"
+    ):
+        report.withdrawals_checked += 1
+        if _transfer_settle(pk, circle.transfer_get(transfer_id)) in ("completed", "failed"):
+            report.withdrawals_settled += 1
+    return report
 
 
 @dataclass(frozen=True)

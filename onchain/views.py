@@ -2,22 +2,40 @@
 
 import hmac
 import logging
+import uuid
 from decimal import Decimal
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from cutover.exceptions import CutoverError
+from cutover.api import ApiError, Unavailable, api_view, idempotent, json_object
+from cutover.exceptions import (
+    CutoverError,
+    KillSwitchEngaged,
+    MutationConflict,
+    StrictLedgerFailure,
+)
+from cutover.models import ApiClient
+from ledger.exceptions import InsufficientFunds, InvalidAmount
+from ledger.money import amount_parse
 from onchain import metrics
 from onchain.exceptions import (
     CircleUnavailable,
     MalformedNotification,
     SignatureRejected,
     UnknownSigningKey,
+    WithdrawalRefused,
 )
-from onchain.services import buffer_status, notification_receive
+from onchain.models import Withdrawal
+from onchain.services import (
+    CHAINS,
+    MAX_ADDRESS_LENGTH,
+    buffer_status,
+    notification_receive,
+    withdrawal_request,
+)
 
 log = logging.getLogger("onchain.webhook")
 
@@ -105,3 +123,62 @@ def buffer_status_view(request: HttpRequest) -> JsonResponse:
             "below_threshold": status.below_threshold,
         }
     )
+
+
+def _withdrawal(withdrawal: Withdrawal) -> dict:
+    return {
+        "id": str(withdrawal.idempotency_key),
+        "user_id": str(withdrawal.user_id),
+        "amount": str(withdrawal.amount),
+        "currency": withdrawal.currency,
+        "address": withdrawal.address,
+        "chain": withdrawal.chain,
+        "status": withdrawal.status,
+    }
+
+
+# Withdrawal ids made from the API's idempotency record: a request re-run after a crash
+# between the withdrawal's commit and its recorded answer finds the same withdrawal.
+WITHDRAWAL_NAMESPACE = uuid.UUID("6f1d3c52-4b8e-4f0a-9a57-3c2b7e9d1a10")
+
+
+@csrf_exempt
+@require_POST
+@api_view
+def withdrawal_create(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
+    """A user's USDC withdrawal: held now, sent to Circle by the outbox worker."""
+    data = json_object(request)
+    for field in ("amount", "address", "chain"):
+        if not isinstance(data.get(field), str):
+            raise ApiError(400, "invalid", f"{field} must be a string", field)
+    try:
+        amount = amount_parse(data["amount"], "USDC")
+    except InvalidAmount as exc:
+        raise ApiError(400, "invalid", str(exc), "amount") from None
+    address, chain = data["address"].strip(), data["chain"]
+    if not address or len(address) > MAX_ADDRESS_LENGTH:
+        raise ApiError(
+            400, "invalid", f"address must be 1..{MAX_ADDRESS_LENGTH} characters", "address"
+        )
+    if chain not in CHAINS:
+        raise ApiError(400, "invalid", f"chain must be one of {', '.join(sorted(CHAINS))}", "chain")
+    parsed = {"amount": amount, "address": address, "chain": chain}
+
+    def apply(record_id: int) -> tuple[int, dict]:
+        try:
+            withdrawal = withdrawal_request(
+                user_id=user_id,
+                idempotency_key=uuid.uuid5(WITHDRAWAL_NAMESPACE, f"api:{record_id}"),
+                requested_by=client.name,
+                correlation_id=request.correlation_id,
+                **parsed,
+            )
+        except (KillSwitchEngaged, StrictLedgerFailure) as exc:
+            raise Unavailable(str(exc)) from None
+        except InsufficientFunds as exc:
+            raise ApiError(422, "insufficient_funds", str(exc), "amount") from None
+        except (MutationConflict, WithdrawalRefused) as exc:
+            raise ApiError(422, "conflict", str(exc)) from None
+        return 201, _withdrawal(withdrawal)
+
+    return idempotent(request, client, user_id, parsed, apply)

@@ -146,6 +146,8 @@ TREASURY_SCHEDULER_INTERVAL = env_duration("TREASURY_SCHEDULER_INTERVAL", "5m")
 TREASURY_MONITOR_INTERVAL = env_duration("TREASURY_MONITOR_INTERVAL", "1m")
 TREASURY_CONVERSION_TIMEOUT = env_duration("TREASURY_CONVERSION_TIMEOUT", "30m")
 ONCHAIN_DEPOSIT_POLL_INTERVAL = env_duration("ONCHAIN_DEPOSIT_POLL_INTERVAL", "30s")
+# How far back each poll asks Circle for inbound transfers (longer outages: `onchain poll`).
+ONCHAIN_DEPOSIT_POLL_LOOKBACK = env_duration("ONCHAIN_DEPOSIT_POLL_LOOKBACK", "2h")
 ONCHAIN_BUFFER_ALERT_THRESHOLD = env_decimal("ONCHAIN_BUFFER_ALERT_THRESHOLD", "5000.0")
 
 # Secrets: optional in development, required by config.settings.production.
@@ -163,6 +165,13 @@ CIRCLE_API_BASE_URL = env_url(
 ).rstrip("/")
 CIRCLE_HTTP_TIMEOUT = env_duration("CIRCLE_HTTP_TIMEOUT", "5s").total_seconds()
 CIRCLE_WEBHOOK_MAX_BYTES = env_int("CIRCLE_WEBHOOK_MAX_BYTES", 65536, minimum=1024)
+# Withdrawals: the Circle wallet they are sent from; the outbox worker's pace, its backoff
+# (base * 2^(attempt-1), capped) and how many sends fail before a withdrawal is dead.
+CIRCLE_WALLET_ID = env.str("CIRCLE_WALLET_ID", default="1000000001")
+ONCHAIN_WITHDRAWAL_SEND_INTERVAL = env_duration("ONCHAIN_WITHDRAWAL_SEND_INTERVAL", "5s")
+ONCHAIN_WITHDRAWAL_BACKOFF = env_duration("ONCHAIN_WITHDRAWAL_BACKOFF", "2s")
+ONCHAIN_WITHDRAWAL_BACKOFF_MAX = env_duration("ONCHAIN_WITHDRAWAL_BACKOFF_MAX", "10m")
+ONCHAIN_WITHDRAWAL_MAX_ATTEMPTS = env_int("ONCHAIN_WITHDRAWAL_MAX_ATTEMPTS", 8, minimum=1)
 
 # Ledger posting: how many times a serialization failure or deadlock is retried.
 LEDGER_POSTING_MAX_ATTEMPTS = env_int("LEDGER_POSTING_MAX_ATTEMPTS", 3, minimum=1)
@@ -180,5 +189,13 @@ CELERY_BEAT_SCHEDULE = {
     "cutover-reconcile": {
         "task": "cutover.reconcile",
         "schedule": CUTOVER_RECONCILE_INTERVAL.total_seconds(),
+    },
+    "onchain-withdrawals-send": {
+        "task": "onchain.withdrawals_send",
+        "schedule": ONCHAIN_WITHDRAWAL_SEND_INTERVAL.total_seconds(),
+    },
+    "onchain-transfers-poll": {
+        "task": "onchain.transfers_poll",
+        "schedule": ONCHAIN_DEPOSIT_POLL_INTERVAL.total_seconds(),
     },
 }

@@ -3,6 +3,7 @@
 import uuid
 from decimal import Decimal
 
+from django.db import connection
 from django.utils import timezone
 
 from cutover.models import LegacyBalance, PhaseState
@@ -35,3 +36,9 @@ def phase_set(phase: str, read_percent: int = 0, kill_switch: bool = False) -> N
         kill_switch=kill_switch,
         kill_switch_reason="test" if kill_switch else "",
     )
+
+
+def database_url() -> str:
+    """The test database's URL, for a child process (`manage.py` in a subprocess)."""
+    db = connection.settings_dict
+    return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"

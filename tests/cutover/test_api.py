@@ -8,9 +8,9 @@ from decimal import Decimal
 import pytest
 from django.utils import timezone
 
+from cutover.api import request_fingerprint
 from cutover.models import BalanceMutation, IdempotencyRecord, LegacyBalance
 from cutover.services import api_client_create, idempotency_claim
-from cutover.views import request_fingerprint
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -31,7 +31,7 @@ from cutover.services import (
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account, Transaction
 from ledger.selectors import ledger_integrity_checks
-from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
+from tests.cutover.factories import database_url, ledger_balance_set, legacy_user, phase_set
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -214,7 +214,7 @@ def test_kill_switch_mid_traffic_stops_new_mutations_and_leaves_nothing_half_don
 
 def test_backfill_killed_mid_run_resumes_with_exactly_one_opening_balance():
     users = [legacy_user(f"{i + 1}.25") for i in range(400)]
-    env = {**os.environ, "DATABASE_URL": _database_url()}
+    env = {**os.environ, "DATABASE_URL": database_url()}
     command = [sys.executable, "manage.py", "cutover", "backfill", "--chunk-size", "20"]
     child = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -235,11 +235,6 @@ def test_backfill_killed_mid_run_resumes_with_exactly_one_opening_balance():
     opened = [m["user_id"] for m in per_user]
     assert sorted(opened) == sorted(str(u) for u in users)  # each exactly once
     assert totals(users)[0] == totals(users)[1]
-
-
-def _database_url() -> str:
-    db = connection.settings_dict
-    return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
 
 def deliver(user, reference: str, start_at: float) -> bool:

@@ -1,45 +1,164 @@
-"""`python manage.py onchain ...`: replay a stored Circle notification; run the Circle sandbox."""
+"""`python manage.py onchain ...`: replay a stored Circle notification, send due withdrawals,
+poll Circle for transfers, request/resend/cancel a withdrawal, list withdrawals, run the
+Circle sandbox."""
 
+import dataclasses
+import json
 import time
+import uuid
+from datetime import timedelta
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from cutover.exceptions import CutoverError
+from cutover.management.commands.cutover import positive as positive_int
+from ledger.exceptions import LedgerError
 from onchain.exceptions import OnchainError
-from onchain.models import CircleNotification
+from onchain.models import CircleNotification, Withdrawal, WithdrawalStatus
 from onchain.sandbox import CircleSandbox
-from onchain.services import notification_process
+from onchain.services import (
+    notification_process,
+    transfers_poll,
+    withdrawal_cancel,
+    withdrawal_request,
+    withdrawal_resend,
+    withdrawals_send,
+)
 
 
 class Command(BaseCommand):
-    help = "The on-chain engine: replay a stored Circle notification, or run the Circle sandbox."
+    help = "The on-chain engine: notifications, withdrawals, polling and the Circle sandbox."
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         replay = sub.add_parser("replay", help="process a stored notification again (idempotent)")
         replay.add_argument("notification_id", help="Circle's notificationId")
+        send = sub.add_parser("send", help="send due withdrawals to Circle now (the worker's pass)")
+        send.add_argument("--limit", type=positive_int, default=100, help="at most (100)")
+        send.add_argument("--json", action="store_true", help="print the report as JSON")
+        poll = sub.add_parser(
+            "poll", help="ask Circle for recent inbound transfers and submitted withdrawals"
+        )
+        poll.add_argument(
+            "--hours", type=positive_int, default=None, help="look back this many hours"
+        )
+        poll.add_argument("--json", action="store_true", help="print the report as JSON")
+        withdraw = sub.add_parser("withdraw", help="hold a user's USDC and queue its withdrawal")
+        withdraw.add_argument("--user", required=True, help="the user's UUID")
+        withdraw.add_argument("--amount", required=True, help='USDC, e.g. "25.50"')
+        withdraw.add_argument("--address", required=True, help="destination address")
+        withdraw.add_argument("--chain", required=True, help="destination chain, e.g. ETH")
+        resend = sub.add_parser("resend", help="send a dead withdrawal again (same key)")
+        resend.add_argument("withdrawal", type=positive_int, help="the withdrawal's id")
+        cancel = sub.add_parser(
+            "cancel",
+            help="reverse a dead withdrawal's hold (only once Circle shows no transfer for it)",
+        )
+        cancel.add_argument("withdrawal", type=positive_int, help="the withdrawal's id")
+        cancel.add_argument("--reason", required=True, help="why (kept on the withdrawal)")
+        listing = sub.add_parser("withdrawals", help="list withdrawals")
+        listing.add_argument("--status", choices=WithdrawalStatus.values, help="only these")
+        listing.add_argument("--json", action="store_true", help="print JSON")
         sandbox = sub.add_parser(
             "sandbox",
-            help="serve the Circle sandbox (public-key endpoint) until interrupted; point "
-            "CIRCLE_API_BASE_URL at it",
+            help="serve the Circle sandbox until interrupted; point CIRCLE_API_BASE_URL at it",
         )
         sandbox.add_argument("--port", type=int, default=8099, help="port on 127.0.0.1 (8099)")
+        sandbox.add_argument(
+            "--subscriber", default=None, help="the webhook URL to notify of transfers"
+        )
+        sandbox.add_argument(
+            "--settle",
+            choices=["complete", "failed"],
+            default=None,
+            help="complete or fail new outbound transfers on their own",
+        )
 
     def handle(self, *args, **options) -> None:
-        if options["action"] == "replay":
-            if not CircleNotification.objects.filter(
-                notification_id=options["notification_id"]
-            ).exists():
-                raise CommandError(
-                    f"notification_id: no stored notification {options['notification_id']}"
-                )
-            try:
-                status = notification_process(notification_id=options["notification_id"])
-            except (OnchainError, CutoverError) as exc:
-                raise CommandError(f"not applied: {exc}") from None
-            self.stdout.write(f"{options['notification_id']}: {status}")
+        try:
+            getattr(self, f"_{options['action']}")(options)
+        except (OnchainError, CutoverError, LedgerError) as exc:
+            raise CommandError(str(exc)) from None
+
+    def _replay(self, options) -> None:
+        notification_id = options["notification_id"]
+        if not CircleNotification.objects.filter(notification_id=notification_id).exists():
+            raise CommandError(f"notification_id: no stored notification {notification_id}")
+        status = notification_process(notification_id=notification_id)
+        self.stdout.write(f"{notification_id}: {status}")
+
+    def _send(self, options) -> None:
+        self._report(withdrawals_send(limit=options["limit"]), options["json"])
+
+    def _poll(self, options) -> None:
+        hours = options["hours"]
+        lookback = None if hours is None else timedelta(hours=hours)
+        self._report(transfers_poll(lookback=lookback), options["json"])
+
+    def _withdraw(self, options) -> None:
+        try:
+            user_id = uuid.UUID(options["user"])
+        except ValueError:
+            raise CommandError("--user: not a UUID") from None
+        withdrawal = withdrawal_request(
+            user_id=user_id,
+            amount=options["amount"],
+            address=options["address"],
+            chain=options["chain"],
+            requested_by="command",
+        )
+        self.stdout.write(f"withdrawal {withdrawal.pk}: {withdrawal}")
+
+    def _resend(self, options) -> None:
+        withdrawal = withdrawal_resend(withdrawal_id=self._known(options), actor="command")
+        self.stdout.write(str(withdrawal))
+
+    def _cancel(self, options) -> None:
+        withdrawal = withdrawal_cancel(withdrawal_id=self._known(options), reason=options["reason"])
+        self.stdout.write(str(withdrawal))
+
+    def _withdrawals(self, options) -> None:
+        rows = Withdrawal.objects.order_by("id")
+        if options["status"]:
+            rows = rows.filter(status=options["status"])
+        fields = [
+            "id",
+            "idempotency_key",
+            "user_id",
+            "amount",
+            "address",
+            "chain",
+            "status",
+            "attempts",
+            "circle_transfer_id",
+            "last_error",
+        ]
+        data = list(rows.values(*fields))
+        if options["json"]:
+            self.stdout.write(json.dumps(data, indent=2, default=str))
             return
-        with CircleSandbox(port=options["port"]) as sandbox:
+        for row in data:
+            self.stdout.write(
+                f"{row['id']:>6} {row['status']:<9} {row['amount']:>14} {row['chain']:<5} "
+                f"{row['address']} attempts={row['attempts']} {row['last_error'][:60]}"
+            )
+
+    def _known(self, options) -> int:
+        if not Withdrawal.objects.filter(pk=options["withdrawal"]).exists():
+            raise CommandError(f"withdrawal: no withdrawal {options['withdrawal']}")
+        return options["withdrawal"]
+
+    def _report(self, report, as_json: bool) -> None:
+        data = dataclasses.asdict(report)
+        if as_json:
+            self.stdout.write(json.dumps(data))
+        else:
+            self.stdout.write(", ".join(f"{key} {value}" for key, value in data.items()))
+
+    def _sandbox(self, options) -> None:
+        with CircleSandbox(
+            port=options["port"], subscriber=options["subscriber"], settle=options["settle"]
+        ) as sandbox:
             self.stdout.write(
                 f"Circle sandbox at {sandbox.base_url}, signing key id {sandbox.key_id}"
             )

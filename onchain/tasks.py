@@ -1,0 +1,35 @@
+"""Celery tasks of the on-chain engine: thin shells over the services, scheduled by beat.
+`ENABLE_ONCHAIN_ENGINE=false` makes them do nothing (the webhook still stores and applies)."""
+
+import dataclasses
+import logging
+
+from celery import shared_task
+from django.conf import settings
+
+from onchain.exceptions import CircleUnavailable
+from onchain.services import transfers_poll, withdrawals_send
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name="onchain.withdrawals_send")
+def withdrawals_send_task() -> dict:
+    """The outbox worker's pass; rows are claimed with SKIP LOCKED, so overlapping passes on
+    any number of workers share the work instead of repeating it."""
+    if not settings.ENABLE_ONCHAIN_ENGINE:
+        return {"skipped": "ENABLE_ONCHAIN_ENGINE is off"}
+    return dataclasses.asdict(withdrawals_send())
+
+
+@shared_task(name="onchain.transfers_poll")
+def transfers_poll_task() -> dict:
+    """The deposit polling fallback (every ONCHAIN_DEPOSIT_POLL_INTERVAL)."""
+    if not settings.ENABLE_ONCHAIN_ENGINE:
+        return {"skipped": "ENABLE_ONCHAIN_ENGINE is off"}
+    try:
+        report = transfers_poll()
+    except CircleUnavailable as exc:  # the next poll tries again
+        log.warning("transfer poll failed: %s", exc)
+        return {"failed": str(exc)}
+    return dataclasses.asdict(report)
