@@ -6,6 +6,9 @@ from decimal import Decimal, InvalidOperation
 from ledger.exceptions import InvalidAmount
 
 CURRENCY_DECIMALS = {"USD": 2, "USDC": 6}
+# Amounts live in numeric(38, 6) columns; one amount is kept well inside them (so that sums of
+# many still fit) and inside Python's default 28-digit decimal context.
+MAX_AMOUNT = Decimal("1e20")
 
 
 def amount_parse(value: Decimal | str | int, currency: str) -> Decimal:
@@ -20,6 +23,8 @@ def amount_parse(value: Decimal | str | int, currency: str) -> Decimal:
         raise InvalidAmount(f"amount {value!r} is not a decimal number") from None
     if not amount.is_finite() or amount <= 0:
         raise InvalidAmount(f"amount {value!r} must be a positive number")
+    if amount >= MAX_AMOUNT:
+        raise InvalidAmount(f"amount {value} is too large (it must be below 10^20)")
     places = CURRENCY_DECIMALS[currency]
     if amount != amount.quantize(Decimal(1).scaleb(-places)):
         raise InvalidAmount(f"amount {value} has more than {places} decimal places for {currency}")

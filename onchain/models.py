@@ -97,7 +97,7 @@ class Withdrawal(models.Model):
 
     idempotency_key = models.UUIDField(unique=True)
     user_id = models.UUIDField(db_index=True)
-    amount = models.DecimalField(max_digits=30, decimal_places=6)
+    amount = models.DecimalField(max_digits=38, decimal_places=6)
     currency = models.CharField(max_length=8, default="USDC")
     address = models.CharField(max_length=128)
     chain = models.CharField(max_length=16)

@@ -13,7 +13,7 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -28,6 +28,7 @@ from cutover.exceptions import ConcurrentDuplicate
 from cutover.models import BalanceMutation
 from cutover.selectors import phase_state
 from cutover.services import balance_mutation_apply
+from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from ledger.selectors import system_account
 from ledger.services import Leg, transaction_apply
@@ -95,8 +96,8 @@ def notification_receive(*, body: bytes, signature: str, key_id: str) -> Deliver
         payload = json.loads(body)
         notification_id = str(payload["notificationId"])
         notification_type = str(payload["notificationType"])
-        transfer_id = str((payload.get("notification") or {}).get("id") or "")
-    except (ValueError, KeyError, TypeError, AttributeError):
+        transfer_id = _part(payload, "notification", "id")
+    except (ValueError, KeyError, TypeError):
         raise MalformedNotification("the body is not a Circle notification") from None
     if notification_type not in SUPPORTED_TYPES:
         raise MalformedNotification(f"unsupported notificationType {notification_type!r}")
@@ -105,7 +106,7 @@ def notification_receive(*, body: bytes, signature: str, key_id: str) -> Deliver
             CircleNotification.objects.create(
                 notification_id=notification_id,
                 notification_type=notification_type,
-                transfer_id=transfer_id[:64],
+                transfer_id=transfer_id[:64] if isinstance(transfer_id, str) else "",
                 key_id=key_id,
                 body=body.decode(),
             )
@@ -146,11 +147,20 @@ def notification_process(*, notification_id: str) -> str:
         raise
 
 
+def _part(value, *path: str):
+    """value[path[0]][path[1]]..., or None where the notification's shape is not as expected."""
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def _apply(row: CircleNotification) -> str:
-    transfer = json.loads(row.body).get("notification") or {}
+    transfer = _part(json.loads(row.body), "notification")
     if not isinstance(transfer, dict) or row.notification_type == "webhooks.test":
         return InboxStatus.PROCESSED
-    transfer_id = str(transfer.get("id") or "")
+    transfer_id = _part(transfer, "id")
+    if transfer_id is not None and not isinstance(transfer_id, str):
+        raise MalformedNotification("the transfer's id is not a string")
     withdrawal = (
         Withdrawal.objects.select_for_update().filter(circle_transfer_id=transfer_id).first()
         if transfer_id
@@ -159,7 +169,7 @@ def _apply(row: CircleNotification) -> str:
     if withdrawal is not None:
         settled = _withdrawal_settle(withdrawal, transfer)
         return InboxStatus.PARKED if settled == InboxStatus.PARKED else InboxStatus.PROCESSED
-    if (transfer.get("source") or {}).get("type") == "wallet":
+    if _part(transfer, "source", "type") == "wallet":
         # One of our withdrawals whose send has not been recorded yet (the worker crashed, or
         # is still committing): kept for the worker, which replays it once it records the id.
         if transfer.get("status") in ("complete", "failed"):
@@ -174,18 +184,24 @@ def _apply(row: CircleNotification) -> str:
 def _deposit_credit(transfer: dict, *, correlation_id: str) -> str:
     """Credit a completed inbound transfer to its deposit address's user, once per transfer id
     whichever way it arrives (webhook, redelivery, poll)."""
-    destination = (transfer.get("destination") or {}).get("address")
-    address = DepositAddress.objects.filter(address=destination).first()
+    destination = _part(transfer, "destination", "address")
+    address = (
+        DepositAddress.objects.filter(address=destination).first()
+        if isinstance(destination, str)
+        else None
+    )
     if address is None:
         log.warning(
-            "circle transfer %s to unknown address %s parked", transfer.get("id"), destination
+            "circle transfer %s to unknown address %r parked", transfer.get("id"), destination
         )
         return InboxStatus.PARKED
+    transfer_id, amount = _part(transfer, "id"), _part(transfer, "amount", "amount")
+    if not isinstance(transfer_id, str) or not transfer_id or not isinstance(amount, str):
+        raise MalformedNotification("the transfer has no id or amount")
     try:
-        amount = Decimal(str(transfer["amount"]["amount"]))
-        transfer_id = str(transfer["id"])
-    except (KeyError, TypeError, InvalidOperation):
-        raise MalformedNotification("the transfer has no id or amount") from None
+        amount = amount_parse(amount, address.currency)
+    except InvalidAmount as exc:
+        raise MalformedNotification(f"the transfer's amount: {exc}") from None
     result = balance_mutation_apply(
         user_id=address.user_id,
         direction="credit",

@@ -30,7 +30,7 @@ class Migration(migrations.Migration):
                 ),
                 ("idempotency_key", models.UUIDField(unique=True)),
                 ("user_id", models.UUIDField(db_index=True)),
-                ("amount", models.DecimalField(decimal_places=6, max_digits=30)),
+                ("amount", models.DecimalField(decimal_places=6, max_digits=38)),
                 ("currency", models.CharField(default="USDC", max_length=8)),
                 ("address", models.CharField(max_length=128)),
                 ("chain", models.CharField(max_length=16)),

@@ -117,6 +117,7 @@ def test_overdraft_is_refused_and_changes_nothing(alice, bob):
         ),
         (lambda a, b: [Leg.debit(a, "0"), Leg.credit(b, "0")], InvalidAmount, "positive"),
         (lambda a, b: [Leg.debit(a, "-5"), Leg.credit(b, "-5")], InvalidAmount, "positive"),
+        (lambda a, b: [Leg.debit(a, "1e30"), Leg.credit(b, "1e30")], InvalidAmount, "too large"),
         (
             lambda a, b: [Leg(a.pk, "debit", 1.5, "USDC"), Leg(b.pk, "credit", 1.5, "USDC")],
             InvalidAmount,
