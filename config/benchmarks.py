@@ -36,6 +36,7 @@ from cutover.services import (
 from ledger.models import Account
 from ledger.selectors import system_account
 from ledger.services import Leg, account_open, opening_balance_post, transaction_post
+from onchain.models import DepositAddress
 
 BENCH_NAMESPACE = "bench"
 PGBENCH_THREADS = 2  # pgbench -j: one thread per core of this machine kind
@@ -312,8 +313,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def api_server(database_name: str) -> Iterator[int]:
-    """gunicorn serving this project on a loopback port, on `database_name`; yields the port."""
+def api_server(database_name: str, environment: dict | None = None) -> Iterator[int]:
+    """gunicorn serving this project on a loopback port, on `database_name` (with `environment`
+    added to its settings' environment), laid out as deploy/ runs it (four single-threaded
+    workers); yields the port."""
     db = settings.DATABASES["default"]
     host = db.get("HOST") or "/var/run/postgresql"
     auth = f"{db['USER']}:{db['PASSWORD']}" if db.get("PASSWORD") else db["USER"]
@@ -327,6 +330,7 @@ def api_server(database_name: str) -> Iterator[int]:
         "DATABASE_URL": url,
         "DJANGO_SETTINGS_MODULE": "config.settings.base",
         "LOG_LEVEL": "WARNING",  # one log line per request would measure the log, not the API
+        **(environment or {}),
     }
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(
@@ -338,9 +342,9 @@ def api_server(database_name: str) -> Iterator[int]:
                 "--bind",
                 f"127.0.0.1:{port}",
                 "--workers",
-                "2",
-                "--threads",
                 "4",
+                "--threads",
+                "1",
                 "--log-level",
                 "warning",
             ],
@@ -411,5 +415,88 @@ def reads_measure(port: int, token: str, users: list, rps: int, seconds: int) ->
         "requests": total,
         "errors": errors[0],
         "achieved_rps": round(achieved, 1),
+        **latency_summary(latencies),
+    }
+
+
+# --- bench webhooks ---------------------------------------------------------------------------
+
+
+def webhook_users(count: int) -> list[str]:
+    """`count` users in shadow, each with a ledger account and a deposit address; the
+    addresses."""
+    users = bench_users_in_phase(count, "shadow")
+    addresses = [f"0x{index:040x}" for index in range(count)]
+    DepositAddress.objects.bulk_create(
+        DepositAddress(address=address, chain="ETH", user_id=user)
+        for address, user in zip(addresses, users, strict=True)
+    )
+    return addresses
+
+
+def webhooks_measure(
+    port: int, sandbox, addresses: list[str], senders: int, seconds: int, redeliver: float
+) -> dict:
+    """`senders` concurrent senders (keep-alive connections) post signed completed-deposit
+    notifications for `seconds`, a `redeliver` share of them a second time, as Circle does;
+    latency per delivery, throughput of accepted (2xx) deliveries."""
+    rng = random.Random(7)
+    deadline = time.perf_counter() + seconds
+    latencies, statuses, lock = [], {}, threading.Lock()
+    counter = iter(range(10**9))
+
+    def body_next() -> tuple[bytes, str]:
+        index = next(counter)
+        body = sandbox.transfer_notification(
+            notification_type="transfers.completed",
+            transfer_id=f"bench-{index}",
+            address=addresses[index % len(addresses)],
+            amount=f"{rng.randint(1, 10**6) / 100:.2f}",
+        )
+        return body, sandbox.sign(body)
+
+    def sender(_: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        redelivery = None
+        while time.perf_counter() < deadline:
+            body, signature = redelivery or body_next()
+            redelivery = (
+                (body, signature) if redelivery is None and rng.random() < redeliver else None
+            )
+            started = time.perf_counter()
+            try:
+                conn.request(
+                    "POST",
+                    "/webhooks/circle/transfers",
+                    body=body,
+                    headers={
+                        "Content-Type": "application/json",
+                        "X-Circle-Signature": signature,
+                        "X-Circle-Key-Id": sandbox.key_id,
+                    },
+                )
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                status = 0
+            elapsed = (time.perf_counter() - started) * 1000
+            with lock:
+                latencies.append(elapsed)
+                statuses[status] = statuses.get(status, 0) + 1
+        conn.close()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=senders) as pool:
+        list(pool.map(sender, range(senders)))
+    elapsed = time.perf_counter() - started
+    accepted = sum(count for status, count in statuses.items() if 200 <= status < 300)
+    return {
+        "deliveries": len(latencies),
+        "accepted": accepted,
+        "statuses": {str(status): count for status, count in sorted(statuses.items())},
+        "accepted_per_second": round(accepted / elapsed, 1),
         **latency_summary(latencies),
     }

@@ -2,7 +2,9 @@
 
 legacy users with balances -> backfill under traffic -> shadow (with one injected drift that
 reconciliation must catch and the gate must block on) -> read_switch 1/10/50/100 % -> strict ->
-cutover -> rollback drill; every gate's evidence and every invariant in the report.
+cutover -> rollback drill; every gate's evidence and every invariant in the report. In shadow
+and in cutover, USDC deposits and withdrawals go through the Circle sandbox over real HTTP
+(signed webhooks to this project's endpoint, redeliveries, a poll, a refusal, a failure).
 """
 
 import multiprocessing
@@ -17,9 +19,10 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from config.runtime import latency_summary, processes_run
+from config.runtime import http_server, latency_summary, processes_run
 from cutover.actors import Actor
 from cutover.exceptions import GateNotMet, KillSwitchEngaged, StrictLedgerFailure
+from cutover.models import BalanceMutation
 from cutover.phases import Phase
 from cutover.selectors import open_discrepancy_count, phase_state, store_differences, store_totals
 from cutover.services import (
@@ -31,7 +34,10 @@ from cutover.services import (
     reconciliation_run,
 )
 from ledger.exceptions import InsufficientFunds
-from ledger.selectors import ledger_integrity_checks
+from ledger.selectors import ledger_integrity_checks, system_account
+from onchain.models import CircleNotification, DepositAddress, Withdrawal
+from onchain.sandbox import CircleSandbox
+from onchain.services import transfers_poll, withdrawal_request, withdrawals_send
 
 CENT = Decimal("0.01")
 ACTOR = Actor("rehearsal")
@@ -141,6 +147,8 @@ class Rehearsal:
         self.total = Traffic()
         self.opening_total = Decimal(0)
         self.user_ids: list[uuid.UUID] = []
+        self.onchain: list[dict] = []
+        self.onchain_net = Decimal(0)  # deposits credited minus withdrawals completed
 
     def run(self) -> dict:
         for name in (
@@ -156,6 +164,7 @@ class Rehearsal:
         backfill_run()  # catch up with what the legacy traffic changed meanwhile
         self._advance(Phase.SHADOW, "backfill verified")
         self._traffic("shadow")
+        self._onchain()
         self._drift_drill()
         for percent in (1, 10, 50, 100):
             if percent == 1:
@@ -171,6 +180,7 @@ class Rehearsal:
         self._reconcile("strict")
         self._advance(Phase.CUTOVER, "strict clean")
         self._traffic("cutover")
+        self._onchain()
         self._rollback_drill()
         return self._report()
 
@@ -273,6 +283,92 @@ class Rehearsal:
         notes.append(f"repaired: {repaired.resolved} discrepancy resolved by reconciliation")
         self.drift_found = found.differences
 
+    def _onchain(self, deposits: int = 20, withdrawals: int = 10) -> None:
+        """USDC deposits and withdrawals through the Circle sandbox, in the current phase."""
+        phase = phase_state().phase
+        rng = random.Random(f"{self.seed}-onchain-{phase}")
+        users = rng.sample(self.user_ids, min(deposits, len(self.user_ids)))
+        token = f"?token={settings.CIRCLE_WEBHOOK_SECRET}" if settings.CIRCLE_WEBHOOK_SECRET else ""
+        saved = settings.CIRCLE_API_BASE_URL, settings.CIRCLE_API_KEY
+        buffer_before = system_account(code="usdc_buffer").balance
+        with (
+            http_server() as base_url,
+            CircleSandbox(subscriber=f"{base_url}/webhooks/circle/transfers{token}") as sandbox,
+        ):
+            settings.CIRCLE_API_BASE_URL, settings.CIRCLE_API_KEY = sandbox.base_url, "rehearsal"
+            try:
+                summary = self._onchain_flows(phase, rng, users, withdrawals, sandbox)
+            finally:
+                settings.CIRCLE_API_BASE_URL, settings.CIRCLE_API_KEY = saved
+        summary["buffer_change"] = str(system_account(code="usdc_buffer").balance - buffer_before)
+        self.onchain.append(summary)
+
+    def _onchain_flows(self, phase, rng, users, withdrawals, sandbox) -> dict:
+        deposited, transfers = Decimal(0), []
+        for index, user in enumerate(users):
+            address = f"0x{phase[:4]}{index:036x}"
+            DepositAddress.objects.create(address=address, chain="ETH", user_id=user)
+            amount = Decimal(rng.randint(1000, 50000)) * CENT
+            # the last one's webhook never comes: the poll must find it
+            transfer = sandbox.deposit(
+                address=address, amount=str(amount), notify=index < len(users) - 1
+            )
+            transfers.append(transfer)
+            deposited += amount
+        redelivered = 0
+        for transfer in transfers[: len(transfers) // 3]:  # Circle redelivers, or renotifies
+            stored = CircleNotification.objects.filter(transfer_id=transfer["id"]).first()
+            if stored is not None:
+                sandbox.deliver(sandbox.subscriber, stored.body.encode())
+            sandbox.deliver(
+                sandbox.subscriber, CircleSandbox.notification("transfers.completed", transfer)
+            )
+            redelivered += 2
+        parked_before = CircleNotification.objects.filter(status="parked").count()
+        sandbox.deposit(address="0xnobody-" + phase, amount="12.34")  # parked for an operator
+        parked = CircleNotification.objects.filter(status="parked").count() - parked_before
+        polled = transfers_poll().deposits_credited
+        held = []
+        for index, user in enumerate(users[: min(withdrawals, len(users))]):
+            amount = Decimal(rng.randint(100, 1000)) * CENT
+            address = "0xbad-rehearsal" if index == 0 else f"0x{rng.getrandbits(160):040x}"
+            held.append(
+                withdrawal_request(user_id=user, amount=amount, address=address, chain="ETH")
+            )
+        sent = withdrawals_send()
+        withdrawn, failed_on_chain = Decimal(0), 0
+        for index, withdrawal in enumerate(held):
+            withdrawal.refresh_from_db()
+            if withdrawal.status != "submitted":
+                continue
+            outcome = "failed" if index == 1 else "complete"  # one fails on chain
+            sandbox.transfer_finish(withdrawal.circle_transfer_id, outcome)
+            failed_on_chain += outcome == "failed"
+        for withdrawal in held:
+            withdrawal.refresh_from_db()
+            if withdrawal.status == "completed":
+                withdrawn += withdrawal.amount
+        self.onchain_net += deposited - withdrawn
+        statuses = [w.status for w in Withdrawal.objects.filter(pk__in=[w.pk for w in held])]
+        return {
+            "phase": phase,
+            "deposits": len(users),
+            "deposited": str(deposited),
+            "redeliveries": redelivered,
+            "credited_by_poll": polled,
+            "parked": parked,
+            "withdrawals": len(held),
+            "refused_by_circle": sent.failed,
+            "failed_on_chain": failed_on_chain,
+            "completed": statuses.count("completed"),
+            "withdrawn": str(withdrawn),
+            "credits_once": BalanceMutation.objects.filter(
+                reference__in=[f"circle:transfer:{t['id']}" for t in transfers]
+            ).count()
+            == len(transfers),
+            "all_settled": set(statuses) <= {"completed", "failed"},
+        }
+
     def _rollback_drill(self) -> None:
         audit = phase_rollback(actor=ACTOR, reason="rollback drill")
         differing, _ = store_differences(limit=0)
@@ -287,7 +383,7 @@ class Rehearsal:
 
     def _report(self) -> dict:
         totals = store_totals()
-        expected = self.opening_total + self.total.credited - self.total.debited
+        expected = self.opening_total + self.total.credited - self.total.debited + self.onchain_net
         checks = [
             {
                 "name": c.name,
@@ -316,6 +412,17 @@ class Rehearsal:
                 "detail": f"{self.rollback_differences} users differ after the drill",
             },
             {
+                "name": "onchain_exactly_once",
+                "ok": all(o["credits_once"] and o["all_settled"] for o in self.onchain),
+                "detail": "; ".join(
+                    f"{o['phase']}: {o['deposits']} deposits credited once "
+                    f"({o['redeliveries']} redeliveries, {o['credited_by_poll']} by the poll), "
+                    f"{o['completed']}/{o['withdrawals']} withdrawals completed, "
+                    f"{o['refused_by_circle']} refused, {o['failed_on_chain']} failed on chain"
+                    for o in self.onchain
+                ),
+            },
+            {
                 "name": "no_open_discrepancies",
                 "ok": open_discrepancy_count() == 0,
                 "detail": f"{open_discrepancy_count()} open",
@@ -332,6 +439,7 @@ class Rehearsal:
                 "replays": self.total.replays,
                 **latency_summary(self.total.latencies_ms),
             },
+            "onchain": self.onchain,
             "invariants": checks,
             "ok": all(check["ok"] for check in checks),
         }

@@ -2,6 +2,7 @@
 worker processes and latency statistics."""
 
 import multiprocessing
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, wait
@@ -10,6 +11,11 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command
+from django.core.servers.basehttp import (
+    ThreadedWSGIServer,
+    WSGIRequestHandler,
+    get_internal_wsgi_application,
+)
 from django.db import DatabaseError, connections
 
 from config import embedded_db
@@ -104,3 +110,23 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
         "p99_ms": round(percentile(ordered, 0.99), 3),
         "max_ms": round(ordered[-1], 3) if ordered else 0.0,
     }
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args) -> None:  # the rehearsal prints a report, not an access log
+        pass
+
+
+@contextmanager
+def http_server() -> Iterator[str]:
+    """This project's WSGI application on a loopback port, in threads of this process (on the
+    database this process uses); yields its base URL."""
+    server = ThreadedWSGIServer(("127.0.0.1", 0), _QuietHandler, allow_reuse_address=False)
+    server.set_app(get_internal_wsgi_application())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -38,6 +38,7 @@ from onchain.exceptions import (
     CircleUnavailable,
     MalformedNotification,
     SignatureRejected,
+    UnknownSigningKey,
     WithdrawalRefused,
 )
 from onchain.models import (
@@ -54,8 +55,18 @@ SUPPORTED_TYPES = {"transfers.created", "transfers.completed", "transfers.failed
 ALGORITHM = "ECDSA_SHA_256"
 
 
+# Loaded signing keys by key id. Circle's keys never change under an id, so a process keeps
+# what it loaded: one fetch per unknown id (table first, then Circle), then no query at all.
+_KEYS: dict[str, ec.EllipticCurvePublicKey] = {}
+MAX_ID_LENGTH = 64
+
+
 def _public_key(key_id: str):
-    """The signing key, from the table or fetched from Circle once per unknown key id."""
+    """The signing key, from this process, the table, or fetched from Circle once."""
+    if key_id in _KEYS:
+        return _KEYS[key_id]
+    if len(key_id) > MAX_ID_LENGTH:
+        raise UnknownSigningKey(f"key id is over {MAX_ID_LENGTH} characters")
     known = CirclePublicKey.objects.filter(key_id=key_id).first()
     if known is None:
         algorithm, public_key = circle.public_key_fetch(key_id)
@@ -64,7 +75,8 @@ def _public_key(key_id: str):
         )
     if known.algorithm != ALGORITHM:
         raise SignatureRejected(f"key {key_id} uses {known.algorithm}, not {ALGORITHM}")
-    return load_der_public_key(base64.b64decode(known.public_key))
+    _KEYS[key_id] = load_der_public_key(base64.b64decode(known.public_key))
+    return _KEYS[key_id]
 
 
 def signature_verify(*, body: bytes, signature: str, key_id: str) -> None:
@@ -88,63 +100,105 @@ class Delivery:
     duplicate: bool
 
 
+INBOX_UPSERT = """
+    INSERT INTO onchain_circle_notifications
+        (notification_id, notification_type, transfer_id, key_id, body, status, error,
+         deliveries, attempts, received_at)
+    VALUES (%s, %s, %s, %s, %s, 'received', '', 1, 0, now())
+    ON CONFLICT (notification_id) DO UPDATE
+       SET deliveries = onchain_circle_notifications.deliveries + 1
+    RETURNING id, (xmax = 0) AS inserted
+"""
+
+
 def notification_receive(*, body: bytes, signature: str, key_id: str) -> Delivery:
-    """Verify, store raw (deduplicated by Circle's notification id), then process. A delivery
-    of a notification already processed (or parked) changes nothing; a failed one is retried."""
+    """Verify, then store raw (deduplicated by Circle's notification id) and process in one
+    transaction: the inbox row is locked by its upsert, and marked processed together with its
+    effect. A delivery of a notification already processed changes nothing but its delivery
+    count; a parked or failed one is evaluated again. A failure is kept on the row."""
     signature_verify(body=body, signature=signature, key_id=key_id)
     try:
-        payload = json.loads(body)
-        notification_id = str(payload["notificationId"])
-        notification_type = str(payload["notificationType"])
+        text = body.decode("utf-8")
+        payload = json.loads(text)
+        notification_id = payload["notificationId"]
+        notification_type = payload["notificationType"]
         transfer_id = _part(payload, "notification", "id")
     except (ValueError, KeyError, TypeError):
         raise MalformedNotification("the body is not a Circle notification") from None
+    if not isinstance(notification_id, str) or not 0 < len(notification_id) <= MAX_ID_LENGTH:
+        raise MalformedNotification(f"notificationId must be 1..{MAX_ID_LENGTH} characters")
+    if "\x00" in text or "\\u0000" in text:
+        raise MalformedNotification("the body contains a NUL character")
     if notification_type not in SUPPORTED_TYPES:
         raise MalformedNotification(f"unsupported notificationType {notification_type!r}")
+    transfer_id = transfer_id[:MAX_ID_LENGTH] if isinstance(transfer_id, str) else ""
+    row = CircleNotification(
+        notification_id=notification_id,
+        notification_type=notification_type,
+        transfer_id=transfer_id,
+        key_id=key_id,
+        body=text,
+    )
     try:
-        with transaction.atomic():
-            CircleNotification.objects.create(
-                notification_id=notification_id,
-                notification_type=notification_type,
-                transfer_id=transfer_id[:64] if isinstance(transfer_id, str) else "",
-                key_id=key_id,
-                body=body.decode(),
-            )
-        duplicate = False
-    except IntegrityError:  # Circle redelivered it (possibly concurrently)
-        CircleNotification.objects.filter(notification_id=notification_id).update(
-            deliveries=F("deliveries") + 1
-        )
-        duplicate = True
-    status = notification_process(notification_id=notification_id)
-    metrics.webhook_received.labels(outcome="duplicate" if duplicate else status).inc()
-    return Delivery(notification_id, status, duplicate)
+        with transaction.atomic(durable=True):
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    INBOX_UPSERT, [notification_id, notification_type, transfer_id, key_id, text]
+                )
+                row.pk, inserted = cursor.fetchone()
+            if not inserted:
+                row = CircleNotification.objects.get(pk=row.pk)  # as first stored, locked
+            status = row.status if row.status == InboxStatus.PROCESSED else _process(row)
+    except Exception:
+        _failure_record(row)
+        raise
+    metrics.webhook_received.labels(outcome=status if inserted else "duplicate").inc()
+    return Delivery(notification_id, status, not inserted)
 
 
 def notification_process(*, notification_id: str) -> str:
-    """Apply a stored notification once (also the operator's replay). Its row is locked while
-    it is applied, and marked
-    processed in the same transaction as its effect; a failure is recorded on the row (with its
-    traceback) in a transaction of its own and leaves it retryable."""
+    """Apply a stored notification once (also the operator's replay): its row locked while it
+    is applied, and marked processed in the same transaction as its effect; a failure is
+    recorded on the row (with its traceback) in a transaction of its own and stays
+    retryable."""
+    row = CircleNotification.objects.get(notification_id=notification_id)
     try:
         with transaction.atomic():
-            row = CircleNotification.objects.select_for_update().get(
-                notification_id=notification_id
-            )
+            row = CircleNotification.objects.select_for_update().get(pk=row.pk)
             if row.status == InboxStatus.PROCESSED:
                 return row.status  # parked and failed ones are evaluated again
-            status = _apply(row)
-            row.status = status
-            row.error = ""
-            row.attempts += 1
-            row.processed_at = timezone.now()
-            row.save(update_fields=["status", "error", "attempts", "processed_at"])
-            return status
+            return _process(row)
     except Exception:
-        CircleNotification.objects.filter(notification_id=notification_id).update(
-            status=InboxStatus.FAILED, error=traceback.format_exc(), attempts=F("attempts") + 1
-        )
+        _failure_record(row)
         raise
+
+
+def _process(row: CircleNotification) -> str:
+    """Apply a locked inbox row and record the outcome on it."""
+    row.status = _apply(row)
+    row.error = ""
+    row.attempts += 1
+    row.processed_at = timezone.now()
+    row.save(update_fields=["status", "error", "attempts", "processed_at"])
+    return row.status
+
+
+def _failure_record(row: CircleNotification) -> None:
+    """Keep the failed notification and its traceback, retryable (stored if it was new)."""
+    error = traceback.format_exc()
+    with transaction.atomic():
+        stored, _ = CircleNotification.objects.get_or_create(
+            notification_id=row.notification_id,
+            defaults={
+                "notification_type": row.notification_type,
+                "transfer_id": row.transfer_id,
+                "key_id": row.key_id,
+                "body": row.body,
+            },
+        )
+        CircleNotification.objects.filter(pk=stored.pk).update(
+            status=InboxStatus.FAILED, error=error, attempts=F("attempts") + 1
+        )
 
 
 def _part(value, *path: str):
@@ -161,17 +215,17 @@ def _apply(row: CircleNotification) -> str:
     transfer_id = _part(transfer, "id")
     if transfer_id is not None and not isinstance(transfer_id, str):
         raise MalformedNotification("the transfer's id is not a string")
-    withdrawal = (
-        Withdrawal.objects.select_for_update().filter(circle_transfer_id=transfer_id).first()
-        if transfer_id
-        else None
-    )
-    if withdrawal is not None:
-        settled = _withdrawal_settle(withdrawal, transfer)
-        return InboxStatus.PARKED if settled == InboxStatus.PARKED else InboxStatus.PROCESSED
-    if _part(transfer, "source", "type") == "wallet":
-        # One of our withdrawals whose send has not been recorded yet (the worker crashed, or
-        # is still committing): kept for the worker, which replays it once it records the id.
+    if _part(transfer, "source", "type") == "wallet":  # from our wallet: a withdrawal
+        withdrawal = (
+            Withdrawal.objects.select_for_update().filter(circle_transfer_id=transfer_id).first()
+            if transfer_id
+            else None
+        )
+        if withdrawal is not None:
+            settled = _withdrawal_settle(withdrawal, transfer)
+            return InboxStatus.PARKED if settled == InboxStatus.PARKED else InboxStatus.PROCESSED
+        # Its send is not recorded yet (the worker crashed, or is still committing): kept for
+        # the worker, which replays it once it records the transfer id.
         if transfer.get("status") in ("complete", "failed"):
             log.warning("circle transfer %s from our wallet not yet recorded: parked", transfer_id)
             return InboxStatus.PARKED

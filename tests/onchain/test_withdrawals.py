@@ -412,3 +412,20 @@ def test_withdrawal_api_holds_once_per_key_and_names_bad_fields(client, user, ap
     assert status == 422 and answer["error"]["field"] == "Idempotency-Key"
     assert Withdrawal.objects.count() == 1
     assert balances(user) == (Decimal("74.5"), Decimal("74.5"))
+
+
+def test_failure_webhook_before_the_send_returns_and_again_after_reverses_once(sandbox, user):
+    """Circle notifies the failure while our POST is still waiting for its answer (we do not
+    know the transfer id yet: parked), then redelivers it: one reversal."""
+    phase_set("shadow")
+    withdrawal = withdraw(user)
+    sandbox.on_created = lambda transfer: sandbox.transfer_finish(transfer["id"], "failed")
+    assert withdrawals_send().submitted == 1
+    withdrawal.refresh_from_db()
+    assert withdrawal.status == "failed"
+    notification = CircleNotification.objects.get(transfer_id=withdrawal.circle_transfer_id)
+    assert notification.status == "processed" and notification.attempts == 2  # parked, replayed
+    sandbox.deliver(sandbox.subscriber, notification.body.encode())
+    assert BalanceMutation.objects.filter(reference=withdrawal.reversal_reference).count() == 1
+    assert balances(user) == (Decimal(100), Decimal(100))
+    assert system("withdrawals_pending_usdc") == 0

@@ -1,6 +1,7 @@
 """`python manage.py rehearse`: a whole rollout rehearsed on synthetic users and traffic."""
 
 import json
+from decimal import Decimal
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.console import Console
@@ -121,6 +122,24 @@ class Command(BaseCommand):
                 checks += f"legacy rows rebuilt from the ledger: {evidence['legacy_rows_rebuilt']}"
             gates.add_row(gate["transition"], gate["result"], checks or "-")
         console.print(gates)
+        onchain = Table(title="USDC deposits and withdrawals through the Circle sandbox")
+        for column in ("phase", "dep", "redeliv", "polled", "parked", "wd ok/ref/fail"):
+            onchain.add_column(column, justify="left" if column == "phase" else "right")
+        for column in ("in", "out", "buffer"):
+            onchain.add_column(column, justify="right", no_wrap=True)
+        for row in report["onchain"]:
+            onchain.add_row(
+                row["phase"],
+                str(row["deposits"]),
+                str(row["redeliveries"]),
+                str(row["credited_by_poll"]),
+                str(row["parked"]),
+                f"{row['completed']}/{row['refused_by_circle']}/{row['failed_on_chain']}",
+                f"{Decimal(row['deposited']):.2f}",
+                f"{Decimal(row['withdrawn']):.2f}",
+                f"{Decimal(row['buffer_change']):+.2f}",
+            )
+        console.print(onchain)
         invariants = Table(title="Invariants")
         for column in ("check", "result", "detail"):
             invariants.add_column(column)
