@@ -88,7 +88,35 @@ def env_url(name: str, default: str | None, schemes: tuple[str, ...]) -> str | N
 
 
 def env_secret(name: str, required: bool) -> str:
+    """A secret from the environment or, when AWS_SECRETS_PREFIX is set and the variable is
+    not, from AWS Secrets Manager under `<prefix><name in kebab case>` (seed 001's names:
+    `stack-service/circle-api-key` for CIRCLE_API_KEY)."""
     value = env.str(name, default="")
+    prefix = env.str("AWS_SECRETS_PREFIX", default="")
+    secret_id = prefix + name.lower().replace("_", "-")
+    if not value and prefix:
+        value = _aws_secret(name, secret_id)
     if required and not value:
-        raise ConfigurationError(f"{name}: required in this environment but not set")
+        where = f" (nor in AWS Secrets Manager as {secret_id})" if prefix else ""
+        raise ConfigurationError(f"{name}: required in this environment but not set{where}")
     return value
+
+
+def _aws_secret(name: str, secret_id: str) -> str:
+    import boto3  # only where secrets come from AWS: it costs the others a slower start
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    global _secrets_client
+    try:
+        if _secrets_client is None:
+            _secrets_client = boto3.client("secretsmanager")
+        return _secrets_client.get_secret_value(SecretId=secret_id).get("SecretString", "")
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+            return ""
+        raise ConfigurationError(f"{name}: AWS Secrets Manager {secret_id}: {exc}") from None
+    except BotoCoreError as exc:
+        raise ConfigurationError(f"{name}: AWS Secrets Manager {secret_id}: {exc}") from None
+
+
+_secrets_client = None

@@ -3,8 +3,10 @@
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
+import boto3
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,3 +69,98 @@ def test_flag_combination_matching_no_phase_is_refused():
     assert result.returncode == 2
     assert "USE_LEDGER_INTEGRATION=False, LEDGER_SHADOW_MODE=True" in result.stderr
     assert result.stderr.rstrip().endswith("matches no phase")
+
+
+@pytest.fixture
+def secrets_manager():
+    """A moto server on a loopback port: AWS Secrets Manager spoken to over real HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    aws = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    client = boto3.client(
+        "secretsmanager",
+        endpoint_url=aws["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    yield client, aws
+    # moto's store is per process: forget this test's secrets
+    reset = f"{aws['AWS_ENDPOINT_URL']}/moto-api/reset"
+    urllib.request.urlopen(urllib.request.Request(reset, method="POST"))  # noqa: S310
+    server.stop()
+
+
+PRODUCTION = {
+    "DJANGO_SETTINGS_MODULE": "config.settings.production",
+    "DJANGO_SECRET_KEY": "x" * 50,
+    "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/ledger",
+    "AWS_SECRETS_PREFIX": "stack-service/",
+    "CIRCLE_API_KEY": "",
+    "CIRCLE_WEBHOOK_SECRET": "",
+    "DUE_API_KEY": "",
+    "DUE_API_SECRET": "",
+    "ADMIN_TOKEN": "",
+}
+PRINT_SECRETS = (
+    "from django.conf import settings as s; "
+    "print(s.CIRCLE_API_KEY, s.CIRCLE_WEBHOOK_SECRET, s.DUE_API_KEY, s.DUE_API_SECRET, "
+    "s.ADMIN_TOKEN)"
+)
+
+
+def test_production_secrets_come_from_aws_secrets_manager(secrets_manager):
+    client, aws = secrets_manager
+    for name in ("circle-api-key", "circle-webhook-secret", "due-api-key", "due-api-secret"):
+        client.create_secret(Name=f"stack-service/{name}", SecretString=f"aws-{name}")
+    result = manage(
+        "shell",
+        "--no-imports",
+        "-c",
+        PRINT_SECRETS,
+        **{**PRODUCTION, **aws, "ADMIN_TOKEN": "from-env"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "aws-circle-api-key",
+        "aws-circle-webhook-secret",
+        "aws-due-api-key",
+        "aws-due-api-secret",
+        "from-env",  # a variable that is set wins over the secret store
+    ]
+
+
+def test_a_secret_missing_from_aws_stops_production_naming_it(secrets_manager):
+    client, aws = secrets_manager
+    client.create_secret(Name="stack-service/circle-api-key", SecretString="k")
+    result = manage("check", **PRODUCTION, **aws)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "configuration error: CIRCLE_WEBHOOK_SECRET: required in this environment but not set "
+        "(nor in AWS Secrets Manager as stack-service/circle-webhook-secret)"
+    )
+
+
+def test_an_unreachable_secret_store_stops_the_process_naming_the_secret():
+    result = manage(
+        "check",
+        **PRODUCTION,
+        AWS_ENDPOINT_URL="http://127.0.0.1:1",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_MAX_ATTEMPTS="1",
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "configuration error: CIRCLE_API_KEY: AWS Secrets Manager stack-service/circle-api-key:"
+    )
+    assert "Traceback" not in result.stderr
