@@ -584,6 +584,14 @@ def transfers_poll(*, lookback: timedelta | None = None) -> PollReport:
         report.withdrawals_checked += 1
         if _transfer_settle(pk, circle.transfer_get(transfer_id)) in ("completed", "failed"):
             report.withdrawals_settled += 1
+    # Notifications parked because they overtook their send's record: settled by now.
+    for notification_id in CircleNotification.objects.filter(
+        status=InboxStatus.PARKED,
+        transfer_id__in=Withdrawal.objects.filter(circle_transfer_id__isnull=False).values(
+            "circle_transfer_id"
+        ),
+    ).values_list("notification_id", flat=True):
+        notification_process(notification_id=notification_id)
     return report
 
 

@@ -18,7 +18,7 @@ from cutover.exceptions import (
     StrictLedgerFailure,
 )
 from cutover.models import ApiClient
-from ledger.exceptions import InsufficientFunds, InvalidAmount
+from ledger.exceptions import InsufficientFunds, InvalidAmount, LedgerError
 from ledger.money import amount_parse
 from onchain import metrics
 from onchain.exceptions import (
@@ -77,7 +77,7 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
         return _refuse(400, "malformed", str(exc))
     except CircleUnavailable as exc:
         return _refuse(503, "circle_unavailable", str(exc))
-    except CutoverError as exc:  # stored, failed, retryable: Circle's redelivery retries it
+    except (CutoverError, LedgerError) as exc:  # stored, failed, retryable by a redelivery
         return _refuse(503, "not_applied", str(exc))
     return JsonResponse(
         {

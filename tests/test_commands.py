@@ -158,3 +158,28 @@ def test_bench_reads_serves_every_request():
     report = json.loads(out.getvalue())
     assert report["requests"] == 40 and report["errors"] == 0
     assert report["p50_ms"] <= report["p99_ms"]
+
+
+def test_bench_webhooks_accepts_every_signed_delivery():
+    out = StringIO()
+    call_command(
+        "bench",
+        "webhooks",
+        "--senders",
+        "2",
+        "--seconds",
+        "1",
+        "--users",
+        "5",
+        "--json",
+        stdout=out,
+    )
+    report = json.loads(out.getvalue())
+    assert report["deliveries"] > 0 and report["accepted"] == report["deliveries"]
+    assert set(report["statuses"]) == {"200"}
+    assert not Transaction.objects.exists()  # all of it in a scratch database
+
+
+def test_bench_webhooks_refuses_a_share_outside_zero_to_one():
+    with pytest.raises(CommandError, match="--redeliver"):
+        call_command("bench", "webhooks", "--redeliver", "1.5", stdout=StringIO())

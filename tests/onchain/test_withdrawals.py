@@ -429,3 +429,32 @@ def test_failure_webhook_before_the_send_returns_and_again_after_reverses_once(s
     assert BalanceMutation.objects.filter(reference=withdrawal.reversal_reference).count() == 1
     assert balances(user) == (Decimal(100), Decimal(100))
     assert system("withdrawals_pending_usdc") == 0
+
+
+def test_completion_waits_while_the_ledger_buffer_is_short_then_settles(sandbox, settings):
+    """Circle sent the money but the ledger's USDC buffer cannot cover it (the treasury has not
+    topped it up): the notification is kept failed (503, Circle redelivers), nothing is half
+    done; once the buffer is funded the redelivery completes the withdrawal once."""
+    phase_set("shadow")
+    user = legacy_user("100")
+    ledger_balance_set(user, "100")
+    buffer_fund("10")
+    withdrawal = withdraw(user, amount="30")
+    withdrawals_send()
+    transfer_id = withdrawal_transfer(withdrawal)
+    status, answer = sandbox.deliver(
+        sandbox.subscriber,
+        CircleSandbox.notification(
+            "transfers.completed", sandbox.transfer_finish(transfer_id, "complete", notify=False)
+        ),
+    )
+    assert status == 503 and answer["error"]["code"] == "not_applied"
+    notification = CircleNotification.objects.get(transfer_id=transfer_id)
+    assert notification.status == "failed" and "would go negative" in notification.error
+    withdrawal.refresh_from_db()
+    assert withdrawal.status == "submitted" and system("usdc_buffer") == 10
+    buffer_fund("100")
+    assert sandbox.deliver(sandbox.subscriber, notification.body.encode())[0] == 200
+    withdrawal.refresh_from_db()
+    assert withdrawal.status == "completed" and system("usdc_buffer") == 80
+    assert integrity_ok()
