@@ -2,8 +2,11 @@
 every phase: balances exactly as expected, one credit per transfer. 10,000 notifications per
 phase (about 30 s each here); `scripts/soak` runs 50,000 (ONCHAIN_STORM_NOTIFICATIONS)."""
 
+import multiprocessing
 import os
 import random
+import signal
+import time
 import uuid
 from collections import defaultdict
 from decimal import Decimal
@@ -89,4 +92,42 @@ def test_notification_storm_credits_each_transfer_once(settings, phase):
     assert buffer == (0 if phase == "legacy" else total)
     users_total = Account.objects.filter(user_id__in=users).aggregate(s=Sum("balance"))["s"]
     assert users_total == (0 if phase == "legacy" else total)
+    assert all(check.ok for check in ledger_integrity_checks())
+
+
+def test_receiver_killed_mid_storm_loses_and_duplicates_nothing(settings):
+    """kill -9 of the process applying notifications, wherever it happens to be; Circle then
+    redelivers everything (it had no 2xx for what was in flight): each transfer credited once."""
+    phase_set("shadow")
+    user = legacy_user("0")
+    ledger_balance_set(user, "0")
+    DepositAddress.objects.create(address="0xcrash", chain="ETH", user_id=user)
+    with CircleSandbox() as sandbox:
+        settings.CIRCLE_API_BASE_URL = sandbox.base_url
+        settings.CIRCLE_API_KEY = "sandbox-key"
+        deliveries = []
+        for index in range(1500):
+            body = CircleSandbox.transfer_notification(
+                notification_type="transfers.completed",
+                transfer_id=f"crash-{index}",
+                address="0xcrash",
+                amount="1.25",
+            )
+            deliveries.append((body, sandbox.sign(body), sandbox.key_id))
+        connection.close()
+        child = multiprocessing.get_context("fork").Process(target=deliver, args=(deliveries,))
+        child.start()
+        deadline = time.time() + 60
+        while time.time() < deadline and CircleNotification.objects.count() < 300:
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=30)
+        assert child.exitcode == -signal.SIGKILL
+        applied = BalanceMutation.objects.count()
+        assert 0 < applied < 1500, "the kill should land mid-run"
+        deliver(deliveries)  # Circle's redeliveries
+    assert BalanceMutation.objects.count() == 1500
+    assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal("1875")
+    assert Account.objects.get(user_id=user).balance == Decimal("1875")
+    assert set(CircleNotification.objects.values_list("status", flat=True)) == {"processed"}
     assert all(check.ok for check in ledger_integrity_checks())
