@@ -9,5 +9,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("cutover.urls")),
     path("", include("onchain.urls")),
+    path("", include("treasury.urls")),
     path("", include("django_prometheus.urls")),
 ]

@@ -3,11 +3,13 @@ authentication of API clients, correlation ids, JSON errors naming the field, an
 `Idempotency-Key` handling (the first answer is stored and replayed)."""
 
 import hashlib
+import hmac
 import json
 import logging
 import uuid
 from collections.abc import Callable
 
+from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
 from cutover.exceptions import IdempotencyKeyInFlight, IdempotencyKeyReused
@@ -140,3 +142,18 @@ def idempotent(
         status, body = exc.status, exc.body()
     idempotency_complete(record=claim.record, status=status, body=body)
     return status, body
+
+
+def admin_token_refusal(request: HttpRequest) -> JsonResponse | None:
+    """For the internal endpoints: None when the request carries `Authorization: Bearer
+    <ADMIN_TOKEN>`; otherwise the 401 (no or malformed header) or 403 (another token) to send."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        error = ApiError(
+            401, "unauthenticated", "send Authorization: Bearer <ADMIN_TOKEN>", "Authorization"
+        )
+    elif not settings.ADMIN_TOKEN or not hmac.compare_digest(token.strip(), settings.ADMIN_TOKEN):
+        error = ApiError(403, "forbidden", "the token is not the admin token", "Authorization")
+    else:
+        return None
+    return JsonResponse(error.body(), status=error.status)

@@ -10,7 +10,14 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from cutover.api import ApiError, Unavailable, api_view, idempotent, json_object
+from cutover.api import (
+    ApiError,
+    Unavailable,
+    admin_token_refusal,
+    api_view,
+    idempotent,
+    json_object,
+)
 from cutover.exceptions import (
     CutoverError,
     KillSwitchEngaged,
@@ -91,29 +98,9 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
 @require_GET
 def buffer_status_view(request: HttpRequest) -> JsonResponse:
     """Bearer ADMIN_TOKEN: the USDC buffer against its alert threshold."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return JsonResponse(
-            {
-                "error": {
-                    "code": "unauthenticated",
-                    "field": "Authorization",
-                    "message": "send Authorization: Bearer <ADMIN_TOKEN>",
-                }
-            },
-            status=401,
-        )
-    if not settings.ADMIN_TOKEN or not hmac.compare_digest(token.strip(), settings.ADMIN_TOKEN):
-        return JsonResponse(
-            {
-                "error": {
-                    "code": "forbidden",
-                    "field": "Authorization",
-                    "message": "the token is not the admin token",
-                }
-            },
-            status=403,
-        )
+    refusal = admin_token_refusal(request)
+    if refusal is not None:
+        return refusal
     status = buffer_status()
     return JsonResponse(
         {

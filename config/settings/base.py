@@ -34,6 +34,7 @@ INSTALLED_APPS = [
     "django_prometheus",
     "ledger",
     "cutover",
+    "django_celery_beat",
     "treasury",
     "onchain",
     "config",
@@ -145,6 +146,11 @@ ENABLE_ONCHAIN_ENGINE = env_bool("ENABLE_ONCHAIN_ENGINE", False)
 TREASURY_SCHEDULER_INTERVAL = env_duration("TREASURY_SCHEDULER_INTERVAL", "5m")
 TREASURY_MONITOR_INTERVAL = env_duration("TREASURY_MONITOR_INTERVAL", "1m")
 TREASURY_CONVERSION_TIMEOUT = env_duration("TREASURY_CONVERSION_TIMEOUT", "30m")
+# Conversion jobs: how often a submission is tried (backoff base * 2^(n-1)) before the job
+# fails, and how many failures in a row make a provider unhealthy (the next one gets jobs).
+TREASURY_SUBMIT_MAX_ATTEMPTS = env_int("TREASURY_SUBMIT_MAX_ATTEMPTS", 5, minimum=1)
+TREASURY_SUBMIT_BACKOFF = env_duration("TREASURY_SUBMIT_BACKOFF", "30s")
+TREASURY_PROVIDER_FAILURE_LIMIT = env_int("TREASURY_PROVIDER_FAILURE_LIMIT", 3, minimum=1)
 ONCHAIN_DEPOSIT_POLL_INTERVAL = env_duration("ONCHAIN_DEPOSIT_POLL_INTERVAL", "30s")
 # How far back each poll asks Circle for inbound transfers (longer outages: `onchain poll`).
 ONCHAIN_DEPOSIT_POLL_LOOKBACK = env_duration("ONCHAIN_DEPOSIT_POLL_LOOKBACK", "2h")
@@ -173,6 +179,14 @@ ONCHAIN_WITHDRAWAL_BACKOFF = env_duration("ONCHAIN_WITHDRAWAL_BACKOFF", "2s")
 ONCHAIN_WITHDRAWAL_BACKOFF_MAX = env_duration("ONCHAIN_WITHDRAWAL_BACKOFF_MAX", "10m")
 ONCHAIN_WITHDRAWAL_MAX_ATTEMPTS = env_int("ONCHAIN_WITHDRAWAL_MAX_ATTEMPTS", 8, minimum=1)
 
+# Due (conversion provider): where its API is (the shipped sandbox in development and tests),
+# how long one call may take and how many times a call is tried on 5xx or timeout.
+DUE_API_BASE_URL = env_url(
+    "DUE_API_BASE_URL", default="https://api.due.network", schemes=("https", "http")
+).rstrip("/")
+DUE_HTTP_TIMEOUT = env_duration("DUE_HTTP_TIMEOUT", "5s").total_seconds()
+DUE_HTTP_ATTEMPTS = env_int("DUE_HTTP_ATTEMPTS", 3, minimum=1)
+
 # Ledger posting: how many times a serialization failure or deadlock is retried.
 LEDGER_POSTING_MAX_ATTEMPTS = env_int("LEDGER_POSTING_MAX_ATTEMPTS", 3, minimum=1)
 
@@ -198,4 +212,15 @@ CELERY_BEAT_SCHEDULE = {
         "task": "onchain.transfers_poll",
         "schedule": ONCHAIN_DEPOSIT_POLL_INTERVAL.total_seconds(),
     },
+    "treasury-settlement-cycle": {
+        "task": "treasury.settlement_cycle",
+        "schedule": TREASURY_SCHEDULER_INTERVAL.total_seconds(),
+    },
+    "treasury-monitor": {
+        "task": "treasury.monitor",
+        "schedule": TREASURY_MONITOR_INTERVAL.total_seconds(),
+    },
 }
+# Schedules live in the database (django-celery-beat): operators see and change them in the
+# admin; the entries above are written there when beat starts.
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"

@@ -1,0 +1,331 @@
+"""The treasury against the Due sandbox over real HTTP: cycles create one job per buffer out of
+its band, jobs are submitted with their idempotency key and posted once when completed, the
+monitor retries, polls and times out, providers fail over; thresholds and the endpoint refuse
+bad input and change nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from django.db import DatabaseError, IntegrityError, connection, transaction
+
+from ledger.models import Account, Transaction
+from ledger.selectors import ledger_integrity_checks
+from ledger.services import Leg, transaction_post
+from tests.cutover.factories import database_url, phase_set
+from treasury.exceptions import JobRefused, ThresholdInvalid
+from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
+from treasury.sandbox import DueSandbox
+from treasury.selectors import buffer_status_list
+from treasury.services import (
+    job_cancel,
+    job_retry,
+    jobs_submit,
+    monitor_run,
+    settlement_cycle_run,
+    threshold_set,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ROOT = Path(__file__).resolve().parent.parent.parent
+KEY, SECRET = "due-key", "due-secret"
+
+
+@pytest.fixture
+def due(settings, live_server):
+    settings.DUE_API_KEY, settings.DUE_API_SECRET = KEY, SECRET
+    settings.DUE_HTTP_TIMEOUT = 1.0
+    settings.TREASURY_SUBMIT_BACKOFF = timedelta(0)
+    with DueSandbox(api_key=KEY, api_secret=SECRET, settle=None) as sandbox:
+        settings.DUE_API_BASE_URL = sandbox.base_url
+        yield sandbox
+
+
+def fund(code: str, amount: str) -> None:
+    account = Account.objects.get(code=code)
+    equity = Account.objects.get(code=f"opening_balance_equity_{account.currency_id.lower()}")
+    transaction_post(
+        namespace="test",
+        reference_id=f"fund:{uuid.uuid4()}",
+        kind="opening_balance",
+        legs=[Leg.debit(account, amount), Leg.credit(equity, amount)],
+    )
+
+
+def buffers() -> dict[str, Decimal]:
+    return {reading.currency: reading.balance for reading in buffer_status_list()}
+
+
+@pytest.fixture
+def usdc_low():
+    """USDC buffer 1,000 (below its 5,000 minimum), fiat buffer 60,000 (in its band)."""
+    fund("usdc_buffer", "1000")
+    fund("fiat_buffer", "60000")
+
+
+def test_a_buffer_below_min_is_brought_to_target_once(due, usdc_low):
+    result = settlement_cycle_run(triggered_by="test")
+    [job] = ConversionJob.objects.all()
+    assert result.jobs_created == [job.pk]
+    assert (job.buffer_currency, job.source_currency, job.target_currency) == (
+        "USDC",
+        "USD",
+        "USDC",
+    )
+    assert job.source_amount == Decimal("19000")  # 20,000 target - 1,000
+    assert settlement_cycle_run(triggered_by="test").jobs_created == []  # one open job at most
+    assert jobs_submit().submitted == 1
+    job.refresh_from_db()
+    assert job.status == "submitted" and len(due.conversions) == 1
+    assert due.by_key[str(job.idempotency_key)][0] == job.provider_reference
+    due.finish(job.provider_reference, "completed")
+    assert monitor_run().completed == 1
+    assert monitor_run().completed == 0  # the provider answers again: nothing more
+    job.refresh_from_db()
+    assert job.status == "completed" and job.target_amount == Decimal("19000")
+    assert buffers() == {"USDC": Decimal("20000"), "USD": Decimal("41000")}
+    assert Transaction.objects.filter(namespace="treasury").count() == 1
+    assert [r.state for r in buffer_status_list()] == ["ok", "ok"]
+    assert all(check.ok for check in ledger_integrity_checks())
+
+
+def test_above_max_converts_the_excess_back(due):
+    fund("usdc_buffer", "150000.5")
+    fund("fiat_buffer", "60000")
+    settlement_cycle_run(triggered_by="test")
+    job = ConversionJob.objects.get()
+    assert (job.source_currency, job.target_currency, job.source_amount) == (
+        "USDC",
+        "USD",
+        Decimal("130000.50"),
+    )
+    jobs_submit()
+    job.refresh_from_db()
+    due.finish(job.provider_reference, "completed")
+    monitor_run()
+    assert buffers() == {"USDC": Decimal("20000"), "USD": Decimal("190000.50")}
+
+
+def test_server_errors_are_retried_and_the_provider_fails_over(due, usdc_low, settings):
+    settings.TREASURY_SUBMIT_MAX_ATTEMPTS = 2
+    settings.TREASURY_PROVIDER_FAILURE_LIMIT = 2
+    settings.DUE_HTTP_ATTEMPTS = 2
+    due.fail_next = [500, 503, 502, 504]  # two calls of two attempts each
+    with DueSandbox(api_key=KEY, api_secret=SECRET, settle="completed") as backup:
+        ConversionProvider.objects.create(
+            code="backup", name="Backup", priority=20, base_url=backup.base_url
+        )
+        settlement_cycle_run(triggered_by="test")
+        assert jobs_submit().retried == 1
+        assert jobs_submit().failed == 1
+        failed = ConversionJob.objects.get()
+        assert failed.status == "failed" and failed.attempts == 2 and due.create_calls == 4
+        assert not ConversionProvider.objects.get(code="due").healthy
+        settlement_cycle_run(triggered_by="test")  # the next job goes to the healthy backup
+        job = ConversionJob.objects.exclude(pk=failed.pk).get()
+        assert job.provider.code == "backup"
+        jobs_submit()
+        monitor_run()
+    job.refresh_from_db()
+    assert job.status == "completed" and buffers()["USDC"] == Decimal("20000")
+    assert Transaction.objects.filter(namespace="treasury").count() == 1
+
+
+def test_a_timed_out_call_is_resent_with_the_same_key(due, usdc_low):
+    due.delay = 1.5  # longer than DUE_HTTP_TIMEOUT, every attempt
+    settlement_cycle_run(triggered_by="test")
+    assert jobs_submit().retried == 1
+    due.delay = 0
+    assert jobs_submit().submitted == 1
+    assert len(due.conversions) == 1  # every attempt named the same conversion
+    job = ConversionJob.objects.get()
+    assert job.provider_reference == next(iter(due.conversions))
+
+
+def test_duplicate_callbacks_and_polls_post_once(due, usdc_low, live_server, settings):
+    due.callback = f"{live_server.url}/webhooks/due/conversions"
+    due.callback_copies = 3
+    settlement_cycle_run(triggered_by="test")
+    jobs_submit()
+    job = ConversionJob.objects.get()
+    due.finish(job.provider_reference, "completed")  # three signed callbacks
+    monitor_run()  # and a poll
+    job.refresh_from_db()
+    assert job.status == "completed"
+    assert Transaction.objects.filter(namespace="treasury").count() == 1
+    assert buffers()["USDC"] == Decimal("20000")
+
+
+def test_a_forged_callback_is_refused_and_changes_nothing(due, usdc_low, client):
+    settlement_cycle_run(triggered_by="test")
+    jobs_submit()
+    job = ConversionJob.objects.get()
+    body = json.dumps(
+        {
+            "data": {
+                **due.conversions[job.provider_reference],
+                "status": "completed",
+                "destination": {"currency": "USDC", "amount": "999999"},
+            }
+        }
+    )
+    response = client.post(
+        "/webhooks/due/conversions",
+        data=body,
+        content_type="application/json",
+        headers={"X-Due-Timestamp": "1", "X-Due-Signature": "0" * 64},
+    )
+    assert response.status_code == 400 and response.json()["error"]["field"] == "X-Due-Signature"
+    job.refresh_from_db()
+    assert job.status == "submitted" and not Transaction.objects.filter(namespace="treasury")
+
+
+def test_timeout_posts_nothing_and_a_late_completion_is_posted_once(due, usdc_low, settings):
+    settlement_cycle_run(triggered_by="test")
+    jobs_submit()
+    job = ConversionJob.objects.get()
+    settings.TREASURY_CONVERSION_TIMEOUT = timedelta(0)
+    assert monitor_run().timed_out == 1
+    job.refresh_from_db()
+    assert job.status == "timed_out" and buffers()["USDC"] == Decimal("1000")
+    assert not Transaction.objects.filter(namespace="treasury").exists()
+    # The slot is free: the next cycle may convert again (a new key).
+    settings.TREASURY_CONVERSION_TIMEOUT = timedelta(minutes=30)
+    assert len(settlement_cycle_run(triggered_by="test").jobs_created) == 1
+    # The provider completes the timed-out conversion after all: the ledger follows, once.
+    due.finish(job.provider_reference, "completed")
+    monitor_run()
+    monitor_run()
+    job.refresh_from_db()
+    assert job.status == "completed"
+    assert Transaction.objects.filter(namespace="treasury").count() == 1
+    assert buffers()["USDC"] == Decimal("20000")
+
+
+def test_a_failed_conversion_posts_nothing_and_can_be_retried_as_a_new_job(due, usdc_low):
+    settlement_cycle_run(triggered_by="test")
+    jobs_submit()
+    job = ConversionJob.objects.get()
+    due.finish(job.provider_reference, "failed")
+    assert monitor_run().failed == 1
+    job.refresh_from_db()
+    assert job.status == "failed" and not Transaction.objects.filter(namespace="treasury")
+    again = job_retry(job_id=job.pk, actor="ops")
+    assert again.idempotency_key != job.idempotency_key and again.status == "pending"
+    with pytest.raises(JobRefused):
+        job_retry(job_id=job.pk, actor="ops")  # the buffer already has an open job
+    job_cancel(job_id=again.pk, actor="ops", reason="treasury desk converts by hand today")
+    assert ConversionJob.objects.get(pk=again.pk).status == "cancelled"
+    with pytest.raises(JobRefused):
+        job_cancel(job_id=again.pk, actor="ops", reason="twice")
+
+
+def test_worker_killed_after_submission_before_recording(due, usdc_low):
+    """SIGKILL of `manage.py treasury cycle` after the provider accepted the conversion and
+    before we recorded it; the restart sends the same key: one conversion, one posting."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "DUE_API_BASE_URL": due.base_url,
+        "DUE_API_KEY": KEY,
+        "DUE_API_SECRET": SECRET,
+    }
+    child = subprocess.Popen(
+        [sys.executable, "manage.py", "treasury", "cycle"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    due.on_created = lambda conversion: os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(timeout=60) == -signal.SIGKILL
+    due.on_created = None
+    job = ConversionJob.objects.get()
+    assert job.status == "pending" and job.provider_reference is None and len(due.conversions) == 1
+    assert monitor_run().submitted == 1  # the restarted worker's pass
+    job.refresh_from_db()
+    assert job.provider_reference == next(iter(due.conversions)) and len(due.conversions) == 1
+    due.finish(job.provider_reference, "completed")
+    monitor_run()
+    assert Transaction.objects.filter(namespace="treasury").count() == 1
+    assert buffers()["USDC"] == Decimal("20000")
+
+
+def test_kill_switch_stops_submission(due, usdc_low):
+    phase_set("legacy", kill_switch=True)
+    settlement_cycle_run(triggered_by="test")
+    assert jobs_submit().submitted == 0 and due.create_calls == 0
+    assert ConversionJob.objects.get().status == "pending"
+
+
+def test_the_database_refuses_illegal_job_transitions(due, usdc_low):
+    settlement_cycle_run(triggered_by="test")
+    jobs_submit()
+    job = ConversionJob.objects.get()
+    due.finish(job.provider_reference, "completed")
+    monitor_run()
+    for change in (
+        "UPDATE treasury_conversion_jobs SET status = 'pending'",
+        "UPDATE treasury_conversion_jobs SET status = 'failed'",
+        "UPDATE treasury_conversion_jobs SET source_amount = 1",
+    ):
+        with (
+            pytest.raises(DatabaseError, match="conversion job"),
+            transaction.atomic(),
+            connection.cursor() as cursor,
+        ):
+            cursor.execute(change)
+    with pytest.raises(IntegrityError), transaction.atomic():  # a second open job for USDC
+        for _ in range(2):
+            ConversionJob.objects.create(
+                idempotency_key=uuid.uuid4(),
+                buffer_currency="USDC",
+                source_currency="USD",
+                source_amount=1,
+                target_currency="USDC",
+                provider=job.provider,
+                created_by="t",
+            )
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"minimum": Decimal(10), "target": Decimal(5), "maximum": Decimal(20)}, "minimum"),
+        ({"minimum": Decimal(1), "target": Decimal(30), "maximum": Decimal(20)}, "maximum"),
+        ({"minimum": Decimal(-1), "target": Decimal(5), "maximum": Decimal(20)}, "minimum"),
+        ({"minimum": Decimal(1), "target": Decimal("5.0000001"), "maximum": Decimal(20)}, "target"),
+    ],
+)
+def test_threshold_validation_names_the_field_and_changes_nothing(values, field):
+    before = list(BufferThreshold.objects.values())
+    with pytest.raises(ThresholdInvalid) as refused:
+        threshold_set(currency="USDC", **values)
+    assert refused.value.field == field
+    assert list(BufferThreshold.objects.values()) == before
+
+
+def test_trigger_cycle_needs_the_admin_token(client, settings, due, usdc_low):
+    settings.ADMIN_TOKEN = "admin-secret"
+    for headers, status in (
+        ({}, 401),
+        ({"Authorization": "Bearer nope"}, 403),
+        ({"Authorization": "Basic admin-secret"}, 401),
+    ):
+        response = client.post("/internal/treasury/trigger-cycle", headers=headers)
+        assert response.status_code == status
+        assert response.json()["error"]["field"] == "Authorization"
+    assert not SettlementCycle.objects.exists() and not ConversionJob.objects.exists()
+    response = client.post(
+        "/internal/treasury/trigger-cycle", headers={"Authorization": "Bearer admin-secret"}
+    )
+    assert response.status_code == 200
+    assert response.json()["submitted"]["submitted"] == 1
+    assert ConversionJob.objects.get().status == "submitted"

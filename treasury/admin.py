@@ -1,0 +1,124 @@
+"""The treasury console: providers and thresholds (edited with validation), conversion jobs
+(retry and cancel through the services, after a confirmation), settlement cycles."""
+
+from django import forms
+from django.contrib import admin, messages
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+
+from ledger.admin import ReadOnlyAdmin
+from treasury.exceptions import ThresholdInvalid
+from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
+from treasury.services import job_cancel, job_retry, threshold_set, threshold_validate
+
+
+@admin.register(ConversionProvider)
+class ConversionProviderAdmin(admin.ModelAdmin):
+    list_display = ("code", "name", "enabled", "priority", "healthy", "consecutive_failures")
+    list_editable = ("enabled", "priority")
+    readonly_fields = ("healthy", "consecutive_failures", "last_error", "last_failure_at")
+
+
+class ThresholdForm(forms.ModelForm):
+    class Meta:
+        model = BufferThreshold
+        fields = ("currency", "minimum", "target", "maximum")
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        try:  # the service's rules, so the form and every other caller agree
+            threshold_validate(**data)
+        except ThresholdInvalid as exc:
+            self.add_error(exc.field, str(exc))
+        return data
+
+
+@admin.register(BufferThreshold)
+class BufferThresholdAdmin(admin.ModelAdmin):
+    form = ThresholdForm
+    list_display = ("currency", "minimum", "target", "maximum", "updated_at")
+
+    def save_model(self, request, obj, form, change) -> None:
+        threshold_set(
+            currency=obj.currency, minimum=obj.minimum, target=obj.target, maximum=obj.maximum
+        )
+
+
+class CancelForm(forms.Form):
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+
+
+@admin.register(ConversionJob)
+class ConversionJobAdmin(ReadOnlyAdmin):
+    list_display = (
+        "id",
+        "created_at",
+        "buffer_currency",
+        "source_amount",
+        "source_currency",
+        "target_currency",
+        "target_amount",
+        "provider",
+        "status",
+        "attempts",
+        "provider_reference",
+    )
+    list_filter = ("status", "buffer_currency", "provider")
+    search_fields = ("=idempotency_key", "provider_reference")
+    actions = ["retry", "cancel"]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("treasury.change_conversionjob")
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in self.model._meta.fields]
+
+    def _confirm(self, request, queryset, action, question, form=None):
+        context = {
+            **self.admin_site.each_context(request),
+            "title": question,
+            "action": action,
+            "queryset": queryset,
+            "form": form,
+            "opts": self.model._meta,
+            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/treasury/job_action.html", context)
+
+    def _each(self, request, queryset, service, **kwargs) -> None:
+        for job in queryset:
+            try:
+                done = service(job_id=job.pk, actor=request.user.get_username(), **kwargs)
+            except Exception as exc:  # any failure is the operator's to see, per row
+                self.message_user(request, f"{job}: {exc}", messages.ERROR)
+            else:
+                self.message_user(request, str(done), messages.SUCCESS)
+
+    @admin.action(description="Retry the selected failed jobs as new jobs", permissions=["change"])
+    def retry(self, request: HttpRequest, queryset):
+        if request.POST.get("confirmed") != "yes":
+            return self._confirm(request, queryset, "retry", "Retry these conversion jobs")
+        self._each(request, queryset, job_retry)
+        return None
+
+    @admin.action(description="Cancel the selected pending jobs", permissions=["change"])
+    def cancel(self, request: HttpRequest, queryset):
+        form = CancelForm(request.POST if request.POST.get("confirmed") == "yes" else None)
+        if not form.is_valid():
+            return self._confirm(request, queryset, "cancel", "Cancel these conversion jobs", form)
+        self._each(request, queryset, job_cancel, reason=form.cleaned_data["reason"])
+        return None
+
+
+@admin.register(SettlementCycle)
+class SettlementCycleAdmin(ReadOnlyAdmin):
+    list_display = (
+        "id",
+        "started_at",
+        "finished_at",
+        "duration_ms",
+        "triggered_by",
+        "jobs_created",
+    )

@@ -1,0 +1,94 @@
+"""`python manage.py treasury ...`: a settlement cycle now, the monitor now, the buffers, the
+Due sandbox."""
+
+import dataclasses
+import json
+import time
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from treasury.exceptions import TreasuryError
+from treasury.sandbox import DueSandbox
+from treasury.selectors import buffer_status_list
+from treasury.services import jobs_submit, monitor_run, settlement_cycle_run
+
+
+class Command(BaseCommand):
+    help = "The treasury engine: settlement cycle, monitor, buffer status, Due sandbox."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+        cycle = sub.add_parser(
+            "cycle", help="one settlement cycle now (skipped if one is running), then submit"
+        )
+        cycle.add_argument("--json", action="store_true", help="print the result as JSON")
+        monitor = sub.add_parser("monitor", help="submit due jobs, poll open ones, time out")
+        monitor.add_argument("--json", action="store_true", help="print the result as JSON")
+        status = sub.add_parser("status", help="the buffers against their thresholds")
+        status.add_argument("--json", action="store_true", help="print JSON")
+        sandbox = sub.add_parser(
+            "sandbox",
+            help="serve the Due sandbox until interrupted (DUE_API_KEY/DUE_API_SECRET); point "
+            "DUE_API_BASE_URL at it",
+        )
+        sandbox.add_argument("--port", type=int, default=8098, help="port on 127.0.0.1 (8098)")
+        sandbox.add_argument("--callback", default=None, help="URL to call back completions")
+
+    def handle(self, *args, **options) -> None:
+        try:
+            getattr(self, f"_{options['action']}")(options)
+        except TreasuryError as exc:
+            raise CommandError(str(exc)) from None
+
+    def _cycle(self, options) -> None:
+        result = settlement_cycle_run(triggered_by="command")
+        data = dataclasses.asdict(result)
+        if not result.skipped:
+            data["submitted"] = dataclasses.asdict(jobs_submit())
+        if options["json"]:
+            self.stdout.write(json.dumps(data, indent=2))
+            return
+        if result.skipped:
+            self.stdout.write(f"skipped: {result.skipped}")
+            return
+        for buffer in result.buffers:
+            self.stdout.write(
+                f"{buffer['currency']:<5} {buffer['balance']:>20} {buffer['state']:<10} "
+                f"{buffer['action']}"
+            )
+        self.stdout.write(f"cycle {result.cycle_id}: submitted {data['submitted']}")
+
+    def _monitor(self, options) -> None:
+        data = dataclasses.asdict(monitor_run())
+        if options["json"]:
+            self.stdout.write(json.dumps(data))
+        else:
+            self.stdout.write(", ".join(f"{key} {value}" for key, value in data.items()))
+
+    def _status(self, options) -> None:
+        rows = [dataclasses.asdict(reading) for reading in buffer_status_list()]
+        if options["json"]:
+            self.stdout.write(json.dumps(rows, indent=2, default=str))
+            return
+        for row in rows:
+            self.stdout.write(
+                f"{row['currency']:<5} {row['balance']:>20} min {row['minimum']} target "
+                f"{row['target']} max {row['maximum']}: {row['state']}"
+            )
+
+    def _sandbox(self, options) -> None:
+        if not settings.DUE_API_KEY or not settings.DUE_API_SECRET:
+            raise CommandError("DUE_API_KEY and DUE_API_SECRET must be set for the sandbox")
+        with DueSandbox(
+            port=options["port"],
+            api_key=settings.DUE_API_KEY,
+            api_secret=settings.DUE_API_SECRET,
+            callback=options["callback"],
+        ) as sandbox:
+            self.stdout.write(f"Due sandbox at {sandbox.base_url}")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass

@@ -1,0 +1,32 @@
+"""Celery tasks of the treasury: thin shells over the services, scheduled by beat
+(django-celery-beat). `ENABLE_TREASURY_SCHEDULER=false` makes them do nothing; the command and
+the endpoint still run a cycle on demand."""
+
+import dataclasses
+import logging
+
+from celery import shared_task
+from django.conf import settings
+
+from treasury.services import jobs_submit, monitor_run, settlement_cycle_run
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name="treasury.settlement_cycle")
+def settlement_cycle_task() -> dict:
+    """Any number of beat replicas and workers may fire it: one cycle runs, the others skip."""
+    if not settings.ENABLE_TREASURY_SCHEDULER:
+        return {"skipped": "ENABLE_TREASURY_SCHEDULER is off"}
+    result = settlement_cycle_run(triggered_by="celery")
+    if result.skipped:
+        log.info("settlement cycle skipped: %s", result.skipped)
+        return {"skipped": result.skipped}
+    return {"cycle": result.cycle_id, **dataclasses.asdict(jobs_submit())}
+
+
+@shared_task(name="treasury.monitor")
+def monitor_task() -> dict:
+    if not settings.ENABLE_TREASURY_SCHEDULER:
+        return {"skipped": "ENABLE_TREASURY_SCHEDULER is off"}
+    return dataclasses.asdict(monitor_run())

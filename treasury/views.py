@@ -1,0 +1,51 @@
+"""The treasury's endpoints: an operator's cycle on demand, and the provider's callbacks."""
+
+import dataclasses
+import logging
+
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from cutover.api import admin_token_refusal
+from ledger.exceptions import LedgerError
+from treasury.exceptions import CallbackRejected
+from treasury.services import callback_receive, jobs_submit, settlement_cycle_run
+
+log = logging.getLogger("treasury.api")
+
+
+@csrf_exempt
+@require_POST
+def trigger_cycle(request: HttpRequest) -> JsonResponse:
+    """Bearer ADMIN_TOKEN: one settlement cycle now (skipped if one is running), then the
+    submission of what it created."""
+    refusal = admin_token_refusal(request)
+    if refusal is not None:
+        return refusal
+    result = settlement_cycle_run(triggered_by="api")
+    body = dataclasses.asdict(result)
+    if not result.skipped:
+        body["submitted"] = dataclasses.asdict(jobs_submit())
+    return JsonResponse(body, status=409 if result.skipped else 200)
+
+
+@csrf_exempt
+@require_POST
+def due_callback(request: HttpRequest) -> JsonResponse:
+    """Due's signed callback about a conversion; duplicates change nothing."""
+    try:
+        status = callback_receive(
+            body=request.body,
+            timestamp=request.headers.get("X-Due-Timestamp", ""),
+            signature=request.headers.get("X-Due-Signature", ""),
+        )
+    except CallbackRejected as exc:
+        log.warning("due callback refused: %s", exc)
+        return JsonResponse(
+            {"error": {"code": "rejected", "message": str(exc), "field": exc.field}},
+            status=400,
+        )
+    except LedgerError as exc:  # nothing applied; the provider's retry or the monitor settles it
+        return JsonResponse({"error": {"code": "not_applied", "message": str(exc)}}, status=503)
+    return JsonResponse({"status": status})
