@@ -21,9 +21,11 @@ from decimal import ROUND_DOWN, ROUND_UP, Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 from cutover.selectors import phase_state
+from ledger.exceptions import LedgerError
 from ledger.money import CURRENCY_DECIMALS
 from ledger.selectors import system_account
 from ledger.services import Leg, transaction_apply
@@ -160,7 +162,11 @@ def _buffer_decide(reading, triggered_by: str) -> dict:
     # 1:1 between USD and USDC; whole cents, rounded towards reaching the target.
     rounding = ROUND_UP if reading.state == "below_min" else ROUND_DOWN
     amount = wanted.quantize(_quantum("USD"), rounding=rounding)
-    available = system_account(code=BUFFER_ACCOUNT[source]).balance
+    # What the source buffer can give: its balance less what open jobs will take from it.
+    committed = ConversionJob.objects.filter(
+        source_currency=source, status__in=OPEN_STATUSES
+    ).aggregate(total=Sum("source_amount"))["total"] or Decimal(0)
+    available = system_account(code=BUFFER_ACCOUNT[source]).balance - committed
     amount = min(amount, available.quantize(_quantum("USD"), rounding=ROUND_DOWN))
     if amount <= 0:
         log.error(
@@ -411,7 +417,11 @@ def monitor_run() -> MonitorReport:
             continue
         report.polled += 1
         before = job.status
-        after = job_settle(job_id=job.pk, conversion=conversion)
+        try:
+            after = job_settle(job_id=job.pk, conversion=conversion)
+        except LedgerError as exc:  # e.g. the source buffer was spent meanwhile: next poll
+            log.error("ALERT treasury: job %s completed but not posted: %s", job.pk, exc)
+            continue
         report.completed += after == JobStatus.COMPLETED and before != after
         report.failed += after == JobStatus.FAILED and before != after
     deadline = timezone.now() - settings.TREASURY_CONVERSION_TIMEOUT
