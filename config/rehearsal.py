@@ -9,6 +9,7 @@ and in cutover, USDC deposits and withdrawals go through the Circle sandbox over
 
 import multiprocessing
 import random
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,7 +25,13 @@ from cutover.actors import Actor
 from cutover.exceptions import GateNotMet, KillSwitchEngaged, StrictLedgerFailure
 from cutover.models import BalanceMutation
 from cutover.phases import Phase
-from cutover.selectors import open_discrepancy_count, phase_state, store_differences, store_totals
+from cutover.selectors import (
+    balance_get,
+    open_discrepancy_count,
+    phase_state,
+    store_differences,
+    store_totals,
+)
 from cutover.services import (
     backfill_run,
     balance_credit,
@@ -35,9 +42,13 @@ from cutover.services import (
 )
 from ledger.exceptions import InsufficientFunds
 from ledger.selectors import ledger_integrity_checks, system_account
+from ledger.services import Leg, transaction_post
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.sandbox import CircleSandbox
 from onchain.services import transfers_poll, withdrawal_request, withdrawals_send
+from treasury.models import BufferThreshold, ConversionJob
+from treasury.sandbox import DueSandbox
+from treasury.services import jobs_submit, monitor_run, settlement_cycle_run
 
 CENT = Decimal("0.01")
 ACTOR = Actor("rehearsal")
@@ -148,6 +159,7 @@ class Rehearsal:
         self.opening_total = Decimal(0)
         self.user_ids: list[uuid.UUID] = []
         self.onchain: list[dict] = []
+        self.treasury: dict = {}
         self.onchain_net = Decimal(0)  # deposits credited minus withdrawals completed
 
     def run(self) -> dict:
@@ -181,6 +193,7 @@ class Rehearsal:
         self._advance(Phase.CUTOVER, "strict clean")
         self._traffic("cutover")
         self._onchain()
+        self._treasury()
         self._rollback_drill()
         return self._report()
 
@@ -369,6 +382,74 @@ class Rehearsal:
             "all_settled": set(statuses) <= {"completed", "failed"},
         }
 
+    def _treasury(self) -> None:
+        """Withdrawals drain the USDC buffer below its minimum; the settlement cycle converts
+        fiat through the Due sandbox and the buffer is back at its target."""
+        threshold = BufferThreshold.objects.get(currency="USDC")
+        fiat = system_account(code="fiat_buffer")
+        if fiat.balance < threshold.target:  # the company's fiat treasury, as opened
+            equity = system_account(code="opening_balance_equity_usd")
+            transaction_post(
+                namespace="rehearsal",
+                reference_id="fiat-treasury",
+                kind="opening_balance",
+                legs=[
+                    Leg.debit(fiat, threshold.target * 10),
+                    Leg.credit(equity, threshold.target * 10),
+                ],
+            )
+        key, secret = secrets.token_hex(8), secrets.token_hex(16)  # this run's sandbox only
+        names = ("CIRCLE_API_BASE_URL", "DUE_API_BASE_URL", "DUE_API_KEY", "DUE_API_SECRET")
+        saved = {name: getattr(settings, name) for name in names}
+        with (
+            http_server() as base_url,
+            CircleSandbox(subscriber=f"{base_url}/webhooks/circle/transfers") as circle,
+            DueSandbox(api_key=key, api_secret=secret, settle="completed") as due,
+        ):
+            settings.CIRCLE_API_BASE_URL, settings.DUE_API_BASE_URL = circle.base_url, due.base_url
+            settings.DUE_API_KEY, settings.DUE_API_SECRET = key, secret
+            try:
+                self.treasury = self._treasury_round(threshold, circle)
+            finally:
+                for name, value in saved.items():
+                    setattr(settings, name, value)
+
+    def _treasury_round(self, threshold, circle) -> dict:
+        before = system_account(code="usdc_buffer").balance
+        drained = Decimal(0)
+        richest = sorted(self.user_ids, key=lambda u: balance_get(user_id=u).amount, reverse=True)
+        for user in richest:
+            buffer = system_account(code="usdc_buffer").balance
+            if buffer < threshold.minimum:
+                break
+            amount = min(balance_get(user_id=user).amount, buffer - threshold.minimum + CENT)
+            withdrawal = withdrawal_request(
+                user_id=user, amount=amount, address=f"0x{user.hex}", chain="ETH"
+            )
+            withdrawals_send()
+            withdrawal.refresh_from_db()
+            circle.transfer_finish(withdrawal.circle_transfer_id, "complete")
+            drained += amount
+        self.onchain_net -= drained
+        low = system_account(code="usdc_buffer").balance
+        cycle = settlement_cycle_run(triggered_by="rehearsal")
+        jobs_submit()
+        monitor_run()
+        after = system_account(code="usdc_buffer").balance
+        return {
+            "buffer_before": str(before),
+            "withdrawn": str(drained),
+            "buffer_low": str(low),
+            "minimum": str(threshold.minimum),
+            "jobs": [
+                f"{job.source_amount} {job.source_currency} -> {job.target_currency}: {job.status}"
+                for job in ConversionJob.objects.filter(pk__in=cycle.jobs_created)
+            ],
+            "buffer_after": str(after),
+            "target": str(threshold.target),
+            "restored": low < threshold.minimum and after == threshold.target,
+        }
+
     def _rollback_drill(self) -> None:
         audit = phase_rollback(actor=ACTOR, reason="rollback drill")
         differing, _ = store_differences(limit=0)
@@ -423,6 +504,14 @@ class Rehearsal:
                 ),
             },
             {
+                "name": "treasury_restored_the_buffer",
+                "ok": bool(self.treasury.get("restored")),
+                "detail": f"USDC buffer {self.treasury.get('buffer_before')} -> "
+                f"{self.treasury.get('buffer_low')} after withdrawals (minimum "
+                f"{self.treasury.get('minimum')}) -> {self.treasury.get('buffer_after')} after "
+                f"the cycle (target {self.treasury.get('target')})",
+            },
+            {
                 "name": "no_open_discrepancies",
                 "ok": open_discrepancy_count() == 0,
                 "detail": f"{open_discrepancy_count()} open",
@@ -440,6 +529,7 @@ class Rehearsal:
                 **latency_summary(self.total.latencies_ms),
             },
             "onchain": self.onchain,
+            "treasury": self.treasury,
             "invariants": checks,
             "ok": all(check["ok"] for check in checks),
         }

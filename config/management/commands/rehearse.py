@@ -140,6 +140,13 @@ class Command(BaseCommand):
                 f"{Decimal(row['buffer_change']):+.2f}",
             )
         console.print(onchain)
+        t = {k: Decimal(v) for k, v in report["treasury"].items() if k not in ("jobs", "restored")}
+        console.print(
+            f"Treasury: withdrawals took the USDC buffer from {t['buffer_before']:.2f} to "
+            f"{t['buffer_low']:.2f} (minimum {t['minimum']:.0f}); the settlement cycle's job "
+            f"({'; '.join(report['treasury']['jobs']) or 'none'}) brought it to "
+            f"{t['buffer_after']:.2f} (target {t['target']:.0f})."
+        )
         invariants = Table(title="Invariants")
         for column in ("check", "result", "detail"):
             invariants.add_column(column)
