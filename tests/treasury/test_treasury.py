@@ -329,3 +329,27 @@ def test_trigger_cycle_needs_the_admin_token(client, settings, due, usdc_low):
     assert response.status_code == 200
     assert response.json()["submitted"]["submitted"] == 1
     assert ConversionJob.objects.get().status == "submitted"
+
+
+def test_scheduled_work_does_nothing_while_the_scheduler_is_disabled(due, usdc_low, settings):
+    from treasury.tasks import monitor_task, settlement_cycle_task
+
+    settings.ENABLE_TREASURY_SCHEDULER = False
+    assert settlement_cycle_task() == {"skipped": "ENABLE_TREASURY_SCHEDULER is off"}
+    assert monitor_task() == {"skipped": "ENABLE_TREASURY_SCHEDULER is off"}
+    assert not SettlementCycle.objects.exists() and not ConversionJob.objects.exists()
+    settings.ENABLE_TREASURY_SCHEDULER = True
+    assert settlement_cycle_task()["submitted"] == 1
+
+
+def test_metrics_carry_the_treasury_series(client, due, usdc_low):
+    settlement_cycle_run(triggered_by="test")
+    body = client.get("/metrics").content.decode()
+    for name in (
+        "treasury_buffer_check_total",
+        "treasury_conversion_jobs_created_total",
+        "treasury_settlement_cycle_duration_ms_bucket",
+        "conversion_jobs_failed_total",
+        "system_buffer_usdc",
+    ):
+        assert name in body

@@ -1,0 +1,62 @@
+"""The treasury console in Chromium: a threshold with minimum above target is refused with the
+field named and nothing saved; a pending job is cancelled after a confirmation with a reason."""
+
+import uuid
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth.models import User
+from playwright.sync_api import expect
+
+from tests.browser.test_cutover_console import login
+from tests.browser.test_ledger_console import browser_page  # noqa: F401 (fixture)
+from treasury.models import BufferThreshold, ConversionJob, ConversionProvider
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def operator(live_server, browser_page):  # noqa: F811
+    User.objects.create_superuser("operator", "op@example.com", "a-long-password-1")
+    login(browser_page, live_server, "operator")
+    return browser_page
+
+
+def test_threshold_below_target_is_refused_naming_the_field(live_server, operator):
+    threshold = BufferThreshold.objects.get(currency="USDC")
+    page = operator
+    page.goto(f"{live_server.url}/admin/treasury/bufferthreshold/{threshold.pk}/change/")
+    page.fill("#id_minimum", "30000")  # above the target of 20,000
+    page.click("input[name=_save]")
+    expect(page.locator(".errorlist")).to_contain_text("minimum must not exceed target")
+    expect(page.locator(".field-minimum .errorlist")).to_have_count(1)
+    assert BufferThreshold.objects.get(currency="USDC").minimum == Decimal("5000")
+    page.fill("#id_minimum", "6000")
+    page.click("input[name=_save]")
+    expect(page.locator(".messagelist")).to_contain_text("was changed successfully")
+    assert BufferThreshold.objects.get(currency="USDC").minimum == Decimal("6000")
+
+
+def test_pending_job_cancelled_with_a_reason(live_server, operator):
+    job = ConversionJob.objects.create(
+        idempotency_key=uuid.uuid4(),
+        buffer_currency="USDC",
+        source_currency="USD",
+        source_amount=Decimal("100"),
+        target_currency="USDC",
+        provider=ConversionProvider.objects.get(code="due"),
+        created_by="test",
+    )
+    page = operator
+    page.goto(f"{live_server.url}/admin/treasury/conversionjob/")
+    page.check("input.action-select")
+    page.select_option("select[name=action]", "cancel")
+    page.click("button[name=index]")
+    page.click("#confirm")  # no reason: the browser does not submit the form
+    expect(page.locator("#id_reason:invalid")).to_have_count(1)
+    page.fill("#id_reason", "the desk converts by hand today")
+    page.click("#confirm")
+    expect(page.locator(".messagelist")).to_contain_text("cancelled")
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+    assert job.last_error == "cancelled by operator: the desk converts by hand today"
