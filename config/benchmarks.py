@@ -23,7 +23,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import connection
 
-from config.runtime import latency_summary, processes_run
+from config.runtime import database_url, latency_summary, processes_run
 from cutover.actors import Actor
 from cutover.phases import ORDER, Phase
 from cutover.services import (
@@ -168,7 +168,8 @@ def posting_measure(clients: int, seconds: float, targets: list) -> dict:
 
 def _pg_env() -> tuple[list[str], dict]:
     db = settings.DATABASES["default"]
-    args = ["-h", db.get("HOST") or "/var/run/postgresql", "-U", db.get("USER") or "postgres"]
+    host = db.get("HOST") or db.get("OPTIONS", {}).get("host") or "/var/run/postgresql"
+    args = ["-h", host, "-U", db.get("USER") or "postgres"]
     if db.get("PORT"):
         args += ["-p", str(db["PORT"])]
     env = dict(os.environ)
@@ -315,36 +316,28 @@ def _free_port() -> int:
 @contextmanager
 def api_server(database_name: str, environment: dict | None = None) -> Iterator[int]:
     """gunicorn serving this project on a loopback port, on `database_name` (with `environment`
-    added to its settings' environment), laid out as deploy/ runs it (four single-threaded
-    workers); yields the port."""
-    db = settings.DATABASES["default"]
-    host = db.get("HOST") or "/var/run/postgresql"
-    auth = f"{db['USER']}:{db['PASSWORD']}" if db.get("PASSWORD") else db["USER"]
-    if host.startswith("/"):
-        url = f"postgres://{auth}@/{database_name}?host={host}"
-    else:
-        url = f"postgres://{auth}@{host}:{db.get('PORT') or 5432}/{database_name}"
+    added to its settings' environment), laid out as deploy/ runs it (config/gunicorn.py, metrics
+    shared through a PROMETHEUS_MULTIPROC_DIR); yields the port."""
     port = _free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "DJANGO_SETTINGS_MODULE": "config.settings.base",
-        "LOG_LEVEL": "WARNING",  # one log line per request would measure the log, not the API
-        **(environment or {}),
-    }
-    with tempfile.TemporaryFile("w+") as log:
+    with tempfile.TemporaryFile("w+") as log, tempfile.TemporaryDirectory() as metrics_dir:
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url(database_name),
+            "DJANGO_SETTINGS_MODULE": "config.settings.base",
+            "LOG_LEVEL": "WARNING",  # one log line per request would measure the log, not the API
+            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,  # as deploy/ runs it
+            **(environment or {}),
+        }
         process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "gunicorn",
                 "config.wsgi:application",
+                "--config",
+                "python:config.gunicorn",
                 "--bind",
                 f"127.0.0.1:{port}",
-                "--workers",
-                "4",
-                "--threads",
-                "1",
                 "--log-level",
                 "warning",
             ],

@@ -1,6 +1,7 @@
 """The one environment reader. Every value is validated when settings load; a bad value stops
 the process with a message naming the variable (manage.py and wsgi print it without a traceback)."""
 
+import os
 import re
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
@@ -83,6 +84,19 @@ def env_url(name: str, default: str | None, schemes: tuple[str, ...]) -> str | N
         raise ConfigurationError(
             f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}, "
             f"got {raw!r}"
+        )
+    return raw
+
+
+def env_directory(name: str) -> str | None:
+    """A directory this process must be able to write to, when set (set but empty is refused:
+    prometheus_client would take it for the working directory)."""
+    if name not in os.environ:
+        return None
+    raw = os.environ[name].strip()
+    if not os.path.isdir(raw) or not os.access(raw, os.W_OK):
+        raise ConfigurationError(
+            f"{name}: {raw!r} is not a directory this process can write to (or leave it unset)"
         )
     return raw
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from django.conf import settings
 from django.core.management import call_command
@@ -19,6 +20,12 @@ from django.core.servers.basehttp import (
 from django.db import DatabaseError, connections
 
 from config import embedded_db
+
+
+def database_url(name: str) -> str:
+    """The configured server's URL for database `name`, for child processes (gunicorn, Celery,
+    manage.py): DATABASE_URL with its database swapped, so a Unix-socket host is kept."""
+    return urlunsplit(urlsplit(settings.DATABASE_URL)._replace(path=f"/{name}"))
 
 
 @contextmanager

@@ -3,13 +3,17 @@
 from prometheus_client import Counter, Gauge
 
 discrepancy_count = Gauge(
-    "discrepancy_count", "Discrepancies recorded by this process (dual writes and reconciliation)"
+    "discrepancy_count",
+    "Discrepancies recorded (dual writes and reconciliation)",
+    multiprocess_mode="sum",
 )
 ledger_write_outcome = Counter(
     "cutover_ledger_write", "Ledger writes of the balance path by outcome", ["outcome"]
 )
 write_success_rate = Gauge(
-    "write_success_rate", "Share of the balance path's ledger writes that succeeded (this process)"
+    "write_success_rate",
+    "Share of the balance path's ledger writes that succeeded (the last process to write)",
+    multiprocess_mode="mostrecent",
 )
 strict_failures = Counter("cutover_strict_failures", "Requests failed by strict mode")
 balance_mutations = Counter(

@@ -6,6 +6,10 @@ webhook_received = Counter(
     "circle_webhook_received", "Circle notifications received, by outcome", ["outcome"]
 )
 deposits_processed = Counter("onchain_deposits_processed", "Inbound transfers credited")
-buffer_level = Gauge("onchain_buffer_level", "The system USDC buffer, from the ledger")
+buffer_level = Gauge(
+    "onchain_buffer_level",
+    "The system USDC buffer, from the ledger",
+    multiprocess_mode="mostrecent",
+)
 withdrawals_executed = Counter("onchain_withdrawals_executed", "Withdrawals Circle completed")
 withdrawals_dead = Counter("onchain_withdrawals_dead", "Withdrawals whose sending gave up")

@@ -87,34 +87,46 @@ def test_bench_posting_prints_ours_beside_pgbench():
     assert result["ours"]["p50_ms"] <= result["ours"]["p95_ms"] <= result["ours"]["p99_ms"]
 
 
-@pytest.mark.django_db(transaction=False)
-def test_rehearse_runs_on_the_embedded_default_without_database_url():
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env["DJANGO_SETTINGS_MODULE"] = "config.settings.base"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "manage.py",
-            "rehearse",
-            "--users",
-            "10",
-            "--operations",
-            "100",
-            "--workers",
-            "2",
-            "--json",
-        ],
+def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.base", **env},
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+@pytest.mark.django_db(transaction=False)
+def test_rehearse_and_bench_run_on_the_embedded_default_without_database_url(monkeypatch):
+    # One test for both: the embedded cluster is stopped by the command that started it.
+    monkeypatch.delenv("DATABASE_URL")
+    result = manage("rehearse", "--users", "10", "--operations", "100", "--workers", "2", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["ok"] is True and report["all_traffic"]["applied"] > 0
     assert (embedded_db.DATA_DIR / "PG_VERSION").exists()
     assert not (embedded_db.DATA_DIR / "postmaster.pid").exists()  # stopped after
+
+    # gunicorn's workers reach the embedded cluster through its Unix socket
+    result = manage(
+        "bench", "webhooks", "--senders", "2", "--seconds", "1", "--users", "5", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["deliveries"] > 0 and set(report["statuses"]) == {"200"}
+
+
+@pytest.mark.django_db(transaction=False)
+def test_an_unreachable_database_is_named_without_a_traceback():
+    url = "postgres://postgres@127.0.0.1:5432/no_such_database"
+    for args in (("rehearse", "--users", "2"), ("cutover", "status"), ("ledger", "verify")):
+        result = manage(*args, DATABASE_URL=url)
+        assert result.returncode == 1
+        assert result.stderr.startswith("database error (DATABASE_URL): ")
+        assert "no_such_database" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_bench_posting_through_the_shadow_balance_path():

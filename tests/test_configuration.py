@@ -33,6 +33,8 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
         ("BALANCE_SOURCE", "both"),
         ("DATABASE_URL", "mysql://localhost/x"),
         ("CELERY_BROKER_URL", "localhost:6379"),
+        ("PROMETHEUS_MULTIPROC_DIR", "/nonexistent/metrics"),
+        ("PROMETHEUS_MULTIPROC_DIR", ""),
     ],
 )
 def test_malformed_variable_stops_the_process_naming_it(variable, value):

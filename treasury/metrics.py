@@ -12,4 +12,8 @@ cycle_duration_ms = Histogram(
     buckets=(5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
 )
 jobs_failed = Counter("conversion_jobs_failed", "Conversion jobs failed or timed out")
-system_buffer_usdc = Gauge("system_buffer_usdc", "The system USDC buffer, from the ledger")
+system_buffer_usdc = Gauge(
+    "system_buffer_usdc",
+    "The system USDC buffer, from the ledger",
+    multiprocess_mode="mostrecent",
+)

@@ -10,6 +10,7 @@ from config.env import (
     env_bool,
     env_choice,
     env_decimal,
+    env_directory,
     env_duration,
     env_fraction,
     env_int,
@@ -107,6 +108,11 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
 }
+
+# prometheus_client reads this variable itself: when set, every process of a host (gunicorn and
+# Celery workers, commands) writes its metrics there and /metrics adds them up, so a counter
+# bumped in a Celery worker is visible to the scrape. Checked here so a wrong path is named.
+PROMETHEUS_MULTIPROC_DIR = env_directory("PROMETHEUS_MULTIPROC_DIR")
 
 # Feature flags (seed 001 "Configuration"). They seed the first phase state; after that the
 # state lives in the database and changes only through the cutover service.

@@ -6,6 +6,7 @@ from decimal import Decimal
 from django.db import connection
 from django.utils import timezone
 
+from config import runtime
 from cutover.models import LegacyBalance, PhaseState
 from cutover.selectors import user_account_type
 from ledger.services import account_open, opening_balance_post
@@ -40,5 +41,4 @@ def phase_set(phase: str, read_percent: int = 0, kill_switch: bool = False) -> N
 
 def database_url() -> str:
     """The test database's URL, for a child process (`manage.py` in a subprocess)."""
-    db = connection.settings_dict
-    return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+    return runtime.database_url(connection.settings_dict["NAME"])

@@ -1,0 +1,138 @@
+"""Metrics as production serves them: gunicorn's workers and a Celery worker write into one
+PROMETHEUS_MULTIPROC_DIR, so every scrape of /metrics, whichever web worker answers it, adds up
+all of them; the alerting rules shipped in deploy/ name only series /metrics exports."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+from django.db import connection
+
+from config.benchmarks import api_server
+from tests.cutover.factories import database_url
+from tests.treasury.test_treasury import KEY, SECRET, buffers, fund
+from treasury.models import BufferThreshold, ConversionJob
+from treasury.sandbox import DueSandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER = "redis://127.0.0.1:6379/12"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+PROMQL_WORDS = {"sum", "delta", "increase", "avg_over_time", "by", "m", "s"}
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def sample(body: str, series: str) -> float | None:
+    match = re.search(rf"^{re.escape(series)} (\S+)$", body, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_scrape_adds_up_the_web_and_celery_processes(tmp_path):
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    fund("usdc_buffer", "1000")
+    fund("fiat_buffer", "60000")
+    redis.Redis.from_url(BROKER).flushdb()
+    worker_log = (tmp_path / "worker.log").open("w")
+    with DueSandbox(api_key=KEY, api_secret=SECRET, settle="failed") as sandbox:
+        env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            "DATABASE_URL": database_url(),
+            "CELERY_BROKER_URL": BROKER,
+            "ENABLE_TREASURY_SCHEDULER": "true",
+            "TREASURY_SCHEDULER_INTERVAL": "1s",
+            "TREASURY_MONITOR_INTERVAL": "1s",
+            "DUE_API_BASE_URL": sandbox.base_url,
+            "DUE_API_KEY": KEY,
+            "DUE_API_SECRET": SECRET,
+            "CUTOVER_RECONCILE_INTERVAL": "1h",
+        }
+        celery = [sys.executable, "-m", "celery", "-A", "config"]
+        # Laid out as deploy/ runs them: a prefork worker and a beat of its own.
+        processes = [
+            subprocess.Popen(
+                [*celery, *arguments],
+                cwd=ROOT,
+                env=env,
+                stdout=worker_log,
+                stderr=subprocess.STDOUT,
+            )
+            for arguments in (
+                (
+                    "worker",
+                    "-c",
+                    "2",
+                    "--without-heartbeat",
+                    "--without-mingle",
+                    "--without-gossip",
+                ),
+                ("beat",),
+            )
+        ]
+        try:
+            deadline = time.time() + 90
+            while (
+                time.time() < deadline and ConversionJob.objects.filter(status="failed").count() < 2
+            ):
+                time.sleep(0.2)
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                process.wait(timeout=30)
+    failed = ConversionJob.objects.filter(status="failed").count()
+    assert failed >= 2, (tmp_path / "worker.log").read_text()[-3000:]
+    connection.close()  # the web workers use the same test database
+
+    rejected = 7
+    with api_server(
+        connection.settings_dict["NAME"], {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    ) as port:
+        for _ in range(rejected):  # unsigned: each refused (401) by whichever worker takes it
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/webhooks/circle/transfers", data=b"{}", method="POST"
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=5)  # noqa: S310
+            assert refused.value.code == 401
+        scrapes = [scrape(port) for _ in range(12)]  # several workers answer these
+
+    for body in scrapes:
+        assert sample(body, "conversion_jobs_failed_total") == failed  # counted in Celery
+        assert sample(body, "system_buffer_usdc") == 1000.0  # set in Celery, the latest value
+        outcomes = re.findall(
+            r"^circle_webhook_received_total\{outcome=\"[^\"]+\"\} (\S+)$", body, re.MULTILINE
+        )
+        assert sum(float(n) for n in outcomes) == rejected  # counted across web workers
+    assert buffers()["USDC"] == 1000  # failed conversions moved nothing
+
+
+def test_alert_rules_name_exported_series_and_the_seeded_thresholds(client, db):
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in client.get("/metrics").content.decode().splitlines()
+        if line and not line.startswith("#")
+    }
+    for rule in rules:
+        names = set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", re.sub(r"\[\d+m\]", "", rule["expr"])))
+        series = names - PROMQL_WORDS
+        assert series and series <= exported, (rule["alert"], series - exported)
+    expressions = {rule["alert"]: rule["expr"] for rule in rules}
+    usdc_min = BufferThreshold.objects.get(currency="USDC").minimum
+    assert expressions["LowSystemBuffer"].endswith(f"< {usdc_min.normalize():f}")
+    assert expressions["TreasuryConversionFailures"].endswith("> 5")
