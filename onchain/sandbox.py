@@ -22,11 +22,13 @@ import urllib.error
 import urllib.request
 import uuid
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from cutover.sandbox import SandboxServer
 
 STATUS_OF = {
     "transfers.created": "pending",
@@ -40,7 +42,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class CircleSandbox:
+class CircleSandbox(SandboxServer):
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -66,23 +68,7 @@ class CircleSandbox:
         self.fail_next: list[int] = []  # statuses for the next transfer creations
         self.delay = 0.0
         self.on_created = None
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer((host, port), self._handler())
-        self.server.handle_error = lambda request, address: None  # a caller that hung up
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> "CircleSandbox":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(host, port)
 
     # What Circle does on its side --------------------------------------------------------
 

@@ -2,12 +2,7 @@
 PROMETHEUS_MULTIPROC_DIR, so every scrape of /metrics, whichever web worker answers it, adds up
 all of them; the alerting rules shipped in deploy/ name only series /metrics exports."""
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +13,7 @@ import yaml
 from django.db import connection
 
 from config.benchmarks import api_server
-from tests.cutover.factories import database_url
+from tests.celery import QUIET, celery_running, wait_for
 from tests.treasury.test_treasury import KEY, SECRET, buffers, fund
 from treasury.models import BufferThreshold, ConversionJob
 from treasury.sandbox import DueSandbox
@@ -48,10 +43,8 @@ def test_every_scrape_adds_up_the_web_and_celery_processes(tmp_path):
     redis.Redis.from_url(BROKER).flushdb()
     worker_log = (tmp_path / "worker.log").open("w")
     with DueSandbox(api_key=KEY, api_secret=SECRET, settle="failed") as sandbox:
-        env = {
-            **os.environ,
+        environment = {
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-            "DATABASE_URL": database_url(),
             "CELERY_BROKER_URL": BROKER,
             "ENABLE_TREASURY_SCHEDULER": "true",
             "TREASURY_SCHEDULER_INTERVAL": "1s",
@@ -61,39 +54,10 @@ def test_every_scrape_adds_up_the_web_and_celery_processes(tmp_path):
             "DUE_API_SECRET": SECRET,
             "CUTOVER_RECONCILE_INTERVAL": "1h",
         }
-        celery = [sys.executable, "-m", "celery", "-A", "config"]
         # Laid out as deploy/ runs them: a prefork worker and a beat of its own.
-        processes = [
-            subprocess.Popen(
-                [*celery, *arguments],
-                cwd=ROOT,
-                env=env,
-                stdout=worker_log,
-                stderr=subprocess.STDOUT,
-            )
-            for arguments in (
-                (
-                    "worker",
-                    "-c",
-                    "2",
-                    "--without-heartbeat",
-                    "--without-mingle",
-                    "--without-gossip",
-                ),
-                ("beat",),
-            )
-        ]
-        try:
-            deadline = time.time() + 90
-            while (
-                time.time() < deadline and ConversionJob.objects.filter(status="failed").count() < 2
-            ):
-                time.sleep(0.2)
-        finally:
-            for process in processes:
-                process.send_signal(signal.SIGTERM)
-            for process in processes:
-                process.wait(timeout=30)
+        worker = ("worker", "-c", "2", *QUIET)
+        with celery_running(worker, ("beat",), environment=environment, log=worker_log):
+            wait_for(lambda: ConversionJob.objects.filter(status="failed").count() >= 2, 90)
     failed = ConversionJob.objects.filter(status="failed").count()
     assert failed >= 2, (tmp_path / "worker.log").read_text()[-3000:]
     connection.close()  # the web workers use the same test database

@@ -19,13 +19,14 @@ import urllib.error
 import urllib.request
 import uuid
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
+from cutover.sandbox import SandboxServer
 from treasury.due import signature
 
 
-class DueSandbox:
+class DueSandbox(SandboxServer):
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -46,23 +47,7 @@ class DueSandbox:
         self.fail_next: list[int] = []
         self.delay = 0.0
         self.on_created = None
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer((host, port), self._handler())
-        self.server.handle_error = lambda request, address: None  # a caller that hung up
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> "DueSandbox":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(host, port)
 
     def finish(self, conversion_id: str, status: str) -> dict:
         """The provider settles a conversion ("completed" or "failed"), calling back if asked."""

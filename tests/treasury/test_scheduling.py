@@ -4,15 +4,10 @@ racing never run two cycles at once nor open two jobs for a buffer; a real worke
 
 import contextlib
 import itertools
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 import redis
@@ -24,14 +19,13 @@ from ledger.exceptions import InsufficientFunds
 from ledger.models import Account
 from ledger.selectors import ledger_integrity_checks
 from ledger.services import Leg, transaction_post
-from tests.cutover.factories import database_url
+from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
 from tests.treasury.test_treasury import KEY, SECRET, buffers, fund
 from treasury.models import OPEN_STATUSES, ConversionJob, SettlementCycle
 from treasury.sandbox import DueSandbox
 from treasury.services import jobs_submit, monitor_run, settlement_cycle_run
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ROOT = Path(__file__).resolve().parent.parent.parent
 BROKER = "redis://127.0.0.1:6379/13"
 
 
@@ -95,9 +89,7 @@ def test_celery_beat_brings_a_low_buffer_back_to_target(settings):
     fund("fiat_buffer", "60000")
     redis.Redis.from_url(BROKER).flushdb()
     with DueSandbox(api_key=KEY, api_secret=SECRET, settle="completed") as sandbox:
-        env = {
-            **os.environ,
-            "DATABASE_URL": database_url(),
+        environment = {
             "CELERY_BROKER_URL": BROKER,
             "ENABLE_TREASURY_SCHEDULER": "true",
             "TREASURY_SCHEDULER_INTERVAL": "1s",
@@ -107,24 +99,8 @@ def test_celery_beat_brings_a_low_buffer_back_to_target(settings):
             "DUE_API_SECRET": SECRET,
             "CUTOVER_RECONCILE_INTERVAL": "1h",
         }
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                *("-m", "celery", "-A", "config", "worker", "--beat", "-c", "1"),
-                *("--pool", "solo", "--without-heartbeat", "--without-mingle", "--without-gossip"),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.time() + 90
-            while time.time() < deadline and buffers()["USDC"] != Decimal("20000"):
-                time.sleep(0.2)
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(timeout=30)
+        with celery_running(WORKER_WITH_BEAT, environment=environment):
+            wait_for(lambda: buffers()["USDC"] == Decimal("20000"), seconds=90)
     assert buffers() == {"USDC": Decimal("20000"), "USD": Decimal("41000")}
     job = ConversionJob.objects.get()
     assert job.status == "completed" and job.created_by == "celery"
