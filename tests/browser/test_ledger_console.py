@@ -6,6 +6,7 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth.models import User
+from django.db import connections
 from playwright.sync_api import expect, sync_playwright
 
 from ledger.models import Transaction
@@ -33,6 +34,9 @@ def browser_page(tmp_path):
         yield page
         page.screenshot(path=str(tmp_path / "last.png"), full_page=True)
         browser.close()
+        # While the loop runs, Django keeps the test's connection in a storage of the loop's
+        # own: closed here, or it outlives the test and blocks dropping the test database.
+        connections.close_all()
     del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]
 
 
