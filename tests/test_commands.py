@@ -2,9 +2,7 @@
 bench, with their errors."""
 
 import json
-import os
 import subprocess
-import sys
 from io import StringIO
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from django.core.management.base import CommandError
 from config import embedded_db
 from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
+from tests.test_configuration import manage as configuration_manage
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -88,14 +87,8 @@ def test_bench_posting_prints_ours_beside_pgbench():
 
 
 def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.base", **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """manage.py in a subprocess on the settings operators run (not the tests' own)."""
+    return configuration_manage(*args, DJANGO_SETTINGS_MODULE="config.settings.base", **env)
 
 
 @pytest.mark.django_db(transaction=False)

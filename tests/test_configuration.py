@@ -20,6 +20,7 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
         env=environment,
         capture_output=True,
         text=True,
+        timeout=300,
     )
 
 

@@ -14,7 +14,7 @@ from django.db import connection
 
 from config.benchmarks import api_server
 from tests.celery import QUIET, celery_running, wait_for
-from tests.treasury.test_treasury import KEY, SECRET, buffers, fund
+from tests.treasury.test_treasury import KEY, SECRET, buffers, celery_environment, fund
 from treasury.models import BufferThreshold, ConversionJob
 from treasury.sandbox import DueSandbox
 
@@ -41,18 +41,13 @@ def test_every_scrape_adds_up_the_web_and_celery_processes(tmp_path):
     fund("usdc_buffer", "1000")
     fund("fiat_buffer", "60000")
     redis.Redis.from_url(BROKER).flushdb()
-    worker_log = (tmp_path / "worker.log").open("w")
-    with DueSandbox(api_key=KEY, api_secret=SECRET, settle="failed") as sandbox:
+    with (
+        (tmp_path / "worker.log").open("w") as worker_log,
+        DueSandbox(api_key=KEY, api_secret=SECRET, settle="failed") as sandbox,
+    ):
         environment = {
+            **celery_environment(sandbox, BROKER),
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-            "CELERY_BROKER_URL": BROKER,
-            "ENABLE_TREASURY_SCHEDULER": "true",
-            "TREASURY_SCHEDULER_INTERVAL": "1s",
-            "TREASURY_MONITOR_INTERVAL": "1s",
-            "DUE_API_BASE_URL": sandbox.base_url,
-            "DUE_API_KEY": KEY,
-            "DUE_API_SECRET": SECRET,
-            "CUTOVER_RECONCILE_INTERVAL": "1h",
         }
         # Laid out as deploy/ runs them: a prefork worker and a beat of its own.
         worker = ("worker", "-c", "2", *QUIET)

@@ -20,7 +20,7 @@ from ledger.models import Account
 from ledger.selectors import ledger_integrity_checks
 from ledger.services import Leg, transaction_post
 from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
-from tests.treasury.test_treasury import KEY, SECRET, buffers, fund
+from tests.treasury.test_treasury import KEY, SECRET, buffers, celery_environment, fund
 from treasury.models import OPEN_STATUSES, ConversionJob, SettlementCycle
 from treasury.sandbox import DueSandbox
 from treasury.services import jobs_submit, monitor_run, settlement_cycle_run
@@ -89,16 +89,7 @@ def test_celery_beat_brings_a_low_buffer_back_to_target(settings):
     fund("fiat_buffer", "60000")
     redis.Redis.from_url(BROKER).flushdb()
     with DueSandbox(api_key=KEY, api_secret=SECRET, settle="completed") as sandbox:
-        environment = {
-            "CELERY_BROKER_URL": BROKER,
-            "ENABLE_TREASURY_SCHEDULER": "true",
-            "TREASURY_SCHEDULER_INTERVAL": "1s",
-            "TREASURY_MONITOR_INTERVAL": "1s",
-            "DUE_API_BASE_URL": sandbox.base_url,
-            "DUE_API_KEY": KEY,
-            "DUE_API_SECRET": SECRET,
-            "CUTOVER_RECONCILE_INTERVAL": "1h",
-        }
+        environment = celery_environment(sandbox, BROKER)
         with celery_running(WORKER_WITH_BEAT, environment=environment):
             wait_for(lambda: buffers()["USDC"] == Decimal("20000"), seconds=90)
     assert buffers() == {"USDC": Decimal("20000"), "USD": Decimal("41000")}

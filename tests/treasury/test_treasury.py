@@ -32,6 +32,7 @@ from treasury.services import (
     settlement_cycle_run,
     threshold_set,
 )
+from treasury.tasks import monitor_task, settlement_cycle_task
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -57,6 +58,21 @@ def fund(code: str, amount: str) -> None:
         kind="opening_balance",
         legs=[Leg.debit(account, amount), Leg.credit(equity, amount)],
     )
+
+
+def celery_environment(sandbox: DueSandbox, broker: str) -> dict[str, str]:
+    """What a real Celery worker and beat need to run the treasury every second against
+    `sandbox` over `broker`."""
+    return {
+        "CELERY_BROKER_URL": broker,
+        "ENABLE_TREASURY_SCHEDULER": "true",
+        "TREASURY_SCHEDULER_INTERVAL": "1s",
+        "TREASURY_MONITOR_INTERVAL": "1s",
+        "DUE_API_BASE_URL": sandbox.base_url,
+        "DUE_API_KEY": KEY,
+        "DUE_API_SECRET": SECRET,
+        "CUTOVER_RECONCILE_INTERVAL": "1h",
+    }
 
 
 def buffers() -> dict[str, Decimal]:
@@ -332,8 +348,6 @@ def test_trigger_cycle_needs_the_admin_token(client, settings, due, usdc_low):
 
 
 def test_scheduled_work_does_nothing_while_the_scheduler_is_disabled(due, usdc_low, settings):
-    from treasury.tasks import monitor_task, settlement_cycle_task
-
     settings.ENABLE_TREASURY_SCHEDULER = False
     assert settlement_cycle_task() == {"skipped": "ENABLE_TREASURY_SCHEDULER is off"}
     assert monitor_task() == {"skipped": "ENABLE_TREASURY_SCHEDULER is off"}
