@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from cutover import metrics
 from cutover.actors import Actor
+from cutover.locks import PHASE_LOCK, RECONCILE_LOCK
 from cutover.exceptions import (
     ConcurrentDuplicate,
     GateNotMet,
@@ -64,9 +65,6 @@ from ledger.money import amount_parse
 from ledger.selectors import system_account
 from ledger.services import Leg, account_open, transaction_apply
 
-# Advisory lock keys (any fixed 64-bit numbers; named here so they are never reused).
-PHASE_LOCK = 7_401_001  # also written in cutover_balance_mutate
-RECONCILE_LOCK = 7_401_002
 BACKFILL_NAMESPACE = "backfill"
 DEPRECATION_COMMENT = "DEPRECATED: balances live in ledger_accounts since the cutover of {at}."
 

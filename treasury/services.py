@@ -24,6 +24,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
+from cutover.locks import SETTLEMENT_CYCLE_LOCK
 from cutover.selectors import phase_state
 from ledger.exceptions import LedgerError
 from ledger.money import CURRENCY_DECIMALS
@@ -48,7 +49,6 @@ from treasury.models import (
 from treasury.selectors import buffer_status_list, provider_pick
 
 log = logging.getLogger(__name__)
-CYCLE_LOCK = 7401002  # pg advisory lock: one settlement cycle at a time (cutover's is 7401001)
 BUFFER_ACCOUNT = {"USDC": "usdc_buffer", "USD": "fiat_buffer"}
 OTHER = {"USDC": "USD", "USD": "USDC"}
 
@@ -109,7 +109,7 @@ def settlement_cycle_run(*, triggered_by: str) -> CycleResult:
     started = time.perf_counter()
     with transaction.atomic(durable=True):
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [CYCLE_LOCK])
+            cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
             if not cursor.fetchone()[0]:
                 return CycleResult(None, skipped="another settlement cycle is running")
         cycle = SettlementCycle.objects.create(triggered_by=triggered_by, started_at=timezone.now())

@@ -1,0 +1,15 @@
+"""Every PostgreSQL advisory lock key the product takes, in one registry (tests check the keys
+are unique). Keys are fixed 64-bit numbers: a job that reuses another's key would make each
+skip or wait for the other, so a new lock gets a new line here, never a reused number."""
+
+PHASE_LOCK = 7_401_001  # also written in cutover_balance_mutate (cutover/sql/cutover.sql)
+RECONCILE_LOCK = 7_401_002
+SETTLEMENT_CYCLE_LOCK = 7_401_003
+CUSTODY_RECONCILE_LOCK = 7_401_004
+
+REGISTRY = {
+    "phase": PHASE_LOCK,
+    "reconcile": RECONCILE_LOCK,
+    "settlement_cycle": SETTLEMENT_CYCLE_LOCK,
+    "custody_reconcile": CUSTODY_RECONCILE_LOCK,
+}

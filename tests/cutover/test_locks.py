@@ -1,0 +1,56 @@
+"""Advisory lock keys: one registry, unique keys, and jobs that do not block one another
+(issue 9, path 10: the reconciliation and the settlement cycle shared key 7401002, so each
+made the other skip)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cutover import locks
+from cutover.services import reconciliation_run
+from tests.cutover.factories import phase_set
+from tests.cutover.test_reconciliation import other_connection
+from treasury.services import settlement_cycle_run
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+APPS = ["ledger", "cutover", "treasury", "onchain", "config"]
+
+
+def test_keys_are_unique():
+    keys = list(locks.REGISTRY.values())
+    assert len(keys) == len(set(keys))
+    named = {v for k, v in vars(locks).items() if k.endswith("_LOCK")}
+    assert named == set(keys), "every *_LOCK constant is in the registry"
+
+
+def test_no_key_is_written_outside_the_registry():
+    """Source and SQL name keys only through cutover.locks (the SQL's one literal is the phase
+    lock, which must equal the registry's)."""
+    literal = re.compile(r"\b7_?401_?\d{3}\b")
+    found = {}
+    for app in APPS:
+        for path in (ROOT / app).rglob("*"):
+            if path.suffix in (".py", ".sql") and path.name != "locks.py":
+                for number in literal.findall(path.read_text()):
+                    found.setdefault(path.relative_to(ROOT).as_posix(), set()).add(
+                        int(number.replace("_", ""))
+                    )
+    assert found == {"cutover/sql/cutover.sql": {locks.PHASE_LOCK}}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reconciliation_runs_while_a_settlement_cycle_holds_its_lock():
+    phase_set("shadow")
+    with other_connection() as other:
+        other.execute("SELECT pg_advisory_lock(%s)", [locks.SETTLEMENT_CYCLE_LOCK])
+        assert reconciliation_run(triggered_by="test").clean
+        other.execute("SELECT pg_advisory_unlock(%s)", [locks.SETTLEMENT_CYCLE_LOCK])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_settlement_cycle_runs_while_a_reconciliation_holds_its_lock():
+    with other_connection() as other:
+        other.execute("SELECT pg_advisory_lock(%s)", [locks.RECONCILE_LOCK])
+        assert settlement_cycle_run(triggered_by="test").skipped == ""
+        other.execute("SELECT pg_advisory_unlock(%s)", [locks.RECONCILE_LOCK])
