@@ -19,7 +19,6 @@ from django.utils import timezone
 
 from cutover import metrics
 from cutover.actors import Actor
-from cutover.locks import PHASE_LOCK, RECONCILE_LOCK
 from cutover.exceptions import (
     ConcurrentDuplicate,
     GateNotMet,
@@ -33,6 +32,7 @@ from cutover.exceptions import (
     StrictLedgerFailure,
     TransitionRefused,
 )
+from cutover.locks import PHASE_LOCK, RECONCILE_LOCK
 from cutover.models import (
     ApiClient,
     AuditAction,
