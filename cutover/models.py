@@ -107,6 +107,28 @@ class PhaseAudit(models.Model):
         return f"{self.at:%Y-%m-%d %H:%M} {self.actor} {self.action} {self.to_phase}"
 
 
+class OperatorAudit(models.Model):
+    """Append-only (a trigger refuses UPDATE and DELETE): every operator action on money or on
+    the engines' settings, written in the same transaction as the action. `before` and `after`
+    are the target's fields the action changed."""
+
+    at = models.DateTimeField(db_default=Now())
+    actor = models.CharField(max_length=150)
+    action = models.CharField(max_length=64)
+    target = models.CharField(max_length=150)
+    before = models.JSONField(default=dict, blank=True)
+    after = models.JSONField(default=dict, blank=True)
+    reason = models.TextField(blank=True)
+
+    class Meta:
+        db_table = "cutover_operator_audit"
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["target", "-at"], name="cutover_operator_audit_target")]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M} {self.actor} {self.action} {self.target}"
+
+
 class LedgerStatus(models.TextChoices):
     POSTED = "posted", "Posted"
     FAILED = "failed", "Failed (recorded, request succeeded)"

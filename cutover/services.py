@@ -40,6 +40,7 @@ from cutover.models import (
     IdempotencyRecord,
     IdempotencyStatus,
     LedgerStatus,
+    OperatorAudit,
     PhaseAudit,
     PhaseState,
     ReconciliationRun,
@@ -380,6 +381,23 @@ def discrepancy_resolve(*, discrepancy_id: int, actor: Actor, note: str) -> None
         discrepancy.resolved_by = actor.name
         discrepancy.resolution_note = note
         discrepancy.save()
+
+
+def operator_action_record(
+    *, actor: Actor | str, action: str, target: str, before: dict, after: dict, reason: str = ""
+) -> OperatorAudit:
+    """Audit an operator's action (who, what, on which target, before, after, why) in the
+    action's own transaction: both are committed, or neither."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("operator_action_record must run inside the action's transaction")
+    return OperatorAudit.objects.create(
+        actor=actor.name if isinstance(actor, Actor) else actor,
+        action=action,
+        target=target,
+        before=before,
+        after=after,
+        reason=reason,
+    )
 
 
 # --- reconciliation ---------------------------------------------------------------------------

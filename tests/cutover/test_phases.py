@@ -220,3 +220,28 @@ def test_audit_trail_is_append_only():
         with pytest.raises(DatabaseError, match="append-only"), connection.cursor() as cursor:
             cursor.execute(statement)
     assert PhaseAudit.objects.filter(reason="incident").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_operator_audit_is_append_only_and_written_with_the_action():
+    from django.db import transaction as db_transaction
+
+    from cutover.models import OperatorAudit
+    from cutover.services import operator_action_record
+
+    with pytest.raises(RuntimeError):
+        operator_action_record(actor="cli:x", action="a", target="t", before={}, after={})
+    with db_transaction.atomic():
+        row = operator_action_record(
+            actor="cli:ops",
+            action="threshold.set",
+            target="threshold:USDC",
+            before={"minimum": "1"},
+            after={"minimum": "2"},
+            reason="why",
+        )
+    with pytest.raises(Exception, match="append-only"), db_transaction.atomic():
+        OperatorAudit.objects.filter(pk=row.pk).update(reason="rewritten")
+    with pytest.raises(Exception, match="append-only"), db_transaction.atomic():
+        OperatorAudit.objects.filter(pk=row.pk).delete()
+    assert OperatorAudit.objects.get(pk=row.pk).reason == "why"
