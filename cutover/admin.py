@@ -11,6 +11,8 @@ from cutover.actors import Actor
 from cutover.exceptions import CutoverError
 from cutover.models import (
     BalanceMutation,
+    CustodyDiscrepancy,
+    CustodyOpening,
     Discrepancy,
     LegacyBalance,
     PhaseAudit,
@@ -188,3 +190,36 @@ class ReconciliationRunAdmin(ReadOnlyAdmin):
 @admin.register(StrictFailure)
 class StrictFailureAdmin(ReadOnlyAdmin):
     list_display = ("at", "phase", "user_id", "reference", "error")
+
+
+@admin.register(CustodyOpening)
+class CustodyOpeningAdmin(ReadOnlyAdmin):
+    list_display = (
+        "currency",
+        "reported",
+        "source",
+        "buffer_before",
+        "ledger_transaction_id",
+        "opened_by",
+        "opened_at",
+    )
+
+
+@admin.register(CustodyDiscrepancy)
+class CustodyDiscrepancyAdmin(ReadOnlyAdmin):
+    """Read-only: recorded and resolved by the custody reconciliation
+    (cutover.services.custody_reconcile)."""
+
+    list_display = (
+        "currency",
+        "source",
+        "ledger_balance",
+        "reported",
+        "difference",
+        "status",
+        "occurrences",
+        "first_seen_at",
+        "last_seen_at",
+        "resolved_at",
+    )
+    list_filter = ("status", "currency", "source")

@@ -32,7 +32,16 @@ class MutationConflict(CutoverError):
 
 
 class StrictLedgerFailure(CutoverError):
-    """Strict or cutover phase: the ledger write failed, so the whole request failed."""
+    """The ledger refused a write the phase requires (strict, cutover, or the legacy mirror
+    once custody is open), so the whole request failed. Carries what a StrictFailure row
+    records (cutover.services.strict_failure_recorded)."""
+
+    def __init__(self, message: str, *, phase: str, user_id, reference: str):
+        super().__init__(message)
+        self.phase = phase
+        self.user_id = user_id
+        self.reference = reference
+        self.recorded = False
 
 
 class NotApplicable(CutoverError):
@@ -53,3 +62,7 @@ class IdempotencyKeyInFlight(CutoverError):
 
 class ConcurrentDuplicate(CutoverError):
     """The same reference was committed by a concurrent request first; nothing was applied."""
+
+
+class CustodyRefused(CutoverError):
+    """A custody opening or reading that cannot be booked (already open, bad figure)."""

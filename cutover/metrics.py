@@ -19,3 +19,7 @@ strict_failures = Counter("cutover_strict_failures", "Requests failed by strict 
 balance_mutations = Counter(
     "cutover_balance_mutations", "Balance mutations by phase and outcome", ["phase", "outcome"]
 )
+custody_discrepancies = Counter(
+    "cutover_custody_discrepancies",
+    "Custody discrepancies opened: a system buffer differs from its provider's balance",
+)

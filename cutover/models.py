@@ -1,10 +1,14 @@
 """The migration's state: the legacy `balances` table, the phase, its audit trail, the balance
-path's journal, discrepancies, reconciliation runs and strict-mode failures.
+path's journal, discrepancies, reconciliation runs, strict-mode failures, and custody (the
+opening of each system buffer and the custody discrepancies).
 
 What PostgreSQL holds: one phase row (id = 1) with a legal phase and read percentage; legacy
-balances never negative; one journal row per mutation reference (exactly once); one open
-discrepancy per user and currency; audit rows never updated or deleted (trigger in
-cutover/sql/cutover.sql).
+balances never negative; one currency per user (one legacy row, at most one ledger balance
+account, and cutover_balance_mutate refuses any other currency); one journal row per mutation
+reference (exactly once), never updated or deleted; one open discrepancy per user and currency;
+audit rows never updated or deleted (triggers in cutover/sql/cutover.sql); custody opened once
+per currency, from a reported balance that is not negative; one open custody discrepancy per
+currency and source.
 """
 
 from django.db import models
@@ -62,6 +66,7 @@ class PhaseState(models.Model):
             ("force_gate", "Can advance past a gate that is not met (with a reason)"),
             ("rollback_phase", "Can roll the rollout back to legacy"),
             ("operate_kill_switch", "Can engage and release the kill switch"),
+            ("open_custody", "Can book a system buffer's custody opening balance"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(id=1), name="cutover_phase_state_chk_singleton"),
@@ -309,3 +314,69 @@ class IdempotencyRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.client_id}:{self.key}"
+
+
+class CustodyOpening(models.Model):
+    """The opening balance of a system buffer (`usdc_buffer`, `fiat_buffer`), booked once per
+    currency from what the provider reported. Its existence turns on the legacy mirror of the
+    balance path for that currency (cutover_balance_mutate)."""
+
+    currency = models.CharField(max_length=8, unique=True)
+    reported = models.DecimalField(max_digits=38, decimal_places=6)
+    source = models.CharField(max_length=64)
+    buffer_before = models.DecimalField(max_digits=38, decimal_places=6)
+    ledger_transaction_id = models.BigIntegerField(null=True, blank=True)
+    opened_by = models.CharField(max_length=150)
+    reason = models.TextField()
+    opened_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        db_table = "cutover_custody_openings"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(reported__gte=0), name="cutover_custody_openings_chk_reported"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"custody {self.currency}: {self.reported} from {self.source}"
+
+
+class CustodyDiscrepancy(models.Model):
+    """A system buffer whose ledger balance is not what its provider reports. One open row per
+    currency and source; later sightings update it; resolved when they agree again."""
+
+    currency = models.CharField(max_length=8)
+    source = models.CharField(max_length=64)
+    ledger_balance = models.DecimalField(max_digits=38, decimal_places=6)
+    reported = models.DecimalField(max_digits=38, decimal_places=6)
+    difference = models.DecimalField(max_digits=38, decimal_places=6)
+    status = models.CharField(
+        max_length=8, choices=DiscrepancyStatus.choices, default=DiscrepancyStatus.OPEN
+    )
+    occurrences = models.PositiveIntegerField(db_default=1)
+    first_seen_at = models.DateTimeField(db_default=Now())
+    last_seen_at = models.DateTimeField(db_default=Now())
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "cutover_custody_discrepancies"
+        verbose_name_plural = "custody discrepancies"
+        ordering = ["-last_seen_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["currency", "source"],
+                condition=Q(status="open"),
+                name="cutover_custody_discrepancies_uniq_open",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=DiscrepancyStatus.values),
+                name="cutover_custody_discrepancies_chk_status",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return (
+            f"custody {self.currency} ({self.source}): ledger {self.ledger_balance}, "
+            f"reported {self.reported}"
+        )

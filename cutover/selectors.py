@@ -15,6 +15,8 @@ from django.utils import timezone
 from cutover.models import (
     ApiClient,
     BalanceMutation,
+    CustodyDiscrepancy,
+    CustodyOpening,
     Discrepancy,
     DiscrepancyStatus,
     LedgerStatus,
@@ -24,9 +26,11 @@ from cutover.models import (
 )
 from cutover.phases import Phase
 from ledger import metrics as ledger_metrics
-from ledger.selectors import ledger_integrity_checks
+from ledger.selectors import ledger_integrity_checks, system_account
 
 READ_LATENCY_SAMPLE = 200
+# The system buffer that books what each custodian holds for us (Circle's wallet, the bank/Due).
+CUSTODY_BUFFERS = {"USDC": "usdc_buffer", "USD": "fiat_buffer"}
 
 
 def user_account_type(currency: str) -> str:
@@ -89,6 +93,36 @@ def balance_get(*, user_id: UUID, currency: str = "USDC") -> BalanceReading:
         row = cursor.fetchone()
     amount = row[0] if row else Decimal(0)
     return BalanceReading(user_id, currency, amount, source, state.phase)
+
+
+def custody_opened(currency: str) -> bool:
+    """Whether the buffer of `currency` has its custody opening balance booked."""
+    return CustodyOpening.objects.filter(currency=currency).exists()
+
+
+def custody_status() -> list[dict]:
+    """Per custody currency: whether it is open (and from what), the buffer's ledger balance
+    now, and its open custody discrepancies."""
+    openings = {o.currency: o for o in CustodyOpening.objects.all()}
+    rows = []
+    for currency, code in CUSTODY_BUFFERS.items():
+        opening = openings.get(currency)
+        rows.append(
+            {
+                "currency": currency,
+                "buffer": code,
+                "buffer_balance": system_account(code=code).balance,
+                "opened": opening is not None,
+                "opened_at": opening.opened_at if opening else None,
+                "opened_by": opening.opened_by if opening else None,
+                "source": opening.source if opening else None,
+                "reported_at_opening": opening.reported if opening else None,
+                "open_discrepancies": CustodyDiscrepancy.objects.filter(
+                    currency=currency, status=DiscrepancyStatus.OPEN
+                ).count(),
+            }
+        )
+    return rows
 
 
 def open_discrepancy_count() -> int:
@@ -260,6 +294,21 @@ def _ledger_integrity_check() -> GateCheck:
     return GateCheck("ledger_verify", "clean", ", ".join(failed) or "clean", not failed)
 
 
+def _custody_check(currency: str) -> GateCheck:
+    opening = CustodyOpening.objects.filter(currency=currency).first()
+    actual = (
+        f"opened at {opening.reported} from {opening.source} ({opening.opened_at:%Y-%m-%d %H:%M})"
+        if opening
+        else "not opened"
+    )
+    return GateCheck(
+        f"custody_{currency.lower()}",
+        f"{CUSTODY_BUFFERS[currency]} opened from the provider's balance",
+        actual,
+        opening is not None,
+    )
+
+
 def equality_proof() -> GateCheck:
     """Per-user equality and equal totals of both stores (taken under the write fence)."""
     count, first = store_differences(limit=5)
@@ -278,7 +327,11 @@ def gate_evaluate(state: PhaseState, to: Phase) -> Gate:
     """The evidence for moving from the current phase to `to` (the next one)."""
     gate = Gate(state.phase, to.value)
     if to == Phase.SHADOW:
-        gate.checks += [_backfill_check(), _ledger_integrity_check()]
+        gate.checks += [
+            _backfill_check(),
+            _ledger_integrity_check(),
+            *(_custody_check(currency) for currency in CUSTODY_BUFFERS),
+        ]
     elif to == Phase.READ_SWITCH:
         gate.checks += [
             _duration_check(state, settings.CUTOVER_SHADOW_MIN_DURATION),

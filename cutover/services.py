@@ -7,7 +7,10 @@ mutations in flight, and no mutation starts under the old state once a flip has 
 Within a mutation the user's legacy row is locked first, then (by the ledger) the accounts.
 """
 
+import re
 import secrets
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID
@@ -21,6 +24,7 @@ from cutover import metrics
 from cutover.actors import Actor
 from cutover.exceptions import (
     ConcurrentDuplicate,
+    CustodyRefused,
     GateNotMet,
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
@@ -32,11 +36,14 @@ from cutover.exceptions import (
     StrictLedgerFailure,
     TransitionRefused,
 )
-from cutover.locks import PHASE_LOCK, RECONCILE_LOCK
+from cutover.locks import CUSTODY_RECONCILE_LOCK, PHASE_LOCK, RECONCILE_LOCK
 from cutover.models import (
     ApiClient,
     AuditAction,
+    CustodyDiscrepancy,
+    CustodyOpening,
     Direction,
+    DiscrepancyStatus,
     IdempotencyRecord,
     IdempotencyStatus,
     LedgerStatus,
@@ -52,6 +59,7 @@ from cutover.phases import (
     next_phase,
 )
 from cutover.selectors import (
+    CUSTODY_BUFFERS,
     DIFFERENCES_SQL,
     TOTALS_SQL,
     equality_proof,
@@ -61,8 +69,8 @@ from cutover.selectors import (
     token_digest,
     user_account_type,
 )
-from ledger.exceptions import InsufficientFunds
-from ledger.money import amount_parse
+from ledger.exceptions import InsufficientFunds, InvalidAmount
+from ledger.money import CURRENCY_DECIMALS, amount_parse
 from ledger.selectors import system_account
 from ledger.services import Leg, account_open, transaction_apply
 
@@ -97,6 +105,9 @@ class MutationResult:
     legacy_balance: Decimal | None
     ledger_status: str
     created: bool  # False: a replay of an earlier mutation with this reference
+    # The posting that moved the counterparty: the dual write's, or in legacy the mirror's
+    # against opening-balance equity once custody is open; None when nothing was posted.
+    ledger_transaction_id: int | None = None
 
 
 MUTATE_SQL = """
@@ -147,16 +158,58 @@ def _mutation_execute(
         error = MUTATION_ERRORS.get(getattr(exc.__cause__, "sqlstate", None) or "")
         if error is None:
             raise
-        message = exc.__cause__.diag.message_primary or str(exc)
-        raise error(message.removeprefix("ledger: ")) from exc
-    created, phase, legacy, _, status, _, _, discrepancy = row
+        diag = exc.__cause__.diag
+        message = (diag.message_primary or str(exc)).removeprefix("ledger: ")
+        if error is StrictLedgerFailure:  # the SQL function puts the phase in DETAIL
+            raise StrictLedgerFailure(
+                message, phase=diag.message_detail or "", user_id=user_id, reference=reference
+            ) from exc
+        raise error(message) from exc
+    created, phase, legacy, _, status, ledger_transaction_id, _, discrepancy = row
     if created and status != LedgerStatus.NOT_WRITTEN:
         transaction.on_commit(lambda: _write_outcome(status))
     if discrepancy:
         transaction.on_commit(metrics.discrepancy_count.inc)
     return MutationResult(
-        reference, user_id, direction, amount, currency, phase, legacy, status, created
+        reference,
+        user_id,
+        direction,
+        amount,
+        currency,
+        phase,
+        legacy,
+        status,
+        created,
+        ledger_transaction_id,
     )
+
+
+@contextmanager
+def strict_failure_recorded() -> Iterator[None]:
+    """Record a strict-phase failure of the block: when it raises StrictLedgerFailure, write
+    the StrictFailure row (phase, user, reference, error) in a transaction of its own, count it,
+    and re-raise. Use it OUTSIDE the durable atomic block that applies the mutation, so the row
+    is written after that block rolled back (and the "0 strict failures" gate sees it):
+
+        with strict_failure_recorded(), transaction.atomic(durable=True):
+            balance_mutation_apply(...)
+    """
+    if connection.in_atomic_block:
+        raise RuntimeError(
+            "strict_failure_recorded must wrap the transaction, not run inside one: "
+            "its record would roll back with the failure"
+        )
+    try:
+        yield
+    except StrictLedgerFailure as exc:
+        if not exc.recorded:
+            with transaction.atomic(durable=True):
+                StrictFailure.objects.create(
+                    phase=exc.phase, user_id=exc.user_id, reference=exc.reference, error=str(exc)
+                )
+            exc.recorded = True
+            metrics.strict_failures.inc()
+        raise
 
 
 def balance_mutation_apply(
@@ -198,21 +251,15 @@ def balance_mutate(
 ) -> MutationResult:
     """One mutation in a database transaction of its own: a single statement in autocommit
     mode (the guarantee of atomic(durable=True) in one round trip). A strict-mode failure rolls
-    the whole mutation back and is then recorded (StrictFailure) before it is raised."""
+    the whole mutation back and is then recorded (strict_failure_recorded) before it is raised."""
     if connection.in_atomic_block:
         raise RuntimeError("balance_mutate commits on its own; inside atomic() use the _apply form")
     args = (user_id, direction, amount, reference, reason, currency, counterparty, correlation_id)
-    try:
+    with strict_failure_recorded():
         try:
             result = _mutation_execute(*args)
         except ConcurrentDuplicate:  # the other delivery won: this one is now a replay
             result = _mutation_execute(*args)
-    except StrictLedgerFailure as exc:
-        StrictFailure.objects.create(
-            phase=phase_state().phase, user_id=user_id, reference=reference, error=str(exc)
-        )
-        metrics.strict_failures.inc()
-        raise
     metrics.balance_mutations.labels(
         phase=result.phase, outcome="applied" if result.created else "replayed"
     ).inc()
@@ -312,15 +359,37 @@ def _read_percent_raise(state: PhaseState, percent: int, actor: Actor, reason: s
     )
 
 
+# The rebuild of `balances` from the ledger (rollback from cutover): every legacy row gets its
+# user's ledger balance (0 without an account), and every ledger balance account without a row
+# gets one. One currency per user holds in every phase (cutover_balance_mutate and the index
+# cutover_one_balance_account_per_user), so each row has at most one account to mirror and a
+# row's currency is never rewritten.
+LEGACY_MISMATCHED_CURRENCY_SQL = """
+    SELECT b.user_id, b.currency, a.currency FROM balances b
+      JOIN ledger_accounts a ON a.user_id = b.user_id
+       AND a.account_type = lower(a.currency) || '_balance'
+     WHERE a.currency <> b.currency ORDER BY b.user_id LIMIT 5
+"""
 LEGACY_REBUILD_SQL = """
-    INSERT INTO balances (user_id, buying_power, currency, updated_at)
-    SELECT a.user_id, a.balance, a.currency, now()
-      FROM ledger_accounts a
-     WHERE a.user_id IS NOT NULL AND a.account_type = lower(a.currency) || '_balance'
-    ON CONFLICT (user_id) DO UPDATE
-       SET buying_power = EXCLUDED.buying_power, currency = EXCLUDED.currency,
-           updated_at = now()
-     WHERE balances.buying_power IS DISTINCT FROM EXCLUDED.buying_power
+    WITH ledger AS (
+        SELECT a.user_id, a.currency, a.balance FROM ledger_accounts a
+         WHERE a.user_id IS NOT NULL AND a.account_type = lower(a.currency) || '_balance'
+    ),
+    updated AS (
+        UPDATE balances b SET buying_power = coalesce(l.balance, 0), updated_at = now()
+          FROM balances target LEFT JOIN ledger l
+            ON l.user_id = target.user_id AND l.currency = target.currency
+         WHERE b.user_id = target.user_id
+           AND b.buying_power IS DISTINCT FROM coalesce(l.balance, 0)
+        RETURNING 1
+    ),
+    inserted AS (
+        INSERT INTO balances (user_id, buying_power, currency, updated_at)
+        SELECT l.user_id, l.balance, l.currency, now() FROM ledger l
+         WHERE NOT EXISTS (SELECT 1 FROM balances b WHERE b.user_id = l.user_id)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM updated), (SELECT count(*) FROM inserted)
 """
 
 
@@ -337,16 +406,39 @@ def phase_rollback(*, actor: Actor, reason: str) -> PhaseAudit:
             raise TransitionRefused("already in legacy: nothing to roll back")
         evidence: dict = {"totals_before": store_totals()}
         if current == Phase.CUTOVER:
-            with connection.cursor() as cursor:
-                cursor.execute(LEGACY_REBUILD_SQL)
-                evidence["legacy_rows_rebuilt"] = cursor.rowcount
-                cursor.execute("COMMENT ON TABLE balances IS NULL")
-            evidence["totals_after"] = store_totals()
+            _legacy_rebuild(evidence)
         state.phase = Phase.LEGACY
         state.entered_at = timezone.now()
         state.read_percent = 0
         state.save()
         return _audit(actor, AuditAction.ROLLBACK, current, Phase.LEGACY, reason, evidence)
+
+
+def _legacy_rebuild(evidence: dict) -> None:
+    """Rebuild `balances` from the ledger under the write fence, and prove both stores equal
+    before the flip commits (a rollback that would lose a cent does not happen)."""
+    with connection.cursor() as cursor:
+        cursor.execute(LEGACY_MISMATCHED_CURRENCY_SQL)
+        mismatched = cursor.fetchall()
+        if mismatched:
+            described = ", ".join(
+                f"{u} ({legacy} legacy, {ledger} ledger)" for u, legacy, ledger in mismatched
+            )
+            raise TransitionRefused(
+                f"rollback refused: users hold another currency in each store: {described}"
+            )
+        cursor.execute(LEGACY_REBUILD_SQL)
+        updated, inserted = cursor.fetchone()
+        evidence["legacy_rows_rebuilt"] = updated + inserted
+        evidence["legacy_rows_created"] = inserted
+        cursor.execute("COMMENT ON TABLE balances IS NULL")
+    proof = equality_proof()
+    evidence["totals_after"] = store_totals()
+    evidence["proof"] = proof.__dict__
+    if not proof.ok:
+        raise TransitionRefused(
+            f"rollback refused: the rebuilt legacy store differs: {proof.actual}"
+        )
 
 
 def kill_switch_set(*, engaged: bool, actor: Actor, reason: str) -> PhaseAudit:
@@ -368,7 +460,7 @@ def kill_switch_set(*, engaged: bool, actor: Actor, reason: str) -> PhaseAudit:
 
 
 def discrepancy_resolve(*, discrepancy_id: int, actor: Actor, note: str) -> None:
-    from cutover.models import Discrepancy, DiscrepancyStatus
+    from cutover.models import Discrepancy
 
     if not note.strip():
         raise ReasonRequired("resolving a discrepancy needs a note")
@@ -398,6 +490,204 @@ def operator_action_record(
         after=after,
         reason=reason,
     )
+
+
+# --- custody ----------------------------------------------------------------------------------
+
+CUSTODY_NAMESPACE = "custody"
+
+
+def custody_reading_parse(value: Decimal | str, currency: str) -> Decimal:
+    """A provider's reported balance in `currency`: zero (an empty wallet) or a positive amount
+    with at most the currency's places. Negative figures are refused."""
+    if currency not in CUSTODY_BUFFERS:
+        raise CustodyRefused(
+            f"currency must be one of {', '.join(CUSTODY_BUFFERS)}, not {currency!r}"
+        )
+    places = CURRENCY_DECIMALS[currency]
+    # amount_parse takes positive amounts only; zero is a legitimate balance here.
+    if isinstance(value, str) and re.fullmatch(r"0(\.0+)?", value):
+        if len(value.partition(".")[2]) > places:
+            raise CustodyRefused(
+                f"reported: {value} has more than {places} decimal places for {currency}"
+            )
+        return Decimal(0)
+    if isinstance(value, Decimal) and value.is_zero() and value.as_tuple().exponent >= -places:
+        return Decimal(0)
+    if (isinstance(value, str) and value.strip().startswith("-")) or (
+        isinstance(value, Decimal) and value.is_signed()
+    ):
+        raise CustodyRefused(f"reported: a provider's balance cannot be negative, got {value}")
+    try:
+        return amount_parse(value, currency)
+    except InvalidAmount as exc:
+        raise CustodyRefused(f"reported: {exc}") from None
+
+
+def custody_open(
+    *, currency: str, reported: Decimal | str, source: str, actor: Actor, reason: str
+) -> CustodyOpening:
+    """Book a system buffer's opening balance from what its provider reports: the buffer
+    (`usdc_buffer` for USDC, `fiat_buffer` for USD) is brought to `reported` against the
+    currency's opening-balance equity (namespace `custody`, reference `opening:<CUR>`), once per
+    currency, audited. From then on the balance path mirrors legacy-phase mutations of that
+    currency in the ledger (cutover_balance_mutate), so the buffers stay right across phases.
+
+    Takes the phase lock exclusively (mutations in flight finish under the old rule; none
+    starts meanwhile) and the buffer's row lock (postings to it wait)."""
+    actor.require("cutover.open_custody")
+    amount = custody_reading_parse(reported, currency)
+    if not isinstance(source, str) or not source.strip() or len(source) > 64:
+        raise CustodyRefused(
+            "source: name the provider that reported the balance (1..64 characters)"
+        )
+    if not reason.strip():
+        raise ReasonRequired("opening custody needs a written --reason")
+    with transaction.atomic(durable=True):
+        _phase_lock_exclusive()
+        existing = CustodyOpening.objects.filter(currency=currency).first()
+        if existing is not None:
+            raise CustodyRefused(
+                f"custody for {currency} is already open: {existing.reported} from "
+                f"{existing.source} at {existing.opened_at:%Y-%m-%d %H:%M:%S}"
+            )
+        buffer = system_account(code=CUSTODY_BUFFERS[currency])
+        equity = system_account(code=f"opening_balance_equity_{currency.lower()}")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT balance FROM ledger_accounts WHERE id = %s FOR UPDATE", [buffer.pk]
+            )
+            (before,) = cursor.fetchone()
+        difference = amount - before
+        posting = None
+        if difference:
+            posting = transaction_apply(
+                namespace=CUSTODY_NAMESPACE,
+                reference_id=f"opening:{currency}",
+                kind="custody_opening",
+                legs=[Leg.debit(buffer, difference), Leg.credit(equity, difference)]
+                if difference > 0
+                else [Leg.debit(equity, -difference), Leg.credit(buffer, -difference)],
+                metadata={"source": source, "reported": str(amount), "buffer_before": str(before)},
+            )
+        opening = CustodyOpening.objects.create(
+            currency=currency,
+            reported=amount,
+            source=source.strip(),
+            buffer_before=before,
+            ledger_transaction_id=posting.transaction_id if posting else None,
+            opened_by=actor.name,
+            reason=reason,
+        )
+        operator_action_record(
+            actor=actor,
+            action="custody.open",
+            target=f"custody:{currency}",
+            before={"opened": False, "buffer": str(before)},
+            after={
+                "opened": True,
+                "buffer": str(amount),
+                "reported": str(amount),
+                "source": opening.source,
+                "ledger_transaction_id": opening.ledger_transaction_id,
+            },
+            reason=reason,
+        )
+    return opening
+
+
+@dataclass(frozen=True)
+class CustodyReading:
+    """What a provider reports it holds for us in one currency."""
+
+    currency: str
+    source: str
+    reported: Decimal | str
+
+
+@dataclass(frozen=True)
+class CustodyComparison:
+    currency: str
+    source: str
+    ledger_balance: Decimal
+    reported: Decimal
+    difference: Decimal  # ledger - reported
+    discrepancy_id: int | None  # the open custody discrepancy, None when they agree
+    resolved: bool  # an open discrepancy was resolved by this run
+
+    @property
+    def agrees(self) -> bool:
+        return not self.difference
+
+
+def custody_reconcile(*, readings: Iterable[CustodyReading]) -> list[CustodyComparison]:
+    """Compare each system buffer's ledger balance with what its provider reports; record a
+    custody discrepancy when they differ (one open row per currency and source; later
+    sightings update it), resolve the open one when they agree again. One run at a time
+    (CUSTODY_RECONCILE_LOCK; a second is refused with ReconciliationBusy). Every reading is
+    validated before anything is written."""
+    parsed = []
+    for reading in readings:
+        if not isinstance(reading.source, str) or not reading.source.strip():
+            raise CustodyRefused("source: every reading names its provider")
+        parsed.append(
+            (
+                reading.currency,
+                reading.source,
+                custody_reading_parse(reading.reported, reading.currency),
+            )
+        )
+    comparisons = []
+    with transaction.atomic(durable=True):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [CUSTODY_RECONCILE_LOCK])
+            if not cursor.fetchone()[0]:
+                raise ReconciliationBusy("another custody reconciliation is running")
+        now = timezone.now()
+        for currency, source, reported in parsed:
+            balance = system_account(code=CUSTODY_BUFFERS[currency]).balance
+            difference = balance - reported
+            found = (
+                CustodyDiscrepancy.objects.select_for_update()
+                .filter(currency=currency, source=source, status=DiscrepancyStatus.OPEN)
+                .first()
+            )
+            resolved = False
+            if difference and found is None:
+                found = CustodyDiscrepancy.objects.create(
+                    currency=currency,
+                    source=source,
+                    ledger_balance=balance,
+                    reported=reported,
+                    difference=difference,
+                )
+                transaction.on_commit(metrics.custody_discrepancies.inc)
+            elif difference:
+                found.ledger_balance, found.reported, found.difference = (
+                    balance,
+                    reported,
+                    difference,
+                )
+                found.occurrences += 1
+                found.last_seen_at = now
+                found.save()
+            elif found is not None:
+                found.status = DiscrepancyStatus.RESOLVED
+                found.resolved_at = found.last_seen_at = now
+                found.save()
+                resolved, found = True, None
+            comparisons.append(
+                CustodyComparison(
+                    currency,
+                    source,
+                    balance,
+                    reported,
+                    difference,
+                    found.pk if found else None,
+                    resolved,
+                )
+            )
+    return comparisons
 
 
 # --- reconciliation ---------------------------------------------------------------------------

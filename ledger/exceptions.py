@@ -1,4 +1,4 @@
-"""Domain errors of the ledger. Database rule violations (SQLSTATE LD001..LD008, raised by
+"""Domain errors of the ledger. Database rule violations (SQLSTATE LD001..LD009, raised by
 ledger/sql/ledger.sql) are translated here so callers never see a driver error."""
 
 from django.db import DatabaseError
@@ -37,7 +37,8 @@ class CurrencyMismatch(InvalidPosting):
 
 
 class ImmutableRecord(LedgerError):
-    """Entries and transactions are never updated or deleted."""
+    """Entries and transactions are never updated or deleted; an account's balance, entry count
+    and hash chain move only by posting entries, and its currency never changes."""
 
 
 SQLSTATE_ERRORS: dict[str, type[LedgerError]] = {
@@ -49,6 +50,7 @@ SQLSTATE_ERRORS: dict[str, type[LedgerError]] = {
     "LD006": UnbalancedTransaction,
     "LD007": ImmutableRecord,
     "LD008": UnbalancedTransaction,
+    "LD009": ImmutableRecord,
 }
 
 

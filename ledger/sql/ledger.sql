@@ -1,5 +1,5 @@
 -- The ledger's rules, held by PostgreSQL so that no writer (ORM, raw SQL, a future service)
--- can break them. Error codes LD001..LD008 are mapped to domain exceptions in ledger/exceptions.py.
+-- can break them. Error codes LD001..LD009 are mapped to domain exceptions in ledger/exceptions.py.
 
 -- Entry insert: lock the account row, check currency and scale, move the cached balance,
 -- extend the account's hash chain. Runs in the inserting statement, so a raw INSERT keeps
@@ -168,3 +168,37 @@ BEGIN
      ORDER BY l.account_id, l.side, l.amount;
     created := true;
 END $$;
+
+-- An account's balance, entry count and chain head move only with its entries: the one UPDATE
+-- allowed to change them is ledger_entry_apply's, which runs inside the entry's insert trigger
+-- (so this trigger fires one level deeper, called from that function). Currency and normal
+-- balance never change once an account exists. Anything else (a raw UPDATE, the ORM) is refused.
+CREATE OR REPLACE FUNCTION ledger_account_guard() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_stack text;
+BEGIN
+    IF NEW.currency IS DISTINCT FROM OLD.currency
+       OR NEW.normal_balance IS DISTINCT FROM OLD.normal_balance THEN
+        RAISE EXCEPTION 'ledger: account % keeps its currency and normal balance', OLD.id
+            USING ERRCODE = 'LD009';
+    END IF;
+    IF (NEW.balance, NEW.entry_count, NEW.last_hash)
+       IS DISTINCT FROM (OLD.balance, OLD.entry_count, OLD.last_hash) THEN
+        IF pg_trigger_depth() < 2 THEN
+            RAISE EXCEPTION 'ledger: account % balance, entry count and hash chain move only by '
+                'posting entries', OLD.id USING ERRCODE = 'LD009';
+        END IF;
+        GET DIAGNOSTICS v_stack = PG_CONTEXT;
+        IF position('function ledger_entry_apply()' IN v_stack) = 0 THEN
+            RAISE EXCEPTION 'ledger: account % balance, entry count and hash chain move only by '
+                'posting entries', OLD.id USING ERRCODE = 'LD009';
+        END IF;
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS ledger_accounts_guard ON ledger_accounts;
+CREATE TRIGGER ledger_accounts_guard
+    BEFORE UPDATE OF balance, entry_count, last_hash, currency, normal_balance ON ledger_accounts
+    FOR EACH ROW EXECUTE FUNCTION ledger_account_guard();

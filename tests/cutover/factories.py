@@ -7,8 +7,10 @@ from django.db import connection
 from django.utils import timezone
 
 from config import runtime
+from cutover.actors import Actor
 from cutover.models import LegacyBalance, PhaseState
 from cutover.selectors import user_account_type
+from cutover.services import custody_open
 from ledger.services import account_open, opening_balance_post
 
 
@@ -42,3 +44,15 @@ def phase_set(phase: str, read_percent: int = 0, kill_switch: bool = False) -> N
 def database_url() -> str:
     """The test database's URL, for a child process (`manage.py` in a subprocess)."""
     return runtime.database_url(connection.settings_dict["NAME"])
+
+
+def custody_open_all(usdc: str | Decimal = "0", usd: str | Decimal = "0") -> None:
+    """Book both buffers' custody opening balances (the legacy -> shadow gate needs them)."""
+    for currency, reported in (("USDC", usdc), ("USD", usd)):
+        custody_open(
+            currency=currency,
+            reported=reported,
+            source="test",
+            actor=Actor("cli:test"),
+            reason="custody opened for the test",
+        )

@@ -128,7 +128,7 @@ def test_reconciliation_finds_a_drift_injected_under_traffic():
     victim = users[0]
     with connection.cursor() as cursor:  # a write that bypasses the balance path
         cursor.execute(
-            "UPDATE ledger_accounts SET balance = balance - 0.01 WHERE user_id = %s", [victim]
+            "UPDATE balances SET buying_power = buying_power + 0.01 WHERE user_id = %s", [victim]
         )
     run_workers(users, processes=8, operations=60)
     run = reconciliation_run(triggered_by="test")

@@ -7,7 +7,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from cutover.models import ApiClient, PhaseAudit, PhaseState
+from cutover.models import ApiClient, CustodyOpening, PhaseAudit, PhaseState
 from tests.cutover.factories import legacy_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -48,6 +48,30 @@ def test_backfill_then_advance_then_rollback():
     legacy_user("5")
     summary = json.loads(run("backfill", "--json"))
     assert summary["postings"] == 1 and summary["users_pending_now"] == 0
+    run(
+        "custody",
+        "open",
+        "--currency",
+        "USDC",
+        "--reported",
+        "5",
+        "--source",
+        "circle",
+        "--reason",
+        "opening",
+    )
+    run(
+        "custody",
+        "open",
+        "--currency",
+        "USD",
+        "--reported",
+        "0",
+        "--source",
+        "due",
+        "--reason",
+        "opening",
+    )
     audit = json.loads(run("advance", "--to", "shadow", "--reason", "verified", "--json"))
     assert audit["action"] == "advance" and audit["actor"].startswith("cli:")
     assert json.loads(run("reconcile", "--json"))["clean"] is True
@@ -75,3 +99,88 @@ def test_client_token_is_shown_once_and_names_are_unique():
 def test_reconcile_outside_dual_write_is_a_clear_error():
     with pytest.raises(CommandError, match="the phase is legacy"):
         run("reconcile")
+
+
+def test_custody_open_and_status():
+    gate = json.loads(run("gates", "--json"))
+    custody = {c["name"]: c for c in gate["checks"] if c["name"].startswith("custody_")}
+    assert custody["custody_usdc"]["actual"] == "not opened" and not custody["custody_usdc"]["ok"]
+    opened = json.loads(
+        run(
+            "custody",
+            "open",
+            "--currency",
+            "USDC",
+            "--reported",
+            "123.45",
+            "--source",
+            "circle",
+            "--reason",
+            "opening",
+            "--json",
+        )
+    )
+    assert opened["reported"] == "123.450000" and opened["source"] == "circle"
+    assert opened["ledger_transaction_id"] is not None
+    status = {
+        row["currency"]: row for row in json.loads(run("custody", "status", "--json"))["custody"]
+    }
+    assert status["USDC"]["opened"] is True and status["USDC"]["buffer_balance"] == "123.450000"
+    assert status["USD"]["opened"] is False
+    gate = json.loads(run("gates", "--json"))
+    custody = {c["name"]: c for c in gate["checks"] if c["name"].startswith("custody_")}
+    assert custody["custody_usdc"]["ok"] and not custody["custody_usd"]["ok"]
+    assert "custody" in run("custody", "status")
+
+
+@pytest.mark.parametrize(
+    ("reported", "message"),
+    [
+        ("-1", "--reported: a provider's balance cannot be negative"),
+        ("1.001", "--reported: amount 1.001 has more than 2 decimal places for USD"),
+        ("abc", "--reported: amount 'abc' is not a decimal number"),
+    ],
+)
+def test_custody_open_refusals_name_the_flag_and_change_nothing(reported, message):
+    with pytest.raises(CommandError, match=message):
+        run(
+            "custody",
+            "open",
+            "--currency",
+            "USD",
+            "--reported",
+            reported,
+            "--source",
+            "due",
+            "--reason",
+            "opening",
+        )
+    assert not CustodyOpening.objects.exists()
+
+
+def test_custody_open_twice_is_refused():
+    run(
+        "custody",
+        "open",
+        "--currency",
+        "USD",
+        "--reported",
+        "0",
+        "--source",
+        "due",
+        "--reason",
+        "opening",
+    )
+    with pytest.raises(CommandError, match="custody for USD is already open"):
+        run(
+            "custody",
+            "open",
+            "--currency",
+            "USD",
+            "--reported",
+            "10",
+            "--source",
+            "due",
+            "--reason",
+            "again",
+        )

@@ -26,7 +26,7 @@ from cutover.services import (
     reconciliation_run,
 )
 from ledger.models import Account
-from tests.cutover.factories import legacy_user, phase_set
+from tests.cutover.factories import custody_open_all, legacy_user, phase_set
 
 pytestmark = pytest.mark.django_db(transaction=True)
 CLI = Actor("cli:test")
@@ -80,11 +80,13 @@ def test_shadow_gate_needs_the_backfill_then_passes_with_evidence():
     assert state().phase == "legacy"
     result = backfill_run(chunk_size=2)
     assert result.postings == 3 and result.amount == Decimal("76.5")
+    custody_open_all(usdc="76.5")
     audit = phase_advance(to="shadow", actor=CLI, reason="backfill verified")
     assert state().phase == "shadow"
     assert audit.action == "advance" and audit.reason == "backfill verified"
     checks = {c["name"]: c for c in audit.evidence["checks"]}
     assert checks["backfill"]["ok"] and checks["ledger_verify"]["ok"]
+    assert checks["custody_usdc"]["ok"] and checks["custody_usd"]["ok"]
     assert all(Account.objects.get(user_id=u).balance == Decimal("25.5") for u in users)
 
 

@@ -108,9 +108,64 @@ def test_raw_write_driving_a_user_negative_fails(user, clearing):
     assert user.balance == Decimal("100")
 
 
-def test_direct_update_of_a_user_balance_below_zero_fails(user):
-    with pytest.raises(IntegrityError) as excinfo:
-        sql("UPDATE ledger_accounts SET balance = -1 WHERE id = %s", [user.pk])
+@pytest.mark.parametrize(
+    "assignment",
+    [
+        "balance = balance + 1",
+        "balance = 0",
+        "entry_count = entry_count + 1",
+        "last_hash = repeat('a', 64)",
+        "currency = 'USD'",
+        "normal_balance = 'debit'",
+        "balance = balance + 1, entry_count = entry_count + 1",
+    ],
+)
+def test_raw_update_of_an_account_is_refused(user, assignment):
+    before = Account.objects.values("balance", "entry_count", "last_hash", "currency").get(
+        pk=user.pk
+    )
+    with pytest.raises(DatabaseError) as excinfo:
+        sql(f"UPDATE ledger_accounts SET {assignment} WHERE id = %s", [user.pk])
+    assert sqlstate(excinfo) == "LD009"
+    after = Account.objects.values("balance", "entry_count", "last_hash", "currency").get(
+        pk=user.pk
+    )
+    assert after == before
+
+
+def test_update_from_another_trigger_is_refused_too(user):
+    """Only the entry-apply trigger may move a balance: a trigger of someone else's (one level
+    deeper than a raw statement, like the apply's own update) is refused as well."""
+    sql(
+        """
+        CREATE TABLE test_sneak (account_id bigint);
+        CREATE FUNCTION test_sneak() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            UPDATE ledger_accounts SET balance = balance + 1 WHERE id = NEW.account_id;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER test_sneak BEFORE INSERT ON test_sneak
+            FOR EACH ROW EXECUTE FUNCTION test_sneak();
+        """
+    )
+    try:
+        with pytest.raises(DatabaseError) as excinfo:
+            sql("INSERT INTO test_sneak VALUES (%s)", [user.pk])
+        assert sqlstate(excinfo) == "LD009"
+    finally:
+        sql("DROP TABLE test_sneak; DROP FUNCTION test_sneak()")
+    assert Account.objects.get(pk=user.pk).balance == Decimal("100")
+
+
+def test_with_the_guard_bypassed_a_user_balance_still_never_goes_below_zero(user):
+    """An owner who disables the guard trigger still meets the CHECK constraint."""
+    with (
+        pytest.raises(IntegrityError) as excinfo,
+        transaction.atomic(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute("ALTER TABLE ledger_accounts DISABLE TRIGGER ledger_accounts_guard")
+        cursor.execute("UPDATE ledger_accounts SET balance = -1 WHERE id = %s", [user.pk])
     assert "ledger_accounts_chk_non_negative" in str(excinfo.value)
 
 

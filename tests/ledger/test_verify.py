@@ -6,7 +6,7 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import connection, transaction
 
 from ledger.models import Entry
 from ledger.services import Leg, transaction_post
@@ -84,9 +84,13 @@ def test_rewritten_hash_still_breaks_the_chain(history):
 
 
 def test_cached_balance_drift_is_caught(history):
+    """PostgreSQL refuses such an update (ledger_accounts_guard); an owner who disables the
+    guard to make it is still caught by verify."""
     _alice, bob = history
-    with connection.cursor() as cursor:
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE ledger_accounts DISABLE TRIGGER ledger_accounts_guard")
         cursor.execute("UPDATE ledger_accounts SET balance = balance + 1 WHERE id = %s", [bob.pk])
+        cursor.execute("ALTER TABLE ledger_accounts ENABLE TRIGGER ledger_accounts_guard")
     output, error = verify()
     assert error == "ledger verify failed: cached_balances"
     assert f"account {bob.pk}: cached balance 31.000000 but entries sum to 30.000000" in output

@@ -13,6 +13,8 @@ from cutover.exceptions import CutoverError, GateNotMet
 from cutover.models import ApiClient
 from cutover.phases import ORDER, flags_of, next_phase
 from cutover.selectors import (
+    CUSTODY_BUFFERS,
+    custody_status,
     gate_evaluate,
     ledger_write_stats,
     open_discrepancy_count,
@@ -22,6 +24,7 @@ from cutover.services import (
     api_client_create,
     backfill_pending,
     backfill_run,
+    custody_open,
     kill_switch_set,
     phase_advance,
     phase_rollback,
@@ -49,7 +52,7 @@ def positive(value: str) -> int:
 class Command(BaseCommand):
     help = (
         "The migration's controls: status, gates, advance, rollback, backfill, reconcile, "
-        "killswitch. Every change is checked, audited and attributed to the OS user."
+        "killswitch, custody. Every change is checked, audited and attributed to the OS user."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -107,6 +110,35 @@ class Command(BaseCommand):
             help="restrict the client to this user's balance (default: any user)",
         )
         client.add_argument("--json", action="store_true", help="print JSON")
+
+        custody = sub.add_parser(
+            "custody",
+            help="the system buffers' custody: book an opening balance from a provider's "
+            "reported balance (once per currency), or show where custody stands",
+        )
+        custody_sub = custody.add_subparsers(dest="custody_action", required=True, metavar="ACTION")
+        custody_open_parser = custody_sub.add_parser(
+            "open",
+            help="book the buffer of --currency at the balance its provider reports, against "
+            "opening-balance equity (audited; refused if already open)",
+        )
+        custody_open_parser.add_argument(
+            "--currency", required=True, choices=list(CUSTODY_BUFFERS), help="the buffer's currency"
+        )
+        custody_open_parser.add_argument(
+            "--reported",
+            required=True,
+            help="the provider's reported balance, a plain decimal (0 allowed, never negative)",
+        )
+        custody_open_parser.add_argument(
+            "--source", required=True, help="who reported it (e.g. circle, due)"
+        )
+        custody_open_parser.add_argument("--reason", required=True, help="why (recorded)")
+        custody_open_parser.add_argument("--json", action="store_true", help="print JSON")
+        custody_status_parser = custody_sub.add_parser(
+            "status", help="per currency: opened or not, the buffer's balance, open discrepancies"
+        )
+        custody_status_parser.add_argument("--json", action="store_true", help="print JSON")
 
         killswitch = sub.add_parser("killswitch", help="stop or resume every money mutation")
         killswitch.add_argument("state", choices=["on", "off"], help="on stops, off resumes")
@@ -190,6 +222,60 @@ class Command(BaseCommand):
             scope = f"user {client.user_id}" if client.user_id else "any user"
             self.console.print(f"client {client.name} ({scope}); bearer token (shown once):")
             self.stdout.write(token)
+
+    def _custody(self, options) -> None:
+        if options["custody_action"] == "status":
+            rows = custody_status()
+            table = Table(title="custody")
+            for column in ("currency", "buffer", "balance", "opened", "source", "discrepancies"):
+                table.add_column(column)
+            for row in rows:
+                opened = (
+                    f"{row['opened_at']:%Y-%m-%d %H:%M} at {row['reported_at_opening']}"
+                    if row["opened"]
+                    else "NO"
+                )
+                table.add_row(
+                    row["currency"],
+                    row["buffer"],
+                    str(row["buffer_balance"]),
+                    opened,
+                    row["source"] or "",
+                    str(row["open_discrepancies"]),
+                )
+            self._emit(options, {"custody": rows}, table)
+            return
+        try:
+            opening = custody_open(
+                currency=options["currency"],
+                reported=options["reported"],
+                source=options["source"],
+                actor=Actor.command_line(),
+                reason=options["reason"],
+            )
+        except CutoverError as exc:
+            message = str(exc)
+            for flag in ("reported", "source"):
+                if message.startswith(f"{flag}:"):
+                    message = f"--{message}"
+            raise CommandError(message) from None
+        data = {
+            "currency": opening.currency,
+            "reported": str(opening.reported),
+            "source": opening.source,
+            "buffer_before": str(opening.buffer_before),
+            "ledger_transaction_id": opening.ledger_transaction_id,
+            "opened_by": opening.opened_by,
+            "opened_at": opening.opened_at.isoformat(),
+        }
+        if options.get("json"):
+            self._emit(options, data)
+        else:
+            self.console.print(
+                f"custody {opening.currency} opened at {opening.reported} from {opening.source} "
+                f"(buffer was {opening.buffer_before}; ledger transaction "
+                f"{opening.ledger_transaction_id})"
+            )
 
     def _killswitch(self, options) -> None:
         audit = kill_switch_set(
