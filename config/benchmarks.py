@@ -30,6 +30,7 @@ from cutover.services import (
     backfill_run,
     balance_credit,
     balance_debit,
+    custody_open,
     phase_advance,
     reconciliation_run,
 )
@@ -282,6 +283,16 @@ def reconcile_seed(users: int, differences: int, on_progress=None) -> None:
             if on_progress:
                 on_progress(min(start + SEED_CHUNK, high + 1) - low)
         cursor.execute("ANALYZE")
+        cursor.execute("SELECT coalesce(sum(buying_power), 0) FROM balances")
+        (custody,) = cursor.fetchone()
+    for currency, reported in (("USDC", custody), ("USD", Decimal(0))):  # the shadow gate's
+        custody_open(
+            currency=currency,
+            reported=reported,
+            source="bench",
+            actor=Actor("bench"),
+            reason="bench",
+        )
     phase_advance(to=Phase.SHADOW, actor=Actor("bench"), force=False, reason="bench seeded")
     with connection.cursor() as cursor:
         step = max(1, users // max(differences, 1))

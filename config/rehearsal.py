@@ -1,6 +1,8 @@
 """The rehearsal: a whole rollout on synthetic users and live traffic, in a scratch database.
 
-legacy users with balances -> backfill under traffic -> shadow (with one injected drift that
+legacy users with balances -> custody opened (the buffers booked at what the synthetic
+custodians hold: the users' USDC at Circle, the company's fiat at Due) -> backfill under traffic
+(legacy mutations mirrored against equity) -> shadow (with one injected drift that
 reconciliation must catch and the gate must block on) -> read_switch 1/10/50/100 % -> strict ->
 cutover -> rollback drill; every gate's evidence and every invariant in the report. In shadow
 and in cutover, USDC deposits and withdrawals go through the Circle sandbox over real HTTP
@@ -36,13 +38,13 @@ from cutover.services import (
     backfill_run,
     balance_credit,
     balance_debit,
+    custody_open,
     phase_advance,
     phase_rollback,
     reconciliation_run,
 )
 from ledger.exceptions import InsufficientFunds
 from ledger.selectors import ledger_integrity_checks, system_account
-from ledger.services import Leg, transaction_post
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.sandbox import CircleSandbox
 from onchain.services import transfers_poll, withdrawal_request, withdrawals_send
@@ -54,6 +56,8 @@ CENT = Decimal("0.01")
 ACTOR = Actor("rehearsal")
 # Gates wait 48-72 h in production; the rehearsal shows the same gates with seconds.
 REHEARSAL_MIN_DURATION = timedelta(seconds=1)
+# The company's fiat at Due in the rehearsal's synthetic custody (enough to refill USDC).
+REHEARSAL_FIAT_CUSTODY = Decimal("200000.00")
 
 _progress = None  # shared with forked workers: operations finished
 
@@ -161,6 +165,7 @@ class Rehearsal:
         self.onchain: list[dict] = []
         self.treasury: dict = {}
         self.onchain_net = Decimal(0)  # deposits credited minus withdrawals completed
+        self.custody: dict = {}
 
     def run(self) -> dict:
         for name in (
@@ -172,6 +177,7 @@ class Rehearsal:
         if phase_state().phase != Phase.LEGACY:
             phase_rollback(actor=ACTOR, reason="the rehearsal starts from legacy")
         self._legacy_users()
+        self._custody_open()
         self._traffic("legacy", with_backfill=True)
         backfill_run()  # catch up with what the legacy traffic changed meanwhile
         self._advance(Phase.SHADOW, "backfill verified")
@@ -211,6 +217,23 @@ class Rehearsal:
             )
         self.user_ids = [user for user, _ in rows]
         self.opening_total = sum((amount for _, amount in rows), Decimal(0))
+
+    def _custody_open(self) -> None:
+        """Book both buffers from what the synthetic custodians hold before any traffic: Circle
+        holds exactly the users' USDC, Due the company's fiat. From here on every legacy
+        mutation is mirrored in the ledger, so the buffers stay right through the rollout."""
+        for currency, reported, source in (
+            ("USDC", self.opening_total, "rehearsal-circle"),
+            ("USD", REHEARSAL_FIAT_CUSTODY, "rehearsal-due"),
+        ):
+            opening = custody_open(
+                currency=currency,
+                reported=reported,
+                source=source,
+                actor=ACTOR,
+                reason="the rehearsal's synthetic custody",
+            )
+            self.custody[currency] = str(opening.reported)
 
     def _traffic(self, name: str, with_backfill: bool = False, share: int = 1) -> None:
         global _progress
@@ -386,18 +409,6 @@ class Rehearsal:
         """Withdrawals drain the USDC buffer below its minimum; the settlement cycle converts
         fiat through the Due sandbox and the buffer is back at its target."""
         threshold = BufferThreshold.objects.get(currency="USDC")
-        fiat = system_account(code="fiat_buffer")
-        if fiat.balance < threshold.target:  # the company's fiat treasury, as opened
-            equity = system_account(code="opening_balance_equity_usd")
-            transaction_post(
-                namespace="rehearsal",
-                reference_id="fiat-treasury",
-                kind="opening_balance",
-                legs=[
-                    Leg.debit(fiat, threshold.target * 10),
-                    Leg.credit(equity, threshold.target * 10),
-                ],
-            )
         key, secret = secrets.token_hex(8), secrets.token_hex(16)  # this run's sandbox only
         names = ("CIRCLE_API_BASE_URL", "DUE_API_BASE_URL", "DUE_API_KEY", "DUE_API_SECRET")
         saved = {name: getattr(settings, name) for name in names}
@@ -416,20 +427,26 @@ class Rehearsal:
 
     def _treasury_round(self, threshold, circle) -> dict:
         before = system_account(code="usdc_buffer").balance
-        drained = Decimal(0)
+        drained, held = Decimal(0), []
         richest = sorted(self.user_ids, key=lambda u: balance_get(user_id=u).amount, reverse=True)
-        for user in richest:
-            buffer = system_account(code="usdc_buffer").balance
-            if buffer < threshold.minimum:
+        for user in richest:  # the richest users withdraw until the buffer falls below minimum
+            if before - drained < threshold.minimum:
                 break
-            amount = min(balance_get(user_id=user).amount, buffer - threshold.minimum + CENT)
-            withdrawal = withdrawal_request(
-                user_id=user, amount=amount, address=f"0x{user.hex}", chain="ETH"
+            amount = min(
+                balance_get(user_id=user).amount, before - drained - threshold.minimum + CENT
             )
-            withdrawals_send()
+            if amount <= 0:
+                break
+            held.append(
+                withdrawal_request(
+                    user_id=user, amount=amount, address=f"0x{user.hex}", chain="ETH"
+                )
+            )
+            drained += amount
+        withdrawals_send(limit=len(held) + 1)  # one pass sends them all
+        for withdrawal in held:
             withdrawal.refresh_from_db()
             circle.transfer_finish(withdrawal.circle_transfer_id, "complete")
-            drained += amount
         self.onchain_net -= drained
         low = system_account(code="usdc_buffer").balance
         cycle = settlement_cycle_run(triggered_by="rehearsal")
@@ -528,6 +545,7 @@ class Rehearsal:
                 "replays": self.total.replays,
                 **latency_summary(self.total.latencies_ms),
             },
+            "custody_opened": self.custody,
             "onchain": self.onchain,
             "treasury": self.treasury,
             "invariants": checks,

@@ -11,7 +11,10 @@ What PostgreSQL itself enforces (see ledger/sql/ledger.sql and the constraints b
 - a reference is unique per namespace (the idempotency key of a posting);
 - entries and transactions are never updated or deleted;
 - each entry extends its account's hash chain and moves its cached balance, in the same
-  statement that inserts it, under the account's row lock.
+  statement that inserts it, under the account's row lock;
+- nothing else moves them: an UPDATE of an account's balance, entry count or chain head that
+  does not come from that entry-insert trigger is refused (LD009), and an account's currency
+  and normal balance never change.
 """
 
 from django.db import models

@@ -273,3 +273,20 @@ def test_custody_reconciliation_runs_one_at_a_time():
         with pytest.raises(ReconciliationBusy, match="another custody reconciliation"):
             custody_reconcile(readings=[CustodyReading("USDC", "circle", "1")])
     assert not CustodyDiscrepancy.objects.exists()
+
+
+def test_the_console_lists_custody_discrepancies_read_only(admin_client):
+    custody_open_all(usdc="100")
+    custody_reconcile(readings=[CustodyReading("USDC", "circle", "97.5")])
+    listing = admin_client.get("/admin/cutover/custodydiscrepancy/?status__exact=open")
+    assert listing.status_code == 200
+    assert b"circle" in listing.content and b"2.500000" in listing.content
+    assert admin_client.get("/admin/cutover/custodydiscrepancy/add/").status_code == 403
+    row = CustodyDiscrepancy.objects.get()
+    change = admin_client.post(
+        f"/admin/cutover/custodydiscrepancy/{row.pk}/change/", {"status": "resolved"}
+    )
+    assert change.status_code == 403
+    row.refresh_from_db()
+    assert row.status == "open"
+    assert admin_client.get("/admin/cutover/custodyopening/").status_code == 200

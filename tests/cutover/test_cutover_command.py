@@ -120,7 +120,7 @@ def test_custody_open_and_status():
             "--json",
         )
     )
-    assert opened["reported"] == "123.450000" and opened["source"] == "circle"
+    assert opened["reported"] == "123.45" and opened["source"] == "circle"
     assert opened["ledger_transaction_id"] is not None
     status = {
         row["currency"]: row for row in json.loads(run("custody", "status", "--json"))["custody"]
