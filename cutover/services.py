@@ -1,5 +1,6 @@
 """Writes of the cutover: the balance path (every user-balance mutation), the phase machine,
-the kill switch, discrepancies, reconciliation and backfill.
+the kill switch, discrepancies, custody (the buffers' openings and their reconciliation),
+reconciliation and backfill.
 
 Locking: every balance mutation holds the phase lock shared (a PostgreSQL advisory lock) for its
 whole transaction; phase changes and the kill switch take it exclusively. So a flip waits for the
@@ -229,7 +230,8 @@ def balance_mutation_apply(
     Exactly once per `reference` in every phase (the journal row); the same reference with a
     different mutation raises MutationConflict. `counterparty` names the system account on the
     other side of the ledger posting (default: the user's shard of deposits or withdrawals
-    clearing).
+    clearing). A StrictLedgerFailure dooms the caller's transaction: wrap that transaction in
+    strict_failure_recorded() so the failure is recorded once it has rolled back.
     """
     if not connection.in_atomic_block:
         raise RuntimeError("balance_mutation_apply must run inside transaction.atomic()")
