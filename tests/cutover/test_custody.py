@@ -43,6 +43,7 @@ from cutover.services import (
 from ledger.models import Account, Transaction
 from ledger.selectors import system_account
 from tests.cutover.factories import custody_open_all, database_url, legacy_user
+from tests.cutover.test_concurrency import run_workers, users_with_balances
 
 pytestmark = pytest.mark.django_db(transaction=True)
 CLI = Actor("cli:test")
@@ -290,3 +291,32 @@ def test_the_console_lists_custody_discrepancies_read_only(admin_client):
     row.refresh_from_db()
     assert row.status == "open"
     assert admin_client.get("/admin/cutover/custodyopening/").status_code == 200
+
+
+def clearing_total(account_type: str) -> Decimal:
+    return sum(
+        Account.objects.filter(account_type=account_type, user_id__isnull=True).values_list(
+            "balance", flat=True
+        ),
+        Decimal(0),
+    )
+
+
+def test_legacy_traffic_under_load_is_mirrored_once_and_the_backfill_settles_equity():
+    """Concurrent legacy credits and debits (some delivered twice) with custody open: each
+    applied mutation moves its clearing shard once, and after the backfill equity is back at
+    zero and every user's ledger balance is their legacy balance."""
+    users = users_with_balances(24)
+    custody_open_all(usdc="2400")
+    assert balance("opening_balance_equity_usdc") == 0
+    outcome = run_workers(users, processes=8, operations=60)
+    assert clearing_total("deposits_clearing") == outcome["credited"]
+    assert clearing_total("withdrawals_clearing") == outcome["debited"]
+    assert balance("opening_balance_equity_usdc") == outcome["debited"] - outcome["credited"]
+    mirrored = BalanceMutation.objects.exclude(ledger_transaction_id=None).count()
+    assert mirrored == BalanceMutation.objects.count() > 0
+    backfill_run()
+    assert balance("opening_balance_equity_usdc") == 0
+    assert balance("usdc_buffer") == Decimal("2400")
+    for account in Account.objects.filter(user_id__in=users):
+        assert account.balance == LegacyBalance.objects.get(user_id=account.user_id).buying_power

@@ -2,6 +2,8 @@
 the rollback from cutover always rebuilds the legacy store to the cent), an append-only journal,
 a shard for every user id, and strict-phase failures recorded wherever they happen."""
 
+import threading
+import time
 import uuid
 from decimal import Decimal
 
@@ -223,3 +225,45 @@ def test_strict_failure_recorded_refuses_to_run_inside_a_transaction():
         strict_failure_recorded(),
     ):
         pass
+
+
+@pytest.mark.parametrize("phase", ["legacy", "cutover"])
+def test_concurrent_first_mutations_in_two_currencies_leave_one(phase):
+    """A new user's first USDC credit is in flight (uncommitted) when a USD credit arrives: the
+    second waits on the first's row and is then refused; the user ends with one currency."""
+    phase_set(phase, read_percent=100 if phase == "cutover" else 0)
+    user = uuid.uuid4()
+    applied, outcome = threading.Event(), {}
+
+    def first():
+        try:
+            with transaction.atomic(durable=True):
+                balance_mutation_apply(
+                    user_id=user, direction="credit", amount="7", reference="usdc", reason="t"
+                )
+                applied.set()
+                time.sleep(0.5)  # the USD credit is waiting meanwhile
+        finally:
+            connection.close()
+
+    def second():
+        applied.wait(5)
+        try:
+            balance_credit(user_id=user, amount="5", currency="USD", reference="usd", reason="t")
+        except MutationConflict as exc:
+            outcome["refused"] = str(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert "holds USDC, not USD: a user has one currency" in outcome["refused"]
+    legacy, ledger = stores(user)
+    if phase == "legacy":
+        assert (legacy, ledger) == ((Decimal("7"), "USDC"), [])
+    else:
+        assert (legacy, ledger) == (None, [(Decimal("7"), "USDC")])
+    assert list(BalanceMutation.objects.values_list("reference", flat=True)) == ["usdc"]
