@@ -53,3 +53,15 @@ class IdempotencyKeyInFlight(CutoverError):
 
 class ConcurrentDuplicate(CutoverError):
     """The same reference was committed by a concurrent request first; nothing was applied."""
+
+
+class ApiClientRefused(CutoverError):
+    """An API client cannot be created as asked (unknown scope, credit for a user's client)."""
+
+
+class ApiClientLimitExceeded(CutoverError):
+    """The request is over one of its client's limits; nothing was applied."""
+
+    def __init__(self, message: str, limit: str):
+        super().__init__(message)
+        self.limit = limit
