@@ -112,7 +112,7 @@ def bearer_token(request: HttpRequest) -> str | None:
     """The token of `Authorization: Bearer <token>`, or None when the header is missing or
     malformed (our tokens are printable ASCII: anything else cannot match one)."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
+    token = token.strip(" \t")  # HTTP whitespace only: str.strip() would eat U+00A0
     if scheme.lower() != "bearer" or not _PRINTABLE_ASCII.fullmatch(token):
         return None
     return token

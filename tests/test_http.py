@@ -63,3 +63,30 @@ def test_ledger_console_is_read_only(operator):
         == 403
     )
     assert Account.objects.get(pk=account.pk).balance == 5
+
+
+# --- tokens anyone may send: non-ASCII ones are refused, never a 500 (issue 9, item 12) ---------
+
+NON_ASCII_TOKENS = ["t\u00f6ken", "\u20ac" * 12, "admin-secret\u00a0"]
+
+
+@pytest.mark.parametrize("token", NON_ASCII_TOKENS)
+def test_a_non_ascii_admin_token_is_401(client, settings, token):
+    settings.ADMIN_TOKEN = "admin-secret"
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    status = client.get("/internal/onchain/buffer-status", **headers)
+    assert status.status_code == 401
+    assert status.json()["error"]["field"] == "Authorization"
+    cycle = client.post("/internal/treasury/trigger-cycle", **headers)
+    assert cycle.status_code == 401
+    assert cycle.json()["error"]["field"] == "Authorization"
+
+
+@pytest.mark.parametrize("token", ["t%C3%B6ken", "%E2%82%AC", "s3cret%C3%A9", "%FF"])
+def test_a_non_ascii_circle_webhook_token_is_401(client, settings, token):
+    settings.CIRCLE_WEBHOOK_SECRET = "s3cret"
+    response = client.post(
+        f"/webhooks/circle/transfers?token={token}", data=b"{}", content_type="application/json"
+    )
+    assert response.status_code == 401
+    assert response.json()["error"]["field"] == "token"
