@@ -90,3 +90,17 @@ def test_a_non_ascii_circle_webhook_token_is_401(client, settings, token):
     )
     assert response.status_code == 401
     assert response.json()["error"]["field"] == "token"
+
+
+@pytest.mark.parametrize("signature", ["sig-\u00e9", "\u20ac" * 64])
+def test_a_non_ascii_due_callback_signature_is_refused(client, settings, signature):
+    settings.DUE_API_SECRET = "due-secret-0123456789"
+    response = client.post(
+        "/webhooks/due/conversions",
+        data=b'{"id": "c-1"}',
+        content_type="application/json",
+        HTTP_X_DUE_TIMESTAMP="1700000000",
+        HTTP_X_DUE_SIGNATURE=signature,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "X-Due-Signature"
