@@ -94,7 +94,7 @@ def _correlation_id(request: HttpRequest) -> str:
     """The caller's X-Correlation-Id (printable ASCII that fits the journal's column), or a new
     one; a bad one is refused before anything is claimed or written."""
     raw = request.headers.get("X-Correlation-Id")
-    if raw is None or raw == "":
+    if not raw:
         return uuid.uuid4().hex
     if len(raw) > MAX_CORRELATION_ID_LENGTH or not _PRINTABLE_ASCII.fullmatch(raw):
         request.correlation_id = uuid.uuid4().hex  # the answer still carries one
