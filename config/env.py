@@ -134,3 +134,44 @@ def _aws_secret(name: str, secret_id: str) -> str:
 
 
 _secrets_client = None
+
+# What a value left from a template looks like (deploy/env.example ships such values on purpose).
+_PLACEHOLDERS = (
+    "change-me",
+    "changeme",
+    "change_me",
+    "replace-me",
+    "replaceme",
+    "example",
+    "placeholder",
+    "insecure",
+    "dummy",
+    "your-",
+    "xxxx",
+)
+SECRET_MIN_LENGTH = 16
+SECRET_MIN_DISTINCT = 8
+
+
+def secret_strength_check(name: str, value: str, min_length: int = SECRET_MIN_LENGTH) -> None:
+    """Production refuses a secret that is a template's placeholder or too weak to guess at:
+    shorter than `min_length` or made of fewer than SECRET_MIN_DISTINCT different characters."""
+    placeholder_check(name, value)
+    if len(value) < min_length:
+        raise ConfigurationError(
+            f"{name}: too short for a secret ({len(value)} characters, at least {min_length})"
+        )
+    if len(set(value)) < SECRET_MIN_DISTINCT:
+        raise ConfigurationError(
+            f"{name}: too weak for a secret (fewer than {SECRET_MIN_DISTINCT} different characters)"
+        )
+
+
+def placeholder_check(name: str, value: str) -> None:
+    """Production refuses a setting still holding a template's placeholder."""
+    lowered = value.lower()
+    for placeholder in _PLACEHOLDERS:
+        if placeholder in lowered:
+            raise ConfigurationError(
+                f"{name}: looks like a placeholder (contains {placeholder!r}); set the real value"
+            )

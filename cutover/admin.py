@@ -32,6 +32,12 @@ class ReasonForm(forms.Form):
     )
 
 
+class KillSwitchForm(ReasonForm):
+    intent = forms.ChoiceField(
+        choices=[("engage", "engage"), ("release", "release")], widget=forms.HiddenInput
+    )
+
+
 @admin.register(PhaseState)
 class PhaseStateAdmin(ReadOnlyAdmin):
     list_display = ("phase", "read_percent", "entered_at", "kill_switch", "kill_switch_reason")
@@ -63,9 +69,14 @@ class PhaseStateAdmin(ReadOnlyAdmin):
 
     def kill_switch_view(self, request: HttpRequest):
         state = PhaseState.objects.get(pk=1)
-        engage = not state.kill_switch
-        form = ReasonForm(request.POST or None)
+        form = KillSwitchForm(
+            request.POST or None,
+            initial={"intent": "release" if state.kill_switch else "engage"},
+        )
         if request.method == "POST" and form.is_valid():
+            # The intent the operator confirmed, never one recomputed now: if someone else
+            # flipped the switch meanwhile, the service refuses and nothing changes.
+            engage = form.cleaned_data["intent"] == "engage"
             try:
                 kill_switch_set(
                     engaged=engage,
@@ -73,11 +84,12 @@ class PhaseStateAdmin(ReadOnlyAdmin):
                     reason=form.cleaned_data["reason"],
                 )
             except CutoverError as exc:
-                self.message_user(request, str(exc), messages.ERROR)
+                self.message_user(request, f"Nothing changed: {exc}.", messages.ERROR)
             else:
                 verb = "engaged: every money mutation is refused" if engage else "released"
                 self.message_user(request, f"Kill switch {verb}.", messages.SUCCESS)
             return HttpResponseRedirect(reverse("admin:cutover_phasestate_change", args=[1]))
+        engage = form["intent"].value() == "engage"
         context = {
             **self.admin_site.each_context(request),
             "title": "Engage the kill switch" if engage else "Release the kill switch",

@@ -1,37 +1,53 @@
 """The shell of the user-facing JSON API, shared by every app that serves it: bearer
-authentication of API clients, correlation ids, JSON errors naming the field, and
-`Idempotency-Key` handling (the first answer is stored and replayed)."""
+authentication of API clients and their scopes, correlation ids, JSON errors naming the field,
+and `Idempotency-Key` handling (the first answer is stored and replayed)."""
 
 import hashlib
 import hmac
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
+from decimal import Decimal
 
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
-from cutover.exceptions import IdempotencyKeyInFlight, IdempotencyKeyReused
+from cutover.exceptions import (
+    ApiClientLimitExceeded,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
+)
 from cutover.models import ApiClient
 from cutover.selectors import api_client_authenticate
-from cutover.services import idempotency_claim, idempotency_complete, idempotency_release
+from cutover.services import (
+    api_client_spend,
+    idempotency_claim,
+    idempotency_complete,
+    idempotency_release,
+)
 
 log = logging.getLogger("cutover.api")
 MAX_BODY_BYTES = 16 * 1024
 MAX_KEY_LENGTH = 200
+MAX_CORRELATION_ID_LENGTH = 128  # the journal's and the withdrawals' column
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")  # no spaces: correlation ids and tokens
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None = None, **detail: str
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.detail = detail  # more names for the client: the missing scope, the limit
 
     def body(self) -> dict:
         error = {"code": self.code, "message": self.message}
         if self.field:
             error["field"] = self.field
-        return {"error": error}
+        return {"error": {**error, **self.detail}}
 
 
 class Unavailable(Exception):
@@ -43,8 +59,8 @@ def api_view(view):
     `view(request, client, user_id) -> (status, body)`."""
 
     def wrapper(request: HttpRequest, user_id: str):
-        request.correlation_id = request.headers.get("X-Correlation-Id") or uuid.uuid4().hex
         try:
+            request.correlation_id = _correlation_id(request)
             owner = _user_id(user_id)
             client = _authenticate(request)
             if client.user_id and client.user_id != owner:
@@ -74,16 +90,66 @@ def _user_id(raw: str) -> uuid.UUID:
         raise ApiError(400, "invalid", "user_id must be a UUID", "user_id") from None
 
 
-def _authenticate(request: HttpRequest) -> ApiClient:
+def _correlation_id(request: HttpRequest) -> str:
+    """The caller's X-Correlation-Id (printable ASCII that fits the journal's column), or a new
+    one; a bad one is refused before anything is claimed or written."""
+    raw = request.headers.get("X-Correlation-Id")
+    if not raw:
+        return uuid.uuid4().hex
+    if len(raw) > MAX_CORRELATION_ID_LENGTH or not _PRINTABLE_ASCII.fullmatch(raw):
+        request.correlation_id = uuid.uuid4().hex  # the answer still carries one
+        raise ApiError(
+            400,
+            "invalid",
+            f"X-Correlation-Id must be 1..{MAX_CORRELATION_ID_LENGTH} printable ASCII "
+            "characters without spaces",
+            "X-Correlation-Id",
+        )
+    return raw
+
+
+def bearer_token(request: HttpRequest) -> str | None:
+    """The token of `Authorization: Bearer <token>`, or None when the header is missing or
+    malformed (our tokens are printable ASCII: anything else cannot match one)."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    token = token.strip(" \t")  # HTTP whitespace only: str.strip() would eat U+00A0
+    if scheme.lower() != "bearer" or not _PRINTABLE_ASCII.fullmatch(token):
+        return None
+    return token
+
+
+def token_matches(given: str, expected: str) -> bool:
+    """Constant-time comparison of a token someone sent with ours. As bytes: compare_digest
+    refuses str with non-ASCII characters (a TypeError, a 500) and a header may hold any."""
+    if not expected:
+        return False
+    return hmac.compare_digest(
+        given.encode("utf-8", "backslashreplace"), expected.encode("utf-8", "backslashreplace")
+    )
+
+
+def _authenticate(request: HttpRequest) -> ApiClient:
+    token = bearer_token(request)
+    if token is None:
         raise ApiError(
             401, "unauthenticated", "send Authorization: Bearer <token>", "Authorization"
         )
-    client = api_client_authenticate(token=token.strip())
+    client = api_client_authenticate(token=token)
     if client is None:
         raise ApiError(401, "unauthenticated", "unknown or inactive token", "Authorization")
     return client
+
+
+def scope_require(client: ApiClient, scope: str) -> None:
+    """403 naming the scope when the client was not given it."""
+    if scope not in client.scopes:
+        raise ApiError(
+            403,
+            "missing_scope",
+            f"this client lacks the {scope!r} scope",
+            "Authorization",
+            scope=scope,
+        )
 
 
 def json_object(request: HttpRequest) -> dict:
@@ -110,10 +176,15 @@ def idempotent(
     user_id: uuid.UUID,
     parsed: dict,
     apply: Callable[[int], tuple[int, dict]],
+    *,
+    spend: tuple[str, Decimal, str],
 ) -> tuple[int, dict]:
     """Run `apply(record_id)` once per Idempotency-Key and remember its answer; a replay with
-    the same request gets that answer, a different request under the same key a 422. When
-    `apply` raises Unavailable nothing was applied: the key is released for a retry (503)."""
+    the same request gets that answer, a different request under the same key a 422. Before
+    `apply`, `spend` (scope, amount, currency) is counted against the client's limits: over one
+    is 422 (per operation) or 429 (daily), nothing applied and the key released for a retry, as
+    when `apply` raises Unavailable (503). Only the claim's owner completes or releases the key:
+    a request that stalled past IDEMPOTENCY_LOCK_TIMEOUT and was taken over changes nothing."""
     key = request.headers.get("Idempotency-Key", "").strip()
     if not key or len(key) > MAX_KEY_LENGTH:
         raise ApiError(
@@ -132,27 +203,39 @@ def idempotent(
         raise ApiError(409, "idempotency_key_in_flight", str(exc), "Idempotency-Key") from None
     if claim.record is None:
         return claim.replay_status, claim.replay_body
+    scope, amount, currency = spend
+    try:
+        api_client_spend(claim=claim, scope=scope, amount=amount, currency=currency)
+    except ApiClientLimitExceeded as exc:
+        idempotency_release(claim=claim)
+        status = 429 if exc.limit == "daily_limit" else 422
+        raise ApiError(status, "limit_exceeded", str(exc), "amount", limit=exc.limit) from None
+    except IdempotencyKeyInFlight as exc:
+        raise ApiError(409, "idempotency_key_in_flight", str(exc), "Idempotency-Key") from None
     try:
         status, body = apply(claim.record.pk)
     except Unavailable as exc:
-        idempotency_release(record=claim.record)
+        idempotency_release(claim=claim)
         raise ApiError(503, "unavailable", str(exc)) from None
-        body = {**body, "idempotency_key": key}
     except ApiError as exc:
         status, body = exc.status, exc.body()
-    idempotency_complete(record=claim.record, status=status, body=body)
+    if not idempotency_complete(claim=claim, status=status, body=body):
+        log.warning(
+            "Idempotency-Key %r was taken over while this request ran; its answer stands",
+            key,
+        )
     return status, body
 
 
 def admin_token_refusal(request: HttpRequest) -> JsonResponse | None:
     """For the internal endpoints: None when the request carries `Authorization: Bearer
-    <ADMIN_TOKEN>`; otherwise the 401 (no or malformed header) or 403 (another token) to send."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    <ADMIN_TOKEN>`; otherwise the 401 (no, malformed or another token) to send."""
+    token = bearer_token(request)
+    if token is None:
         error = ApiError(
             401, "unauthenticated", "send Authorization: Bearer <ADMIN_TOKEN>", "Authorization"
         )
-    elif not settings.ADMIN_TOKEN or not hmac.compare_digest(token.strip(), settings.ADMIN_TOKEN):
+    elif not token_matches(token, settings.ADMIN_TOKEN):
         error = ApiError(403, "forbidden", "the token is not the admin token", "Authorization")
     else:
         return None

@@ -66,3 +66,15 @@ class ConcurrentDuplicate(CutoverError):
 
 class CustodyRefused(CutoverError):
     """A custody opening or reading that cannot be booked (already open, bad figure)."""
+
+
+class ApiClientRefused(CutoverError):
+    """An API client cannot be created as asked (unknown scope, credit for a user's client)."""
+
+
+class ApiClientLimitExceeded(CutoverError):
+    """The request is over one of its client's limits; nothing was applied."""
+
+    def __init__(self, message: str, limit: str):
+        super().__init__(message)
+        self.limit = limit

@@ -7,9 +7,9 @@ from django.http import HttpRequest
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from cutover.api import ApiError, Unavailable, api_view, idempotent, json_object
+from cutover.api import ApiError, Unavailable, api_view, idempotent, json_object, scope_require
 from cutover.exceptions import KillSwitchEngaged, MutationConflict, StrictLedgerFailure
-from cutover.models import ApiClient, Direction
+from cutover.models import ApiClient, ApiScope, Direction
 from cutover.selectors import balance_get
 from cutover.services import balance_mutate
 from ledger.exceptions import InsufficientFunds, InvalidAmount
@@ -33,6 +33,7 @@ def _reading(reading) -> dict:
 @require_GET
 @api_view
 def balance_detail(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
+    scope_require(client, ApiScope.READ)
     currency = request.GET.get("currency", "USDC")
     if currency not in CURRENCY_DECIMALS:
         raise ApiError(400, "invalid", f"unknown currency {currency!r}", "currency")
@@ -66,6 +67,7 @@ def _mutation_request(request: HttpRequest) -> dict:
 @api_view
 def balance_mutation_create(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
     mutation = _mutation_request(request)
+    scope_require(client, mutation["direction"])  # the credit and debit scopes
 
     def apply(record_id: int) -> tuple[int, dict]:
         try:
@@ -90,4 +92,5 @@ def balance_mutation_create(request: HttpRequest, client: ApiClient, user_id: uu
             "balance": _reading(balance_get(user_id=user_id, currency=result.currency))["balance"],
         }
 
-    return idempotent(request, client, user_id, mutation, apply)
+    spend = (mutation["direction"], mutation["amount"], mutation["currency"])
+    return idempotent(request, client, user_id, mutation, apply, spend=spend)

@@ -1,6 +1,5 @@
 """Circle's webhook: a thin view over onchain.services.notification_receive."""
 
-import hmac
 import logging
 import uuid
 from decimal import Decimal
@@ -17,6 +16,8 @@ from cutover.api import (
     api_view,
     idempotent,
     json_object,
+    scope_require,
+    token_matches,
 )
 from cutover.exceptions import (
     CutoverError,
@@ -24,7 +25,7 @@ from cutover.exceptions import (
     MutationConflict,
     StrictLedgerFailure,
 )
-from cutover.models import ApiClient
+from cutover.models import ApiClient, ApiScope
 from ledger.exceptions import InsufficientFunds, InvalidAmount, LedgerError
 from ledger.money import amount_parse
 from onchain import metrics
@@ -66,7 +67,7 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
     # strangers cannot make us fetch signing keys. It is an extra gate, never a substitute:
     # the signature is verified on every delivery either way.
     secret = settings.CIRCLE_WEBHOOK_SECRET
-    if secret and not hmac.compare_digest(request.GET.get("token", ""), secret):
+    if secret and not token_matches(request.GET.get("token", ""), secret):
         return _refuse(401, "bad_token", "the subscriber URL's token is missing or wrong", "token")
     if len(request.body) > settings.CIRCLE_WEBHOOK_MAX_BYTES:
         return _refuse(413, "too_large", f"over {settings.CIRCLE_WEBHOOK_MAX_BYTES} bytes")
@@ -134,6 +135,7 @@ WITHDRAWAL_NAMESPACE = uuid.UUID("6f1d3c52-4b8e-4f0a-9a57-3c2b7e9d1a10")
 @api_view
 def withdrawal_create(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
     """A user's USDC withdrawal: held now, sent to Circle by the outbox worker."""
+    scope_require(client, ApiScope.WITHDRAW)
     data = json_object(request)
     for field in ("amount", "address", "chain"):
         if not isinstance(data.get(field), str):
@@ -168,4 +170,5 @@ def withdrawal_create(request: HttpRequest, client: ApiClient, user_id: uuid.UUI
             raise ApiError(422, "conflict", str(exc)) from None
         return 201, _withdrawal(withdrawal)
 
-    return idempotent(request, client, user_id, parsed, apply)
+    spend = (ApiScope.WITHDRAW, amount, "USDC")
+    return idempotent(request, client, user_id, parsed, apply, spend=spend)

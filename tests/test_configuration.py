@@ -45,11 +45,15 @@ def test_malformed_variable_stops_the_process_naming_it(variable, value):
     assert "Traceback" not in result.stderr
 
 
+# Strong enough for production's checks; used where a test is about something else.
+STRONG_SECRET_KEY = "k7Qw9zR2xV5mN8pL3tY6uB1cD4fG0hJ-aS9dF2gH5jK8lZ3xC6vB"
+
+
 def test_production_requires_its_secrets():
     result = manage(
         "check",
         DJANGO_SETTINGS_MODULE="config.settings.production",
-        DJANGO_SECRET_KEY="x" * 50,
+        DJANGO_SECRET_KEY=STRONG_SECRET_KEY,
         DATABASE_URL="postgres://postgres@127.0.0.1:5432/ledger",
         CIRCLE_API_KEY="",
     )
@@ -104,7 +108,7 @@ def secrets_manager():
 
 PRODUCTION = {
     "DJANGO_SETTINGS_MODULE": "config.settings.production",
-    "DJANGO_SECRET_KEY": "x" * 50,
+    "DJANGO_SECRET_KEY": STRONG_SECRET_KEY,
     "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/ledger",
     "AWS_SECRETS_PREFIX": "stack-service/",
     "CIRCLE_API_KEY": "",
@@ -123,21 +127,21 @@ PRINT_SECRETS = (
 def test_production_secrets_come_from_aws_secrets_manager(secrets_manager):
     client, aws = secrets_manager
     for name in ("circle-api-key", "circle-webhook-secret", "due-api-key", "due-api-secret"):
-        client.create_secret(Name=f"stack-service/{name}", SecretString=f"aws-{name}")
+        client.create_secret(Name=f"stack-service/{name}", SecretString=f"aws-stored-{name}")
     result = manage(
         "shell",
         "--no-imports",
         "-c",
         PRINT_SECRETS,
-        **{**PRODUCTION, **aws, "ADMIN_TOKEN": "from-env"},
+        **{**PRODUCTION, **aws, "ADMIN_TOKEN": "set-in-the-environment"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [
-        "aws-circle-api-key",
-        "aws-circle-webhook-secret",
-        "aws-due-api-key",
-        "aws-due-api-secret",
-        "from-env",  # a variable that is set wins over the secret store
+        "aws-stored-circle-api-key",
+        "aws-stored-circle-webhook-secret",
+        "aws-stored-due-api-key",
+        "aws-stored-due-api-secret",
+        "set-in-the-environment",  # a variable that is set wins over the secret store
     ]
 
 
@@ -167,3 +171,79 @@ def test_an_unreachable_secret_store_stops_the_process_naming_the_secret():
         "configuration error: CIRCLE_API_KEY: AWS Secrets Manager stack-service/circle-api-key:"
     )
     assert "Traceback" not in result.stderr
+
+
+# --- production refuses placeholder and weak secrets (issue 9, item 16) -------------------------
+
+SECRETS = (
+    "DJANGO_SECRET_KEY",
+    "CIRCLE_API_KEY",
+    "CIRCLE_WEBHOOK_SECRET",
+    "DUE_API_KEY",
+    "DUE_API_SECRET",
+    "ADMIN_TOKEN",
+)
+
+
+def env_example() -> dict[str, str]:
+    """deploy/env.example as the environment a deployment copying it would run with."""
+    values = {}
+    for line in (ROOT / "deploy" / "env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+def strong_secrets() -> dict[str, str]:
+    return {
+        name: STRONG_SECRET_KEY if name == "DJANGO_SECRET_KEY" else f"Zq8-{name.lower()}-4Kx7"
+        for name in SECRETS
+    }
+
+
+def test_env_example_is_refused_by_production_naming_the_variable():
+    example = env_example()
+    assert example["DJANGO_SETTINGS_MODULE"] == "config.settings.production"
+    result = manage("check", **example)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "configuration error: DJANGO_SECRET_KEY: looks like a placeholder"
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", [*SECRETS, "CIRCLE_WALLET_ID"])
+def test_each_shipped_placeholder_is_refused(name):
+    """Every secret env.example ships is refused on its own, the others being real."""
+    example = env_example()
+    environment = {**example, **strong_secrets(), "CIRCLE_WALLET_ID": "1000000001"}
+    environment[name] = example[name]
+    result = manage("check", **environment)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"configuration error: {name}: looks like a placeholder")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("DJANGO_SECRET_KEY", "k7" * 25, "too weak"),
+        ("DJANGO_SECRET_KEY", "k7Qw9zR2xV5mN8pL3tY6", "too short"),
+        ("ADMIN_TOKEN", "admin", "too short"),
+        ("CIRCLE_WEBHOOK_SECRET", "abababababababababab", "too weak"),
+        ("DUE_API_SECRET", "ChangeMe-0123456789abcdef", "looks like a placeholder"),
+        ("CIRCLE_API_KEY", "your-circle-api-key-here", "looks like a placeholder"),
+    ],
+)
+def test_weak_secrets_are_refused_in_production(name, value, problem):
+    environment = {**env_example(), **strong_secrets(), "CIRCLE_WALLET_ID": "1000000001"}
+    result = manage("check", **{**environment, name: value})
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"configuration error: {name}: {problem}")
+
+
+def test_real_secrets_pass_in_production():
+    environment = {**env_example(), **strong_secrets(), "CIRCLE_WALLET_ID": "1000000001"}
+    environment["DJANGO_ALLOWED_HOSTS"] = "ledger.internal"
+    result = manage("check", **environment)
+    assert result.returncode == 0, result.stderr

@@ -63,3 +63,44 @@ def test_ledger_console_is_read_only(operator):
         == 403
     )
     assert Account.objects.get(pk=account.pk).balance == 5
+
+
+# --- tokens anyone may send: non-ASCII ones are refused, never a 500 (issue 9, item 12) ---------
+
+NON_ASCII_TOKENS = ["t\u00f6ken", "\u20ac" * 12, "admin-secret\u00a0"]
+
+
+@pytest.mark.parametrize("token", NON_ASCII_TOKENS)
+def test_a_non_ascii_admin_token_is_401(client, settings, token):
+    settings.ADMIN_TOKEN = "admin-secret"
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    status = client.get("/internal/onchain/buffer-status", **headers)
+    assert status.status_code == 401
+    assert status.json()["error"]["field"] == "Authorization"
+    cycle = client.post("/internal/treasury/trigger-cycle", **headers)
+    assert cycle.status_code == 401
+    assert cycle.json()["error"]["field"] == "Authorization"
+
+
+@pytest.mark.parametrize("token", ["t%C3%B6ken", "%E2%82%AC", "s3cret%C3%A9", "%FF"])
+def test_a_non_ascii_circle_webhook_token_is_401(client, settings, token):
+    settings.CIRCLE_WEBHOOK_SECRET = "s3cret"
+    response = client.post(
+        f"/webhooks/circle/transfers?token={token}", data=b"{}", content_type="application/json"
+    )
+    assert response.status_code == 401
+    assert response.json()["error"]["field"] == "token"
+
+
+@pytest.mark.parametrize("signature", ["sig-\u00e9", "\u20ac" * 64])
+def test_a_non_ascii_due_callback_signature_is_refused(client, settings, signature):
+    settings.DUE_API_SECRET = "due-secret-0123456789"
+    response = client.post(
+        "/webhooks/due/conversions",
+        data=b'{"id": "c-1"}',
+        content_type="application/json",
+        HTTP_X_DUE_TIMESTAMP="1700000000",
+        HTTP_X_DUE_SIGNATURE=signature,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "X-Due-Signature"

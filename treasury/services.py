@@ -11,7 +11,6 @@ If the provider completes a timed-out job later, that completion is posted then,
 logged: the ledger follows what the provider did.
 """
 
-import hmac
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
+from cutover.api import token_matches
 from cutover.locks import SETTLEMENT_CYCLE_LOCK
 from cutover.selectors import phase_state
 from ledger.exceptions import LedgerError
@@ -367,7 +367,7 @@ def callback_receive(*, body: bytes, timestamp: str, signature: str) -> str:
     if not settings.DUE_API_SECRET:
         raise CallbackRejected("DUE_API_SECRET is not configured")
     expected = due.signature(settings.DUE_API_SECRET, timestamp, body)
-    if not signature or not hmac.compare_digest(signature, expected):
+    if not signature or not token_matches(signature, expected):
         raise CallbackRejected("X-Due-Signature does not match the body", "X-Due-Signature")
     try:
         conversion = due.conversion_parse(json.loads(body))

@@ -1,8 +1,9 @@
-"""Production: secrets have no defaults and DATABASE_URL must be given."""
+"""Production: secrets have no defaults and DATABASE_URL must be given; a secret (or the wallet
+id) still holding a template's placeholder, or too weak, stops the process naming it."""
 
 import os
 
-from config.env import ConfigurationError
+from config.env import ConfigurationError, placeholder_check, secret_strength_check
 
 if not os.environ.get("DATABASE_URL"):
     raise ConfigurationError("DATABASE_URL: required in production but not set")
@@ -19,6 +20,14 @@ CIRCLE_WEBHOOK_SECRET = env_secret("CIRCLE_WEBHOOK_SECRET", required=True)
 DUE_API_KEY = env_secret("DUE_API_KEY", required=True)
 DUE_API_SECRET = env_secret("DUE_API_SECRET", required=True)
 ADMIN_TOKEN = env_secret("ADMIN_TOKEN", required=True)
+# Django's own rule for SECRET_KEY (security.W009) asks for 50 characters.
+secret_strength_check("DJANGO_SECRET_KEY", SECRET_KEY, min_length=50)  # noqa: F405
+secret_strength_check("CIRCLE_API_KEY", CIRCLE_API_KEY)
+secret_strength_check("CIRCLE_WEBHOOK_SECRET", CIRCLE_WEBHOOK_SECRET)
+secret_strength_check("DUE_API_KEY", DUE_API_KEY)
+secret_strength_check("DUE_API_SECRET", DUE_API_SECRET)
+secret_strength_check("ADMIN_TOKEN", ADMIN_TOKEN)
+placeholder_check("CIRCLE_WALLET_ID", CIRCLE_WALLET_ID)  # noqa: F405
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True

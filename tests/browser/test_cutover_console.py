@@ -5,7 +5,9 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from playwright.sync_api import expect
 
-from cutover.models import Discrepancy, PhaseAudit, PhaseState
+from cutover.actors import Actor
+from cutover.models import Discrepancy, OperatorAudit, PhaseAudit, PhaseState
+from cutover.services import kill_switch_set
 from tests.browser.test_ledger_console import browser_page  # noqa: F401 (fixture)
 from tests.cutover.factories import legacy_user
 
@@ -40,6 +42,32 @@ def test_kill_switch_needs_confirmation_and_a_reason(live_server, browser_page, 
     assert state.kill_switch and state.kill_switch_reason == "payments incident 17"
     audit = PhaseAudit.objects.get(action="kill_switch_on")
     assert audit.actor == "admin:operator"
+
+
+def test_kill_switch_does_what_was_confirmed_even_if_someone_else_flipped_it(
+    live_server,
+    browser_page,  # noqa: F811
+):
+    """Issue 9 item 8: the confirmed intent travels with the form. The page said "engage";
+    someone engaged meanwhile; the POST must not release."""
+    User.objects.create_superuser("operator", "op@example.com", "a-long-password-1")
+    page = browser_page
+    login(page, live_server, "operator")
+    page.goto(f"{live_server.url}/admin/cutover/phasestate/1/change/")
+    page.click("#kill-switch-link")
+    expect(page.locator("h1")).to_have_text("Engage the kill switch")
+    kill_switch_set(engaged=True, actor=Actor("cli:oncall"), reason="incident 18")
+    page.fill("#id_reason", "payments incident 17")
+    page.click("#confirm")
+    expect(page.locator(".messagelist")).to_contain_text(
+        "Nothing changed: the kill switch is already on"
+    )
+    state = PhaseState.objects.get(pk=1)
+    assert state.kill_switch and state.kill_switch_reason == "incident 18"
+    kill_switch_audits = PhaseAudit.objects.filter(action__startswith="kill_switch")
+    assert list(kill_switch_audits.values_list("action", "actor")) == [
+        ("kill_switch_on", "cli:oncall")
+    ]
 
 
 def test_operator_without_permission_is_refused(live_server, browser_page):  # noqa: F811
@@ -81,3 +109,7 @@ def test_discrepancy_resolved_with_a_note(live_server, browser_page):  # noqa: F
     assert discrepancy.status == "resolved"
     assert discrepancy.resolved_by == "admin:operator"
     assert discrepancy.resolution_note == "legacy corrected by support ticket 881"
+    audit = OperatorAudit.objects.get(target=f"discrepancy:{discrepancy.pk}")
+    assert (audit.actor, audit.action) == ("admin:operator", "discrepancy.resolve")
+    assert audit.before == {"status": "open"} and audit.after["status"] == "resolved"
+    assert audit.reason == "legacy corrected by support ticket 881"

@@ -1,17 +1,39 @@
-"""The balance API: authentication and scope, the Idempotency-Key matrix, field errors."""
+"""The balance API: authentication, scopes and limits, the Idempotency-Key matrix, field and
+header errors."""
 
 import json
+import threading
 import uuid
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import IntegrityError, connection
+from django.test import Client
 from django.utils import timezone
 
+from cutover.actors import Actor
 from cutover.api import request_fingerprint
-from cutover.models import BalanceMutation, IdempotencyRecord, LegacyBalance
-from cutover.services import api_client_create, idempotency_claim
+from cutover.exceptions import ApiClientRefused
+from cutover.models import (
+    ApiClient,
+    ApiClientSpend,
+    BalanceMutation,
+    IdempotencyRecord,
+    LegacyBalance,
+    OperatorAudit,
+)
+from cutover.services import (
+    api_client_create,
+    balance_mutate,
+    idempotency_claim,
+    idempotency_complete,
+    idempotency_release,
+)
+from ledger.models import Transaction
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
+
+TEST_ACTOR = Actor("test")
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,7 +48,9 @@ def user():
 
 @pytest.fixture
 def service():
-    client, token = api_client_create(name="payments")
+    client, token = api_client_create(
+        name="payments", scopes=["read", "credit", "debit"], actor=TEST_ACTOR
+    )
     return client, token
 
 
@@ -138,7 +162,9 @@ def test_kill_switch_is_503_and_the_key_stays_usable(client, user, service):
 def test_authentication_and_user_scope(client, user, service):
     assert post(client, user, None, CREDIT).status_code == 401
     assert post(client, user, "wrong", CREDIT).status_code == 401
-    _, scoped = api_client_create(name="alice-app", user_id=user)
+    _, scoped = api_client_create(
+        name="alice-app", user_id=user, scopes=["read", "debit"], actor=TEST_ACTOR
+    )
     other = uuid.uuid4()
     assert post(client, other, scoped, CREDIT).status_code == 403
     headers = {"HTTP_AUTHORIZATION": f"Bearer {scoped}"}
@@ -160,3 +186,169 @@ def test_balance_read_follows_the_phase(client, user, service):
     phase_set("strict", read_percent=100)
     assert client.get(f"/api/v1/users/{user}/balance", **headers).json()["source"] == "ledger"
     assert client.get("/api/v1/users/not-a-uuid/balance", **headers).status_code == 400
+
+
+# --- scopes and limits (issue 9, item 6) ---------------------------------------------------------
+
+
+def test_a_users_own_client_cannot_credit_and_nothing_changes(client, user):
+    _, token = api_client_create(
+        name="alice-app", user_id=user, scopes=["read", "debit", "withdraw"], actor=TEST_ACTOR
+    )
+    transactions = Transaction.objects.count()
+    response = post(client, user, token, {**CREDIT, "amount": "1000000.00"})
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "missing_scope"
+    assert response.json()["error"]["scope"] == "credit"
+    assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal("100")
+    assert Transaction.objects.count() == transactions
+    assert not BalanceMutation.objects.exists() and not IdempotencyRecord.objects.exists()
+    # and no user's client can be given the scope: not by the service, not in the database
+    with pytest.raises(ApiClientRefused, match="may not credit"):
+        api_client_create(name="bob-app", user_id=user, scopes=["credit"], actor=TEST_ACTOR)
+    with pytest.raises(IntegrityError, match="cutover_api_clients_chk_user_never_credits"):
+        ApiClient.objects.filter(name="alice-app").update(scopes=["read", "credit"])
+
+
+def test_each_endpoint_needs_its_scope(client, user):
+    _, reader = api_client_create(name="reader", scopes=["read"], actor=TEST_ACTOR)
+    _, debitor = api_client_create(name="debitor", scopes=["debit"], actor=TEST_ACTOR)
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {debitor}"}
+    refused = client.get(f"/api/v1/users/{user}/balance", **headers)
+    assert refused.status_code == 403 and refused.json()["error"]["scope"] == "read"
+    for direction, token in (("debit", reader), ("credit", debitor)):
+        response = post(client, user, token, {**CREDIT, "direction": direction})
+        assert response.status_code == 403
+        assert response.json()["error"]["scope"] == direction
+    assert post(client, user, debitor, {**CREDIT, "direction": "debit"}).status_code == 201
+    assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal("74.5")
+
+
+def test_client_creation_is_audited(user):
+    client, _ = api_client_create(
+        name="alice-app",
+        user_id=user,
+        scopes=["read", "debit"],
+        max_amount=Decimal("50"),
+        actor=Actor("cli:ops"),
+        reason="ticket 12",
+    )
+    audit = OperatorAudit.objects.get(target=f"api_client:{client.pk}")
+    assert (audit.actor, audit.action) == ("cli:ops", "api_client.create")
+    assert audit.reason == "ticket 12"
+    assert audit.after["scopes"] == ["read", "debit"] and audit.after["max_amount"] == "50"
+
+
+def test_an_amount_over_the_client_maximum_is_422_and_the_key_stays_usable(client, user):
+    _, token = api_client_create(
+        name="capped", scopes=["credit"], max_amount=Decimal("20"), actor=TEST_ACTOR
+    )
+    response = post(client, user, token, CREDIT)  # 25.50
+    assert response.status_code == 422
+    assert response.json()["error"]["limit"] == "max_amount"
+    assert not IdempotencyRecord.objects.exists() and not ApiClientSpend.objects.exists()
+    assert post(client, user, token, {**CREDIT, "amount": "20"}, key="k-2").status_code == 201
+    assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal("120")
+
+
+def _concurrently(requests: list) -> list:
+    """Each request in its own thread (its own database connection), started together."""
+    start = threading.Barrier(len(requests))
+    results = [None] * len(requests)
+
+    def run(index, request):
+        try:
+            start.wait()
+            results[index] = request()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=item) for item in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_the_daily_limit_holds_under_concurrent_requests(user):
+    _, token = api_client_create(
+        name="capped", scopes=["credit"], daily_limit=Decimal("30"), actor=TEST_ACTOR
+    )
+    body = {**CREDIT, "amount": "20"}
+    responses = _concurrently(
+        [lambda key=f"k-{n}": post(Client(), user, token, body, key=key) for n in range(4)]
+    )
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [201, 429, 429, 429]
+    refused = next(response for response in responses if response.status_code == 429)
+    assert refused.json()["error"]["limit"] == "daily_limit"
+    assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal("120")
+    assert BalanceMutation.objects.count() == 1
+    assert [spend.amount for spend in ApiClientSpend.objects.all()] == [Decimal("20")]
+    assert IdempotencyRecord.objects.count() == 1  # the refused keys were released
+
+
+def test_a_refused_mutation_does_not_count_against_the_limit(client, user):
+    _, token = api_client_create(
+        name="capped", scopes=["debit"], daily_limit=Decimal("150"), actor=TEST_ACTOR
+    )
+    overdraft = post(client, user, token, {**CREDIT, "direction": "debit", "amount": "101"})
+    assert overdraft.json()["error"]["code"] == "insufficient_funds"
+    assert not ApiClientSpend.objects.exists()
+    debit = {**CREDIT, "direction": "debit", "amount": "100"}
+    assert post(client, user, token, debit, key="k-2").status_code == 201
+
+
+# --- a stalled request taken over (issue 9, item 11) -----------------------------------------
+
+
+def test_a_stalled_claim_taken_over_can_neither_release_nor_complete(client, user, service):
+    parsed = {**CREDIT, "amount": Decimal(CREDIT["amount"])}
+    fingerprint = request_fingerprint(user, parsed)
+    stalled = idempotency_claim(client=service[0], key="k-1", request_sha256=fingerprint)
+    # A stalls past IDEMPOTENCY_LOCK_TIMEOUT; B takes the key over and applies the mutation
+    IdempotencyRecord.objects.update(locked_until=timezone.now() - timedelta(seconds=1))
+    takeover = idempotency_claim(client=service[0], key="k-1", request_sha256=fingerprint)
+    assert takeover.record.pk == stalled.record.pk
+    assert idempotency_release(claim=stalled) is False  # A's late release: changes nothing
+    assert IdempotencyRecord.objects.get().status == "in_flight"
+    mutation = {key: parsed[key] for key in ("direction", "amount", "currency", "reason")}
+    balance_mutate(
+        user_id=user, reference=f"api:{takeover.record.pk}", correlation_id="b", **mutation
+    )
+    assert idempotency_complete(claim=takeover, status=201, body={"answer": "B"}) is True
+    assert idempotency_complete(claim=stalled, status=503, body={"answer": "A"}) is False
+    assert idempotency_release(claim=stalled) is False
+    retry = post(client, user, service[1], CREDIT)  # C
+    assert retry.status_code == 201 and retry.json() == {"answer": "B"}
+    assert BalanceMutation.objects.count() == 1
+    assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal("125.5")
+
+
+# --- bad headers (issue 9, item 12) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "correlation_id", ["c" * 129, "caf\u00e9", "tab\tbed", "with space", "\u20ac"]
+)
+def test_a_bad_correlation_id_is_400_and_the_key_stays_usable(
+    client, user, service, correlation_id
+):
+    response = post(client, user, service[1], CREDIT, HTTP_X_CORRELATION_ID=correlation_id)
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "X-Correlation-Id"
+    assert response["X-Correlation-Id"] != correlation_id
+    assert not IdempotencyRecord.objects.exists() and not BalanceMutation.objects.exists()
+    good = post(client, user, service[1], CREDIT, HTTP_X_CORRELATION_ID="c" * 128)
+    assert good.status_code == 201
+
+
+@pytest.mark.parametrize("token", ["t\u00f6ken", "\u20ac" * 10, "tok\x01en"])
+def test_a_non_ascii_bearer_token_is_401(client, user, service, token):
+    response = post(client, user, token, CREDIT)
+    assert response.status_code == 401
+    assert response.json()["error"]["field"] == "Authorization"
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    assert client.get(f"/api/v1/users/{user}/balance", **headers).status_code == 401
+    assert not BalanceMutation.objects.exists()

@@ -1,13 +1,15 @@
 """`manage.py cutover ...`: the operators' controls, with clear errors naming what is wrong."""
 
 import json
+import uuid
+from decimal import Decimal
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from cutover.models import ApiClient, CustodyOpening, PhaseAudit, PhaseState
+from cutover.models import ApiClient, CustodyOpening, OperatorAudit, PhaseAudit, PhaseState
 from tests.cutover.factories import legacy_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -89,11 +91,46 @@ def test_killswitch_on_and_off():
 
 
 def test_client_token_is_shown_once_and_names_are_unique():
-    created = json.loads(run("client", "--name", "payments", "--json"))
+    created = json.loads(run("client", "--name", "payments", "--scopes", "read,credit", "--json"))
     client = ApiClient.objects.get(name="payments")
     assert created["token"] and client.token_sha256 != created["token"]
+    assert client.scopes == ["read", "credit"] and created["scopes"] == ["read", "credit"]
+    audit = OperatorAudit.objects.get(target=f"api_client:{client.pk}")
+    assert audit.action == "api_client.create" and audit.actor.startswith("cli:")
     with pytest.raises(CommandError, match="--name: a client named 'payments' already exists"):
-        run("client", "--name", "payments")
+        run("client", "--name", "payments", "--scopes", "read")
+
+
+def test_client_scopes_and_limits_are_checked_naming_the_flag():
+    user_id = str(uuid.uuid4())
+    with pytest.raises(CommandError, match=r"--scopes: .*--user-id may not have the credit"):
+        run("client", "--name", "alice", "--user-id", user_id, "--scopes", "read,credit")
+    with pytest.raises(CommandError, match="--scopes"):
+        run("client", "--name", "alice", "--scopes", "read,mint")
+    with pytest.raises(CommandError, match="--max-amount"):
+        run("client", "--name", "alice", "--scopes", "read", "--max-amount", "-5")
+    with pytest.raises(CommandError, match="--daily-limit"):
+        run("client", "--name", "alice", "--scopes", "read", "--daily-limit", "lots")
+    assert not ApiClient.objects.exists() and not OperatorAudit.objects.exists()
+    created = json.loads(
+        run(
+            "client",
+            "--name",
+            "alice",
+            "--user-id",
+            user_id,
+            "--scopes",
+            "read,debit",
+            "--max-amount",
+            "50",
+            "--daily-limit",
+            "200.5",
+            "--json",
+        )
+    )
+    assert (created["max_amount"], created["daily_limit"]) == ("50", "200.5")
+    client = ApiClient.objects.get(name="alice")
+    assert client.max_amount == Decimal("50") and str(client.user_id) == user_id
 
 
 def test_reconcile_outside_dual_write_is_a_clear_error():

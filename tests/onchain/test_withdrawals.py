@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from django.db import DatabaseError, connection, transaction
 
+from cutover.actors import Actor
 from cutover.exceptions import KillSwitchEngaged
 from cutover.models import BalanceMutation, LegacyBalance
 from cutover.services import api_client_create
@@ -377,7 +378,9 @@ def test_polling_settles_a_submitted_withdrawal_whose_webhook_never_came(sandbox
 
 @pytest.fixture
 def api_token(user):
-    return api_client_create(name=f"wallet-app-{uuid.uuid4().hex[:6]}")[1]
+    return api_client_create(
+        name=f"wallet-app-{uuid.uuid4().hex[:6]}", scopes=["withdraw"], actor=Actor("test")
+    )[1]
 
 
 def post_withdrawal(client, user_id, token, body, key="w-1"):
@@ -410,6 +413,29 @@ def test_withdrawal_api_holds_once_per_key_and_names_bad_fields(client, user, ap
     assert status == 422 and answer["error"]["code"] == "insufficient_funds"
     status, answer = post_withdrawal(client, user, api_token, {**body, "amount": "1"})
     assert status == 422 and answer["error"]["field"] == "Idempotency-Key"
+    assert Withdrawal.objects.count() == 1
+    assert balances(user) == (Decimal("74.5"), Decimal("74.5"))
+
+
+def test_a_users_own_client_needs_the_withdraw_scope(client, user):
+    """Issue 9 item 6: a client scoped to one user withdraws only with `withdraw`, and within
+    its limits (debits and withdrawals share the money-out direction)."""
+    phase_set("shadow")
+    actor = Actor("test")
+    _, reader = api_client_create(name="reader", user_id=user, scopes=["read"], actor=actor)
+    body = {"amount": "25.5", "address": "0xdest", "chain": "ETH"}
+    status, answer = post_withdrawal(client, user, reader, body)
+    assert status == 403 and answer["error"]["scope"] == "withdraw"
+    _, wallet = api_client_create(
+        name="wallet",
+        user_id=user,
+        scopes=["read", "withdraw"],
+        daily_limit=Decimal("30"),
+        actor=actor,
+    )
+    assert post_withdrawal(client, user, wallet, body)[0] == 201
+    status, answer = post_withdrawal(client, user, wallet, {**body, "amount": "5"}, key="w-2")
+    assert status == 429 and answer["error"]["limit"] == "daily_limit"
     assert Withdrawal.objects.count() == 1
     assert balances(user) == (Decimal("74.5"), Decimal("74.5"))
 

@@ -24,6 +24,7 @@ from config.benchmarks import (
     webhooks_measure,
 )
 from config.runtime import database_ready, positive_int, scratch_database
+from cutover.actors import Actor
 from cutover.phases import ORDER
 from cutover.services import api_client_create
 from onchain.sandbox import CircleSandbox
@@ -235,7 +236,9 @@ class Command(BaseCommand):
         with database_ready(console.print), scratch_database("bench") as name:
             console.print(f"Opening {options['users']:,} users in read_switch (100 %) ...")
             users = bench_users_in_phase(options["users"], "read_switch")
-            _, token = api_client_create(name="bench-reads")
+            _, token = api_client_create(
+                name="bench-reads", scopes=["read"], actor=Actor.command_line()
+            )
             connections.close_all()
             with api_server(name) as port:
                 console.print(

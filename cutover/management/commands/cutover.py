@@ -1,7 +1,9 @@
 """`python manage.py cutover ...`: the operators' controls of the migration."""
 
+import argparse
 import json
 import uuid
+from decimal import Decimal
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.console import Console
@@ -10,7 +12,7 @@ from rich.table import Table
 
 from cutover.actors import Actor
 from cutover.exceptions import CutoverError, GateNotMet
-from cutover.models import ApiClient
+from cutover.models import ApiClient, ApiScope
 from cutover.phases import ORDER, flags_of, next_phase
 from cutover.selectors import (
     CUSTODY_BUFFERS,
@@ -30,7 +32,8 @@ from cutover.services import (
     phase_rollback,
     reconciliation_run,
 )
-from ledger.exceptions import LedgerError
+from ledger.exceptions import InvalidAmount, LedgerError
+from ledger.money import amount_parse
 
 PHASES = [phase.value for phase in ORDER]
 
@@ -40,6 +43,23 @@ def percent(value: str) -> int:
     if not 1 <= number <= 100:
         raise ValueError(value)
     return number
+
+
+def scope_list(value: str) -> list[str]:
+    scopes = [scope.strip() for scope in value.split(",") if scope.strip()]
+    if not scopes or set(scopes) - set(ApiScope.values):
+        raise argparse.ArgumentTypeError(
+            f"expected some of {','.join(ApiScope.values)}, got {value!r}"
+        )
+    return scopes
+
+
+def limit_amount(value: str) -> Decimal:
+    try:
+        amount = amount_parse(value, "USDC")
+    except InvalidAmount as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return amount
 
 
 def positive(value: str) -> int:
@@ -107,8 +127,29 @@ class Command(BaseCommand):
             "--user-id",
             type=uuid.UUID,
             default=None,
-            help="restrict the client to this user's balance (default: any user)",
+            help="restrict the client to this user's balance (default: any user); such a "
+            "client never gets the credit scope",
         )
+        client.add_argument(
+            "--scopes",
+            required=True,
+            type=scope_list,
+            help=f"comma-separated, some of {','.join(ApiScope.values)} (e.g. read,debit)",
+        )
+        client.add_argument(
+            "--max-amount",
+            type=limit_amount,
+            default=None,
+            help="the largest amount of one credit, debit or withdrawal (default: no cap)",
+        )
+        client.add_argument(
+            "--daily-limit",
+            type=limit_amount,
+            default=None,
+            help="the most moved in each direction (in: credits; out: debits and withdrawals) "
+            "over any 24 hours (default: no cap)",
+        )
+        client.add_argument("--reason", default="", help="why, for the operator audit")
         client.add_argument("--json", action="store_true", help="print JSON")
 
         custody = sub.add_parser(
@@ -214,13 +255,35 @@ class Command(BaseCommand):
     def _client(self, options) -> None:
         if ApiClient.objects.filter(name=options["name"]).exists():
             raise CommandError(f"--name: a client named {options['name']!r} already exists")
-        client, token = api_client_create(name=options["name"], user_id=options["user_id"])
-        data = {"name": client.name, "user_id": client.user_id, "token": token}
+        if options["user_id"] and ApiScope.CREDIT in options["scopes"]:
+            raise CommandError(
+                "--scopes: a client restricted with --user-id may not have the credit scope"
+            )
+        client, token = api_client_create(
+            name=options["name"],
+            user_id=options["user_id"],
+            scopes=options["scopes"],
+            max_amount=options["max_amount"],
+            daily_limit=options["daily_limit"],
+            actor=Actor.command_line(),
+            reason=options["reason"],
+        )
+        data = {
+            "name": client.name,
+            "user_id": client.user_id,
+            "scopes": client.scopes,
+            "max_amount": client.max_amount,
+            "daily_limit": client.daily_limit,
+            "token": token,
+        }
         if options.get("json"):
             self._emit(options, data)
         else:
             scope = f"user {client.user_id}" if client.user_id else "any user"
-            self.console.print(f"client {client.name} ({scope}); bearer token (shown once):")
+            self.console.print(
+                f"client {client.name} ({scope}; {','.join(client.scopes)}); "
+                "bearer token (shown once):"
+            )
             self.stdout.write(token)
 
     def _custody(self, options) -> None:
