@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from cutover.actors import Actor
 from cutover.exceptions import CutoverError
 from cutover.management.commands.cutover import positive as positive_int
 from ledger.exceptions import LedgerError
@@ -17,7 +18,7 @@ from onchain.exceptions import OnchainError
 from onchain.models import CircleNotification, Withdrawal, WithdrawalStatus
 from onchain.sandbox import CircleSandbox
 from onchain.services import (
-    notification_process,
+    notification_replay,
     transfers_poll,
     withdrawal_cancel,
     withdrawal_request,
@@ -33,6 +34,7 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         replay = sub.add_parser("replay", help="process a stored notification again (idempotent)")
         replay.add_argument("notification_id", help="Circle's notificationId")
+        replay.add_argument("--reason", default="", help="why (kept in the operator audit)")
         send = sub.add_parser("send", help="send due withdrawals to Circle now (the worker's pass)")
         send.add_argument("--limit", type=positive_int, default=100, help="at most (100)")
         send.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -50,12 +52,18 @@ class Command(BaseCommand):
         withdraw.add_argument("--chain", required=True, help="destination chain, e.g. ETH")
         resend = sub.add_parser("resend", help="send a dead withdrawal again (same key)")
         resend.add_argument("withdrawal", type=positive_int, help="the withdrawal's id")
+        resend.add_argument("--reason", default="", help="why (kept in the operator audit)")
         cancel = sub.add_parser(
             "cancel",
-            help="reverse a dead withdrawal's hold (only once Circle shows no transfer for it)",
+            help=(
+                "reverse a dead withdrawal's hold; Circle is asked first, and a withdrawal whose "
+                "transfer Circle has is not cancelled but follows Circle's status"
+            ),
         )
         cancel.add_argument("withdrawal", type=positive_int, help="the withdrawal's id")
-        cancel.add_argument("--reason", required=True, help="why (kept on the withdrawal)")
+        cancel.add_argument(
+            "--reason", required=True, help="why (kept on the withdrawal and in the audit)"
+        )
         listing = sub.add_parser("withdrawals", help="list withdrawals")
         listing.add_argument("--status", choices=WithdrawalStatus.values, help="only these")
         listing.add_argument("--json", action="store_true", help="print JSON")
@@ -84,7 +92,9 @@ class Command(BaseCommand):
         notification_id = options["notification_id"]
         if not CircleNotification.objects.filter(notification_id=notification_id).exists():
             raise CommandError(f"notification_id: no stored notification {notification_id}")
-        status = notification_process(notification_id=notification_id)
+        status = notification_replay(
+            notification_id=notification_id, actor=Actor.command_line(), reason=options["reason"]
+        )
         self.stdout.write(f"{notification_id}: {status}")
 
     def _send(self, options) -> None:
@@ -110,11 +120,19 @@ class Command(BaseCommand):
         self.stdout.write(f"withdrawal {withdrawal.pk}: {withdrawal}")
 
     def _resend(self, options) -> None:
-        withdrawal = withdrawal_resend(withdrawal_id=self._known(options), actor="command")
+        withdrawal = withdrawal_resend(
+            withdrawal_id=self._known(options),
+            actor=Actor.command_line(),
+            reason=options["reason"],
+        )
         self.stdout.write(str(withdrawal))
 
     def _cancel(self, options) -> None:
-        withdrawal = withdrawal_cancel(withdrawal_id=self._known(options), reason=options["reason"])
+        withdrawal = withdrawal_cancel(
+            withdrawal_id=self._known(options),
+            actor=Actor.command_line(),
+            reason=options["reason"],
+        )
         self.stdout.write(str(withdrawal))
 
     def _withdrawals(self, options) -> None:
