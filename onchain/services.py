@@ -621,24 +621,33 @@ def _circle_transfer_find(withdrawal: Withdrawal) -> dict | None:
     Circle certainly has none. A dead withdrawal never recorded a transfer id and Circle's
     transfer object does not carry the idempotencyKey, so every transfer out of our wallet
     since the withdrawal was created is matched by destination, chain and amount, leaving out
-    the transfers other withdrawals recorded. More than one candidate: Circle may have it, and
-    which one is unknown (CancelRefused). Circle unreachable: CircleUnavailable."""
+    the transfers other withdrawals recorded. More than one candidate, or one while another
+    unsent withdrawal asks for the same: Circle may have it, and which transfer is whose is
+    unknown (CancelRefused; a resend names it). Circle unreachable: CircleUnavailable."""
     since = (withdrawal.created_at - CLOCK_SKEW).isoformat().replace("+00:00", "Z")
+    matching = [t for t in circle.transfers_outbound(since=since) if _is_transfer_of(t, withdrawal)]
     recorded = set(
-        Withdrawal.objects.exclude(circle_transfer_id=None).values_list(
+        Withdrawal.objects.filter(circle_transfer_id__in=[t["id"] for t in matching]).values_list(
             "circle_transfer_id", flat=True
         )
     )
-    candidates = [
-        transfer
-        for transfer in circle.transfers_outbound(since=since)
-        if transfer["id"] not in recorded and _is_transfer_of(transfer, withdrawal)
-    ]
-    if len(candidates) > 1:
+    candidates = [t for t in matching if t["id"] not in recorded]
+    rivals = (
+        Withdrawal.objects.filter(
+            circle_transfer_id=None,
+            status__in=[WithdrawalStatus.PENDING, WithdrawalStatus.DEAD],
+            address__iexact=withdrawal.address,
+            chain=withdrawal.chain,
+            amount=withdrawal.amount,
+        )
+        .exclude(pk=withdrawal.pk)
+        .exists()
+    )
+    if len(candidates) > 1 or (candidates and rivals):
         raise CancelRefused(
-            f"{withdrawal}: Circle has {len(candidates)} transfers that may be this "
-            f"withdrawal's ({', '.join(t['id'] for t in candidates)}); not cancelled. Resend "
-            "it: its idempotency key names its own transfer at Circle"
+            f"{withdrawal}: Circle has {len(candidates)} transfer(s) that may be this "
+            f"withdrawal's or another's ({', '.join(t['id'] for t in candidates)}); not "
+            "cancelled. Resend it: its idempotency key names its own transfer at Circle"
         )
     return candidates[0] if candidates else None
 
