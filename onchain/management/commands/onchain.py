@@ -7,13 +7,15 @@ import json
 import time
 import uuid
 from datetime import timedelta
+from decimal import Decimal
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from cutover.actors import Actor
 from cutover.exceptions import CutoverError
 from cutover.management.commands.cutover import positive as positive_int
-from ledger.exceptions import LedgerError
+from ledger.exceptions import InvalidAmount, LedgerError
+from ledger.money import amount_parse
 from onchain.exceptions import OnchainError
 from onchain.models import CircleNotification, Withdrawal, WithdrawalStatus
 from onchain.sandbox import CircleSandbox
@@ -80,6 +82,11 @@ class Command(BaseCommand):
             choices=["complete", "failed"],
             default=None,
             help="complete or fail new outbound transfers on their own",
+        )
+        sandbox.add_argument(
+            "--wallet-balance",
+            default="0",
+            help='USDC the wallet starts with, e.g. "250000" (0); deposits add, completions take',
         )
 
     def handle(self, *args, **options) -> None:
@@ -174,9 +181,18 @@ class Command(BaseCommand):
             self.stdout.write(", ".join(f"{key} {value}" for key, value in data.items()))
 
     def _sandbox(self, options) -> None:
+        try:
+            balance = (
+                Decimal(0)
+                if options["wallet_balance"] == "0"
+                else amount_parse(options["wallet_balance"], "USDC")
+            )
+        except InvalidAmount as exc:
+            raise CommandError(f"--wallet-balance: {exc}") from None
         with CircleSandbox(
             port=options["port"], subscriber=options["subscriber"], settle=options["settle"]
         ) as sandbox:
+            sandbox.wallet_balance = balance
             self.stdout.write(
                 f"Circle sandbox at {sandbox.base_url}, signing key id {sandbox.key_id}"
             )
