@@ -6,9 +6,10 @@ from django.contrib import admin, messages
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
+from cutover.actors import Actor
 from ledger.admin import ReadOnlyAdmin
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
-from onchain.services import notification_process, withdrawal_cancel, withdrawal_resend
+from onchain.services import notification_replay, withdrawal_cancel, withdrawal_resend
 
 
 @admin.register(CircleNotification)
@@ -32,7 +33,10 @@ class CircleNotificationAdmin(ReadOnlyAdmin):
             return
         for notification in queryset:
             try:
-                status = notification_process(notification_id=notification.notification_id)
+                status = notification_replay(
+                    notification_id=notification.notification_id,
+                    actor=Actor.for_user(request.user),
+                )
             except Exception as exc:  # any failure: shown here, and kept on the row
                 self.message_user(request, f"{notification}: {exc}", messages.ERROR)
             else:
@@ -47,7 +51,10 @@ class DepositAddressAdmin(admin.ModelAdmin):
 
 class CancelForm(forms.Form):
     reason = forms.CharField(
-        help_text="Cancel only once Circle shows no transfer with this withdrawal's key.",
+        help_text=(
+            "Circle is asked first: a withdrawal whose transfer Circle has is not cancelled "
+            "but follows Circle's status."
+        ),
         widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
     )
 
@@ -93,7 +100,7 @@ class WithdrawalAdmin(ReadOnlyAdmin):
         for withdrawal in queryset:
             try:
                 done = service(
-                    withdrawal_id=withdrawal.pk, actor=request.user.get_username(), **kwargs
+                    withdrawal_id=withdrawal.pk, actor=Actor.for_user(request.user), **kwargs
                 )
             except Exception as exc:  # any failure is the operator's to see, per row
                 self.message_user(request, f"{withdrawal}: {exc}", messages.ERROR)

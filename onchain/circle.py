@@ -6,6 +6,7 @@ key) raises CircleUnavailable, which a caller may retry.
 """
 
 import json
+import re
 import urllib.error
 import urllib.request
 from decimal import Decimal
@@ -13,6 +14,8 @@ from urllib.parse import quote, urlencode
 
 from django.conf import settings
 
+from ledger.exceptions import InvalidAmount
+from ledger.money import amount_parse
 from onchain.exceptions import CircleRefused, CircleUnavailable, UnknownSigningKey
 
 REFUSALS = {400, 404, 409, 422}
@@ -78,14 +81,56 @@ def transfer_get(transfer_id: str) -> dict:
 
 
 def transfers_inbound(*, since: str, page_size: int = 50) -> list[dict]:
-    """Transfers into our wallet created at or after `since` (ISO 8601), oldest first."""
+    """Transfers into our wallet created at or after `since` (ISO 8601), newest first (one
+    page: the poll runs often enough)."""
     query = urlencode(
         {"destinationWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size}
     )
-    answer = _call("GET", f"/v1/transfers?{query}")
+    return _transfer_page(_call("GET", f"/v1/transfers?{query}"))
+
+
+def transfers_outbound(*, since: str, page_size: int = 50) -> list[dict]:
+    """Every transfer out of our wallet created at or after `since` (ISO 8601), newest first,
+    all pages. Circle's list transfers (GET /v1/transfers, `sourceWalletId`, `from`,
+    `pageSize`, `pageAfter`) is the only documented way to find a transfer whose create
+    answer was lost: the transfer object does not carry its idempotencyKey, and a POST with
+    the same key would create the transfer if Circle did not have it."""
+    found: list[dict] = []
+    params = {"sourceWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size}
+    while True:
+        page = _transfer_page(_call("GET", f"/v1/transfers?{urlencode(params)}"))
+        found.extend(page)
+        if len(page) < page_size:
+            return found
+        params["pageAfter"] = page[-1]["id"]
+
+
+def _transfer_page(answer: dict) -> list[dict]:
     if not isinstance(answer.get("data"), list):
         raise CircleUnavailable("Circle's transfer list is malformed")
     return [_transfer({"data": item}) for item in answer["data"]]
+
+
+def wallet_balance() -> Decimal:
+    """Our wallet's USDC balance as Circle reports it (Circle Mint's get a wallet,
+    GET /v1/wallets/{walletId}: `balances`, USDC named "USD" as in every Circle money object;
+    no entry means 0)."""
+    path = f"/v1/wallets/{quote(settings.CIRCLE_WALLET_ID, safe='')}"
+    wallet = _call("GET", path).get("data")
+    balances = wallet.get("balances") if isinstance(wallet, dict) else None
+    if not isinstance(balances, list):
+        raise CircleUnavailable("Circle's wallet answer is malformed")
+    amounts = [
+        entry.get("amount")
+        for entry in balances
+        if isinstance(entry, dict) and entry.get("currency") == "USD"
+    ]
+    if not amounts or (isinstance(amounts[0], str) and re.fullmatch(r"0+(\.0+)?", amounts[0])):
+        return Decimal(0)
+    try:
+        return amount_parse(amounts[0], "USDC")
+    except InvalidAmount as exc:
+        raise CircleUnavailable(f"Circle's wallet balance {amounts[0]!r}: {exc}") from None
 
 
 def _transfer(answer: dict) -> dict:

@@ -2,13 +2,19 @@
 
 It speaks Circle's wire format for what the engine uses: the notification public-key endpoint
 (`GET /v2/notifications/publicKey/{id}`), transfers (`POST /v1/transfers` with an
-idempotencyKey, `GET /v1/transfers/{id}`, `GET /v1/transfers?destinationWalletId=...`), all
+idempotencyKey, `GET /v1/transfers/{id}`, `GET /v1/transfers?destinationWalletId=...` or
+`?sourceWalletId=...`), the wallet (`GET /v1/wallets/{walletId}`, its balance), all
 bearer-authenticated, and signed notifications posted to a subscriber with `X-Circle-Signature`
 (base64 ECDSA-SHA256 over the raw body) and `X-Circle-Key-Id`. Nothing in the engine knows it is
 a sandbox: it is just a base URL.
 
+The wallet keeps its USDC balance (`wallet_balance`, set by a test or the rehearsal to start
+from): a deposit it delivers adds, an outbound transfer it completes subtracts.
+
 Knobs for tests and the rehearsal: `fail_next` (answer the next transfer creations with an
-error status), `delay` (seconds before answering them: timeouts), `on_created` (called after a
+error status), `delay` (seconds before answering them: timeouts before anything is created),
+`answer_delay` (seconds between recording a new transfer and answering: a timeout after Circle
+created the transfer, whose answer the caller never hears), `on_created` (called after a
 transfer is recorded and before the answer is sent: a caller killed there has been accepted
 but never heard it), `subscriber` + `settle` (notify a subscriber of transfers and complete or
 fail new outbound transfers on their own).
@@ -22,6 +28,7 @@ import urllib.error
 import urllib.request
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
@@ -67,7 +74,9 @@ class CircleSandbox(SandboxServer):
         self.create_calls = 0
         self.fail_next: list[int] = []  # statuses for the next transfer creations
         self.delay = 0.0
+        self.answer_delay = 0.0
         self.on_created = None
+        self.wallet_balance = Decimal(0)  # USDC in the wallet
         self._serve(host, port)
 
     # What Circle does on its side --------------------------------------------------------
@@ -93,6 +102,7 @@ class CircleSandbox(SandboxServer):
         }
         with self.lock:
             self.transfers[transfer["id"]] = transfer
+            self.wallet_balance += Decimal(amount)
         if notify and self.subscriber:
             self.deliver(self.subscriber, self.notification("transfers.completed", transfer))
         return transfer
@@ -101,6 +111,8 @@ class CircleSandbox(SandboxServer):
         """An outbound transfer completes ("complete") or fails ("failed") on chain."""
         with self.lock:
             transfer = self.transfers[transfer_id]
+            if status == "complete" and transfer["status"] != "complete":
+                self.wallet_balance -= Decimal(transfer["amount"]["amount"])
             transfer["status"] = status
             if status == "failed":
                 transfer["errorCode"] = "transfer_failed"
@@ -122,6 +134,8 @@ class CircleSandbox(SandboxServer):
                     return self._public_key(url.path.rsplit("/", 1)[1])
                 if url.path == "/v1/transfers":
                     return self._list(parse_qs(url.query))
+                if url.path.startswith("/v1/wallets/"):
+                    return self._wallet(url.path.rsplit("/", 1)[1])
                 if url.path.startswith("/v1/transfers/"):
                     transfer = sandbox.transfers.get(url.path.rsplit("/", 1)[1])
                     if transfer is None:
@@ -177,6 +191,8 @@ class CircleSandbox(SandboxServer):
                 if known is None:
                     if sandbox.on_created is not None:
                         sandbox.on_created(transfer)
+                    if sandbox.answer_delay:  # created; the caller times out before the answer
+                        time.sleep(sandbox.answer_delay)
                     if sandbox.settle and sandbox.subscriber:
                         threading.Thread(
                             target=sandbox.transfer_finish,
@@ -207,24 +223,48 @@ class CircleSandbox(SandboxServer):
                     },
                 )
 
+            def _wallet(self, wallet_id: str) -> None:
+                """Circle Mint's wallet object; USDC is "USD" in Circle's money objects."""
+                if wallet_id != sandbox.wallet_id:
+                    return self._json(404, {"code": 404, "message": "Wallet not found."})
+                with sandbox.lock:
+                    balance = sandbox.wallet_balance
+                return self._json(
+                    200,
+                    {
+                        "data": {
+                            "walletId": sandbox.wallet_id,
+                            "entityId": "fc988ed5-c129-4f70-a064-e5beb7eb8e32",
+                            "type": "merchant",
+                            "description": "Master Wallet",
+                            "balances": [{"amount": f"{balance:f}", "currency": "USD"}],
+                        }
+                    },
+                )
+
             def _list(self, query: dict) -> None:
-                """Inbound transfers to the wallet, newest first, `pageAfter` as Circle pages."""
-                if query.get("destinationWalletId", [""])[0] != sandbox.wallet_id:
+                """Transfers into (`destinationWalletId`) or out of (`sourceWalletId`) the wallet,
+                newest first, `pageAfter` as Circle pages."""
+                if query.get("destinationWalletId", [""])[0] == sandbox.wallet_id:
+                    direction = "destination"
+                elif query.get("sourceWalletId", [""])[0] == sandbox.wallet_id:
+                    direction = "source"
+                else:
                     return self._json(200, {"data": []})
                 since = query.get("from", [""])[0]
                 size = min(int(query.get("pageSize", ["50"])[0]), 50)
                 with sandbox.lock:
-                    inbound = [
+                    matching = [
                         t
                         for t in sandbox.transfers.values()
-                        if t["destination"].get("type") == "wallet" and t["createDate"] >= since
+                        if t[direction].get("type") == "wallet" and t["createDate"] >= since
                     ]
-                inbound.sort(key=lambda t: t["createDate"], reverse=True)
+                matching.sort(key=lambda t: t["createDate"], reverse=True)
                 after = query.get("pageAfter", [None])[0]
                 if after is not None:
-                    ids = [t["id"] for t in inbound]
-                    inbound = inbound[ids.index(after) + 1 :] if after in ids else []
-                return self._json(200, {"data": inbound[:size]})
+                    ids = [t["id"] for t in matching]
+                    matching = matching[ids.index(after) + 1 :] if after in ids else []
+                return self._json(200, {"data": matching[:size]})
 
             def _json(self, status: int, body: dict) -> None:
                 raw = json.dumps(body).encode()

@@ -24,22 +24,26 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from cutover.exceptions import ConcurrentDuplicate
+from cutover.actors import Actor
+from cutover.exceptions import ConcurrentDuplicate, KillSwitchEngaged
 from cutover.models import BalanceMutation
 from cutover.selectors import phase_state
-from cutover.services import balance_mutation_apply
+from cutover.services import operator_action_record
 from ledger.exceptions import InvalidAmount
+from ledger.models import Transaction
 from ledger.money import amount_parse
 from ledger.selectors import system_account
 from ledger.services import Leg, transaction_apply
 from onchain import circle, metrics
 from onchain.exceptions import (
+    CancelRefused,
     CircleRefused,
     CircleUnavailable,
     MalformedNotification,
     SignatureRejected,
     UnknownSigningKey,
     WithdrawalRefused,
+    withdrawal_rules,
 )
 from onchain.models import (
     CircleNotification,
@@ -49,6 +53,7 @@ from onchain.models import (
     Withdrawal,
     WithdrawalStatus,
 )
+from onchain.strict import balance_mutation_apply, strict_failure_recorded
 
 log = logging.getLogger(__name__)
 SUPPORTED_TYPES = {"transfers.created", "transfers.completed", "transfers.failed", "webhooks.test"}
@@ -140,7 +145,7 @@ def notification_receive(*, body: bytes, signature: str, key_id: str) -> Deliver
         body=text,
     )
     try:
-        with transaction.atomic(durable=True):
+        with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
             with connection.cursor() as cursor:
                 cursor.execute(
                     INBOX_UPSERT, [notification_id, notification_type, transfer_id, key_id, text]
@@ -163,7 +168,7 @@ def notification_process(*, notification_id: str) -> str:
     retryable."""
     row = CircleNotification.objects.get(notification_id=notification_id)
     try:
-        with transaction.atomic():
+        with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
             row = CircleNotification.objects.select_for_update().get(pk=row.pk)
             if row.status == InboxStatus.PROCESSED:
                 return row.status  # parked and failed ones are evaluated again
@@ -171,6 +176,31 @@ def notification_process(*, notification_id: str) -> str:
     except Exception:
         _failure_record(row)
         raise
+
+
+def notification_replay(*, notification_id: str, actor: Actor, reason: str = "") -> str:
+    """An operator applies a stored notification again (idempotent): the outcome and the
+    operator's audit row are committed together. A failure is kept on the row, as in
+    notification_process."""
+    actor.require("onchain.change_circlenotification")
+    row = CircleNotification.objects.get(notification_id=notification_id)
+    try:
+        with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
+            row = CircleNotification.objects.select_for_update().get(pk=row.pk)
+            before = row.status
+            status = row.status if row.status == InboxStatus.PROCESSED else _process(row)
+            operator_action_record(
+                actor=actor,
+                action="notification.replay",
+                target=f"notification:{notification_id}",
+                before={"status": before},
+                after={"status": status},
+                reason=reason,
+            )
+    except Exception:
+        _failure_record(row)
+        raise
+    return status
 
 
 def _process(row: CircleNotification) -> str:
@@ -299,7 +329,7 @@ def withdrawal_request(
     existing = Withdrawal.objects.filter(idempotency_key=key).first()
     if existing is None:
         try:
-            with transaction.atomic(durable=True):
+            with strict_failure_recorded(), transaction.atomic(durable=True):
                 withdrawal = Withdrawal(
                     idempotency_key=key,
                     user_id=user_id,
@@ -309,7 +339,7 @@ def withdrawal_request(
                     requested_by=requested_by,
                     correlation_id=correlation_id,
                 )
-                hold = balance_mutation_apply(
+                balance_mutation_apply(
                     user_id=user_id,
                     direction="debit",
                     amount=amount,
@@ -318,7 +348,7 @@ def withdrawal_request(
                     counterparty="withdrawals_pending_usdc",
                     correlation_id=correlation_id,
                 )
-                withdrawal.hold_in_ledger = hold.ledger_status == "posted"
+                withdrawal.hold_in_ledger = _posted_to_ledger(withdrawal.hold_reference)
                 withdrawal.save(force_insert=True)
             return withdrawal
         except (IntegrityError, ConcurrentDuplicate):  # the same key, concurrently: a replay
@@ -331,6 +361,22 @@ def withdrawal_request(
     ):
         raise WithdrawalRefused(f"idempotency key {key} was used for another withdrawal")
     return existing
+
+
+def _posted_to_ledger(reference: str) -> bool:
+    """The balance-path mutation `reference` (in this transaction) moved its counterparty in
+    the ledger: for a hold, the money reached `withdrawals_pending_usdc`. Its journal row names
+    the posting (the dual write's, or in `legacy` with custody open the legacy mirror's)."""
+    return BalanceMutation.objects.filter(
+        reference=reference, ledger_transaction_id__isnull=False
+    ).exists()
+
+
+def custody_opened(currency: str) -> bool:
+    """The custody opening balance of `currency` is booked in the ledger (namespace
+    `custody`, reference `opening:<CUR>`)."""
+    opening = Transaction.objects.filter(namespace="custody", reference_id=f"opening:{currency}")
+    return opening.exists()
 
 
 @dataclass
@@ -353,7 +399,7 @@ def withdrawals_send(*, limit: int = 100) -> SendReport:
     for _ in range(limit):
         claimed = None
         try:
-            with transaction.atomic(durable=True):
+            with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
                 claimed = (
                     Withdrawal.objects.select_for_update(skip_locked=True)
                     .filter(status=WithdrawalStatus.PENDING, next_attempt_at__lte=timezone.now())
@@ -404,7 +450,7 @@ def _withdrawal_send(withdrawal: Withdrawal) -> str:
 
 
 def _transfer_settle(withdrawal_pk: int, transfer: dict) -> str:
-    with transaction.atomic(durable=True):
+    with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
         withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_pk)
         return _withdrawal_settle(withdrawal, transfer)
 
@@ -431,7 +477,7 @@ def _withdrawal_backoff(withdrawal: Withdrawal, error: str) -> str:
 
 
 def _withdrawal_retry_later(withdrawal_pk: int, error: str) -> str:
-    with transaction.atomic(durable=True):
+    with withdrawal_rules(), transaction.atomic(durable=True):
         withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_pk)
         if withdrawal.status != WithdrawalStatus.PENDING:
             return "retried"
@@ -467,15 +513,24 @@ def _withdrawal_settle(withdrawal: Withdrawal, transfer: dict) -> str:
 
 
 def _withdrawal_complete(withdrawal: Withdrawal) -> None:
-    """The money left our wallet: the hold moves out of the USDC buffer (when the ledger saw
-    the hold; a hold placed in `legacy` never reached it)."""
+    """The money left our wallet, so it leaves the USDC buffer: out of the hold when the hold
+    reached `withdrawals_pending_usdc`; otherwise (a hold placed in `legacy`, which only the
+    legacy store saw) out of opening-balance equity, where the custody opening booked the
+    wallet's USDC that this hold still stood for. Before custody is opened the buffer holds
+    none of the wallet's money, and nothing is posted."""
     if withdrawal.hold_in_ledger:
+        held_in = "withdrawals_pending_usdc"
+    elif custody_opened("USDC"):
+        held_in = "opening_balance_equity_usdc"
+    else:
+        held_in = None
+    if held_in is not None:
         transaction_apply(
             namespace="circle",
             reference_id=f"withdrawal:{withdrawal.idempotency_key}:complete",
             kind="withdrawal_complete",
             legs=[
-                Leg.debit(system_account(code="withdrawals_pending_usdc"), withdrawal.amount),
+                Leg.debit(system_account(code=held_in), withdrawal.amount),
                 Leg.credit(system_account(code="usdc_buffer"), withdrawal.amount),
             ],
             metadata={
@@ -516,33 +571,152 @@ def _parked_replay(transfer_id: str) -> None:
         notification_process(notification_id=notification_id)
 
 
-def withdrawal_resend(*, withdrawal_id: int, actor: str) -> Withdrawal:
-    """An operator sends a dead withdrawal again (the same idempotency key, attempts reset)."""
-    with transaction.atomic(durable=True):
+def _snapshot(withdrawal: Withdrawal) -> dict:
+    return {
+        "status": withdrawal.status,
+        "attempts": withdrawal.attempts,
+        "circle_transfer_id": withdrawal.circle_transfer_id,
+        "last_error": withdrawal.last_error,
+    }
+
+
+def _kill_switch_wait(action: str) -> None:
+    if phase_state().kill_switch:
+        raise KillSwitchEngaged(f"kill switch engaged: withdrawals are not {action} until released")
+
+
+def withdrawal_resend(*, withdrawal_id: int, actor: Actor, reason: str = "") -> Withdrawal:
+    """An operator sends a dead withdrawal again (the same idempotency key, attempts reset);
+    audited in the same transaction. Waits while the kill switch is on."""
+    actor.require("onchain.change_withdrawal")
+    with withdrawal_rules(), transaction.atomic(durable=True):
         withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_id)
         if withdrawal.status != WithdrawalStatus.DEAD:
             raise WithdrawalRefused(f"{withdrawal} is not dead; only dead withdrawals are resent")
+        _kill_switch_wait("resent")
+        before = _snapshot(withdrawal)
         withdrawal.status = WithdrawalStatus.PENDING
         withdrawal.attempts = 0
         withdrawal.next_attempt_at = timezone.now()
-        withdrawal.last_error = f"resent by {actor} after: {withdrawal.last_error}"
+        withdrawal.last_error = f"resent by {actor.name} after: {withdrawal.last_error}"
         withdrawal.save()
-    log.warning("withdrawal %s resent by %s", withdrawal.idempotency_key, actor)
+        operator_action_record(
+            actor=actor,
+            action="withdrawal.resend",
+            target=f"withdrawal:{withdrawal.pk}",
+            before=before,
+            after=_snapshot(withdrawal),
+            reason=reason,
+        )
+    log.warning("withdrawal %s resent by %s", withdrawal.idempotency_key, actor.name)
     return withdrawal
 
 
-def withdrawal_cancel(*, withdrawal_id: int, actor: str, reason: str) -> Withdrawal:
-    """An operator gives up on a dead withdrawal: its hold goes back to the user. (Circle never
-    accepted it: a dead withdrawal has no transfer.)"""
+# Circle's createDate and ours come from different clocks.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def _circle_transfer_find(withdrawal: Withdrawal) -> dict | None:
+    """The transfer Circle made for a dead withdrawal whose answers were lost, or None when
+    Circle certainly has none. A dead withdrawal never recorded a transfer id and Circle's
+    transfer object does not carry the idempotencyKey, so every transfer out of our wallet
+    since the withdrawal was created is matched by destination, chain and amount, leaving out
+    the transfers other withdrawals recorded. More than one candidate, or one while another
+    unsent withdrawal asks for the same: Circle may have it, and which transfer is whose is
+    unknown (CancelRefused; a resend names it). Circle unreachable: CircleUnavailable."""
+    since = (withdrawal.created_at - CLOCK_SKEW).isoformat().replace("+00:00", "Z")
+    matching = [t for t in circle.transfers_outbound(since=since) if _is_transfer_of(t, withdrawal)]
+    recorded = set(
+        Withdrawal.objects.filter(circle_transfer_id__in=[t["id"] for t in matching]).values_list(
+            "circle_transfer_id", flat=True
+        )
+    )
+    candidates = [t for t in matching if t["id"] not in recorded]
+    rivals = (
+        Withdrawal.objects.filter(
+            circle_transfer_id=None,
+            status__in=[WithdrawalStatus.PENDING, WithdrawalStatus.DEAD],
+            address__iexact=withdrawal.address,
+            chain=withdrawal.chain,
+            amount=withdrawal.amount,
+        )
+        .exclude(pk=withdrawal.pk)
+        .exists()
+    )
+    if len(candidates) > 1 or (candidates and rivals):
+        raise CancelRefused(
+            f"{withdrawal}: Circle has {len(candidates)} transfer(s) that may be this "
+            f"withdrawal's or another's ({', '.join(t['id'] for t in candidates)}); not "
+            "cancelled. Resend it: its idempotency key names its own transfer at Circle"
+        )
+    return candidates[0] if candidates else None
+
+
+def _is_transfer_of(transfer: dict, withdrawal: Withdrawal) -> bool:
+    destination = transfer.get("destination") or {}
+    amount = _part(transfer, "amount", "amount")
+    try:
+        same_amount = isinstance(amount, str) and Decimal(amount) == withdrawal.amount
+    except ArithmeticError:
+        same_amount = False
+    return (
+        same_amount
+        and str(destination.get("address", "")).lower() == withdrawal.address.lower()
+        and destination.get("chain") == withdrawal.chain
+    )
+
+
+def withdrawal_cancel(*, withdrawal_id: int, actor: Actor, reason: str) -> Withdrawal:
+    """An operator gives up on a dead withdrawal. Circle is asked first: "dead" includes a
+    transfer Circle created whose answers we never heard. Only a withdrawal Circle certainly
+    does not have is cancelled (its hold reversed, once). One Circle has is not cancelled: it
+    takes the transfer and Circle's status (submitted, completed or failed), and CancelRefused
+    says so; if Circle cannot be reached, nothing changes (CircleUnavailable, retry later).
+    Audited in the transaction that changes the withdrawal. Waits while the kill switch is on."""
+    actor.require("onchain.change_withdrawal")
     if not reason.strip():
         raise WithdrawalRefused("a reason is required to cancel a withdrawal")
-    with transaction.atomic(durable=True):
+    withdrawal = Withdrawal.objects.get(pk=withdrawal_id)
+    if withdrawal.status != WithdrawalStatus.DEAD:
+        raise WithdrawalRefused(f"{withdrawal} is not dead; only dead withdrawals are cancelled")
+    _kill_switch_wait("cancelled")
+    transfer = _circle_transfer_find(withdrawal)
+    with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
         withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_id)
         if withdrawal.status != WithdrawalStatus.DEAD:
             raise WithdrawalRefused(
                 f"{withdrawal} is not dead; only dead withdrawals are cancelled"
             )
-        _withdrawal_fail(withdrawal, reason=f"cancelled by {actor}: {reason.strip()}")
+        _kill_switch_wait("cancelled")
+        before = _snapshot(withdrawal)
+        if transfer is None:
+            _withdrawal_fail(withdrawal, reason=f"cancelled by {actor.name}: {reason.strip()}")
+            outcome = "cancelled"
+        else:
+            withdrawal.circle_transfer_id = str(transfer["id"])
+            withdrawal.status = WithdrawalStatus.SUBMITTED
+            withdrawal.last_error = (
+                f"cancel by {actor.name} refused: Circle has transfer {transfer['id']} "
+                f"({transfer['status']})"
+            )
+            withdrawal.save()
+            _withdrawal_settle(withdrawal, transfer)
+            transfer_id = withdrawal.circle_transfer_id
+            transaction.on_commit(lambda: _parked_replay(transfer_id), robust=True)
+            outcome = "refused: Circle has the transfer"
+        operator_action_record(
+            actor=actor,
+            action="withdrawal.cancel",
+            target=f"withdrawal:{withdrawal.pk}",
+            before=before,
+            after={**_snapshot(withdrawal), "outcome": outcome},
+            reason=reason.strip(),
+        )
+    if transfer is not None:
+        raise CancelRefused(
+            f"{withdrawal}: not cancelled, Circle has its transfer {transfer['id']} "
+            f"({transfer['status']}); the withdrawal now follows it"
+        )
     return withdrawal
 
 
@@ -554,15 +728,18 @@ class PollReport:
     deposits_seen: int = 0
     deposits_credited: int = 0
     deposits_parked: int = 0
+    deposits_not_applied: int = 0  # refused this time (e.g. the kill switch): tried next poll
     withdrawals_checked: int = 0
     withdrawals_settled: int = 0
+    withdrawals_not_settled: int = 0  # Circle unreachable or the posting refused: next poll
 
 
 def transfers_poll(*, lookback: timedelta | None = None) -> PollReport:
     """The fallback for webhooks that never came: completed inbound transfers of the last
     `lookback` are credited (the same `circle:transfer:<id>` reference as the webhook, so
     whichever comes second changes nothing), and submitted withdrawals are brought to
-    Circle's status."""
+    Circle's status. One transfer that cannot be applied now is logged, counted and tried
+    again by the next poll; it never stops the others."""
     report = PollReport()
     since = timezone.now() - (lookback or settings.ONCHAIN_DEPOSIT_POLL_LOOKBACK)
     for transfer in circle.transfers_inbound(since=since.isoformat().replace("+00:00", "Z")):
@@ -572,8 +749,13 @@ def transfers_poll(*, lookback: timedelta | None = None) -> PollReport:
         reference = f"circle:transfer:{transfer['id']}"
         if BalanceMutation.objects.filter(reference=reference).exists():
             continue
-        with transaction.atomic(durable=True):
-            outcome = _deposit_credit(transfer, correlation_id=f"poll:{transfer['id']}")
+        try:
+            with strict_failure_recorded(), transaction.atomic(durable=True):
+                outcome = _deposit_credit(transfer, correlation_id=f"poll:{transfer['id']}")
+        except Exception:
+            log.exception("circle transfer %s not credited; the next poll tries again", reference)
+            report.deposits_not_applied += 1
+            continue
         if outcome == InboxStatus.PARKED:
             report.deposits_parked += 1
         else:
@@ -582,7 +764,13 @@ def transfers_poll(*, lookback: timedelta | None = None) -> PollReport:
         "pk", "circle_transfer_id"
     ):
         report.withdrawals_checked += 1
-        if _transfer_settle(pk, circle.transfer_get(transfer_id)) in ("completed", "failed"):
+        try:
+            outcome = _transfer_settle(pk, circle.transfer_get(transfer_id))
+        except Exception:
+            log.exception("withdrawal %s (transfer %s) not settled this poll", pk, transfer_id)
+            report.withdrawals_not_settled += 1
+            continue
+        if outcome in ("completed", "failed"):
             report.withdrawals_settled += 1
     # Notifications parked because they overtook their send's record: settled by now.
     for notification_id in CircleNotification.objects.filter(
@@ -591,7 +779,10 @@ def transfers_poll(*, lookback: timedelta | None = None) -> PollReport:
             "circle_transfer_id"
         ),
     ).values_list("notification_id", flat=True):
-        notification_process(notification_id=notification_id)
+        try:
+            notification_process(notification_id=notification_id)
+        except Exception:
+            log.exception("parked notification %s still not applied", notification_id)
     return report
 
 

@@ -1,9 +1,14 @@
-"""Slot for issue 9's on-chain changes."""
+"""Issue 9's on-chain changes: re-installs onchain/sql/onchain.sql, whose withdrawal rules now
+let a dead withdrawal become submitted (an operator's cancel found the transfer Circle made)."""
+
+from pathlib import Path
 
 from django.db import migrations
+
+SQL = (Path(__file__).resolve().parent.parent / "sql" / "onchain.sql").read_text()
 
 
 class Migration(migrations.Migration):
     dependencies = [("onchain", "0002_withdrawals"), ("cutover", "0007_scopes_and_operator_audit")]
 
-    operations = []
+    operations = [migrations.RunSQL(sql=SQL, reverse_sql=migrations.RunSQL.noop)]

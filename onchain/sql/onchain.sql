@@ -3,13 +3,14 @@
 --   pending   -> submitted | completed | failed | dead   (and pending -> pending: a retry noted)
 --   submitted -> completed | failed                      (and submitted -> submitted)
 --   dead      -> pending (an operator resends) | failed (an operator reverses the hold)
+--                | submitted (an operator's cancel found the transfer Circle made for it)
 CREATE OR REPLACE FUNCTION onchain_withdrawal_transition() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF NOT (
         (OLD.status = 'pending' AND NEW.status IN ('pending', 'submitted', 'completed', 'failed', 'dead'))
         OR (OLD.status = 'submitted' AND NEW.status IN ('submitted', 'completed', 'failed'))
-        OR (OLD.status = 'dead' AND NEW.status IN ('pending', 'failed'))
+        OR (OLD.status = 'dead' AND NEW.status IN ('pending', 'submitted', 'failed'))
     ) THEN
         RAISE EXCEPTION 'withdrawal %: % -> % is not a legal transition', OLD.idempotency_key,
             OLD.status, NEW.status USING ERRCODE = 'OC001';

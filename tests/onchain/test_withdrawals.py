@@ -199,7 +199,7 @@ def test_server_errors_back_off_exponentially_then_dead_then_resent(sandbox, use
     assert (withdrawal.status, withdrawal.attempts, sandbox.create_calls) == ("dead", 3, 3)
     assert balances(user) == (Decimal(70), Decimal(70))  # still held: an operator decides
 
-    withdrawal_resend(withdrawal_id=withdrawal.pk, actor="ops")
+    withdrawal_resend(withdrawal_id=withdrawal.pk, actor=Actor.command_line())
     assert withdrawals_send().submitted == 1
     withdrawal.refresh_from_db()
     assert withdrawal.status == "submitted" and len(outbound(sandbox)) == 1
@@ -211,7 +211,9 @@ def test_operator_cancels_a_dead_withdrawal_and_the_hold_returns(sandbox, user, 
     withdrawal = withdraw(user)
     sandbox.fail_next = [503]
     assert withdrawals_send().dead == 1
-    withdrawal_cancel(withdrawal_id=withdrawal.pk, actor="ops", reason="confirmed absent at Circle")
+    withdrawal_cancel(
+        withdrawal_id=withdrawal.pk, actor=Actor.command_line(), reason="confirmed absent at Circle"
+    )
     withdrawal.refresh_from_db()
     assert withdrawal.status == "failed"
     assert balances(user) == (Decimal(100), Decimal(100))

@@ -7,17 +7,20 @@ import json
 import time
 import uuid
 from datetime import timedelta
+from decimal import Decimal
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from cutover.actors import Actor
 from cutover.exceptions import CutoverError
 from cutover.management.commands.cutover import positive as positive_int
-from ledger.exceptions import LedgerError
+from ledger.exceptions import InvalidAmount, LedgerError
+from ledger.money import amount_parse
 from onchain.exceptions import OnchainError
 from onchain.models import CircleNotification, Withdrawal, WithdrawalStatus
 from onchain.sandbox import CircleSandbox
 from onchain.services import (
-    notification_process,
+    notification_replay,
     transfers_poll,
     withdrawal_cancel,
     withdrawal_request,
@@ -33,6 +36,7 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         replay = sub.add_parser("replay", help="process a stored notification again (idempotent)")
         replay.add_argument("notification_id", help="Circle's notificationId")
+        replay.add_argument("--reason", default="", help="why (kept in the operator audit)")
         send = sub.add_parser("send", help="send due withdrawals to Circle now (the worker's pass)")
         send.add_argument("--limit", type=positive_int, default=100, help="at most (100)")
         send.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -50,12 +54,18 @@ class Command(BaseCommand):
         withdraw.add_argument("--chain", required=True, help="destination chain, e.g. ETH")
         resend = sub.add_parser("resend", help="send a dead withdrawal again (same key)")
         resend.add_argument("withdrawal", type=positive_int, help="the withdrawal's id")
+        resend.add_argument("--reason", default="", help="why (kept in the operator audit)")
         cancel = sub.add_parser(
             "cancel",
-            help="reverse a dead withdrawal's hold (only once Circle shows no transfer for it)",
+            help=(
+                "reverse a dead withdrawal's hold; Circle is asked first, and a withdrawal whose "
+                "transfer Circle has is not cancelled but follows Circle's status"
+            ),
         )
         cancel.add_argument("withdrawal", type=positive_int, help="the withdrawal's id")
-        cancel.add_argument("--reason", required=True, help="why (kept on the withdrawal)")
+        cancel.add_argument(
+            "--reason", required=True, help="why (kept on the withdrawal and in the audit)"
+        )
         listing = sub.add_parser("withdrawals", help="list withdrawals")
         listing.add_argument("--status", choices=WithdrawalStatus.values, help="only these")
         listing.add_argument("--json", action="store_true", help="print JSON")
@@ -73,6 +83,11 @@ class Command(BaseCommand):
             default=None,
             help="complete or fail new outbound transfers on their own",
         )
+        sandbox.add_argument(
+            "--wallet-balance",
+            default="0",
+            help='USDC the wallet starts with, e.g. "250000" (0); deposits add, completions take',
+        )
 
     def handle(self, *args, **options) -> None:
         try:
@@ -84,7 +99,9 @@ class Command(BaseCommand):
         notification_id = options["notification_id"]
         if not CircleNotification.objects.filter(notification_id=notification_id).exists():
             raise CommandError(f"notification_id: no stored notification {notification_id}")
-        status = notification_process(notification_id=notification_id)
+        status = notification_replay(
+            notification_id=notification_id, actor=Actor.command_line(), reason=options["reason"]
+        )
         self.stdout.write(f"{notification_id}: {status}")
 
     def _send(self, options) -> None:
@@ -110,11 +127,19 @@ class Command(BaseCommand):
         self.stdout.write(f"withdrawal {withdrawal.pk}: {withdrawal}")
 
     def _resend(self, options) -> None:
-        withdrawal = withdrawal_resend(withdrawal_id=self._known(options), actor="command")
+        withdrawal = withdrawal_resend(
+            withdrawal_id=self._known(options),
+            actor=Actor.command_line(),
+            reason=options["reason"],
+        )
         self.stdout.write(str(withdrawal))
 
     def _cancel(self, options) -> None:
-        withdrawal = withdrawal_cancel(withdrawal_id=self._known(options), reason=options["reason"])
+        withdrawal = withdrawal_cancel(
+            withdrawal_id=self._known(options),
+            actor=Actor.command_line(),
+            reason=options["reason"],
+        )
         self.stdout.write(str(withdrawal))
 
     def _withdrawals(self, options) -> None:
@@ -156,9 +181,18 @@ class Command(BaseCommand):
             self.stdout.write(", ".join(f"{key} {value}" for key, value in data.items()))
 
     def _sandbox(self, options) -> None:
+        try:
+            balance = (
+                Decimal(0)
+                if options["wallet_balance"] == "0"
+                else amount_parse(options["wallet_balance"], "USDC")
+            )
+        except InvalidAmount as exc:
+            raise CommandError(f"--wallet-balance: {exc}") from None
         with CircleSandbox(
             port=options["port"], subscriber=options["subscriber"], settle=options["settle"]
         ) as sandbox:
+            sandbox.wallet_balance = balance
             self.stdout.write(
                 f"Circle sandbox at {sandbox.base_url}, signing key id {sandbox.key_id}"
             )
