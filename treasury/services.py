@@ -579,10 +579,43 @@ def callback_receive(*, body: bytes, timestamp: str, signature: str) -> str:
         conversion = due.conversion_parse(json.loads(body))
     except (ValueError, DueUnavailable):
         raise CallbackRejected("the body is not a Due conversion") from None
-    job = ConversionJob.objects.filter(provider_reference=conversion["id"]).first()
+    job = _job_by_reference_adopt(conversion) or (
+        ConversionJob.objects.filter(provider_reference=conversion["id"]).first()
+    )
     if job is None:
         raise CallbackRejected(f"no job for conversion {conversion['id']}")
     return job_settle(job_id=job.pk, conversion=conversion)
+
+
+def _job_by_reference_adopt(conversion: dict) -> ConversionJob | None:
+    """A signed callback about a conversion we never got the answer for (its submit's answer
+    was lost): its `reference` is the job's idempotency key, so the job learns its provider
+    reference here and the completion is booked now rather than at the next lookup."""
+    try:
+        key = uuid.UUID(str(conversion.get("reference") or ""))
+    except ValueError:
+        return None
+    with transaction.atomic():
+        job = (
+            ConversionJob.objects.select_for_update()
+            .filter(
+                idempotency_key=key,
+                provider_reference__isnull=True,
+                status__in=[JobStatus.PENDING, JobStatus.TIMED_OUT],
+            )
+            .first()
+        )
+        if job is None:
+            return None
+        job.provider_reference = conversion["id"]
+        if job.status == JobStatus.PENDING:
+            job.status = JobStatus.SUBMITTED
+        job.submitted_at = job.submitted_at or timezone.now()
+        _job_save(job)
+    log.warning(
+        "treasury: job %s learnt its reference %s from a callback", job.pk, job.provider_reference
+    )
+    return job
 
 
 # Monitor ----------------------------------------------------------------------------------
@@ -735,6 +768,8 @@ def job_retry(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
     reason = _reason_required(reason, "retry a job")
     actor.require(JOB_PERMISSION)
     with transaction.atomic():
+        with connection.cursor() as cursor:  # never beside a cycle: both plan from reservations
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
         if phase_state().kill_switch:
             raise JobRefused("the kill switch is engaged: no new conversion jobs")
         job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)

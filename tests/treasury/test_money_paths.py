@@ -101,6 +101,21 @@ def test_a_submit_whose_answer_is_lost_after_due_accepted_is_never_failed(
     assert all(check.ok for check in ledger_integrity_checks())
 
 
+def test_a_callback_books_a_job_whose_answer_was_lost(due, answers_lost, usdc_low, live_server):
+    settlement_cycle_run(triggered_by="test")
+    jobs_submit()
+    due.unavailable = True  # Due cannot be asked: the job's fate is unknown
+    jobs_submit()
+    job = ConversionJob.objects.get()
+    assert job.status == "timed_out" and job.provider_reference is None
+    due.callback = f"{live_server.url}/webhooks/due/conversions"
+    due.callback_copies = 2
+    due.finish(next(iter(due.conversions)), "completed")  # signed, carrying our key
+    job.refresh_from_db()
+    assert job.status == "completed" and job.provider_reference == next(iter(due.conversions))
+    assert treasury_postings() == 1 and buffers()["USDC"] == Decimal("20000")
+
+
 def test_a_lost_answer_found_by_key_is_submitted_not_failed(due, answers_lost, usdc_low):
     settlement_cycle_run(triggered_by="test")
     jobs_submit()
