@@ -383,8 +383,11 @@ def _job_submit(job: ConversionJob) -> str:
             source_amount=job.source_amount,
             target_currency=job.target_currency,
         )
-    except DueRefused as exc:  # the provider refused the creation itself: it holds nothing
-        _job_fail(job, str(exc))
+    except DueRefused as exc:
+        if job.attempts > 1:  # an earlier attempt's answer was lost: that one may exist
+            job.last_error = str(exc)
+            return _job_lost_answer_resolve(job)
+        _job_fail(job, str(exc))  # the provider refused the creation itself: it holds nothing
         return "failed"
     except DueUnavailable as exc:
         _provider_failed(job.provider, str(exc))

@@ -128,6 +128,16 @@ def test_a_lost_answer_found_by_key_is_submitted_not_failed(due, answers_lost, u
     assert job.status == "completed" and treasury_postings() == 1 and len(due.conversions) == 1
 
 
+def test_a_refused_resend_after_a_lost_answer_is_looked_up_not_failed(due, answers_lost, usdc_low):
+    settlement_cycle_run(triggered_by="test")
+    jobs_submit()  # accepted, answer lost
+    due.lose_answers = 0
+    due.fail_next = [422]  # the resend is refused: that says nothing of the first send
+    assert jobs_submit().submitted == 1
+    job = ConversionJob.objects.get()
+    assert job.status == "submitted" and job.provider_reference == next(iter(due.conversions))
+
+
 def test_a_job_due_never_received_fails_and_only_then_may_be_retried(due, usdc_low, settings):
     settings.DUE_HTTP_ATTEMPTS = 1
     settings.TREASURY_SUBMIT_MAX_ATTEMPTS = 2
