@@ -33,6 +33,12 @@ class ThresholdInvalid(TreasuryError):
         self.field = field
 
 
+class ProviderInvalid(TreasuryError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class CallbackRejected(TreasuryError):
     """A provider callback whose signature or body is not acceptable."""
 

@@ -44,6 +44,7 @@ from treasury.exceptions import (
     DueRefused,
     DueUnavailable,
     JobRefused,
+    ProviderInvalid,
     ProviderNotConfigured,
     ThresholdInvalid,
     job_rules_translated,
@@ -162,11 +163,11 @@ def provider_set(
     """Enable or disable a provider, or change its priority (lower goes first), audited in the
     same transaction. Where its API is stays in the settings."""
     if not reason or not reason.strip():
-        raise JobRefused("a reason is required to change a provider")
+        raise ProviderInvalid("reason", "a reason is required to change a provider")
     if priority is not None and (
         isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
     ):
-        raise JobRefused("priority must be a whole number of at least 0")
+        raise ProviderInvalid("priority", "priority must be a whole number of at least 0")
     actor.require("treasury.change_conversionprovider")
     with transaction.atomic():
         provider = ConversionProvider.objects.select_for_update().get(code=code)

@@ -25,6 +25,7 @@ from treasury.exceptions import (
     DueUnavailable,
     JobRefused,
     JobTransitionRefused,
+    ProviderInvalid,
     ThresholdInvalid,
     job_rules_translated,
 )
@@ -345,8 +346,12 @@ def test_retry_is_audited_and_refusals_change_nothing(due, usdc_low, settings):
             actor=OPS,
             reason="",
         )
+    with pytest.raises(ProviderInvalid) as refused:
+        provider_set(code="due", priority=-1, actor=OPS, reason="negative")
+    assert refused.value.field == "priority"
     assert ConversionJob.objects.count() == 1 and not OperatorAudit.objects.exists()
     assert BufferThreshold.objects.get(currency="USD").minimum == Decimal("10000")
+    assert ConversionProvider.objects.get(code="due").priority == 10
     clerk.user_permissions.add(Permission.objects.get(codename="change_conversionjob"))
     clerk = User.objects.get(pk=clerk.pk)
     again = job_retry(job_id=job.pk, actor=Actor.for_user(clerk), reason="Due failed it")
