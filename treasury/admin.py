@@ -1,35 +1,88 @@
-"""The treasury console: providers and thresholds (edited with validation), conversion jobs
-(retry and cancel through the services, after a confirmation), settlement cycles."""
+"""The treasury console: providers (enable, priority) and thresholds (validated), each change
+with a reason and audited by the services; conversion jobs (retry and cancel through the
+services, after a confirmation with a reason), settlement cycles. A provider's API host is not
+here: it comes from the settings."""
 
 from django import forms
 from django.contrib import admin, messages
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
+from cutover.actors import Actor
 from ledger.admin import ReadOnlyAdmin
 from treasury.exceptions import ThresholdInvalid
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
-from treasury.services import job_cancel, job_retry, threshold_set, threshold_validate
+from treasury.services import (
+    job_cancel,
+    job_retry,
+    provider_set,
+    threshold_set,
+    threshold_validate,
+)
+
+
+def _reason_field() -> forms.CharField:
+    return forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Why: kept in the operator audit with the values before and after.",
+    )
+
+
+class ProviderForm(forms.ModelForm):
+    reason = _reason_field()
+
+    class Meta:
+        model = ConversionProvider
+        fields = ("enabled", "priority")
 
 
 @admin.register(ConversionProvider)
 class ConversionProviderAdmin(admin.ModelAdmin):
+    form = ProviderForm
     list_display = ("code", "name", "enabled", "priority", "healthy", "consecutive_failures")
-    list_editable = ("enabled", "priority")
-    readonly_fields = ("healthy", "consecutive_failures", "last_error", "last_failure_at")
+    readonly_fields = (
+        "code",
+        "name",
+        "healthy",
+        "consecutive_failures",
+        "last_error",
+        "last_failure_at",
+    )
+
+    def has_add_permission(self, request) -> bool:
+        return False  # providers come with the code that knows their host (settings)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def save_model(self, request, obj, form, change) -> None:
+        provider_set(
+            code=obj.code,
+            enabled=form.cleaned_data["enabled"],
+            priority=form.cleaned_data["priority"],
+            actor=Actor.for_user(request.user),
+            reason=form.cleaned_data["reason"],
+        )
 
 
 class ThresholdForm(forms.ModelForm):
+    reason = _reason_field()
+
     class Meta:
         model = BufferThreshold
-        fields = ("currency", "minimum", "target", "maximum")
+        fields = ("minimum", "target", "maximum")
 
     def clean(self):
         data = super().clean()
         if self.errors:
             return data
         try:  # the service's rules, so the form and every other caller agree
-            threshold_validate(**data)
+            threshold_validate(
+                currency=self.instance.currency,
+                minimum=data["minimum"],
+                target=data["target"],
+                maximum=data["maximum"],
+            )
         except ThresholdInvalid as exc:
             self.add_error(exc.field, str(exc))
         return data
@@ -39,15 +92,27 @@ class ThresholdForm(forms.ModelForm):
 class BufferThresholdAdmin(admin.ModelAdmin):
     form = ThresholdForm
     list_display = ("currency", "minimum", "target", "maximum", "updated_at")
+    readonly_fields = ("currency",)
+
+    def has_add_permission(self, request) -> bool:
+        return False  # one band per buffer, seeded with the buffers
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
     def save_model(self, request, obj, form, change) -> None:
         threshold_set(
-            currency=obj.currency, minimum=obj.minimum, target=obj.target, maximum=obj.maximum
+            currency=obj.currency,
+            minimum=form.cleaned_data["minimum"],
+            target=form.cleaned_data["target"],
+            maximum=form.cleaned_data["maximum"],
+            actor=Actor.for_user(request.user),
+            reason=form.cleaned_data["reason"],
         )
 
 
-class CancelForm(forms.Form):
-    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+class ReasonForm(forms.Form):
+    reason = _reason_field()
 
 
 @admin.register(ConversionJob)
@@ -90,7 +155,7 @@ class ConversionJobAdmin(ReadOnlyAdmin):
     def _each(self, request, queryset, service, **kwargs) -> None:
         for job in queryset:
             try:
-                done = service(job_id=job.pk, actor=request.user.get_username(), **kwargs)
+                done = service(job_id=job.pk, actor=Actor.for_user(request.user), **kwargs)
             except Exception as exc:  # any failure is the operator's to see, per row
                 self.message_user(request, f"{job}: {exc}", messages.ERROR)
             else:
@@ -98,14 +163,15 @@ class ConversionJobAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Retry the selected failed jobs as new jobs", permissions=["change"])
     def retry(self, request: HttpRequest, queryset):
-        if request.POST.get("confirmed") != "yes":
-            return self._confirm(request, queryset, "retry", "Retry these conversion jobs")
-        self._each(request, queryset, job_retry)
+        form = ReasonForm(request.POST if request.POST.get("confirmed") == "yes" else None)
+        if not form.is_valid():
+            return self._confirm(request, queryset, "retry", "Retry these conversion jobs", form)
+        self._each(request, queryset, job_retry, reason=form.cleaned_data["reason"])
         return None
 
-    @admin.action(description="Cancel the selected pending jobs", permissions=["change"])
+    @admin.action(description="Cancel the selected jobs never sent", permissions=["change"])
     def cancel(self, request: HttpRequest, queryset):
-        form = CancelForm(request.POST if request.POST.get("confirmed") == "yes" else None)
+        form = ReasonForm(request.POST if request.POST.get("confirmed") == "yes" else None)
         if not form.is_valid():
             return self._confirm(request, queryset, "cancel", "Cancel these conversion jobs", form)
         self._each(request, queryset, job_cancel, reason=form.cleaned_data["reason"])

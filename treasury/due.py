@@ -4,11 +4,30 @@ Requests carry `Authorization: Bearer DUE_API_KEY` and an HMAC-SHA256 of
 `<X-Due-Timestamp>.<body>` with DUE_API_SECRET in `X-Due-Signature`; conversions are created
 with an `Idempotency-Key` (the same key names the same conversion). A call is tried
 DUE_HTTP_ATTEMPTS times on 5xx, 429 or a timeout, with a short doubling pause; 4xx is final.
+
+The wire format is ours (Due's public API documentation was not found), shaped like the provider
+APIs that were; the sandbox (treasury/sandbox.py) serves exactly these calls:
+
+- `POST /v1/conversions` with `Idempotency-Key`, body `{"source": {"currency", "amount"},
+  "destination": {"currency"}, "reference"}` -> 201 (200 for a repeat) `{"data": conversion}`.
+- `GET /v1/conversions/{id}` -> `{"data": conversion}`; 404 when unknown.
+- `GET /v1/conversions?idempotency_key=K` -> `{"data": conversion}` created under that key; 404
+  when the provider never received a creation under it (how a lost answer is resolved).
+- `GET /v1/balances` -> `{"data": [{"currency": "USD", "amount": "123.45"}, ...]}`: what the
+  provider holds for us per currency (a currency not listed holds 0).
+
+A conversion is `{"id", "status": pending|processing|completed|failed, "source": {"currency",
+"amount"}, "destination": {"currency", "amount" (set once completed)}, "rate", "fee",
+"reference", "createdAt"}`.
+
+Where each provider's API is comes from the settings, never from the database: `due` is at
+DUE_API_BASE_URL, any other provider code at TREASURY_PROVIDER_BASE_URLS[code].
 """
 
 import hashlib
 import hmac
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -17,9 +36,26 @@ from urllib.parse import quote
 
 from django.conf import settings
 
-from treasury.exceptions import DueRefused, DueUnavailable
+from ledger.exceptions import InvalidAmount
+from ledger.money import amount_parse
+from treasury.exceptions import DueRefused, DueUnavailable, ProviderNotConfigured
 
 RETRY_PAUSE = 0.2  # seconds, doubled per attempt
+
+
+def provider_base_url(code: str) -> str:
+    """Where the provider `code` answers, from the settings (so credentials only ever go to a
+    host the deployment chose)."""
+    url = (
+        settings.DUE_API_BASE_URL
+        if code == "due"
+        else settings.TREASURY_PROVIDER_BASE_URLS.get(code, "")
+    )
+    if not url:
+        raise ProviderNotConfigured(
+            f"no API host is configured for provider {code!r} (TREASURY_PROVIDER_BASE_URLS)"
+        )
+    return url.rstrip("/")
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -88,6 +124,43 @@ def conversion_get(*, base_url: str, conversion_id: str) -> dict:
     return conversion_parse(
         _call(base_url, "GET", f"/v1/conversions/{quote(conversion_id, safe='')}")
     )
+
+
+def conversion_find(*, base_url: str, idempotency_key: str) -> dict | None:
+    """The conversion the provider created under `idempotency_key`, or None when the provider
+    says it never received one (404). DueUnavailable when it cannot say."""
+    try:
+        answer = _call(
+            base_url, "GET", f"/v1/conversions?idempotency_key={quote(idempotency_key, safe='')}"
+        )
+    except DueRefused as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return conversion_parse(answer)
+
+
+def balance_get(base_url: str, currency: str) -> Decimal:
+    """What the provider reports holding for us in `currency` (0 when it lists none)."""
+    answer = _call(base_url, "GET", "/v1/balances")
+    rows = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise DueUnavailable("Due's balances are malformed")
+    amounts = [row.get("amount") for row in rows if row.get("currency") == currency]
+    if not amounts:
+        return Decimal(0)
+    if len(amounts) > 1 or not isinstance(amounts[0], str):
+        raise DueUnavailable(f"Due's {currency} balance is malformed")
+    raw = amounts[0]
+    negative = raw.startswith("-")
+    digits = raw.removeprefix("-")
+    if re.fullmatch(r"0+(\.0+)?", digits):  # zero (the one parser takes positive amounts)
+        return Decimal(0)
+    try:
+        amount = amount_parse(digits, currency)
+    except InvalidAmount as exc:
+        raise DueUnavailable(f"Due's {currency} balance is malformed: {exc}") from None
+    return -amount if negative else amount
 
 
 def conversion_parse(answer: dict) -> dict:

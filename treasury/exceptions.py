@@ -1,4 +1,10 @@
-"""Domain errors of the treasury; each message is fit for an operator or an HTTP client."""
+"""Domain errors of the treasury; each message is fit for an operator or an HTTP client. The
+jobs' state trigger (SQLSTATE TR001) is translated here so callers never see a driver error."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from django.db import DatabaseError
 
 
 class TreasuryError(Exception):
@@ -27,9 +33,47 @@ class ThresholdInvalid(TreasuryError):
         self.field = field
 
 
+class ProviderInvalid(TreasuryError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class CallbackRejected(TreasuryError):
     """A provider callback whose signature or body is not acceptable."""
 
     def __init__(self, message: str, field: str = "body"):
         super().__init__(message)
         self.field = field
+
+
+class JobTransitionRefused(JobRefused):
+    """PostgreSQL refused a job's change (TR001, treasury/sql/treasury.sql): an illegal state
+    transition, a change of what the job converts, or a replaced provider reference."""
+
+
+class ProviderNotConfigured(TreasuryError):
+    """No API host is configured in the settings for this provider's code."""
+
+
+def job_error_from(exc: DatabaseError) -> JobTransitionRefused | None:
+    """The domain error for a database error raised by the jobs' state trigger (TR001), or
+    None for any other database error."""
+    cause = exc.__cause__
+    if getattr(cause, "sqlstate", None) != "TR001":
+        return None
+    diag = getattr(cause, "diag", None)
+    return JobTransitionRefused(getattr(diag, "message_primary", None) or str(exc))
+
+
+@contextmanager
+def job_rules_translated() -> Iterator[None]:
+    """Around a write to conversion jobs: the trigger's refusal (TR001) is raised as
+    JobTransitionRefused; any other database error passes unchanged."""
+    try:
+        yield
+    except DatabaseError as exc:
+        error = job_error_from(exc)
+        if error is None:
+            raise
+        raise error from None

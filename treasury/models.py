@@ -2,8 +2,9 @@
 of the provider calls) and settlement cycles.
 
 What PostgreSQL holds: min <= target <= max per currency; at most one open job per buffer
-currency; one job per idempotency key and per provider reference; the jobs' legal state
-transitions (treasury/sql/treasury.sql).
+currency (pending, submitted or timed out: a job whose fate the provider has not told is open);
+one job per idempotency key and per provider reference; the jobs' legal state transitions
+(treasury/sql/treasury.sql).
 """
 
 from django.db import models
@@ -17,8 +18,8 @@ class ConversionProvider(models.Model):
 
     code = models.CharField(max_length=32, unique=True)
     name = models.CharField(max_length=100)
-    # Every provider speaks Due's wire format (the one client we have); empty: DUE_API_BASE_URL.
-    base_url = models.URLField(blank=True, default="")
+    # Every provider speaks Due's wire format (the one client we have); where its API is comes
+    # from the settings by `code` (treasury.due.provider_base_url), never from this table.
     enabled = models.BooleanField(default=True)
     priority = models.PositiveIntegerField(default=100)
     healthy = models.BooleanField(default=True)
@@ -63,12 +64,17 @@ class JobStatus(models.TextChoices):
     PENDING = "pending", "Pending (to be submitted)"
     SUBMITTED = "submitted", "Submitted to the provider"
     COMPLETED = "completed", "Completed (posted to the ledger)"
-    FAILED = "failed", "Failed"
-    TIMED_OUT = "timed_out", "Timed out"
+    FAILED = "failed", "Failed (the provider said so, or never received it)"
+    TIMED_OUT = "timed_out", "Timed out (fate unknown: still asked until the provider answers)"
     CANCELLED = "cancelled", "Cancelled"
+    DISPUTED = "disputed", "Disputed (the provider's amounts do not match: for an operator)"
 
 
-OPEN_STATUSES = [JobStatus.PENDING, JobStatus.SUBMITTED]
+# Open: the provider's final answer is still awaited; the job holds its buffer's slot.
+OPEN_STATUSES = [JobStatus.PENDING, JobStatus.SUBMITTED, JobStatus.TIMED_OUT]
+# What the settlement cycle counts as already taken from a source buffer: open jobs, and
+# disputed ones (the provider converted something the ledger does not show yet).
+RESERVING_STATUSES = [*OPEN_STATUSES, JobStatus.DISPUTED]
 
 
 class ConversionJob(models.Model):
@@ -130,6 +136,7 @@ class SettlementCycle(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     duration_ms = models.FloatField(null=True, blank=True)
     buffers = models.JSONField(default=list)  # what each buffer was and what was decided
+    note = models.CharField(max_length=200, blank=True, default="")  # why it created nothing
     jobs_created = models.PositiveIntegerField(default=0)
 
     class Meta:

@@ -1,15 +1,24 @@
 """A Due sandbox shipped with the product, for development, tests and the rehearsal.
 
-It speaks the wire format the treasury's client uses (treasury/due.py): `POST /v1/conversions`
-(bearer DUE_API_KEY, HMAC-SHA256 signature with DUE_API_SECRET, `Idempotency-Key`: the same key
-and body name the same conversion, another body under the key is 409) and
-`GET /v1/conversions/{id}`; completions may also be called back to a subscriber, signed the
-same way. Rate 1:1 between USD and USDC.
+It speaks the wire format the treasury's client uses (documented in treasury/due.py; ours):
+`POST /v1/conversions` (bearer DUE_API_KEY, HMAC-SHA256 signature with DUE_API_SECRET,
+`Idempotency-Key`: the same key and body name the same conversion, another body under the key is
+409), `GET /v1/conversions/{id}`, `GET /v1/conversions?idempotency_key=K` (404 when no creation
+under K was received) and `GET /v1/balances`; completions may also be called back to a
+subscriber, signed the same way. Rate 1:1 between USD and USDC.
+
+Balances: `balances` (per currency, settable; 0 unless set) are what we hold at the provider; a
+completed conversion takes its source amount from one and adds its destination amount to the
+other. The sandbox does not refuse a conversion for want of balance (a balance may go negative),
+so tests see exactly what the conversions did.
 
 Knobs: `fail_next` (statuses for the next creations), `delay` (seconds before answering a
-creation: timeouts), `on_created` (called after a conversion is recorded, before the answer),
-`settle` ("completed" or "failed": what a conversion becomes when it is next read, or at once
-when `callback` is set), `callback` + `callback_copies` (duplicate callbacks).
+creation: timeouts), `lose_answers` (how many next creations are recorded and then answered with
+nothing: the connection closes, as when a timeout cuts it), `unavailable` (every call 503),
+`on_created` (called after a conversion is recorded, before the answer), `settle` ("completed" or
+"failed": what a conversion becomes when it is next read, or at once when `callback` is set),
+`callback` + `callback_copies` (duplicate callbacks); `finish(id, status, destination_amount=...)`
+settles one conversion by hand (a destination amount other than 1:1 on demand).
 """
 
 import json
@@ -19,8 +28,9 @@ import urllib.error
 import urllib.request
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from cutover.sandbox import SandboxServer
 from treasury.due import signature
@@ -46,18 +56,30 @@ class DueSandbox(SandboxServer):
         self.create_calls = 0
         self.fail_next: list[int] = []
         self.delay = 0.0
+        self.lose_answers = 0
+        self.unavailable = False
+        self.balances: dict[str, Decimal] = {}
         self.on_created = None
         self._serve(host, port)
 
-    def finish(self, conversion_id: str, status: str) -> dict:
-        """The provider settles a conversion ("completed" or "failed"), calling back if asked."""
+    def finish(
+        self, conversion_id: str, status: str, destination_amount: str | None = None
+    ) -> dict:
+        """The provider settles a conversion ("completed" or "failed"), calling back if asked. A
+        completion pays `destination_amount` (1:1 unless given) and moves the balances."""
         with self.lock:
             conversion = self.conversions[conversion_id]
             if conversion["status"] in ("pending", "processing"):
                 conversion["status"] = status
                 if status == "completed":
-                    conversion["destination"]["amount"] = conversion["source"]["amount"]
-            answer = dict(conversion)
+                    source, destination = conversion["source"], conversion["destination"]
+                    destination["amount"] = destination_amount or source["amount"]
+                    for currency, change in (
+                        (source["currency"], -Decimal(source["amount"])),
+                        (destination["currency"], Decimal(destination["amount"])),
+                    ):
+                        self.balances[currency] = self.balances.get(currency, Decimal(0)) + change
+            answer = json.loads(json.dumps(conversion))
         if self.callback:
             for _ in range(self.callback_copies):
                 self.call_back(answer)
@@ -100,14 +122,33 @@ class DueSandbox(SandboxServer):
             def do_GET(self):
                 if not self._authorised(b""):
                     return None
-                path = urlsplit(self.path).path
-                conversion_id = path.removeprefix("/v1/conversions/")
+                if sandbox.unavailable:
+                    return self._json(503, {"code": "unavailable", "message": "Try later."})
+                url = urlsplit(self.path)
+                path = url.path
+                if path == "/v1/balances":
+                    with sandbox.lock:
+                        rows = [
+                            {"currency": currency, "amount": str(amount)}
+                            for currency, amount in sorted(sandbox.balances.items())
+                        ]
+                    return self._json(200, {"data": rows})
+                if path == "/v1/conversions":
+                    key = parse_qs(url.query).get("idempotency_key", [""])[0]
+                    with sandbox.lock:
+                        known = sandbox.by_key.get(key)
+                    if not key or known is None:
+                        return self._json(404, {"code": "not_found", "message": "No conversion."})
+                    conversion_id = known[0]
+                else:
+                    conversion_id = path.removeprefix("/v1/conversions/")
                 if conversion_id == path or conversion_id not in sandbox.conversions:
                     return self._json(404, {"code": "not_found", "message": "No conversion."})
                 if sandbox.settle and not sandbox.callback:
                     sandbox.finish(conversion_id, sandbox.settle)
                 with sandbox.lock:
-                    return self._json(200, {"data": dict(sandbox.conversions[conversion_id])})
+                    answer = json.loads(json.dumps(sandbox.conversions[conversion_id]))
+                return self._json(200, {"data": answer})
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -118,6 +159,8 @@ class DueSandbox(SandboxServer):
                 with sandbox.lock:
                     sandbox.create_calls += 1
                     failure = sandbox.fail_next.pop(0) if sandbox.fail_next else None
+                    if sandbox.unavailable:
+                        failure = 503
                 if sandbox.delay:
                     time.sleep(sandbox.delay)
                 if failure is not None:
@@ -149,7 +192,9 @@ class DueSandbox(SandboxServer):
                         }
                         sandbox.conversions[conversion["id"]] = conversion
                         sandbox.by_key[key] = (conversion["id"], body)
-                    answer = dict(sandbox.conversions[sandbox.by_key[key][0]])
+                    answer = json.loads(json.dumps(sandbox.conversions[sandbox.by_key[key][0]]))
+                    lost = sandbox.lose_answers > 0
+                    sandbox.lose_answers -= lost
                 if known is None:
                     if sandbox.on_created is not None:
                         sandbox.on_created(answer)
@@ -157,6 +202,9 @@ class DueSandbox(SandboxServer):
                         threading.Thread(
                             target=sandbox.finish, args=(answer["id"], sandbox.settle), daemon=True
                         ).start()
+                if lost:  # accepted, but the answer never reaches the caller
+                    self.close_connection = True
+                    return None
                 return self._json(201 if known is None else 200, {"data": answer})
 
             def _json(self, status: int, body: dict) -> None:

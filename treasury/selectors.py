@@ -6,6 +6,8 @@ from decimal import Decimal
 
 from django.db import connection
 
+from treasury import due
+from treasury.exceptions import ProviderNotConfigured
 from treasury.models import ConversionProvider
 
 
@@ -30,11 +32,19 @@ def buffer_status_list() -> list[BufferReading]:
         return [BufferReading(*row) for row in cursor.fetchall()]
 
 
+def provider_configured(code: str) -> bool:
+    try:
+        due.provider_base_url(code)
+    except ProviderNotConfigured:
+        return False
+    return True
+
+
 def provider_pick() -> ConversionProvider | None:
-    """The enabled provider a new job goes to: healthy ones first (failover), by priority; an
-    unhealthy one only when none is healthy, so conversions are still attempted."""
-    return (
-        ConversionProvider.objects.filter(enabled=True)
-        .order_by("-healthy", "priority", "code")
-        .first()
+    """The enabled provider a new job goes to, among those whose API host the settings name:
+    healthy ones first (failover), by priority; an unhealthy one only when none is healthy, so
+    conversions are still attempted."""
+    providers = ConversionProvider.objects.filter(enabled=True).order_by(
+        "-healthy", "priority", "code"
     )
+    return next((p for p in providers if provider_configured(p.code)), None)

@@ -4,11 +4,17 @@ provider with each job's own idempotency key; completion posts the conversion to
 exactly once (fiat buffer <-> USDC buffer through the conversion clearing accounts); the
 monitor retries, polls, times out and keeps providers' health.
 
-Money and timeouts: nothing is posted before the provider reports a conversion completed. A
-job still open after TREASURY_CONVERSION_TIMEOUT is marked timed_out (nothing posted; its
-buffer's slot is free, so the next cycle may create a new job, with the next healthy provider).
-If the provider completes a timed-out job later, that completion is posted then, once, and
-logged: the ledger follows what the provider did.
+Money and the provider's word: a job is failed only when the provider says it failed or that it
+never received it (a lookup by the job's idempotency key after a lost answer). A job whose fate
+is unknown (its submit's answer was lost, or it is open after TREASURY_CONVERSION_TIMEOUT) is
+`timed_out`: still open, it keeps its buffer's slot and its source amount reserved, and is asked
+about on every monitor run until the provider gives a final answer, however late. Nothing is
+posted before the provider reports a conversion completed, and a completion whose amounts do
+not match the job is not posted: the job is `disputed`, with an ALERT, for an operator.
+
+The kill switch stops new outbound movement: the cycle creates no jobs (its record says why),
+nothing is submitted, retries are refused. What a provider reports about conversions already
+submitted is still recorded and booked.
 """
 
 import json
@@ -23,11 +29,13 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
+from cutover.actors import Actor
 from cutover.api import token_matches
 from cutover.locks import SETTLEMENT_CYCLE_LOCK
 from cutover.selectors import phase_state
-from ledger.exceptions import LedgerError
-from ledger.money import CURRENCY_DECIMALS
+from cutover.services import operator_action_record
+from ledger.exceptions import InvalidAmount, LedgerError
+from ledger.money import CURRENCY_DECIMALS, amount_parse
 from ledger.selectors import system_account
 from ledger.services import Leg, transaction_apply
 from treasury import due, metrics
@@ -36,10 +44,14 @@ from treasury.exceptions import (
     DueRefused,
     DueUnavailable,
     JobRefused,
+    ProviderInvalid,
+    ProviderNotConfigured,
     ThresholdInvalid,
+    job_rules_translated,
 )
 from treasury.models import (
     OPEN_STATUSES,
+    RESERVING_STATUSES,
     BufferThreshold,
     ConversionJob,
     ConversionProvider,
@@ -51,10 +63,29 @@ from treasury.selectors import buffer_status_list, provider_pick
 log = logging.getLogger(__name__)
 BUFFER_ACCOUNT = {"USDC": "usdc_buffer", "USD": "fiat_buffer"}
 OTHER = {"USDC": "USD", "USD": "USDC"}
+# USD and USDC convert 1:1. A completion may pay up to 1 % less than the source amount (the
+# provider's fee or spread; the sandbox takes none) and never more: anything outside that is a
+# provider error or a different conversion, and is not posted.
+CONVERSION_TOLERANCE = Decimal("0.01")
+KILL_SWITCH_NOTE = "kill switch engaged: no conversion jobs are created"
+JOB_PERMISSION = "treasury.change_conversionjob"
 
 
 def _quantum(currency: str) -> Decimal:
     return Decimal(1).scaleb(-CURRENCY_DECIMALS[currency])
+
+
+def _reason_required(reason: str, what: str) -> str:
+    if not reason or not reason.strip():
+        raise JobRefused(f"a reason is required to {what}")
+    return reason.strip()
+
+
+def _job_save(job: ConversionJob) -> None:
+    """Save a job (in a savepoint); the database's refusal of the change (TR001) becomes
+    JobTransitionRefused."""
+    with job_rules_translated(), transaction.atomic():
+        job.save()
 
 
 # Thresholds -------------------------------------------------------------------------------
@@ -78,16 +109,83 @@ def threshold_validate(
         raise ThresholdInvalid("maximum", "maximum must not be below target")
 
 
+def _threshold_values(threshold: BufferThreshold | None) -> dict:
+    if threshold is None:
+        return {}
+    return {name: str(getattr(threshold, name)) for name in ("minimum", "target", "maximum")}
+
+
 def threshold_set(
-    *, currency: str, minimum: Decimal, target: Decimal, maximum: Decimal
+    *,
+    currency: str,
+    minimum: Decimal,
+    target: Decimal,
+    maximum: Decimal,
+    actor: Actor,
+    reason: str,
 ) -> BufferThreshold:
-    """Set a buffer's band (validated first: nothing changes when it is refused)."""
+    """Set a buffer's band (validated first: nothing changes when it is refused), audited in
+    the same transaction."""
     threshold_validate(currency=currency, minimum=minimum, target=target, maximum=maximum)
-    threshold, _ = BufferThreshold.objects.update_or_create(
-        currency=currency,
-        defaults={"minimum": minimum, "target": target, "maximum": maximum},
-    )
+    if not reason or not reason.strip():
+        raise ThresholdInvalid("reason", "a reason is required to change a threshold")
+    actor.require("treasury.change_bufferthreshold")
+    with transaction.atomic():
+        before = BufferThreshold.objects.select_for_update().filter(currency=currency).first()
+        before_values = _threshold_values(before)
+        threshold, _ = BufferThreshold.objects.update_or_create(
+            currency=currency,
+            defaults={"minimum": minimum, "target": target, "maximum": maximum},
+        )
+        threshold.refresh_from_db()  # the stored values, as `before` shows them
+        operator_action_record(
+            actor=actor,
+            action="threshold.set",
+            target=f"threshold:{currency}",
+            before=before_values,
+            after=_threshold_values(threshold),
+            reason=reason.strip(),
+        )
     return threshold
+
+
+# Providers --------------------------------------------------------------------------------
+
+
+def provider_set(
+    *,
+    code: str,
+    actor: Actor,
+    reason: str,
+    enabled: bool | None = None,
+    priority: int | None = None,
+) -> ConversionProvider:
+    """Enable or disable a provider, or change its priority (lower goes first), audited in the
+    same transaction. Where its API is stays in the settings."""
+    if not reason or not reason.strip():
+        raise ProviderInvalid("reason", "a reason is required to change a provider")
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
+    ):
+        raise ProviderInvalid("priority", "priority must be a whole number of at least 0")
+    actor.require("treasury.change_conversionprovider")
+    with transaction.atomic():
+        provider = ConversionProvider.objects.select_for_update().get(code=code)
+        before = {"enabled": provider.enabled, "priority": provider.priority}
+        if enabled is not None:
+            provider.enabled = bool(enabled)
+        if priority is not None:
+            provider.priority = priority
+        provider.save(update_fields=["enabled", "priority"])
+        operator_action_record(
+            actor=actor,
+            action="provider.set",
+            target=f"provider:{code}",
+            before=before,
+            after={"enabled": provider.enabled, "priority": provider.priority},
+            reason=reason.strip(),
+        )
+    return provider
 
 
 # The settlement cycle ---------------------------------------------------------------------
@@ -97,6 +195,7 @@ def threshold_set(
 class CycleResult:
     cycle_id: int | None
     skipped: str = ""
+    note: str = ""
     buffers: list[dict] = field(default_factory=list)
     jobs_created: list[int] = field(default_factory=list)
 
@@ -105,18 +204,24 @@ def settlement_cycle_run(*, triggered_by: str) -> CycleResult:
     """One settlement cycle, if no other is running anywhere (a try of a transaction-level
     advisory lock: a second scheduler or worker skips instead of waiting). For each buffer
     below its minimum (above its maximum) one job is created to bring it to target, unless one
-    is already open for it; the jobs are submitted afterwards (`jobs_submit`)."""
+    is already open for it, taking from the source buffer only what it holds above its own
+    minimum less what jobs already reserve from it; the jobs are submitted afterwards
+    (`jobs_submit`). Under the kill switch the cycle is recorded, with why, and creates
+    nothing."""
     started = time.perf_counter()
     with transaction.atomic(durable=True):
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
             if not cursor.fetchone()[0]:
                 return CycleResult(None, skipped="another settlement cycle is running")
-        cycle = SettlementCycle.objects.create(triggered_by=triggered_by, started_at=timezone.now())
-        result = CycleResult(cycle.pk)
+        note = KILL_SWITCH_NOTE if phase_state().kill_switch else ""
+        cycle = SettlementCycle.objects.create(
+            triggered_by=triggered_by, started_at=timezone.now(), note=note
+        )
+        result = CycleResult(cycle.pk, note=note)
         for reading in buffer_status_list():
             metrics.buffer_check.labels(currency=reading.currency, state=reading.state).inc()
-            decision = _buffer_decide(reading, triggered_by)
+            decision = _buffer_decide(reading, triggered_by, note)
             result.buffers.append(decision)
             if decision.get("job"):
                 result.jobs_created.append(decision["job"])
@@ -129,11 +234,30 @@ def settlement_cycle_run(*, triggered_by: str) -> CycleResult:
         cycle.jobs_created = len(result.jobs_created)
         cycle.save()
     metrics.cycle_duration_ms.observe(cycle.duration_ms)
+    if note:
+        log.warning("settlement cycle %s: %s", cycle.pk, note)
     log.info("settlement cycle %s: %s", cycle.pk, result.buffers)
     return result
 
 
-def _buffer_decide(reading, triggered_by: str) -> dict:
+def _reserved(source: str) -> Decimal:
+    """What jobs already take, or may have taken, from the `source` buffer."""
+    return ConversionJob.objects.filter(
+        source_currency=source, status__in=RESERVING_STATUSES
+    ).aggregate(total=Sum("source_amount"))["total"] or Decimal(0)
+
+
+def source_available(source: str) -> Decimal:
+    """What a new conversion may take from the `source` buffer, in whole cents: what it holds
+    above its own minimum (so feeding one buffer never puts the other below its band) less
+    what jobs already reserve from it."""
+    minimum = BufferThreshold.objects.filter(currency=source).values_list("minimum", flat=True)
+    balance = system_account(code=BUFFER_ACCOUNT[source]).balance
+    available = balance - (minimum.first() or Decimal(0)) - _reserved(source)
+    return max(available, Decimal(0)).quantize(_quantum("USD"), rounding=ROUND_DOWN)
+
+
+def _buffer_decide(reading, triggered_by: str, halted: str) -> dict:
     decision = {
         "currency": reading.currency,
         "balance": str(reading.balance),
@@ -141,6 +265,9 @@ def _buffer_decide(reading, triggered_by: str) -> dict:
         "action": "none",
     }
     if reading.state == "ok":
+        return decision
+    if halted:
+        decision["action"] = halted
         return decision
     open_job = ConversionJob.objects.filter(
         buffer_currency=reading.currency, status__in=OPEN_STATUSES
@@ -153,29 +280,33 @@ def _buffer_decide(reading, triggered_by: str) -> dict:
         log.error("ALERT treasury: no enabled conversion provider for %s", reading.currency)
         decision["action"] = "no enabled provider"
         return decision
+    # 1:1 between USD and USDC; whole cents, rounded towards reaching the target.
     if reading.state == "below_min":  # bring the other currency's buffer into this one
         source, target = OTHER[reading.currency], reading.currency
-        wanted = reading.target - reading.balance
-    else:  # above_max: the excess goes to the other buffer
+        incoming = ConversionJob.objects.filter(
+            target_currency=reading.currency, status__in=OPEN_STATUSES
+        ).aggregate(total=Sum("source_amount"))["total"] or Decimal(0)
+        wanted = (reading.target - reading.balance - incoming).quantize(
+            _quantum("USD"), rounding=ROUND_UP
+        )
+    else:  # above_max: the excess, less what jobs already take out, goes to the other buffer
         source, target = reading.currency, OTHER[reading.currency]
-        wanted = reading.balance - reading.target
-    # 1:1 between USD and USDC; whole cents, rounded towards reaching the target.
-    rounding = ROUND_UP if reading.state == "below_min" else ROUND_DOWN
-    amount = wanted.quantize(_quantum("USD"), rounding=rounding)
-    # What the source buffer can give: its balance less what open jobs will take from it.
-    committed = ConversionJob.objects.filter(
-        source_currency=source, status__in=OPEN_STATUSES
-    ).aggregate(total=Sum("source_amount"))["total"] or Decimal(0)
-    available = system_account(code=BUFFER_ACCOUNT[source]).balance - committed
-    amount = min(amount, available.quantize(_quantum("USD"), rounding=ROUND_DOWN))
+        wanted = (reading.balance - _reserved(source) - reading.target).quantize(
+            _quantum("USD"), rounding=ROUND_DOWN
+        )
+    if wanted <= 0:
+        decision["action"] = "open jobs already bring it to target"
+        return decision
+    available = source_available(source)
+    amount = min(wanted, available)
     if amount <= 0:
         log.error(
-            "ALERT treasury: %s buffer %s but the %s buffer has nothing to convert",
+            "ALERT treasury: %s buffer %s but the %s buffer has nothing above its minimum",
             reading.currency,
             reading.state,
             source,
         )
-        decision["action"] = f"{source} buffer empty"
+        decision["action"] = f"{source} buffer has nothing above its minimum"
         return decision
     try:
         with transaction.atomic():
@@ -203,6 +334,7 @@ class SubmitReport:
     submitted: int = 0
     failed: int = 0
     retried: int = 0
+    timed_out: int = 0
 
 
 def jobs_submit(*, limit: int = 50) -> SubmitReport:
@@ -233,38 +365,84 @@ def jobs_submit(*, limit: int = 50) -> SubmitReport:
 
 
 def _job_submit(job: ConversionJob) -> str:
+    """One submission of a locked pending job. A lost answer (timeout, 5xx) is resent with the
+    same key; when the attempts are spent the provider is asked by that key what it has."""
+    try:
+        base_url = due.provider_base_url(job.provider.code)
+    except ProviderNotConfigured as exc:  # nothing sent: not an attempt
+        log.error("ALERT treasury: job %s not submitted: %s", job.pk, exc)
+        job.last_error = str(exc)
+        job.next_attempt_at = timezone.now() + settings.TREASURY_SUBMIT_BACKOFF
+        _job_save(job)
+        return "retried"
     job.attempts += 1
     try:
         conversion = due.conversion_create(
-            base_url=job.provider.base_url or settings.DUE_API_BASE_URL,
+            base_url=base_url,
             idempotency_key=str(job.idempotency_key),
             source_currency=job.source_currency,
             source_amount=job.source_amount,
             target_currency=job.target_currency,
         )
     except DueRefused as exc:
-        _job_fail(job, str(exc))
+        if job.attempts > 1:  # an earlier attempt's answer was lost: that one may exist
+            job.last_error = str(exc)
+            return _job_lost_answer_resolve(job)
+        _job_fail(job, str(exc))  # the provider refused the creation itself: it holds nothing
         return "failed"
     except DueUnavailable as exc:
         _provider_failed(job.provider, str(exc))
         job.last_error = str(exc)
         if job.attempts >= settings.TREASURY_SUBMIT_MAX_ATTEMPTS:
-            _job_fail(job, f"not submitted after {job.attempts} attempts: {exc}")
-            return "failed"
+            return _job_lost_answer_resolve(job)
         job.next_attempt_at = timezone.now() + settings.TREASURY_SUBMIT_BACKOFF * 2 ** (
             job.attempts - 1
         )
-        job.save()
+        _job_save(job)
         return "retried"
     _provider_succeeded(job.provider)
+    _job_submitted(job, conversion)
+    return "submitted"
+
+
+def _job_submitted(job: ConversionJob, conversion: dict) -> None:
+    """Record the provider's reference of a locked job's conversion; what the provider already
+    says of it is applied in a transaction of its own once the reference is safely recorded
+    (if that fails, the monitor's poll applies it)."""
     job.provider_reference = conversion["id"]
-    job.status = JobStatus.SUBMITTED
-    job.submitted_at = timezone.now()
+    if job.status == JobStatus.PENDING:
+        job.status = JobStatus.SUBMITTED
+    job.submitted_at = job.submitted_at or timezone.now()
     job.last_error = ""
-    job.save()
-    # What the provider already says of it is applied in a transaction of its own, once the
-    # reference is safely recorded; if that fails, the monitor's poll applies it.
+    _job_save(job)
     transaction.on_commit(lambda: job_settle(job_id=job.pk, conversion=conversion), robust=True)
+
+
+def _job_lost_answer_resolve(job: ConversionJob) -> str:
+    """A locked job was sent but no answer came back: ask the provider by the job's key. It
+    has the conversion: recorded as submitted. It says it never received it: failed (nothing
+    can exist there). It cannot say: timed_out, open, asked again on every monitor run."""
+    try:
+        conversion = due.conversion_find(
+            base_url=due.provider_base_url(job.provider.code),
+            idempotency_key=str(job.idempotency_key),
+        )
+    except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
+        job.last_error = (
+            f"answer lost after {job.attempts} attempts; the provider cannot say yet: {exc}"
+        )
+        if job.status != JobStatus.TIMED_OUT:
+            job.status = JobStatus.TIMED_OUT
+            job.finished_at = timezone.now()
+            transaction.on_commit(metrics.jobs_failed.inc)
+            log.error("ALERT treasury: conversion job %s: %s", job.pk, job.last_error)
+        _job_save(job)
+        return "timed_out"
+    if conversion is None:
+        _job_fail(job, f"the provider never received it (after {job.attempts} attempts)")
+        return "failed"
+    log.warning("treasury: job %s found at the provider as %s", job.pk, conversion["id"])
+    _job_submitted(job, conversion)
     return "submitted"
 
 
@@ -272,7 +450,7 @@ def _job_fail(job: ConversionJob, reason: str) -> None:
     job.status = JobStatus.FAILED
     job.last_error = reason
     job.finished_at = timezone.now()
-    job.save()
+    _job_save(job)
     transaction.on_commit(metrics.jobs_failed.inc)
     log.error("ALERT treasury: conversion job %s failed: %s", job.pk, reason)
 
@@ -305,12 +483,40 @@ def _provider_succeeded(provider: ConversionProvider) -> None:
 # Settling a job -------------------------------------------------------------------------
 
 
+def completion_mismatch(job: ConversionJob, conversion: dict) -> str:
+    """Why a completed conversion's amounts cannot be this job's (empty when they can): the
+    source must be exactly the job's, the destination in the target currency's scale and within
+    CONVERSION_TOLERANCE below 1:1, never above."""
+    source = conversion.get("source") or {}
+    destination = conversion.get("destination") or {}
+    if source.get("currency") != job.source_currency:
+        return f"source currency {source.get('currency')!r} is not {job.source_currency}"
+    if destination.get("currency") != job.target_currency:
+        return f"destination currency {destination.get('currency')!r} is not {job.target_currency}"
+    try:
+        source_amount = amount_parse(str(source.get("amount")), job.source_currency)
+        target_amount = amount_parse(str(destination.get("amount")), job.target_currency)
+    except InvalidAmount as exc:
+        return f"amounts unreadable: {exc}"
+    if source_amount != job.source_amount:
+        return f"source amount {source_amount} is not the job's {job.source_amount}"
+    floor = job.source_amount * (1 - CONVERSION_TOLERANCE)
+    if not floor <= target_amount <= job.source_amount:
+        return (
+            f"destination amount {target_amount} is outside [{floor}, {job.source_amount}] "
+            f"(1:1 less at most {CONVERSION_TOLERANCE:%})"
+        )
+    return ""
+
+
 def job_settle(*, job_id: int, conversion: dict) -> str:
-    """Bring a job to what the provider says of its conversion, exactly once: a completion
-    posts the conversion to the ledger (reference `conversion:<idempotency key>`), a failure
-    marks the job failed; anything else changes nothing."""
+    """Bring a job to what the provider says of its conversion, exactly once, in any phase and
+    under the kill switch (a fact about money that already moved): a completion whose amounts
+    match the job posts it to the ledger (reference `conversion:<idempotency key>`), one that
+    does not marks the job disputed (nothing posted, ALERT); a failure marks it failed;
+    anything else changes nothing."""
     with transaction.atomic():
-        job = ConversionJob.objects.select_for_update().get(pk=job_id)
+        job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
         status = conversion.get("status")
         if job.status == JobStatus.COMPLETED or status in ("pending", "processing"):
             return job.status
@@ -320,13 +526,17 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
             )
             return job.status
         if status == "failed":
-            if job.status == JobStatus.TIMED_OUT:
-                return job.status  # nothing was posted; it stays timed out
             _job_fail(job, f"the provider failed conversion {job.provider_reference}")
             return job.status
-        target_amount = Decimal(conversion["destination"]["amount"]).quantize(
-            _quantum(job.target_currency), rounding=ROUND_DOWN
-        )
+        mismatch = completion_mismatch(job, conversion)
+        if mismatch:
+            job.status = JobStatus.DISPUTED
+            job.last_error = f"completed by the provider but not posted: {mismatch}"
+            job.finished_at = timezone.now()
+            _job_save(job)
+            log.error("ALERT treasury: conversion job %s disputed: %s", job.pk, mismatch)
+            return job.status
+        target_amount = Decimal(conversion["destination"]["amount"])
         posting = transaction_apply(
             namespace="treasury",
             reference_id=f"conversion:{job.idempotency_key}",
@@ -357,7 +567,7 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
         job.target_amount = target_amount
         job.ledger_transaction_id = posting.transaction_id
         job.finished_at = timezone.now()
-        job.save()
+        _job_save(job)
         return job.status
 
 
@@ -373,10 +583,43 @@ def callback_receive(*, body: bytes, timestamp: str, signature: str) -> str:
         conversion = due.conversion_parse(json.loads(body))
     except (ValueError, DueUnavailable):
         raise CallbackRejected("the body is not a Due conversion") from None
-    job = ConversionJob.objects.filter(provider_reference=conversion["id"]).first()
+    job = _job_by_reference_adopt(conversion) or (
+        ConversionJob.objects.filter(provider_reference=conversion["id"]).first()
+    )
     if job is None:
         raise CallbackRejected(f"no job for conversion {conversion['id']}")
     return job_settle(job_id=job.pk, conversion=conversion)
+
+
+def _job_by_reference_adopt(conversion: dict) -> ConversionJob | None:
+    """A signed callback about a conversion we never got the answer for (its submit's answer
+    was lost): its `reference` is the job's idempotency key, so the job learns its provider
+    reference here and the completion is booked now rather than at the next lookup."""
+    try:
+        key = uuid.UUID(str(conversion.get("reference") or ""))
+    except ValueError:
+        return None
+    with transaction.atomic():
+        job = (
+            ConversionJob.objects.select_for_update()
+            .filter(
+                idempotency_key=key,
+                provider_reference__isnull=True,
+                status__in=[JobStatus.PENDING, JobStatus.TIMED_OUT],
+            )
+            .first()
+        )
+        if job is None:
+            return None
+        job.provider_reference = conversion["id"]
+        if job.status == JobStatus.PENDING:
+            job.status = JobStatus.SUBMITTED
+        job.submitted_at = job.submitted_at or timezone.now()
+        _job_save(job)
+    log.warning(
+        "treasury: job %s learnt its reference %s from a callback", job.pk, job.provider_reference
+    )
+    return job
 
 
 # Monitor ----------------------------------------------------------------------------------
@@ -390,29 +633,44 @@ class MonitorReport:
     completed: int = 0
     failed: int = 0
     timed_out: int = 0
+    disputed: int = 0
 
 
 def monitor_run() -> MonitorReport:
-    """Submit what is due (retries), poll open jobs at their provider, then time out what is
-    still open after TREASURY_CONVERSION_TIMEOUT."""
+    """Submit what is due (retries); ask the provider by key about jobs whose answer was lost;
+    poll every job it has, for as long as it takes; mark jobs still open after
+    TREASURY_CONVERSION_TIMEOUT timed out (still open, still asked). A job never sent within
+    the timeout fails (the provider cannot have it). Polls and lookups run under the kill
+    switch too: they only record what the provider did."""
     sent = jobs_submit()
-    report = MonitorReport(submitted=sent.submitted, retried=sent.retried, failed=sent.failed)
-    for job in (
-        ConversionJob.objects.select_related("provider")
-        .filter(
-            status__in=[JobStatus.SUBMITTED, JobStatus.TIMED_OUT], provider_reference__isnull=False
-        )
-        .exclude(
-            status=JobStatus.TIMED_OUT,
-            finished_at__lt=timezone.now() - settings.TREASURY_CONVERSION_TIMEOUT,
-        )
+    report = MonitorReport(
+        submitted=sent.submitted,
+        retried=sent.retried,
+        failed=sent.failed,
+        timed_out=sent.timed_out,
+    )
+    lost = ConversionJob.objects.filter(
+        status=JobStatus.TIMED_OUT, provider_reference__isnull=True
+    ).values_list("pk", flat=True)
+    for job_id in lost:
+        with transaction.atomic():
+            job = (
+                ConversionJob.objects.select_for_update(skip_locked=True)
+                .select_related("provider")
+                .filter(pk=job_id, status=JobStatus.TIMED_OUT, provider_reference__isnull=True)
+                .first()
+            )
+            if job is not None and _job_lost_answer_resolve(job) == "failed":
+                report.failed += 1
+    for job in ConversionJob.objects.select_related("provider").filter(
+        status__in=[JobStatus.SUBMITTED, JobStatus.TIMED_OUT], provider_reference__isnull=False
     ):
         try:
             conversion = due.conversion_get(
-                base_url=job.provider.base_url or settings.DUE_API_BASE_URL,
+                base_url=due.provider_base_url(job.provider.code),
                 conversion_id=job.provider_reference,
             )
-        except (DueUnavailable, DueRefused) as exc:
+        except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
             _provider_failed(job.provider, str(exc))
             continue
         report.polled += 1
@@ -422,25 +680,41 @@ def monitor_run() -> MonitorReport:
         except LedgerError as exc:  # e.g. the source buffer was spent meanwhile: next poll
             log.error("ALERT treasury: job %s completed but not posted: %s", job.pk, exc)
             continue
-        report.completed += after == JobStatus.COMPLETED and before != after
-        report.failed += after == JobStatus.FAILED and before != after
+        if before != after:
+            report.completed += after == JobStatus.COMPLETED
+            report.failed += after == JobStatus.FAILED
+            report.disputed += after == JobStatus.DISPUTED
     deadline = timezone.now() - settings.TREASURY_CONVERSION_TIMEOUT
     for job_id in ConversionJob.objects.filter(
-        status__in=OPEN_STATUSES, created_at__lt=deadline
+        status__in=[JobStatus.PENDING, JobStatus.SUBMITTED], created_at__lt=deadline
     ).values_list("pk", flat=True):
         with transaction.atomic():
-            job = ConversionJob.objects.select_for_update().get(pk=job_id)
+            job = (
+                ConversionJob.objects.select_for_update(skip_locked=True)
+                .select_related("provider")
+                .filter(pk=job_id)
+                .first()
+            )
+            if job is None:
+                continue
             if job.status == JobStatus.SUBMITTED:
                 job.status = JobStatus.TIMED_OUT
                 job.finished_at = timezone.now()
-                job.last_error = f"open after {settings.TREASURY_CONVERSION_TIMEOUT}"
-                job.save()
+                job.last_error = (
+                    f"open after {settings.TREASURY_CONVERSION_TIMEOUT}; still asked until the "
+                    "provider answers"
+                )
+                _job_save(job)
                 transaction.on_commit(metrics.jobs_failed.inc)
                 log.error("ALERT treasury: conversion job %s timed out", job.pk)
                 report.timed_out += 1
-            elif job.status == JobStatus.PENDING:
-                _job_fail(job, f"not submitted within {settings.TREASURY_CONVERSION_TIMEOUT}")
+            elif job.status == JobStatus.PENDING and job.attempts == 0:
+                _job_fail(job, f"not sent within {settings.TREASURY_CONVERSION_TIMEOUT}")
                 report.failed += 1
+            elif job.status == JobStatus.PENDING:  # sent, its answer lost: ask by key
+                outcome = _job_lost_answer_resolve(job)
+                report.failed += outcome == "failed"
+                report.timed_out += outcome == "timed_out"
     metrics.system_buffer_usdc.set(float(system_account(code="usdc_buffer").balance))
     return report
 
@@ -448,42 +722,94 @@ def monitor_run() -> MonitorReport:
 # Operators --------------------------------------------------------------------------------
 
 
-def job_cancel(*, job_id: int, actor: str, reason: str) -> ConversionJob:
-    """Cancel a job not yet submitted (nothing reached the provider under a recorded reference,
-    and nothing was posted)."""
-    if not reason.strip():
-        raise JobRefused("a reason is required to cancel a job")
+def _job_values(job: ConversionJob) -> dict:
+    return {
+        "status": job.status,
+        "source": f"{job.source_amount} {job.source_currency}",
+        "target_currency": job.target_currency,
+        "provider": job.provider.code,
+        "provider_reference": job.provider_reference,
+        "attempts": job.attempts,
+    }
+
+
+def job_cancel(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
+    """Cancel a job never sent (the provider cannot have it, and nothing was posted), audited
+    in the same transaction. A job sent even once may exist at the provider: its fate is the
+    provider's to tell."""
+    reason = _reason_required(reason, "cancel a job")
+    actor.require(JOB_PERMISSION)
     with transaction.atomic():
-        job = ConversionJob.objects.select_for_update().get(pk=job_id)
+        job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
         if job.status != JobStatus.PENDING:
             raise JobRefused(f"{job} is {job.status}; only pending jobs are cancelled")
+        if job.attempts:
+            raise JobRefused(
+                f"{job} was sent {job.attempts} time(s) and may exist at the provider; it is "
+                "not cancelled (the provider's answer, or a lookup by its key, settles it)"
+            )
+        before = _job_values(job)
         job.status = JobStatus.CANCELLED
-        job.last_error = f"cancelled by {actor}: {reason.strip()}"
+        job.last_error = f"cancelled by {actor.name}: {reason}"
         job.finished_at = timezone.now()
-        job.save()
+        _job_save(job)
+        operator_action_record(
+            actor=actor,
+            action="job.cancel",
+            target=f"job:{job.pk}",
+            before=before,
+            after=_job_values(job),
+            reason=reason,
+        )
     return job
 
 
-def job_retry(*, job_id: int, actor: str) -> ConversionJob:
-    """A failed or timed-out job is tried again as a new job (a new idempotency key, the next
-    healthy provider) for the same conversion, if its buffer has no open job."""
+def job_retry(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
+    """A job the provider failed (or never received) is tried again as a new job (a new
+    idempotency key, the next healthy provider) for the same conversion, if its buffer has no
+    open job and the source buffer can give it; audited in the same transaction. Refused under
+    the kill switch, and for any job whose fate is not final (it may still complete)."""
+    reason = _reason_required(reason, "retry a job")
+    actor.require(JOB_PERMISSION)
     with transaction.atomic():
-        job = ConversionJob.objects.select_for_update().get(pk=job_id)
-        if job.status not in (JobStatus.FAILED, JobStatus.TIMED_OUT):
-            raise JobRefused(f"{job} is {job.status}; only failed or timed-out jobs are retried")
+        with connection.cursor() as cursor:  # never beside a cycle: both plan from reservations
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
+        if phase_state().kill_switch:
+            raise JobRefused("the kill switch is engaged: no new conversion jobs")
+        job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
+        if job.status != JobStatus.FAILED:
+            raise JobRefused(
+                f"{job} is {job.status}; only a job the provider failed or never received is "
+                "retried"
+            )
         provider = provider_pick()
         if provider is None:
             raise JobRefused("no enabled conversion provider")
+        available = source_available(job.source_currency)
+        if job.source_amount > available:
+            raise JobRefused(
+                f"the {job.source_currency} buffer can give {available} above its minimum and "
+                f"what open jobs reserve, not {job.source_amount}"
+            )
         try:
             with transaction.atomic():
-                return ConversionJob.objects.create(
+                again = ConversionJob.objects.create(
                     idempotency_key=uuid.uuid4(),
                     buffer_currency=job.buffer_currency,
                     source_currency=job.source_currency,
                     source_amount=job.source_amount,
                     target_currency=job.target_currency,
                     provider=provider,
-                    created_by=f"{actor} (retry of job {job.pk})",
+                    created_by=f"{actor.name} (retry of job {job.pk})",
                 )
         except IntegrityError:
             raise JobRefused(f"the {job.buffer_currency} buffer already has an open job") from None
+        operator_action_record(
+            actor=actor,
+            action="job.retry",
+            target=f"job:{job.pk}",
+            before=_job_values(job),
+            after={"retried_as": again.pk, **_job_values(again)},
+            reason=reason,
+        )
+    return again

@@ -9,7 +9,7 @@ from django.views.decorators.http import require_POST
 
 from cutover.api import admin_token_refusal
 from ledger.exceptions import LedgerError
-from treasury.exceptions import CallbackRejected
+from treasury.exceptions import CallbackRejected, JobRefused
 from treasury.services import callback_receive, jobs_submit, settlement_cycle_run
 
 log = logging.getLogger("treasury.api")
@@ -46,6 +46,9 @@ def due_callback(request: HttpRequest) -> JsonResponse:
             {"error": {"code": "rejected", "message": str(exc), "field": exc.field}},
             status=400,
         )
+    except JobRefused as exc:  # the job's rules refused the change: retrying cannot help
+        log.error("ALERT treasury: due callback not applied: %s", exc)
+        return JsonResponse({"error": {"code": "refused", "message": str(exc)}}, status=409)
     except LedgerError as exc:  # nothing applied; the provider's retry or the monitor settles it
         return JsonResponse({"error": {"code": "not_applied", "message": str(exc)}}, status=503)
     return JsonResponse({"status": status})

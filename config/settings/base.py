@@ -195,6 +195,25 @@ DUE_API_BASE_URL = env_url(
     "DUE_API_BASE_URL", default="https://api.due.network", schemes=("https", "http")
 ).rstrip("/")
 DUE_HTTP_TIMEOUT = env_duration("DUE_HTTP_TIMEOUT", "5s").total_seconds()
+
+
+def _provider_base_urls(raw: list[str]) -> dict[str, str]:
+    urls = {}
+    for entry in raw:
+        code, _, url = (part.strip() for part in entry.partition("="))
+        if not code or url.split("://", 1)[0] not in ("https", "http") or "://" not in url:
+            raise ConfigurationError(
+                f"TREASURY_PROVIDER_BASE_URLS: expected code=https://host,..., got {entry!r}"
+            )
+        urls[code] = url.rstrip("/")
+    return urls
+
+
+# Where each other conversion provider (speaking Due's wire format) is, by its code:
+# `backup=https://...,other=https://...`. Hosts come from here, never from the database.
+TREASURY_PROVIDER_BASE_URLS = _provider_base_urls(
+    env.list("TREASURY_PROVIDER_BASE_URLS", default=[])
+)
 DUE_HTTP_ATTEMPTS = env_int("DUE_HTTP_ATTEMPTS", 3, minimum=1)
 
 # Ledger posting: how many times a serialization failure or deadlock is retried.

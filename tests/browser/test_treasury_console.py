@@ -1,5 +1,7 @@
 """The treasury console in Chromium: a threshold with minimum above target is refused with the
-field named and nothing saved; a pending job is cancelled after a confirmation with a reason."""
+field named and nothing saved, a valid one saved with a reason and audited; a provider's
+priority changed with a reason and audited, with no host to edit; a pending job is cancelled
+after a confirmation with a reason, audited."""
 
 import uuid
 from decimal import Decimal
@@ -8,6 +10,7 @@ import pytest
 from django.contrib.auth.models import User
 from playwright.sync_api import expect
 
+from cutover.models import OperatorAudit
 from tests.browser.test_cutover_console import login
 from tests.browser.test_ledger_console import browser_page  # noqa: F401 (fixture)
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider
@@ -27,6 +30,7 @@ def test_threshold_below_target_is_refused_naming_the_field(live_server, operato
     page = operator
     page.goto(f"{live_server.url}/admin/treasury/bufferthreshold/{threshold.pk}/change/")
     page.fill("#id_minimum", "30000")  # above the target of 20,000
+    page.fill("#id_reason", "seasonal withdrawals")
     page.click("input[name=_save]")
     expect(page.locator(".errorlist")).to_contain_text("minimum must not exceed target")
     expect(page.locator(".field-minimum .errorlist")).to_have_count(1)
@@ -35,6 +39,36 @@ def test_threshold_below_target_is_refused_naming_the_field(live_server, operato
     page.click("input[name=_save]")
     expect(page.locator(".messagelist")).to_contain_text("was changed successfully")
     assert BufferThreshold.objects.get(currency="USDC").minimum == Decimal("6000")
+    audit = OperatorAudit.objects.get()
+    assert (audit.action, audit.actor, audit.reason) == (
+        "threshold.set",
+        "admin:operator",
+        "seasonal withdrawals",
+    )
+    assert (audit.before["minimum"], audit.after["minimum"]) == ("5000.000000", "6000.000000")
+
+
+def test_provider_priority_changed_with_a_reason_and_audited(live_server, operator):
+    provider = ConversionProvider.objects.get(code="due")
+    page = operator
+    page.goto(f"{live_server.url}/admin/treasury/conversionprovider/{provider.pk}/change/")
+    expect(page.locator("[name=base_url]")).to_have_count(0)  # the host is in the settings
+    page.fill("#id_priority", "3")
+    page.click("input[name=_save]")  # no reason: refused, nothing saved
+    expect(page.locator(".field-reason .errorlist")).to_have_count(1)
+    assert ConversionProvider.objects.get(code="due").priority == 10
+    page.fill("#id_priority", "3")
+    page.fill("#id_reason", "Due first again after the incident")
+    page.click("input[name=_save]")
+    expect(page.locator(".messagelist")).to_contain_text("was changed successfully")
+    assert ConversionProvider.objects.get(code="due").priority == 3
+    audit = OperatorAudit.objects.get()
+    assert (audit.action, audit.target, audit.before, audit.after) == (
+        "provider.set",
+        "provider:due",
+        {"enabled": True, "priority": 10},
+        {"enabled": True, "priority": 3},
+    )
 
 
 def test_pending_job_cancelled_with_a_reason(live_server, operator):
@@ -59,4 +93,10 @@ def test_pending_job_cancelled_with_a_reason(live_server, operator):
     expect(page.locator(".messagelist")).to_contain_text("cancelled")
     job.refresh_from_db()
     assert job.status == "cancelled"
-    assert job.last_error == "cancelled by operator: the desk converts by hand today"
+    assert job.last_error == "cancelled by admin:operator: the desk converts by hand today"
+    audit = OperatorAudit.objects.get()
+    assert (audit.action, audit.target, audit.after["status"]) == (
+        "job.cancel",
+        f"job:{job.pk}",
+        "cancelled",
+    )

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from django.db import DatabaseError, IntegrityError, connection, transaction
 
-from ledger.models import Account, Transaction
+from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
-from ledger.services import Leg, transaction_post
 from tests.cutover.factories import database_url, phase_set
+from tests.treasury.conftest import KEY, OPS, SECRET, buffers, fund
 from treasury.exceptions import JobRefused, ThresholdInvalid
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
 from treasury.sandbox import DueSandbox
@@ -30,60 +30,13 @@ from treasury.services import (
     jobs_submit,
     monitor_run,
     settlement_cycle_run,
+    source_available,
     threshold_set,
 )
 from treasury.tasks import monitor_task, settlement_cycle_task
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent.parent
-KEY, SECRET = "due-key", "due-secret"
-
-
-@pytest.fixture
-def due(settings, live_server):
-    settings.DUE_API_KEY, settings.DUE_API_SECRET = KEY, SECRET
-    settings.DUE_HTTP_TIMEOUT = 1.0
-    settings.TREASURY_SUBMIT_BACKOFF = timedelta(0)
-    with DueSandbox(api_key=KEY, api_secret=SECRET, settle=None) as sandbox:
-        settings.DUE_API_BASE_URL = sandbox.base_url
-        yield sandbox
-
-
-def fund(code: str, amount: str) -> None:
-    account = Account.objects.get(code=code)
-    equity = Account.objects.get(code=f"opening_balance_equity_{account.currency_id.lower()}")
-    transaction_post(
-        namespace="test",
-        reference_id=f"fund:{uuid.uuid4()}",
-        kind="opening_balance",
-        legs=[Leg.debit(account, amount), Leg.credit(equity, amount)],
-    )
-
-
-def celery_environment(sandbox: DueSandbox, broker: str) -> dict[str, str]:
-    """What a real Celery worker and beat need to run the treasury every second against
-    `sandbox` over `broker`."""
-    return {
-        "CELERY_BROKER_URL": broker,
-        "ENABLE_TREASURY_SCHEDULER": "true",
-        "TREASURY_SCHEDULER_INTERVAL": "1s",
-        "TREASURY_MONITOR_INTERVAL": "1s",
-        "DUE_API_BASE_URL": sandbox.base_url,
-        "DUE_API_KEY": KEY,
-        "DUE_API_SECRET": SECRET,
-        "CUTOVER_RECONCILE_INTERVAL": "1h",
-    }
-
-
-def buffers() -> dict[str, Decimal]:
-    return {reading.currency: reading.balance for reading in buffer_status_list()}
-
-
-@pytest.fixture
-def usdc_low():
-    """USDC buffer 1,000 (below its 5,000 minimum), fiat buffer 60,000 (in its band)."""
-    fund("usdc_buffer", "1000")
-    fund("fiat_buffer", "60000")
 
 
 def test_a_buffer_below_min_is_brought_to_target_once(due, usdc_low):
@@ -135,14 +88,15 @@ def test_server_errors_are_retried_and_the_provider_fails_over(due, usdc_low, se
     settings.DUE_HTTP_ATTEMPTS = 2
     due.fail_next = [500, 503, 502, 504]  # two calls of two attempts each
     with DueSandbox(api_key=KEY, api_secret=SECRET, settle="completed") as backup:
-        ConversionProvider.objects.create(
-            code="backup", name="Backup", priority=20, base_url=backup.base_url
-        )
+        settings.TREASURY_PROVIDER_BASE_URLS = {"backup": backup.base_url}
+        ConversionProvider.objects.create(code="backup", name="Backup", priority=20)
         settlement_cycle_run(triggered_by="test")
         assert jobs_submit().retried == 1
         assert jobs_submit().failed == 1
         failed = ConversionJob.objects.get()
+        # Every answer was a 5xx: asked by key, Due says it never received the conversion.
         assert failed.status == "failed" and failed.attempts == 2 and due.create_calls == 4
+        assert "never received" in failed.last_error
         assert not ConversionProvider.objects.get(code="due").healthy
         settlement_cycle_run(triggered_by="test")  # the next job goes to the healthy backup
         job = ConversionJob.objects.exclude(pk=failed.pk).get()
@@ -212,9 +166,14 @@ def test_timeout_posts_nothing_and_a_late_completion_is_posted_once(due, usdc_lo
     job.refresh_from_db()
     assert job.status == "timed_out" and buffers()["USDC"] == Decimal("1000")
     assert not Transaction.objects.filter(namespace="treasury").exists()
-    # The slot is free: the next cycle may convert again (a new key).
-    settings.TREASURY_CONVERSION_TIMEOUT = timedelta(minutes=30)
-    assert len(settlement_cycle_run(triggered_by="test").jobs_created) == 1
+    # Its fate is unknown: it keeps its buffer's slot and its source amount, and is asked again
+    # on every run, long after the timeout.
+    assert settlement_cycle_run(triggered_by="test").jobs_created == []
+    assert source_available("USD") == Decimal("60000") - Decimal("10000") - job.source_amount
+    with pytest.raises(JobRefused):
+        job_retry(job_id=job.pk, actor=OPS, reason="the provider may still complete it")
+    for _ in range(3):
+        assert monitor_run().polled == 1
     # The provider completes the timed-out conversion after all: the ledger follows, once.
     due.finish(job.provider_reference, "completed")
     monitor_run()
@@ -233,14 +192,14 @@ def test_a_failed_conversion_posts_nothing_and_can_be_retried_as_a_new_job(due, 
     assert monitor_run().failed == 1
     job.refresh_from_db()
     assert job.status == "failed" and not Transaction.objects.filter(namespace="treasury")
-    again = job_retry(job_id=job.pk, actor="ops")
+    again = job_retry(job_id=job.pk, actor=OPS, reason="the provider failed it")
     assert again.idempotency_key != job.idempotency_key and again.status == "pending"
     with pytest.raises(JobRefused):
-        job_retry(job_id=job.pk, actor="ops")  # the buffer already has an open job
-    job_cancel(job_id=again.pk, actor="ops", reason="treasury desk converts by hand today")
+        job_retry(job_id=job.pk, actor=OPS, reason="again")  # the buffer has an open job
+    job_cancel(job_id=again.pk, actor=OPS, reason="treasury desk converts by hand today")
     assert ConversionJob.objects.get(pk=again.pk).status == "cancelled"
     with pytest.raises(JobRefused):
-        job_cancel(job_id=again.pk, actor="ops", reason="twice")
+        job_cancel(job_id=again.pk, actor=OPS, reason="twice")
 
 
 def test_worker_killed_after_submission_before_recording(due, usdc_low):
@@ -275,10 +234,10 @@ def test_worker_killed_after_submission_before_recording(due, usdc_low):
 
 
 def test_kill_switch_stops_submission(due, usdc_low):
+    settlement_cycle_run(triggered_by="test")  # created before the switch
     phase_set("legacy", kill_switch=True)
-    settlement_cycle_run(triggered_by="test")
-    assert jobs_submit().submitted == 0 and due.create_calls == 0
-    assert ConversionJob.objects.get().status == "pending"
+    assert jobs_submit().submitted == 0 and monitor_run().submitted == 0
+    assert due.create_calls == 0 and ConversionJob.objects.get().status == "pending"
 
 
 def test_the_database_refuses_illegal_job_transitions(due, usdc_low):
@@ -323,7 +282,7 @@ def test_the_database_refuses_illegal_job_transitions(due, usdc_low):
 def test_threshold_validation_names_the_field_and_changes_nothing(values, field):
     before = list(BufferThreshold.objects.values())
     with pytest.raises(ThresholdInvalid) as refused:
-        threshold_set(currency="USDC", **values)
+        threshold_set(currency="USDC", **values, actor=OPS, reason="test")
     assert refused.value.field == field
     assert list(BufferThreshold.objects.values()) == before
 

@@ -1,15 +1,22 @@
 -- Conversion jobs move only along legal transitions (TR001, mapped in treasury/exceptions.py):
---   pending   -> pending (a retry noted) | submitted | failed | cancelled
---   submitted -> submitted | completed | failed | timed_out
---   timed_out -> completed   (the provider completed after our timeout: posted then, once)
--- What a job converts never changes once written.
+--   pending   -> pending (a retry noted) | submitted | failed
+--              | cancelled (only if never sent: a sent job may exist at the provider)
+--              | timed_out (only if sent: its answer was lost and the provider cannot say yet)
+--   submitted -> submitted | completed | failed | timed_out | disputed
+--   timed_out -> timed_out | completed | failed | disputed
+--              (fate unknown: open, asked until the provider gives a final answer)
+-- completed, failed, cancelled and disputed are final. What a job converts never changes.
 CREATE OR REPLACE FUNCTION treasury_job_transition() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF NOT (
-        (OLD.status = 'pending' AND NEW.status IN ('pending', 'submitted', 'failed', 'cancelled'))
-        OR (OLD.status = 'submitted' AND NEW.status IN ('submitted', 'completed', 'failed', 'timed_out'))
-        OR (OLD.status = 'timed_out' AND NEW.status = 'completed')
+        (OLD.status = 'pending' AND NEW.status IN ('pending', 'submitted', 'failed'))
+        OR (OLD.status = 'pending' AND NEW.status = 'cancelled' AND OLD.attempts = 0)
+        OR (OLD.status = 'pending' AND NEW.status = 'timed_out' AND NEW.attempts > 0)
+        OR (OLD.status = 'submitted'
+            AND NEW.status IN ('submitted', 'completed', 'failed', 'timed_out', 'disputed'))
+        OR (OLD.status = 'timed_out'
+            AND NEW.status IN ('timed_out', 'completed', 'failed', 'disputed'))
     ) THEN
         RAISE EXCEPTION 'conversion job %: % -> % is not a legal transition', OLD.id,
             OLD.status, NEW.status USING ERRCODE = 'TR001';

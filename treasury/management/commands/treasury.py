@@ -52,6 +52,8 @@ class Command(BaseCommand):
         if result.skipped:
             self.stdout.write(f"skipped: {result.skipped}")
             return
+        if result.note:
+            self.stdout.write(f"cycle {result.cycle_id}: {result.note}")
         for buffer in result.buffers:
             self.stdout.write(
                 f"{buffer['currency']:<5} {buffer['balance']:>20} {buffer['state']:<10} "
