@@ -27,10 +27,13 @@ from django.utils import timezone
 from cutover.actors import Actor
 from cutover.exceptions import ConcurrentDuplicate, KillSwitchEngaged
 from cutover.models import BalanceMutation
-from cutover.selectors import phase_state
-from cutover.services import operator_action_record
+from cutover.selectors import custody_opened, phase_state
+from cutover.services import (
+    balance_mutation_apply,
+    operator_action_record,
+    strict_failure_recorded,
+)
 from ledger.exceptions import InvalidAmount
-from ledger.models import Transaction
 from ledger.money import amount_parse
 from ledger.selectors import system_account
 from ledger.services import Leg, transaction_apply
@@ -53,7 +56,6 @@ from onchain.models import (
     Withdrawal,
     WithdrawalStatus,
 )
-from onchain.strict import balance_mutation_apply, strict_failure_recorded
 
 log = logging.getLogger(__name__)
 SUPPORTED_TYPES = {"transfers.created", "transfers.completed", "transfers.failed", "webhooks.test"}
@@ -339,7 +341,7 @@ def withdrawal_request(
                     requested_by=requested_by,
                     correlation_id=correlation_id,
                 )
-                balance_mutation_apply(
+                hold = balance_mutation_apply(
                     user_id=user_id,
                     direction="debit",
                     amount=amount,
@@ -348,7 +350,9 @@ def withdrawal_request(
                     counterparty="withdrawals_pending_usdc",
                     correlation_id=correlation_id,
                 )
-                withdrawal.hold_in_ledger = _posted_to_ledger(withdrawal.hold_reference)
+                # The hold reached withdrawals_pending_usdc: by the dual write, or in legacy
+                # (custody open) by the legacy mirror.
+                withdrawal.hold_in_ledger = hold.ledger_transaction_id is not None
                 withdrawal.save(force_insert=True)
             return withdrawal
         except (IntegrityError, ConcurrentDuplicate):  # the same key, concurrently: a replay
@@ -361,22 +365,6 @@ def withdrawal_request(
     ):
         raise WithdrawalRefused(f"idempotency key {key} was used for another withdrawal")
     return existing
-
-
-def _posted_to_ledger(reference: str) -> bool:
-    """The balance-path mutation `reference` (in this transaction) moved its counterparty in
-    the ledger: for a hold, the money reached `withdrawals_pending_usdc`. Its journal row names
-    the posting (the dual write's, or in `legacy` with custody open the legacy mirror's)."""
-    return BalanceMutation.objects.filter(
-        reference=reference, ledger_transaction_id__isnull=False
-    ).exists()
-
-
-def custody_opened(currency: str) -> bool:
-    """The custody opening balance of `currency` is booked in the ledger (namespace
-    `custody`, reference `opening:<CUR>`)."""
-    opening = Transaction.objects.filter(namespace="custody", reference_id=f"opening:{currency}")
-    return opening.exists()
 
 
 @dataclass

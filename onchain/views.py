@@ -35,6 +35,7 @@ from onchain.exceptions import (
     SignatureRejected,
     UnknownSigningKey,
     WithdrawalRefused,
+    WithdrawalTransitionRefused,
 )
 from onchain.models import Withdrawal
 from onchain.services import (
@@ -85,7 +86,9 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
         return _refuse(400, "malformed", str(exc))
     except CircleUnavailable as exc:
         return _refuse(503, "circle_unavailable", str(exc))
-    except (CutoverError, LedgerError) as exc:  # stored, failed, retryable by a redelivery
+    # Stored, failed, retryable by a redelivery (a refused withdrawal transition included: the
+    # row is evaluated afresh next time).
+    except (CutoverError, LedgerError, WithdrawalTransitionRefused) as exc:
         return _refuse(503, "not_applied", str(exc))
     return JsonResponse(
         {

@@ -146,6 +146,8 @@ CUTOVER_STRICT_MIN_DURATION = env_duration("CUTOVER_STRICT_MIN_DURATION", "72h")
 CUTOVER_MIN_WRITE_SUCCESS_RATE = env_fraction("CUTOVER_MIN_WRITE_SUCCESS_RATE", "0.999")
 CUTOVER_READ_P99_BUDGET_MS = env_int("CUTOVER_READ_P99_BUDGET_MS", 500, minimum=1)
 CUTOVER_RECONCILE_INTERVAL = env_duration("CUTOVER_RECONCILE_INTERVAL", "15m")
+# The system buffers against what Circle and Due report (custody reconciliation).
+CUSTODY_RECONCILE_INTERVAL = env_duration("CUSTODY_RECONCILE_INTERVAL", "15m")
 # Balance API: how long an Idempotency-Key is remembered, and how long a request holds it.
 IDEMPOTENCY_KEY_TTL = env_duration("IDEMPOTENCY_KEY_TTL", "24h")
 IDEMPOTENCY_LOCK_TIMEOUT = env_duration("IDEMPOTENCY_LOCK_TIMEOUT", "30s")
@@ -232,6 +234,10 @@ CELERY_BEAT_SCHEDULE = {
     "cutover-reconcile": {
         "task": "cutover.reconcile",
         "schedule": CUTOVER_RECONCILE_INTERVAL.total_seconds(),
+    },
+    "custody-reconcile": {
+        "task": "custody.reconcile",
+        "schedule": CUSTODY_RECONCILE_INTERVAL.total_seconds(),
     },
     "onchain-withdrawals-send": {
         "task": "onchain.withdrawals_send",

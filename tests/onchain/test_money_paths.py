@@ -17,7 +17,7 @@ from django.db import transaction
 from cutover.actors import Actor
 from cutover.exceptions import KillSwitchEngaged, StrictLedgerFailure
 from cutover.models import BalanceMutation, LegacyBalance, OperatorAudit, StrictFailure
-from cutover.services import backfill_run
+from cutover.services import backfill_run, custody_open
 from ledger.models import Account
 from ledger.services import Leg, transaction_post
 from onchain import circle
@@ -359,17 +359,14 @@ def test_kill_switch_still_records_deposits_and_posts_completions(sandbox, user)
 
 
 def custody_open_usdc() -> Decimal:
-    """Book the USDC buffer's opening balance from what Circle reports for our wallet, in the
-    shape of cutover.services.custody_open (namespace custody, reference opening:USDC)."""
+    """Book the USDC buffer's opening balance from what Circle reports for our wallet."""
     reported = circle.wallet_balance()
-    transaction_post(
-        namespace="custody",
-        reference_id="opening:USDC",
-        kind="custody_opening",
-        legs=[
-            Leg.debit(Account.objects.get(code="usdc_buffer"), reported),
-            Leg.credit(Account.objects.get(code="opening_balance_equity_usdc"), reported),
-        ],
+    custody_open(
+        currency="USDC",
+        reported=reported,
+        source="circle",
+        actor=Actor.command_line(),
+        reason="custody opening from Circle's wallet balance",
     )
     return reported
 

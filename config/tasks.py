@@ -1,0 +1,27 @@
+"""Celery tasks that read more than one engine's providers (thin shells)."""
+
+import logging
+
+from celery import shared_task
+
+from config.custody import custody_reconcile_from_providers
+from cutover.exceptions import ReconciliationBusy
+from onchain.exceptions import CircleUnavailable
+from treasury.exceptions import DueUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name="custody.reconcile")
+def custody_reconcile_task() -> dict:
+    """The periodic custody reconciliation: the buffers against Circle and Due. A provider that
+    cannot answer skips the run (logged); a concurrent run makes this one skip."""
+    try:
+        comparisons = custody_reconcile_from_providers()
+    except (ReconciliationBusy, CircleUnavailable, DueUnavailable) as exc:
+        log.warning("custody reconciliation skipped: %s", exc)
+        return {"skipped": str(exc)}
+    differing = [c.currency for c in comparisons if not c.agrees]
+    if differing:
+        log.error("ALERT custody: %s differ from their custodians", ", ".join(differing))
+    return {"differing": differing}
