@@ -408,18 +408,41 @@ def phase_rollback(*, actor: Actor, reason: str) -> PhaseAudit:
     if not reason.strip():
         raise ReasonRequired("rollback needs a written --reason")
     with transaction.atomic(durable=True):
-        state = _locked_state()
-        current = Phase(state.phase)
-        if current == Phase.LEGACY:
-            raise TransitionRefused("already in legacy: nothing to roll back")
-        evidence: dict = {"totals_before": store_totals()}
-        if current == Phase.CUTOVER:
-            _legacy_rebuild(evidence)
-        state.phase = Phase.LEGACY
-        state.entered_at = timezone.now()
-        state.read_percent = 0
-        state.save()
+        current, evidence = _rollback_apply()
         return _audit(actor, AuditAction.ROLLBACK, current, Phase.LEGACY, reason, evidence)
+
+
+class _Rehearsed(Exception):
+    def __init__(self, evidence: dict):
+        self.evidence = evidence
+
+
+def phase_rollback_rehearse() -> dict:
+    """Prove that a rollback would succeed from the state as it is: the whole rollback (write
+    fence, rebuild, equality proof) runs in a transaction that is then rolled back, so nothing
+    changes. Returns its evidence, or raises the refusal the real rollback would meet. Holds
+    the write fence while it runs, as the real one does."""
+    try:
+        with transaction.atomic(durable=True):
+            _, evidence = _rollback_apply()
+            raise _Rehearsed(evidence)
+    except _Rehearsed as rehearsed:
+        return rehearsed.evidence
+
+
+def _rollback_apply() -> tuple[Phase, dict]:
+    state = _locked_state()
+    current = Phase(state.phase)
+    if current == Phase.LEGACY:
+        raise TransitionRefused("already in legacy: nothing to roll back")
+    evidence: dict = {"totals_before": store_totals()}
+    if current == Phase.CUTOVER:
+        _legacy_rebuild(evidence)
+    state.phase = Phase.LEGACY
+    state.entered_at = timezone.now()
+    state.read_percent = 0
+    state.save()
+    return current, evidence
 
 
 def _legacy_rebuild(evidence: dict) -> None:

@@ -2,17 +2,20 @@
 the rollback from cutover always rebuilds the legacy store to the cent), an append-only journal,
 a shard for every user id, and strict-phase failures recorded wherever they happen."""
 
+import json
 import threading
 import time
 import uuid
 from decimal import Decimal
+from io import StringIO
 
 import pytest
+from django.core.management import CommandError, call_command
 from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from cutover.actors import Actor
 from cutover.exceptions import MutationConflict, StrictLedgerFailure, TransitionRefused
-from cutover.models import BalanceMutation, LegacyBalance, PhaseState, StrictFailure
+from cutover.models import BalanceMutation, LegacyBalance, PhaseAudit, PhaseState, StrictFailure
 from cutover.phases import Phase
 from cutover.selectors import gate_evaluate, store_differences, store_totals
 from cutover.services import (
@@ -20,6 +23,7 @@ from cutover.services import (
     balance_debit,
     balance_mutation_apply,
     phase_rollback,
+    phase_rollback_rehearse,
     strict_failure_recorded,
 )
 from ledger.models import Account, Entry
@@ -130,6 +134,29 @@ def test_rollback_from_cutover_keeps_every_cent():
     # legacy is authoritative again and the newcomer's money is there
     balance_debit(user_id=newcomer, amount="30.123456", reference="out", reason="t")
     assert stores(newcomer)[0] == (Decimal("0"), "USDC")
+
+
+def test_a_rehearsed_rollback_proves_itself_and_changes_nothing():
+    """`cutover rollback --dry-run`: the whole rollback from cutover, undone; and the refusal a
+    real one would meet."""
+    user = legacy_user("10")
+    ledger_balance_set(user, "10")
+    phase_set("cutover", read_percent=100)
+    balance_credit(user_id=user, amount="5", reference="after-cutover", reason="t")
+    audits = PhaseAudit.objects.count()
+    out = StringIO()
+    call_command("cutover", "rollback", "--dry-run", "--json", stdout=out)
+    answer = json.loads(out.getvalue())
+    assert answer["would_succeed"] and answer["evidence"]["proof"]["ok"] is True
+    assert PhaseState.objects.get(pk=1).phase == "cutover"
+    assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal("10")  # stale, as before
+    assert PhaseAudit.objects.count() == audits
+    with connection.cursor() as cursor:  # someone edits the deprecated table by hand
+        cursor.execute("UPDATE balances SET currency = 'USD' WHERE user_id = %s", [user])
+    with pytest.raises(TransitionRefused, match="another currency"):
+        phase_rollback_rehearse()
+    with pytest.raises(CommandError, match="--reason"):
+        call_command("cutover", "rollback", stdout=StringIO())
 
 
 def test_rollback_refuses_to_rewrite_a_legacy_row_into_another_currency():

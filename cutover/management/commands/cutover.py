@@ -30,6 +30,7 @@ from cutover.services import (
     kill_switch_set,
     phase_advance,
     phase_rollback,
+    phase_rollback_rehearse,
     reconciliation_run,
 )
 from ledger.exceptions import InvalidAmount, LedgerError
@@ -101,7 +102,14 @@ class Command(BaseCommand):
         advance.add_argument("--json", action="store_true", help="print the audit record as JSON")
 
         rollback = sub.add_parser("rollback", help="emergency rollback to legacy in one step")
-        rollback.add_argument("--reason", required=True, help="why (recorded in the audit trail)")
+        rollback.add_argument(
+            "--reason", help="why (recorded in the audit trail; required unless --dry-run)"
+        )
+        rollback.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="run the whole rollback and undo it: prove it would succeed, change nothing",
+        )
         rollback.add_argument("--json", action="store_true", help="print the audit record as JSON")
 
         backfill = sub.add_parser(
@@ -249,6 +257,15 @@ class Command(BaseCommand):
         self._audited(options, audit)
 
     def _rollback(self, options) -> None:
+        if options["dry_run"]:
+            evidence = phase_rollback_rehearse()
+            if options["json"]:
+                self._emit(options, {"would_succeed": True, "evidence": evidence})
+            else:
+                self.console.print(f"a rollback would succeed now; nothing changed: {evidence}")
+            return
+        if not options["reason"]:
+            raise CommandError("--reason is required (the audit trail records why)")
         audit = phase_rollback(actor=Actor.command_line(), reason=options["reason"])
         self._audited(options, audit)
 
