@@ -20,7 +20,7 @@ from ledger.models import Account
 from ledger.selectors import ledger_integrity_checks
 from ledger.services import Leg, transaction_post
 from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
-from tests.treasury.test_treasury import KEY, SECRET, buffers, celery_environment, fund
+from tests.treasury.conftest import KEY, SECRET, buffers, celery_environment, fund
 from treasury.models import OPEN_STATUSES, ConversionJob, SettlementCycle
 from treasury.sandbox import DueSandbox
 from treasury.services import jobs_submit, monitor_run, settlement_cycle_run
