@@ -3,10 +3,12 @@ bench, with their errors."""
 
 import json
 import subprocess
+from decimal import Decimal
 from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
@@ -19,13 +21,33 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+# The drills the rehearsal adds to the rollout, each proven by an invariant of its report.
+REHEARSAL_DRILLS = {
+    "rollback_kept_every_currency",
+    "pre_shadow_money_withdrawn",
+    "conversion_with_lost_answer_booked_once",
+    "custody_agrees",
+}
+
+
 def test_rehearse_walks_the_rollout_and_checks_every_invariant():
+    overridden = {
+        name: getattr(settings, name)
+        for name in (
+            "CUTOVER_SHADOW_MIN_DURATION",
+            "TREASURY_SUBMIT_MAX_ATTEMPTS",
+            "CIRCLE_API_BASE_URL",
+            "DUE_API_BASE_URL",
+        )
+    }
     out = StringIO()
     call_command(
         "rehearse", "--users", "40", "--operations", "200", "--workers", "2", "--json", stdout=out
     )
     report = json.loads(out.getvalue())
     assert report["ok"] is True
+    # the run pointed the settings at its sandboxes and short gates, and only for the run
+    assert {name: getattr(settings, name) for name in overridden} == overridden
     assert [s["phase"] for s in report["stages"]] == [
         "legacy",
         "shadow",
@@ -38,14 +60,50 @@ def test_rehearse_walks_the_rollout_and_checks_every_invariant():
     ]
     results = [(g["transition"], g["result"]) for g in report["gates"]]
     assert ("shadow -> read_switch", "blocked") in results  # the injected drift held the gate
-    assert results[-1] == ("cutover -> legacy (drill)", "rollback")
-    assert {c["name"] for c in report["invariants"]} >= {
+    assert results[-2:] == [
+        ("cutover -> legacy (dry run)", "rehearsed"),
+        ("cutover -> legacy (drill)", "rollback"),
+    ]
+    invariants = {c["name"]: c for c in report["invariants"]}
+    assert set(invariants) >= {
         "balanced",
         "cached_balances",
         "hash_chains",
         "drift_caught",
         "conservation",
         "rollback_rebuilt_legacy",
+        "onchain_exactly_once",
+        "treasury_restored_the_buffer",
+        *REHEARSAL_DRILLS,
+    }
+    assert all(invariants[name]["ok"] for name in REHEARSAL_DRILLS)
+
+    # Two currencies went through cutover and back, each kept to the cent.
+    assert report["users_by_currency"] == {"USDC": 36, "USD": 4}
+    rollback = report["rollback"]
+    assert rollback["second_currency_credit"].startswith("refused")
+    assert rollback["dry_run_proof"] is True
+    for totals in rollback["currencies"].values():
+        assert Decimal(totals["ledger_before"]) > 0
+        assert totals["ledger_before"] == totals["legacy_after"] == totals["ledger_after"]
+
+    # Money booked before shadow left through a withdrawal sent in legacy, completed in shadow.
+    pre = report["pre_shadow_withdrawal"]
+    assert (pre["requested_in"], pre["status_in_legacy"]) == ("legacy", "submitted")
+    assert (pre["completed_in"], pre["status"]) == ("shadow", "completed")
+    assert pre["pending_after"] == pre["pending_before"]
+    assert Decimal(pre["buffer_before"]) - Decimal(pre["buffer_after"]) == Decimal(pre["amount"])
+
+    # The conversion whose submit answer was lost timed out, then was found and booked once.
+    lost = report["treasury"]["lost_answer"]
+    assert (lost["status_before_monitor"], lost["status"]) == ("timed_out", "completed")
+    assert lost["conversions_at_due"] == lost["postings"] == 1
+
+    # Custody opened from what the sandboxes reported, and agrees with them at the end.
+    assert set(report["custody_opened"]) == {"USDC", "USD"}
+    assert {r["currency"]: r["agrees"] for r in report["custody_reconciled"]} == {
+        "USDC": True,
+        "USD": True,
     }
     assert report["all_traffic"]["replays"] > 0
     # It ran in a scratch database: nothing of it is left in this one.
@@ -99,6 +157,7 @@ def test_rehearse_and_bench_run_on_the_embedded_default_without_database_url(mon
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["ok"] is True and report["all_traffic"]["applied"] > 0
+    assert {c["name"] for c in report["invariants"] if c["ok"]} >= REHEARSAL_DRILLS
     assert (embedded_db.DATA_DIR / "PG_VERSION").exists()
     assert not (embedded_db.DATA_DIR / "postmaster.pid").exists()  # stopped after
 

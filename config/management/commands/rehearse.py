@@ -15,12 +15,15 @@ from cutover.exceptions import CutoverError
 
 class Command(BaseCommand):
     help = (
-        "Rehearse the whole rollout in a scratch database: legacy users -> backfill under "
-        "traffic -> shadow (with an injected drift that reconciliation must catch and the gate "
-        "must block on) -> read_switch 1/10/50/100 % -> strict -> cutover -> rollback drill, "
-        "with duplicate deliveries and overdraft attempts in the traffic; then every invariant "
-        "is checked and a report printed. Without DATABASE_URL it runs on the embedded "
-        "PostgreSQL; with it, on a scratch database created (and dropped) on that server."
+        "Rehearse the whole rollout in a scratch database: legacy users in USDC and USD -> "
+        "custody opened from the Circle and Due sandboxes -> a withdrawal of pre-shadow money "
+        "-> backfill under traffic -> shadow (with an injected drift that reconciliation must "
+        "catch and the gate must block on) -> read_switch 1/10/50/100 % -> strict -> cutover "
+        "-> a conversion whose submit answer is lost -> rollback drill in two currencies "
+        "(dry run first) -> custody reconciled, with duplicate deliveries and overdraft "
+        "attempts in the traffic; then every invariant is checked and a report printed. "
+        "Without DATABASE_URL it runs on the embedded PostgreSQL; with it, on a scratch "
+        "database created (and dropped) on that server."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -109,18 +112,22 @@ class Command(BaseCommand):
             gates.add_column(column)
         for gate in report["gates"]:
             evidence = gate["evidence"]
-            checks = "; ".join(
+            parts = [
                 f"{'ok' if c['ok'] else 'NOT MET'} {c['name']} ({c['actual']})"
                 for c in evidence.get("checks", [])
-            )
+            ]
             if "proof" in evidence:
-                checks += f"; proof: {evidence['proof']['actual']}"
+                parts.append(f"proof: {evidence['proof']['actual']}")
             if "read_percent_after" in evidence:
-                checks = f"reads from the ledger: {evidence['read_percent_before']} % -> "
-                checks += f"{evidence['read_percent_after']} % of users"
+                parts = [
+                    f"reads from the ledger: {evidence['read_percent_before']} % -> "
+                    f"{evidence['read_percent_after']} % of users"
+                ]
             if "legacy_rows_rebuilt" in evidence:
-                checks += f"legacy rows rebuilt from the ledger: {evidence['legacy_rows_rebuilt']}"
-            gates.add_row(gate["transition"], gate["result"], checks or "-")
+                parts.append(
+                    f"legacy rows rebuilt from the ledger: {evidence['legacy_rows_rebuilt']}"
+                )
+            gates.add_row(gate["transition"], gate["result"], "; ".join(parts) or "-")
         console.print(gates)
         onchain = Table(title="USDC deposits and withdrawals through the Circle sandbox")
         for column in ("phase", "dep", "redeliv", "polled", "parked", "wd ok/ref/fail"):
@@ -140,13 +147,25 @@ class Command(BaseCommand):
                 f"{Decimal(row['buffer_change']):+.2f}",
             )
         console.print(onchain)
-        t = {k: Decimal(v) for k, v in report["treasury"].items() if k not in ("jobs", "restored")}
+        treasury = report["treasury"]
+        t = {k: Decimal(v) for k, v in treasury.items() if isinstance(v, str)}
         console.print(
             f"Treasury: withdrawals took the USDC buffer from {t['buffer_before']:.2f} to "
             f"{t['buffer_low']:.2f} (minimum {t['minimum']:.0f}); the settlement cycle's job "
-            f"({'; '.join(report['treasury']['jobs']) or 'none'}) brought it to "
+            f"({'; '.join(treasury['jobs']) or 'none'}) brought it to "
             f"{t['buffer_after']:.2f} (target {t['target']:.0f})."
         )
+        pre = report["pre_shadow_withdrawal"]
+        console.print(
+            f"Pre-shadow money: {Decimal(pre['amount']):.2f} USDC requested and sent in "
+            f"{pre['requested_in']}, {pre['status']} in {pre['completed_in']}."
+        )
+        custody = "; ".join(
+            f"{r['currency']} ledger {Decimal(r['ledger']):.2f}, {r['source']} "
+            f"{Decimal(r['reported']):.2f}"
+            for r in report["custody_reconciled"]
+        )
+        console.print(f"Custody at the end: {custody}.")
         invariants = Table(title="Invariants")
         for column in ("check", "result", "detail"):
             invariants.add_column(column)
