@@ -85,6 +85,8 @@ def product(settings, live_server):
         Context.circle = Context.due = None
 
 
+# The nightly profile runs for hours: the suite's per-test timeout applies to CI's only.
+@pytest.mark.timeout(0 if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else 600)
 def test_money_model(product, capsys):
     chosen = profile()
     Context.stats = {"examples": 0, "steps": 0, "invariant_checks": 0}
