@@ -156,28 +156,34 @@ class MoneyMachine(RuleBasedStateMachine):
         self.custody_opened.add(currency)
 
     @precondition(lambda self: phase_state().phase != Phase.CUTOVER)
-    @rule()
-    def advance(self):
-        """The operator's procedure: backfill or reconcile first when the gate asks for it,
-        then advance, forcing (with a reason) only the gates that need hours or traffic."""
-        state = phase_state()
-        target = next_phase(Phase(state.phase))
-        failing = {check.name for check in gate_evaluate(state, target).checks if not check.ok}
-        if "backfill" in failing:
-            self.backfill()
-        if "reconciliation" in failing:
-            self.reconcile()
-        state = phase_state()
-        failing = {check.name for check in gate_evaluate(state, target).checks if not check.ok}
-        force = bool(failing) and failing <= FORCIBLE
-        with suppress(GateNotMet):
-            phase_advance(
-                to=target,
-                actor=OPERATOR,
-                force=force,
-                reason="model: the time gates need hours" if force else "",
-                read_percent=100,
-            )
+    @rule(phases=st.integers(1, 4))
+    def advance(self, phases=1):
+        """The operator's procedure, up to `phases` phases on: backfill or reconcile first when
+        the gate asks for it, then advance, forcing (with a reason) only the gates that need
+        hours or traffic. A gate still not met stops it there."""
+        for _ in range(phases):
+            state = phase_state()
+            if state.phase == Phase.CUTOVER:
+                return
+            target = next_phase(Phase(state.phase))
+            failing = {check.name for check in gate_evaluate(state, target).checks if not check.ok}
+            if "backfill" in failing:
+                self.backfill()
+            if "reconciliation" in failing:
+                self.reconcile()
+            state = phase_state()
+            failing = {check.name for check in gate_evaluate(state, target).checks if not check.ok}
+            force = bool(failing) and failing <= FORCIBLE
+            try:
+                phase_advance(
+                    to=target,
+                    actor=OPERATOR,
+                    force=force,
+                    reason="model: the time gates need hours" if force else "",
+                    read_percent=100,
+                )
+            except GateNotMet:
+                return
 
     @precondition(lambda self: phase_state().phase != Phase.LEGACY)
     @rule()
@@ -285,17 +291,18 @@ class MoneyMachine(RuleBasedStateMachine):
         status, answer = self._post(f"/api/v1/users/{user}/withdrawals", body, key)
         self._expect(status in (201, 422, 503), f"withdrawal answered {status}: {answer}")
 
-    @rule(fault=st.sampled_from(["none", "none", "5xx", "timeout"]))
-    def send(self, fault):
-        """The outbox worker sends what is due; Circle may answer 5xx or time out (after it
-        recorded the transfer)."""
+    @rule(fault=st.sampled_from(["none", "none", "5xx", "timeout"]), passes=st.integers(1, 2))
+    def send(self, fault, passes=1):
+        """The outbox worker's passes: it sends what is due; Circle may answer 5xx or time out
+        (after it recorded the transfer). Two failing passes make a withdrawal dead."""
         circle = Context.circle
         if fault == "5xx":
-            circle.fail_next[:] = [503] * 10
+            circle.fail_next[:] = [503] * 20
         elif fault == "timeout":
             circle.delay = TIMEOUT_DELAY
         try:
-            withdrawals_send()
+            for _ in range(passes):
+                withdrawals_send()
         finally:
             circle.fail_next.clear()
             circle.delay = 0.0
@@ -335,15 +342,18 @@ class MoneyMachine(RuleBasedStateMachine):
     def settlement_cycle(self):
         settlement_cycle_run(triggered_by="model")
 
-    @rule(fault=st.sampled_from(["none", "none", "5xx", "timeout"]))
-    def submit(self, fault):
+    @rule(fault=st.sampled_from(["none", "none", "5xx", "timeout"]), passes=st.integers(1, 2))
+    def submit(self, fault, passes=1):
+        """The treasury's submit passes; Due may answer 5xx or time out (after it accepted the
+        conversion). Two failing passes make a job failed."""
         due = Context.due
         if fault == "5xx":
-            due.fail_next[:] = [503] * 10
+            due.fail_next[:] = [503] * 20
         elif fault == "timeout":
             due.delay = TIMEOUT_DELAY
         try:
-            jobs_submit()
+            for _ in range(passes):
+                jobs_submit()
         finally:
             due.fail_next.clear()
             due.delay = 0.0

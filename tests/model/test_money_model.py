@@ -29,7 +29,7 @@ DUE_KEY, DUE_SECRET = "model-due-key", "model-due-secret"
 # example as found; the nightly shrinks, and what it shrinks is kept in the example database.
 PROFILES = {
     "ci": {
-        "max_examples": 25,
+        "max_examples": 50,
         "stateful_step_count": 30,
         "phases": [Phase.explicit, Phase.reuse, Phase.generate],
     },

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from onchain.models import Withdrawal
+from onchain.models import DepositAddress, Withdrawal
 from tests.model import invariants
 from tests.model.machine import MoneyMachine
 from tests.model.test_money_model import product  # noqa: F401 (the sandboxes, as a fixture)
@@ -68,8 +68,7 @@ def test_path_1_rollback_from_cutover_with_a_second_currency():
     account): the rollback's rebuild of `balances` cannot run. Violated_rollback_possible."""
     state = MoneyMachine()
     users_0 = state.user_with_legacy_balance(amount=Decimal("10"), currency="USDC")
-    for _ in range(4):
-        state.advance()
+    state.advance(phases=4)
     assert invariants.phase() == "cutover"
     state.api_mutation(
         user=users_0, direction="credit", currency="USD", amount=Decimal("5"), retries=0
@@ -127,5 +126,21 @@ def test_path_4_a_conversion_whose_submit_timed_out_is_converted_twice():
     state.submit(fault="timeout")
     assert ConversionJob.objects.get().status == "failed"
     state.retry_job(pick=0)
+    state.every_invariant_holds()
+    state.teardown()
+
+
+def test_path_1_a_usdc_deposit_address_of_a_usd_user_fails_forever():
+    """Beyond the list (next to path 1). Nothing stops a USDC deposit address from belonging
+    to a USD user. A deposit to it is refused by the legacy currency rule in every phase up to
+    strict: the notification stays `failed`, retried by every redelivery and never credited,
+    and the operator's replay raises MutationConflict (here, at quiescence); in cutover the
+    same deposit would open a second-currency account (path 1)."""
+    state = MoneyMachine()
+    users_0 = state.user_with_legacy_balance(amount=Decimal("10"), currency="USD")
+    address = f"0x{users_0.hex}"
+    DepositAddress.objects.create(address=address, chain="ETH", user_id=users_0)
+    state.address_of[users_0] = address
+    state.deposit(user=users_0, amount=Decimal("5"), notify=True)
     state.every_invariant_holds()
     state.teardown()
