@@ -124,7 +124,12 @@ class MoneyMachine(RuleBasedStateMachine):
         self.http = Client()
         _, token = api_client_create(name="model")
         self.auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
-        self.sent_keys: list[tuple[str, str, dict, int, dict]] = []
+        self.ids = 0
+
+    def _next_id(self) -> uuid.UUID:
+        """Ids that are the same on every replay of an example (the database is fresh)."""
+        self.ids += 1
+        return uuid.UUID(int=self.ids)
 
     # --- users and the cutover ------------------------------------------------------------
 
@@ -133,7 +138,7 @@ class MoneyMachine(RuleBasedStateMachine):
     def user_with_legacy_balance(self, currency, amount):
         """A user of the legacy system, whose money the providers already hold (before the
         custody is booked: after that, new money arrives by deposits and API credits)."""
-        user_id = uuid.uuid4()
+        user_id = self._next_id()
         LegacyBalance.objects.create(user_id=user_id, buying_power=amount, currency=currency)
         self.opening[(user_id, currency)] = amount
         self.held_before[currency] += amount
@@ -252,7 +257,7 @@ class MoneyMachine(RuleBasedStateMachine):
     @rule(target=addresses, amount=amounts())
     def deposit_to_unknown_address(self, amount):
         """A deposit to an address we register only later: parked, replayed once it is."""
-        address = f"0x{uuid.uuid4().hex}"
+        address = f"0x{self._next_id().hex}"
         Context.circle.deposit(address=address, amount=str(amount))
         return address
 

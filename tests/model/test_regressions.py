@@ -144,3 +144,19 @@ def test_path_1_a_usdc_deposit_address_of_a_usd_user_fails_forever():
     state.deposit(user=users_0, amount=Decimal("5"), notify=True)
     state.every_invariant_holds()
     state.teardown()
+
+
+def test_path_2_a_withdrawal_of_money_booked_before_shadow_never_completes():
+    """Issue 9 path 2 (found by the machine). No custody booked: the user's 100 reach the
+    ledger by the backfill (against equity), the USDC buffer is 0. The withdrawal completes on
+    chain; its completion cannot be posted (the buffer would go negative): the webhook's
+    processing fails, and the poll then aborts on it (InsufficientFunds out of
+    onchain.transfers_poll, here at quiescence), every run."""
+    state = MoneyMachine()
+    users_0 = state.user_with_legacy_balance(amount=Decimal("100"), currency="USDC")
+    state.advance()
+    state.withdraw(user=users_0, amount=Decimal("30"), refused=False)
+    state.send(fault="none")
+    state.circle_settles(pick=0, outcome="complete")
+    state.every_invariant_holds()
+    state.teardown()
