@@ -2,7 +2,15 @@
 
 - `ci` (default): bounded, part of the normal suite; it first replays every failing example
   kept in tests/model/examples (Hypothesis' example database, committed with the repo);
-- `nightly` (HYPOTHESIS_PROFILE=nightly, run by scripts/soak): >= 1,000 examples x 100 steps.
+- `nightly` (HYPOTHESIS_PROFILE=nightly, run by scripts/soak): >= 1,000 examples x 100 steps,
+  shrinking what it finds and saving it in tests/model/examples (commit what it adds).
+
+Only the nightly at its full size writes the example database: Hypothesis deletes a saved
+example that no longer fails, and a run with fewer steps (CI's 30, or MODEL_STEPS) replays a
+longer example cut short, so it would delete examples that still fail. A nightly find longer
+than CI's 30 steps is therefore replayed in full by CI only once it is written out in
+tests/model/test_regressions.py (the keys of the database also change with every edit of
+the machine's class: the written-out regressions are what lasts).
 
 The figures (examples, steps, invariant checks, failures, seconds) are printed at the end."""
 
@@ -14,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
-from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
 from hypothesis.stateful import run_state_machine_as_test
 
 from onchain.sandbox import CircleSandbox
@@ -43,15 +51,18 @@ def profile() -> settings:
     if name not in PROFILES:
         raise pytest.UsageError(f"HYPOTHESIS_PROFILE must be one of {', '.join(PROFILES)}")
     chosen = dict(PROFILES[name])
+    overridden = False
     for variable, setting in (
         ("MODEL_EXAMPLES", "max_examples"),
         ("MODEL_STEPS", "stateful_step_count"),
     ):
         if os.environ.get(variable):
             chosen[setting] = int(os.environ[variable])
+            overridden = True
+    writable = name == "nightly" and not overridden
     return settings(
         **chosen,
-        database=EXAMPLES,
+        database=EXAMPLES if writable else ReadOnlyDatabase(EXAMPLES),
         deadline=None,
         suppress_health_check=list(HealthCheck),
         report_multiple_bugs=True,
