@@ -64,7 +64,8 @@ TIMEOUT_DELAY = 0.5  # seconds a sandbox waits before answering: longer than our
 
 
 class Context:
-    """What the test gives the machine: the running sandboxes and the webhook's URL."""
+    """What the test gives the machine: the running sandboxes (Circle's notifies our webhook
+    on the live server), and the figures the test prints."""
 
     circle = None
     due = None
