@@ -1,0 +1,124 @@
+"""The world the model runs in: a clean database per example, the Circle and Due sandboxes
+(reset per example), and what the providers hold according to the sandboxes' own records."""
+
+from decimal import Decimal
+
+from django.apps import apps
+from django.db import connection
+
+from ledger.models import Account
+from ledger.services import Leg, transaction_post
+from onchain.sandbox import CircleSandbox
+from tests.conftest import DATA_MIGRATIONS
+from treasury.sandbox import DueSandbox
+from treasury.services import threshold_set
+
+APP_LABELS = ("ledger", "cutover", "onchain", "treasury")
+# Small bands, so that the model's amounts move buffers across them.
+THRESHOLDS = {"USDC": ("50", "200", "1000"), "USD": ("50", "200", "1000")}
+
+
+def database_reset() -> None:
+    """Every app table emptied and the data migrations run again: a fresh product."""
+    tables = [
+        model._meta.db_table
+        for label in APP_LABELS
+        for model in apps.get_app_config(label).get_models()
+        if not model._meta.proxy and model._meta.managed
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+    for migration in DATA_MIGRATIONS:
+        migration(apps, None)
+    for currency, (minimum, target, maximum) in THRESHOLDS.items():
+        threshold_set(
+            currency=currency,
+            minimum=Decimal(minimum),
+            target=Decimal(target),
+            maximum=Decimal(maximum),
+        )
+
+
+def circle_reset(circle: CircleSandbox) -> None:
+    with circle.lock:
+        circle.transfers.clear()
+        circle.by_key.clear()
+        circle.fail_next.clear()
+        circle.delay = 0.0
+        circle.settle = None
+        circle.on_created = None
+
+
+def due_reset(due: DueSandbox) -> None:
+    with due.lock:
+        due.conversions.clear()
+        due.by_key.clear()
+        due.fail_next.clear()
+        due.delay = 0.0
+        due.settle = None
+        due.callback = None
+
+
+def circle_wallet_flows(circle: CircleSandbox, registered: set[str]) -> Decimal:
+    """What came into and left the Circle wallet since the model began, from the sandbox's
+    transfers: inbound deposits (complete on arrival) less outbound transfers that completed.
+    Deposits to addresses nobody registered are left out: parked for an operator, they are
+    not booked yet, by design."""
+    total = Decimal(0)
+    with circle.lock:
+        for transfer in circle.transfers.values():
+            amount = Decimal(transfer["amount"]["amount"])
+            if transfer["destination"].get("type") == "wallet":
+                total += amount if transfer["destination"]["address"] in registered else 0
+            elif transfer["source"].get("type") == "wallet" and transfer["status"] == "complete":
+                total -= amount
+    return total
+
+
+def due_conversion_flows(due: DueSandbox) -> dict[str, Decimal]:
+    """Per currency, what completed conversions at Due added (destination) and took (source)."""
+    flows = {"USD": Decimal(0), "USDC": Decimal(0)}
+    with due.lock:
+        for conversion in due.conversions.values():
+            if conversion["status"] != "completed":
+                continue
+            flows[conversion["source"]["currency"]] -= Decimal(conversion["source"]["amount"])
+            flows[conversion["destination"]["currency"]] += Decimal(
+                conversion["destination"]["amount"]
+            )
+    return flows
+
+
+def custody_open(*, currency: str, reported: Decimal) -> None:
+    """Book the buffer's opening balance from the provider's reported balance. The custody
+    service (issue 9 item 2, cutover.services.custody_open) does it once merged; until then
+    the same posting through the ledger's public service (debit the buffer, credit
+    opening-balance equity, namespace `custody`, reference `opening:<CUR>`)."""
+    from cutover import services
+
+    if hasattr(services, "custody_open"):
+        from cutover.actors import Actor
+
+        services.custody_open(
+            currency=currency,
+            reported=reported,
+            source="model",
+            actor=Actor(name="model:operator"),
+            reason="the model opens custody",
+        )
+        return
+    if not reported:
+        return
+    buffer = "usdc_buffer" if currency == "USDC" else "fiat_buffer"
+    transaction_post(
+        namespace="custody",
+        reference_id=f"opening:{currency}",
+        kind="opening_balance",
+        legs=[
+            Leg.debit(Account.objects.get(code=buffer), reported),
+            Leg.credit(
+                Account.objects.get(code=f"opening_balance_equity_{currency.lower()}"), reported
+            ),
+        ],
+        metadata={"source": "model"},
+    )
