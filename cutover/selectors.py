@@ -38,6 +38,22 @@ def user_account_type(currency: str) -> str:
     return f"{currency.lower()}_balance"
 
 
+def user_currency(user_id: UUID) -> str | None:
+    """The one currency a user holds (legacy row first, else the ledger account), None for a
+    user with neither yet."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """SELECT currency FROM balances WHERE user_id = %s
+               UNION ALL
+               SELECT currency FROM ledger_accounts
+                WHERE user_id = %s AND account_type = lower(currency) || '_balance'
+               LIMIT 1""",
+            [user_id, user_id],
+        )
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

@@ -7,6 +7,7 @@ from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
 from cutover.actors import Actor
+from cutover.selectors import user_currency
 from ledger.admin import ReadOnlyAdmin
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.services import notification_replay, withdrawal_cancel, withdrawal_resend
@@ -43,8 +44,26 @@ class CircleNotificationAdmin(ReadOnlyAdmin):
                 self.message_user(request, f"{notification}: {status}", messages.SUCCESS)
 
 
+class DepositAddressForm(forms.ModelForm):
+    class Meta:
+        model = DepositAddress
+        fields = ("address", "chain", "user_id", "currency")
+
+    def clean(self):
+        # PostgreSQL refuses it too (OC002); here the operator gets the reason on the form.
+        data = super().clean()
+        held = data.get("user_id") and user_currency(data["user_id"])
+        if held and held != data.get("currency"):
+            raise forms.ValidationError(
+                f"user {data['user_id']} holds {held}: a {data.get('currency')} deposit address "
+                "would take deposits that can never be credited"
+            )
+        return data
+
+
 @admin.register(DepositAddress)
 class DepositAddressAdmin(admin.ModelAdmin):
+    form = DepositAddressForm
     list_display = ("address", "chain", "user_id", "currency", "created_at")
     search_fields = ("address", "=user_id")
 

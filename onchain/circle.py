@@ -81,12 +81,11 @@ def transfer_get(transfer_id: str) -> dict:
 
 
 def transfers_inbound(*, since: str, page_size: int = 50) -> list[dict]:
-    """Transfers into our wallet created at or after `since` (ISO 8601), newest first (one
-    page: the poll runs often enough)."""
-    query = urlencode(
+    """Every transfer into our wallet created at or after `since` (ISO 8601), newest first,
+    all pages."""
+    return _transfers_all(
         {"destinationWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size}
     )
-    return _transfer_page(_call("GET", f"/v1/transfers?{query}"))
 
 
 def transfers_outbound(*, since: str, page_size: int = 50) -> list[dict]:
@@ -95,12 +94,17 @@ def transfers_outbound(*, since: str, page_size: int = 50) -> list[dict]:
     `pageSize`, `pageAfter`) is the only documented way to find a transfer whose create
     answer was lost: the transfer object does not carry its idempotencyKey, and a POST with
     the same key would create the transfer if Circle did not have it."""
+    return _transfers_all(
+        {"sourceWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size}
+    )
+
+
+def _transfers_all(params: dict) -> list[dict]:
     found: list[dict] = []
-    params = {"sourceWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size}
     while True:
         page = _transfer_page(_call("GET", f"/v1/transfers?{urlencode(params)}"))
         found.extend(page)
-        if len(page) < page_size:
+        if len(page) < params["pageSize"]:
             return found
         params["pageAfter"] = page[-1]["id"]
 

@@ -27,7 +27,7 @@ from django.utils import timezone
 from cutover.actors import Actor
 from cutover.exceptions import ConcurrentDuplicate, KillSwitchEngaged
 from cutover.models import BalanceMutation
-from cutover.selectors import custody_opened, phase_state
+from cutover.selectors import custody_opened, phase_state, user_currency
 from cutover.services import (
     balance_mutation_apply,
     operator_action_record,
@@ -288,6 +288,20 @@ def _deposit_credit(transfer: dict, *, correlation_id: str) -> str:
         amount = amount_parse(amount, address.currency)
     except InvalidAmount as exc:
         raise MalformedNotification(f"the transfer's amount: {exc}") from None
+    held = user_currency(address.user_id)
+    if held is not None and held != address.currency:
+        # The money is in our wallet but this user cannot hold it (one currency per user):
+        # kept for an operator, never a retry loop. (PostgreSQL refuses such an address, OC002;
+        # this covers a user whose first money came in another currency after registering.)
+        log.error(
+            "ALERT circle transfer %s to %s: user %s holds %s, not %s; parked for an operator",
+            transfer_id,
+            destination,
+            address.user_id,
+            held,
+            address.currency,
+        )
+        return InboxStatus.PARKED
     result = balance_mutation_apply(
         user_id=address.user_id,
         direction="credit",

@@ -47,3 +47,27 @@ END $$;
 DROP TRIGGER IF EXISTS onchain_withdrawal_keep ON onchain_withdrawals;
 CREATE TRIGGER onchain_withdrawal_keep BEFORE DELETE ON onchain_withdrawals
     FOR EACH ROW EXECUTE FUNCTION onchain_withdrawal_keep();
+
+-- A deposit address credits its user in the address's currency, and a user holds one currency
+-- (cutover_balance_mutate's rule, so that a rollback can rebuild the legacy store): an address
+-- for a user who holds another currency would take deposits that can never be credited.
+CREATE OR REPLACE FUNCTION onchain_deposit_address_currency() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_held text;
+BEGIN
+    SELECT b.currency INTO v_held FROM balances b WHERE b.user_id = NEW.user_id;
+    IF NOT FOUND THEN
+        SELECT a.currency INTO v_held FROM ledger_accounts a
+         WHERE a.user_id = NEW.user_id AND a.account_type = lower(a.currency) || '_balance';
+    END IF;
+    IF v_held IS NOT NULL AND v_held <> NEW.currency THEN
+        RAISE EXCEPTION 'deposit address %: user % holds %, not %', NEW.address, NEW.user_id,
+            v_held, NEW.currency USING ERRCODE = 'OC002';
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS onchain_deposit_address_currency ON onchain_deposit_addresses;
+CREATE TRIGGER onchain_deposit_address_currency BEFORE INSERT OR UPDATE ON onchain_deposit_addresses
+    FOR EACH ROW EXECUTE FUNCTION onchain_deposit_address_currency();

@@ -263,35 +263,19 @@ def conversions_within_source_minimum() -> list[str]:
 
 
 def rollback_possible() -> list[str]:
-    """From cutover, the emergency rollback's rebuild of `balances` runs and loses nothing:
-    tried inside a transaction that is always rolled back. (The lead's dry-run rollback
-    service replaces this body once merged; it should be called here, for every phase.)"""
-    from django.db import DatabaseError, transaction
+    """The emergency rollback would succeed from this state, in every phase but legacy: the
+    whole rollback (write fence, rebuild from cutover, equality proof) runs and is undone
+    (`cutover rollback --dry-run`)."""
+    from cutover.exceptions import TransitionRefused
+    from cutover.services import phase_rollback_rehearse
 
-    from cutover.services import LEGACY_REBUILD_SQL
-
-    if phase() != "cutover":
+    if phase() == "legacy":
         return []
-    found: list[str] = []
     try:
-        with transaction.atomic():
-            try:
-                with connection.cursor() as cursor:
-                    cursor.execute(LEGACY_REBUILD_SQL)
-                found = [
-                    f"after the rebuild, user {user} {currency}: legacy {legacy} != ledger {ledger}"
-                    for user, currency, legacy, ledger in _rows(STORE_DIFFERENCES_SQL)
-                ]
-            except DatabaseError as exc:
-                found = [f"the rollback's rebuild of balances fails: {exc}".splitlines()[0]]
-            raise _Undo
-    except _Undo:
-        pass
-    return found
-
-
-class _Undo(Exception):
-    """Raised to roll back the trial rebuild."""
+        phase_rollback_rehearse()
+    except TransitionRefused as exc:
+        return [f"the rollback would be refused: {exc}"]
+    return []
 
 
 def every_invariant(opening: dict) -> dict[str, list[str]]:

@@ -43,6 +43,7 @@ from cutover.services import (
     phase_rollback,
     reconciliation_run,
 )
+from onchain.exceptions import CircleUnavailable, WithdrawalRefused
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.services import (
     notification_process,
@@ -123,7 +124,9 @@ class MoneyMachine(RuleBasedStateMachine):
         self.custody_opened: set[str] = set()
         self.address_of: dict = {}
         self.http = Client()
-        _, token = api_client_create(name="model")
+        _, token = api_client_create(
+            name="model", scopes=["read", "credit", "debit", "withdraw"], actor=OPERATOR
+        )
         self.auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
         self.ids = 0
 
@@ -173,6 +176,9 @@ class MoneyMachine(RuleBasedStateMachine):
                 return
             target = next_phase(Phase(state.phase))
             failing = {check.name for check in gate_evaluate(state, target).checks if not check.ok}
+            for currency in CURRENCIES:  # the gate to shadow asks for custody: book it
+                if f"custody_{currency.lower()}" in failing:
+                    self.custody_open(currency=currency)
             if "backfill" in failing:
                 self.backfill()
             if "reconciliation" in failing:
@@ -336,11 +342,13 @@ class MoneyMachine(RuleBasedStateMachine):
         if not dead:
             return
         pk = _pick(dead, pick)
-        with suppress(KillSwitchEngaged):
+        # Refusals are answers too: the kill switch holds them, a cancel Circle may have the
+        # transfer for is refused (the withdrawal follows Circle), Circle may not answer.
+        with suppress(KillSwitchEngaged, WithdrawalRefused, CircleUnavailable):
             if cancel:
-                withdrawal_cancel(withdrawal_id=pk, actor="model:operator", reason="model")
+                withdrawal_cancel(withdrawal_id=pk, actor=OPERATOR, reason="model")
             else:
-                withdrawal_resend(withdrawal_id=pk, actor="model:operator")
+                withdrawal_resend(withdrawal_id=pk, actor=OPERATOR, reason="model")
 
     # --- conversions ----------------------------------------------------------------------
 
@@ -400,7 +408,7 @@ class MoneyMachine(RuleBasedStateMachine):
         )
         if jobs:
             with suppress(JobRefused):
-                job_retry(job_id=_pick(jobs, pick), actor="model:operator")
+                job_retry(job_id=_pick(jobs, pick), actor=OPERATOR, reason="model")
 
     # --- invariants -----------------------------------------------------------------------
 
@@ -414,12 +422,17 @@ class MoneyMachine(RuleBasedStateMachine):
 
     # --- quiescence -----------------------------------------------------------------------
 
-    def provider_holds(self, currency: str) -> Decimal:
+    def provider_holds(self, currency: str, *, attributed_only: bool = False) -> Decimal:
         """What the provider holds now: what it held before the model began, plus what moved
-        since, from the sandboxes' own records."""
+        since, from the sandboxes' own records; `attributed_only` leaves out deposits to
+        addresses nobody registered (what the buffer can hold once everything is credited)."""
         held = self.held_before[currency] + world.due_conversion_flows(Context.due)[currency]
         if currency == "USDC":
-            registered = set(DepositAddress.objects.values_list("address", flat=True))
+            registered = (
+                set(DepositAddress.objects.values_list("address", flat=True))
+                if attributed_only
+                else None
+            )
             held += world.circle_wallet_flows(Context.circle, registered)
         return held
 
@@ -466,8 +479,8 @@ class MoneyMachine(RuleBasedStateMachine):
                 due.finish(conversion_id, "completed")
             monitor_run()
         found = invariants.custody_matches_providers(
-            circle_wallet=self.provider_holds("USDC"),
-            due_fiat=self.provider_holds("USD"),
+            circle_wallet=self.provider_holds("USDC", attributed_only=True),
+            due_fiat=self.provider_holds("USD", attributed_only=True),
             opened=self.custody_opened,
         )
         if found:

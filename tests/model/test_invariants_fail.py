@@ -11,7 +11,7 @@ import pytest
 from django.db import connection, transaction
 
 from ledger.models import Account
-from ledger.services import Leg, account_open, opening_balance_post, transaction_post
+from ledger.services import Leg, transaction_post
 from onchain.services import withdrawal_request
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.model import invariants, world
@@ -194,18 +194,21 @@ def test_conversions_within_source_minimum_sees_a_drained_buffer():
     assert "take 60" in found
 
 
-def test_rollback_possible_sees_a_second_currency_in_cutover():
-    """Issue 9 path 1's state: a USDC user credited USD in cutover (two ledger accounts)."""
+def test_rollback_possible_sees_a_legacy_row_in_another_currency():
+    """A state the rollback cannot rebuild without losing a currency (the database refuses a
+    second balance account, so the corruption is a hand-edited legacy row): the check reports
+    it, and the trial changes nothing."""
     user = legacy_user("10")
     ledger_balance_set(user, "10")
     phase_set("cutover", read_percent=100)
     assert invariants.rollback_possible() == []
-    account = account_open(user_id=user, account_type="usd_balance", currency="USD")
-    opening_balance_post(namespace="test", account=account, amount=Decimal(5))
-    assert invariants.rollback_possible()
-    assert invariants.phase() == "cutover"  # the trial rebuild was rolled back
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE balances SET currency = 'USD' WHERE user_id = %s", [user])
+    [found] = invariants.rollback_possible()
+    assert "another currency" in found
+    assert invariants.phase() == "cutover"  # the trial rollback was undone
     assert _rows("SELECT buying_power, currency FROM balances WHERE user_id = %s", [user]) == [
-        (Decimal(10), "USDC")
+        (Decimal(10), "USD")
     ]
 
 

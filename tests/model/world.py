@@ -6,8 +6,8 @@ from decimal import Decimal
 from django.apps import apps
 from django.db import connection
 
-from ledger.models import Account
-from ledger.services import Leg, transaction_post
+from config.custody import custody_open_at, deposits_uncredited_at_circle
+from cutover.actors import Actor
 from onchain.sandbox import CircleSandbox
 from tests.conftest import DATA_MIGRATIONS
 from treasury.sandbox import DueSandbox
@@ -36,6 +36,8 @@ def database_reset() -> None:
             minimum=Decimal(minimum),
             target=Decimal(target),
             maximum=Decimal(maximum),
+            actor=Actor(name="model:operator"),
+            reason="the model's bands",
         )
 
 
@@ -59,17 +61,18 @@ def due_reset(due: DueSandbox) -> None:
         due.callback = None
 
 
-def circle_wallet_flows(circle: CircleSandbox, registered: set[str]) -> Decimal:
+def circle_wallet_flows(circle: CircleSandbox, registered: set[str] | None = None) -> Decimal:
     """What came into and left the Circle wallet since the model began, from the sandbox's
     transfers: inbound deposits (complete on arrival) less outbound transfers that completed.
-    Deposits to addresses nobody registered are left out: parked for an operator, they are
-    not booked yet, by design."""
+    Given the `registered` addresses, deposits to any other address are left out (nobody can
+    be credited them: parked for an operator, in no buffer by design)."""
     total = Decimal(0)
     with circle.lock:
         for transfer in circle.transfers.values():
             amount = Decimal(transfer["amount"]["amount"])
             if transfer["destination"].get("type") == "wallet":
-                total += amount if transfer["destination"]["address"] in registered else 0
+                attributed = registered is None or transfer["destination"]["address"] in registered
+                total += amount if attributed else 0
             elif transfer["source"].get("type") == "wallet" and transfer["status"] == "complete":
                 total -= amount
     return total
@@ -90,35 +93,12 @@ def due_conversion_flows(due: DueSandbox) -> dict[str, Decimal]:
 
 
 def custody_open(*, currency: str, reported: Decimal) -> None:
-    """Book the buffer's opening balance from the provider's reported balance. The custody
-    service (issue 9 item 2, cutover.services.custody_open) does it once merged; until then
-    the same posting through the ledger's public service (debit the buffer, credit
-    opening-balance equity, namespace `custody`, reference `opening:<CUR>`)."""
-    from cutover import services
-
-    if hasattr(services, "custody_open"):
-        from cutover.actors import Actor
-
-        services.custody_open(
-            currency=currency,
-            reported=reported,
-            source="model",
-            actor=Actor(name="model:operator"),
-            reason="the model opens custody",
-        )
-        return
-    if not reported:
-        return
-    buffer = "usdc_buffer" if currency == "USDC" else "fiat_buffer"
-    transaction_post(
-        namespace="custody",
-        reference_id=f"opening:{currency}",
-        kind="opening_balance",
-        legs=[
-            Leg.debit(Account.objects.get(code=buffer), reported),
-            Leg.credit(
-                Account.objects.get(code=f"opening_balance_equity_{currency.lower()}"), reported
-            ),
-        ],
-        metadata={"source": "model"},
+    """Book the buffer's opening balance from the provider's reported balance."""
+    custody_open_at(
+        currency=currency,
+        reported=reported,
+        uncredited=deposits_uncredited_at_circle() if currency == "USDC" else Decimal(0),
+        source="model",
+        actor=Actor(name="model:operator"),
+        reason="the model opens custody",
     )
