@@ -12,9 +12,9 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from config import embedded_db
 from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
+from rehearsal import embedded_db
 from tests.test_configuration import manage as configuration_manage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +147,11 @@ def test_bench_posting_prints_ours_beside_pgbench():
 def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
     """manage.py in a subprocess on the settings operators run (not the tests' own)."""
     return configuration_manage(*args, DJANGO_SETTINGS_MODULE="config.settings.base", **env)
+
+
+def test_the_settings_embedded_default_is_the_cluster_the_commands_start():
+    # base.py names the embedded cluster's URL without importing the rehearsal app.
+    assert embedded_db.database_url() == settings.EMBEDDED_DATABASE_URL
 
 
 @pytest.mark.django_db(transaction=False)

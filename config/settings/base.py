@@ -3,7 +3,6 @@ config.env and validated here: a missing or malformed variable stops the process
 
 from pathlib import Path
 
-from config import embedded_db
 from config.env import (
     ConfigurationError,
     env,
@@ -39,6 +38,7 @@ INSTALLED_APPS = [
     "treasury",
     "onchain",
     "config",
+    "rehearsal",
 ]
 
 MIDDLEWARE = [
@@ -72,12 +72,14 @@ TEMPLATES = [
     },
 ]
 
-# Without DATABASE_URL the project uses its own embedded PostgreSQL (config/embedded_db.py),
-# which `rehearse` and `bench` start and stop themselves.
+# Without DATABASE_URL the project points at its own embedded PostgreSQL: the Unix socket of the
+# cluster in .embedded-pg/ that `rehearse` and `bench` start and stop themselves
+# (rehearsal/embedded_db.py; a test holds the two to the same URL). Nothing else starts it.
 EMBEDDED_DATABASE = env.str("DATABASE_URL", default="") == ""
+EMBEDDED_DATABASE_URL = f"postgres://postgres@/ledger?host={BASE_DIR / '.embedded-pg' / 'run'}"
 DATABASE_URL = env_url(
     "DATABASE_URL",
-    default=embedded_db.database_url(),
+    default=EMBEDDED_DATABASE_URL,
     schemes=("postgres", "postgresql", "pgsql"),
 )
 DATABASES = {

@@ -15,7 +15,6 @@ import pytest
 from django.db import connection, connections
 from django.db.models import Sum
 
-from config.runtime import processes_run
 from cutover.actors import Actor
 from cutover.exceptions import KillSwitchEngaged, StrictLedgerFailure
 from cutover.models import BalanceMutation, Discrepancy, LegacyBalance, PhaseAudit
@@ -31,6 +30,7 @@ from cutover.services import (
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account, Transaction
 from ledger.selectors import ledger_integrity_checks
+from rehearsal.runtime import processes_run
 from tests.cutover.factories import database_url, ledger_balance_set, legacy_user, phase_set
 
 pytestmark = pytest.mark.django_db(transaction=True)

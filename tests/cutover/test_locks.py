@@ -14,7 +14,7 @@ from tests.cutover.test_reconciliation import other_connection
 from treasury.services import settlement_cycle_run
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-APPS = ["ledger", "cutover", "treasury", "onchain", "config"]
+APPS = ["ledger", "cutover", "treasury", "onchain", "config", "rehearsal"]
 
 
 def test_keys_are_unique():

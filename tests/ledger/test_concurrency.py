@@ -11,11 +11,11 @@ from decimal import Decimal
 import pytest
 from django.db import OperationalError, connection, connections, transaction
 
-from config.runtime import processes_run
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account, Transaction
 from ledger.selectors import account_balance, ledger_integrity_checks
 from ledger.services import Leg, transaction_apply, transaction_post
+from rehearsal.runtime import processes_run
 from tests.ledger.factories import UserAccountFactory, fund
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -15,7 +15,6 @@ import pytest
 from django.db import connection
 from django.db.models import Sum
 
-from config.runtime import processes_run
 from cutover.exceptions import CutoverError
 from cutover.models import BalanceMutation, LegacyBalance
 from ledger.models import Account
@@ -23,6 +22,7 @@ from ledger.selectors import ledger_integrity_checks
 from onchain.models import CircleNotification, DepositAddress
 from onchain.sandbox import CircleSandbox
 from onchain.services import notification_receive
+from rehearsal.runtime import processes_run
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -14,11 +14,11 @@ import redis
 from django.db import connection
 from django.db.models import Count
 
-from config.runtime import processes_run
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account
 from ledger.selectors import ledger_integrity_checks
 from ledger.services import Leg, transaction_post
+from rehearsal.runtime import processes_run
 from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
 from tests.treasury.conftest import KEY, SECRET, buffers, celery_environment, fund
 from treasury.models import OPEN_STATUSES, ConversionJob, SettlementCycle

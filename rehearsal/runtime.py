@@ -19,7 +19,7 @@ from django.core.servers.basehttp import (
 )
 from django.db import DatabaseError, connections
 
-from config import embedded_db
+from rehearsal import embedded_db
 
 
 def database_url(name: str) -> str:

@@ -10,7 +10,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from config.benchmarks import (
+from cutover.actors import Actor
+from cutover.phases import ORDER
+from cutover.services import api_client_create
+from onchain.sandbox import CircleSandbox
+from rehearsal.benchmarks import (
     api_server,
     bench_accounts_open,
     bench_users_in_phase,
@@ -23,11 +27,7 @@ from config.benchmarks import (
     webhook_users,
     webhooks_measure,
 )
-from config.runtime import database_ready, positive_int, scratch_database
-from cutover.actors import Actor
-from cutover.phases import ORDER
-from cutover.services import api_client_create
-from onchain.sandbox import CircleSandbox
+from rehearsal.runtime import database_ready, positive_int, scratch_database
 
 
 class Command(BaseCommand):

@@ -23,7 +23,6 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import connection
 
-from config.runtime import database_url, latency_summary, processes_run
 from cutover.actors import Actor
 from cutover.phases import ORDER, Phase
 from cutover.services import (
@@ -38,6 +37,7 @@ from ledger.models import Account
 from ledger.selectors import system_account
 from ledger.services import Leg, account_open, opening_balance_post, transaction_post
 from onchain.models import DepositAddress
+from rehearsal.runtime import database_url, latency_summary, processes_run
 
 BENCH_NAMESPACE = "bench"
 PGBENCH_THREADS = 2  # pgbench -j: one thread per core of this machine kind

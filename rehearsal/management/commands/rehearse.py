@@ -8,9 +8,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from config.rehearsal import Rehearsal
-from config.runtime import ScratchDatabaseError, database_ready, positive_int, scratch_database
 from cutover.exceptions import CutoverError
+from rehearsal.rehearsal import Rehearsal
+from rehearsal.runtime import ScratchDatabaseError, database_ready, positive_int, scratch_database
 
 
 class Command(BaseCommand):
