@@ -12,7 +12,7 @@ import redis
 import yaml
 from django.db import connection
 
-from rehearsal.benchmarks import api_server
+from rehearsal.bench_http import api_server
 from tests.celery import QUIET, celery_running, wait_for
 from tests.treasury.conftest import KEY, SECRET, buffers, celery_environment, fund
 from treasury.models import BufferThreshold, ConversionJob

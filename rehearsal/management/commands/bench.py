@@ -14,18 +14,15 @@ from cutover.actors import Actor
 from cutover.phases import ORDER
 from cutover.services import api_client_create
 from onchain.sandbox import CircleSandbox
+from rehearsal.bench_http import api_server, reads_measure, webhook_users, webhooks_measure
 from rehearsal.benchmarks import (
-    api_server,
     bench_accounts_open,
     bench_users_in_phase,
     pgbench_binary,
     pgbench_measure,
     posting_measure,
-    reads_measure,
     reconcile_measure,
     reconcile_seed,
-    webhook_users,
-    webhooks_measure,
 )
 from rehearsal.runtime import database_ready, positive_int, scratch_database
 

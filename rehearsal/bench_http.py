@@ -1,0 +1,220 @@
+"""The HTTP benchmarks: gunicorn serving this project on loopback (`api_server`), and the load
+of `bench reads` and `bench webhooks` against it."""
+
+import http.client
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+from django.conf import settings
+
+from onchain.models import DepositAddress
+from rehearsal.benchmarks import bench_users_in_phase
+from rehearsal.runtime import database_url, latency_summary
+
+# --- bench reads ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def api_server(database_name: str, environment: dict | None = None) -> Iterator[int]:
+    """gunicorn serving this project on a loopback port, on `database_name` (with `environment`
+    added to its settings' environment), laid out as deploy/ runs it (config/gunicorn.py, metrics
+    shared through a PROMETHEUS_MULTIPROC_DIR); yields the port."""
+    port = _free_port()
+    with tempfile.TemporaryFile("w+") as log, tempfile.TemporaryDirectory() as metrics_dir:
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url(database_name),
+            "DJANGO_SETTINGS_MODULE": "config.settings.base",
+            "LOG_LEVEL": "WARNING",  # one log line per request would measure the log, not the API
+            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,  # as deploy/ runs it
+            **(environment or {}),
+        }
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "config.wsgi:application",
+                "--config",
+                "python:config.gunicorn",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--log-level",
+                "warning",
+            ],
+            cwd=settings.BASE_DIR,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.time() + 30
+            while not _answers(port):
+                if time.time() > deadline or process.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"gunicorn did not start: {log.read()[-2000:]}")
+                time.sleep(0.1)
+            yield port
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def reads_measure(port: int, token: str, users: list, rps: int, seconds: int) -> dict:
+    """An open-loop load at `rps` requests/s of GET .../balance (threads, keep-alive
+    connections): latency measured from each request's scheduled time, so a slow server
+    cannot hide its queueing."""
+    total = rps * seconds
+    interval = 1.0 / rps
+    started = time.perf_counter() + 0.5
+    latencies, errors, lock = [], [0], threading.Lock()
+    local = threading.local()
+
+    def request(index: int) -> None:
+        scheduled = started + index * interval
+        time.sleep(max(0.0, scheduled - time.perf_counter()))
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        user = users[index % len(users)]
+        try:
+            local.conn.request(
+                "GET",
+                f"/api/v1/users/{user}/balance",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            response = local.conn.getresponse()
+            response.read()
+            ok = response.status == 200
+        except (OSError, http.client.HTTPException):
+            local.conn.close()
+            del local.conn
+            ok = False
+        elapsed = (time.perf_counter() - scheduled) * 1000
+        with lock:
+            latencies.append(elapsed)
+            errors[0] += not ok
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        list(pool.map(request, range(total)))
+    achieved = total / (time.perf_counter() - started)
+    return {
+        "requests": total,
+        "errors": errors[0],
+        "achieved_rps": round(achieved, 1),
+        **latency_summary(latencies),
+    }
+
+
+# --- bench webhooks ---------------------------------------------------------------------------
+
+
+def webhook_users(count: int) -> list[str]:
+    """`count` users in shadow, each with a ledger account and a deposit address; the
+    addresses."""
+    users = bench_users_in_phase(count, "shadow")
+    addresses = [f"0x{index:040x}" for index in range(count)]
+    DepositAddress.objects.bulk_create(
+        DepositAddress(address=address, chain="ETH", user_id=user)
+        for address, user in zip(addresses, users, strict=True)
+    )
+    return addresses
+
+
+def webhooks_measure(
+    port: int, sandbox, addresses: list[str], senders: int, seconds: int, redeliver: float
+) -> dict:
+    """`senders` concurrent senders (keep-alive connections) post signed completed-deposit
+    notifications for `seconds`, a `redeliver` share of them a second time, as Circle does;
+    latency per delivery, throughput of accepted (2xx) deliveries."""
+    rng = random.Random(7)
+    # Signed before the clock starts (up to 1,000/s of the run): the load generator shares the
+    # machine's cores with the server, and signing is Circle's work, not ours.
+    bodies = []
+    for index in range(1000 * seconds):
+        body = sandbox.transfer_notification(
+            notification_type="transfers.completed",
+            transfer_id=f"bench-{index}",
+            address=addresses[index % len(addresses)],
+            amount=f"{rng.randint(1, 10**6) / 100:.2f}",
+        )
+        bodies.append((body, sandbox.sign(body)))
+    deadline = time.perf_counter() + seconds
+    latencies, statuses, lock = [], {}, threading.Lock()
+    supply = iter(bodies)
+
+    def body_next() -> tuple[bytes, str] | None:
+        with lock:
+            return next(supply, None)
+
+    def sender(_: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        redelivery = None
+        while time.perf_counter() < deadline:
+            delivery = redelivery or body_next()
+            if delivery is None:  # every prepared notification was sent
+                break
+            body, signature = delivery
+            redelivery = (
+                (body, signature) if redelivery is None and rng.random() < redeliver else None
+            )
+            started = time.perf_counter()
+            try:
+                conn.request(
+                    "POST",
+                    "/webhooks/circle/transfers",
+                    body=body,
+                    headers={
+                        "Content-Type": "application/json",
+                        "X-Circle-Signature": signature,
+                        "X-Circle-Key-Id": sandbox.key_id,
+                    },
+                )
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                status = 0
+            elapsed = (time.perf_counter() - started) * 1000
+            with lock:
+                latencies.append(elapsed)
+                statuses[status] = statuses.get(status, 0) + 1
+        conn.close()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=senders) as pool:
+        list(pool.map(sender, range(senders)))
+    elapsed = time.perf_counter() - started
+    accepted = sum(count for status, count in statuses.items() if 200 <= status < 300)
+    return {
+        "deliveries": len(latencies),
+        "accepted": accepted,
+        "statuses": {str(status): count for status, count in sorted(statuses.items())},
+        "accepted_per_second": round(accepted / elapsed, 1),
+        **latency_summary(latencies),
+    }
