@@ -6,12 +6,12 @@ from decimal import Decimal
 from django.db import connection
 from django.utils import timezone
 
-from config import runtime
 from cutover.actors import Actor
 from cutover.models import LegacyBalance, PhaseState
 from cutover.selectors import user_account_type
 from cutover.services import custody_open
 from ledger.services import account_open, opening_balance_post
+from rehearsal import runtime
 
 
 def legacy_user(amount: str | Decimal = "100", currency: str = "USDC") -> uuid.UUID:
