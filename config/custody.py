@@ -9,10 +9,10 @@ from django.conf import settings
 from django.utils import timezone
 
 from cutover.actors import Actor
+from cutover.custody import CustodyComparison, CustodyReading, custody_open, custody_reconcile
 from cutover.exceptions import CustodyRefused
 from cutover.models import CustodyOpening
 from cutover.selectors import CUSTODY_BUFFERS
-from cutover.services import CustodyComparison, CustodyReading, custody_open, custody_reconcile
 from onchain import circle
 from onchain.selectors import deposits_not_yet_credited
 from treasury import due

@@ -1,5 +1,5 @@
 """The operators' console for the migration. Nothing here writes a model directly: every change
-goes through cutover.services, which checks permissions and writes the audit trail."""
+goes through the cutover services, which checks permissions and writes the audit trail."""
 
 from django import forms
 from django.contrib import admin, messages
@@ -20,8 +20,9 @@ from cutover.models import (
     ReconciliationRun,
     StrictFailure,
 )
+from cutover.phase_machine import kill_switch_set
 from cutover.phases import flags_of
-from cutover.services import discrepancy_resolve, kill_switch_set
+from cutover.reconciliation import discrepancy_resolve
 from ledger.admin import ReadOnlyAdmin
 
 
@@ -220,7 +221,7 @@ class CustodyOpeningAdmin(ReadOnlyAdmin):
 @admin.register(CustodyDiscrepancy)
 class CustodyDiscrepancyAdmin(ReadOnlyAdmin):
     """Read-only: recorded and resolved by the custody reconciliation
-    (cutover.services.custody_reconcile)."""
+    (cutover.custody.custody_reconcile)."""
 
     list_display = (
         "currency",

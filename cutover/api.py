@@ -14,6 +14,12 @@ from decimal import Decimal
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
+from cutover.api_clients import (
+    api_client_spend,
+    idempotency_claim,
+    idempotency_complete,
+    idempotency_release,
+)
 from cutover.exceptions import (
     ApiClientLimitExceeded,
     IdempotencyKeyInFlight,
@@ -21,12 +27,6 @@ from cutover.exceptions import (
 )
 from cutover.models import ApiClient
 from cutover.selectors import api_client_authenticate
-from cutover.services import (
-    api_client_spend,
-    idempotency_claim,
-    idempotency_complete,
-    idempotency_release,
-)
 
 log = logging.getLogger("cutover.api")
 MAX_BODY_BYTES = 16 * 1024

@@ -34,7 +34,7 @@ class MutationConflict(CutoverError):
 class StrictLedgerFailure(CutoverError):
     """The ledger refused a write the phase requires (strict, cutover, or the legacy mirror
     once custody is open), so the whole request failed. Carries what a StrictFailure row
-    records (cutover.services.strict_failure_recorded)."""
+    records (cutover.balance_path.strict_failure_recorded)."""
 
     def __init__(self, message: str, *, phase: str, user_id, reference: str):
         super().__init__(message)

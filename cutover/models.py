@@ -47,7 +47,7 @@ class LegacyBalance(models.Model):
 
 
 class PhaseState(models.Model):
-    """The one row saying where the rollout stands; changed only by cutover.services."""
+    """The one row saying where the rollout stands; changed only by cutover.phase_machine."""
 
     id = models.PositiveSmallIntegerField(primary_key=True, default=1)
     phase = models.CharField(max_length=16, choices=PHASE_CHOICES)

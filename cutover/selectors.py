@@ -165,6 +165,12 @@ TOTALS_SQL = """
 """
 
 
+def backfill_pending() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM ({DIFFERENCES_SQL}) d WHERE d.legacy IS NOT NULL")
+        return cursor.fetchone()[0]
+
+
 def store_differences(limit: int = 20) -> tuple[int, list[dict]]:
     """How many users differ between the stores, and the first few."""
     with connection.cursor() as cursor:

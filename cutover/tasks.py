@@ -5,7 +5,7 @@ import logging
 from celery import shared_task
 
 from cutover.exceptions import NotApplicable, ReconciliationBusy
-from cutover.services import reconciliation_run
+from cutover.reconciliation import reconciliation_run
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from cutover.api import ApiError, Unavailable, api_view, idempotent, json_object, scope_require
+from cutover.balance_path import balance_mutate
 from cutover.exceptions import KillSwitchEngaged, MutationConflict, StrictLedgerFailure
 from cutover.models import ApiClient, ApiScope, Direction
 from cutover.selectors import balance_get
-from cutover.services import balance_mutate
 from ledger.exceptions import InsufficientFunds, InvalidAmount
 from ledger.money import CURRENCY_DECIMALS, amount_parse
 

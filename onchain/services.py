@@ -25,14 +25,11 @@ from django.db.models import F
 from django.utils import timezone
 
 from cutover.actors import Actor
+from cutover.balance_path import balance_mutation_apply, strict_failure_recorded
 from cutover.exceptions import ConcurrentDuplicate, KillSwitchEngaged
 from cutover.models import BalanceMutation
+from cutover.operator_audit import operator_action_record
 from cutover.selectors import custody_opened, phase_state, user_currency
-from cutover.services import (
-    balance_mutation_apply,
-    operator_action_record,
-    strict_failure_recorded,
-)
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from ledger.selectors import system_account

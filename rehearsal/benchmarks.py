@@ -18,15 +18,12 @@ from django.conf import settings
 from django.db import connection
 
 from cutover.actors import Actor
+from cutover.backfill import backfill_run
+from cutover.balance_path import balance_credit, balance_debit
+from cutover.custody import custody_open
+from cutover.phase_machine import phase_advance
 from cutover.phases import ORDER, Phase
-from cutover.services import (
-    backfill_run,
-    balance_credit,
-    balance_debit,
-    custody_open,
-    phase_advance,
-    reconciliation_run,
-)
+from cutover.reconciliation import reconciliation_run
 from ledger.models import Account
 from ledger.selectors import system_account
 from ledger.services import Leg, account_open, opening_balance_post, transaction_post

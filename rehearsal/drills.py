@@ -6,19 +6,16 @@ from decimal import Decimal
 
 from django.conf import settings
 
+from cutover.balance_path import balance_credit
 from cutover.exceptions import (
     MutationConflict,
 )
 from cutover.models import BalanceMutation
+from cutover.phase_machine import phase_rollback, phase_rollback_rehearse
 from cutover.selectors import (
     balance_get,
     phase_state,
     store_differences,
-)
-from cutover.services import (
-    balance_credit,
-    phase_rollback,
-    phase_rollback_rehearse,
 )
 from ledger.models import Transaction
 from ledger.selectors import system_account

@@ -24,19 +24,16 @@ from django.db import connection
 from django.utils import timezone
 
 from config.custody import custody_open_from_providers, custody_reconcile_from_providers
+from cutover.backfill import backfill_run
 from cutover.exceptions import (
     GateNotMet,
 )
+from cutover.phase_machine import phase_advance, phase_rollback
 from cutover.phases import Phase
+from cutover.reconciliation import reconciliation_run
 from cutover.selectors import (
     balance_get,
     phase_state,
-)
-from cutover.services import (
-    backfill_run,
-    phase_advance,
-    phase_rollback,
-    reconciliation_run,
 )
 from ledger.selectors import system_account
 from onchain.models import CircleNotification, Withdrawal

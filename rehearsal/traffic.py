@@ -9,17 +9,14 @@ from decimal import Decimal
 
 from django.db import connection
 
+from cutover.backfill import backfill_run
+from cutover.balance_path import balance_credit, balance_debit
 from cutover.exceptions import (
     KillSwitchEngaged,
     StrictLedgerFailure,
 )
 from cutover.selectors import (
     phase_state,
-)
-from cutover.services import (
-    backfill_run,
-    balance_credit,
-    balance_debit,
 )
 from ledger.exceptions import InsufficientFunds
 from rehearsal.runtime import latency_summary, processes_run

@@ -11,8 +11,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from config.tasks import custody_reconcile_task
+from cutover.backfill import backfill_run
 from cutover.models import CustodyDiscrepancy, CustodyOpening, OperatorAudit
-from cutover.services import backfill_run
 from ledger.models import Account
 from onchain.models import DepositAddress
 from onchain.services import transfers_poll, withdrawals_send

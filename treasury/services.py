@@ -32,8 +32,8 @@ from django.utils import timezone
 from cutover.actors import Actor
 from cutover.api import token_matches
 from cutover.locks import SETTLEMENT_CYCLE_LOCK
+from cutover.operator_audit import operator_action_record
 from cutover.selectors import phase_state
-from cutover.services import operator_action_record
 from ledger.exceptions import InvalidAmount, LedgerError
 from ledger.money import CURRENCY_DECIMALS, amount_parse
 from ledger.selectors import system_account

@@ -7,7 +7,7 @@ from playwright.sync_api import expect
 
 from cutover.actors import Actor
 from cutover.models import Discrepancy, OperatorAudit, PhaseAudit, PhaseState
-from cutover.services import kill_switch_set
+from cutover.phase_machine import kill_switch_set
 from tests.browser.test_ledger_console import browser_page  # noqa: F401 (fixture)
 from tests.cutover.factories import legacy_user
 

@@ -7,9 +7,9 @@ from django.db import connection
 from django.utils import timezone
 
 from cutover.actors import Actor
+from cutover.custody import custody_open
 from cutover.models import LegacyBalance, PhaseState
 from cutover.selectors import user_account_type
-from cutover.services import custody_open
 from ledger.services import account_open, opening_balance_post
 from rehearsal import runtime
 

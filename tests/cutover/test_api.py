@@ -14,6 +14,13 @@ from django.utils import timezone
 
 from cutover.actors import Actor
 from cutover.api import request_fingerprint
+from cutover.api_clients import (
+    api_client_create,
+    idempotency_claim,
+    idempotency_complete,
+    idempotency_release,
+)
+from cutover.balance_path import balance_mutate
 from cutover.exceptions import ApiClientRefused
 from cutover.models import (
     ApiClient,
@@ -22,13 +29,6 @@ from cutover.models import (
     IdempotencyRecord,
     LegacyBalance,
     OperatorAudit,
-)
-from cutover.services import (
-    api_client_create,
-    balance_mutate,
-    idempotency_claim,
-    idempotency_complete,
-    idempotency_release,
 )
 from ledger.models import Transaction
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set

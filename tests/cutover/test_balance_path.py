@@ -7,6 +7,7 @@ from decimal import Decimal
 import pytest
 from django.db import connection
 
+from cutover.balance_path import balance_credit, balance_debit
 from cutover.exceptions import KillSwitchEngaged, MutationConflict, StrictLedgerFailure
 from cutover.models import (
     BalanceMutation,
@@ -16,7 +17,6 @@ from cutover.models import (
     StrictFailure,
 )
 from cutover.selectors import balance_get, read_bucket
-from cutover.services import balance_credit, balance_debit
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set

@@ -16,17 +16,12 @@ from django.db import connection, connections
 from django.db.models import Sum
 
 from cutover.actors import Actor
+from cutover.backfill import backfill_run
+from cutover.balance_path import balance_credit, balance_debit
 from cutover.exceptions import KillSwitchEngaged, StrictLedgerFailure
 from cutover.models import BalanceMutation, Discrepancy, LegacyBalance, PhaseAudit
-from cutover.services import (
-    backfill_run,
-    balance_credit,
-    balance_debit,
-    kill_switch_set,
-    phase_advance,
-    phase_rollback,
-    reconciliation_run,
-)
+from cutover.phase_machine import kill_switch_set, phase_advance, phase_rollback
+from cutover.reconciliation import reconciliation_run
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account, Transaction
 from ledger.selectors import ledger_integrity_checks

@@ -10,6 +10,9 @@ from django.contrib.auth.models import User
 from django.db import transaction
 
 from cutover.actors import Actor
+from cutover.backfill import backfill_run
+from cutover.balance_path import balance_credit, balance_debit, balance_mutation_apply
+from cutover.custody import CustodyReading, custody_open, custody_reconcile
 from cutover.exceptions import (
     CustodyRefused,
     GateNotMet,
@@ -28,18 +31,8 @@ from cutover.models import (
     PhaseState,
     StrictFailure,
 )
+from cutover.phase_machine import phase_advance, phase_rollback
 from cutover.selectors import custody_opened
-from cutover.services import (
-    CustodyReading,
-    backfill_run,
-    balance_credit,
-    balance_debit,
-    balance_mutation_apply,
-    custody_open,
-    custody_reconcile,
-    phase_advance,
-    phase_rollback,
-)
 from ledger.models import Account, Transaction
 from ledger.selectors import system_account
 from tests.cutover.factories import custody_open_all, database_url, legacy_user

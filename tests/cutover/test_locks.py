@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cutover import locks
-from cutover.services import reconciliation_run
+from cutover.reconciliation import reconciliation_run
 from tests.cutover.factories import phase_set
 from tests.cutover.test_reconciliation import other_connection
 from treasury.services import settlement_cycle_run

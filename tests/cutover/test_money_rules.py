@@ -14,18 +14,17 @@ from django.core.management import CommandError, call_command
 from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from cutover.actors import Actor
-from cutover.exceptions import MutationConflict, StrictLedgerFailure, TransitionRefused
-from cutover.models import BalanceMutation, LegacyBalance, PhaseAudit, PhaseState, StrictFailure
-from cutover.phases import Phase
-from cutover.selectors import gate_evaluate, store_differences, store_totals
-from cutover.services import (
+from cutover.balance_path import (
     balance_credit,
     balance_debit,
     balance_mutation_apply,
-    phase_rollback,
-    phase_rollback_rehearse,
     strict_failure_recorded,
 )
+from cutover.exceptions import MutationConflict, StrictLedgerFailure, TransitionRefused
+from cutover.models import BalanceMutation, LegacyBalance, PhaseAudit, PhaseState, StrictFailure
+from cutover.phase_machine import phase_rollback, phase_rollback_rehearse
+from cutover.phases import Phase
+from cutover.selectors import gate_evaluate, store_differences, store_totals
 from ledger.models import Account, Entry
 from tests.cutover.factories import custody_open_all, ledger_balance_set, legacy_user, phase_set
 

@@ -9,6 +9,8 @@ from django.contrib.auth.models import Permission, User
 from django.db import DatabaseError, connection
 
 from cutover.actors import Actor
+from cutover.backfill import backfill_run
+from cutover.balance_path import balance_credit, balance_debit
 from cutover.exceptions import (
     GateNotMet,
     OperatorNotPermitted,
@@ -16,15 +18,8 @@ from cutover.exceptions import (
     TransitionRefused,
 )
 from cutover.models import LegacyBalance, PhaseAudit, PhaseState
-from cutover.services import (
-    backfill_run,
-    balance_credit,
-    balance_debit,
-    kill_switch_set,
-    phase_advance,
-    phase_rollback,
-    reconciliation_run,
-)
+from cutover.phase_machine import kill_switch_set, phase_advance, phase_rollback
+from cutover.reconciliation import reconciliation_run
 from ledger.models import Account
 from tests.cutover.factories import custody_open_all, legacy_user, phase_set
 
@@ -229,7 +224,7 @@ def test_operator_audit_is_append_only_and_written_with_the_action():
     from django.db import transaction as db_transaction
 
     from cutover.models import OperatorAudit
-    from cutover.services import operator_action_record
+    from cutover.operator_audit import operator_action_record
 
     with pytest.raises(RuntimeError):
         operator_action_record(actor="cli:x", action="a", target="t", before={}, after={})

@@ -16,7 +16,7 @@ from django.db import connection
 from cutover.exceptions import NotApplicable, ReconciliationBusy
 from cutover.locks import RECONCILE_LOCK
 from cutover.models import Discrepancy, ReconciliationRun
-from cutover.services import reconciliation_run
+from cutover.reconciliation import reconciliation_run
 from cutover.tasks import reconciliation_task
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 

@@ -267,7 +267,7 @@ def rollback_possible() -> list[str]:
     whole rollback (write fence, rebuild from cutover, equality proof) runs and is undone
     (`cutover rollback --dry-run`)."""
     from cutover.exceptions import TransitionRefused
-    from cutover.services import phase_rollback_rehearse
+    from cutover.phase_machine import phase_rollback_rehearse
 
     if phase() == "legacy":
         return []

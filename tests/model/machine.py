@@ -25,6 +25,8 @@ from hypothesis.stateful import (
 )
 
 from cutover.actors import Actor
+from cutover.api_clients import api_client_create
+from cutover.backfill import backfill_run
 from cutover.exceptions import (
     GateNotMet,
     KillSwitchEngaged,
@@ -33,16 +35,10 @@ from cutover.exceptions import (
     TransitionRefused,
 )
 from cutover.models import LegacyBalance
+from cutover.phase_machine import kill_switch_set, phase_advance, phase_rollback
 from cutover.phases import Phase, next_phase
+from cutover.reconciliation import reconciliation_run
 from cutover.selectors import gate_evaluate, phase_state
-from cutover.services import (
-    api_client_create,
-    backfill_run,
-    kill_switch_set,
-    phase_advance,
-    phase_rollback,
-    reconciliation_run,
-)
 from onchain.exceptions import CircleUnavailable, WithdrawalRefused
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.services import (

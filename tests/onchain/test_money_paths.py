@@ -15,9 +15,10 @@ from django.core.management import CommandError, call_command
 from django.db import transaction
 
 from cutover.actors import Actor
+from cutover.backfill import backfill_run
+from cutover.custody import custody_open
 from cutover.exceptions import KillSwitchEngaged, StrictLedgerFailure
 from cutover.models import BalanceMutation, LegacyBalance, OperatorAudit, StrictFailure
-from cutover.services import backfill_run, custody_open
 from ledger.models import Account
 from ledger.services import Leg, transaction_post
 from onchain import circle

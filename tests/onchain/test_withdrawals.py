@@ -18,9 +18,9 @@ import pytest
 from django.db import DatabaseError, connection, transaction
 
 from cutover.actors import Actor
+from cutover.api_clients import api_client_create
 from cutover.exceptions import KillSwitchEngaged
 from cutover.models import BalanceMutation, LegacyBalance
-from cutover.services import api_client_create
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account
 from ledger.selectors import ledger_integrity_checks

@@ -11,27 +11,27 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cutover.actors import Actor
+from cutover.api_clients import api_client_create
+from cutover.backfill import backfill_run
+from cutover.custody import custody_open
 from cutover.exceptions import CutoverError, GateNotMet
 from cutover.models import ApiClient, ApiScope
+from cutover.phase_machine import (
+    kill_switch_set,
+    phase_advance,
+    phase_rollback,
+    phase_rollback_rehearse,
+)
 from cutover.phases import ORDER, flags_of, next_phase
+from cutover.reconciliation import reconciliation_run
 from cutover.selectors import (
     CUSTODY_BUFFERS,
+    backfill_pending,
     custody_status,
     gate_evaluate,
     ledger_write_stats,
     open_discrepancy_count,
     phase_state,
-)
-from cutover.services import (
-    api_client_create,
-    backfill_pending,
-    backfill_run,
-    custody_open,
-    kill_switch_set,
-    phase_advance,
-    phase_rollback,
-    phase_rollback_rehearse,
-    reconciliation_run,
 )
 from ledger.exceptions import InvalidAmount, LedgerError
 from ledger.money import amount_parse

@@ -11,8 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cutover.actors import Actor
+from cutover.api_clients import api_client_create
 from cutover.phases import ORDER
-from cutover.services import api_client_create
 from onchain.sandbox import CircleSandbox
 from rehearsal.bench_http import api_server, reads_measure, webhook_users, webhooks_measure
 from rehearsal.benchmarks import (

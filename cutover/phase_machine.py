@@ -1,0 +1,250 @@
+"""The phase machine: advancing through the phases (gates, read percentage, the cutover's
+equality proof), the emergency rollback (rebuilding the legacy store after cutover) and the kill
+switch. They take the phase lock exclusively (the write fence) while every balance mutation holds
+it shared, so a flip waits for the mutations in flight and no mutation starts under the old state
+once a flip has begun."""
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from cutover.actors import Actor
+from cutover.exceptions import (
+    GateNotMet,
+    ReasonRequired,
+    TransitionRefused,
+)
+from cutover.locks import PHASE_LOCK
+from cutover.models import (
+    AuditAction,
+    PhaseAudit,
+    PhaseState,
+)
+from cutover.phases import (
+    Phase,
+    next_phase,
+)
+from cutover.selectors import (
+    equality_proof,
+    gate_evaluate,
+    store_totals,
+)
+
+DEPRECATION_COMMENT = "DEPRECATED: balances live in ledger_accounts since the cutover of {at}."
+
+
+def _advisory(sql: str, key: int) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [key])
+
+
+def phase_lock_shared() -> None:
+    _advisory("SELECT pg_advisory_xact_lock_shared(%s)", PHASE_LOCK)
+
+
+def phase_lock_exclusive() -> None:
+    _advisory("SELECT pg_advisory_xact_lock(%s)", PHASE_LOCK)
+
+
+def _audit(actor: Actor, action: str, before: str, after: str, reason: str, evidence: dict):
+    return PhaseAudit.objects.create(
+        actor=actor.name,
+        action=action,
+        from_phase=before,
+        to_phase=after,
+        reason=reason,
+        evidence=evidence,
+    )
+
+
+def _locked_state() -> PhaseState:
+    """The write fence: waits for every mutation in flight, holds new ones until commit."""
+    phase_lock_exclusive()
+    return PhaseState.objects.select_for_update().get(pk=1)
+
+
+def phase_advance(
+    *, to: str, actor: Actor, reason: str = "", force: bool = False, read_percent: int = 1
+) -> PhaseAudit:
+    """Move to the next phase once its gate is met (or forced, with a reason, by an operator
+    allowed to). In read_switch, advancing to read_switch again raises the read percentage."""
+    target = Phase(to)
+    actor.require("cutover.advance_phase")
+    if force:
+        actor.require("cutover.force_gate")
+        if not reason.strip():
+            raise ReasonRequired("--force needs a written --reason")
+    if not 0 < read_percent <= 100:
+        raise TransitionRefused(f"read percentage must be 1..100, not {read_percent}")
+    with transaction.atomic(durable=True):
+        state = _locked_state()
+        current = Phase(state.phase)
+        if target == current == Phase.READ_SWITCH:
+            return _read_percent_raise(state, read_percent, actor, reason)
+        expected = next_phase(current)
+        if target != expected:
+            allowed = f"the next phase is {expected}" if expected else "cutover is terminal"
+            raise TransitionRefused(f"{current} -> {target} is not a legal transition; {allowed}")
+        gate = gate_evaluate(state, target)
+        evidence = gate.as_evidence()
+        if not gate.passed and not force:
+            raise GateNotMet(f"gate {current} -> {target} not met: {gate.failures()}", evidence)
+        if target == Phase.CUTOVER:
+            # Never forcible: the legacy store stops here, so both must agree to the cent.
+            proof = equality_proof()
+            evidence["proof"] = proof.__dict__
+            if not proof.ok:
+                raise GateNotMet(f"cutover refused: {proof.actual}", evidence)
+            with connection.cursor() as cursor:
+                comment = DEPRECATION_COMMENT.format(at=timezone.now().isoformat())
+                cursor.execute(f"COMMENT ON TABLE balances IS '{comment}'")
+        state.phase = target
+        state.entered_at = timezone.now()
+        state.read_percent = {Phase.READ_SWITCH: read_percent, Phase.STRICT: 100}.get(target, 0)
+        if target == Phase.CUTOVER:
+            state.read_percent = 100
+        state.save()
+        action = AuditAction.FORCE if not gate.passed else AuditAction.ADVANCE
+        evidence["read_percent"] = state.read_percent
+        return _audit(actor, action, current, target, reason, evidence)
+
+
+def _read_percent_raise(state: PhaseState, percent: int, actor: Actor, reason: str) -> PhaseAudit:
+    if percent <= state.read_percent:
+        raise TransitionRefused(
+            f"read percentage can only grow (now {state.read_percent} %, asked {percent} %); "
+            "roll back to reduce it"
+        )
+    before = state.read_percent
+    state.read_percent = percent
+    state.save(update_fields=["read_percent", "updated_at"])
+    return _audit(
+        actor,
+        AuditAction.READ_PERCENT,
+        state.phase,
+        state.phase,
+        reason,
+        {"read_percent_before": before, "read_percent_after": percent},
+    )
+
+
+# The rebuild of `balances` from the ledger (rollback from cutover): every legacy row gets its
+# user's ledger balance (0 without an account), and every ledger balance account without a row
+# gets one. One currency per user holds in every phase (cutover_balance_mutate and the index
+# cutover_one_balance_account_per_user), so each row has at most one account to mirror and a
+# row's currency is never rewritten.
+LEGACY_MISMATCHED_CURRENCY_SQL = """
+    SELECT b.user_id, b.currency, a.currency FROM balances b
+      JOIN ledger_accounts a ON a.user_id = b.user_id
+       AND a.account_type = lower(a.currency) || '_balance'
+     WHERE a.currency <> b.currency ORDER BY b.user_id LIMIT 5
+"""
+LEGACY_REBUILD_SQL = """
+    WITH ledger AS (
+        SELECT a.user_id, a.currency, a.balance FROM ledger_accounts a
+         WHERE a.user_id IS NOT NULL AND a.account_type = lower(a.currency) || '_balance'
+    ),
+    updated AS (
+        UPDATE balances b SET buying_power = coalesce(l.balance, 0), updated_at = now()
+          FROM balances target LEFT JOIN ledger l
+            ON l.user_id = target.user_id AND l.currency = target.currency
+         WHERE b.user_id = target.user_id
+           AND b.buying_power IS DISTINCT FROM coalesce(l.balance, 0)
+        RETURNING 1
+    ),
+    inserted AS (
+        INSERT INTO balances (user_id, buying_power, currency, updated_at)
+        SELECT l.user_id, l.balance, l.currency, now() FROM ledger l
+         WHERE NOT EXISTS (SELECT 1 FROM balances b WHERE b.user_id = l.user_id)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM updated), (SELECT count(*) FROM inserted)
+"""
+
+
+def phase_rollback(*, actor: Actor, reason: str) -> PhaseAudit:
+    """Emergency rollback to legacy from any phase, in one step. From cutover the legacy store
+    is stale: it is rebuilt from the ledger in the same transaction as the flip."""
+    actor.require("cutover.rollback_phase")
+    if not reason.strip():
+        raise ReasonRequired("rollback needs a written --reason")
+    with transaction.atomic(durable=True):
+        current, evidence = _rollback_apply()
+        return _audit(actor, AuditAction.ROLLBACK, current, Phase.LEGACY, reason, evidence)
+
+
+class _Rehearsed(Exception):
+    def __init__(self, evidence: dict):
+        self.evidence = evidence
+
+
+def phase_rollback_rehearse() -> dict:
+    """Prove that a rollback would succeed from the state as it is: the whole rollback (write
+    fence, rebuild, equality proof) runs in a transaction that is then rolled back, so nothing
+    changes. Returns its evidence, or raises the refusal the real rollback would meet. Holds
+    the write fence while it runs, as the real one does."""
+    try:
+        with transaction.atomic(durable=True):
+            _, evidence = _rollback_apply()
+            raise _Rehearsed(evidence)
+    except _Rehearsed as rehearsed:
+        return rehearsed.evidence
+
+
+def _rollback_apply() -> tuple[Phase, dict]:
+    state = _locked_state()
+    current = Phase(state.phase)
+    if current == Phase.LEGACY:
+        raise TransitionRefused("already in legacy: nothing to roll back")
+    evidence: dict = {"totals_before": store_totals()}
+    if current == Phase.CUTOVER:
+        _legacy_rebuild(evidence)
+    state.phase = Phase.LEGACY
+    state.entered_at = timezone.now()
+    state.read_percent = 0
+    state.save()
+    return current, evidence
+
+
+def _legacy_rebuild(evidence: dict) -> None:
+    """Rebuild `balances` from the ledger under the write fence, and prove both stores equal
+    before the flip commits (a rollback that would lose a cent does not happen)."""
+    with connection.cursor() as cursor:
+        cursor.execute(LEGACY_MISMATCHED_CURRENCY_SQL)
+        mismatched = cursor.fetchall()
+        if mismatched:
+            described = ", ".join(
+                f"{u} ({legacy} legacy, {ledger} ledger)" for u, legacy, ledger in mismatched
+            )
+            raise TransitionRefused(
+                f"rollback refused: users hold another currency in each store: {described}"
+            )
+        cursor.execute(LEGACY_REBUILD_SQL)
+        updated, inserted = cursor.fetchone()
+        evidence["legacy_rows_rebuilt"] = updated + inserted
+        evidence["legacy_rows_created"] = inserted
+        cursor.execute("COMMENT ON TABLE balances IS NULL")
+    proof = equality_proof()
+    evidence["totals_after"] = store_totals()
+    evidence["proof"] = proof.__dict__
+    if not proof.ok:
+        raise TransitionRefused(
+            f"rollback refused: the rebuilt legacy store differs: {proof.actual}"
+        )
+
+
+def kill_switch_set(*, engaged: bool, actor: Actor, reason: str) -> PhaseAudit:
+    """Stop (or resume) every money mutation. Mutations in flight finish first; none starts
+    after the flip."""
+    actor.require("cutover.operate_kill_switch")
+    if not reason.strip():
+        raise ReasonRequired("the kill switch needs a written --reason")
+    with transaction.atomic(durable=True):
+        state = _locked_state()
+        if state.kill_switch == engaged:
+            raise TransitionRefused(f"the kill switch is already {'on' if engaged else 'off'}")
+        state.kill_switch = engaged
+        state.kill_switch_reason = reason if engaged else ""
+        state.kill_switch_changed_at = timezone.now()
+        state.save()
+        action = AuditAction.KILL_SWITCH_ON if engaged else AuditAction.KILL_SWITCH_OFF
+        return _audit(actor, action, state.phase, state.phase, reason, {})
