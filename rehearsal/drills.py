@@ -28,8 +28,10 @@ from onchain.services import (
     withdrawals_send,
 )
 from rehearsal.scenario import ACTOR, CENT, CURRENCIES, user_totals
+from treasury.cycle import settlement_cycle_run
 from treasury.models import BufferThreshold, ConversionJob
-from treasury.services import jobs_submit, monitor_run, settlement_cycle_run
+from treasury.monitor import monitor_run
+from treasury.submission import jobs_submit
 
 
 class Drills:

@@ -10,15 +10,10 @@ from django.template.response import TemplateResponse
 
 from cutover.actors import Actor
 from ledger.admin import ReadOnlyAdmin
+from treasury.bands import provider_set, threshold_set, threshold_validate
 from treasury.exceptions import ThresholdInvalid
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
-from treasury.services import (
-    job_cancel,
-    job_retry,
-    provider_set,
-    threshold_set,
-    threshold_validate,
-)
+from treasury.operators import job_cancel, job_retry
 
 
 def _reason_field() -> forms.CharField:

@@ -1,14 +1,19 @@
-"""Reads of the treasury: the buffers against their thresholds, providers in the order jobs go
-to them."""
+"""Reads of the treasury: the buffers against their thresholds, what a conversion may take from
+a buffer (what jobs already reserve from it), providers in the order jobs go to them."""
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 
 from django.db import connection
+from django.db.models import Sum
 
+from ledger.money import CURRENCY_DECIMALS
+from ledger.selectors import system_account
 from treasury import due
 from treasury.exceptions import ProviderNotConfigured
-from treasury.models import ConversionProvider
+from treasury.models import RESERVING_STATUSES, BufferThreshold, ConversionJob, ConversionProvider
+
+BUFFER_ACCOUNT = {"USDC": "usdc_buffer", "USD": "fiat_buffer"}
 
 
 @dataclass(frozen=True)
@@ -48,3 +53,24 @@ def provider_pick() -> ConversionProvider | None:
         "-healthy", "priority", "code"
     )
     return next((p for p in providers if provider_configured(p.code)), None)
+
+
+def quantum(currency: str) -> Decimal:
+    return Decimal(1).scaleb(-CURRENCY_DECIMALS[currency])
+
+
+def reserved(source: str) -> Decimal:
+    """What jobs already take, or may have taken, from the `source` buffer."""
+    return ConversionJob.objects.filter(
+        source_currency=source, status__in=RESERVING_STATUSES
+    ).aggregate(total=Sum("source_amount"))["total"] or Decimal(0)
+
+
+def source_available(source: str) -> Decimal:
+    """What a new conversion may take from the `source` buffer, in whole cents: what it holds
+    above its own minimum (so feeding one buffer never puts the other below its band) less
+    what jobs already reserve from it."""
+    minimum = BufferThreshold.objects.filter(currency=source).values_list("minimum", flat=True)
+    balance = system_account(code=BUFFER_ACCOUNT[source]).balance
+    available = balance - (minimum.first() or Decimal(0)) - reserved(source)
+    return max(available, Decimal(0)).quantize(quantum("USD"), rounding=ROUND_DOWN)

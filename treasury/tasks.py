@@ -8,7 +8,9 @@ import logging
 from celery import shared_task
 from django.conf import settings
 
-from treasury.services import jobs_submit, monitor_run, settlement_cycle_run
+from treasury.cycle import settlement_cycle_run
+from treasury.monitor import monitor_run
+from treasury.submission import jobs_submit
 
 log = logging.getLogger(__name__)
 

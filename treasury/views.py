@@ -9,8 +9,10 @@ from django.views.decorators.http import require_POST
 
 from cutover.api import admin_token_refusal
 from ledger.exceptions import LedgerError
+from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import CallbackRejected, JobRefused
-from treasury.services import callback_receive, jobs_submit, settlement_cycle_run
+from treasury.settlement import callback_receive
+from treasury.submission import jobs_submit
 
 log = logging.getLogger("treasury.api")
 

@@ -11,7 +11,7 @@ from cutover import locks
 from cutover.reconciliation import reconciliation_run
 from tests.cutover.factories import phase_set
 from tests.cutover.test_reconciliation import other_connection
-from treasury.services import settlement_cycle_run
+from treasury.cycle import settlement_cycle_run
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 APPS = ["ledger", "cutover", "treasury", "onchain", "config", "rehearsal"]

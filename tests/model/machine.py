@@ -49,9 +49,12 @@ from onchain.services import (
     withdrawals_send,
 )
 from tests.model import invariants, world
+from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import JobRefused
 from treasury.models import ConversionJob
-from treasury.services import job_retry, jobs_submit, monitor_run, settlement_cycle_run
+from treasury.monitor import monitor_run
+from treasury.operators import job_retry
+from treasury.submission import jobs_submit
 
 OPERATOR = Actor(name="model:operator")
 # Gate checks that need hours or production traffic: forced (with a reason) when only they fail.

@@ -10,8 +10,8 @@ from config.custody import custody_open_at, deposits_uncredited_at_circle
 from cutover.actors import Actor
 from onchain.sandbox import CircleSandbox
 from tests.conftest import DATA_MIGRATIONS
+from treasury.bands import threshold_set
 from treasury.sandbox import DueSandbox
-from treasury.services import threshold_set
 
 APP_LABELS = ("ledger", "cutover", "onchain", "treasury")
 # Small bands, so that the model's amounts move buffers across them.

@@ -21,6 +21,8 @@ from ledger.selectors import ledger_integrity_checks
 from tests.cutover.factories import phase_set
 from tests.treasury.conftest import KEY, OPS, SECRET, buffers, fund
 from treasury import due as due_client
+from treasury.bands import provider_set, threshold_set
+from treasury.cycle import KILL_SWITCH_NOTE, settlement_cycle_run
 from treasury.exceptions import (
     DueUnavailable,
     JobRefused,
@@ -30,19 +32,12 @@ from treasury.exceptions import (
     job_rules_translated,
 )
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
+from treasury.monitor import monitor_run
+from treasury.operators import job_cancel, job_retry
 from treasury.sandbox import DueSandbox
-from treasury.services import (
-    KILL_SWITCH_NOTE,
-    job_cancel,
-    job_retry,
-    job_settle,
-    jobs_submit,
-    monitor_run,
-    provider_set,
-    settlement_cycle_run,
-    source_available,
-    threshold_set,
-)
+from treasury.selectors import source_available
+from treasury.settlement import job_settle
+from treasury.submission import jobs_submit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -70,7 +65,7 @@ def test_a_submit_whose_answer_is_lost_after_due_accepted_is_never_failed(
     job = ConversionJob.objects.get()
     assert jobs_submit().retried == 1  # accepted by Due, answer lost: resent with the same key
     due.unavailable = True  # and then Due cannot say what it has
-    with caplog.at_level(logging.ERROR, logger="treasury.services"):
+    with caplog.at_level(logging.ERROR, logger="treasury.submission"):
         assert jobs_submit().timed_out == 1
     job.refresh_from_db()
     assert job.status == "timed_out" and job.provider_reference is None
@@ -185,7 +180,7 @@ def test_completed_amounts_must_match_the_job(
     if source_amount:
         due.conversions[job.provider_reference]["source"]["amount"] = source_amount
     due.finish(job.provider_reference, "completed", destination_amount=destination_amount)
-    with caplog.at_level(logging.ERROR, logger="treasury.services"):
+    with caplog.at_level(logging.ERROR, logger="treasury.settlement"):
         monitor_run()
         monitor_run()
     job.refresh_from_db()
@@ -238,7 +233,7 @@ def test_a_source_in_its_band_gives_only_what_it_holds_above_its_minimum(due):
 def test_both_buffers_below_minimum_create_no_job(due, caplog):
     fund("usdc_buffer", "1000")
     fund("fiat_buffer", "2000")
-    with caplog.at_level(logging.ERROR, logger="treasury.services"):
+    with caplog.at_level(logging.ERROR, logger="treasury.cycle"):
         result = settlement_cycle_run(triggered_by="test")
     assert result.jobs_created == [] and not ConversionJob.objects.exists()
     assert [b["action"] for b in SettlementCycle.objects.get().buffers] == [

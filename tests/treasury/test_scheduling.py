@@ -21,9 +21,11 @@ from ledger.services import Leg, transaction_post
 from rehearsal.runtime import processes_run
 from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
 from tests.treasury.conftest import KEY, SECRET, buffers, celery_environment, fund
+from treasury.cycle import settlement_cycle_run
 from treasury.models import OPEN_STATUSES, ConversionJob, SettlementCycle
+from treasury.monitor import monitor_run
 from treasury.sandbox import DueSandbox
-from treasury.services import jobs_submit, monitor_run, settlement_cycle_run
+from treasury.submission import jobs_submit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 BROKER = "redis://127.0.0.1:6379/13"

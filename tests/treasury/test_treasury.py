@@ -20,19 +20,15 @@ from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
 from tests.cutover.factories import database_url, phase_set
 from tests.treasury.conftest import KEY, OPS, SECRET, buffers, fund
+from treasury.bands import threshold_set
+from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import JobRefused, ThresholdInvalid
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
+from treasury.monitor import monitor_run
+from treasury.operators import job_cancel, job_retry
 from treasury.sandbox import DueSandbox
-from treasury.selectors import buffer_status_list
-from treasury.services import (
-    job_cancel,
-    job_retry,
-    jobs_submit,
-    monitor_run,
-    settlement_cycle_run,
-    source_available,
-    threshold_set,
-)
+from treasury.selectors import buffer_status_list, source_available
+from treasury.submission import jobs_submit
 from treasury.tasks import monitor_task, settlement_cycle_task
 
 pytestmark = pytest.mark.django_db(transaction=True)

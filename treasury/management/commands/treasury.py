@@ -8,10 +8,12 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import TreasuryError
+from treasury.monitor import monitor_run
 from treasury.sandbox import DueSandbox
 from treasury.selectors import buffer_status_list
-from treasury.services import jobs_submit, monitor_run, settlement_cycle_run
+from treasury.submission import jobs_submit
 
 
 class Command(BaseCommand):

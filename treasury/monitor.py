@@ -1,0 +1,115 @@
+"""The monitor: it submits what is due (retries), asks the provider by key about jobs whose
+answer was lost, polls every job the provider has until it gives a final answer, however late,
+and marks jobs still open after TREASURY_CONVERSION_TIMEOUT timed out (still open, still
+asked)."""
+
+import logging
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from ledger.exceptions import LedgerError
+from ledger.selectors import system_account
+from treasury import due, metrics
+from treasury.exceptions import DueRefused, DueUnavailable, ProviderNotConfigured
+from treasury.models import ConversionJob, JobStatus
+from treasury.settlement import job_fail, job_save, job_settle
+from treasury.submission import job_lost_answer_resolve, jobs_submit, provider_failed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MonitorReport:
+    submitted: int = 0
+    retried: int = 0
+    polled: int = 0
+    completed: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    disputed: int = 0
+
+
+def monitor_run() -> MonitorReport:
+    """Submit what is due (retries); ask the provider by key about jobs whose answer was lost;
+    poll every job it has, for as long as it takes; mark jobs still open after
+    TREASURY_CONVERSION_TIMEOUT timed out (still open, still asked). A job never sent within
+    the timeout fails (the provider cannot have it). Polls and lookups run under the kill
+    switch too: they only record what the provider did."""
+    sent = jobs_submit()
+    report = MonitorReport(
+        submitted=sent.submitted,
+        retried=sent.retried,
+        failed=sent.failed,
+        timed_out=sent.timed_out,
+    )
+    lost = ConversionJob.objects.filter(
+        status=JobStatus.TIMED_OUT, provider_reference__isnull=True
+    ).values_list("pk", flat=True)
+    for job_id in lost:
+        with transaction.atomic():
+            job = (
+                ConversionJob.objects.select_for_update(skip_locked=True)
+                .select_related("provider")
+                .filter(pk=job_id, status=JobStatus.TIMED_OUT, provider_reference__isnull=True)
+                .first()
+            )
+            if job is not None and job_lost_answer_resolve(job) == "failed":
+                report.failed += 1
+    for job in ConversionJob.objects.select_related("provider").filter(
+        status__in=[JobStatus.SUBMITTED, JobStatus.TIMED_OUT], provider_reference__isnull=False
+    ):
+        try:
+            conversion = due.conversion_get(
+                base_url=due.provider_base_url(job.provider.code),
+                conversion_id=job.provider_reference,
+            )
+        except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
+            provider_failed(job.provider, str(exc))
+            continue
+        report.polled += 1
+        before = job.status
+        try:
+            after = job_settle(job_id=job.pk, conversion=conversion)
+        except LedgerError as exc:  # e.g. the source buffer was spent meanwhile: next poll
+            log.error("ALERT treasury: job %s completed but not posted: %s", job.pk, exc)
+            continue
+        if before != after:
+            report.completed += after == JobStatus.COMPLETED
+            report.failed += after == JobStatus.FAILED
+            report.disputed += after == JobStatus.DISPUTED
+    deadline = timezone.now() - settings.TREASURY_CONVERSION_TIMEOUT
+    for job_id in ConversionJob.objects.filter(
+        status__in=[JobStatus.PENDING, JobStatus.SUBMITTED], created_at__lt=deadline
+    ).values_list("pk", flat=True):
+        with transaction.atomic():
+            job = (
+                ConversionJob.objects.select_for_update(skip_locked=True)
+                .select_related("provider")
+                .filter(pk=job_id)
+                .first()
+            )
+            if job is None:
+                continue
+            if job.status == JobStatus.SUBMITTED:
+                job.status = JobStatus.TIMED_OUT
+                job.finished_at = timezone.now()
+                job.last_error = (
+                    f"open after {settings.TREASURY_CONVERSION_TIMEOUT}; still asked until the "
+                    "provider answers"
+                )
+                job_save(job)
+                transaction.on_commit(metrics.jobs_failed.inc)
+                log.error("ALERT treasury: conversion job %s timed out", job.pk)
+                report.timed_out += 1
+            elif job.status == JobStatus.PENDING and job.attempts == 0:
+                job_fail(job, f"not sent within {settings.TREASURY_CONVERSION_TIMEOUT}")
+                report.failed += 1
+            elif job.status == JobStatus.PENDING:  # sent, its answer lost: ask by key
+                outcome = job_lost_answer_resolve(job)
+                report.failed += outcome == "failed"
+                report.timed_out += outcome == "timed_out"
+    metrics.system_buffer_usdc.set(float(system_account(code="usdc_buffer").balance))
+    return report

@@ -1,0 +1,118 @@
+"""Operators' actions on conversion jobs: cancelling a job never sent and retrying one the
+provider failed (or never received) as a new job, each with a reason and audited in the same
+transaction; a retry is refused under the kill switch."""
+
+import uuid
+
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from cutover.actors import Actor
+from cutover.locks import SETTLEMENT_CYCLE_LOCK
+from cutover.operator_audit import operator_action_record
+from cutover.selectors import phase_state
+from treasury.exceptions import JobRefused
+from treasury.models import ConversionJob, JobStatus
+from treasury.selectors import provider_pick, source_available
+from treasury.settlement import job_save
+
+JOB_PERMISSION = "treasury.change_conversionjob"
+
+
+def _reason_required(reason: str, what: str) -> str:
+    if not reason or not reason.strip():
+        raise JobRefused(f"a reason is required to {what}")
+    return reason.strip()
+
+
+def _job_values(job: ConversionJob) -> dict:
+    return {
+        "status": job.status,
+        "source": f"{job.source_amount} {job.source_currency}",
+        "target_currency": job.target_currency,
+        "provider": job.provider.code,
+        "provider_reference": job.provider_reference,
+        "attempts": job.attempts,
+    }
+
+
+def job_cancel(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
+    """Cancel a job never sent (the provider cannot have it, and nothing was posted), audited
+    in the same transaction. A job sent even once may exist at the provider: its fate is the
+    provider's to tell."""
+    reason = _reason_required(reason, "cancel a job")
+    actor.require(JOB_PERMISSION)
+    with transaction.atomic():
+        job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
+        if job.status != JobStatus.PENDING:
+            raise JobRefused(f"{job} is {job.status}; only pending jobs are cancelled")
+        if job.attempts:
+            raise JobRefused(
+                f"{job} was sent {job.attempts} time(s) and may exist at the provider; it is "
+                "not cancelled (the provider's answer, or a lookup by its key, settles it)"
+            )
+        before = _job_values(job)
+        job.status = JobStatus.CANCELLED
+        job.last_error = f"cancelled by {actor.name}: {reason}"
+        job.finished_at = timezone.now()
+        job_save(job)
+        operator_action_record(
+            actor=actor,
+            action="job.cancel",
+            target=f"job:{job.pk}",
+            before=before,
+            after=_job_values(job),
+            reason=reason,
+        )
+    return job
+
+
+def job_retry(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
+    """A job the provider failed (or never received) is tried again as a new job (a new
+    idempotency key, the next healthy provider) for the same conversion, if its buffer has no
+    open job and the source buffer can give it; audited in the same transaction. Refused under
+    the kill switch, and for any job whose fate is not final (it may still complete)."""
+    reason = _reason_required(reason, "retry a job")
+    actor.require(JOB_PERMISSION)
+    with transaction.atomic():
+        with connection.cursor() as cursor:  # never beside a cycle: both plan from reservations
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
+        if phase_state().kill_switch:
+            raise JobRefused("the kill switch is engaged: no new conversion jobs")
+        job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
+        if job.status != JobStatus.FAILED:
+            raise JobRefused(
+                f"{job} is {job.status}; only a job the provider failed or never received is "
+                "retried"
+            )
+        provider = provider_pick()
+        if provider is None:
+            raise JobRefused("no enabled conversion provider")
+        available = source_available(job.source_currency)
+        if job.source_amount > available:
+            raise JobRefused(
+                f"the {job.source_currency} buffer can give {available} above its minimum and "
+                f"what open jobs reserve, not {job.source_amount}"
+            )
+        try:
+            with transaction.atomic():
+                again = ConversionJob.objects.create(
+                    idempotency_key=uuid.uuid4(),
+                    buffer_currency=job.buffer_currency,
+                    source_currency=job.source_currency,
+                    source_amount=job.source_amount,
+                    target_currency=job.target_currency,
+                    provider=provider,
+                    created_by=f"{actor.name} (retry of job {job.pk})",
+                )
+        except IntegrityError:
+            raise JobRefused(f"the {job.buffer_currency} buffer already has an open job") from None
+        operator_action_record(
+            actor=actor,
+            action="job.retry",
+            target=f"job:{job.pk}",
+            before=_job_values(job),
+            after={"retried_as": again.pk, **_job_values(again)},
+            reason=reason,
+        )
+    return again
