@@ -44,14 +44,10 @@ from cutover.services import (
     reconciliation_run,
 )
 from onchain.exceptions import CircleUnavailable, WithdrawalRefused
+from onchain.inbox import notification_process
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
-from onchain.services import (
-    notification_process,
-    transfers_poll,
-    withdrawal_cancel,
-    withdrawal_resend,
-    withdrawals_send,
-)
+from onchain.polling import transfers_poll
+from onchain.withdrawals import withdrawal_cancel, withdrawal_resend, withdrawals_send
 from tests.model import invariants, world
 from treasury.exceptions import JobRefused
 from treasury.models import ConversionJob
