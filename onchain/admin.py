@@ -9,8 +9,9 @@ from django.template.response import TemplateResponse
 from cutover.actors import Actor
 from cutover.selectors import user_currency
 from ledger.admin import ReadOnlyAdmin
+from onchain.inbox import notification_replay
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
-from onchain.services import notification_replay, withdrawal_cancel, withdrawal_resend
+from onchain.withdrawals import withdrawal_cancel, withdrawal_resend
 
 
 @admin.register(CircleNotification)

@@ -2,7 +2,7 @@
 
 from django.http import HttpRequest
 
-from onchain.services import buffer_status
+from onchain.selectors import buffer_status
 
 
 def buffer_alert(request: HttpRequest) -> dict:

@@ -1,14 +1,22 @@
 """Reads of the on-chain engine."""
 
 import json
+import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from decimal import Decimal
 from itertools import chain
+
+from django.conf import settings
 
 from cutover.models import BalanceMutation
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
+from ledger.selectors import system_account
+from onchain import metrics
 from onchain.models import CircleNotification, InboxStatus
+
+log = logging.getLogger(__name__)
 
 
 def deposits_not_yet_credited(listed: Iterable[dict] = ()) -> Decimal:
@@ -44,3 +52,29 @@ def deposits_not_yet_credited(listed: Iterable[dict] = ()) -> Decimal:
     return sum(
         (a for t, a in pending.items() if f"circle:transfer:{t}" not in credited), Decimal(0)
     )
+
+
+@dataclass(frozen=True)
+class BufferStatus:
+    currency: str
+    balance: Decimal
+    alert_threshold: Decimal
+
+    @property
+    def below_threshold(self) -> bool:
+        return self.balance < self.alert_threshold
+
+
+def buffer_status() -> BufferStatus:
+    """The system USDC buffer from the ledger, against ONCHAIN_BUFFER_ALERT_THRESHOLD; sets
+    `onchain_buffer_level` and logs an alert when it is below."""
+    balance = system_account(code="usdc_buffer").balance
+    status = BufferStatus("USDC", balance, settings.ONCHAIN_BUFFER_ALERT_THRESHOLD)
+    metrics.buffer_level.set(float(balance))
+    if status.below_threshold:
+        log.warning(
+            "ALERT onchain USDC buffer %s below the alert threshold %s",
+            balance,
+            status.alert_threshold,
+        )
+    return status

@@ -8,7 +8,8 @@ from celery import shared_task
 from django.conf import settings
 
 from onchain.exceptions import CircleUnavailable
-from onchain.services import transfers_poll, withdrawals_send
+from onchain.polling import transfers_poll
+from onchain.withdrawals import withdrawals_send
 
 log = logging.getLogger(__name__)
 

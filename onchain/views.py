@@ -1,4 +1,4 @@
-"""Circle's webhook: a thin view over onchain.services.notification_receive."""
+"""Circle's webhook: a thin view over onchain.inbox.notification_receive."""
 
 import logging
 import uuid
@@ -37,14 +37,10 @@ from onchain.exceptions import (
     WithdrawalRefused,
     WithdrawalTransitionRefused,
 )
+from onchain.inbox import notification_receive
 from onchain.models import Withdrawal
-from onchain.services import (
-    CHAINS,
-    MAX_ADDRESS_LENGTH,
-    buffer_status,
-    notification_receive,
-    withdrawal_request,
-)
+from onchain.selectors import buffer_status
+from onchain.withdrawals import CHAINS, MAX_ADDRESS_LENGTH, withdrawal_request
 
 log = logging.getLogger("onchain.webhook")
 

@@ -19,14 +19,11 @@ from cutover.selectors import (
 )
 from ledger.models import Transaction
 from ledger.selectors import system_account
+from onchain.inbox import notification_replay
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
+from onchain.polling import transfers_poll
 from onchain.sandbox import CircleSandbox
-from onchain.services import (
-    notification_replay,
-    transfers_poll,
-    withdrawal_request,
-    withdrawals_send,
-)
+from onchain.withdrawals import withdrawal_request, withdrawals_send
 from rehearsal.scenario import ACTOR, CENT, CURRENCIES, user_totals
 from treasury.cycle import settlement_cycle_run
 from treasury.models import BufferThreshold, ConversionJob

@@ -38,10 +38,7 @@ from cutover.selectors import (
 from ledger.selectors import system_account
 from onchain.models import CircleNotification, Withdrawal
 from onchain.sandbox import CircleSandbox
-from onchain.services import (
-    withdrawal_request,
-    withdrawals_send,
-)
+from onchain.withdrawals import withdrawal_request, withdrawals_send
 from rehearsal.drills import Drills
 from rehearsal.report import Report
 from rehearsal.runtime import http_server

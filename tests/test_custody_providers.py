@@ -15,7 +15,8 @@ from cutover.backfill import backfill_run
 from cutover.models import CustodyDiscrepancy, CustodyOpening, OperatorAudit
 from ledger.models import Account
 from onchain.models import DepositAddress
-from onchain.services import transfers_poll, withdrawals_send
+from onchain.polling import transfers_poll
+from onchain.withdrawals import withdrawals_send
 from tests.cutover.factories import legacy_user, phase_set
 from tests.onchain.test_withdrawals import sandbox, withdraw  # noqa: F401 (a fixture)
 from tests.treasury.conftest import due  # noqa: F401 (a fixture)

@@ -14,7 +14,7 @@ from onchain import circle
 from onchain.exceptions import CircleUnavailable
 from onchain.models import Withdrawal
 from onchain.sandbox import CircleSandbox
-from onchain.services import withdrawal_request
+from onchain.withdrawals import withdrawal_request
 from tests.browser.test_cutover_console import login
 from tests.browser.test_ledger_console import browser_page  # noqa: F401 (fixture)
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set

@@ -40,14 +40,10 @@ from cutover.phases import Phase, next_phase
 from cutover.reconciliation import reconciliation_run
 from cutover.selectors import gate_evaluate, phase_state
 from onchain.exceptions import CircleUnavailable, WithdrawalRefused
+from onchain.inbox import notification_process
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
-from onchain.services import (
-    notification_process,
-    transfers_poll,
-    withdrawal_cancel,
-    withdrawal_resend,
-    withdrawals_send,
-)
+from onchain.polling import transfers_poll
+from onchain.withdrawals import withdrawal_cancel, withdrawal_resend, withdrawals_send
 from tests.model import invariants, world
 from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import JobRefused

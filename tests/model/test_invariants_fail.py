@@ -12,7 +12,7 @@ from django.db import connection, transaction
 
 from ledger.models import Account
 from ledger.services import Leg, transaction_post
-from onchain.services import withdrawal_request
+from onchain.withdrawals import withdrawal_request
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.model import invariants, world
 from treasury.models import ConversionJob, ConversionProvider

@@ -19,9 +19,9 @@ from cutover.exceptions import CutoverError
 from cutover.models import BalanceMutation, LegacyBalance
 from ledger.models import Account
 from ledger.selectors import ledger_integrity_checks
+from onchain.inbox import notification_receive
 from onchain.models import CircleNotification, DepositAddress
 from onchain.sandbox import CircleSandbox
-from onchain.services import notification_receive
 from rehearsal.runtime import processes_run
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 

@@ -30,13 +30,9 @@ from onchain.exceptions import (
     withdrawal_rules,
 )
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
+from onchain.polling import transfers_poll
 from onchain.sandbox import CircleSandbox
-from onchain.services import (
-    transfers_poll,
-    withdrawal_cancel,
-    withdrawal_resend,
-    withdrawals_send,
-)
+from onchain.withdrawals import withdrawal_cancel, withdrawal_resend, withdrawals_send
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.onchain.test_withdrawals import (  # noqa: F401 (fixtures among them)
     api_token,

@@ -10,7 +10,7 @@ import redis
 from cutover.models import LegacyBalance
 from onchain.models import DepositAddress, Withdrawal
 from onchain.sandbox import CircleSandbox
-from onchain.services import withdrawal_request
+from onchain.withdrawals import withdrawal_request
 from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.onchain.test_withdrawals import buffer_fund

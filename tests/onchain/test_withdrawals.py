@@ -26,9 +26,9 @@ from ledger.models import Account
 from ledger.selectors import ledger_integrity_checks
 from ledger.services import Leg, transaction_post
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
+from onchain.polling import transfers_poll
 from onchain.sandbox import CircleSandbox
-from onchain.services import (
-    transfers_poll,
+from onchain.withdrawals import (
     withdrawal_cancel,
     withdrawal_request,
     withdrawal_resend,

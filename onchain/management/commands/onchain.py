@@ -17,11 +17,11 @@ from cutover.management.commands.cutover import positive as positive_int
 from ledger.exceptions import InvalidAmount, LedgerError
 from ledger.money import amount_parse
 from onchain.exceptions import OnchainError
+from onchain.inbox import notification_replay
 from onchain.models import CircleNotification, Withdrawal, WithdrawalStatus
+from onchain.polling import transfers_poll
 from onchain.sandbox import CircleSandbox
-from onchain.services import (
-    notification_replay,
-    transfers_poll,
+from onchain.withdrawals import (
     withdrawal_cancel,
     withdrawal_request,
     withdrawal_resend,

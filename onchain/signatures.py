@@ -1,0 +1,55 @@
+"""Circle's signing keys and the verification of its notifications' signatures (the v2
+scheme: base64 ECDSA-SHA256 over the raw body); a key is fetched once, then kept by the
+process."""
+
+import base64
+import binascii
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+from onchain import circle
+from onchain.exceptions import SignatureRejected, UnknownSigningKey
+from onchain.models import CirclePublicKey
+
+ALGORITHM = "ECDSA_SHA_256"
+
+
+# Loaded signing keys by key id. Circle's keys never change under an id, so a process keeps
+# what it loaded: one fetch per unknown id (table first, then Circle), then no query at all.
+_KEYS: dict[str, ec.EllipticCurvePublicKey] = {}
+MAX_ID_LENGTH = 64
+
+
+def _public_key(key_id: str):
+    """The signing key, from this process, the table, or fetched from Circle once."""
+    if key_id in _KEYS:
+        return _KEYS[key_id]
+    if len(key_id) > MAX_ID_LENGTH:
+        raise UnknownSigningKey(f"key id is over {MAX_ID_LENGTH} characters")
+    known = CirclePublicKey.objects.filter(key_id=key_id).first()
+    if known is None:
+        algorithm, public_key = circle.public_key_fetch(key_id)
+        known, _ = CirclePublicKey.objects.get_or_create(
+            key_id=key_id, defaults={"algorithm": algorithm, "public_key": public_key}
+        )
+    if known.algorithm != ALGORITHM:
+        raise SignatureRejected(f"key {key_id} uses {known.algorithm}, not {ALGORITHM}")
+    _KEYS[key_id] = load_der_public_key(base64.b64decode(known.public_key))
+    return _KEYS[key_id]
+
+
+def signature_verify(*, body: bytes, signature: str, key_id: str) -> None:
+    """Circle's v2 scheme: base64 ECDSA-SHA256 over the raw body, by the key `key_id`."""
+    if not signature or not key_id:
+        raise SignatureRejected("X-Circle-Signature and X-Circle-Key-Id are required")
+    try:
+        raw_signature = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureRejected("X-Circle-Signature is not base64") from None
+    try:
+        _public_key(key_id).verify(raw_signature, body, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise SignatureRejected("the signature does not match the body") from None
