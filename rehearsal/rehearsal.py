@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from config.custody import custody_open_from_providers, custody_reconcile_from_providers
+from custody.services import custody_open_from_providers, custody_reconcile_from_providers
 from cutover.backfill import backfill_run
 from cutover.exceptions import (
     GateNotMet,

@@ -10,7 +10,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from config.tasks import custody_reconcile_task
+from custody.tasks import custody_reconcile_task
 from cutover.backfill import backfill_run
 from cutover.models import CustodyDiscrepancy, CustodyOpening, OperatorAudit
 from ledger.models import Account

@@ -33,11 +33,12 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_prometheus",
     "ledger",
+    "gateway",
     "cutover",
     "django_celery_beat",
     "treasury",
     "onchain",
-    "config",
+    "custody",
     "rehearsal",
 ]
 

@@ -6,7 +6,7 @@ from decimal import Decimal
 from django.apps import apps
 from django.db import connection
 
-from config.custody import custody_open_at, deposits_uncredited_at_circle
+from custody.services import custody_open_at, deposits_uncredited_at_circle
 from cutover.actors import Actor
 from onchain.sandbox import CircleSandbox
 from tests.conftest import DATA_MIGRATIONS

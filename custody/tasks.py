@@ -1,10 +1,10 @@
-"""Celery tasks that read more than one engine's providers (thin shells)."""
+"""Custody's Celery task (a thin shell)."""
 
 import logging
 
 from celery import shared_task
 
-from config.custody import custody_reconcile_from_providers
+from custody.services import custody_reconcile_from_providers
 from cutover.exceptions import ReconciliationBusy
 from onchain.exceptions import CircleUnavailable
 from treasury.exceptions import DueUnavailable

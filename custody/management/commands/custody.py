@@ -6,7 +6,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from config.custody import SOURCES, custody_open_from_providers, custody_reconcile_from_providers
+from custody.services import SOURCES, custody_open_from_providers, custody_reconcile_from_providers
 from cutover.actors import Actor
 from cutover.exceptions import CutoverError
 from ledger.exceptions import LedgerError

@@ -1,7 +1,6 @@
-"""Custody, wired to the providers: what Circle reports for our wallet (USDC) and what Due
+"""Custody, read from the providers: what Circle reports for our wallet (USDC) and what Due
 reports holding for us (USD) become the system buffers' opening balances, and are compared with
-the buffers from then on. It lives here, at the top layer, because it reads both engines'
-providers and the engines never import each other."""
+the buffers from then on (the booking itself is `cutover.custody`)."""
 
 from decimal import Decimal
 
