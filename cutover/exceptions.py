@@ -52,29 +52,9 @@ class ReconciliationBusy(CutoverError):
     """Another reconciliation holds the single-leader lock."""
 
 
-class IdempotencyKeyReused(CutoverError):
-    """The Idempotency-Key was used before with a different request."""
-
-
-class IdempotencyKeyInFlight(CutoverError):
-    """A request with this Idempotency-Key is still being processed."""
-
-
 class ConcurrentDuplicate(CutoverError):
     """The same reference was committed by a concurrent request first; nothing was applied."""
 
 
 class CustodyRefused(CutoverError):
     """A custody opening or reading that cannot be booked (already open, bad figure)."""
-
-
-class ApiClientRefused(CutoverError):
-    """An API client cannot be created as asked (unknown scope, credit for a user's client)."""
-
-
-class ApiClientLimitExceeded(CutoverError):
-    """The request is over one of its client's limits; nothing was applied."""
-
-    def __init__(self, message: str, limit: str):
-        super().__init__(message)
-        self.limit = limit

@@ -13,7 +13,6 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from cutover.models import (
-    ApiClient,
     BalanceMutation,
     CustodyDiscrepancy,
     CustodyOpening,
@@ -52,14 +51,6 @@ def user_currency(user_id: UUID) -> str | None:
         )
         row = cursor.fetchone()
     return row[0] if row else None
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def api_client_authenticate(*, token: str) -> ApiClient | None:
-    return ApiClient.objects.filter(token_sha256=token_digest(token), active=True).first()
 
 
 def phase_state() -> PhaseState:

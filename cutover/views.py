@@ -7,15 +7,31 @@ from django.http import HttpRequest
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from cutover.api import ApiError, Unavailable, api_view, idempotent, json_object, scope_require
 from cutover.balance_path import balance_mutate
 from cutover.exceptions import KillSwitchEngaged, MutationConflict, StrictLedgerFailure
-from cutover.models import ApiClient, ApiScope, Direction
+from cutover.models import Direction
 from cutover.selectors import balance_get
+from gateway.api import (
+    UNAVAILABLE,
+    ApiError,
+    Refusal,
+    api_view,
+    idempotent,
+    json_object,
+    scope_require,
+)
+from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InsufficientFunds, InvalidAmount
 from ledger.money import CURRENCY_DECIMALS, amount_parse
 
 MAX_REASON_LENGTH = 64
+# The balance path's refusals, as the API answers them.
+REFUSALS = {
+    KillSwitchEngaged: UNAVAILABLE,
+    StrictLedgerFailure: UNAVAILABLE,
+    InsufficientFunds: Refusal(422, "insufficient_funds", "amount"),
+    MutationConflict: Refusal(422, "conflict"),
+}
 
 
 def _reading(reading) -> dict:
@@ -40,7 +56,7 @@ def balance_detail(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
     return 200, _reading(balance_get(user_id=user_id, currency=currency))
 
 
-def _mutation_request(request: HttpRequest) -> dict:
+def _mutation_request(request: HttpRequest, client: ApiClient) -> dict:
     data = json_object(request)
     direction = data.get("direction")
     if direction not in Direction.values:
@@ -59,38 +75,32 @@ def _mutation_request(request: HttpRequest) -> dict:
         raise ApiError(
             400, "invalid", f"reason must be 1..{MAX_REASON_LENGTH} characters", "reason"
         )
+    scope_require(client, direction)  # the credit and debit scopes
     return {"direction": direction, "amount": amount, "currency": currency, "reason": reason}
 
 
 @csrf_exempt
 @require_POST
 @api_view
-def balance_mutation_create(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
-    mutation = _mutation_request(request)
-    scope_require(client, mutation["direction"])  # the credit and debit scopes
-
-    def apply(record_id: int) -> tuple[int, dict]:
-        try:
-            result = balance_mutate(
-                user_id=user_id,
-                reference=f"api:{record_id}",
-                correlation_id=request.correlation_id,
-                **mutation,
-            )
-        except (KillSwitchEngaged, StrictLedgerFailure) as exc:
-            raise Unavailable(str(exc)) from None
-        except InsufficientFunds as exc:
-            raise ApiError(422, "insufficient_funds", str(exc), "amount") from None
-        except MutationConflict as exc:
-            raise ApiError(422, "conflict", str(exc)) from None
-        return 201, {
-            "user_id": str(result.user_id),
-            "direction": result.direction,
-            "amount": str(result.amount),
-            "currency": result.currency,
-            "phase": result.phase,
-            "balance": _reading(balance_get(user_id=user_id, currency=result.currency))["balance"],
-        }
-
-    spend = (mutation["direction"], mutation["amount"], mutation["currency"])
-    return idempotent(request, client, user_id, mutation, apply, spend=spend)
+@idempotent(
+    parse=_mutation_request,
+    spend=lambda mutation: (mutation["direction"], mutation["amount"], mutation["currency"]),
+    refusals=REFUSALS,
+)
+def balance_mutation_create(
+    request: HttpRequest, client: ApiClient, user_id: uuid.UUID, mutation: dict, record_id: int
+):
+    result = balance_mutate(
+        user_id=user_id,
+        reference=f"api:{record_id}",
+        correlation_id=request.correlation_id,
+        **mutation,
+    )
+    return 201, {
+        "user_id": str(result.user_id),
+        "direction": result.direction,
+        "amount": str(result.amount),
+        "currency": result.currency,
+        "phase": result.phase,
+        "balance": _reading(balance_get(user_id=user_id, currency=result.currency))["balance"],
+    }

@@ -29,13 +29,12 @@ import urllib.request
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cutover.sandbox import SandboxServer
+from gateway.sandbox import SandboxHandler, SandboxServer
 
 STATUS_OF = {
     "transfers.created": "pending",
@@ -125,7 +124,7 @@ class CircleSandbox(SandboxServer):
     def _handler(self):
         sandbox = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(SandboxHandler):
             def do_GET(self):
                 if not self._authorised():
                     return None
@@ -148,7 +147,7 @@ class CircleSandbox(SandboxServer):
                     return None
                 if urlsplit(self.path).path != "/v1/transfers":
                     return self._json(404, {"code": 404, "message": "Not found."})
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                raw = self._body()
                 with sandbox.lock:
                     sandbox.create_calls += 1
                     failure = sandbox.fail_next.pop(0) if sandbox.fail_next else None
@@ -265,17 +264,6 @@ class CircleSandbox(SandboxServer):
                     ids = [t["id"] for t in matching]
                     matching = matching[ids.index(after) + 1 :] if after in ids else []
                 return self._json(200, {"data": matching[:size]})
-
-            def _json(self, status: int, body: dict) -> None:
-                raw = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def log_message(self, *args) -> None:  # quiet: tests and rehearsals print reports
-                pass
 
         return Handler
 

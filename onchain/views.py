@@ -9,9 +9,16 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from cutover.api import (
+from cutover.exceptions import (
+    CutoverError,
+    KillSwitchEngaged,
+    MutationConflict,
+    StrictLedgerFailure,
+)
+from gateway.api import (
+    UNAVAILABLE,
     ApiError,
-    Unavailable,
+    Refusal,
     admin_token_refusal,
     api_view,
     idempotent,
@@ -19,13 +26,7 @@ from cutover.api import (
     scope_require,
     token_matches,
 )
-from cutover.exceptions import (
-    CutoverError,
-    KillSwitchEngaged,
-    MutationConflict,
-    StrictLedgerFailure,
-)
-from cutover.models import ApiClient, ApiScope
+from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InsufficientFunds, InvalidAmount, LedgerError
 from ledger.money import amount_parse
 from onchain import metrics
@@ -48,10 +49,7 @@ log = logging.getLogger("onchain.webhook")
 def _refuse(status: int, code: str, message: str, field: str | None = None) -> JsonResponse:
     metrics.webhook_received.labels(outcome=code).inc()
     log.warning("circle webhook refused: %s %s", code, message)
-    error = {"code": code, "message": message}
-    if field:
-        error["field"] = field
-    return JsonResponse({"error": error}, status=status)
+    return JsonResponse(ApiError(status, code, message, field).body(), status=status)
 
 
 @csrf_exempt
@@ -129,11 +127,17 @@ def _withdrawal(withdrawal: Withdrawal) -> dict:
 WITHDRAWAL_NAMESPACE = uuid.UUID("6f1d3c52-4b8e-4f0a-9a57-3c2b7e9d1a10")
 
 
-@csrf_exempt
-@require_POST
-@api_view
-def withdrawal_create(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
-    """A user's USDC withdrawal: held now, sent to Circle by the outbox worker."""
+# A withdrawal's refusals, as the API answers them.
+WITHDRAWAL_REFUSALS = {
+    KillSwitchEngaged: UNAVAILABLE,
+    StrictLedgerFailure: UNAVAILABLE,
+    InsufficientFunds: Refusal(422, "insufficient_funds", "amount"),
+    MutationConflict: Refusal(422, "conflict"),
+    WithdrawalRefused: Refusal(422, "conflict"),
+}
+
+
+def _withdrawal_request(request: HttpRequest, client: ApiClient) -> dict:
     scope_require(client, ApiScope.WITHDRAW)
     data = json_object(request)
     for field in ("amount", "address", "chain"):
@@ -150,24 +154,26 @@ def withdrawal_create(request: HttpRequest, client: ApiClient, user_id: uuid.UUI
         )
     if chain not in CHAINS:
         raise ApiError(400, "invalid", f"chain must be one of {', '.join(sorted(CHAINS))}", "chain")
-    parsed = {"amount": amount, "address": address, "chain": chain}
+    return {"amount": amount, "address": address, "chain": chain}
 
-    def apply(record_id: int) -> tuple[int, dict]:
-        try:
-            withdrawal = withdrawal_request(
-                user_id=user_id,
-                idempotency_key=uuid.uuid5(WITHDRAWAL_NAMESPACE, f"api:{record_id}"),
-                requested_by=client.name,
-                correlation_id=request.correlation_id,
-                **parsed,
-            )
-        except (KillSwitchEngaged, StrictLedgerFailure) as exc:
-            raise Unavailable(str(exc)) from None
-        except InsufficientFunds as exc:
-            raise ApiError(422, "insufficient_funds", str(exc), "amount") from None
-        except (MutationConflict, WithdrawalRefused) as exc:
-            raise ApiError(422, "conflict", str(exc)) from None
-        return 201, _withdrawal(withdrawal)
 
-    spend = (ApiScope.WITHDRAW, amount, "USDC")
-    return idempotent(request, client, user_id, parsed, apply, spend=spend)
+@csrf_exempt
+@require_POST
+@api_view
+@idempotent(
+    parse=_withdrawal_request,
+    spend=lambda withdrawal: (ApiScope.WITHDRAW, withdrawal["amount"], "USDC"),
+    refusals=WITHDRAWAL_REFUSALS,
+)
+def withdrawal_create(
+    request: HttpRequest, client: ApiClient, user_id: uuid.UUID, parsed: dict, record_id: int
+):
+    """A user's USDC withdrawal: held now, sent to Circle by the outbox worker."""
+    withdrawal = withdrawal_request(
+        user_id=user_id,
+        idempotency_key=uuid.uuid5(WITHDRAWAL_NAMESPACE, f"api:{record_id}"),
+        requested_by=client.name,
+        correlation_id=request.correlation_id,
+        **parsed,
+    )
+    return 201, _withdrawal(withdrawal)

@@ -29,10 +29,9 @@ import urllib.request
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
-from cutover.sandbox import SandboxServer
+from gateway.sandbox import SandboxHandler, SandboxServer
 from treasury.due import signature
 
 
@@ -107,7 +106,7 @@ class DueSandbox(SandboxServer):
     def _handler(self):
         sandbox = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(SandboxHandler):
             def _authorised(self, raw: bytes) -> bool:
                 timestamp = self.headers.get("X-Due-Timestamp", "")
                 expected = signature(sandbox.api_secret, timestamp, raw)
@@ -151,7 +150,7 @@ class DueSandbox(SandboxServer):
                 return self._json(200, {"data": answer})
 
             def do_POST(self):
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                raw = self._body()
                 if not self._authorised(raw):
                     return None
                 if urlsplit(self.path).path != "/v1/conversions":
@@ -206,16 +205,5 @@ class DueSandbox(SandboxServer):
                     self.close_connection = True
                     return None
                 return self._json(201 if known is None else 200, {"data": answer})
-
-            def _json(self, status: int, body: dict) -> None:
-                raw = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def log_message(self, *args) -> None:
-                pass
 
         return Handler

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from cutover.api import token_matches
+from gateway.api import token_matches
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from ledger.selectors import system_account

@@ -7,7 +7,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from cutover.api import admin_token_refusal
+from gateway.api import admin_token_refusal
 from ledger.exceptions import LedgerError
 from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import CallbackRejected, JobRefused

@@ -13,23 +13,13 @@ from django.test import Client
 from django.utils import timezone
 
 from cutover.actors import Actor
-from cutover.api import request_fingerprint
-from cutover.api_clients import (
-    api_client_create,
-    idempotency_claim,
-    idempotency_complete,
-    idempotency_release,
-)
 from cutover.balance_path import balance_mutate
-from cutover.exceptions import ApiClientRefused
-from cutover.models import (
-    ApiClient,
-    ApiClientSpend,
-    BalanceMutation,
-    IdempotencyRecord,
-    LegacyBalance,
-    OperatorAudit,
-)
+from cutover.models import BalanceMutation, LegacyBalance, OperatorAudit
+from cutover.operators import api_client_issue
+from gateway.api import request_fingerprint
+from gateway.exceptions import ApiClientRefused
+from gateway.models import ApiClient, ApiClientSpend, IdempotencyRecord
+from gateway.services import idempotency_claim, idempotency_complete, idempotency_release
 from ledger.models import Transaction
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 
@@ -48,7 +38,7 @@ def user():
 
 @pytest.fixture
 def service():
-    client, token = api_client_create(
+    client, token = api_client_issue(
         name="payments", scopes=["read", "credit", "debit"], actor=TEST_ACTOR
     )
     return client, token
@@ -162,7 +152,7 @@ def test_kill_switch_is_503_and_the_key_stays_usable(client, user, service):
 def test_authentication_and_user_scope(client, user, service):
     assert post(client, user, None, CREDIT).status_code == 401
     assert post(client, user, "wrong", CREDIT).status_code == 401
-    _, scoped = api_client_create(
+    _, scoped = api_client_issue(
         name="alice-app", user_id=user, scopes=["read", "debit"], actor=TEST_ACTOR
     )
     other = uuid.uuid4()
@@ -192,7 +182,7 @@ def test_balance_read_follows_the_phase(client, user, service):
 
 
 def test_a_users_own_client_cannot_credit_and_nothing_changes(client, user):
-    _, token = api_client_create(
+    _, token = api_client_issue(
         name="alice-app", user_id=user, scopes=["read", "debit", "withdraw"], actor=TEST_ACTOR
     )
     transactions = Transaction.objects.count()
@@ -205,14 +195,14 @@ def test_a_users_own_client_cannot_credit_and_nothing_changes(client, user):
     assert not BalanceMutation.objects.exists() and not IdempotencyRecord.objects.exists()
     # and no user's client can be given the scope: not by the service, not in the database
     with pytest.raises(ApiClientRefused, match="may not credit"):
-        api_client_create(name="bob-app", user_id=user, scopes=["credit"], actor=TEST_ACTOR)
+        api_client_issue(name="bob-app", user_id=user, scopes=["credit"], actor=TEST_ACTOR)
     with pytest.raises(IntegrityError, match="cutover_api_clients_chk_user_never_credits"):
         ApiClient.objects.filter(name="alice-app").update(scopes=["read", "credit"])
 
 
 def test_each_endpoint_needs_its_scope(client, user):
-    _, reader = api_client_create(name="reader", scopes=["read"], actor=TEST_ACTOR)
-    _, debitor = api_client_create(name="debitor", scopes=["debit"], actor=TEST_ACTOR)
+    _, reader = api_client_issue(name="reader", scopes=["read"], actor=TEST_ACTOR)
+    _, debitor = api_client_issue(name="debitor", scopes=["debit"], actor=TEST_ACTOR)
     headers = {"HTTP_AUTHORIZATION": f"Bearer {debitor}"}
     refused = client.get(f"/api/v1/users/{user}/balance", **headers)
     assert refused.status_code == 403 and refused.json()["error"]["scope"] == "read"
@@ -225,7 +215,7 @@ def test_each_endpoint_needs_its_scope(client, user):
 
 
 def test_client_creation_is_audited(user):
-    client, _ = api_client_create(
+    client, _ = api_client_issue(
         name="alice-app",
         user_id=user,
         scopes=["read", "debit"],
@@ -240,7 +230,7 @@ def test_client_creation_is_audited(user):
 
 
 def test_an_amount_over_the_client_maximum_is_422_and_the_key_stays_usable(client, user):
-    _, token = api_client_create(
+    _, token = api_client_issue(
         name="capped", scopes=["credit"], max_amount=Decimal("20"), actor=TEST_ACTOR
     )
     response = post(client, user, token, CREDIT)  # 25.50
@@ -272,7 +262,7 @@ def _concurrently(requests: list) -> list:
 
 
 def test_the_daily_limit_holds_under_concurrent_requests(user):
-    _, token = api_client_create(
+    _, token = api_client_issue(
         name="capped", scopes=["credit"], daily_limit=Decimal("30"), actor=TEST_ACTOR
     )
     body = {**CREDIT, "amount": "20"}
@@ -290,7 +280,7 @@ def test_the_daily_limit_holds_under_concurrent_requests(user):
 
 
 def test_a_refused_mutation_does_not_count_against_the_limit(client, user):
-    _, token = api_client_create(
+    _, token = api_client_issue(
         name="capped", scopes=["debit"], daily_limit=Decimal("150"), actor=TEST_ACTOR
     )
     overdraft = post(client, user, token, {**CREDIT, "direction": "debit", "amount": "101"})

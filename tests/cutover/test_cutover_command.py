@@ -9,7 +9,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from cutover.models import ApiClient, CustodyOpening, OperatorAudit, PhaseAudit, PhaseState
+from cutover.models import CustodyOpening, OperatorAudit, PhaseAudit, PhaseState
+from gateway.models import ApiClient
 from tests.cutover.factories import legacy_user
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -25,7 +25,6 @@ from hypothesis.stateful import (
 )
 
 from cutover.actors import Actor
-from cutover.api_clients import api_client_create
 from cutover.backfill import backfill_run
 from cutover.exceptions import (
     GateNotMet,
@@ -35,6 +34,7 @@ from cutover.exceptions import (
     TransitionRefused,
 )
 from cutover.models import LegacyBalance
+from cutover.operators import api_client_issue
 from cutover.phase_machine import kill_switch_set, phase_advance, phase_rollback
 from cutover.phases import Phase, next_phase
 from cutover.reconciliation import reconciliation_run
@@ -119,7 +119,7 @@ class MoneyMachine(RuleBasedStateMachine):
         self.custody_opened: set[str] = set()
         self.address_of: dict = {}
         self.http = Client()
-        _, token = api_client_create(
+        _, token = api_client_issue(
             name="model", scopes=["read", "credit", "debit", "withdraw"], actor=OPERATOR
         )
         self.auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}

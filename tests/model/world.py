@@ -13,7 +13,7 @@ from tests.conftest import DATA_MIGRATIONS
 from treasury.bands import threshold_set
 from treasury.sandbox import DueSandbox
 
-APP_LABELS = ("ledger", "cutover", "onchain", "treasury")
+APP_LABELS = ("ledger", "gateway", "cutover", "onchain", "treasury")
 # Small bands, so that the model's amounts move buffers across them.
 THRESHOLDS = {"USDC": ("50", "200", "1000"), "USD": ("50", "200", "1000")}
 

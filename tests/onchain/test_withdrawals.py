@@ -18,9 +18,9 @@ import pytest
 from django.db import DatabaseError, connection, transaction
 
 from cutover.actors import Actor
-from cutover.api_clients import api_client_create
 from cutover.exceptions import KillSwitchEngaged
 from cutover.models import BalanceMutation, LegacyBalance
+from cutover.operators import api_client_issue
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account
 from ledger.selectors import ledger_integrity_checks
@@ -380,7 +380,7 @@ def test_polling_settles_a_submitted_withdrawal_whose_webhook_never_came(sandbox
 
 @pytest.fixture
 def api_token(user):
-    return api_client_create(
+    return api_client_issue(
         name=f"wallet-app-{uuid.uuid4().hex[:6]}", scopes=["withdraw"], actor=Actor("test")
     )[1]
 
@@ -424,11 +424,11 @@ def test_a_users_own_client_needs_the_withdraw_scope(client, user):
     its limits (debits and withdrawals share the money-out direction)."""
     phase_set("shadow")
     actor = Actor("test")
-    _, reader = api_client_create(name="reader", user_id=user, scopes=["read"], actor=actor)
+    _, reader = api_client_issue(name="reader", user_id=user, scopes=["read"], actor=actor)
     body = {"amount": "25.5", "address": "0xdest", "chain": "ETH"}
     status, answer = post_withdrawal(client, user, reader, body)
     assert status == 403 and answer["error"]["scope"] == "withdraw"
-    _, wallet = api_client_create(
+    _, wallet = api_client_issue(
         name="wallet",
         user_id=user,
         scopes=["read", "withdraw"],

@@ -11,11 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cutover.actors import Actor
-from cutover.api_clients import api_client_create
 from cutover.backfill import backfill_run
 from cutover.custody import custody_open
 from cutover.exceptions import CutoverError, GateNotMet
-from cutover.models import ApiClient, ApiScope
+from cutover.operators import api_client_issue
 from cutover.phase_machine import (
     kill_switch_set,
     phase_advance,
@@ -33,6 +32,8 @@ from cutover.selectors import (
     open_discrepancy_count,
     phase_state,
 )
+from gateway.exceptions import GatewayError
+from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InvalidAmount, LedgerError
 from ledger.money import amount_parse
 
@@ -202,7 +203,7 @@ class Command(BaseCommand):
             if options.get("json"):
                 self.stdout.write(json.dumps(exc.evidence, indent=2))
             raise CommandError(str(exc)) from None
-        except (CutoverError, LedgerError) as exc:
+        except (CutoverError, GatewayError, LedgerError) as exc:
             raise CommandError(str(exc)) from None
 
     def _emit(self, options, data: dict, table: Table | None = None) -> None:
@@ -276,7 +277,7 @@ class Command(BaseCommand):
             raise CommandError(
                 "--scopes: a client restricted with --user-id may not have the credit scope"
             )
-        client, token = api_client_create(
+        client, token = api_client_issue(
             name=options["name"],
             user_id=options["user_id"],
             scopes=options["scopes"],

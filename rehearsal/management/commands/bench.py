@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cutover.actors import Actor
-from cutover.api_clients import api_client_create
+from cutover.operators import api_client_issue
 from cutover.phases import ORDER
 from onchain.sandbox import CircleSandbox
 from rehearsal.bench_http import api_server, reads_measure, webhook_users, webhooks_measure
@@ -233,7 +233,7 @@ class Command(BaseCommand):
         with database_ready(console.print), scratch_database("bench") as name:
             console.print(f"Opening {options['users']:,} users in read_switch (100 %) ...")
             users = bench_users_in_phase(options["users"], "read_switch")
-            _, token = api_client_create(
+            _, token = api_client_issue(
                 name="bench-reads", scopes=["read"], actor=Actor.command_line()
             )
             connections.close_all()

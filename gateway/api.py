@@ -2,33 +2,36 @@
 authentication of API clients and their scopes, correlation ids, JSON errors naming the field,
 and `Idempotency-Key` handling (the first answer is stored and replayed)."""
 
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
-from cutover.api_clients import (
+from gateway.exceptions import (
+    ApiClientLimitExceeded,
+    IdempotencyKeyInFlight,
+    IdempotencyKeyReused,
+)
+from gateway.models import ApiClient
+from gateway.selectors import api_client_authenticate
+from gateway.services import (
+    IdempotencyClaim,
     api_client_spend,
     idempotency_claim,
     idempotency_complete,
     idempotency_release,
 )
-from cutover.exceptions import (
-    ApiClientLimitExceeded,
-    IdempotencyKeyInFlight,
-    IdempotencyKeyReused,
-)
-from cutover.models import ApiClient
-from cutover.selectors import api_client_authenticate
 
-log = logging.getLogger("cutover.api")
+log = logging.getLogger("gateway.api")
 MAX_BODY_BYTES = 16 * 1024
 MAX_KEY_LENGTH = 200
 MAX_CORRELATION_ID_LENGTH = 128  # the journal's and the withdrawals' column
@@ -50,8 +53,27 @@ class ApiError(Exception):
         return {"error": {**error, **self.detail}}
 
 
-class Unavailable(Exception):
-    """Nothing was applied and the same key may be retried (kill switch, strict failure)."""
+@dataclass(frozen=True)
+class Refusal:
+    """How a service's domain exception is answered: an ApiError with the exception's message,
+    stored and replayed under its Idempotency-Key; a retryable one (nothing was applied: kill
+    switch, strict failure) releases the key instead, so the same key may be retried."""
+
+    status: int
+    code: str
+    field: str | None = None
+    retryable: bool = False
+
+    def error(self, exc: Exception) -> ApiError:
+        return ApiError(self.status, self.code, str(exc), self.field)
+
+
+UNAVAILABLE = Refusal(503, "unavailable", retryable=True)
+
+
+def _refusal(exc: Exception, refusals: Mapping[type[Exception], Refusal]) -> Refusal | None:
+    """The refusal of the most specific class of `exc` that `refusals` names, if any."""
+    return next((refusals[cls] for cls in type(exc).__mro__ if cls in refusals), None)
 
 
 def api_view(view):
@@ -170,21 +192,19 @@ def request_fingerprint(user_id: uuid.UUID, parsed: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def idempotent(
+def _in_flight(exc: IdempotencyKeyInFlight) -> ApiError:
+    return ApiError(409, "idempotency_key_in_flight", str(exc), "Idempotency-Key")
+
+
+def _claim(
     request: HttpRequest,
     client: ApiClient,
     user_id: uuid.UUID,
     parsed: dict,
-    apply: Callable[[int], tuple[int, dict]],
-    *,
     spend: tuple[str, Decimal, str],
-) -> tuple[int, dict]:
-    """Run `apply(record_id)` once per Idempotency-Key and remember its answer; a replay with
-    the same request gets that answer, a different request under the same key a 422. Before
-    `apply`, `spend` (scope, amount, currency) is counted against the client's limits: over one
-    is 422 (per operation) or 429 (daily), nothing applied and the key released for a retry, as
-    when `apply` raises Unavailable (503). Only the claim's owner completes or releases the key:
-    a request that stalled past IDEMPOTENCY_LOCK_TIMEOUT and was taken over changes nothing."""
+) -> IdempotencyClaim:
+    """This request's claim of its Idempotency-Key (a replay when the key has its answer), its
+    `spend` counted against the client's limits."""
     key = request.headers.get("Idempotency-Key", "").strip()
     if not key or len(key) > MAX_KEY_LENGTH:
         raise ApiError(
@@ -200,9 +220,9 @@ def idempotent(
     except IdempotencyKeyReused as exc:
         raise ApiError(422, "idempotency_key_reused", str(exc), "Idempotency-Key") from None
     except IdempotencyKeyInFlight as exc:
-        raise ApiError(409, "idempotency_key_in_flight", str(exc), "Idempotency-Key") from None
+        raise _in_flight(exc) from None
     if claim.record is None:
-        return claim.replay_status, claim.replay_body
+        return claim
     scope, amount, currency = spend
     try:
         api_client_spend(claim=claim, scope=scope, amount=amount, currency=currency)
@@ -211,20 +231,56 @@ def idempotent(
         status = 429 if exc.limit == "daily_limit" else 422
         raise ApiError(status, "limit_exceeded", str(exc), "amount", limit=exc.limit) from None
     except IdempotencyKeyInFlight as exc:
-        raise ApiError(409, "idempotency_key_in_flight", str(exc), "Idempotency-Key") from None
-    try:
-        status, body = apply(claim.record.pk)
-    except Unavailable as exc:
-        idempotency_release(claim=claim)
-        raise ApiError(503, "unavailable", str(exc)) from None
-    except ApiError as exc:
-        status, body = exc.status, exc.body()
-    if not idempotency_complete(claim=claim, status=status, body=body):
-        log.warning(
-            "Idempotency-Key %r was taken over while this request ran; its answer stands",
-            key,
-        )
-    return status, body
+        raise _in_flight(exc) from None
+    return claim
+
+
+def idempotent(
+    *,
+    parse: Callable[[HttpRequest, ApiClient], dict],
+    spend: Callable[[dict], tuple[str, Decimal, str]],
+    refusals: Mapping[type[Exception], Refusal],
+):
+    """A view run once per Idempotency-Key, its answer remembered: under `api_view`, the
+    decorated `view(request, client, user_id, parsed, record_id) -> (status, body)` calls one
+    service with what `parse(request, client)` made of the request (its errors and scope checks
+    come first) and the key's record id (a reference that stays the same across a takeover).
+
+    A replay with the same request gets the first answer, a different request under the same
+    key a 422, one still in flight a 409. Before the view, `spend(parsed)` (scope, amount,
+    currency) is counted against the client's limits: over one is 422 (per operation) or 429
+    (daily), nothing applied and the key released for a retry. The service's exceptions named
+    in `refusals` are answered as they say (a retryable one 503 with the key released). Only
+    the claim's owner completes or releases the key: a request that stalled past
+    IDEMPOTENCY_LOCK_TIMEOUT and was taken over changes nothing."""
+
+    def decorate(view):
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
+            parsed = parse(request, client)
+            claim = _claim(request, client, user_id, parsed, spend(parsed))
+            if claim.record is None:
+                return claim.replay_status, claim.replay_body
+            try:
+                status, body = view(request, client, user_id, parsed, claim.record.pk)
+            except Exception as exc:
+                refusal = _refusal(exc, refusals)
+                if refusal is None:
+                    raise
+                if refusal.retryable:
+                    idempotency_release(claim=claim)
+                    raise refusal.error(exc) from None
+                status, body = refusal.status, refusal.error(exc).body()
+            if not idempotency_complete(claim=claim, status=status, body=body):
+                log.warning(
+                    "Idempotency-Key %r was taken over while this request ran; its answer stands",
+                    claim.record.key,
+                )
+            return status, body
+
+        return wrapper
+
+    return decorate
 
 
 def admin_token_refusal(request: HttpRequest) -> JsonResponse | None:

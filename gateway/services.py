@@ -1,4 +1,4 @@
-"""Balance API clients and idempotency keys: creating a client and its bearer token, claiming,
+"""API clients and Idempotency-Keys: creating a client and its bearer token, claiming,
 completing and releasing an Idempotency-Key, and counting a request against the client's
 limits."""
 
@@ -13,31 +13,27 @@ from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
 
-from cutover.actors import Actor
-from cutover.exceptions import (
+from gateway.exceptions import (
     ApiClientLimitExceeded,
     ApiClientRefused,
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
 )
-from cutover.models import (
+from gateway.models import (
     ApiClient,
     ApiClientSpend,
     ApiScope,
-    Direction,
     IdempotencyRecord,
     IdempotencyStatus,
+    SpendDirection,
 )
-from cutover.operator_audit import operator_action_record
-from cutover.selectors import (
-    token_digest,
-)
+from gateway.selectors import token_digest
 
 # Money out of a user's balance: debits and withdrawals share one rolling limit.
 SPEND_DIRECTION = {
-    ApiScope.CREDIT: Direction.CREDIT,
-    ApiScope.DEBIT: Direction.DEBIT,
-    ApiScope.WITHDRAW: Direction.DEBIT,
+    ApiScope.CREDIT: SpendDirection.CREDIT,
+    ApiScope.DEBIT: SpendDirection.DEBIT,
+    ApiScope.WITHDRAW: SpendDirection.DEBIT,
 }
 SPEND_WINDOW = timedelta(hours=24)
 
@@ -46,14 +42,13 @@ def api_client_create(
     *,
     name: str,
     scopes: list[str],
-    actor: Actor,
     user_id: UUID | None = None,
     max_amount: Decimal | None = None,
     daily_limit: Decimal | None = None,
-    reason: str = "",
 ) -> tuple[ApiClient, str]:
-    """A new API client and its bearer token (shown once; only its hash is stored), audited.
-    A client scoped to one user never gets `credit` (the database refuses it as well)."""
+    """A new API client and its bearer token (shown once; only its hash is stored). A client
+    scoped to one user never gets `credit` (the database refuses it as well). The operator's
+    audit is the caller's (cutover.operators.api_client_issue)."""
     unknown = sorted(set(scopes) - set(ApiScope.values))
     if unknown or not scopes:
         raise ApiClientRefused(
@@ -76,20 +71,6 @@ def api_client_create(
             scopes=sorted(set(scopes), key=ApiScope.values.index),
             max_amount=max_amount,
             daily_limit=daily_limit,
-        )
-        operator_action_record(
-            actor=actor,
-            action="api_client.create",
-            target=f"api_client:{client.pk}",
-            before={},
-            after={
-                "name": name,
-                "user_id": str(user_id) if user_id else None,
-                "scopes": client.scopes,
-                "max_amount": str(max_amount) if max_amount is not None else None,
-                "daily_limit": str(daily_limit) if daily_limit is not None else None,
-            },
-            reason=reason,
         )
     return client, token
 
