@@ -11,7 +11,7 @@ from cutover.actors import Actor
 from cutover.custody import CustodyComparison, CustodyReading, custody_open, custody_reconcile
 from cutover.exceptions import CustodyRefused
 from cutover.models import CustodyOpening
-from cutover.selectors import CUSTODY_BUFFERS
+from ledger.selectors import BUFFER_ACCOUNTS
 from onchain import circle
 from onchain.selectors import deposits_not_yet_credited
 from treasury import due
@@ -24,7 +24,7 @@ def custody_readings(currencies: list[str] | None = None) -> list[CustodyReading
     """Each custodian's balance now, over its API (CircleUnavailable / DueUnavailable when it
     cannot answer: nothing is booked or compared on a guess)."""
     readings = []
-    for currency in currencies or list(CUSTODY_BUFFERS):
+    for currency in currencies or list(BUFFER_ACCOUNTS):
         if SOURCES[currency] == "circle":
             reported = circle.wallet_balance()
         else:
@@ -69,7 +69,7 @@ def custody_open_from_providers(
 ) -> list[CustodyOpening]:
     """Book each buffer's opening balance at what its custodian reports now."""
     openings = []
-    for currency in currencies or list(CUSTODY_BUFFERS):
+    for currency in currencies or list(BUFFER_ACCOUNTS):
         # A deposit landing between the reading and the list of uncredited deposits would be
         # counted twice or not at all: read until the list is the same on both sides.
         for _ in range(CONSISTENT_READ_ATTEMPTS):

@@ -18,9 +18,13 @@ from cutover.phases import (
 from cutover.selectors import (
     DIFFERENCES_SQL,
     phase_state,
+)
+from ledger.selectors import (
+    account_lock,
+    equity_account_code,
+    system_account,
     user_account_type,
 )
-from ledger.selectors import system_account
 from ledger.services import Leg, account_open, transaction_apply
 
 BACKFILL_NAMESPACE = "backfill"
@@ -86,16 +90,11 @@ def _backfill_user(user_id: UUID, legacy: Decimal, currency: str) -> Decimal:
     account = account_open(
         user_id=user_id, account_type=user_account_type(currency), currency=currency
     )
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT balance, entry_count FROM ledger_accounts WHERE id = %s FOR UPDATE",
-            [account.pk],
-        )
-        ledger, entries = cursor.fetchone()
+    ledger, entries = account_lock(account_id=account.pk)
     difference = legacy - ledger
     if not difference:
         return Decimal(0)
-    equity = system_account(code=f"opening_balance_equity_{currency.lower()}")
+    equity = system_account(code=equity_account_code(currency))
     legs = (
         [Leg.debit(equity, difference), Leg.credit(account, difference)]
         if difference > 0

@@ -16,16 +16,15 @@ from django.db import DatabaseError, connection, transaction
 from cutover import metrics
 from cutover.exceptions import (
     ConcurrentDuplicate,
-    KillSwitchEngaged,
     MutationConflict,
     StrictLedgerFailure,
+    cutover_error_from,
 )
 from cutover.models import (
     Direction,
     LedgerStatus,
     StrictFailure,
 )
-from ledger.exceptions import InsufficientFunds
 from ledger.money import amount_parse
 
 
@@ -50,17 +49,6 @@ MUTATE_SQL = """
            ledger_error, discrepancy
       FROM cutover_balance_mutate(%s, %s, %s, %s, %s, %s, %s, %s)
 """
-# SQLSTATEs raised by cutover_balance_mutate (cutover/sql/cutover.sql).
-MUTATION_ERRORS = {
-    "CU002": KillSwitchEngaged,
-    "CU003": MutationConflict,
-    "CU004": InsufficientFunds,
-    "CU005": StrictLedgerFailure,
-    "CU006": ConcurrentDuplicate,
-    "LD002": InsufficientFunds,
-}
-
-
 _write_tally = {LedgerStatus.POSTED: 0, LedgerStatus.FAILED: 0}
 
 
@@ -90,16 +78,10 @@ def _mutation_execute(
             cursor.execute(MUTATE_SQL, params, prepare=True)
             row = cursor.fetchone()
     except DatabaseError as exc:
-        error = MUTATION_ERRORS.get(getattr(exc.__cause__, "sqlstate", None) or "")
+        error = cutover_error_from(exc, user_id=user_id, reference=reference)
         if error is None:
             raise
-        diag = exc.__cause__.diag
-        message = (diag.message_primary or str(exc)).removeprefix("ledger: ")
-        if error is StrictLedgerFailure:  # the SQL function puts the phase in DETAIL
-            raise StrictLedgerFailure(
-                message, phase=diag.message_detail or "", user_id=user_id, reference=reference
-            ) from exc
-        raise error(message) from exc
+        raise error from exc
     created, phase, legacy, _, status, ledger_transaction_id, _, discrepancy = row
     if created and status != LedgerStatus.NOT_WRITTEN:
         transaction.on_commit(lambda: _write_outcome(status))

@@ -25,12 +25,9 @@ from cutover.models import (
 )
 from cutover.operator_audit import operator_action_record
 from cutover.phase_machine import phase_lock_exclusive
-from cutover.selectors import (
-    CUSTODY_BUFFERS,
-)
 from ledger.exceptions import InvalidAmount
 from ledger.money import CURRENCY_DECIMALS, amount_parse
-from ledger.selectors import system_account
+from ledger.selectors import BUFFER_ACCOUNTS, account_lock, equity_account_code, system_account
 from ledger.services import Leg, transaction_apply
 
 CUSTODY_NAMESPACE = "custody"
@@ -39,9 +36,9 @@ CUSTODY_NAMESPACE = "custody"
 def custody_reading_parse(value: Decimal | str, currency: str) -> Decimal:
     """A provider's reported balance in `currency`: zero (an empty wallet) or a positive amount
     with at most the currency's places. Negative figures are refused."""
-    if currency not in CUSTODY_BUFFERS:
+    if currency not in BUFFER_ACCOUNTS:
         raise CustodyRefused(
-            f"currency must be one of {', '.join(CUSTODY_BUFFERS)}, not {currency!r}"
+            f"currency must be one of {', '.join(BUFFER_ACCOUNTS)}, not {currency!r}"
         )
     places = CURRENCY_DECIMALS[currency]
     # amount_parse takes positive amounts only; zero is a legitimate balance here.
@@ -90,13 +87,9 @@ def custody_open(
                 f"custody for {currency} is already open: {existing.reported} from "
                 f"{existing.source} at {existing.opened_at:%Y-%m-%d %H:%M:%S}"
             )
-        buffer = system_account(code=CUSTODY_BUFFERS[currency])
-        equity = system_account(code=f"opening_balance_equity_{currency.lower()}")
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT balance FROM ledger_accounts WHERE id = %s FOR UPDATE", [buffer.pk]
-            )
-            (before,) = cursor.fetchone()
+        buffer = system_account(code=BUFFER_ACCOUNTS[currency])
+        equity = system_account(code=equity_account_code(currency))
+        before, _ = account_lock(account_id=buffer.pk)
         difference = amount - before
         posting = None
         if difference:
@@ -184,7 +177,7 @@ def custody_reconcile(*, readings: Iterable[CustodyReading]) -> list[CustodyComp
                 raise ReconciliationBusy("another custody reconciliation is running")
         now = timezone.now()
         for currency, source, reported in parsed:
-            balance = system_account(code=CUSTODY_BUFFERS[currency]).balance
+            balance = system_account(code=BUFFER_ACCOUNTS[currency]).balance
             difference = balance - reported
             found = (
                 CustodyDiscrepancy.objects.select_for_update()

@@ -1,8 +1,17 @@
-"""Domain errors of the cutover. Each message is fit for an operator or an API client."""
+"""Domain errors of the cutover. Each message is fit for an operator or an API client. The
+SQLSTATEs of cutover/sql/cutover.sql (CU001..CU006) are translated here."""
+
+from django.db import DatabaseError
+
+from ledger.exceptions import InsufficientFunds, sqlstate_of
 
 
 class CutoverError(Exception):
     pass
+
+
+class AppendOnlyRecord(CutoverError):
+    """The audit trail and the balance path's journal are never updated or deleted."""
 
 
 class KillSwitchEngaged(CutoverError):
@@ -58,3 +67,33 @@ class ConcurrentDuplicate(CutoverError):
 
 class CustodyRefused(CutoverError):
     """A custody opening or reading that cannot be booked (already open, bad figure)."""
+
+
+# The SQLSTATEs raised by cutover/sql/cutover.sql (LD002: the ledger's refusal of a debit in
+# phase cutover, passed through by cutover_balance_mutate).
+SQLSTATE_ERRORS: dict[str, type[Exception]] = {
+    "CU001": AppendOnlyRecord,
+    "CU002": KillSwitchEngaged,
+    "CU003": MutationConflict,
+    "CU004": InsufficientFunds,
+    "CU005": StrictLedgerFailure,
+    "CU006": ConcurrentDuplicate,
+    "LD002": InsufficientFunds,
+}
+
+
+def cutover_error_from(
+    exc: DatabaseError, *, user_id=None, reference: str = ""
+) -> Exception | None:
+    """The domain error for a database error raised by a cutover rule, or None. A strict
+    failure carries the mutation's user and reference, and its phase from the error's DETAIL."""
+    error_class = SQLSTATE_ERRORS.get(sqlstate_of(exc) or "")
+    if error_class is None:
+        return None
+    diag = exc.__cause__.diag
+    message = (diag.message_primary or str(exc)).removeprefix("ledger: ")
+    if error_class is StrictLedgerFailure:
+        return StrictLedgerFailure(
+            message, phase=diag.message_detail or "", user_id=user_id, reference=reference
+        )
+    return error_class(message)

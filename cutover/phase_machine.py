@@ -134,14 +134,12 @@ def _read_percent_raise(state: PhaseState, percent: int, actor: Actor, reason: s
 # row's currency is never rewritten.
 LEGACY_MISMATCHED_CURRENCY_SQL = """
     SELECT b.user_id, b.currency, a.currency FROM balances b
-      JOIN ledger_accounts a ON a.user_id = b.user_id
-       AND a.account_type = lower(a.currency) || '_balance'
+      JOIN ledger_user_balances a ON a.user_id = b.user_id
      WHERE a.currency <> b.currency ORDER BY b.user_id LIMIT 5
 """
 LEGACY_REBUILD_SQL = """
     WITH ledger AS (
-        SELECT a.user_id, a.currency, a.balance FROM ledger_accounts a
-         WHERE a.user_id IS NOT NULL AND a.account_type = lower(a.currency) || '_balance'
+        SELECT a.user_id, a.currency, a.balance FROM ledger_user_balances a
     ),
     updated AS (
         UPDATE balances b SET buying_power = coalesce(l.balance, 0), updated_at = now()

@@ -25,16 +25,9 @@ from cutover.models import (
 )
 from cutover.phases import Phase
 from ledger import metrics as ledger_metrics
-from ledger.selectors import ledger_integrity_checks, system_account
+from ledger.selectors import BUFFER_ACCOUNTS, ledger_integrity_checks, system_account
 
 READ_LATENCY_SAMPLE = 200
-# The system buffer that books what each custodian holds for us (Circle's wallet, the bank/Due).
-CUSTODY_BUFFERS = {"USDC": "usdc_buffer", "USD": "fiat_buffer"}
-
-
-def user_account_type(currency: str) -> str:
-    """The ledger account type that mirrors a legacy balance in `currency`."""
-    return f"{currency.lower()}_balance"
 
 
 def user_currency(user_id: UUID) -> str | None:
@@ -44,8 +37,7 @@ def user_currency(user_id: UUID) -> str | None:
         cursor.execute(
             """SELECT currency FROM balances WHERE user_id = %s
                UNION ALL
-               SELECT currency FROM ledger_accounts
-                WHERE user_id = %s AND account_type = lower(currency) || '_balance'
+               SELECT currency FROM ledger_user_balances WHERE user_id = %s
                LIMIT 1""",
             [user_id, user_id],
         )
@@ -81,10 +73,7 @@ class BalanceReading:
 
 
 LEGACY_READ_SQL = "SELECT buying_power FROM balances WHERE user_id = %s AND currency = %s"
-LEDGER_READ_SQL = """
-    SELECT balance FROM ledger_accounts
-     WHERE user_id = %s AND account_type = %s AND currency = %s
-"""
+LEDGER_READ_SQL = "SELECT balance FROM ledger_user_balances WHERE user_id = %s AND currency = %s"
 
 
 def balance_get(*, user_id: UUID, currency: str = "USDC") -> BalanceReading:
@@ -93,7 +82,7 @@ def balance_get(*, user_id: UUID, currency: str = "USDC") -> BalanceReading:
     source = read_source(state, user_id)
     with connection.cursor() as cursor:
         if source == "ledger":
-            cursor.execute(LEDGER_READ_SQL, [user_id, user_account_type(currency), currency])
+            cursor.execute(LEDGER_READ_SQL, [user_id, currency])
             ledger_metrics.account_balance_checked.labels(source="read").inc()
         else:
             cursor.execute(LEGACY_READ_SQL, [user_id, currency])
@@ -112,7 +101,7 @@ def custody_status() -> list[dict]:
     now, and its open custody discrepancies."""
     openings = {o.currency: o for o in CustodyOpening.objects.all()}
     rows = []
-    for currency, code in CUSTODY_BUFFERS.items():
+    for currency, code in BUFFER_ACCOUNTS.items():
         opening = openings.get(currency)
         rows.append(
             {
@@ -142,16 +131,12 @@ DIFFERENCES_SQL = """
            coalesce(b.currency, a.currency) AS currency,
            b.buying_power AS legacy, a.balance AS ledger
       FROM balances b
-      FULL JOIN ledger_accounts a
-        ON a.user_id = b.user_id AND a.currency = b.currency
-       AND a.account_type = lower(b.currency) || '_balance'
-     WHERE (a.id IS NULL OR a.account_type = lower(a.currency) || '_balance')
-       AND coalesce(b.buying_power, 0) <> coalesce(a.balance, 0)
+      FULL JOIN ledger_user_balances a ON a.user_id = b.user_id AND a.currency = b.currency
+     WHERE coalesce(b.buying_power, 0) <> coalesce(a.balance, 0)
 """
 TOTALS_SQL = """
     SELECT (SELECT coalesce(sum(buying_power), 0) FROM balances),
-           (SELECT coalesce(sum(balance), 0) FROM ledger_accounts
-             WHERE user_id IS NOT NULL AND account_type = lower(currency) || '_balance'),
+           (SELECT coalesce(sum(balance), 0) FROM ledger_user_balances),
            (SELECT count(*) FROM balances)
 """
 
@@ -316,7 +301,7 @@ def _custody_check(currency: str) -> GateCheck:
     )
     return GateCheck(
         f"custody_{currency.lower()}",
-        f"{CUSTODY_BUFFERS[currency]} opened from the provider's balance",
+        f"{BUFFER_ACCOUNTS[currency]} opened from the provider's balance",
         actual,
         opening is not None,
     )
@@ -343,7 +328,7 @@ def gate_evaluate(state: PhaseState, to: Phase) -> Gate:
         gate.checks += [
             _backfill_check(),
             _ledger_integrity_check(),
-            *(_custody_check(currency) for currency in CUSTODY_BUFFERS),
+            *(_custody_check(currency) for currency in BUFFER_ACCOUNTS),
         ]
     elif to == Phase.READ_SWITCH:
         gate.checks += [

@@ -1,6 +1,9 @@
 """Domain errors of the ledger. Database rule violations (SQLSTATE LD001..LD009, raised by
 ledger/sql/ledger.sql) are translated here so callers never see a driver error."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from django.db import DatabaseError
 
 
@@ -59,11 +62,31 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return getattr(cause, "sqlstate", None)
 
 
-def ledger_error_from(exc: DatabaseError) -> LedgerError | None:
-    """The domain error for a database error raised by a ledger rule, or None."""
-    error_class = SQLSTATE_ERRORS.get(sqlstate_of(exc) or "")
+def database_error_from(exc: DatabaseError, errors: dict[str, type[Exception]]) -> Exception | None:
+    """The domain error for a database error whose SQLSTATE `errors` maps (each app's
+    SQLSTATE_ERRORS in its exceptions.py), carrying the rule's message; None for any other."""
+    error_class = errors.get(sqlstate_of(exc) or "")
     if error_class is None:
         return None
     diag = getattr(exc.__cause__, "diag", None)
     message = getattr(diag, "message_primary", None) or str(exc)
     return error_class(message.removeprefix("ledger: "))
+
+
+@contextmanager
+def database_errors_translated(errors: dict[str, type[Exception]]) -> Iterator[None]:
+    """Around a write: a database error whose SQLSTATE `errors` maps is raised as its domain
+    error; any other passes unchanged. Put it outside the transaction, so the failed
+    transaction is already rolled back when the domain error reaches the caller."""
+    try:
+        yield
+    except DatabaseError as exc:
+        error = database_error_from(exc, errors)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def ledger_error_from(exc: DatabaseError) -> LedgerError | None:
+    """The domain error for a database error raised by a ledger rule, or None."""
+    return database_error_from(exc, SQLSTATE_ERRORS)

@@ -8,6 +8,32 @@ from django.db import connection, transaction
 from ledger import metrics
 from ledger.models import GENESIS_HASH, Account
 
+# System accounts others name (ledger migration 0003): the buffer of each custody currency
+# (what Circle's wallet and the bank/Due hold for us) and opening-balance equity per currency.
+USDC_BUFFER = "usdc_buffer"
+BUFFER_ACCOUNTS = {"USDC": USDC_BUFFER, "USD": "fiat_buffer"}
+
+
+def equity_account_code(currency: str) -> str:
+    return f"opening_balance_equity_{currency.lower()}"
+
+
+def user_account_type(currency: str) -> str:
+    """The account type of a user's balance account in `currency` (in SQL,
+    ledger_user_account_type(), ledger/sql/ledger.sql)."""
+    return f"{currency.lower()}_balance"
+
+
+def account_lock(*, account_id: int) -> tuple[Decimal, int]:
+    """Lock an account's row until the end of the transaction (as posting to it does) and
+    return its balance and entry count, for a caller that decides a posting from them."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT balance, entry_count FROM ledger_accounts WHERE id = %s FOR UPDATE",
+            [account_id],
+        )
+        return cursor.fetchone()
+
 
 def system_account(*, code: str) -> Account:
     return Account.objects.get(code=code, user_id__isnull=True)

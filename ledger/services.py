@@ -23,7 +23,7 @@ from ledger.exceptions import (
 )
 from ledger.models import Account, Side
 from ledger.money import CURRENCY_DECIMALS, amount_format, amount_parse
-from ledger.selectors import system_account
+from ledger.selectors import equity_account_code, system_account
 
 # Serialization failures and deadlocks: the posting is retried from the start.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -181,7 +181,7 @@ def opening_balance_post(
 ) -> PostingResult:
     """Give an account its opening balance against the currency's opening-balance equity.
     Idempotent: one opening balance per account and namespace unless a reference is given."""
-    equity = system_account(code=f"opening_balance_equity_{account.currency_id.lower()}")
+    equity = system_account(code=equity_account_code(account.currency_id))
     return transaction_post(
         namespace=namespace,
         reference_id=reference_id or f"opening-{account.pk}",

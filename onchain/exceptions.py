@@ -1,9 +1,8 @@
 """Domain errors of the on-chain engine; each message is fit for an HTTP client or an operator."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
-from django.db import DatabaseError
+from ledger.exceptions import database_errors_translated
 
 
 class OnchainError(Exception):
@@ -47,19 +46,19 @@ class CancelRefused(WithdrawalRefused):
     """Circle has, or may have, the withdrawal's transfer: cancelling would pay twice."""
 
 
-# SQLSTATE raised by onchain/sql/onchain.sql.
-WITHDRAWAL_RULE = "OC001"
+class DepositAddressRefused(OnchainError):
+    """PostgreSQL refused a deposit address (OC002, onchain/sql/onchain.sql): its user holds
+    another currency, so its deposits could never be credited."""
 
 
-@contextmanager
-def withdrawal_rules() -> Iterator[None]:
-    """Map the database's withdrawal rules (OC001) to WithdrawalTransitionRefused, with the
-    trigger's message. Used around the transaction that changes a withdrawal, so the failed
-    transaction is already rolled back when the domain error reaches the caller."""
-    try:
-        yield
-    except DatabaseError as exc:
-        cause = exc.__cause__
-        if getattr(cause, "sqlstate", None) != WITHDRAWAL_RULE:
-            raise
-        raise WithdrawalTransitionRefused(cause.diag.message_primary or str(exc)) from exc
+# The SQLSTATEs raised by onchain/sql/onchain.sql.
+SQLSTATE_ERRORS: dict[str, type[OnchainError]] = {
+    "OC001": WithdrawalTransitionRefused,
+    "OC002": DepositAddressRefused,
+}
+
+
+def onchain_rules() -> AbstractContextManager[None]:
+    """Around the transaction that changes a withdrawal or a deposit address: the database's
+    refusal (OC001, OC002) is raised as its domain error, with the trigger's message."""
+    return database_errors_translated(SQLSTATE_ERRORS)

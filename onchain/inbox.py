@@ -19,7 +19,7 @@ from cutover.selectors import user_currency
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from onchain import metrics
-from onchain.exceptions import MalformedNotification, withdrawal_rules
+from onchain.exceptions import MalformedNotification, onchain_rules
 from onchain.models import CircleNotification, DepositAddress, InboxStatus, Withdrawal
 from onchain.settlement import withdrawal_settle
 from onchain.signatures import MAX_ID_LENGTH, signature_verify
@@ -77,7 +77,7 @@ def notification_receive(*, body: bytes, signature: str, key_id: str) -> Deliver
         body=text,
     )
     try:
-        with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
+        with strict_failure_recorded(), onchain_rules(), transaction.atomic(durable=True):
             with connection.cursor() as cursor:
                 cursor.execute(
                     INBOX_UPSERT, [notification_id, notification_type, transfer_id, key_id, text]
@@ -100,7 +100,7 @@ def notification_process(*, notification_id: str) -> str:
     retryable."""
     row = CircleNotification.objects.get(notification_id=notification_id)
     try:
-        with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
+        with strict_failure_recorded(), onchain_rules(), transaction.atomic(durable=True):
             row = CircleNotification.objects.select_for_update().get(pk=row.pk)
             if row.status == InboxStatus.PROCESSED:
                 return row.status  # parked and failed ones are evaluated again
@@ -117,7 +117,7 @@ def notification_replay(*, notification_id: str, actor: Actor, reason: str = "")
     actor.require("onchain.change_circlenotification")
     row = CircleNotification.objects.get(notification_id=notification_id)
     try:
-        with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
+        with strict_failure_recorded(), onchain_rules(), transaction.atomic(durable=True):
             row = CircleNotification.objects.select_for_update().get(pk=row.pk)
             before = row.status
             status = row.status if row.status == InboxStatus.PROCESSED else _process(row)

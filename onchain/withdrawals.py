@@ -25,7 +25,7 @@ from onchain.exceptions import (
     CircleRefused,
     CircleUnavailable,
     WithdrawalRefused,
-    withdrawal_rules,
+    onchain_rules,
 )
 from onchain.inbox import notification_process, part
 from onchain.models import CircleNotification, InboxStatus, Withdrawal, WithdrawalStatus
@@ -116,7 +116,7 @@ def withdrawals_send(*, limit: int = 100) -> SendReport:
     for _ in range(limit):
         claimed = None
         try:
-            with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
+            with strict_failure_recorded(), onchain_rules(), transaction.atomic(durable=True):
                 claimed = (
                     Withdrawal.objects.select_for_update(skip_locked=True)
                     .filter(status=WithdrawalStatus.PENDING, next_attempt_at__lte=timezone.now())
@@ -167,7 +167,7 @@ def _withdrawal_send(withdrawal: Withdrawal) -> str:
 
 
 def transfer_settle(withdrawal_pk: int, transfer: dict) -> str:
-    with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
+    with strict_failure_recorded(), onchain_rules(), transaction.atomic(durable=True):
         withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_pk)
         return withdrawal_settle(withdrawal, transfer)
 
@@ -194,7 +194,7 @@ def _withdrawal_backoff(withdrawal: Withdrawal, error: str) -> str:
 
 
 def _withdrawal_retry_later(withdrawal_pk: int, error: str) -> str:
-    with withdrawal_rules(), transaction.atomic(durable=True):
+    with onchain_rules(), transaction.atomic(durable=True):
         withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_pk)
         if withdrawal.status != WithdrawalStatus.PENDING:
             return "retried"
@@ -227,7 +227,7 @@ def withdrawal_resend(*, withdrawal_id: int, actor: Actor, reason: str = "") -> 
     """An operator sends a dead withdrawal again (the same idempotency key, attempts reset);
     audited in the same transaction. Waits while the kill switch is on."""
     actor.require("onchain.change_withdrawal")
-    with withdrawal_rules(), transaction.atomic(durable=True):
+    with onchain_rules(), transaction.atomic(durable=True):
         withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_id)
         if withdrawal.status != WithdrawalStatus.DEAD:
             raise WithdrawalRefused(f"{withdrawal} is not dead; only dead withdrawals are resent")
@@ -319,7 +319,7 @@ def withdrawal_cancel(*, withdrawal_id: int, actor: Actor, reason: str) -> Withd
         raise WithdrawalRefused(f"{withdrawal} is not dead; only dead withdrawals are cancelled")
     _kill_switch_wait("cancelled")
     transfer = _circle_transfer_find(withdrawal)
-    with strict_failure_recorded(), withdrawal_rules(), transaction.atomic(durable=True):
+    with strict_failure_recorded(), onchain_rules(), transaction.atomic(durable=True):
         withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_id)
         if withdrawal.status != WithdrawalStatus.DEAD:
             raise WithdrawalRefused(

@@ -25,7 +25,7 @@ from cutover.phase_machine import phase_advance
 from cutover.phases import ORDER, Phase
 from cutover.reconciliation import reconciliation_run
 from ledger.models import Account
-from ledger.selectors import system_account
+from ledger.selectors import equity_account_code, system_account
 from ledger.services import Leg, account_open, opening_balance_post, transaction_post
 from rehearsal.runtime import latency_summary, processes_run
 
@@ -225,17 +225,17 @@ SEED_LEGACY_SQL = """
       FROM generate_series(1, %(users)s) g
 """
 SEED_ACCOUNTS_SQL = """
-    INSERT INTO ledger_accounts (user_id, account_type, currency, normal_balance, allow_negative)
-    SELECT md5('bench-user-' || g)::uuid, 'usdc_balance', 'USDC', 'credit', false
+    SELECT ledger_user_account_open(md5('bench-user-' || g)::uuid, 'USDC')
       FROM generate_series(1, %(users)s) g
 """
 # Opening balances through the one posting function: one transaction per chunk of users
 # (a debit of the chunk's total on opening-balance equity, a credit to each user).
 SEED_OPENING_SQL = """
     WITH chunk AS (
-        SELECT a.id, b.buying_power FROM ledger_accounts a JOIN balances b ON b.user_id = a.user_id
-         WHERE a.account_type = 'usdc_balance' AND b.buying_power > 0
-           AND a.id >= %(low)s AND a.id < %(high)s
+        SELECT a.account_id AS id, b.buying_power
+          FROM ledger_user_balances a JOIN balances b ON b.user_id = a.user_id
+         WHERE a.currency = 'USDC' AND b.buying_power > 0
+           AND a.account_id >= %(low)s AND a.account_id < %(high)s
     )
     SELECT ledger_post_transaction(
         'bench', 'opening-' || %(low)s, 'opening_balance', '{}',
@@ -262,10 +262,10 @@ def reconcile_seed(users: int, differences: int, on_progress=None) -> None:
         cursor.execute(SEED_LEGACY_SQL, {"users": users})
         cursor.execute(SEED_ACCOUNTS_SQL, {"users": users})
         cursor.execute(
-            "SELECT min(id), max(id) FROM ledger_accounts WHERE account_type = 'usdc_balance'"
+            "SELECT min(account_id), max(account_id) FROM ledger_user_balances WHERE currency = 'USDC'"
         )
         low, high = cursor.fetchone()
-        equity = system_account(code="opening_balance_equity_usdc").pk
+        equity = system_account(code=equity_account_code("USDC")).pk
         for start in range(low, high + 1, SEED_CHUNK):
             cursor.execute(
                 SEED_OPENING_SQL, {"low": start, "high": start + SEED_CHUNK, "equity": equity}

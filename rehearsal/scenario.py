@@ -24,9 +24,7 @@ PRE_SHADOW_WITHDRAWAL = Decimal("250.00")
 USER_TOTALS_SQL = """
     SELECT currency, 'legacy', sum(buying_power) FROM balances GROUP BY currency
     UNION ALL
-    SELECT currency, 'ledger', sum(balance) FROM ledger_accounts
-     WHERE user_id IS NOT NULL AND account_type = lower(currency) || '_balance'
-     GROUP BY currency
+    SELECT currency, 'ledger', sum(balance) FROM ledger_user_balances GROUP BY currency
 """
 
 

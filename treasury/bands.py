@@ -7,9 +7,10 @@ from django.db import transaction
 
 from cutover.actors import Actor
 from cutover.operator_audit import operator_action_record
+from ledger.selectors import BUFFER_ACCOUNTS
 from treasury.exceptions import ProviderInvalid, ThresholdInvalid
 from treasury.models import BufferThreshold, ConversionProvider
-from treasury.selectors import BUFFER_ACCOUNT, quantum
+from treasury.selectors import quantum
 
 
 def threshold_validate(
@@ -17,7 +18,7 @@ def threshold_validate(
 ) -> None:
     """A buffer's band must be 0 <= minimum <= target <= maximum, in the currency's precision;
     ThresholdInvalid names the field otherwise."""
-    if currency not in BUFFER_ACCOUNT:
+    if currency not in BUFFER_ACCOUNTS:
         raise ThresholdInvalid("currency", f"no buffer holds {currency!r}")
     for name, value in (("minimum", minimum), ("target", target), ("maximum", maximum)):
         if not isinstance(value, Decimal) or not value.is_finite() or value < 0:

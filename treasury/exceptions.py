@@ -1,10 +1,9 @@
 """Domain errors of the treasury; each message is fit for an operator or an HTTP client. The
 jobs' state trigger (SQLSTATE TR001) is translated here so callers never see a driver error."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
-from django.db import DatabaseError
+from ledger.exceptions import database_errors_translated
 
 
 class TreasuryError(Exception):
@@ -56,24 +55,11 @@ class ProviderNotConfigured(TreasuryError):
     """No API host is configured in the settings for this provider's code."""
 
 
-def job_error_from(exc: DatabaseError) -> JobTransitionRefused | None:
-    """The domain error for a database error raised by the jobs' state trigger (TR001), or
-    None for any other database error."""
-    cause = exc.__cause__
-    if getattr(cause, "sqlstate", None) != "TR001":
-        return None
-    diag = getattr(cause, "diag", None)
-    return JobTransitionRefused(getattr(diag, "message_primary", None) or str(exc))
+# The SQLSTATEs raised by treasury/sql/treasury.sql.
+SQLSTATE_ERRORS: dict[str, type[TreasuryError]] = {"TR001": JobTransitionRefused}
 
 
-@contextmanager
-def job_rules_translated() -> Iterator[None]:
+def treasury_rules() -> AbstractContextManager[None]:
     """Around a write to conversion jobs: the trigger's refusal (TR001) is raised as
     JobTransitionRefused; any other database error passes unchanged."""
-    try:
-        yield
-    except DatabaseError as exc:
-        error = job_error_from(exc)
-        if error is None:
-            raise
-        raise error from None
+    return database_errors_translated(SQLSTATE_ERRORS)

@@ -8,12 +8,10 @@ from django.db import connection
 from django.db.models import Sum
 
 from ledger.money import CURRENCY_DECIMALS
-from ledger.selectors import system_account
+from ledger.selectors import BUFFER_ACCOUNTS, system_account
 from treasury import due
 from treasury.exceptions import ProviderNotConfigured
 from treasury.models import RESERVING_STATUSES, BufferThreshold, ConversionJob, ConversionProvider
-
-BUFFER_ACCOUNT = {"USDC": "usdc_buffer", "USD": "fiat_buffer"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +69,6 @@ def source_available(source: str) -> Decimal:
     above its own minimum (so feeding one buffer never puts the other below its band) less
     what jobs already reserve from it."""
     minimum = BufferThreshold.objects.filter(currency=source).values_list("minimum", flat=True)
-    balance = system_account(code=BUFFER_ACCOUNT[source]).balance
+    balance = system_account(code=BUFFER_ACCOUNTS[source]).balance
     available = balance - (minimum.first() or Decimal(0)) - reserved(source)
     return max(available, Decimal(0)).quantize(quantum("USD"), rounding=ROUND_DOWN)

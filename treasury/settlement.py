@@ -16,12 +16,11 @@ from django.utils import timezone
 from gateway.api import token_matches
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
-from ledger.selectors import system_account
+from ledger.selectors import BUFFER_ACCOUNTS, system_account
 from ledger.services import Leg, transaction_apply
 from treasury import due, metrics
-from treasury.exceptions import CallbackRejected, DueUnavailable, job_rules_translated
+from treasury.exceptions import CallbackRejected, DueUnavailable, treasury_rules
 from treasury.models import ConversionJob, JobStatus
-from treasury.selectors import BUFFER_ACCOUNT
 
 log = logging.getLogger(__name__)
 # USD and USDC convert 1:1. A completion may pay up to 1 % less than the source amount (the
@@ -33,7 +32,7 @@ CONVERSION_TOLERANCE = Decimal("0.01")
 def job_save(job: ConversionJob) -> None:
     """Save a job (in a savepoint); the database's refusal of the change (TR001) becomes
     JobTransitionRefused."""
-    with job_rules_translated(), transaction.atomic():
+    with treasury_rules(), transaction.atomic():
         job.save()
 
 
@@ -110,9 +109,9 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
                     job.source_amount,
                 ),
                 Leg.credit(
-                    system_account(code=BUFFER_ACCOUNT[job.source_currency]), job.source_amount
+                    system_account(code=BUFFER_ACCOUNTS[job.source_currency]), job.source_amount
                 ),
-                Leg.debit(system_account(code=BUFFER_ACCOUNT[job.target_currency]), target_amount),
+                Leg.debit(system_account(code=BUFFER_ACCOUNTS[job.target_currency]), target_amount),
                 Leg.credit(
                     system_account(code=f"conversion_clearing_{job.target_currency.lower()}"),
                     target_amount,

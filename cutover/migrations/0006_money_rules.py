@@ -1,14 +1,15 @@
 """Issue 9's money rules in the cutover: custody (the buffers' openings and custody
 discrepancies), one ledger balance account per user (one currency per user, in every phase),
-and a re-install of cutover/sql/cutover.sql (the journal made append-only; the balance path's
-currency rule, legacy mirror and overflow-free shard)."""
+and a re-install of cutover/sql/cutover.sql as it was then, frozen in migrations/sql/ (the
+journal made append-only; the balance path's currency rule, legacy mirror and overflow-free
+shard)."""
 
 from pathlib import Path
 
 import django.db.models.functions.datetime
 from django.db import migrations, models
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 ONE_BALANCE_ACCOUNT = """
 CREATE UNIQUE INDEX IF NOT EXISTS cutover_one_balance_account_per_user ON ledger_accounts (user_id)
@@ -120,7 +121,7 @@ class Migration(migrations.Migration):
             reverse_sql="DROP INDEX IF EXISTS cutover_one_balance_account_per_user;",
         ),
         migrations.RunSQL(
-            sql=(SQL_DIR / "cutover.sql").read_text(),
+            sql=(SQL_DIR / "0006_money_rules.sql").read_text(),
             reverse_sql=(
                 "DROP TRIGGER IF EXISTS cutover_balance_mutations_append_only"
                 " ON cutover_balance_mutations;"

@@ -90,8 +90,7 @@ BEGIN
     SELECT string_agg(DISTINCT held.currency, ', ') INTO v_held
       FROM (SELECT b.currency FROM balances b WHERE b.user_id = p_user_id
             UNION ALL
-            SELECT a.currency FROM ledger_accounts a
-             WHERE a.user_id = p_user_id AND a.account_type = lower(a.currency) || '_balance') held
+            SELECT u.currency FROM ledger_user_balances u WHERE u.user_id = p_user_id) held
      WHERE held.currency <> p_currency;
     IF v_held IS NOT NULL THEN
         RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id, v_held,
@@ -126,11 +125,12 @@ BEGIN
         -- On bigint: abs() of the integer hash overflows for INT_MIN; the shard of every
         -- other user is unchanged.
         v_shard := abs(hashtext(p_user_id::text)::bigint) % 16;
-        SELECT a.id INTO v_other FROM ledger_accounts a
-         WHERE a.code = CASE WHEN v_shard = 0 THEN p_counterparty
+        SELECT s.account_id INTO v_other FROM ledger_system_balances s
+         WHERE s.code = CASE WHEN v_shard = 0 THEN p_counterparty
                              ELSE p_counterparty || '#' || v_shard END;
         IF NOT FOUND THEN
-            SELECT a.id INTO v_other FROM ledger_accounts a WHERE a.code = p_counterparty;
+            SELECT s.account_id INTO v_other FROM ledger_system_balances s
+             WHERE s.code = p_counterparty;
         END IF;
         IF v_other IS NULL THEN
             RAISE EXCEPTION 'unknown counterparty account %', p_counterparty
@@ -143,8 +143,8 @@ BEGIN
     END IF;
 
     IF v_mirror THEN  -- the legacy mirror: the user's side goes to equity
-        SELECT a.id INTO v_equity FROM ledger_accounts a
-         WHERE a.code = 'opening_balance_equity_' || lower(p_currency);
+        SELECT s.account_id INTO v_equity FROM ledger_system_balances s
+         WHERE s.code = 'opening_balance_equity_' || lower(p_currency);
         IF v_equity <> v_other THEN  -- (a reversal against equity itself moves nothing)
             v_legs := jsonb_build_array(
                 jsonb_build_object('account_id', CASE WHEN v_delta > 0 THEN v_other ELSE v_equity END,
@@ -165,15 +165,12 @@ BEGIN
     END IF;
 
     IF phase <> 'legacy' THEN  -- the ledger write
-        SELECT a.id, a.currency INTO v_account, v_held FROM ledger_accounts a
-         WHERE a.user_id = p_user_id AND a.account_type = lower(a.currency) || '_balance';
+        SELECT u.account_id, u.currency INTO v_account, v_held FROM ledger_user_balances u
+         WHERE u.user_id = p_user_id;
         IF NOT FOUND THEN
-            INSERT INTO ledger_accounts (user_id, account_type, currency, normal_balance,
-                                         allow_negative)
-            VALUES (p_user_id, lower(p_currency) || '_balance', p_currency, 'credit', false)
-            ON CONFLICT DO NOTHING;
-            SELECT a.id, a.currency INTO v_account, v_held FROM ledger_accounts a
-             WHERE a.user_id = p_user_id AND a.account_type = lower(a.currency) || '_balance';
+            PERFORM ledger_user_account_open(p_user_id, p_currency);
+            SELECT u.account_id, u.currency INTO v_account, v_held FROM ledger_user_balances u
+             WHERE u.user_id = p_user_id;
         END IF;
         IF v_held <> p_currency THEN  -- a concurrent first mutation in another currency won
             RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id, v_held,
@@ -202,7 +199,8 @@ BEGIN
                     USING ERRCODE = 'CU005', DETAIL = phase;
             END IF;
         END;
-        SELECT a.balance INTO ledger_balance FROM ledger_accounts a WHERE a.id = v_account;
+        SELECT u.balance INTO ledger_balance FROM ledger_user_balances u
+         WHERE u.account_id = v_account;
     END IF;
 
     -- The journal row, written once with the outcome: the reference is applied exactly once.

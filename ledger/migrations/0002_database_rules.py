@@ -1,10 +1,11 @@
-"""Installs the ledger's database rules (triggers, the posting function): ledger/sql/ledger.sql."""
+"""Installs the ledger's database rules (triggers, the posting function): ledger/sql/ledger.sql
+as it was then (frozen in migrations/sql/)."""
 
 from pathlib import Path
 
 from django.db import migrations
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 
 class Migration(migrations.Migration):
@@ -12,7 +13,7 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.RunSQL(
-            sql=(SQL_DIR / "ledger.sql").read_text(),
-            reverse_sql=(SQL_DIR / "ledger_drop.sql").read_text(),
+            sql=(SQL_DIR / "0002_database_rules.sql").read_text(),
+            reverse_sql=(SQL_DIR / "0002_database_rules_drop.sql").read_text(),
         ),
     ]

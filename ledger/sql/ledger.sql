@@ -202,3 +202,35 @@ DROP TRIGGER IF EXISTS ledger_accounts_guard ON ledger_accounts;
 CREATE TRIGGER ledger_accounts_guard
     BEFORE UPDATE OF balance, entry_count, last_hash, currency, normal_balance ON ledger_accounts
     FOR EACH ROW EXECUTE FUNCTION ledger_account_guard();
+
+-- What other apps read and write of the ledger, so that none of them reads its tables. Views
+-- and a LANGUAGE sql IMMUTABLE function are inlined by the planner: a query through them plans
+-- as one on ledger_accounts (a user's account is found through cutover's unique index on
+-- (user_id) for balance accounts).
+
+-- The account type of a user's balance account in `currency` (ledger.selectors.user_account_type).
+CREATE OR REPLACE FUNCTION ledger_user_account_type(p_currency text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT lower(p_currency) || '_balance'
+$$;
+
+-- Users' balance accounts (at most one per user), with their cached balances.
+CREATE OR REPLACE VIEW ledger_user_balances AS
+SELECT a.user_id, a.currency, a.id AS account_id, a.balance, a.entry_count
+  FROM ledger_accounts a
+ WHERE a.user_id IS NOT NULL AND a.account_type = ledger_user_account_type(a.currency);
+
+-- System accounts by code (buffers, clearing shards, opening-balance equity, fees).
+CREATE OR REPLACE VIEW ledger_system_balances AS
+SELECT a.code, a.currency, a.id AS account_id, a.balance, a.entry_count
+  FROM ledger_accounts a
+ WHERE a.user_id IS NULL;
+
+-- Opens a user's balance account in `currency` (credit-normal, never negative); does nothing if a
+-- unique rule refuses it (the account exists, or cutover's one balance account per user).
+CREATE OR REPLACE FUNCTION ledger_user_account_open(p_user_id uuid, p_currency text)
+RETURNS void LANGUAGE sql AS $$
+    INSERT INTO ledger_accounts (user_id, account_type, currency, normal_balance, allow_negative)
+    VALUES (p_user_id, ledger_user_account_type(p_currency), p_currency, 'credit', false)
+    ON CONFLICT DO NOTHING
+$$;

@@ -5,7 +5,8 @@ from pathlib import Path
 import django.db.models.functions.datetime
 from django.db import migrations, models
 
-SQL = (Path(__file__).resolve().parent.parent / "sql" / "onchain.sql").read_text()
+# onchain/sql/onchain.sql as it was then, frozen beside this migration.
+SQL = (Path(__file__).resolve().parent / "sql" / "0002_withdrawals.sql").read_text()
 
 
 class Migration(migrations.Migration):

@@ -1,11 +1,12 @@
-"""Issue 9's on-chain changes: re-installs onchain/sql/onchain.sql, whose withdrawal rules now
-let a dead withdrawal become submitted (an operator's cancel found the transfer Circle made)."""
+"""Issue 9's on-chain changes: re-installs onchain/sql/onchain.sql as it was then (frozen in
+migrations/sql/), whose withdrawal rules now let a dead withdrawal become submitted (an
+operator's cancel found the transfer Circle made)."""
 
 from pathlib import Path
 
 from django.db import migrations
 
-SQL = (Path(__file__).resolve().parent.parent / "sql" / "onchain.sql").read_text()
+SQL = (Path(__file__).resolve().parent / "sql" / "0003_money_paths.sql").read_text()
 
 
 class Migration(migrations.Migration):

@@ -1,5 +1,5 @@
 -- Withdrawals move only along legal transitions; a finished withdrawal never changes again.
--- OC001: an illegal transition (mapped in onchain/exceptions.py).
+-- OC001: an illegal transition (mapped in onchain/exceptions.py, as is OC002 below).
 --   pending   -> submitted | completed | failed | dead   (and pending -> pending: a retry noted)
 --   submitted -> completed | failed                      (and submitted -> submitted)
 --   dead      -> pending (an operator resends) | failed (an operator reverses the hold)
@@ -58,8 +58,7 @@ DECLARE
 BEGIN
     SELECT b.currency INTO v_held FROM balances b WHERE b.user_id = NEW.user_id;
     IF NOT FOUND THEN
-        SELECT a.currency INTO v_held FROM ledger_accounts a
-         WHERE a.user_id = NEW.user_id AND a.account_type = lower(a.currency) || '_balance';
+        SELECT u.currency INTO v_held FROM ledger_user_balances u WHERE u.user_id = NEW.user_id;
     END IF;
     IF v_held IS NOT NULL AND v_held <> NEW.currency THEN
         RAISE EXCEPTION 'deposit address %: user % holds %, not %', NEW.address, NEW.user_id,

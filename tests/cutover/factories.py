@@ -9,7 +9,7 @@ from django.utils import timezone
 from cutover.actors import Actor
 from cutover.custody import custody_open
 from cutover.models import LegacyBalance, PhaseState
-from cutover.selectors import user_account_type
+from ledger.selectors import user_account_type
 from ledger.services import account_open, opening_balance_post
 from rehearsal import runtime
 

@@ -14,7 +14,7 @@ from tests.cutover.test_reconciliation import other_connection
 from treasury.cycle import settlement_cycle_run
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-APPS = ["ledger", "cutover", "treasury", "onchain", "config", "rehearsal"]
+APPS = ["ledger", "gateway", "cutover", "onchain", "treasury", "custody", "config", "rehearsal"]
 
 
 def test_keys_are_unique():
@@ -25,18 +25,31 @@ def test_keys_are_unique():
 
 
 def test_no_key_is_written_outside_the_registry():
-    """Source and SQL name keys only through cutover.locks (the SQL's one literal is the phase
-    lock, which must equal the registry's)."""
+    """Source and SQL name keys only through cutover.locks. The SQL's one literal is the phase
+    lock (in cutover/sql/cutover.sql and the frozen copies its migrations run): it must equal
+    the registry's and name it on its line. Every advisory lock call in Python passes a key as a
+    parameter, never a number."""
     literal = re.compile(r"\b7_?401_?\d{3}\b")
+    call_with_literal = re.compile(r"pg_(?:try_)?advisory_\w*lock\w*\(\s*\d")
     found = {}
     for app in APPS:
         for path in (ROOT / app).rglob("*"):
-            if path.suffix in (".py", ".sql") and path.name != "locks.py":
-                for number in literal.findall(path.read_text()):
+            if path.suffix not in (".py", ".sql") or path.name == "locks.py":
+                continue
+            for line in path.read_text().splitlines():
+                for number in literal.findall(line):
                     found.setdefault(path.relative_to(ROOT).as_posix(), set()).add(
                         int(number.replace("_", ""))
                     )
-    assert found == {"cutover/sql/cutover.sql": {locks.PHASE_LOCK}}
+                    assert "PHASE_LOCK" in line, f"{path}: {line.strip()}"
+                if path.suffix == ".py":
+                    assert not call_with_literal.search(line), f"{path}: {line.strip()}"
+    sql_files = {"cutover/sql/cutover.sql"} | {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "cutover" / "migrations" / "sql").glob("*.sql")
+        if "pg_advisory" in path.read_text()
+    }
+    assert found == {name: {locks.PHASE_LOCK} for name in sql_files}
 
 
 @pytest.mark.django_db(transaction=True)

@@ -27,7 +27,7 @@ from onchain.exceptions import (
     CircleUnavailable,
     WithdrawalRefused,
     WithdrawalTransitionRefused,
-    withdrawal_rules,
+    onchain_rules,
 )
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.polling import transfers_poll
@@ -285,11 +285,11 @@ def test_an_illegal_withdrawal_change_is_a_domain_error(sandbox, user):
     ]:
         with (
             pytest.raises(WithdrawalTransitionRefused, match=message),
-            withdrawal_rules(),
+            onchain_rules(),
             transaction.atomic(),
         ):
             Withdrawal.objects.filter(pk=withdrawal.pk).update(**change)
-    with pytest.raises(WithdrawalTransitionRefused, match="never deleted"), withdrawal_rules():
+    with pytest.raises(WithdrawalTransitionRefused, match="never deleted"), onchain_rules():
         Withdrawal.objects.filter(pk=completed.pk).delete()
     completed.refresh_from_db()
     pending.refresh_from_db()

@@ -29,7 +29,7 @@ from treasury.exceptions import (
     JobTransitionRefused,
     ProviderInvalid,
     ThresholdInvalid,
-    job_rules_translated,
+    treasury_rules,
 )
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
 from treasury.monitor import monitor_run
@@ -370,7 +370,7 @@ def test_an_illegal_transition_is_a_domain_error(due, usdc_low):
     monitor_run()
     with (
         pytest.raises(JobTransitionRefused, match="completed -> pending is not a legal"),
-        job_rules_translated(),
+        treasury_rules(),
         transaction.atomic(),
     ):
         ConversionJob.objects.filter(pk=job.pk).update(status="pending")
@@ -390,7 +390,7 @@ def test_an_illegal_transition_is_a_domain_error(due, usdc_low):
         created_by="test",
         attempts=1,
     )
-    with pytest.raises(JobTransitionRefused), job_rules_translated(), transaction.atomic():
+    with pytest.raises(JobTransitionRefused), treasury_rules(), transaction.atomic():
         ConversionJob.objects.filter(pk=sent.pk).update(status="cancelled")
     assert ConversionJob.objects.get(pk=sent.pk).status == "pending"
 

@@ -1,4 +1,5 @@
-"""The jobs' state machine and v_buffer_status (treasury/sql/treasury.sql); Due as the first
+"""The jobs' state machine and v_buffer_status (treasury/sql/treasury.sql as it was
+then, frozen in migrations/sql/); Due as the first
 provider and the buffers' thresholds (USDC: seed 001's alarm is below 5,000)."""
 
 from decimal import Decimal
@@ -6,7 +7,7 @@ from pathlib import Path
 
 from django.db import migrations
 
-SQL = (Path(__file__).resolve().parent.parent / "sql" / "treasury.sql").read_text()
+SQL = (Path(__file__).resolve().parent / "sql" / "0002_rules_and_seed.sql").read_text()
 THRESHOLDS = [
     # currency, minimum, target, maximum
     ("USDC", Decimal("5000"), Decimal("20000"), Decimal("100000")),

@@ -1,13 +1,14 @@
 """Issue 9's treasury changes: a job whose fate is unknown (`timed_out`) stays open (it holds
 its buffer's slot) and may still complete or fail; `disputed` for a completion whose amounts do
-not match; the jobs' state trigger re-run from treasury/sql/treasury.sql; a provider's host no
+not match; the jobs' state trigger re-run from treasury/sql/treasury.sql (as it
+was then, frozen in migrations/sql/); a provider's host no
 longer lives in the database (settings only); a cycle records why it created nothing."""
 
 from pathlib import Path
 
 from django.db import migrations, models
 
-SQL = (Path(__file__).resolve().parent.parent / "sql" / "treasury.sql").read_text()
+SQL = (Path(__file__).resolve().parent / "sql" / "0003_money_paths.sql").read_text()
 # A timed-out job becomes open again: a buffer with both a timed-out job and a newer open job
 # cannot take the one-open-job index. Say which, rather than a bare unique violation.
 OPEN_CONFLICTS = """

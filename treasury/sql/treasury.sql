@@ -51,6 +51,6 @@ SELECT t.currency,
             WHEN a.balance > t.maximum THEN 'above_max'
             ELSE 'ok' END AS state
   FROM treasury_buffer_thresholds t
-  JOIN ledger_accounts a
+  JOIN ledger_system_balances a
     ON a.code = CASE WHEN t.currency = 'USDC' THEN 'usdc_buffer' ELSE 'fiat_buffer' END
    AND a.currency = t.currency;

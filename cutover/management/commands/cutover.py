@@ -24,7 +24,6 @@ from cutover.phase_machine import (
 from cutover.phases import ORDER, flags_of, next_phase
 from cutover.reconciliation import reconciliation_run
 from cutover.selectors import (
-    CUSTODY_BUFFERS,
     backfill_pending,
     custody_status,
     gate_evaluate,
@@ -36,6 +35,7 @@ from gateway.exceptions import GatewayError
 from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InvalidAmount, LedgerError
 from ledger.money import amount_parse
+from ledger.selectors import BUFFER_ACCOUNTS
 
 PHASES = [phase.value for phase in ORDER]
 
@@ -173,7 +173,7 @@ class Command(BaseCommand):
             "opening-balance equity (audited; refused if already open)",
         )
         custody_open_parser.add_argument(
-            "--currency", required=True, choices=list(CUSTODY_BUFFERS), help="the buffer's currency"
+            "--currency", required=True, choices=list(BUFFER_ACCOUNTS), help="the buffer's currency"
         )
         custody_open_parser.add_argument(
             "--reported",

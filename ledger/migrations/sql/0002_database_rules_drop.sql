@@ -1,5 +1,3 @@
-DROP TRIGGER IF EXISTS ledger_accounts_guard ON ledger_accounts;
-DROP FUNCTION IF EXISTS ledger_account_guard();
 DROP FUNCTION IF EXISTS ledger_post_transaction(text, text, text, jsonb, jsonb);
 ALTER TABLE ledger_entries DROP CONSTRAINT IF EXISTS ledger_entries_fk_account_currency;
 DROP TRIGGER IF EXISTS ledger_transactions_balanced ON ledger_transactions;
