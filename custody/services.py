@@ -20,15 +20,17 @@ SOURCES = {"USDC": "circle", "USD": "due"}
 CONSISTENT_READ_ATTEMPTS = 3
 
 
-def custody_readings(currencies: list[str] | None = None) -> list[CustodyReading]:
+def custody_readings(
+    currencies: list[str] | None = None, *, circle_base_url: str, due_base_url: str
+) -> list[CustodyReading]:
     """Each custodian's balance now, over its API (CircleUnavailable / DueUnavailable when it
     cannot answer: nothing is booked or compared on a guess)."""
     readings = []
     for currency in currencies or list(BUFFER_ACCOUNTS):
         if SOURCES[currency] == "circle":
-            reported = circle.wallet_balance()
+            reported = circle.wallet_balance(base_url=circle_base_url)
         else:
-            reported = due.balance_get(due.provider_base_url("due"), currency)
+            reported = due.balance_get(due_base_url, currency)
         readings.append(CustodyReading(currency, SOURCES[currency], reported))
     return readings
 
@@ -56,26 +58,37 @@ def custody_open_at(
     )
 
 
-def deposits_uncredited_at_circle() -> Decimal:
+def deposits_uncredited_at_circle(*, base_url: str) -> Decimal:
     """Deposits in our wallet credited to nobody yet: the inbox's, and every inbound transfer
     Circle lists within the poll's lookback (a deposit whose webhook has not come)."""
     since = timezone.now() - settings.ONCHAIN_DEPOSIT_POLL_LOOKBACK
-    listed = circle.transfers_inbound(since=since.isoformat().replace("+00:00", "Z"))
+    listed = circle.transfers_inbound(
+        base_url=base_url, since=since.isoformat().replace("+00:00", "Z")
+    )
     return deposits_not_yet_credited(listed)
 
 
 def custody_open_from_providers(
-    *, actor: Actor, reason: str, currencies: list[str] | None = None
+    *,
+    actor: Actor,
+    reason: str,
+    currencies: list[str] | None = None,
+    circle_base_url: str | None = None,
+    due_base_url: str | None = None,
 ) -> list[CustodyOpening]:
-    """Book each buffer's opening balance at what its custodian reports now."""
+    """Book each buffer's opening balance at what its custodian reports now (Circle at
+    `circle_base_url`, Due at `due_base_url`; the settings' unless given)."""
+    circle_base_url, due_base_url = _base_urls(circle_base_url, due_base_url)
     openings = []
     for currency in currencies or list(BUFFER_ACCOUNTS):
         # A deposit landing between the reading and the list of uncredited deposits would be
         # counted twice or not at all: read until the list is the same on both sides.
         for _ in range(CONSISTENT_READ_ATTEMPTS):
-            before = deposits_uncredited_at_circle() if currency == "USDC" else Decimal(0)
-            [reading] = custody_readings([currency])
-            after = deposits_uncredited_at_circle() if currency == "USDC" else Decimal(0)
+            before = _uncredited(currency, circle_base_url)
+            [reading] = custody_readings(
+                [currency], circle_base_url=circle_base_url, due_base_url=due_base_url
+            )
+            after = _uncredited(currency, circle_base_url)
             if before == after:
                 break
         else:
@@ -95,6 +108,26 @@ def custody_open_from_providers(
     return openings
 
 
-def custody_reconcile_from_providers() -> list[CustodyComparison]:
-    """Compare every buffer with what its custodian reports; differences are recorded."""
-    return custody_reconcile(readings=custody_readings())
+def _uncredited(currency: str, circle_base_url: str) -> Decimal:
+    if currency != "USDC":
+        return Decimal(0)
+    return deposits_uncredited_at_circle(base_url=circle_base_url)
+
+
+def custody_reconcile_from_providers(
+    *, circle_base_url: str | None = None, due_base_url: str | None = None
+) -> list[CustodyComparison]:
+    """Compare every buffer with what its custodian reports (Circle at `circle_base_url`, Due
+    at `due_base_url`; the settings' unless given); differences are recorded."""
+    circle_base_url, due_base_url = _base_urls(circle_base_url, due_base_url)
+    return custody_reconcile(
+        readings=custody_readings(circle_base_url=circle_base_url, due_base_url=due_base_url)
+    )
+
+
+def _base_urls(circle_base_url: str | None, due_base_url: str | None) -> tuple[str, str]:
+    """Where Circle and Due answer: as given, else from the settings."""
+    return (
+        circle_base_url or settings.CIRCLE_API_BASE_URL,
+        due_base_url or due.provider_base_url("due", due.provider_base_urls()),
+    )

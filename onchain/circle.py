@@ -1,4 +1,5 @@
-"""Circle's HTTP API, as far as the engine uses it, over real HTTP (urllib).
+"""Circle's HTTP API, as far as the engine uses it, over real HTTP (gateway.providers), at the
+base URL each call is given (CIRCLE_API_BASE_URL, read by the services' callers).
 
 Errors: 4xx that says the request itself is wrong (400, 404 for a transfer, 422) raises
 CircleRefused, which is final; anything else (timeouts, 5xx, 429, 401/403 from our own bad
@@ -7,13 +8,12 @@ key) raises CircleUnavailable, which a caller may retry.
 
 import json
 import re
-import urllib.error
-import urllib.request
 from decimal import Decimal
 from urllib.parse import quote, urlencode
 
 from django.conf import settings
 
+from gateway.providers import provider_call
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from onchain.exceptions import CircleRefused, CircleUnavailable, UnknownSigningKey
@@ -21,7 +21,9 @@ from onchain.exceptions import CircleRefused, CircleUnavailable, UnknownSigningK
 REFUSALS = {400, 404, 409, 422}
 
 
-def _call(method: str, path: str, body: dict | None = None, *, idempotency_key: str = "") -> dict:
+def _call(
+    base_url: str, method: str, path: str, body: dict | None = None, *, idempotency_key: str = ""
+) -> dict:
     headers = {"Authorization": f"Bearer {settings.CIRCLE_API_KEY}", "Accept": "application/json"}
     data = None
     if body is not None:
@@ -29,32 +31,26 @@ def _call(method: str, path: str, body: dict | None = None, *, idempotency_key: 
         headers["Content-Type"] = "application/json"
     if idempotency_key:
         headers["Idempotency-Key"] = idempotency_key
-    request = urllib.request.Request(  # noqa: S310 (settings allow only http and https)
-        f"{settings.CIRCLE_API_BASE_URL}{path}", data=data, method=method, headers=headers
+    return provider_call(
+        provider="Circle",
+        base_url=base_url,
+        method=method,
+        path=path,
+        headers=headers,
+        data=data,
+        timeout=settings.CIRCLE_HTTP_TIMEOUT,
+        refusals=REFUSALS,
+        refused=CircleRefused,
+        unavailable=CircleUnavailable,
     )
-    try:
-        with urllib.request.urlopen(request, timeout=settings.CIRCLE_HTTP_TIMEOUT) as response:  # noqa: S310
-            return json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read()).get("message", "")
-        except (ValueError, AttributeError):
-            message = ""
-        if exc.code in REFUSALS:
-            raise CircleRefused(
-                exc.code, f"Circle refused {method} {path}: {exc.code} {message}"
-            ) from None
-        raise CircleUnavailable(
-            f"Circle answered {exc.code} to {method} {path} {message}"
-        ) from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
-        raise CircleUnavailable(f"{method} {path} failed: {exc}") from None
 
 
-def public_key_fetch(key_id: str) -> tuple[str, str]:
+def public_key_fetch(*, base_url: str, key_id: str) -> tuple[str, str]:
     """(algorithm, base64 DER public key) of a notification-signing key."""
     try:
-        data = _call("GET", f"/v2/notifications/publicKey/{quote(key_id, safe='')}")["data"]
+        data = _call(base_url, "GET", f"/v2/notifications/publicKey/{quote(key_id, safe='')}")[
+            "data"
+        ]
         return data["algorithm"], data["publicKey"]
     except CircleRefused as exc:
         if exc.status == 404:
@@ -64,7 +60,9 @@ def public_key_fetch(key_id: str) -> tuple[str, str]:
         raise CircleUnavailable(f"Circle's public key answer for {key_id} is malformed") from None
 
 
-def transfer_create(*, idempotency_key: str, amount: Decimal, address: str, chain: str) -> dict:
+def transfer_create(
+    *, base_url: str, idempotency_key: str, amount: Decimal, address: str, chain: str
+) -> dict:
     """Send USDC from our wallet to a blockchain address; Circle's transfer object. The same
     idempotency key always names the same transfer, so a resend after any failure is safe."""
     body = {
@@ -73,36 +71,40 @@ def transfer_create(*, idempotency_key: str, amount: Decimal, address: str, chai
         "destination": {"type": "blockchain", "address": address, "chain": chain},
         "amount": {"amount": str(amount), "currency": "USD"},
     }
-    return _transfer(_call("POST", "/v1/transfers", body, idempotency_key=idempotency_key))
-
-
-def transfer_get(transfer_id: str) -> dict:
-    return _transfer(_call("GET", f"/v1/transfers/{quote(transfer_id, safe='')}"))
-
-
-def transfers_inbound(*, since: str, page_size: int = 50) -> list[dict]:
-    """Every transfer into our wallet created at or after `since` (ISO 8601), newest first,
-    all pages."""
-    return _transfers_all(
-        {"destinationWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size}
+    return _transfer(
+        _call(base_url, "POST", "/v1/transfers", body, idempotency_key=idempotency_key)
     )
 
 
-def transfers_outbound(*, since: str, page_size: int = 50) -> list[dict]:
+def transfer_get(*, base_url: str, transfer_id: str) -> dict:
+    return _transfer(_call(base_url, "GET", f"/v1/transfers/{quote(transfer_id, safe='')}"))
+
+
+def transfers_inbound(*, base_url: str, since: str, page_size: int = 50) -> list[dict]:
+    """Every transfer into our wallet created at or after `since` (ISO 8601), newest first,
+    all pages."""
+    return _transfers_all(
+        base_url,
+        {"destinationWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size},
+    )
+
+
+def transfers_outbound(*, base_url: str, since: str, page_size: int = 50) -> list[dict]:
     """Every transfer out of our wallet created at or after `since` (ISO 8601), newest first,
     all pages. Circle's list transfers (GET /v1/transfers, `sourceWalletId`, `from`,
     `pageSize`, `pageAfter`) is the only documented way to find a transfer whose create
     answer was lost: the transfer object does not carry its idempotencyKey, and a POST with
     the same key would create the transfer if Circle did not have it."""
     return _transfers_all(
-        {"sourceWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size}
+        base_url,
+        {"sourceWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size},
     )
 
 
-def _transfers_all(params: dict) -> list[dict]:
+def _transfers_all(base_url: str, params: dict) -> list[dict]:
     found: list[dict] = []
     while True:
-        page = _transfer_page(_call("GET", f"/v1/transfers?{urlencode(params)}"))
+        page = _transfer_page(_call(base_url, "GET", f"/v1/transfers?{urlencode(params)}"))
         found.extend(page)
         if len(page) < params["pageSize"]:
             return found
@@ -115,12 +117,12 @@ def _transfer_page(answer: dict) -> list[dict]:
     return [_transfer({"data": item}) for item in answer["data"]]
 
 
-def wallet_balance() -> Decimal:
+def wallet_balance(*, base_url: str) -> Decimal:
     """Our wallet's USDC balance as Circle reports it (Circle Mint's get a wallet,
     GET /v1/wallets/{walletId}: `balances`, USDC named "USD" as in every Circle money object;
     no entry means 0)."""
     path = f"/v1/wallets/{quote(settings.CIRCLE_WALLET_ID, safe='')}"
-    wallet = _call("GET", path).get("data")
+    wallet = _call(base_url, "GET", path).get("data")
     balances = wallet.get("balances") if isinstance(wallet, dict) else None
     if not isinstance(balances, list):
         raise CircleUnavailable("Circle's wallet answer is malformed")

@@ -8,6 +8,7 @@ import logging
 import traceback
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -53,7 +54,9 @@ def notification_receive(*, body: bytes, signature: str, key_id: str) -> Deliver
     transaction: the inbox row is locked by its upsert, and marked processed together with its
     effect. A delivery of a notification already processed changes nothing but its delivery
     count; a parked or failed one is evaluated again. A failure is kept on the row."""
-    signature_verify(body=body, signature=signature, key_id=key_id)
+    signature_verify(
+        body=body, signature=signature, key_id=key_id, base_url=settings.CIRCLE_API_BASE_URL
+    )
     try:
         text = body.decode("utf-8")
         payload = json.loads(text)

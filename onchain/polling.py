@@ -29,15 +29,19 @@ class PollReport:
     withdrawals_not_settled: int = 0  # Circle unreachable or the posting refused: next poll
 
 
-def transfers_poll(*, lookback: timedelta | None = None) -> PollReport:
+def transfers_poll(*, lookback: timedelta | None = None, base_url: str | None = None) -> PollReport:
     """The fallback for webhooks that never came: completed inbound transfers of the last
     `lookback` are credited (the same `circle:transfer:<id>` reference as the webhook, so
     whichever comes second changes nothing), and submitted withdrawals are brought to
     Circle's status. One transfer that cannot be applied now is logged, counted and tried
-    again by the next poll; it never stops the others."""
+    again by the next poll; it never stops the others. Circle is at `base_url`
+    (CIRCLE_API_BASE_URL unless given)."""
+    base_url = base_url or settings.CIRCLE_API_BASE_URL
     report = PollReport()
     since = timezone.now() - (lookback or settings.ONCHAIN_DEPOSIT_POLL_LOOKBACK)
-    for transfer in circle.transfers_inbound(since=since.isoformat().replace("+00:00", "Z")):
+    for transfer in circle.transfers_inbound(
+        base_url=base_url, since=since.isoformat().replace("+00:00", "Z")
+    ):
         report.deposits_seen += 1
         if transfer.get("status") != "complete":
             continue
@@ -60,7 +64,9 @@ def transfers_poll(*, lookback: timedelta | None = None) -> PollReport:
     ):
         report.withdrawals_checked += 1
         try:
-            outcome = transfer_settle(pk, circle.transfer_get(transfer_id))
+            outcome = transfer_settle(
+                pk, circle.transfer_get(base_url=base_url, transfer_id=transfer_id)
+            )
         except Exception:
             log.exception("withdrawal %s (transfer %s) not settled this poll", pk, transfer_id)
             report.withdrawals_not_settled += 1

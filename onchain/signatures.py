@@ -23,7 +23,7 @@ _KEYS: dict[str, ec.EllipticCurvePublicKey] = {}
 MAX_ID_LENGTH = 64
 
 
-def _public_key(key_id: str):
+def _public_key(key_id: str, base_url: str):
     """The signing key, from this process, the table, or fetched from Circle once."""
     if key_id in _KEYS:
         return _KEYS[key_id]
@@ -31,7 +31,7 @@ def _public_key(key_id: str):
         raise UnknownSigningKey(f"key id is over {MAX_ID_LENGTH} characters")
     known = CirclePublicKey.objects.filter(key_id=key_id).first()
     if known is None:
-        algorithm, public_key = circle.public_key_fetch(key_id)
+        algorithm, public_key = circle.public_key_fetch(base_url=base_url, key_id=key_id)
         known, _ = CirclePublicKey.objects.get_or_create(
             key_id=key_id, defaults={"algorithm": algorithm, "public_key": public_key}
         )
@@ -41,8 +41,9 @@ def _public_key(key_id: str):
     return _KEYS[key_id]
 
 
-def signature_verify(*, body: bytes, signature: str, key_id: str) -> None:
-    """Circle's v2 scheme: base64 ECDSA-SHA256 over the raw body, by the key `key_id`."""
+def signature_verify(*, body: bytes, signature: str, key_id: str, base_url: str) -> None:
+    """Circle's v2 scheme: base64 ECDSA-SHA256 over the raw body, by the key `key_id` (fetched
+    from Circle at `base_url` the first time)."""
     if not signature or not key_id:
         raise SignatureRejected("X-Circle-Signature and X-Circle-Key-Id are required")
     try:
@@ -50,6 +51,6 @@ def signature_verify(*, body: bytes, signature: str, key_id: str) -> None:
     except (binascii.Error, ValueError):
         raise SignatureRejected("X-Circle-Signature is not base64") from None
     try:
-        _public_key(key_id).verify(raw_signature, body, ec.ECDSA(hashes.SHA256()))
+        _public_key(key_id, base_url).verify(raw_signature, body, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise SignatureRejected("the signature does not match the body") from None

@@ -5,6 +5,8 @@ dead withdrawal."""
 
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -18,6 +20,7 @@ from cutover.balance_path import balance_mutation_apply, strict_failure_recorded
 from cutover.exceptions import ConcurrentDuplicate, KillSwitchEngaged
 from cutover.operator_audit import operator_action_record
 from cutover.selectors import phase_state
+from gateway.outbox import outbox_backoff, outbox_drain
 from ledger.money import amount_parse
 from onchain import circle, metrics
 from onchain.exceptions import (
@@ -104,43 +107,43 @@ class SendReport:
     dead: int = 0
 
 
-def withdrawals_send(*, limit: int = 100) -> SendReport:
-    """The outbox worker: send due pending withdrawals to Circle, one row at a time, each
-    claimed with FOR UPDATE SKIP LOCKED so that any number of workers share the work. Nothing
-    is sent while the kill switch is on. A row is tried at most once per pass."""
+def withdrawals_send(*, limit: int = 100, base_url: str | None = None) -> SendReport:
+    """The outbox worker: send due pending withdrawals to Circle (at `base_url`,
+    CIRCLE_API_BASE_URL unless given), one row at a time, each claimed with FOR UPDATE SKIP
+    LOCKED so that any number of workers share the work (gateway.outbox). Nothing is sent while
+    the kill switch is on. A row is tried at most once per pass."""
     report = SendReport()
-    tried: list[int] = []
     if phase_state().kill_switch:
         log.warning("kill switch engaged: withdrawals are not sent")
         return report
-    for _ in range(limit):
-        claimed = None
-        try:
-            with strict_failure_recorded(), onchain_rules(), transaction.atomic(durable=True):
-                claimed = (
-                    Withdrawal.objects.select_for_update(skip_locked=True)
-                    .filter(status=WithdrawalStatus.PENDING, next_attempt_at__lte=timezone.now())
-                    .exclude(pk__in=tried)
-                    .order_by("next_attempt_at", "id")
-                    .first()
-                )
-                if claimed is None:
-                    break
-                tried.append(claimed.pk)
-                outcome = _withdrawal_send(claimed)
-        except Exception as exc:
-            if claimed is None:
-                raise
-            log.exception("withdrawal %s not sent", claimed.idempotency_key)
-            outcome = _withdrawal_retry_later(claimed.pk, f"{type(exc).__name__}: {exc}")
-        setattr(report, outcome, getattr(report, outcome) + 1)
+    base_url = base_url or settings.CIRCLE_API_BASE_URL
+    outbox_drain(
+        pending=Withdrawal.objects.filter(status=WithdrawalStatus.PENDING),
+        send=lambda withdrawal: _withdrawal_send(withdrawal, base_url),
+        report=report,
+        limit=limit,
+        guard=_send_rules,
+        on_error=_withdrawal_send_failed,
+    )
     return report
 
 
-def _withdrawal_send(withdrawal: Withdrawal) -> str:
+@contextmanager
+def _send_rules() -> Iterator[None]:
+    with strict_failure_recorded(), onchain_rules():
+        yield
+
+
+def _withdrawal_send_failed(withdrawal: Withdrawal, exc: Exception) -> str:
+    log.exception("withdrawal %s not sent", withdrawal.idempotency_key)
+    return _withdrawal_retry_later(withdrawal.pk, f"{type(exc).__name__}: {exc}")
+
+
+def _withdrawal_send(withdrawal: Withdrawal, base_url: str) -> str:
     """Send one claimed withdrawal (its row locked by the caller) and record Circle's answer."""
     try:
         transfer = circle.transfer_create(
+            base_url=base_url,
             idempotency_key=str(withdrawal.idempotency_key),
             amount=withdrawal.amount,
             address=withdrawal.address,
@@ -184,11 +187,11 @@ def _withdrawal_backoff(withdrawal: Withdrawal, error: str) -> str:
         )
         transaction.on_commit(metrics.withdrawals_dead.inc)
     else:
-        delay = min(
-            settings.ONCHAIN_WITHDRAWAL_BACKOFF * 2 ** (withdrawal.attempts - 1),
+        withdrawal.next_attempt_at = timezone.now() + outbox_backoff(
+            settings.ONCHAIN_WITHDRAWAL_BACKOFF,
+            withdrawal.attempts,
             settings.ONCHAIN_WITHDRAWAL_BACKOFF_MAX,
         )
-        withdrawal.next_attempt_at = timezone.now() + delay
     withdrawal.save(update_fields=["attempts", "last_error", "status", "next_attempt_at"])
     return "dead" if withdrawal.status == WithdrawalStatus.DEAD else "retried"
 
@@ -254,7 +257,7 @@ def withdrawal_resend(*, withdrawal_id: int, actor: Actor, reason: str = "") -> 
 CLOCK_SKEW = timedelta(minutes=5)
 
 
-def _circle_transfer_find(withdrawal: Withdrawal) -> dict | None:
+def _circle_transfer_find(withdrawal: Withdrawal, base_url: str) -> dict | None:
     """The transfer Circle made for a dead withdrawal whose answers were lost, or None when
     Circle certainly has none. A dead withdrawal never recorded a transfer id and Circle's
     transfer object does not carry the idempotencyKey, so every transfer out of our wallet
@@ -263,7 +266,11 @@ def _circle_transfer_find(withdrawal: Withdrawal) -> dict | None:
     unsent withdrawal asks for the same: Circle may have it, and which transfer is whose is
     unknown (CancelRefused; a resend names it). Circle unreachable: CircleUnavailable."""
     since = (withdrawal.created_at - CLOCK_SKEW).isoformat().replace("+00:00", "Z")
-    matching = [t for t in circle.transfers_outbound(since=since) if _is_transfer_of(t, withdrawal)]
+    matching = [
+        t
+        for t in circle.transfers_outbound(base_url=base_url, since=since)
+        if _is_transfer_of(t, withdrawal)
+    ]
     recorded = set(
         Withdrawal.objects.filter(circle_transfer_id__in=[t["id"] for t in matching]).values_list(
             "circle_transfer_id", flat=True
@@ -304,13 +311,16 @@ def _is_transfer_of(transfer: dict, withdrawal: Withdrawal) -> bool:
     )
 
 
-def withdrawal_cancel(*, withdrawal_id: int, actor: Actor, reason: str) -> Withdrawal:
+def withdrawal_cancel(
+    *, withdrawal_id: int, actor: Actor, reason: str, base_url: str | None = None
+) -> Withdrawal:
     """An operator gives up on a dead withdrawal. Circle is asked first: "dead" includes a
     transfer Circle created whose answers we never heard. Only a withdrawal Circle certainly
     does not have is cancelled (its hold reversed, once). One Circle has is not cancelled: it
     takes the transfer and Circle's status (submitted, completed or failed), and CancelRefused
     says so; if Circle cannot be reached, nothing changes (CircleUnavailable, retry later).
-    Audited in the transaction that changes the withdrawal. Waits while the kill switch is on."""
+    Audited in the transaction that changes the withdrawal. Waits while the kill switch is on.
+    Circle is at `base_url` (CIRCLE_API_BASE_URL unless given)."""
     actor.require("onchain.change_withdrawal")
     if not reason.strip():
         raise WithdrawalRefused("a reason is required to cancel a withdrawal")
@@ -318,7 +328,7 @@ def withdrawal_cancel(*, withdrawal_id: int, actor: Actor, reason: str) -> Withd
     if withdrawal.status != WithdrawalStatus.DEAD:
         raise WithdrawalRefused(f"{withdrawal} is not dead; only dead withdrawals are cancelled")
     _kill_switch_wait("cancelled")
-    transfer = _circle_transfer_find(withdrawal)
+    transfer = _circle_transfer_find(withdrawal, base_url or settings.CIRCLE_API_BASE_URL)
     with strict_failure_recorded(), onchain_rules(), transaction.atomic(durable=True):
         withdrawal = Withdrawal.objects.select_for_update().get(pk=withdrawal_id)
         if withdrawal.status != WithdrawalStatus.DEAD:

@@ -73,7 +73,7 @@ class Drills:
             held.append(
                 withdrawal_request(user_id=user, amount=amount, address=address, chain="ETH")
             )
-        sent = withdrawals_send(limit=len(held) + 1)
+        sent = withdrawals_send(limit=len(held) + 1, base_url=sandbox.base_url)
         withdrawn, failed_on_chain = Decimal(0), 0
         for index, withdrawal in enumerate(held):
             withdrawal.refresh_from_db()
@@ -122,7 +122,7 @@ class Drills:
         parked_before = CircleNotification.objects.filter(status="parked").count()
         unknown = sandbox.deposit(address=f"0xnobody-{phase}", amount="12.34")
         parked = CircleNotification.objects.filter(status="parked").count() - parked_before
-        polled = transfers_poll().deposits_credited
+        polled = transfers_poll(base_url=sandbox.base_url).deposits_credited
         # The operator's way with a deposit to an address we did not know: register the address
         # for its user, then replay the parked notification (credited once, like any deposit).
         resolved = Decimal(0)
@@ -198,7 +198,7 @@ class Drills:
                 )
             )
             drained += amount
-        withdrawals_send(limit=len(held) + 1)  # one pass sends them all
+        withdrawals_send(limit=len(held) + 1, base_url=circle.base_url)  # one pass sends them all
         for withdrawal in held:
             withdrawal.refresh_from_db()
             circle.transfer_finish(withdrawal.circle_transfer_id, "complete")
@@ -208,12 +208,12 @@ class Drills:
         due.lose_answers = 1  # the first creation is recorded, its answer never arrives
         due.on_created = lambda conversion: setattr(due, "unavailable", True)
         for _ in range(settings.TREASURY_SUBMIT_MAX_ATTEMPTS):
-            jobs_submit()
+            jobs_submit(base_urls={"due": due.base_url})
         jobs = list(ConversionJob.objects.filter(pk__in=cycle.jobs_created).order_by("pk"))
         lost = jobs[0] if jobs else None
         before_monitor = lost.status if lost else ""
         due.unavailable, due.on_created = False, None
-        monitor_run()
+        monitor_run(base_urls={"due": due.base_url})
         paid: set = set()
         self._due_pays_out_usdc(paid)
         after = system_account(code="usdc_buffer").balance

@@ -80,8 +80,9 @@ class Rehearsal(TrafficStages, Drills, Report):
     # The run -------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        """The whole rollout against one Circle sandbox and one Due sandbox, with the settings
-        pointed at them (and at the rehearsal's short gates) for the run only."""
+        """The whole rollout against one Circle sandbox and one Due sandbox, whose base URLs the
+        rehearsal passes to the services it calls; the settings hold the rehearsal's short
+        gates and the sandboxes' credentials for the run only."""
         key, secret = secrets.token_hex(8), secrets.token_hex(16)  # this run's sandbox only
         overrides = {
             "CUTOVER_SHADOW_MIN_DURATION": REHEARSAL_MIN_DURATION,
@@ -94,10 +95,7 @@ class Rehearsal(TrafficStages, Drills, Report):
             "DUE_API_SECRET": secret,
         }
         token = f"?token={settings.CIRCLE_WEBHOOK_SECRET}" if settings.CIRCLE_WEBHOOK_SECRET else ""
-        saved = {
-            name: getattr(settings, name)
-            for name in [*overrides, "CIRCLE_API_BASE_URL", "DUE_API_BASE_URL"]
-        }
+        saved = {name: getattr(settings, name) for name in [*overrides, "CIRCLE_API_BASE_URL"]}
         try:
             with (
                 http_server() as base_url,
@@ -106,10 +104,9 @@ class Rehearsal(TrafficStages, Drills, Report):
             ):
                 for name, value in overrides.items():
                     setattr(settings, name, value)
-                settings.CIRCLE_API_BASE_URL, settings.DUE_API_BASE_URL = (
-                    circle.base_url,
-                    due.base_url,
-                )
+                # Circle's webhooks reach this project over HTTP, and the view fetches the
+                # signing key from the settings' Circle: no caller of ours to pass it.
+                settings.CIRCLE_API_BASE_URL = circle.base_url
                 self.circle, self.due = circle, due
                 return self._rollout()
         finally:
@@ -181,7 +178,10 @@ class Rehearsal(TrafficStages, Drills, Report):
         traffic. From here on every legacy mutation is mirrored in the ledger, so the buffers
         stay right through the rollout."""
         for opening in custody_open_from_providers(
-            actor=ACTOR, reason="the rehearsal's custody, as Circle and Due report it"
+            actor=ACTOR,
+            reason="the rehearsal's custody, as Circle and Due report it",
+            circle_base_url=self.circle.base_url,
+            due_base_url=self.due.base_url,
         ):
             self.custody[opening.currency] = str(opening.reported)
 
@@ -196,7 +196,9 @@ class Rehearsal(TrafficStages, Drills, Report):
                 "difference": str(c.difference),
                 "agrees": c.agrees,
             }
-            for c in custody_reconcile_from_providers()
+            for c in custody_reconcile_from_providers(
+                circle_base_url=self.circle.base_url, due_base_url=self.due.base_url
+            )
         ]
 
     # Pre-shadow money ----------------------------------------------------------------------
@@ -211,7 +213,7 @@ class Rehearsal(TrafficStages, Drills, Report):
         withdrawal = withdrawal_request(
             user_id=user, amount=amount, address=f"0x{user.hex}", chain="ETH"
         )
-        withdrawals_send(limit=1)
+        withdrawals_send(limit=1, base_url=self.circle.base_url)
         withdrawal.refresh_from_db()
         self.pre_shadow = {
             "withdrawal": str(withdrawal.idempotency_key),

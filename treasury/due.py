@@ -1,4 +1,4 @@
-"""Due's conversion API, as far as the treasury uses it, over real HTTP (urllib).
+"""Due's conversion API, as far as the treasury uses it, over real HTTP (gateway.providers).
 
 Requests carry `Authorization: Bearer DUE_API_KEY` and an HMAC-SHA256 of
 `<X-Due-Timestamp>.<body>` with DUE_API_SECRET in `X-Due-Signature`; conversions are created
@@ -21,7 +21,8 @@ A conversion is `{"id", "status": pending|processing|completed|failed, "source":
 "reference", "createdAt"}`.
 
 Where each provider's API is comes from the settings, never from the database: `due` is at
-DUE_API_BASE_URL, any other provider code at TREASURY_PROVIDER_BASE_URLS[code].
+DUE_API_BASE_URL, any other provider code at TREASURY_PROVIDER_BASE_URLS[code]
+(`provider_base_urls`, read by the services' callers and passed down).
 """
 
 import hashlib
@@ -29,28 +30,30 @@ import hmac
 import json
 import re
 import time
-import urllib.error
-import urllib.request
+from collections.abc import Mapping
 from decimal import Decimal
 from urllib.parse import quote
 
 from django.conf import settings
 
+from gateway.providers import provider_call
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from treasury.exceptions import DueRefused, DueUnavailable, ProviderNotConfigured
 
 RETRY_PAUSE = 0.2  # seconds, doubled per attempt
+REFUSALS = frozenset(range(400, 500)) - {429}
 
 
-def provider_base_url(code: str) -> str:
-    """Where the provider `code` answers, from the settings (so credentials only ever go to a
-    host the deployment chose)."""
-    url = (
-        settings.DUE_API_BASE_URL
-        if code == "due"
-        else settings.TREASURY_PROVIDER_BASE_URLS.get(code, "")
-    )
+def provider_base_urls() -> dict[str, str]:
+    """Where each provider answers, from the settings (so credentials only ever go to a host
+    the deployment chose): read by the services' callers and passed down."""
+    return {**settings.TREASURY_PROVIDER_BASE_URLS, "due": settings.DUE_API_BASE_URL}
+
+
+def provider_base_url(code: str, base_urls: Mapping[str, str]) -> str:
+    """Where the provider `code` answers, among `base_urls` (`provider_base_urls()`)."""
+    url = base_urls.get(code, "")
     if not url:
         raise ProviderNotConfigured(
             f"no API host is configured for provider {code!r} (TREASURY_PROVIDER_BASE_URLS)"
@@ -80,27 +83,21 @@ def _call(base_url: str, method: str, path: str, body: dict | None = None, key: 
             headers["Content-Type"] = "application/json"
         if key:
             headers["Idempotency-Key"] = key
-        request = urllib.request.Request(  # noqa: S310 (settings allow only http and https)
-            f"{base_url}{path}",
-            data=raw if body is not None else None,
-            method=method,
-            headers=headers,
-        )
         try:
-            with urllib.request.urlopen(request, timeout=settings.DUE_HTTP_TIMEOUT) as response:  # noqa: S310
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("message", "")
-            except (ValueError, AttributeError):
-                message = ""
-            if 400 <= exc.code < 500 and exc.code != 429:
-                raise DueRefused(
-                    exc.code, f"Due refused {method} {path}: {exc.code} {message}"
-                ) from None
-            last = f"Due answered {exc.code} to {method} {path} {message}".strip()
-        except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
-            last = f"{method} {path} failed: {exc}"
+            return provider_call(
+                provider="Due",
+                base_url=base_url,
+                method=method,
+                path=path,
+                headers=headers,
+                data=raw if body is not None else None,
+                timeout=settings.DUE_HTTP_TIMEOUT,
+                refusals=REFUSALS,
+                refused=DueRefused,
+                unavailable=DueUnavailable,
+            )
+        except DueUnavailable as exc:
+            last = str(exc).strip()
     raise DueUnavailable(f"{last} (after {settings.DUE_HTTP_ATTEMPTS} attempts)")
 
 

@@ -19,7 +19,7 @@ class ConversionProvider(models.Model):
     code = models.CharField(max_length=32, unique=True)
     name = models.CharField(max_length=100)
     # Every provider speaks Due's wire format (the one client we have); where its API is comes
-    # from the settings by `code` (treasury.due.provider_base_url), never from this table.
+    # from the settings by `code` (treasury.due.provider_base_urls), never from this table.
     enabled = models.BooleanField(default=True)
     priority = models.PositiveIntegerField(default=100)
     healthy = models.BooleanField(default=True)

@@ -4,6 +4,7 @@ and marks jobs still open after TREASURY_CONVERSION_TIMEOUT timed out (still ope
 asked)."""
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -32,13 +33,15 @@ class MonitorReport:
     disputed: int = 0
 
 
-def monitor_run() -> MonitorReport:
+def monitor_run(*, base_urls: Mapping[str, str] | None = None) -> MonitorReport:
     """Submit what is due (retries); ask the provider by key about jobs whose answer was lost;
     poll every job it has, for as long as it takes; mark jobs still open after
     TREASURY_CONVERSION_TIMEOUT timed out (still open, still asked). A job never sent within
     the timeout fails (the provider cannot have it). Polls and lookups run under the kill
-    switch too: they only record what the provider did."""
-    sent = jobs_submit()
+    switch too: they only record what the provider did. Providers are at `base_urls`
+    (`due.provider_base_urls()` unless given)."""
+    urls = due.provider_base_urls() if base_urls is None else base_urls
+    sent = jobs_submit(base_urls=urls)
     report = MonitorReport(
         submitted=sent.submitted,
         retried=sent.retried,
@@ -49,21 +52,21 @@ def monitor_run() -> MonitorReport:
         status=JobStatus.TIMED_OUT, provider_reference__isnull=True
     ).values_list("pk", flat=True)
     for job_id in lost:
-        with transaction.atomic():
+        with transaction.atomic(durable=True):
             job = (
                 ConversionJob.objects.select_for_update(skip_locked=True)
                 .select_related("provider")
                 .filter(pk=job_id, status=JobStatus.TIMED_OUT, provider_reference__isnull=True)
                 .first()
             )
-            if job is not None and job_lost_answer_resolve(job) == "failed":
+            if job is not None and job_lost_answer_resolve(job, urls) == "failed":
                 report.failed += 1
     for job in ConversionJob.objects.select_related("provider").filter(
         status__in=[JobStatus.SUBMITTED, JobStatus.TIMED_OUT], provider_reference__isnull=False
     ):
         try:
             conversion = due.conversion_get(
-                base_url=due.provider_base_url(job.provider.code),
+                base_url=due.provider_base_url(job.provider.code, urls),
                 conversion_id=job.provider_reference,
             )
         except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
@@ -84,7 +87,7 @@ def monitor_run() -> MonitorReport:
     for job_id in ConversionJob.objects.filter(
         status__in=[JobStatus.PENDING, JobStatus.SUBMITTED], created_at__lt=deadline
     ).values_list("pk", flat=True):
-        with transaction.atomic():
+        with transaction.atomic(durable=True):
             job = (
                 ConversionJob.objects.select_for_update(skip_locked=True)
                 .select_related("provider")
@@ -108,7 +111,7 @@ def monitor_run() -> MonitorReport:
                 job_fail(job, f"not sent within {settings.TREASURY_CONVERSION_TIMEOUT}")
                 report.failed += 1
             elif job.status == JobStatus.PENDING:  # sent, its answer lost: ask by key
-                outcome = job_lost_answer_resolve(job)
+                outcome = job_lost_answer_resolve(job, urls)
                 report.failed += outcome == "failed"
                 report.timed_out += outcome == "timed_out"
     metrics.system_buffer_usdc.set(float(system_account(code="usdc_buffer").balance))

@@ -42,7 +42,7 @@ def job_cancel(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
     provider's to tell."""
     reason = _reason_required(reason, "cancel a job")
     actor.require(JOB_PERMISSION)
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
         if job.status != JobStatus.PENDING:
             raise JobRefused(f"{job} is {job.status}; only pending jobs are cancelled")
@@ -74,7 +74,7 @@ def job_retry(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
     the kill switch, and for any job whose fate is not final (it may still complete)."""
     reason = _reason_required(reason, "retry a job")
     actor.require(JOB_PERMISSION)
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         with connection.cursor() as cursor:  # never beside a cycle: both plan from reservations
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
         if phase_state().kill_switch:

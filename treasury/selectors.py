@@ -37,7 +37,7 @@ def buffer_status_list() -> list[BufferReading]:
 
 def provider_configured(code: str) -> bool:
     try:
-        due.provider_base_url(code)
+        due.provider_base_url(code, due.provider_base_urls())
     except ProviderNotConfigured:
         return False
     return True

@@ -77,7 +77,7 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
     match the job posts it to the ledger (reference `conversion:<idempotency key>`), one that
     does not marks the job disputed (nothing posted, ALERT); a failure marks it failed;
     anything else changes nothing."""
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
         status = conversion.get("status")
         if job.status == JobStatus.COMPLETED or status in ("pending", "processing"):
@@ -161,7 +161,7 @@ def _job_by_reference_adopt(conversion: dict) -> ConversionJob | None:
         key = uuid.UUID(str(conversion.get("reference") or ""))
     except ValueError:
         return None
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         job = (
             ConversionJob.objects.select_for_update()
             .filter(

@@ -6,6 +6,7 @@ open and still asked. Providers' health is kept here. Nothing is submitted under
 switch."""
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -13,6 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from cutover.selectors import phase_state
+from gateway.outbox import outbox_backoff, outbox_drain
 from treasury import due, metrics
 from treasury.exceptions import DueRefused, DueUnavailable, ProviderNotConfigured
 from treasury.models import ConversionJob, ConversionProvider, JobStatus
@@ -29,38 +31,30 @@ class SubmitReport:
     timed_out: int = 0
 
 
-def jobs_submit(*, limit: int = 50) -> SubmitReport:
+def jobs_submit(*, limit: int = 50, base_urls: Mapping[str, str] | None = None) -> SubmitReport:
     """Send due pending jobs to their provider, each claimed with FOR UPDATE SKIP LOCKED and
     sent with its own idempotency key (a resend after a crash or timeout names the same
-    conversion). Nothing is submitted while the kill switch is on."""
+    conversion; gateway.outbox). Providers are at `base_urls` (`due.provider_base_urls()`
+    unless given). Nothing is submitted while the kill switch is on."""
     report = SubmitReport()
     if phase_state().kill_switch:
         log.warning("kill switch engaged: conversion jobs are not submitted")
         return report
-    tried: list[int] = []
-    for _ in range(limit):
-        with transaction.atomic(durable=True):
-            job = (
-                ConversionJob.objects.select_for_update(skip_locked=True)
-                .select_related("provider")
-                .filter(status=JobStatus.PENDING, next_attempt_at__lte=timezone.now())
-                .exclude(pk__in=tried)
-                .order_by("next_attempt_at", "id")
-                .first()
-            )
-            if job is None:
-                break
-            tried.append(job.pk)
-            outcome = _job_submit(job)
-        setattr(report, outcome, getattr(report, outcome) + 1)
+    urls = due.provider_base_urls() if base_urls is None else base_urls
+    outbox_drain(
+        pending=ConversionJob.objects.select_related("provider").filter(status=JobStatus.PENDING),
+        send=lambda job: _job_submit(job, urls),
+        report=report,
+        limit=limit,
+    )
     return report
 
 
-def _job_submit(job: ConversionJob) -> str:
+def _job_submit(job: ConversionJob, base_urls: Mapping[str, str]) -> str:
     """One submission of a locked pending job. A lost answer (timeout, 5xx) is resent with the
     same key; when the attempts are spent the provider is asked by that key what it has."""
     try:
-        base_url = due.provider_base_url(job.provider.code)
+        base_url = due.provider_base_url(job.provider.code, base_urls)
     except ProviderNotConfigured as exc:  # nothing sent: not an attempt
         log.error("ALERT treasury: job %s not submitted: %s", job.pk, exc)
         job.last_error = str(exc)
@@ -79,16 +73,16 @@ def _job_submit(job: ConversionJob) -> str:
     except DueRefused as exc:
         if job.attempts > 1:  # an earlier attempt's answer was lost: that one may exist
             job.last_error = str(exc)
-            return job_lost_answer_resolve(job)
+            return job_lost_answer_resolve(job, base_urls)
         job_fail(job, str(exc))  # the provider refused the creation itself: it holds nothing
         return "failed"
     except DueUnavailable as exc:
         provider_failed(job.provider, str(exc))
         job.last_error = str(exc)
         if job.attempts >= settings.TREASURY_SUBMIT_MAX_ATTEMPTS:
-            return job_lost_answer_resolve(job)
-        job.next_attempt_at = timezone.now() + settings.TREASURY_SUBMIT_BACKOFF * 2 ** (
-            job.attempts - 1
+            return job_lost_answer_resolve(job, base_urls)
+        job.next_attempt_at = timezone.now() + outbox_backoff(
+            settings.TREASURY_SUBMIT_BACKOFF, job.attempts
         )
         job_save(job)
         return "retried"
@@ -110,13 +104,13 @@ def _job_submitted(job: ConversionJob, conversion: dict) -> None:
     transaction.on_commit(lambda: job_settle(job_id=job.pk, conversion=conversion), robust=True)
 
 
-def job_lost_answer_resolve(job: ConversionJob) -> str:
+def job_lost_answer_resolve(job: ConversionJob, base_urls: Mapping[str, str]) -> str:
     """A locked job was sent but no answer came back: ask the provider by the job's key. It
     has the conversion: recorded as submitted. It says it never received it: failed (nothing
     can exist there). It cannot say: timed_out, open, asked again on every monitor run."""
     try:
         conversion = due.conversion_find(
-            base_url=due.provider_base_url(job.provider.code),
+            base_url=due.provider_base_url(job.provider.code, base_urls),
             idempotency_key=str(job.idempotency_key),
         )
     except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:

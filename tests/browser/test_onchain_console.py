@@ -101,6 +101,7 @@ def test_cancel_of_a_withdrawal_circle_has_is_refused_in_the_console(
     circle_sandbox.answer_delay = 2.0
     with pytest.raises(CircleUnavailable):
         circle.transfer_create(
+            base_url=circle_sandbox.base_url,
             idempotency_key=str(dead_withdrawal.idempotency_key),
             amount=dead_withdrawal.amount,
             address=dead_withdrawal.address,

@@ -4,6 +4,7 @@
 from decimal import Decimal
 
 from django.apps import apps
+from django.conf import settings
 from django.db import connection
 
 from custody.services import custody_open_at, deposits_uncredited_at_circle
@@ -97,7 +98,11 @@ def custody_open(*, currency: str, reported: Decimal) -> None:
     custody_open_at(
         currency=currency,
         reported=reported,
-        uncredited=deposits_uncredited_at_circle() if currency == "USDC" else Decimal(0),
+        uncredited=(
+            deposits_uncredited_at_circle(base_url=settings.CIRCLE_API_BASE_URL)
+            if currency == "USDC"
+            else Decimal(0)
+        ),
         source="model",
         actor=Actor(name="model:operator"),
         reason="the model opens custody",

@@ -11,6 +11,7 @@ from decimal import Decimal
 from io import StringIO
 
 import pytest
+from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import transaction
 
@@ -357,7 +358,7 @@ def test_kill_switch_still_records_deposits_and_posts_completions(sandbox, user)
 
 def custody_open_usdc() -> Decimal:
     """Book the USDC buffer's opening balance from what Circle reports for our wallet."""
-    reported = circle.wallet_balance()
+    reported = circle.wallet_balance(base_url=settings.CIRCLE_API_BASE_URL)
     custody_open(
         currency="USDC",
         reported=reported,
@@ -370,17 +371,17 @@ def custody_open_usdc() -> Decimal:
 
 def test_circle_reports_the_wallet_balance_as_money_comes_and_goes(sandbox, user):
     sandbox.wallet_balance = Decimal("1000")
-    assert circle.wallet_balance() == Decimal(1000)
+    assert circle.wallet_balance(base_url=sandbox.base_url) == Decimal(1000)
     sandbox.deposit(address="0xnobody", amount="12.5", notify=False)
-    assert circle.wallet_balance() == Decimal("1012.5")
+    assert circle.wallet_balance(base_url=sandbox.base_url) == Decimal("1012.5")
     phase_set("shadow")
     completed, failed = withdraw(user, amount="30"), withdraw(user, amount="20")
     withdrawals_send()
     sandbox.transfer_finish(withdrawal_transfer(failed), "failed")
-    assert circle.wallet_balance() == Decimal("1012.5")
+    assert circle.wallet_balance(base_url=sandbox.base_url) == Decimal("1012.5")
     sandbox.transfer_finish(withdrawal_transfer(completed), "complete")
     sandbox.transfer_finish(withdrawal_transfer(completed), "complete")  # once
-    assert circle.wallet_balance() == Decimal("982.5")
+    assert circle.wallet_balance(base_url=sandbox.base_url) == Decimal("982.5")
 
 
 @pytest.fixture
@@ -406,7 +407,7 @@ def test_a_withdrawal_of_money_booked_before_shadow_completes(sandbox, legacy_us
     sandbox.transfer_finish(withdrawal_transfer(by_webhook), "complete")
     assert set(Withdrawal.objects.values_list("status", flat=True)) == {"completed"}
     assert set(CircleNotification.objects.values_list("status", flat=True)) == {"processed"}
-    assert system("usdc_buffer") == 225 == circle.wallet_balance()
+    assert system("usdc_buffer") == 225 == circle.wallet_balance(base_url=sandbox.base_url)
     assert system("withdrawals_pending_usdc") == 0
     assert system("opening_balance_equity_usdc") == 0  # 300 opened, 300 backfilled to users
     assert integrity_ok()
@@ -445,7 +446,7 @@ def test_a_hold_placed_in_shadow_and_reversed_after_a_rollback_leaves_no_pending
     assert withdrawal.status == "failed"
     assert LegacyBalance.objects.get(user_id=legacy_users[0]).buying_power == 100
     assert system("withdrawals_pending_usdc") == 0
-    assert system("usdc_buffer") == 300 == circle.wallet_balance()
+    assert system("usdc_buffer") == 300 == circle.wallet_balance(base_url=sandbox.base_url)
     assert integrity_ok()
 
 
@@ -460,6 +461,6 @@ def test_a_withdrawal_made_in_legacy_after_a_rollback_leaves_the_buffer_with_the
     withdrawal.refresh_from_db()
     assert withdrawal.status == "completed"
     assert LegacyBalance.objects.get(user_id=legacy_users[0]).buying_power == 70
-    assert system("usdc_buffer") == 270 == circle.wallet_balance()
+    assert system("usdc_buffer") == 270 == circle.wallet_balance(base_url=sandbox.base_url)
     assert system("withdrawals_pending_usdc") == 0
     assert integrity_ok()

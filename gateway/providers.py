@@ -1,0 +1,45 @@
+"""One HTTP call to a provider's JSON API (Circle, Due), over real HTTP (urllib): the request,
+its timeout, the JSON answer, and every failure mapped to the caller's own exceptions. A status
+in `refusals` says the request itself is wrong and raises `refused(status, message)`, which is
+final; anything else (timeouts, transport errors, 5xx, 429, an answer that is not JSON) raises
+`unavailable(message)`, which a caller may retry. Each provider keeps its own wire format,
+headers and retry policy."""
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Container
+
+
+def provider_call(
+    *,
+    provider: str,
+    base_url: str,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    data: bytes | None,
+    timeout: float,
+    refusals: Container[int],
+    refused: type[Exception],
+    unavailable: type[Exception],
+) -> dict:
+    """`method base_url+path` with `headers` and body `data`; the decoded JSON answer."""
+    request = urllib.request.Request(  # noqa: S310 (settings allow only http and https)
+        f"{base_url}{path}", data=data, method=method, headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("message", "")
+        except (ValueError, AttributeError):
+            message = ""
+        if exc.code in refusals:
+            raise refused(
+                exc.code, f"{provider} refused {method} {path}: {exc.code} {message}"
+            ) from None
+        raise unavailable(f"{provider} answered {exc.code} to {method} {path} {message}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
+        raise unavailable(f"{method} {path} failed: {exc}") from None
