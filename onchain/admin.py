@@ -4,10 +4,10 @@ cancelled by an operator, after a confirmation) and users' deposit addresses."""
 from django import forms
 from django.contrib import admin, messages
 from django.http import HttpRequest
-from django.template.response import TemplateResponse
 
 from cutover.actors import Actor
 from cutover.selectors import user_currency
+from gateway.actions import action_confirm
 from ledger.admin import ReadOnlyAdmin
 from onchain.inbox import notification_replay
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
@@ -102,20 +102,6 @@ class WithdrawalAdmin(ReadOnlyAdmin):
     def get_readonly_fields(self, request, obj=None):
         return [field.name for field in self.model._meta.fields]
 
-    def _confirm(self, request, queryset, action, question, button, form=None):
-        context = {
-            **self.admin_site.each_context(request),
-            "title": button,
-            "question": question,
-            "button": button,
-            "action": action,
-            "queryset": queryset,
-            "form": form,
-            "opts": self.model._meta,
-            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
-        }
-        return TemplateResponse(request, "admin/onchain/withdrawal_action.html", context)
-
     def _each(self, request, queryset, service, **kwargs) -> None:
         for withdrawal in queryset:
             try:
@@ -130,12 +116,15 @@ class WithdrawalAdmin(ReadOnlyAdmin):
     @admin.action(description="Send the selected dead withdrawals again", permissions=["change"])
     def resend(self, request: HttpRequest, queryset):
         if request.POST.get("confirmed") != "yes":
-            return self._confirm(
+            return action_confirm(
+                self,
                 request,
                 queryset,
-                "resend",
-                "Send these dead withdrawals to Circle again, with their same idempotency keys?",
-                "Send again",
+                action="resend",
+                title="Send again",
+                question="Send these dead withdrawals to Circle again, with their same "
+                "idempotency keys?",
+                attempts=True,
             )
         self._each(request, queryset, withdrawal_resend)
         return None
@@ -146,13 +135,15 @@ class WithdrawalAdmin(ReadOnlyAdmin):
     def cancel(self, request: HttpRequest, queryset):
         form = CancelForm(request.POST if request.POST.get("confirmed") == "yes" else None)
         if not form.is_valid():
-            return self._confirm(
+            return action_confirm(
+                self,
                 request,
                 queryset,
-                "cancel",
-                "Cancel these dead withdrawals and return the held USDC to their users?",
-                "Cancel withdrawals",
-                form,
+                action="cancel",
+                title="Cancel withdrawals",
+                question="Cancel these dead withdrawals and return the held USDC to their users?",
+                form=form,
+                attempts=True,
             )
         self._each(request, queryset, withdrawal_cancel, reason=form.cleaned_data["reason"])
         return None

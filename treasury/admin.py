@@ -6,9 +6,9 @@ here: it comes from the settings."""
 from django import forms
 from django.contrib import admin, messages
 from django.http import HttpRequest
-from django.template.response import TemplateResponse
 
 from cutover.actors import Actor
+from gateway.actions import action_confirm
 from ledger.admin import ReadOnlyAdmin
 from treasury.bands import provider_set, threshold_set, threshold_validate
 from treasury.exceptions import ThresholdInvalid
@@ -135,18 +135,6 @@ class ConversionJobAdmin(ReadOnlyAdmin):
     def get_readonly_fields(self, request, obj=None):
         return [field.name for field in self.model._meta.fields]
 
-    def _confirm(self, request, queryset, action, question, form=None):
-        context = {
-            **self.admin_site.each_context(request),
-            "title": question,
-            "action": action,
-            "queryset": queryset,
-            "form": form,
-            "opts": self.model._meta,
-            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
-        }
-        return TemplateResponse(request, "admin/treasury/job_action.html", context)
-
     def _each(self, request, queryset, service, **kwargs) -> None:
         for job in queryset:
             try:
@@ -160,7 +148,15 @@ class ConversionJobAdmin(ReadOnlyAdmin):
     def retry(self, request: HttpRequest, queryset):
         form = ReasonForm(request.POST if request.POST.get("confirmed") == "yes" else None)
         if not form.is_valid():
-            return self._confirm(request, queryset, "retry", "Retry these conversion jobs", form)
+            return action_confirm(
+                self,
+                request,
+                queryset,
+                action="retry",
+                title="Retry these conversion jobs",
+                form=form,
+                attempts=True,
+            )
         self._each(request, queryset, job_retry, reason=form.cleaned_data["reason"])
         return None
 
@@ -168,7 +164,15 @@ class ConversionJobAdmin(ReadOnlyAdmin):
     def cancel(self, request: HttpRequest, queryset):
         form = ReasonForm(request.POST if request.POST.get("confirmed") == "yes" else None)
         if not form.is_valid():
-            return self._confirm(request, queryset, "cancel", "Cancel these conversion jobs", form)
+            return action_confirm(
+                self,
+                request,
+                queryset,
+                action="cancel",
+                title="Cancel these conversion jobs",
+                form=form,
+                attempts=True,
+            )
         self._each(request, queryset, job_cancel, reason=form.cleaned_data["reason"])
         return None
 
