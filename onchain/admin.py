@@ -7,7 +7,7 @@ from django.http import HttpRequest
 
 from cutover.actors import Actor
 from cutover.selectors import user_currency
-from gateway.actions import action_confirm
+from gateway.actions import action_run
 from ledger.admin import ReadOnlyAdmin
 from onchain.inbox import notification_replay
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
@@ -102,48 +102,34 @@ class WithdrawalAdmin(ReadOnlyAdmin):
     def get_readonly_fields(self, request, obj=None):
         return [field.name for field in self.model._meta.fields]
 
-    def _each(self, request, queryset, service, **kwargs) -> None:
-        for withdrawal in queryset:
-            try:
-                done = service(
-                    withdrawal_id=withdrawal.pk, actor=Actor.for_user(request.user), **kwargs
-                )
-            except Exception as exc:  # any failure is the operator's to see, per row
-                self.message_user(request, f"{withdrawal}: {exc}", messages.ERROR)
-            else:
-                self.message_user(request, str(done), messages.SUCCESS)
+    def _run(self, request, queryset, service, **confirm):
+        def apply(withdrawal, **data):
+            return service(withdrawal_id=withdrawal.pk, actor=Actor.for_user(request.user), **data)
+
+        return action_run(self, request, queryset, apply, attempts=True, **confirm)
 
     @admin.action(description="Send the selected dead withdrawals again", permissions=["change"])
     def resend(self, request: HttpRequest, queryset):
-        if request.POST.get("confirmed") != "yes":
-            return action_confirm(
-                self,
-                request,
-                queryset,
-                action="resend",
-                title="Send again",
-                question="Send these dead withdrawals to Circle again, with their same "
-                "idempotency keys?",
-                attempts=True,
-            )
-        self._each(request, queryset, withdrawal_resend)
-        return None
+        return self._run(
+            request,
+            queryset,
+            withdrawal_resend,
+            action="resend",
+            title="Send again",
+            question="Send these dead withdrawals to Circle again, with their same idempotency "
+            "keys?",
+        )
 
     @admin.action(
         description="Cancel the selected dead withdrawals (return the hold)", permissions=["change"]
     )
     def cancel(self, request: HttpRequest, queryset):
-        form = CancelForm(request.POST if request.POST.get("confirmed") == "yes" else None)
-        if not form.is_valid():
-            return action_confirm(
-                self,
-                request,
-                queryset,
-                action="cancel",
-                title="Cancel withdrawals",
-                question="Cancel these dead withdrawals and return the held USDC to their users?",
-                form=form,
-                attempts=True,
-            )
-        self._each(request, queryset, withdrawal_cancel, reason=form.cleaned_data["reason"])
-        return None
+        return self._run(
+            request,
+            queryset,
+            withdrawal_cancel,
+            form_class=CancelForm,
+            action="cancel",
+            title="Cancel withdrawals",
+            question="Cancel these dead withdrawals and return the held USDC to their users?",
+        )
