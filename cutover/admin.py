@@ -23,6 +23,7 @@ from cutover.models import (
 from cutover.phase_machine import kill_switch_set
 from cutover.phases import flags_of
 from cutover.reconciliation import discrepancy_resolve
+from gateway.actions import action_confirm
 from ledger.admin import ReadOnlyAdmin
 
 
@@ -147,15 +148,16 @@ class DiscrepancyAdmin(ReadOnlyAdmin):
                     self.message_user(request, str(exc), messages.WARNING)
             self.message_user(request, f"{done} discrepancies resolved.", messages.SUCCESS)
             return None
-        context = {
-            **self.admin_site.each_context(request),
-            "title": "Resolve discrepancies",
-            "queryset": queryset,
-            "form": form,
-            "opts": self.model._meta,
-            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
-        }
-        return TemplateResponse(request, "admin/cutover/discrepancy_resolve.html", context)
+        return action_confirm(
+            self,
+            request,
+            queryset,
+            action="resolve",
+            title="Resolve discrepancies",
+            button="Resolve",
+            question="Resolve these discrepancies? Your note is kept with each.",
+            form=form,
+        )
 
 
 @admin.register(PhaseAudit)

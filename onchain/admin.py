@@ -4,10 +4,10 @@ cancelled by an operator, after a confirmation) and users' deposit addresses."""
 from django import forms
 from django.contrib import admin, messages
 from django.http import HttpRequest
-from django.template.response import TemplateResponse
 
 from cutover.actors import Actor
 from cutover.selectors import user_currency
+from gateway.actions import action_run
 from ledger.admin import ReadOnlyAdmin
 from onchain.inbox import notification_replay
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
@@ -102,57 +102,34 @@ class WithdrawalAdmin(ReadOnlyAdmin):
     def get_readonly_fields(self, request, obj=None):
         return [field.name for field in self.model._meta.fields]
 
-    def _confirm(self, request, queryset, action, question, button, form=None):
-        context = {
-            **self.admin_site.each_context(request),
-            "title": button,
-            "question": question,
-            "button": button,
-            "action": action,
-            "queryset": queryset,
-            "form": form,
-            "opts": self.model._meta,
-            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
-        }
-        return TemplateResponse(request, "admin/onchain/withdrawal_action.html", context)
+    def _run(self, request, queryset, service, **confirm):
+        def apply(withdrawal, **data):
+            return service(withdrawal_id=withdrawal.pk, actor=Actor.for_user(request.user), **data)
 
-    def _each(self, request, queryset, service, **kwargs) -> None:
-        for withdrawal in queryset:
-            try:
-                done = service(
-                    withdrawal_id=withdrawal.pk, actor=Actor.for_user(request.user), **kwargs
-                )
-            except Exception as exc:  # any failure is the operator's to see, per row
-                self.message_user(request, f"{withdrawal}: {exc}", messages.ERROR)
-            else:
-                self.message_user(request, str(done), messages.SUCCESS)
+        return action_run(self, request, queryset, apply, attempts=True, **confirm)
 
     @admin.action(description="Send the selected dead withdrawals again", permissions=["change"])
     def resend(self, request: HttpRequest, queryset):
-        if request.POST.get("confirmed") != "yes":
-            return self._confirm(
-                request,
-                queryset,
-                "resend",
-                "Send these dead withdrawals to Circle again, with their same idempotency keys?",
-                "Send again",
-            )
-        self._each(request, queryset, withdrawal_resend)
-        return None
+        return self._run(
+            request,
+            queryset,
+            withdrawal_resend,
+            action="resend",
+            title="Send again",
+            question="Send these dead withdrawals to Circle again, with their same idempotency "
+            "keys?",
+        )
 
     @admin.action(
         description="Cancel the selected dead withdrawals (return the hold)", permissions=["change"]
     )
     def cancel(self, request: HttpRequest, queryset):
-        form = CancelForm(request.POST if request.POST.get("confirmed") == "yes" else None)
-        if not form.is_valid():
-            return self._confirm(
-                request,
-                queryset,
-                "cancel",
-                "Cancel these dead withdrawals and return the held USDC to their users?",
-                "Cancel withdrawals",
-                form,
-            )
-        self._each(request, queryset, withdrawal_cancel, reason=form.cleaned_data["reason"])
-        return None
+        return self._run(
+            request,
+            queryset,
+            withdrawal_cancel,
+            form_class=CancelForm,
+            action="cancel",
+            title="Cancel withdrawals",
+            question="Cancel these dead withdrawals and return the held USDC to their users?",
+        )

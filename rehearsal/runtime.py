@@ -93,14 +93,6 @@ def processes_run(
         return [future.result() for future in futures]
 
 
-def positive_int(value: str) -> int:
-    """argparse type for counts: a whole number of at least 1."""
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
-
-
 def percentile(sorted_values: list[float], fraction: float) -> float:
     """Nearest-rank percentile of already sorted values (0.0 for none)."""
     if not sorted_values:

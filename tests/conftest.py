@@ -1,18 +1,16 @@
-"""Shared fixtures. Tests run against the real PostgreSQL named by DATABASE_URL; tests that need
-database rules to fire at COMMIT use `django_db(transaction=True)`."""
+"""Shared fixtures: the data migrations, and the providers' sandboxes over HTTP (the engines'
+and custody's tests use them). Tests run against the real PostgreSQL named by DATABASE_URL;
+tests that need database rules to fire at COMMIT use `django_db(transaction=True)`."""
 
-import importlib
+from datetime import timedelta
 
 import pytest
 from django.apps import apps
 
-# Data migrations whose rows a transactional test's flush removes: run again before each test.
-DATA_MIGRATIONS = [
-    importlib.import_module("ledger.migrations.0003_system_accounts").create,
-    importlib.import_module("ledger.migrations.0004_clearing_shards").create,
-    importlib.import_module("cutover.migrations.0003_seed_phase").seed,
-    importlib.import_module("treasury.migrations.0002_rules_and_seed").seed,
-]
+from onchain.sandbox import CircleSandbox
+from tests.data_migrations import DATA_MIGRATIONS
+from tests.treasury.factories import KEY, SECRET
+from treasury.sandbox import DueSandbox
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +20,27 @@ def _data_migrations(request):
         request.getfixturevalue("_django_db_helper")
         for migration in DATA_MIGRATIONS:
             migration(apps, None)
+
+
+@pytest.fixture
+def sandbox(settings, live_server):
+    """The Circle sandbox over real HTTP, calling back the live server's webhook; the product
+    pointed at it, without backoff waits."""
+    with CircleSandbox(subscriber=f"{live_server.url}/webhooks/circle/transfers") as running:
+        settings.CIRCLE_API_BASE_URL = running.base_url
+        settings.CIRCLE_API_KEY = "sandbox-key"
+        settings.CIRCLE_HTTP_TIMEOUT = 2.0
+        settings.ONCHAIN_WITHDRAWAL_BACKOFF = timedelta(0)
+        yield running
+
+
+@pytest.fixture
+def due(settings, live_server):
+    """The Due sandbox over real HTTP (settling only when told); the product pointed at it,
+    without backoff waits."""
+    settings.DUE_API_KEY, settings.DUE_API_SECRET = KEY, SECRET
+    settings.DUE_HTTP_TIMEOUT = 1.0
+    settings.TREASURY_SUBMIT_BACKOFF = timedelta(0)
+    with DueSandbox(api_key=KEY, api_secret=SECRET, settle=None) as sandbox:
+        settings.DUE_API_BASE_URL = sandbox.base_url
+        yield sandbox

@@ -1,4 +1,4 @@
-"""The layers of DEVELOPERS.md, enforced with import-linter."""
+"""The layers of README.md's Layout section, enforced with import-linter."""
 
 import re
 import subprocess

@@ -1,7 +1,6 @@
 """Custody from the providers (issue 9, path 2): the buffers' opening balances are booked at
 what Circle and Due report over their APIs, and compared with them from then on; a withdrawal
 of money that was deposited before shadow completes and posts."""
-# ruff: noqa: F811 (the sandbox fixtures, imported, are parameters here)
 
 import json
 from decimal import Decimal
@@ -18,8 +17,7 @@ from onchain.models import DepositAddress
 from onchain.polling import transfers_poll
 from onchain.withdrawals import withdrawals_send
 from tests.cutover.factories import legacy_user, phase_set
-from tests.onchain.test_withdrawals import sandbox, withdraw  # noqa: F401 (a fixture)
-from tests.treasury.conftest import due  # noqa: F401 (a fixture)
+from tests.onchain.factories import withdraw
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -14,7 +14,7 @@ from django.db import connection
 
 from rehearsal.bench_http import api_server
 from tests.celery import QUIET, celery_running, wait_for
-from tests.treasury.conftest import KEY, SECRET, buffers, celery_environment, fund
+from tests.treasury.factories import KEY, SECRET, buffers, celery_environment, fund
 from treasury.models import BufferThreshold, ConversionJob
 from treasury.sandbox import DueSandbox
 

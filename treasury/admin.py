@@ -4,11 +4,11 @@ services, after a confirmation with a reason), settlement cycles. A provider's A
 here: it comes from the settings."""
 
 from django import forms
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.http import HttpRequest
-from django.template.response import TemplateResponse
 
 from cutover.actors import Actor
+from gateway.actions import action_run
 from ledger.admin import ReadOnlyAdmin
 from treasury.bands import provider_set, threshold_set, threshold_validate
 from treasury.exceptions import ThresholdInvalid
@@ -23,6 +23,17 @@ def _reason_field() -> forms.CharField:
     )
 
 
+class SeededAdmin(admin.ModelAdmin):
+    """Rows the migrations seed, changed here through a service and never added or deleted:
+    providers come with the code that knows their host (settings), one band per buffer."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
 class ProviderForm(forms.ModelForm):
     reason = _reason_field()
 
@@ -32,7 +43,7 @@ class ProviderForm(forms.ModelForm):
 
 
 @admin.register(ConversionProvider)
-class ConversionProviderAdmin(admin.ModelAdmin):
+class ConversionProviderAdmin(SeededAdmin):
     form = ProviderForm
     list_display = ("code", "name", "enabled", "priority", "healthy", "consecutive_failures")
     readonly_fields = (
@@ -43,12 +54,6 @@ class ConversionProviderAdmin(admin.ModelAdmin):
         "last_error",
         "last_failure_at",
     )
-
-    def has_add_permission(self, request) -> bool:
-        return False  # providers come with the code that knows their host (settings)
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
     def save_model(self, request, obj, form, change) -> None:
         provider_set(
@@ -84,16 +89,10 @@ class ThresholdForm(forms.ModelForm):
 
 
 @admin.register(BufferThreshold)
-class BufferThresholdAdmin(admin.ModelAdmin):
+class BufferThresholdAdmin(SeededAdmin):
     form = ThresholdForm
     list_display = ("currency", "minimum", "target", "maximum", "updated_at")
     readonly_fields = ("currency",)
-
-    def has_add_permission(self, request) -> bool:
-        return False  # one band per buffer, seeded with the buffers
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
     def save_model(self, request, obj, form, change) -> None:
         threshold_set(
@@ -135,42 +134,28 @@ class ConversionJobAdmin(ReadOnlyAdmin):
     def get_readonly_fields(self, request, obj=None):
         return [field.name for field in self.model._meta.fields]
 
-    def _confirm(self, request, queryset, action, question, form=None):
-        context = {
-            **self.admin_site.each_context(request),
-            "title": question,
-            "action": action,
-            "queryset": queryset,
-            "form": form,
-            "opts": self.model._meta,
-            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
-        }
-        return TemplateResponse(request, "admin/treasury/job_action.html", context)
+    def _run(self, request, queryset, service, action: str, title: str):
+        def apply(job, **data):
+            return service(job_id=job.pk, actor=Actor.for_user(request.user), **data)
 
-    def _each(self, request, queryset, service, **kwargs) -> None:
-        for job in queryset:
-            try:
-                done = service(job_id=job.pk, actor=Actor.for_user(request.user), **kwargs)
-            except Exception as exc:  # any failure is the operator's to see, per row
-                self.message_user(request, f"{job}: {exc}", messages.ERROR)
-            else:
-                self.message_user(request, str(done), messages.SUCCESS)
+        return action_run(
+            self,
+            request,
+            queryset,
+            apply,
+            form_class=ReasonForm,
+            action=action,
+            title=title,
+            attempts=True,
+        )
 
     @admin.action(description="Retry the selected failed jobs as new jobs", permissions=["change"])
     def retry(self, request: HttpRequest, queryset):
-        form = ReasonForm(request.POST if request.POST.get("confirmed") == "yes" else None)
-        if not form.is_valid():
-            return self._confirm(request, queryset, "retry", "Retry these conversion jobs", form)
-        self._each(request, queryset, job_retry, reason=form.cleaned_data["reason"])
-        return None
+        return self._run(request, queryset, job_retry, "retry", "Retry these conversion jobs")
 
     @admin.action(description="Cancel the selected jobs never sent", permissions=["change"])
     def cancel(self, request: HttpRequest, queryset):
-        form = ReasonForm(request.POST if request.POST.get("confirmed") == "yes" else None)
-        if not form.is_valid():
-            return self._confirm(request, queryset, "cancel", "Cancel these conversion jobs", form)
-        self._each(request, queryset, job_cancel, reason=form.cleaned_data["reason"])
-        return None
+        return self._run(request, queryset, job_cancel, "cancel", "Cancel these conversion jobs")
 
 
 @admin.register(SettlementCycle)

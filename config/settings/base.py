@@ -171,7 +171,15 @@ ONCHAIN_DEPOSIT_POLL_INTERVAL = env_duration("ONCHAIN_DEPOSIT_POLL_INTERVAL", "3
 ONCHAIN_DEPOSIT_POLL_LOOKBACK = env_duration("ONCHAIN_DEPOSIT_POLL_LOOKBACK", "2h")
 ONCHAIN_BUFFER_ALERT_THRESHOLD = env_decimal("ONCHAIN_BUFFER_ALERT_THRESHOLD", "5000.0")
 
-# Secrets: optional in development, required by config.settings.production.
+# Secrets: optional in development, required by config.settings.production (which reads each
+# of SECRET_SETTINGS again and checks its strength).
+SECRET_SETTINGS = (
+    "CIRCLE_API_KEY",
+    "CIRCLE_WEBHOOK_SECRET",
+    "DUE_API_KEY",
+    "DUE_API_SECRET",
+    "ADMIN_TOKEN",
+)
 SECRETS_REQUIRED = False
 CIRCLE_API_KEY = env_secret("CIRCLE_API_KEY", required=SECRETS_REQUIRED)
 CIRCLE_WEBHOOK_SECRET = env_secret("CIRCLE_WEBHOOK_SECRET", required=SECRETS_REQUIRED)

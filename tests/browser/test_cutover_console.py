@@ -8,21 +8,13 @@ from playwright.sync_api import expect
 from cutover.actors import Actor
 from cutover.models import Discrepancy, OperatorAudit, PhaseAudit, PhaseState
 from cutover.phase_machine import kill_switch_set
-from tests.browser.test_ledger_console import browser_page  # noqa: F401 (fixture)
+from tests.browser.console import login
 from tests.cutover.factories import legacy_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def login(page, live_server, username: str) -> None:
-    page.goto(f"{live_server.url}/admin/login/?next=/admin/")
-    page.fill("#id_username", username)
-    page.fill("#id_password", "a-long-password-1")
-    page.click("input[type=submit]")
-    expect(page.locator("#site-name")).to_be_visible()
-
-
-def test_kill_switch_needs_confirmation_and_a_reason(live_server, browser_page, tmp_path):  # noqa: F811
+def test_kill_switch_needs_confirmation_and_a_reason(live_server, browser_page, tmp_path):
     User.objects.create_superuser("operator", "op@example.com", "a-long-password-1")
     page = browser_page
     login(page, live_server, "operator")
@@ -46,7 +38,7 @@ def test_kill_switch_needs_confirmation_and_a_reason(live_server, browser_page, 
 
 def test_kill_switch_does_what_was_confirmed_even_if_someone_else_flipped_it(
     live_server,
-    browser_page,  # noqa: F811
+    browser_page,
 ):
     """Issue 9 item 8: the confirmed intent travels with the form. The page said "engage";
     someone engaged meanwhile; the POST must not release."""
@@ -70,7 +62,7 @@ def test_kill_switch_does_what_was_confirmed_even_if_someone_else_flipped_it(
     ]
 
 
-def test_operator_without_permission_is_refused(live_server, browser_page):  # noqa: F811
+def test_operator_without_permission_is_refused(live_server, browser_page):
     user = User.objects.create_user("viewer", password="a-long-password-1", is_staff=True)
     user.user_permissions.add(Permission.objects.get(codename="view_phasestate"))
     page = browser_page
@@ -84,7 +76,7 @@ def test_operator_without_permission_is_refused(live_server, browser_page):  # n
     assert not PhaseAudit.objects.filter(action="kill_switch_on").exists()
 
 
-def test_discrepancy_resolved_with_a_note(live_server, browser_page):  # noqa: F811
+def test_discrepancy_resolved_with_a_note(live_server, browser_page):
     User.objects.create_superuser("operator", "op@example.com", "a-long-password-1")
     user_id = legacy_user("5")
     Discrepancy.objects.create(

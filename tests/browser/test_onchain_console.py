@@ -15,8 +15,7 @@ from onchain.exceptions import CircleUnavailable
 from onchain.models import Withdrawal
 from onchain.sandbox import CircleSandbox
 from onchain.withdrawals import withdrawal_request
-from tests.browser.test_cutover_console import login
-from tests.browser.test_ledger_console import browser_page  # noqa: F401 (fixture)
+from tests.browser.console import login
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,7 +53,7 @@ def cancel_in_console(page, live_server, reason: str) -> None:
 
 def test_dead_withdrawal_cancelled_with_a_reason(
     live_server,
-    browser_page,  # noqa: F811
+    browser_page,
     dead_withdrawal,
     circle_sandbox,
 ):
@@ -90,7 +89,7 @@ def test_dead_withdrawal_cancelled_with_a_reason(
 
 def test_cancel_of_a_withdrawal_circle_has_is_refused_in_the_console(
     live_server,
-    browser_page,  # noqa: F811
+    browser_page,
     dead_withdrawal,
     circle_sandbox,
     settings,
@@ -121,7 +120,7 @@ def test_cancel_of_a_withdrawal_circle_has_is_refused_in_the_console(
     assert LegacyBalance.objects.get(user_id=withdrawal.user_id).buying_power == Decimal(60)
 
 
-def test_viewer_cannot_resend_or_cancel(live_server, browser_page, dead_withdrawal):  # noqa: F811
+def test_viewer_cannot_resend_or_cancel(live_server, browser_page, dead_withdrawal):
     user = User.objects.create_user("viewer", password="a-long-password-1", is_staff=True)
     user.user_permissions.add(Permission.objects.get(codename="view_withdrawal"))
     page = browser_page

@@ -11,15 +11,14 @@ from django.contrib.auth.models import User
 from playwright.sync_api import expect
 
 from cutover.models import OperatorAudit
-from tests.browser.test_cutover_console import login
-from tests.browser.test_ledger_console import browser_page  # noqa: F401 (fixture)
+from tests.browser.console import login
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def operator(live_server, browser_page):  # noqa: F811
+def operator(live_server, browser_page):
     User.objects.create_superuser("operator", "op@example.com", "a-long-password-1")
     login(browser_page, live_server, "operator")
     return browser_page

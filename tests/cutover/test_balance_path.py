@@ -1,4 +1,4 @@
-"""The phase table of product.md, shown in both stores: every phase x (credit, debit,
+"""The phase table of README.md, shown in both stores: every phase x (credit, debit,
 overdraft, ledger failure)."""
 
 import uuid

@@ -17,7 +17,6 @@ The figures (examples, steps, invariant checks, failures, seconds) are printed a
 import json
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,10 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
 from hypothesis.stateful import run_state_machine_as_test
 
-from onchain.sandbox import CircleSandbox
 from tests.model.machine import Context, MoneyMachine
-from treasury.sandbox import DueSandbox
 
 pytestmark = pytest.mark.django_db(transaction=True)
 EXAMPLES = DirectoryBasedExampleDatabase(str(Path(__file__).resolve().parent / "examples"))
-DUE_KEY, DUE_SECRET = "model-due-key", "model-due-secret"
 
 # CI does not shrink (a shrink of a slow stateful example takes minutes): it reports the
 # example as found; the nightly shrinks, and what it shrinks is kept in the example database.
@@ -67,33 +63,6 @@ def profile() -> settings:
         suppress_health_check=list(HealthCheck),
         report_multiple_bugs=True,
     )
-
-
-@pytest.fixture
-def product(settings, live_server):
-    """The sandboxes started once per test (reset per example by the machine), and the
-    settings that point the product at them: short HTTP timeouts, no backoff waits, few
-    attempts, so that timeouts and dead rows happen within a step."""
-    settings.CIRCLE_API_KEY = "model-circle-key"
-    settings.CIRCLE_WEBHOOK_SECRET = ""
-    settings.CIRCLE_HTTP_TIMEOUT = 0.25
-    settings.ONCHAIN_WITHDRAWAL_BACKOFF = timedelta(0)
-    settings.ONCHAIN_WITHDRAWAL_MAX_ATTEMPTS = 2
-    settings.DUE_API_KEY, settings.DUE_API_SECRET = DUE_KEY, DUE_SECRET
-    settings.DUE_HTTP_TIMEOUT = 0.25
-    settings.DUE_HTTP_ATTEMPTS = 1
-    settings.TREASURY_SUBMIT_BACKOFF = timedelta(0)
-    settings.TREASURY_SUBMIT_MAX_ATTEMPTS = 2
-    subscriber = f"{live_server.url}/webhooks/circle/transfers"
-    with (
-        CircleSandbox(subscriber=subscriber) as circle,
-        DueSandbox(api_key=DUE_KEY, api_secret=DUE_SECRET, settle=None) as due,
-    ):
-        settings.CIRCLE_API_BASE_URL = circle.base_url
-        settings.DUE_API_BASE_URL = due.base_url
-        Context.circle, Context.due = circle, due
-        yield
-        Context.circle = Context.due = None
 
 
 # The nightly profile runs for hours: the suite's per-test timeout applies to CI's only.

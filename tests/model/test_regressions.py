@@ -13,7 +13,6 @@ from django.db import DatabaseError, transaction
 from onchain.models import DepositAddress, Withdrawal
 from tests.model import invariants
 from tests.model.machine import MoneyMachine
-from tests.model.test_money_model import product  # noqa: F401 (the sandboxes, as a fixture)
 from treasury.models import ConversionJob
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("product")]

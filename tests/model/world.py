@@ -10,7 +10,7 @@ from django.db import connection
 from custody.services import custody_open_at, deposits_uncredited_at_circle
 from cutover.actors import Actor
 from onchain.sandbox import CircleSandbox
-from tests.conftest import DATA_MIGRATIONS
+from tests.data_migrations import DATA_MIGRATIONS
 from treasury.bands import threshold_set
 from treasury.sandbox import DueSandbox
 

@@ -4,7 +4,6 @@ replay from the command line, audited (items 14, 17); strict failures of holds, 
 reversals recorded (item 9); illegal withdrawal changes as domain errors (item 13); the kill
 switch (item 15); custody: Circle's wallet balance, withdrawals of money booked before shadow,
 holds and completions across a rollback (items 2, 3)."""
-# ruff: noqa: F811 (the fixtures of test_withdrawals, imported, are parameters here)
 
 import uuid
 from decimal import Decimal
@@ -35,16 +34,13 @@ from onchain.polling import transfers_poll
 from onchain.sandbox import CircleSandbox
 from onchain.withdrawals import withdrawal_cancel, withdrawal_resend, withdrawals_send
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
-from tests.onchain.test_withdrawals import (  # noqa: F401 (fixtures among them)
-    api_token,
+from tests.onchain.factories import (
     balances,
     buffer_fund,
     integrity_ok,
     outbound,
     post_withdrawal,
-    sandbox,
     system,
-    user,
     withdraw,
     withdrawal_transfer,
 )

@@ -13,7 +13,7 @@ from onchain.sandbox import CircleSandbox
 from onchain.withdrawals import withdrawal_request
 from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
-from tests.onchain.test_withdrawals import buffer_fund
+from tests.onchain.factories import buffer_fund
 
 pytestmark = pytest.mark.django_db(transaction=True)
 BROKER = "redis://127.0.0.1:6379/14"

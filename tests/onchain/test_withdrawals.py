@@ -2,7 +2,6 @@
 transaction, the worker's sends (SKIP LOCKED, Idempotency-Key, backoff, dead state), completion
 and reversal exactly once, a worker SIGKILLed after Circle accepted, and the polling fallback."""
 
-import json
 import os
 import signal
 import subprocess
@@ -19,81 +18,28 @@ from django.db import DatabaseError, connection, transaction
 
 from cutover.actors import Actor
 from cutover.exceptions import KillSwitchEngaged
-from cutover.models import BalanceMutation, LegacyBalance
+from cutover.models import BalanceMutation
 from cutover.operators import api_client_issue
 from ledger.exceptions import InsufficientFunds
-from ledger.models import Account
-from ledger.selectors import ledger_integrity_checks
-from ledger.services import Leg, transaction_post
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.polling import transfers_poll
 from onchain.sandbox import CircleSandbox
-from onchain.withdrawals import (
-    withdrawal_cancel,
-    withdrawal_request,
-    withdrawal_resend,
-    withdrawals_send,
-)
+from onchain.withdrawals import withdrawal_cancel, withdrawal_resend, withdrawals_send
 from tests.cutover.factories import database_url, ledger_balance_set, legacy_user, phase_set
+from tests.onchain.factories import (
+    balances,
+    buffer_fund,
+    integrity_ok,
+    outbound,
+    post_withdrawal,
+    system,
+    withdraw,
+    withdrawal_transfer,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent.parent
 PHASES = ["legacy", "shadow", "read_switch", "strict", "cutover"]
-
-
-@pytest.fixture
-def sandbox(settings, live_server):
-    with CircleSandbox(subscriber=f"{live_server.url}/webhooks/circle/transfers") as running:
-        settings.CIRCLE_API_BASE_URL = running.base_url
-        settings.CIRCLE_API_KEY = "sandbox-key"
-        settings.CIRCLE_HTTP_TIMEOUT = 2.0
-        settings.ONCHAIN_WITHDRAWAL_BACKOFF = timedelta(0)
-        yield running
-
-
-@pytest.fixture
-def user():
-    """A user with 100 USDC in both stores, and a USDC buffer of 1000 in the ledger."""
-    user_id = legacy_user("100")
-    ledger_balance_set(user_id, "100")
-    buffer_fund("1000")
-    return user_id
-
-
-def buffer_fund(amount: str) -> None:
-    transaction_post(
-        namespace="test",
-        reference_id=f"buffer:{uuid.uuid4()}",
-        kind="opening_balance",
-        legs=[
-            Leg.debit(Account.objects.get(code="usdc_buffer"), amount),
-            Leg.credit(Account.objects.get(code="opening_balance_equity_usdc"), amount),
-        ],
-    )
-
-
-def balances(user_id):
-    legacy = LegacyBalance.objects.get(user_id=user_id).buying_power
-    ledger = Account.objects.get(user_id=user_id, account_type="usdc_balance").balance
-    return legacy, ledger
-
-
-def system(code: str) -> Decimal:
-    return Account.objects.get(code=code).balance
-
-
-def withdraw(user_id, amount="30", address="0xdest", **kwargs) -> Withdrawal:
-    return withdrawal_request(
-        user_id=user_id, amount=amount, address=address, chain="ETH", **kwargs
-    )
-
-
-def outbound(sandbox) -> list[dict]:
-    return [t for t in sandbox.transfers.values() if t["source"]["type"] == "wallet"]
-
-
-def integrity_ok() -> bool:
-    return all(check.ok for check in ledger_integrity_checks())
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -158,11 +104,6 @@ def test_a_hold_placed_in_legacy_and_reversed_in_shadow_leaves_pending_untouched
     assert balances(user) == (Decimal(100), Decimal(130))  # the ledger never saw the hold
     assert system("withdrawals_pending_usdc") == 0  # reversed against opening balance equity
     assert integrity_ok()
-
-
-def withdrawal_transfer(withdrawal: Withdrawal) -> str:
-    withdrawal.refresh_from_db()
-    return withdrawal.circle_transfer_id
 
 
 def test_circle_refusal_is_final_and_reverses(sandbox, user):
@@ -376,23 +317,6 @@ def test_polling_settles_a_submitted_withdrawal_whose_webhook_never_came(sandbox
     assert transfers_poll().withdrawals_settled == 1
     withdrawal.refresh_from_db()
     assert withdrawal.status == "completed" and system("usdc_buffer") == 970
-
-
-@pytest.fixture
-def api_token(user):
-    return api_client_issue(
-        name=f"wallet-app-{uuid.uuid4().hex[:6]}", scopes=["withdraw"], actor=Actor("test")
-    )[1]
-
-
-def post_withdrawal(client, user_id, token, body, key="w-1"):
-    response = client.post(
-        f"/api/v1/users/{user_id}/withdrawals",
-        data=json.dumps(body),
-        content_type="application/json",
-        headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key},
-    )
-    return response.status_code, response.json()
 
 
 def test_withdrawal_api_holds_once_per_key_and_names_bad_fields(client, user, api_token):

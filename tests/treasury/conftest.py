@@ -1,59 +1,9 @@
-"""The treasury tests' shared parts: the Due sandbox over real HTTP, funded buffers."""
-
-import uuid
-from datetime import timedelta
-from decimal import Decimal
+"""The treasury tests' fixtures: funded buffers. (The Due sandbox over HTTP is in
+tests/conftest.py: custody's tests use it too.)"""
 
 import pytest
 
-from cutover.actors import Actor
-from ledger.models import Account
-from ledger.services import Leg, transaction_post
-from treasury.sandbox import DueSandbox
-from treasury.selectors import buffer_status_list
-
-KEY, SECRET = "due-key", "due-secret"
-OPS = Actor(name="cli:ops")
-
-
-@pytest.fixture
-def due(settings, live_server):
-    settings.DUE_API_KEY, settings.DUE_API_SECRET = KEY, SECRET
-    settings.DUE_HTTP_TIMEOUT = 1.0
-    settings.TREASURY_SUBMIT_BACKOFF = timedelta(0)
-    with DueSandbox(api_key=KEY, api_secret=SECRET, settle=None) as sandbox:
-        settings.DUE_API_BASE_URL = sandbox.base_url
-        yield sandbox
-
-
-def fund(code: str, amount: str) -> None:
-    account = Account.objects.get(code=code)
-    equity = Account.objects.get(code=f"opening_balance_equity_{account.currency_id.lower()}")
-    transaction_post(
-        namespace="test",
-        reference_id=f"fund:{uuid.uuid4()}",
-        kind="opening_balance",
-        legs=[Leg.debit(account, amount), Leg.credit(equity, amount)],
-    )
-
-
-def celery_environment(sandbox: DueSandbox, broker: str) -> dict[str, str]:
-    """What a real Celery worker and beat need to run the treasury every second against
-    `sandbox` over `broker`."""
-    return {
-        "CELERY_BROKER_URL": broker,
-        "ENABLE_TREASURY_SCHEDULER": "true",
-        "TREASURY_SCHEDULER_INTERVAL": "1s",
-        "TREASURY_MONITOR_INTERVAL": "1s",
-        "DUE_API_BASE_URL": sandbox.base_url,
-        "DUE_API_KEY": KEY,
-        "DUE_API_SECRET": SECRET,
-        "CUTOVER_RECONCILE_INTERVAL": "1h",
-    }
-
-
-def buffers() -> dict[str, Decimal]:
-    return {reading.currency: reading.balance for reading in buffer_status_list()}
+from tests.treasury.factories import fund
 
 
 @pytest.fixture

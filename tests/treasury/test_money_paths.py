@@ -19,7 +19,7 @@ from cutover.models import OperatorAudit
 from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
 from tests.cutover.factories import phase_set
-from tests.treasury.conftest import KEY, OPS, SECRET, buffers, fund
+from tests.treasury.factories import KEY, OPS, SECRET, buffers, fund
 from treasury import due as due_client
 from treasury.bands import provider_set, threshold_set
 from treasury.cycle import KILL_SWITCH_NOTE, settlement_cycle_run

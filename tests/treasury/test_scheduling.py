@@ -20,7 +20,7 @@ from ledger.selectors import ledger_integrity_checks
 from ledger.services import Leg, transaction_post
 from rehearsal.runtime import processes_run
 from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
-from tests.treasury.conftest import KEY, SECRET, buffers, celery_environment, fund
+from tests.treasury.factories import KEY, SECRET, buffers, celery_environment, fund
 from treasury.cycle import settlement_cycle_run
 from treasury.models import OPEN_STATUSES, ConversionJob, SettlementCycle
 from treasury.monitor import monitor_run

@@ -19,7 +19,7 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
 from tests.cutover.factories import database_url, phase_set
-from tests.treasury.conftest import KEY, OPS, SECRET, buffers, fund
+from tests.treasury.factories import KEY, OPS, SECRET, buffers, fund
 from treasury.bands import threshold_set
 from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import JobRefused, ThresholdInvalid

@@ -31,6 +31,7 @@ from cutover.selectors import (
     open_discrepancy_count,
     phase_state,
 )
+from gateway.commands import positive_int
 from gateway.exceptions import GatewayError
 from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InvalidAmount, LedgerError
@@ -62,13 +63,6 @@ def limit_amount(value: str) -> Decimal:
     except InvalidAmount as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return amount
-
-
-def positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
 
 
 class Command(BaseCommand):
@@ -119,7 +113,7 @@ class Command(BaseCommand):
             "(chunked, resumable, safe while mutations flow)",
         )
         backfill.add_argument(
-            "--chunk-size", type=positive, default=500, help="users per transaction (500)"
+            "--chunk-size", type=positive_int, default=500, help="users per transaction (500)"
         )
         backfill.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -206,11 +200,12 @@ class Command(BaseCommand):
         except (CutoverError, GatewayError, LedgerError) as exc:
             raise CommandError(str(exc)) from None
 
-    def _emit(self, options, data: dict, table: Table | None = None) -> None:
+    def _emit(self, options, data: dict, shown: Table | str | None = None) -> None:
+        """The data as JSON with --json; otherwise what a person reads, if there is any."""
         if options.get("json"):
             self.stdout.write(json.dumps(data, indent=2, default=str))
-        elif table is not None:
-            self.console.print(table)
+        elif shown is not None:
+            self.console.print(shown)
 
     def _status(self, options) -> None:
         state = phase_state()
@@ -260,10 +255,11 @@ class Command(BaseCommand):
     def _rollback(self, options) -> None:
         if options["dry_run"]:
             evidence = phase_rollback_rehearse()
-            if options["json"]:
-                self._emit(options, {"would_succeed": True, "evidence": evidence})
-            else:
-                self.console.print(f"a rollback would succeed now; nothing changed: {evidence}")
+            self._emit(
+                options,
+                {"would_succeed": True, "evidence": evidence},
+                f"a rollback would succeed now; nothing changed: {evidence}",
+            )
             return
         if not options["reason"]:
             raise CommandError("--reason is required (the audit trail records why)")
@@ -349,14 +345,13 @@ class Command(BaseCommand):
             "opened_by": opening.opened_by,
             "opened_at": opening.opened_at.isoformat(),
         }
-        if options.get("json"):
-            self._emit(options, data)
-        else:
-            self.console.print(
-                f"custody {opening.currency} opened at {opening.reported} from {opening.source} "
-                f"(buffer was {opening.buffer_before}; ledger transaction "
-                f"{opening.ledger_transaction_id})"
-            )
+        self._emit(
+            options,
+            data,
+            f"custody {opening.currency} opened at {opening.reported} from {opening.source} "
+            f"(buffer was {opening.buffer_before}; ledger transaction "
+            f"{opening.ledger_transaction_id})",
+        )
 
     def _killswitch(self, options) -> None:
         audit = kill_switch_set(
@@ -374,13 +369,12 @@ class Command(BaseCommand):
             "reason": audit.reason,
             "evidence": audit.evidence,
         }
-        if options.get("json"):
-            self._emit(options, data)
-        else:
-            self.console.print(
-                f"{audit.action}: {audit.from_phase} -> {audit.to_phase} by {audit.actor} "
-                f"(audit #{audit.pk})"
-            )
+        self._emit(
+            options,
+            data,
+            f"{audit.action}: {audit.from_phase} -> {audit.to_phase} by {audit.actor} "
+            f"(audit #{audit.pk})",
+        )
 
     def _backfill(self, options) -> None:
         total = backfill_pending()

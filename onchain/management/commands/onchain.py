@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from cutover.actors import Actor
 from cutover.exceptions import CutoverError
-from cutover.management.commands.cutover import positive as positive_int
+from gateway.commands import positive_int
 from ledger.exceptions import InvalidAmount, LedgerError
 from ledger.money import amount_parse
 from onchain.exceptions import OnchainError

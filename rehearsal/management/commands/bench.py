@@ -13,6 +13,7 @@ from rich.table import Table
 from cutover.actors import Actor
 from cutover.operators import api_client_issue
 from cutover.phases import ORDER
+from gateway.commands import positive_int
 from onchain.sandbox import CircleSandbox
 from rehearsal.bench_http import api_server, reads_measure, webhook_users, webhooks_measure
 from rehearsal.benchmarks import (
@@ -24,7 +25,7 @@ from rehearsal.benchmarks import (
     reconcile_measure,
     reconcile_seed,
 )
-from rehearsal.runtime import database_ready, positive_int, scratch_database
+from rehearsal.runtime import database_ready, scratch_database
 
 
 class Command(BaseCommand):
@@ -147,35 +148,33 @@ class Command(BaseCommand):
                         "ratio": round(ratio, 3),
                     }
                 )
-        if options["json"]:
-            self.stdout.write(
-                json.dumps({"benchmark": "posting", "path": path, "results": rows}, indent=2)
-            )
-            return
-        table = Table(title=f"bench posting: {path} vs pgbench plain-SQL posting")
-        for column in (
-            "clients",
-            "ours/s",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "pgbench/s",
-            "pgbench avg ms",
-            "ratio",
-        ):
-            table.add_column(column, justify="right")
-        for row in rows:
-            table.add_row(
-                str(row["clients"]),
-                f"{row['ours']['per_second']:.0f}",
-                f"{row['ours']['p50_ms']:.2f}",
-                f"{row['ours']['p95_ms']:.2f}",
-                f"{row['ours']['p99_ms']:.2f}",
-                f"{row['pgbench']['per_second']:.0f}",
-                f"{row['pgbench']['latency_avg_ms']:.2f}",
-                f"{row['ratio']:.2f}",
-            )
-        console.print(table)
+        self._show(
+            options,
+            console,
+            {"benchmark": "posting", "path": path, "results": rows},
+            f"bench posting: {path} vs pgbench plain-SQL posting",
+            (
+                "clients",
+                "ours/s",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "pgbench/s",
+                "pgbench avg ms",
+                "ratio",
+            ),
+            [
+                (
+                    str(row["clients"]),
+                    f"{row['ours']['per_second']:.0f}",
+                    *_latencies(row["ours"]),
+                    f"{row['pgbench']['per_second']:.0f}",
+                    f"{row['pgbench']['latency_avg_ms']:.2f}",
+                    f"{row['ratio']:.2f}",
+                )
+                for row in rows
+            ],
+        )
 
     def _reconcile(self, options) -> None:
         console = Console(file=self.stdout._out, quiet=options["json"])
@@ -207,26 +206,28 @@ class Command(BaseCommand):
                 "goal_peak_rss_mb": 200,
             }
         )
-        if options["json"]:
-            self.stdout.write(json.dumps({"benchmark": "reconcile", **result}, indent=2))
-            return
-        table = Table(title="bench reconcile (goal beside each figure)")
-        for column in (
-            "users",
-            "found / injected",
-            "seconds (goal < 10)",
-            "peak RSS MB (goal < 200)",
-            "seeding s",
-        ):
-            table.add_column(column, justify="right")
-        table.add_row(
-            f"{result['users_checked']:,}",
-            f"{result['differences_found']} / {result['differences_injected']}",
-            f"{result['seconds']:.2f}",
-            f"{result['python_peak_rss_mb']:.0f}",
-            f"{result['seed_seconds']:.0f}",
+        self._show(
+            options,
+            console,
+            {"benchmark": "reconcile", **result},
+            "bench reconcile (goal beside each figure)",
+            (
+                "users",
+                "found / injected",
+                "seconds (goal < 10)",
+                "peak RSS MB (goal < 200)",
+                "seeding s",
+            ),
+            [
+                (
+                    f"{result['users_checked']:,}",
+                    f"{result['differences_found']} / {result['differences_injected']}",
+                    f"{result['seconds']:.2f}",
+                    f"{result['python_peak_rss_mb']:.0f}",
+                    f"{result['seed_seconds']:.0f}",
+                )
+            ],
         )
-        console.print(table)
 
     def _reads(self, options) -> None:
         console = Console(file=self.stdout._out, quiet=options["json"])
@@ -244,30 +245,22 @@ class Command(BaseCommand):
                 )
                 result = reads_measure(port, token, users, options["rps"], options["seconds"])
         result["goal_p99_ms"] = 25
-        if options["json"]:
-            self.stdout.write(json.dumps({"benchmark": "reads", **result}, indent=2))
-            return
-        table = Table(title="bench reads: GET balance in read_switch (goal p99 < 25 ms)")
-        for column in (
-            "requests",
-            "errors",
-            "achieved rps",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "max ms",
-        ):
-            table.add_column(column, justify="right")
-        table.add_row(
-            str(result["requests"]),
-            str(result["errors"]),
-            f"{result['achieved_rps']:.0f}",
-            f"{result['p50_ms']:.2f}",
-            f"{result['p95_ms']:.2f}",
-            f"{result['p99_ms']:.2f}",
-            f"{result['max_ms']:.2f}",
+        self._show(
+            options,
+            console,
+            {"benchmark": "reads", **result},
+            "bench reads: GET balance in read_switch (goal p99 < 25 ms)",
+            ("requests", "errors", "achieved rps", "p50 ms", "p95 ms", "p99 ms", "max ms"),
+            [
+                (
+                    str(result["requests"]),
+                    str(result["errors"]),
+                    f"{result['achieved_rps']:.0f}",
+                    *_latencies(result),
+                    f"{result['max_ms']:.2f}",
+                )
+            ],
         )
-        console.print(table)
 
     def _webhooks(self, options) -> None:
         if not 0 <= options["redeliver"] <= 1:
@@ -296,33 +289,56 @@ class Command(BaseCommand):
                     options["redeliver"],
                 )
         result.update(goal_accepted_per_second=500, goal_p99_ms=50)
+        self._show(
+            options,
+            console,
+            {"benchmark": "webhooks", **result},
+            "bench webhooks: signed notifications in shadow (goal >= 500/s, p99 < 50 ms)",
+            (
+                "deliveries",
+                "statuses",
+                "accepted/s",
+                "goal/s",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "goal p99 ms",
+                "max ms",
+            ),
+            [
+                (
+                    str(result["deliveries"]),
+                    " ".join(f"{k}:{v}" for k, v in result["statuses"].items()),
+                    f"{result['accepted_per_second']:.0f}",
+                    "500",
+                    *_latencies(result),
+                    "50",
+                    f"{result['max_ms']:.2f}",
+                )
+            ],
+        )
+
+    def _show(
+        self,
+        options,
+        console: Console,
+        data: dict,
+        title: str,
+        columns: tuple[str, ...],
+        rows: list[tuple[str, ...]],
+    ) -> None:
+        """The results as JSON with --json; otherwise one right-aligned table of them."""
         if options["json"]:
-            self.stdout.write(json.dumps({"benchmark": "webhooks", **result}, indent=2))
+            self.stdout.write(json.dumps(data, indent=2))
             return
-        table = Table(
-            title="bench webhooks: signed notifications in shadow (goal >= 500/s, p99 < 50 ms)"
-        )
-        for column in (
-            "deliveries",
-            "statuses",
-            "accepted/s",
-            "goal/s",
-            "p50 ms",
-            "p95 ms",
-            "p99 ms",
-            "goal p99 ms",
-            "max ms",
-        ):
+        table = Table(title=title)
+        for column in columns:
             table.add_column(column, justify="right")
-        table.add_row(
-            str(result["deliveries"]),
-            " ".join(f"{k}:{v}" for k, v in result["statuses"].items()),
-            f"{result['accepted_per_second']:.0f}",
-            "500",
-            f"{result['p50_ms']:.2f}",
-            f"{result['p95_ms']:.2f}",
-            f"{result['p99_ms']:.2f}",
-            "50",
-            f"{result['max_ms']:.2f}",
-        )
+        for row in rows:
+            table.add_row(*row)
         console.print(table)
+
+
+def _latencies(figures: dict) -> tuple[str, str, str]:
+    """p50, p95 and p99 in ms, to the hundredth."""
+    return (f"{figures['p50_ms']:.2f}", f"{figures['p95_ms']:.2f}", f"{figures['p99_ms']:.2f}")

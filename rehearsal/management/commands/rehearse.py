@@ -9,8 +9,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cutover.exceptions import CutoverError
+from gateway.commands import positive_int
 from rehearsal.rehearsal import Rehearsal
-from rehearsal.runtime import ScratchDatabaseError, database_ready, positive_int, scratch_database
+from rehearsal.runtime import ScratchDatabaseError, database_ready, scratch_database
 
 
 class Command(BaseCommand):

@@ -1,0 +1,71 @@
+"""Operators' admin actions on selected rows, in every console: the confirmation page (the rows,
+with their attempts and last error for outbox rows, an optional form such as a reason, and one
+button, named as the page unless told, that posts the action again with `confirmed=yes`), and
+the action run row by row once confirmed."""
+
+from collections.abc import Callable
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.forms import Form
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+
+
+def action_confirm(
+    model_admin: admin.ModelAdmin,
+    request: HttpRequest,
+    queryset: QuerySet,
+    *,
+    action: str,
+    title: str,
+    button: str = "",
+    question: str = "",
+    form: Form | None = None,
+    attempts: bool = False,
+) -> TemplateResponse:
+    context = {
+        **model_admin.admin_site.each_context(request),
+        "title": title,
+        "question": question,
+        "button": button or title,
+        "action": action,
+        "queryset": queryset,
+        "form": form,
+        "attempts": attempts,
+        "opts": model_admin.model._meta,
+        "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+    }
+    return TemplateResponse(request, "admin/gateway/action_confirm.html", context)
+
+
+def action_run(
+    model_admin: admin.ModelAdmin,
+    request: HttpRequest,
+    queryset: QuerySet,
+    apply: Callable[..., object],
+    *,
+    form_class: type[Form] | None = None,
+    **confirm,
+) -> TemplateResponse | None:
+    """An operator's action on the selected rows: the confirmation page (with `form_class`'s
+    fields, if any) until it is confirmed and valid; then `apply(row, **cleaned_data)` on each
+    row, its outcome or its failure reported row by row."""
+    confirmed = request.POST.get("confirmed") == "yes"
+    data: dict = {}
+    if form_class is None:
+        if not confirmed:
+            return action_confirm(model_admin, request, queryset, **confirm)
+    else:
+        form = form_class(request.POST if confirmed else None)
+        if not form.is_valid():
+            return action_confirm(model_admin, request, queryset, form=form, **confirm)
+        data = form.cleaned_data
+    for row in queryset:
+        try:
+            done = apply(row, **data)
+        except Exception as exc:  # any failure is the operator's to see, per row
+            model_admin.message_user(request, f"{row}: {exc}", messages.ERROR)
+        else:
+            model_admin.message_user(request, str(done), messages.SUCCESS)
+    return None
