@@ -52,7 +52,8 @@ def threshold_set(
     if not reason or not reason.strip():
         raise ThresholdInvalid("reason", "a reason is required to change a threshold")
     actor.require("treasury.change_bufferthreshold")
-    with transaction.atomic(durable=True):
+    # Not durable: the admin's change form calls this inside a transaction of its own.
+    with transaction.atomic():
         before = BufferThreshold.objects.select_for_update().filter(currency=currency).first()
         before_values = _threshold_values(before)
         threshold, _ = BufferThreshold.objects.update_or_create(
@@ -88,7 +89,8 @@ def provider_set(
     ):
         raise ProviderInvalid("priority", "priority must be a whole number of at least 0")
     actor.require("treasury.change_conversionprovider")
-    with transaction.atomic(durable=True):
+    # Not durable: the admin's change form calls this inside a transaction of its own.
+    with transaction.atomic():
         provider = ConversionProvider.objects.select_for_update().get(code=code)
         before = {"enabled": provider.enabled, "priority": provider.priority}
         if enabled is not None:
