@@ -19,6 +19,7 @@ from cutover.operator_audit import operator_action_record
 from cutover.selectors import user_currency
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
+from ledger.selectors import USDC_BUFFER
 from onchain import metrics
 from onchain.exceptions import MalformedNotification, onchain_rules
 from onchain.models import CircleNotification, DepositAddress, InboxStatus, Withdrawal
@@ -242,7 +243,7 @@ def deposit_credit(transfer: dict, *, correlation_id: str) -> str:
         reference=f"circle:transfer:{transfer_id}",
         reason="circle_deposit",
         currency=address.currency,
-        counterparty="usdc_buffer",
+        counterparty=USDC_BUFFER,
         correlation_id=correlation_id,
     )
     if result.created:

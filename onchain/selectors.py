@@ -12,7 +12,7 @@ from django.conf import settings
 from cutover.models import BalanceMutation
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
-from ledger.selectors import system_account
+from ledger.selectors import USDC_BUFFER, system_account
 from onchain import metrics
 from onchain.models import CircleNotification, InboxStatus
 
@@ -68,7 +68,7 @@ class BufferStatus:
 def buffer_status() -> BufferStatus:
     """The system USDC buffer from the ledger, against ONCHAIN_BUFFER_ALERT_THRESHOLD; sets
     `onchain_buffer_level` and logs an alert when it is below."""
-    balance = system_account(code="usdc_buffer").balance
+    balance = system_account(code=USDC_BUFFER).balance
     status = BufferStatus("USDC", balance, settings.ONCHAIN_BUFFER_ALERT_THRESHOLD)
     metrics.buffer_level.set(float(balance))
     if status.below_threshold:

@@ -7,7 +7,7 @@ from django.db import transaction
 
 from cutover.balance_path import balance_mutation_apply
 from cutover.selectors import custody_opened
-from ledger.selectors import system_account
+from ledger.selectors import USDC_BUFFER, system_account
 from ledger.services import Leg, transaction_apply
 from onchain import metrics
 from onchain.models import InboxStatus, Withdrawal, WithdrawalStatus
@@ -61,7 +61,7 @@ def _withdrawal_complete(withdrawal: Withdrawal) -> None:
             kind="withdrawal_complete",
             legs=[
                 Leg.debit(system_account(code=held_in), withdrawal.amount),
-                Leg.credit(system_account(code="usdc_buffer"), withdrawal.amount),
+                Leg.credit(system_account(code=USDC_BUFFER), withdrawal.amount),
             ],
             metadata={
                 "user_id": str(withdrawal.user_id),
