@@ -18,7 +18,7 @@ CREATE TRIGGER cutover_balance_mutations_append_only
     FOR EACH ROW EXECUTE FUNCTION cutover_refuse_change();
 
 -- The balance path in one round trip: every user-balance mutation, routed by phase (the phase
--- table of product.md). Error codes, mapped in cutover/exceptions.py:
+-- table in README.md). Error codes, mapped in cutover/exceptions.py:
 --   CU002 kill switch engaged, CU003 reference reused for another mutation, a currency other
 --   than the user's, or an unknown counterparty, CU004 insufficient funds in the legacy store,
 --   CU005 the ledger refused a write the phase requires (strict, cutover, or the legacy mirror;
