@@ -117,6 +117,11 @@ def test_missing_idempotency_key_is_400(client, user, service):
         ({**CREDIT, "amount": 25.5}, "amount"),
         ({**CREDIT, "amount": "1.0000001"}, "amount"),
         ({**CREDIT, "amount": "-1"}, "amount"),
+        # Only plain ASCII decimals: each of these was once read as money and applied.
+        *(
+            ({**CREDIT, "amount": lenient}, "amount")
+            for lenient in ("1_000", "\u0661\u0660", " 10 ", "+5", "1e1", ".5", "5.", "0x10")
+        ),
         ({**CREDIT, "currency": "EUR"}, "currency"),
         ({**CREDIT, "reason": ""}, "reason"),
     ],

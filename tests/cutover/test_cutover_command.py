@@ -176,7 +176,8 @@ def test_custody_open_and_status():
     [
         ("-1", "--reported: a provider's balance cannot be negative"),
         ("1.001", "--reported: amount 1.001 has more than 2 decimal places for USD"),
-        ("abc", "--reported: amount 'abc' is not a decimal number"),
+        ("abc", "--reported: amount 'abc' must be a plain decimal in ASCII digits"),
+        ("1e3", "--reported: amount '1e3' must be a plain decimal in ASCII digits"),
     ],
 )
 def test_custody_open_refusals_name_the_flag_and_change_nothing(reported, message):
