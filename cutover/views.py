@@ -62,7 +62,7 @@ def _mutation_request(request: HttpRequest, client: ApiClient) -> dict:
     if direction not in Direction.values:
         raise ApiError(400, "invalid", "direction must be credit or debit", "direction")
     currency = data.get("currency", "USDC")
-    if currency not in CURRENCY_DECIMALS:
+    if not isinstance(currency, str) or currency not in CURRENCY_DECIMALS:
         raise ApiError(400, "invalid", f"unknown currency {currency!r}", "currency")
     if not isinstance(data.get("amount"), str):
         raise ApiError(400, "invalid", 'amount must be a decimal string such as "10.50"', "amount")

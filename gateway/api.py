@@ -36,6 +36,10 @@ MAX_BODY_BYTES = 16 * 1024
 MAX_KEY_LENGTH = 200
 MAX_CORRELATION_ID_LENGTH = 128  # the journal's and the withdrawals' column
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")  # no spaces: correlation ids and tokens
+MAX_JSON_DEPTH = 16  # our requests are flat; deeper is an attack on the parser, not a request
+# PostgreSQL refuses NUL in text and cannot encode a lone surrogate: refused here, by field,
+# before anything is claimed or written.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 class ApiError(Exception):
@@ -175,15 +179,41 @@ def scope_require(client: ApiClient, scope: str) -> None:
 
 
 def json_object(request: HttpRequest) -> dict:
+    """The request's JSON object; too large, too deep, not JSON, or holding text PostgreSQL
+    cannot store is a 4xx naming the field, never a 500."""
     if len(request.body) > MAX_BODY_BYTES:
         raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(request.body)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    for field, value in data.items():
+        _storable(field, field, 1)
+        _storable(field, value, 1)
     return data
+
+
+def _storable(field: str, value, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(
+            400, "invalid_json", f"{field} is nested deeper than {MAX_JSON_DEPTH} levels", field
+        )
+    if isinstance(value, str):
+        if _UNSTORABLE.search(value):
+            raise ApiError(
+                400, "invalid", f"{field} holds a NUL character or an unpaired surrogate", field
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable(field, key, depth + 1)
+            _storable(field, item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _storable(field, item, depth + 1)
 
 
 def request_fingerprint(user_id: uuid.UUID, parsed: dict) -> str:

@@ -134,6 +134,29 @@ def test_bad_fields_are_400_naming_the_field(client, user, service, body, field)
     assert not IdempotencyRecord.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("raw", "code", "field"),
+    [
+        ("[" * 15000, "invalid_json", None),  # once a RecursionError: a 500
+        ('{"reason": ' + "[" * 40 + "]" * 40 + "}", "invalid_json", "reason"),
+        ('{"direction": "credit", "amount": "1", "reason": "a\\u0000b"}', "invalid", "reason"),
+        ('{"direction": "credit", "amount": "1", "reason": "\\ud800"}', "invalid", "reason"),
+        ('{"direction": "credit", "amount": "1", "currency": ["USDC"]}', "invalid", "currency"),
+        ('{"direction": "credit", "amount": "1", "x\\u0000": 1}', "invalid", "x\x00"),
+    ],
+)
+def test_unstorable_or_hostile_json_is_400_and_the_key_stays_usable(
+    client, user, service, raw, code, field
+):
+    response = post(client, user, service[1], raw)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == code and error.get("field") == field
+    assert not BalanceMutation.objects.exists()
+    assert not IdempotencyRecord.objects.exists()
+    assert post(client, user, service[1], CREDIT).status_code == 201
+
+
 def test_malformed_json_is_400(client, user, service):
     response = post(client, user, service[1], "{not json")
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
