@@ -62,9 +62,7 @@ def deposits_uncredited_at_circle(*, base_url: str) -> Decimal:
     """Deposits in our wallet credited to nobody yet: the inbox's, and every inbound transfer
     Circle lists within the poll's lookback (a deposit whose webhook has not come)."""
     since = timezone.now() - settings.ONCHAIN_DEPOSIT_POLL_LOOKBACK
-    listed = circle.transfers_inbound(
-        base_url=base_url, since=since.isoformat().replace("+00:00", "Z")
-    )
+    listed = circle.transfers_inbound(base_url=base_url, since=since)
     return deposits_not_yet_credited(listed)
 
 

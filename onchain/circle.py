@@ -7,7 +7,9 @@ key) raises CircleUnavailable, which a caller may retry.
 """
 
 import json
+import logging
 import re
+from datetime import datetime
 from decimal import Decimal
 from urllib.parse import quote, urlencode
 
@@ -17,6 +19,8 @@ from gateway.providers import provider_call
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from onchain.exceptions import CircleRefused, CircleUnavailable, UnknownSigningKey
+
+log = logging.getLogger(__name__)
 
 REFUSALS = {400, 404, 409, 422}
 
@@ -80,41 +84,76 @@ def transfer_get(*, base_url: str, transfer_id: str) -> dict:
     return _transfer(_call(base_url, "GET", f"/v1/transfers/{quote(transfer_id, safe='')}"))
 
 
-def transfers_inbound(*, base_url: str, since: str, page_size: int = 50) -> list[dict]:
-    """Every transfer into our wallet created at or after `since` (ISO 8601), newest first,
-    all pages."""
+def transfers_inbound(*, base_url: str, since: datetime, page_size: int = 50) -> list:
+    """Every transfer into our wallet created at or after `since`, newest first, all pages;
+    each item as Circle listed it. A malformed item is the caller's to record and skip: one
+    bad transfer must not hide the others."""
     return _transfers_all(
-        base_url,
-        {"destinationWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size},
+        base_url, {"destinationWalletId": settings.CIRCLE_WALLET_ID}, since, page_size
     )
 
 
-def transfers_outbound(*, base_url: str, since: str, page_size: int = 50) -> list[dict]:
-    """Every transfer out of our wallet created at or after `since` (ISO 8601), newest first,
-    all pages. Circle's list transfers (GET /v1/transfers, `sourceWalletId`, `from`,
-    `pageSize`, `pageAfter`) is the only documented way to find a transfer whose create
-    answer was lost: the transfer object does not carry its idempotencyKey, and a POST with
-    the same key would create the transfer if Circle did not have it."""
-    return _transfers_all(
-        base_url,
-        {"sourceWalletId": settings.CIRCLE_WALLET_ID, "from": since, "pageSize": page_size},
+def transfers_outbound(*, base_url: str, since: datetime, page_size: int = 50) -> list[dict]:
+    """Every transfer out of our wallet created at or after `since`, newest first, all pages.
+    Circle's list transfers (GET /v1/transfers, `sourceWalletId`, `from`, `pageSize`,
+    `pageAfter`) is the only documented way to find a transfer whose create answer was lost:
+    the transfer object does not carry its idempotencyKey, and a POST with the same key would
+    create the transfer if Circle did not have it. One malformed item makes the whole list
+    CircleUnavailable: a transfer left out here would let a cancel pay twice."""
+    listed = _transfers_all(
+        base_url, {"sourceWalletId": settings.CIRCLE_WALLET_ID}, since, page_size
     )
+    return [_transfer({"data": item}) for item in listed]
 
 
-def _transfers_all(base_url: str, params: dict) -> list[dict]:
-    found: list[dict] = []
+def _transfers_all(base_url: str, params: dict, since: datetime, page_size: int) -> list:
+    """Circle's transfer list, newest first, paged older with `pageAfter=<the id of a page's
+    last transfer>` (an exclusive bound) until a page is short or reaches past `since`. The
+    `from` filter asks Circle for the same bound; the dates are checked too, so a filter
+    Circle ignored still ends the paging."""
+    params = {**params, "from": _iso(since), "pageSize": page_size}
+    found: list = []
     while True:
         page = _transfer_page(_call(base_url, "GET", f"/v1/transfers?{urlencode(params)}"))
         found.extend(page)
-        if len(page) < params["pageSize"]:
+        if len(page) < page_size or any(_created_before(item, since) for item in page):
             return found
-        params["pageAfter"] = page[-1]["id"]
+        # The cursor is the last listed id: a malformed item has none, so the last one that
+        # has (the items after it are listed again, and were recorded once already).
+        cursor = next((item["id"] for item in reversed(page) if _transfer_id(item)), None)
+        if cursor is None or cursor == params.get("pageAfter"):
+            log.error("ALERT Circle's transfer list cannot be paged past %s", params)
+            return found
+        params["pageAfter"] = cursor
 
 
-def _transfer_page(answer: dict) -> list[dict]:
+def _transfer_page(answer: dict) -> list:
     if not isinstance(answer.get("data"), list):
         raise CircleUnavailable("Circle's transfer list is malformed")
-    return [_transfer({"data": item}) for item in answer["data"]]
+    return answer["data"]
+
+
+def _transfer_id(item) -> bool:
+    return isinstance(item, dict) and isinstance(item.get("id"), str) and bool(item["id"])
+
+
+def _created_before(item, since: datetime) -> bool:
+    created = transfer_created(item)
+    return created is not None and created < since
+
+
+def transfer_created(item) -> datetime | None:
+    """A listed transfer's createDate (ISO 8601 UTC), or None when it has none readable."""
+    raw = item.get("createDate") if isinstance(item, dict) else None
+    try:
+        created = datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+    return created if created is not None and created.tzinfo is not None else None
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def wallet_balance(*, base_url: str) -> Decimal:

@@ -3,10 +3,12 @@ Circle's notification id) and applying them, also on an operator's replay; a com
 transfer to a user's deposit address credits that user through the cutover's balance path,
 against the system USDC buffer."""
 
+import hashlib
 import json
 import logging
 import traceback
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 
 SUPPORTED_TYPES = {"transfers.created", "transfers.completed", "transfers.failed", "webhooks.test"}
+# Ours, never Circle's: a transfer the poll found in Circle's list and could not apply as it
+# stands (malformed), kept in the inbox as `poll:<transfer id>` for an operator.
+POLLED = "poll.transfer"
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,9 @@ def _apply(row: CircleNotification) -> str:
             log.warning("circle transfer %s from our wallet not yet recorded: parked", transfer_id)
             return InboxStatus.PARKED
         return InboxStatus.PROCESSED
-    if row.notification_type != "transfers.completed":
+    if row.notification_type == POLLED and transfer.get("status") != "complete":
+        return InboxStatus.PROCESSED
+    if row.notification_type not in ("transfers.completed", POLLED):
         return InboxStatus.PROCESSED  # recorded; only a completed transfer moves money here
     return deposit_credit(transfer, correlation_id=row.notification_id)
 
@@ -249,3 +256,53 @@ def deposit_credit(transfer: dict, *, correlation_id: str) -> str:
     if result.created:
         transaction.on_commit(metrics.deposits_processed.inc)
     return InboxStatus.PROCESSED
+
+
+def polled_park(item, *, error: str) -> bool:
+    """Keep a transfer from Circle's list that cannot be applied as it stands in the inbox,
+    parked for an operator with why, as Circle listed it; once per transfer id (per item when
+    it has none). True when it was not kept yet."""
+    transfer_id = item.get("id") if isinstance(item, dict) else None
+    if isinstance(transfer_id, str) and 0 < len(transfer_id) <= MAX_ID_LENGTH - len("poll:"):
+        notification_id = f"poll:{transfer_id}"
+    else:
+        digest = hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest()
+        notification_id = f"poll:sha256:{digest[:52]}"
+    with transaction.atomic(durable=True):
+        _, created = CircleNotification.objects.get_or_create(
+            notification_id=notification_id,
+            defaults={
+                "notification_type": POLLED,
+                "transfer_id": transfer_id[:MAX_ID_LENGTH] if isinstance(transfer_id, str) else "",
+                "key_id": "",
+                "body": json.dumps({"notificationType": POLLED, "notification": item}),
+                "status": InboxStatus.PARKED,
+                "error": error,
+            },
+        )
+    return created
+
+
+def parked_resolve(rows: list[CircleNotification], transfer: dict) -> int:
+    """Mark processed, in the caller's transaction, the parked inbox rows (locked by the
+    caller) of a transfer just credited as `transfer` says; how many. A row naming another
+    amount stays parked: that contradiction is an operator's. The poll's own rows are an
+    older reading of Circle's list: resolved whatever they said."""
+    amount = _decimal(part(transfer, "amount", "amount"))
+    resolved = [
+        row.pk
+        for row in rows
+        if row.notification_type == POLLED
+        or _decimal(part(json.loads(row.body), "notification", "amount", "amount")) == amount
+    ]
+    CircleNotification.objects.filter(pk__in=resolved).update(
+        status=InboxStatus.PROCESSED, error="", processed_at=timezone.now()
+    )
+    return len(resolved)
+
+
+def _decimal(value) -> Decimal | None:
+    try:
+        return Decimal(value) if isinstance(value, str) else None
+    except InvalidOperation:
+        return None

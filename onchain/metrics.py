@@ -13,3 +13,7 @@ buffer_level = Gauge(
 )
 withdrawals_executed = Counter("onchain_withdrawals_executed", "Withdrawals Circle completed")
 withdrawals_dead = Counter("onchain_withdrawals_dead", "Withdrawals whose sending gave up")
+poll_transfers_malformed = Counter(
+    "onchain_poll_transfers_malformed",
+    "Transfers in Circle's list the poll could not read, parked in the inbox",
+)

@@ -41,6 +41,20 @@ class CirclePublicKey(models.Model):
         return self.key_id
 
 
+class CircleUnknownKey(models.Model):
+    """A key id Circle answered 404 for, and when: not asked again for
+    CIRCLE_UNKNOWN_KEY_TTL (in the database, so every worker process knows it)."""
+
+    key_id = models.CharField(max_length=64, primary_key=True)
+    checked_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        db_table = "onchain_circle_unknown_keys"
+
+    def __str__(self) -> str:
+        return self.key_id
+
+
 class InboxStatus(models.TextChoices):
     RECEIVED = "received", "Received"
     PROCESSED = "processed", "Processed"
@@ -49,7 +63,8 @@ class InboxStatus(models.TextChoices):
 
 
 class CircleNotification(models.Model):
-    """A verified Circle notification, stored raw before it is processed."""
+    """A verified Circle notification, stored raw before it is processed; or a transfer the
+    poll found malformed in Circle's list, parked (`poll:<transfer id>`, type poll.transfer)."""
 
     notification_id = models.CharField(max_length=64, unique=True)
     notification_type = models.CharField(max_length=64)

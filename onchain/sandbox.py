@@ -3,16 +3,17 @@
 It speaks Circle's wire format for what the engine uses: the notification public-key endpoint
 (`GET /v2/notifications/publicKey/{id}`), transfers (`POST /v1/transfers` with an
 idempotencyKey, `GET /v1/transfers/{id}`, `GET /v1/transfers?destinationWalletId=...` or
-`?sourceWalletId=...`), the wallet (`GET /v1/wallets/{walletId}`, its balance), all
-bearer-authenticated, and signed notifications posted to a subscriber with `X-Circle-Signature`
-(base64 ECDSA-SHA256 over the raw body) and `X-Circle-Key-Id`. Nothing in the engine knows it is
-a sandbox: it is just a base URL.
+`?sourceWalletId=...` with `from`, `to`, `pageSize`, `pageAfter`, `pageBefore` as documented),
+the wallet (`GET /v1/wallets/{walletId}`, its balance), all bearer-authenticated, and signed
+notifications posted to a subscriber with `X-Circle-Signature` (base64 ECDSA-SHA256 over the
+raw body) and `X-Circle-Key-Id`. Nothing in the engine knows it is a sandbox: it is just a base URL.
 
 The wallet keeps its USDC balance (`wallet_balance`, set by a test or the rehearsal to start
 from): a deposit it delivers adds, an outbound transfer it completes subtracts.
 
 Knobs for tests and the rehearsal: `fail_next` (answer the next transfer creations with an
 error status), `delay` (seconds before answering them: timeouts before anything is created),
+`ignore_from` (list transfers as a Circle that does not filter on `from`),
 `answer_delay` (seconds between recording a new transfer and answering: a timeout after Circle
 created the transfer, whose answer the caller never hears), `on_created` (called after a
 transfer is recorded and before the answer is sent: a caller killed there has been accepted
@@ -45,7 +46,21 @@ TYPE_OF = {status: kind for kind, status in STATUS_OF.items()}
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _iso(datetime.now(UTC))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _instant(value: str | None) -> datetime | None:
+    """An ISO 8601 instant with its offset (Circle's dates, `from`, `to`), or ValueError."""
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        raise ValueError(f"{value!r} has no UTC offset")
+    return moment
 
 
 class CircleSandbox(SandboxServer):
@@ -64,7 +79,10 @@ class CircleSandbox(SandboxServer):
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         self.public_key_b64 = base64.b64encode(public_der).decode()
-        self.key_fetches = 0
+        self.key_fetches = 0  # the key served
+        self.key_requests: list[str] = []  # every key id asked for, known or not
+        self.list_requests: list[dict] = []  # the query of every transfer list asked for
+        self.ignore_from = False  # list as if `from` were not understood
         self.wallet_id = wallet_id
         self.subscriber = subscriber
         self.settle = settle  # None, "complete" or "failed": what happens to new outbound transfers
@@ -81,10 +99,17 @@ class CircleSandbox(SandboxServer):
     # What Circle does on its side --------------------------------------------------------
 
     def deposit(
-        self, *, address: str, amount: str, transfer_id: str | None = None, notify: bool = True
+        self,
+        *,
+        address: str,
+        amount: str,
+        transfer_id: str | None = None,
+        notify: bool = True,
+        created: datetime | None = None,
     ) -> dict:
-        """USDC arrives at one of our deposit addresses: a completed inbound transfer, notified
-        to the subscriber unless told otherwise (a webhook that never came)."""
+        """USDC arrives at one of our deposit addresses: a completed inbound transfer (made now
+        unless `created` says when), notified to the subscriber unless told otherwise (a
+        webhook that never came)."""
         transfer = {
             "id": transfer_id or str(uuid.uuid4()),
             "source": {"type": "blockchain", "chain": "ETH"},
@@ -97,7 +122,7 @@ class CircleSandbox(SandboxServer):
             "amount": {"amount": amount, "currency": "USD"},
             "transactionHash": "0x" + uuid.uuid4().hex,
             "status": "complete",
-            "createDate": _now(),
+            "createDate": _now() if created is None else _iso(created),
         }
         with self.lock:
             self.transfers[transfer["id"]] = transfer
@@ -207,6 +232,8 @@ class CircleSandbox(SandboxServer):
                 return True
 
             def _public_key(self, key_id: str) -> None:
+                with sandbox.lock:
+                    sandbox.key_requests.append(key_id)
                 if key_id != sandbox.key_id:
                     return self._json(404, {"code": 404, "message": "Public key not found."})
                 sandbox.key_fetches += 1
@@ -242,27 +269,56 @@ class CircleSandbox(SandboxServer):
                 )
 
             def _list(self, query: dict) -> None:
-                """Transfers into (`destinationWalletId`) or out of (`sourceWalletId`) the wallet,
-                newest first, `pageAfter` as Circle pages."""
-                if query.get("destinationWalletId", [""])[0] == sandbox.wallet_id:
+                """Circle's list transfers: into (`destinationWalletId`) or out of
+                (`sourceWalletId`) the wallet, `from` / `to` bounding createDate (both
+                inclusive), newest first, at most `pageSize` (at most 50); `pageAfter` /
+                `pageBefore` are transfer ids, exclusive bounds (the older / the newer page),
+                not to be used together (refused here)."""
+
+                def one(name: str) -> str | None:
+                    return query.get(name, [None])[0]
+
+                with sandbox.lock:
+                    sandbox.list_requests.append({name: one(name) for name in query})
+
+                try:
+                    size = min(int(one("pageSize") or 50), 50)
+                    since, until = _instant(one("from")), _instant(one("to"))
+                    if sandbox.ignore_from:
+                        since = None
+                    if size < 1:
+                        raise ValueError("pageSize must be at least 1")
+                    if one("pageAfter") is not None and one("pageBefore") is not None:
+                        raise ValueError("pageBefore and pageAfter cannot be used together")
+                except ValueError as exc:
+                    return self._json(400, {"code": 2, "message": f"Invalid request: {exc}"})
+                if one("destinationWalletId") == sandbox.wallet_id:
                     direction = "destination"
-                elif query.get("sourceWalletId", [""])[0] == sandbox.wallet_id:
+                elif one("sourceWalletId") == sandbox.wallet_id:
                     direction = "source"
                 else:
                     return self._json(200, {"data": []})
-                since = query.get("from", [""])[0]
-                size = min(int(query.get("pageSize", ["50"])[0]), 50)
                 with sandbox.lock:
-                    matching = [
-                        t
-                        for t in sandbox.transfers.values()
-                        if t[direction].get("type") == "wallet" and t["createDate"] >= since
+                    dated = [
+                        (_instant(t["createDate"]), order, t)
+                        for order, t in enumerate(sandbox.transfers.values())
+                        if isinstance(t.get(direction), dict)
+                        and t[direction].get("type") == "wallet"
                     ]
-                matching.sort(key=lambda t: t["createDate"], reverse=True)
-                after = query.get("pageAfter", [None])[0]
-                if after is not None:
-                    ids = [t["id"] for t in matching]
-                    matching = matching[ids.index(after) + 1 :] if after in ids else []
+                # Newest first; transfers of the same millisecond in the order they were made.
+                dated.sort(key=lambda entry: entry[:2], reverse=True)
+                matching = [
+                    t
+                    for created, _, t in dated
+                    if (since is None or created >= since) and (until is None or created <= until)
+                ]
+                ids = [t.get("id") for t in matching]
+                if one("pageAfter") is not None:
+                    after = one("pageAfter")
+                    matching = matching[ids.index(after) + 1 :][:size] if after in ids else []
+                elif one("pageBefore") is not None:
+                    before = one("pageBefore")
+                    matching = matching[: ids.index(before)][-size:] if before in ids else []
                 return self._json(200, {"data": matching[:size]})
 
         return Handler

@@ -1,6 +1,6 @@
 """Circle's signing keys and the verification of its notifications' signatures (the v2
 scheme: base64 ECDSA-SHA256 over the raw body); a key is fetched once, then kept by the
-process."""
+process; a key id Circle does not know is not asked for again for CIRCLE_UNKNOWN_KEY_TTL."""
 
 import base64
 import binascii
@@ -9,10 +9,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
+from django.conf import settings
+from django.utils import timezone
 
 from onchain import circle
 from onchain.exceptions import SignatureRejected, UnknownSigningKey
-from onchain.models import CirclePublicKey
+from onchain.models import CirclePublicKey, CircleUnknownKey
 
 ALGORITHM = "ECDSA_SHA_256"
 
@@ -24,14 +26,16 @@ MAX_ID_LENGTH = 64
 
 
 def _public_key(key_id: str, base_url: str):
-    """The signing key, from this process, the table, or fetched from Circle once."""
+    """The signing key, from this process, the table, or fetched from Circle once. Circle's
+    404 is remembered (in the database: every worker process reads it) and answered without
+    asking again until CIRCLE_UNKNOWN_KEY_TTL has passed; a timeout or 5xx is not."""
     if key_id in _KEYS:
         return _KEYS[key_id]
     if len(key_id) > MAX_ID_LENGTH:
         raise UnknownSigningKey(f"key id is over {MAX_ID_LENGTH} characters")
     known = CirclePublicKey.objects.filter(key_id=key_id).first()
     if known is None:
-        algorithm, public_key = circle.public_key_fetch(base_url=base_url, key_id=key_id)
+        algorithm, public_key = _public_key_fetch(key_id, base_url)
         known, _ = CirclePublicKey.objects.get_or_create(
             key_id=key_id, defaults={"algorithm": algorithm, "public_key": public_key}
         )
@@ -39,6 +43,25 @@ def _public_key(key_id: str, base_url: str):
         raise SignatureRejected(f"key {key_id} uses {known.algorithm}, not {ALGORITHM}")
     _KEYS[key_id] = load_der_public_key(base64.b64decode(known.public_key))
     return _KEYS[key_id]
+
+
+def _public_key_fetch(key_id: str, base_url: str) -> tuple[str, str]:
+    now = timezone.now()
+    expired = now - settings.CIRCLE_UNKNOWN_KEY_TTL
+    if CircleUnknownKey.objects.filter(key_id=key_id, checked_at__gt=expired).exists():
+        raise UnknownSigningKey(f"Circle does not know the key id {key_id}")
+    try:
+        return circle.public_key_fetch(base_url=base_url, key_id=key_id)
+    except UnknownSigningKey:
+        # Made-up ids would each leave a row: the expired ones go as new ones come.
+        CircleUnknownKey.objects.filter(checked_at__lte=expired).delete()
+        CircleUnknownKey.objects.bulk_create(
+            [CircleUnknownKey(key_id=key_id, checked_at=now)],
+            update_conflicts=True,
+            unique_fields=["key_id"],
+            update_fields=["checked_at"],
+        )
+        raise
 
 
 def signature_verify(*, body: bytes, signature: str, key_id: str, base_url: str) -> None:

@@ -265,7 +265,7 @@ def _circle_transfer_find(withdrawal: Withdrawal, base_url: str) -> dict | None:
     the transfers other withdrawals recorded. More than one candidate, or one while another
     unsent withdrawal asks for the same: Circle may have it, and which transfer is whose is
     unknown (CancelRefused; a resend names it). Circle unreachable: CircleUnavailable."""
-    since = (withdrawal.created_at - CLOCK_SKEW).isoformat().replace("+00:00", "Z")
+    since = withdrawal.created_at - CLOCK_SKEW
     matching = [
         t
         for t in circle.transfers_outbound(base_url=base_url, since=since)

@@ -194,6 +194,8 @@ CIRCLE_API_BASE_URL = env_url(
 ).rstrip("/")
 CIRCLE_HTTP_TIMEOUT = env_duration("CIRCLE_HTTP_TIMEOUT", "5s").total_seconds()
 CIRCLE_WEBHOOK_MAX_BYTES = env_int("CIRCLE_WEBHOOK_MAX_BYTES", 65536, minimum=1024)
+# How long a signing key id Circle does not know is answered without asking Circle again.
+CIRCLE_UNKNOWN_KEY_TTL = env_duration("CIRCLE_UNKNOWN_KEY_TTL", "5m")
 # Withdrawals: the Circle wallet they are sent from; the outbox worker's pace, its backoff
 # (base * 2^(attempt-1), capped) and how many sends fail before a withdrawal is dead.
 CIRCLE_WALLET_ID = env.str("CIRCLE_WALLET_ID", default="1000000001")
