@@ -18,7 +18,8 @@ CHAINS = {"ETH", "SOL", "MATIC", "AVAX", "ARB", "BASE", "OP", "ALGO", "XLM", "TR
 EVM_CHAINS = {"ETH", "MATIC", "AVAX", "ARB", "BASE", "OP"}
 MAX_ADDRESS_LENGTH = 128
 
-_EVM_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+EVM_ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"  # also PostgreSQL's, in the model's CHECK
+_EVM_ADDRESS = re.compile(EVM_ADDRESS_PATTERN)
 # Every chain's address alphabet is printable ASCII without spaces; a NUL, a space or another
 # script is a typing or pasting mistake, and PostgreSQL would not store a NUL anyway.
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")

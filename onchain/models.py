@@ -11,7 +11,7 @@ from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Lower, Now
 
-from onchain.chains import EVM_CHAINS
+from onchain.chains import EVM_ADDRESS_PATTERN, EVM_CHAINS
 
 
 class DepositAddress(models.Model):
@@ -34,8 +34,11 @@ class DepositAddress(models.Model):
             models.UniqueConstraint(
                 fields=["chain", "address"], name="onchain_deposit_addresses_uniq_chain_address"
             ),
+            # As onchain.chains.address_stored_form: an EVM hex address only in lower case.
             models.CheckConstraint(
-                condition=~Q(chain__in=sorted(EVM_CHAINS)) | Q(address=Lower("address")),
+                condition=~Q(chain__in=sorted(EVM_CHAINS))
+                | ~Q(address__regex=EVM_ADDRESS_PATTERN)
+                | Q(address=Lower("address")),
                 name="onchain_deposit_addresses_chk_evm_lower_case",
             ),
         ]

@@ -1,6 +1,6 @@
 """Deposit addresses: one user per (chain, address) instead of per address string (the same EVM
-address is an account on every EVM chain, each registered as its own row), and EVM addresses in
-lower case so that uniqueness is case-insensitive for them (onchain/chains.py). Existing EVM hex
+address is an account on every EVM chain, each registered as its own row), and EVM hex addresses
+in lower case so that uniqueness is case-insensitive for them (onchain/chains.py). Existing EVM hex
 addresses are lower-cased first; a registered address differing only in case from another on the
 same chain was always the same account, and fails the unique constraint here for an operator."""
 
@@ -38,6 +38,7 @@ class Migration(migrations.Migration):
             constraint=models.CheckConstraint(
                 condition=models.Q(
                     models.Q(("chain__in", EVM_CHAINS), _negated=True),
+                    models.Q(("address__regex", "^0x[0-9a-fA-F]{40}$"), _negated=True),
                     ("address", django.db.models.functions.text.Lower("address")),
                     _connector="OR",
                 ),
