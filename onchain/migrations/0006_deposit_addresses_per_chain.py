@@ -12,7 +12,7 @@ EVM_CHAINS = ["ARB", "AVAX", "BASE", "ETH", "MATIC", "OP"]
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("onchain", "0004_ledger_contract"),
+        ("onchain", "0005_unknown_signing_keys"),
     ]
 
     operations = [
