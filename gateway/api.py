@@ -231,10 +231,10 @@ def _claim(
     client: ApiClient,
     user_id: uuid.UUID,
     parsed: dict,
-    spend: tuple[str, Decimal, str],
+    spend: tuple[str, Decimal, str] | None,
 ) -> IdempotencyClaim:
     """This request's claim of its Idempotency-Key (a replay when the key has its answer), its
-    `spend` counted against the client's limits."""
+    `spend` (if it moves money) counted against the client's limits."""
     key = request.headers.get("Idempotency-Key", "").strip()
     if not key or len(key) > MAX_KEY_LENGTH:
         raise ApiError(
@@ -251,7 +251,7 @@ def _claim(
         raise ApiError(422, "idempotency_key_reused", str(exc), "Idempotency-Key") from None
     except IdempotencyKeyInFlight as exc:
         raise _in_flight(exc) from None
-    if claim.record is None:
+    if claim.record is None or spend is None:
         return claim
     scope, amount, currency = spend
     try:
@@ -268,7 +268,7 @@ def _claim(
 def idempotent(
     *,
     parse: Callable[[HttpRequest, ApiClient], dict],
-    spend: Callable[[dict], tuple[str, Decimal, str]],
+    spend: Callable[[dict], tuple[str, Decimal, str]] | None,
     refusals: Mapping[type[Exception], Refusal],
 ):
     """A view run once per Idempotency-Key, its answer remembered: under `api_view`, the
@@ -278,7 +278,8 @@ def idempotent(
 
     A replay with the same request gets the first answer, a different request under the same
     key a 422, one still in flight a 409. Before the view, `spend(parsed)` (scope, amount,
-    currency) is counted against the client's limits: over one is 422 (per operation) or 429
+    currency; `spend=None` for a request that moves no money) is counted against the client's
+    limits: over one is 422 (per operation) or 429
     (daily), nothing applied and the key released for a retry. The service's exceptions named
     in `refusals` are answered as they say (a retryable one 503 with the key released). Only
     the claim's owner completes or releases the key: a request that stalled past
@@ -288,7 +289,7 @@ def idempotent(
         @functools.wraps(view)
         def wrapper(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
             parsed = parse(request, client)
-            claim = _claim(request, client, user_id, parsed, spend(parsed))
+            claim = _claim(request, client, user_id, parsed, spend and spend(parsed))
             if claim.record is None:
                 return claim.replay_status, claim.replay_body
             try:

@@ -3,8 +3,8 @@ requests moved within its rolling limit, and the Idempotency-Keys with their sto
 The tables keep the names they had in the cutover app, which served the API first.
 
 What PostgreSQL holds: a client's scopes are known ones, a client scoped to one user never
-holds `credit`, limits are positive when set; spends are positive; one record per client and
-Idempotency-Key, with a legal status.
+holds `credit` or `addresses`, limits are positive when set; spends are positive; one record
+per client and Idempotency-Key, with a legal status.
 """
 
 from django.contrib.postgres.fields import ArrayField
@@ -18,6 +18,9 @@ class ApiScope(models.TextChoices):
     CREDIT = "credit", "Credit balances"
     DEBIT = "debit", "Debit balances"
     WITHDRAW = "withdraw", "Withdraw on chain"
+    # Registering a deposit address credits its parked deposits to the user named: never a
+    # user's own client's to hold (the database refuses it, as it refuses `credit`).
+    ADDRESSES = "addresses", "Register deposit addresses"
 
 
 class SpendDirection(models.TextChoices):
@@ -29,10 +32,11 @@ class SpendDirection(models.TextChoices):
 
 class ApiClient(models.Model):
     """A caller of the balance API. `user_id` set: the client may only read and move that
-    user's balance, and never credit it (the database refuses the scope); empty: a service
-    client for any user. `scopes` say which operations it may call; `max_amount` caps one
-    operation and `daily_limit` the rolling 24 h total of each direction (money in: credits;
-    money out: debits and withdrawals); empty means no cap. Only the token's hash is stored."""
+    user's balance, and never credit it nor register deposit addresses (the database refuses
+    those scopes); empty: a service client for any user. `scopes` say which operations it may
+    call; `max_amount` caps one operation and `daily_limit` the rolling 24 h total of each
+    direction (money in: credits; money out: debits and withdrawals); empty means no cap. Only
+    the token's hash is stored."""
 
     name = models.CharField(max_length=100, unique=True)
     token_sha256 = models.CharField(max_length=64, unique=True)
@@ -53,6 +57,10 @@ class ApiClient(models.Model):
             models.CheckConstraint(
                 condition=Q(user_id__isnull=True) | ~Q(scopes__contains=[ApiScope.CREDIT]),
                 name="cutover_api_clients_chk_user_never_credits",
+            ),
+            models.CheckConstraint(
+                condition=Q(user_id__isnull=True) | ~Q(scopes__contains=[ApiScope.ADDRESSES]),
+                name="cutover_api_clients_chk_user_never_addresses",
             ),
             models.CheckConstraint(
                 condition=Q(max_amount__isnull=True) | Q(max_amount__gt=0),

@@ -47,8 +47,8 @@ def api_client_create(
     daily_limit: Decimal | None = None,
 ) -> tuple[ApiClient, str]:
     """A new API client and its bearer token (shown once; only its hash is stored). A client
-    scoped to one user never gets `credit` (the database refuses it as well). The operator's
-    audit is the caller's (cutover.operators.api_client_issue)."""
+    scoped to one user never gets `credit` or `addresses` (the database refuses them as well).
+    The operator's audit is the caller's (cutover.operators.api_client_issue)."""
     unknown = sorted(set(scopes) - set(ApiScope.values))
     if unknown or not scopes:
         raise ApiClientRefused(
@@ -57,6 +57,8 @@ def api_client_create(
         )
     if user_id is not None and ApiScope.CREDIT in scopes:
         raise ApiClientRefused("a client scoped to one user may not credit balances")
+    if user_id is not None and ApiScope.ADDRESSES in scopes:
+        raise ApiClientRefused("a client scoped to one user may not register deposit addresses")
     for label, value in (("max amount", max_amount), ("daily limit", daily_limit)):
         if value is not None and value <= 0:
             raise ApiClientRefused(f"the {label} must be positive")

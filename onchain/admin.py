@@ -3,12 +3,16 @@ cancelled by an operator, after a confirmation) and users' deposit addresses."""
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import csrf_protect_m
 from django.http import HttpRequest
 
 from cutover.actors import Actor
 from cutover.selectors import user_currency
 from gateway.actions import action_run
 from ledger.admin import ReadOnlyAdmin
+from onchain.addresses import DEPOSIT_CURRENCIES, deposit_address_add, deposit_address_remove
+from onchain.chains import CHAINS, address_validate
+from onchain.exceptions import DepositAddressInvalid
 from onchain.inbox import notification_replay
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.withdrawals import withdrawal_cancel, withdrawal_resend
@@ -45,28 +49,114 @@ class CircleNotificationAdmin(ReadOnlyAdmin):
                 self.message_user(request, f"{notification}: {status}", messages.SUCCESS)
 
 
+def _reason_field() -> forms.CharField:
+    return forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Why: kept in the operator audit.",
+    )
+
+
 class DepositAddressForm(forms.ModelForm):
+    """Registers an address through onchain.addresses.deposit_address_add; its rules are checked
+    here too, so the operator sees a refusal on the form rather than an error page."""
+
+    chain = forms.ChoiceField(choices=[(chain, chain) for chain in sorted(CHAINS)])
+    currency = forms.ChoiceField(choices=[(code, code) for code in DEPOSIT_CURRENCIES])
+    reason = _reason_field()
+
     class Meta:
         model = DepositAddress
         fields = ("address", "chain", "user_id", "currency")
 
     def clean(self):
-        # PostgreSQL refuses it too (OC002); here the operator gets the reason on the form.
         data = super().clean()
-        held = data.get("user_id") and user_currency(data["user_id"])
-        if held and held != data.get("currency"):
-            raise forms.ValidationError(
-                f"user {data['user_id']} holds {held}: a {data.get('currency')} deposit address "
-                "would take deposits that can never be credited"
+        if self.errors:
+            return data
+        try:
+            # The stored form, so the model's constraints (one user per chain and address,
+            # EVM in lower case) are checked on what will be stored.
+            data["address"] = address_validate(chain=data["chain"], address=data["address"])
+        except DepositAddressInvalid as exc:
+            self.add_error(exc.field, str(exc))
+            return data
+        # PostgreSQL refuses it too (OC002); here the operator gets the reason on the form.
+        held = user_currency(data["user_id"])
+        if held and held != data["currency"]:
+            self.add_error(
+                "currency",
+                f"user {data['user_id']} holds {held}: a {data['currency']} deposit address "
+                "would take deposits that can never be credited",
             )
         return data
 
 
+class RemoveForm(forms.Form):
+    reason = _reason_field()
+
+
 @admin.register(DepositAddress)
 class DepositAddressAdmin(admin.ModelAdmin):
+    """Added through the service (audited, parked deposits replayed), removed by an action with
+    a reason; never edited in place (another user's address is a removal and an addition)."""
+
     form = DepositAddressForm
     list_display = ("address", "chain", "user_id", "currency", "created_at")
+    list_filter = ("chain",)
     search_fields = ("address", "=user_id")
+    actions = ["remove"]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_remove_permission(self, request) -> bool:
+        return request.user.has_perm("onchain.delete_depositaddress")
+
+    @csrf_protect_m
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        # Django runs the form in one transaction; the service must run outside any: it commits
+        # the address durably, then replays each parked deposit in a transaction of its own.
+        if object_id is None and request.method == "POST":
+            return self._changeform_view(request, object_id, form_url, extra_context)
+        return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def save_model(self, request, obj, form, change) -> None:
+        added = deposit_address_add(
+            address=form.cleaned_data["address"],
+            chain=form.cleaned_data["chain"],
+            user_id=form.cleaned_data["user_id"],
+            currency=form.cleaned_data["currency"],
+            actor=Actor.for_user(request.user),
+            reason=form.cleaned_data["reason"],
+        )
+        obj.pk, obj.address = added.address.pk, added.address.address
+        for notification_id, status in added.replayed.items():
+            level = messages.ERROR if status.startswith("failed") else messages.SUCCESS
+            self.message_user(request, f"parked notification {notification_id}: {status}", level)
+
+    @admin.action(description="Remove the selected deposit addresses", permissions=["remove"])
+    def remove(self, request: HttpRequest, queryset):
+        def apply(row, reason):
+            deposit_address_remove(
+                address=row.address,
+                chain=row.chain,
+                actor=Actor.for_user(request.user),
+                reason=reason,
+            )
+            return f"{row} removed"
+
+        return action_run(
+            self,
+            request,
+            queryset,
+            apply,
+            form_class=RemoveForm,
+            action="remove",
+            title="Remove deposit addresses",
+            question="Remove these deposit addresses? Later deposits to them are parked.",
+        )
 
 
 class CancelForm(forms.Form):

@@ -51,6 +51,22 @@ class DepositAddressRefused(OnchainError):
     another currency, so its deposits could never be credited."""
 
 
+class DepositAddressInvalid(OnchainError):
+    """A deposit address cannot be registered as given; `field` names what is wrong."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class DepositAddressTaken(OnchainError):
+    """The address is registered on that chain for another user (one address, one user)."""
+
+
+class DepositAddressUnknown(OnchainError):
+    """No such deposit address is registered on that chain."""
+
+
 # The SQLSTATEs raised by onchain/sql/onchain.sql.
 SQLSTATE_ERRORS: dict[str, type[OnchainError]] = {
     "OC001": WithdrawalTransitionRefused,

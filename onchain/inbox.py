@@ -24,7 +24,8 @@ from ledger.money import amount_parse
 from ledger.selectors import USDC_BUFFER
 from onchain import metrics
 from onchain.exceptions import MalformedNotification, onchain_rules
-from onchain.models import CircleNotification, DepositAddress, InboxStatus, Withdrawal
+from onchain.models import CircleNotification, InboxStatus, Withdrawal
+from onchain.selectors import deposit_address_find
 from onchain.settlement import withdrawal_settle
 from onchain.signatures import MAX_ID_LENGTH, signature_verify
 
@@ -212,11 +213,8 @@ def deposit_credit(transfer: dict, *, correlation_id: str) -> str:
     """Credit a completed inbound transfer to its deposit address's user, once per transfer id
     whichever way it arrives (webhook, redelivery, poll)."""
     destination = part(transfer, "destination", "address")
-    address = (
-        DepositAddress.objects.filter(address=destination).first()
-        if isinstance(destination, str)
-        else None
-    )
+    chain = part(transfer, "destination", "chain")
+    address = deposit_address_find(chain=chain, address=destination)
     if address is None:
         log.warning(
             "circle transfer %s to unknown address %r parked", transfer.get("id"), destination

@@ -2,17 +2,26 @@
 the inbox of Circle notifications and the outbox of withdrawals.
 
 What PostgreSQL holds: one inbox row per Circle notification id (Circle redelivers with the same
-id); one user per deposit address; legal inbox statuses; one withdrawal per Circle transfer id
-and per idempotency key; the withdrawals' legal state transitions (onchain/sql/onchain.sql).
+id); one user per deposit address and chain, EVM addresses in lower case; legal inbox statuses;
+one withdrawal per Circle transfer id and per idempotency key; the withdrawals' legal state
+transitions (onchain/sql/onchain.sql).
 """
 
 from django.db import models
 from django.db.models import Q
-from django.db.models.functions import Now
+from django.db.models.functions import Lower, Now
+
+from onchain.chains import EVM_ADDRESS_PATTERN, EVM_CHAINS
 
 
 class DepositAddress(models.Model):
-    address = models.CharField(max_length=128, unique=True)
+    """A user's address for deposits on one chain, registered through
+    onchain.addresses.deposit_address_add. One user per (chain, address): the same EVM address
+    may be registered on several EVM chains (one key is an account on each), each a row. EVM
+    addresses are stored in lower case (onchain.chains), so the uniqueness is case-insensitive
+    for them; other chains' addresses are case-sensitive and stored exactly."""
+
+    address = models.CharField(max_length=128)
     chain = models.CharField(max_length=16)
     user_id = models.UUIDField(db_index=True)
     currency = models.CharField(max_length=8, default="USDC")
@@ -21,6 +30,18 @@ class DepositAddress(models.Model):
     class Meta:
         db_table = "onchain_deposit_addresses"
         verbose_name_plural = "deposit addresses"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["chain", "address"], name="onchain_deposit_addresses_uniq_chain_address"
+            ),
+            # As onchain.chains.address_stored_form: an EVM hex address only in lower case.
+            models.CheckConstraint(
+                condition=~Q(chain__in=sorted(EVM_CHAINS))
+                | ~Q(address__regex=EVM_ADDRESS_PATTERN)
+                | Q(address=Lower("address")),
+                name="onchain_deposit_addresses_chk_evm_lower_case",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.chain}:{self.address}"

@@ -8,13 +8,15 @@ from decimal import Decimal
 from itertools import chain
 
 from django.conf import settings
+from django.db.models import Q, QuerySet
 
 from cutover.models import BalanceMutation
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from ledger.selectors import USDC_BUFFER, system_account
 from onchain import metrics
-from onchain.models import CircleNotification, InboxStatus
+from onchain.chains import EVM_CHAINS, address_stored_form
+from onchain.models import CircleNotification, DepositAddress, InboxStatus
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +80,45 @@ def buffer_status() -> BufferStatus:
             status.alert_threshold,
         )
     return status
+
+
+def deposit_address_list(*, user_id=None) -> QuerySet[DepositAddress]:
+    """Registered deposit addresses, oldest first; only `user_id`'s when given."""
+    rows = DepositAddress.objects.order_by("id")
+    return rows if user_id is None else rows.filter(user_id=user_id)
+
+
+def deposit_address_find(*, chain: object, address: object) -> DepositAddress | None:
+    """The deposit address a Circle transfer's destination names, compared as registered (EVM
+    case-insensitively, others exactly; onchain.chains), or None. A destination without a chain
+    (the checklist's notification shape) matches the address on any chain, and only while one
+    user holds it: two users holding it on different chains cannot be told apart."""
+    if not isinstance(address, str) or not address:
+        return None
+    if isinstance(chain, str):
+        stored = address_stored_form(chain=chain, address=address)
+        return DepositAddress.objects.filter(chain=chain, address=stored).first()
+    rows = list(
+        DepositAddress.objects.filter(
+            Q(address=address) | Q(chain__in=EVM_CHAINS, address=address.lower())
+        ).order_by("id")
+    )
+    return rows[0] if len({row.user_id for row in rows}) == 1 else None
+
+
+def notifications_parked_for(*, chain: str, address: str) -> list[str]:
+    """The notification ids parked for a transfer to this registered (stored-form) address: the
+    destination names it, as deposit_address_find compares, on this chain or on none."""
+    found = []
+    parked = CircleNotification.objects.filter(status=InboxStatus.PARKED).order_by("id")
+    for notification_id, body in parked.values_list("notification_id", "body"):
+        try:
+            destination = json.loads(body)["notification"]["destination"]
+            named, named_chain = destination["address"], destination.get("chain")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # not a transfer to an address: parked for another reason
+        if not isinstance(named, str) or named_chain not in (None, chain):
+            continue
+        if address_stored_form(chain=chain, address=named) == address:
+            found.append(notification_id)
+    return found

@@ -1,4 +1,5 @@
-"""Circle's webhook: a thin view over onchain.inbox.notification_receive."""
+"""Circle's webhook (a thin view over onchain.inbox.notification_receive), the buffer status,
+and the API's withdrawals and deposit addresses."""
 
 import logging
 import uuid
@@ -9,6 +10,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from cutover.actors import Actor
 from cutover.exceptions import (
     CutoverError,
     KillSwitchEngaged,
@@ -30,8 +32,13 @@ from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InsufficientFunds, InvalidAmount, LedgerError
 from ledger.money import amount_parse
 from onchain import metrics
+from onchain.addresses import DEPOSIT_CURRENCIES, deposit_address_add
+from onchain.chains import CHAINS, MAX_ADDRESS_LENGTH, address_validate
 from onchain.exceptions import (
     CircleUnavailable,
+    DepositAddressInvalid,
+    DepositAddressRefused,
+    DepositAddressTaken,
     MalformedNotification,
     SignatureRejected,
     UnknownSigningKey,
@@ -39,9 +46,9 @@ from onchain.exceptions import (
     WithdrawalTransitionRefused,
 )
 from onchain.inbox import notification_receive
-from onchain.models import Withdrawal
-from onchain.selectors import buffer_status
-from onchain.withdrawals import CHAINS, MAX_ADDRESS_LENGTH, withdrawal_request
+from onchain.models import DepositAddress, Withdrawal
+from onchain.selectors import buffer_status, deposit_address_list
+from onchain.withdrawals import withdrawal_request
 
 log = logging.getLogger("onchain.webhook")
 
@@ -177,3 +184,70 @@ def withdrawal_create(
         **parsed,
     )
     return 201, _withdrawal(withdrawal)
+
+
+def _deposit_address(row: DepositAddress) -> dict:
+    return {
+        "address": row.address,
+        "chain": row.chain,
+        "user_id": str(row.user_id),
+        "currency": row.currency,
+        "created_at": row.created_at.isoformat(),
+    }
+
+
+# A registration's refusals, as the API answers them (its invalid fields are 400s at parsing).
+DEPOSIT_ADDRESS_REFUSALS = {
+    DepositAddressTaken: Refusal(409, "address_taken", "address"),
+    DepositAddressRefused: Refusal(422, "currency_mismatch", "currency"),
+}
+
+
+def _deposit_address_request(request: HttpRequest, client: ApiClient) -> dict:
+    scope_require(client, ApiScope.ADDRESSES)
+    data = json_object(request)
+    currency = data.get("currency", "USDC")
+    try:
+        # Validated here, so a bad field is a 400 before the Idempotency-Key is claimed.
+        address = address_validate(chain=data.get("chain"), address=data.get("address"))
+        if currency not in DEPOSIT_CURRENCIES:
+            raise DepositAddressInvalid(
+                "currency", f"currency must be one of {', '.join(DEPOSIT_CURRENCIES)}"
+            )
+    except DepositAddressInvalid as exc:
+        raise ApiError(400, "invalid", str(exc), exc.field) from None
+    return {"address": address, "chain": data["chain"], "currency": currency}
+
+
+@api_view
+@idempotent(parse=_deposit_address_request, spend=None, refusals=DEPOSIT_ADDRESS_REFUSALS)
+def _deposit_address_create(
+    request: HttpRequest, client: ApiClient, user_id: uuid.UUID, parsed: dict, record_id: int
+):
+    """Register a deposit address for the user (a service client with the `addresses` scope):
+    201 when registered, 200 when it already was; its parked deposits are credited."""
+    added = deposit_address_add(
+        user_id=user_id,
+        actor=Actor(name=f"api:{client.name}"),
+        reason=f"API request {request.correlation_id}",
+        **parsed,
+    )
+    body = {**_deposit_address(added.address), "replayed": added.replayed}
+    return (201 if added.created else 200), body
+
+
+@api_view
+def _deposit_addresses_list(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
+    """The user's deposit addresses, for a client that may read or register them."""
+    if ApiScope.READ not in client.scopes:
+        scope_require(client, ApiScope.ADDRESSES)
+    rows = deposit_address_list(user_id=user_id)
+    return 200, {"deposit_addresses": [_deposit_address(row) for row in rows]}
+
+
+@csrf_exempt
+@require_http_methods(["GET", "POST"])
+def deposit_addresses(request: HttpRequest, user_id: str):
+    if request.method == "POST":
+        return _deposit_address_create(request, user_id)
+    return _deposit_addresses_list(request, user_id)

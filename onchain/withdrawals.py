@@ -23,6 +23,7 @@ from cutover.selectors import phase_state
 from gateway.outbox import outbox_backoff, outbox_drain
 from ledger.money import amount_parse
 from onchain import circle, metrics
+from onchain.chains import CHAINS, MAX_ADDRESS_LENGTH
 from onchain.exceptions import (
     CancelRefused,
     CircleRefused,
@@ -35,10 +36,6 @@ from onchain.models import CircleNotification, InboxStatus, Withdrawal, Withdraw
 from onchain.settlement import withdrawal_fail, withdrawal_settle
 
 log = logging.getLogger(__name__)
-
-
-CHAINS = {"ETH", "SOL", "MATIC", "AVAX", "ARB", "BASE", "OP", "ALGO", "XLM", "TRX", "NOBLE"}
-MAX_ADDRESS_LENGTH = 128
 
 
 def withdrawal_request(

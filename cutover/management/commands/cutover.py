@@ -131,7 +131,7 @@ class Command(BaseCommand):
             type=uuid.UUID,
             default=None,
             help="restrict the client to this user's balance (default: any user); such a "
-            "client never gets the credit scope",
+            "client never gets the credit or addresses scope",
         )
         client.add_argument(
             "--scopes",
@@ -269,10 +269,11 @@ class Command(BaseCommand):
     def _client(self, options) -> None:
         if ApiClient.objects.filter(name=options["name"]).exists():
             raise CommandError(f"--name: a client named {options['name']!r} already exists")
-        if options["user_id"] and ApiScope.CREDIT in options["scopes"]:
-            raise CommandError(
-                "--scopes: a client restricted with --user-id may not have the credit scope"
-            )
+        for scope in (ApiScope.CREDIT, ApiScope.ADDRESSES):
+            if options["user_id"] and scope in options["scopes"]:
+                raise CommandError(
+                    f"--scopes: a client restricted with --user-id may not have the {scope} scope"
+                )
         client, token = api_client_issue(
             name=options["name"],
             user_id=options["user_id"],

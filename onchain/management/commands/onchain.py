@@ -1,6 +1,6 @@
 """`python manage.py onchain ...`: replay a stored Circle notification, send due withdrawals,
-poll Circle for transfers, request/resend/cancel a withdrawal, list withdrawals, run the
-Circle sandbox."""
+poll Circle for transfers, request/resend/cancel a withdrawal, list withdrawals, add/list/remove
+users' deposit addresses, run the Circle sandbox."""
 
 import dataclasses
 import json
@@ -16,17 +16,28 @@ from cutover.exceptions import CutoverError
 from gateway.commands import positive_int
 from ledger.exceptions import InvalidAmount, LedgerError
 from ledger.money import amount_parse
-from onchain.exceptions import OnchainError
+from onchain.addresses import deposit_address_add, deposit_address_remove
+from onchain.chains import CHAINS
+from onchain.exceptions import DepositAddressInvalid, OnchainError
 from onchain.inbox import notification_replay
 from onchain.models import CircleNotification, Withdrawal, WithdrawalStatus
 from onchain.polling import transfers_poll
 from onchain.sandbox import CircleSandbox
+from onchain.selectors import deposit_address_list
 from onchain.withdrawals import (
     withdrawal_cancel,
     withdrawal_request,
     withdrawal_resend,
     withdrawals_send,
 )
+
+# The flag a deposit address's refused field was given by.
+ADDRESS_FLAGS = {
+    "address": "--address",
+    "chain": "--chain",
+    "user_id": "--user",
+    "currency": "--currency",
+}
 
 
 class Command(BaseCommand):
@@ -69,6 +80,7 @@ class Command(BaseCommand):
         listing = sub.add_parser("withdrawals", help="list withdrawals")
         listing.add_argument("--status", choices=WithdrawalStatus.values, help="only these")
         listing.add_argument("--json", action="store_true", help="print JSON")
+        self._address_arguments(sub)
         sandbox = sub.add_parser(
             "sandbox",
             help="serve the Circle sandbox until interrupted; point CIRCLE_API_BASE_URL at it",
@@ -89,9 +101,35 @@ class Command(BaseCommand):
             help='USDC the wallet starts with, e.g. "250000" (0); deposits add, completions take',
         )
 
+    def _address_arguments(self, sub) -> None:
+        address = sub.add_parser("address", help="users' deposit addresses: add, list, remove")
+        actions = address.add_subparsers(dest="address_action", required=True, metavar="ACTION")
+        add = actions.add_parser(
+            "add",
+            help="register an address for a user (one user per chain and address) and credit "
+            "the deposits parked for it",
+        )
+        add.add_argument("--address", required=True, help="the address (EVM: EIP-55 or any case)")
+        add.add_argument("--chain", required=True, help=f"one of {', '.join(sorted(CHAINS))}")
+        add.add_argument("--user", required=True, help="the user's UUID")
+        add.add_argument("--currency", default="USDC", help="what it receives (USDC)")
+        add.add_argument("--reason", required=True, help="why (kept in the operator audit)")
+        listing = actions.add_parser("list", help="list registered deposit addresses")
+        listing.add_argument("--user", default=None, help="only this user's (a UUID)")
+        listing.add_argument("--json", action="store_true", help="print JSON")
+        remove = actions.add_parser(
+            "remove", help="unregister an address; later deposits to it are parked"
+        )
+        remove.add_argument("--address", required=True, help="the address (EVM: any case)")
+        remove.add_argument("--chain", required=True, help="its chain")
+        remove.add_argument("--reason", required=True, help="why (kept in the operator audit)")
+
     def handle(self, *args, **options) -> None:
         try:
             getattr(self, f"_{options['action']}")(options)
+        except DepositAddressInvalid as exc:
+            flag = ADDRESS_FLAGS.get(exc.field, exc.field)
+            raise CommandError(f"{flag}: {exc}") from None
         except (OnchainError, CutoverError, LedgerError) as exc:
             raise CommandError(str(exc)) from None
 
@@ -113,12 +151,8 @@ class Command(BaseCommand):
         self._report(transfers_poll(lookback=lookback), options["json"])
 
     def _withdraw(self, options) -> None:
-        try:
-            user_id = uuid.UUID(options["user"])
-        except ValueError:
-            raise CommandError("--user: not a UUID") from None
         withdrawal = withdrawal_request(
-            user_id=user_id,
+            user_id=self._user(options["user"]),
             amount=options["amount"],
             address=options["address"],
             chain=options["chain"],
@@ -167,6 +201,47 @@ class Command(BaseCommand):
                 f"{row['id']:>6} {row['status']:<9} {row['amount']:>14} {row['chain']:<5} "
                 f"{row['address']} attempts={row['attempts']} {row['last_error'][:60]}"
             )
+
+    def _address(self, options) -> None:
+        action = options["address_action"]
+        if action == "add":
+            added = deposit_address_add(
+                address=options["address"],
+                chain=options["chain"],
+                user_id=self._user(options["user"]),
+                currency=options["currency"],
+                actor=Actor.command_line(),
+                reason=options["reason"],
+            )
+            verb = "registered" if added.created else "already registered"
+            self.stdout.write(f"{added.address} {verb} for {added.address.user_id}")
+            for notification_id, status in added.replayed.items():
+                self.stdout.write(f"  parked notification {notification_id}: {status}")
+        elif action == "remove":
+            row = deposit_address_remove(
+                address=options["address"],
+                chain=options["chain"],
+                actor=Actor.command_line(),
+                reason=options["reason"],
+            )
+            self.stdout.write(f"{row} removed (it was {row.user_id}'s)")
+        else:
+            user = options["user"] and self._user(options["user"])
+            fields = ["chain", "address", "user_id", "currency", "created_at"]
+            data = list(deposit_address_list(user_id=user).values(*fields))
+            if options["json"]:
+                self.stdout.write(json.dumps(data, indent=2, default=str))
+                return
+            for row in data:
+                self.stdout.write(
+                    f"{row['chain']:<6} {row['address']} {row['user_id']} {row['currency']}"
+                )
+
+    def _user(self, value: str) -> uuid.UUID:
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            raise CommandError("--user: not a UUID") from None
 
     def _known(self, options) -> int:
         if not Withdrawal.objects.filter(pk=options["withdrawal"]).exists():
