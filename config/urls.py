@@ -12,3 +12,9 @@ urlpatterns = [
     path("", include("treasury.urls")),
     path("", include("django_prometheus.urls")),
 ]
+
+# The API's JSON error for what Django answers itself (the admin keeps its HTML pages).
+handler400 = "gateway.errors.bad_request"
+handler403 = "gateway.errors.permission_denied"
+handler404 = "gateway.errors.not_found"
+handler500 = "gateway.errors.server_error"

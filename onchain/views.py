@@ -100,6 +100,7 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
     )
 
 
+@csrf_exempt  # bearer ADMIN_TOKEN, never cookies: a wrong method is a 405, not a CSRF 403
 @require_GET
 def buffer_status_view(request: HttpRequest) -> JsonResponse:
     """Bearer ADMIN_TOKEN: the USDC buffer against its alert threshold."""

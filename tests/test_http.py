@@ -2,7 +2,12 @@
 
 import pytest
 from django.contrib.auth.models import User
+from django.test import Client
 
+from cutover.actors import Actor
+from cutover.models import BalanceMutation
+from cutover.operators import api_client_issue
+from gateway.models import IdempotencyRecord
 from ledger.models import Account, Transaction
 from ledger.services import Leg, transaction_post
 from tests.ledger.factories import UserAccountFactory, fund
@@ -104,3 +109,57 @@ def test_a_non_ascii_due_callback_signature_is_refused(client, settings, signatu
     )
     assert response.status_code == 400
     assert response.json()["error"]["field"] == "X-Due-Signature"
+
+
+# What Django answers itself is the API's JSON error too; the admin keeps its HTML pages.
+API_USER = "/api/v1/users/7d3f6a52-4b8e-4f0a-9a57-3c2b7e9d1a10"
+
+
+def _json_error(response, status: int, code: str) -> dict:
+    assert response.status_code == status
+    assert response["Content-Type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == code
+    return error
+
+
+def test_an_unknown_api_path_is_a_json_404(client):
+    _json_error(client.get("/api/v1/nothing-here"), 404, "not_found")
+    _json_error(client.post("/webhooks/nobody"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("delete", f"{API_USER}/balance"),
+        ("post", f"{API_USER}/balance"),  # GET-only: once Django's CSRF 403 page
+        ("put", f"{API_USER}/balance-mutations"),
+        ("get", f"{API_USER}/withdrawals"),
+        ("post", "/internal/onchain/buffer-status"),
+        ("get", "/webhooks/due/conversions"),
+        ("get", "/internal/treasury/trigger-cycle"),
+    ],
+)
+def test_a_wrong_method_is_a_json_405_naming_the_allowed_ones(method, path):
+    browser = Client(enforce_csrf_checks=True)  # as a browser's form post would be checked
+    response = getattr(browser, method)(path)
+    error = _json_error(response, 405, "method_not_allowed")
+    assert response["Allow"] and response["Allow"] in error["message"]
+
+
+def test_a_body_over_djangos_limit_is_a_json_413_and_changes_nothing(client, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024  # Django's own limit, 2.5 MB by default
+    _, token = api_client_issue(name="big", scopes=["credit"], actor=Actor("test"))
+    body = b'{"amount": "1", "pad": "' + b"x" * (128 * 1024) + b'"}'
+    headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "big-1"}
+    for path in (f"{API_USER}/balance-mutations", "/webhooks/circle/transfers"):
+        response = client.post(path, data=body, content_type="application/json", headers=headers)
+        _json_error(response, 413, "too_large")
+    assert not BalanceMutation.objects.exists()
+    assert not IdempotencyRecord.objects.exists()
+
+
+def test_the_admin_keeps_its_html_pages(client):
+    response = client.get("/admin/login/", {"next": "/admin/"})
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/html")
+    assert client.get("/admin/nothing-here/").status_code in (302, 404)
