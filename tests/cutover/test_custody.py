@@ -91,7 +91,7 @@ def test_an_empty_custodian_opens_without_a_posting():
         ("USDC", Decimal("-0.01"), CustodyRefused, "cannot be negative"),
         ("USD", "1.005", CustodyRefused, "reported: amount 1.005 has more than 2 decimal places"),
         ("USD", "0.000", CustodyRefused, "reported: 0.000 has more than 2 decimal places"),
-        ("USD", "abc", CustodyRefused, "reported: amount 'abc' is not a decimal number"),
+        ("USD", "abc", CustodyRefused, "reported: amount 'abc' must be a plain decimal"),
         ("EUR", "10", CustodyRefused, "currency must be one of USDC, USD"),
         ("USDC", "10", ReasonRequired, "written --reason"),
     ],
