@@ -42,6 +42,9 @@ class DepositAddress(models.Model):
                 name="onchain_deposit_addresses_chk_evm_lower_case",
             ),
         ]
+        # A destination without a chain is looked up by address alone, on every deposit: the
+        # unique (chain, address) index cannot serve that (it leads with chain).
+        indexes = [models.Index(fields=["address"], name="onchain_depaddr_address")]
 
     def __str__(self) -> str:
         return f"{self.chain}:{self.address}"
