@@ -327,11 +327,18 @@ def test_withdrawal_api_holds_once_per_key_and_names_bad_fields(client, user, ap
     assert post_withdrawal(client, user, api_token, body) == (201, first)  # replay
     assert Withdrawal.objects.count() == 1
     assert balances(user) == (Decimal("74.5"), Decimal("74.5"))
+    nested = "deep"
+    for _ in range(20):  # past the API's 16 levels
+        nested = [nested]
     for bad, field in [
         ({**body, "amount": 25.5}, "amount"),
         ({**body, "amount": "1.0000001"}, "amount"),
         ({**body, "chain": "DOGE"}, "chain"),
         ({**body, "address": " "}, "address"),
+        ({**body, "address": "0xde\x00st"}, "address"),  # PostgreSQL refuses NUL: once a 500
+        ({**body, "address": "0x\ud800"}, "address"),
+        ({**body, "chain": ["ETH"]}, "chain"),
+        ({**body, "memo": nested}, "memo"),
     ]:
         status, answer = post_withdrawal(client, user, api_token, bad, key=f"k-{field}-{bad}")
         assert status == 400 and answer["error"]["field"] == field
