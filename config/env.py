@@ -88,6 +88,33 @@ def env_url(name: str, default: str | None, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
+def env_list(name: str, default: str) -> tuple[str, ...]:
+    """A comma-separated list (spaces around items ignored, empty items dropped)."""
+    return tuple(item.strip() for item in env.str(name, default=default).split(",") if item.strip())
+
+
+def env_mapping(name: str, default: str, values: tuple[str, ...]) -> dict[str, str]:
+    """`key=value,key=value`, each value one of `values`."""
+    mapping = {}
+    for item in env_list(name, default):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not key or not equals or value not in values:
+            raise ConfigurationError(
+                f"{name}: expected key=value items with a value in {', '.join(values)}, "
+                f"got {item!r}"
+            )
+        mapping[key] = value
+    return mapping
+
+
+def env_pattern(name: str, default: str) -> re.Pattern:
+    raw = env.str(name, default=default)
+    try:
+        return re.compile(raw)
+    except re.error as exc:
+        raise ConfigurationError(f"{name}: not a regular expression ({exc}): {raw!r}") from None
+
+
 def env_directory(name: str) -> str | None:
     """A directory this process must be able to write to, when set (set but empty is refused:
     prometheus_client would take it for the working directory)."""

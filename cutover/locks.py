@@ -6,10 +6,14 @@ PHASE_LOCK = 7_401_001  # also written in cutover_balance_mutate (cutover/sql/cu
 RECONCILE_LOCK = 7_401_002
 SETTLEMENT_CYCLE_LOCK = 7_401_003
 CUSTODY_RECONCILE_LOCK = 7_401_004
+# With a second key, the transfer id's hash: pg_advisory_xact_lock(int, int) (a key space of
+# its own): one credit decision per Circle transfer at a time.
+CIRCLE_TRANSFER_LOCK = 7_401_005
 
 REGISTRY = {
     "phase": PHASE_LOCK,
     "reconcile": RECONCILE_LOCK,
     "settlement_cycle": SETTLEMENT_CYCLE_LOCK,
     "custody_reconcile": CUSTODY_RECONCILE_LOCK,
+    "circle_transfer": CIRCLE_TRANSFER_LOCK,
 }

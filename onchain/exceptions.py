@@ -25,6 +25,12 @@ class MalformedNotification(OnchainError):
     """The body is not a notification we understand."""
 
 
+class TransferRefused(OnchainError):
+    """A verified notification's transfer that will not be credited or settled as it stands
+    (a currency we do not hold, an amount we cannot read, another wallet's transfer): kept
+    with why for an operator, and answered 200 (Circle's retry would bring the same)."""
+
+
 class CircleRefused(OnchainError):
     """Circle refused the request itself (a final answer, not worth resending)."""
 

@@ -17,14 +17,25 @@ from django.utils import timezone
 
 from cutover.actors import Actor
 from cutover.balance_path import balance_mutation_apply, strict_failure_recorded
+from cutover.locks import CIRCLE_TRANSFER_LOCK
+from cutover.models import BalanceMutation
 from cutover.operator_audit import operator_action_record
 from cutover.selectors import user_currency
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from ledger.selectors import USDC_BUFFER
 from onchain import metrics
-from onchain.exceptions import MalformedNotification, onchain_rules
-from onchain.models import CircleNotification, InboxStatus, Withdrawal
+from onchain.exceptions import MalformedNotification, TransferRefused, onchain_rules
+from onchain.models import CircleNotification, InboxStatus, TransferDiscrepancy, Withdrawal
+from onchain.notifications import (
+    FOREIGN,
+    OUTBOUND,
+    POLLED,
+    TransferEvent,
+    payload_transfer_id,
+    stored_event,
+    transfer_event,
+)
 from onchain.selectors import deposit_address_find
 from onchain.settlement import withdrawal_settle
 from onchain.signatures import MAX_ID_LENGTH, signature_verify
@@ -32,10 +43,9 @@ from onchain.signatures import MAX_ID_LENGTH, signature_verify
 log = logging.getLogger(__name__)
 
 
-SUPPORTED_TYPES = {"transfers.created", "transfers.completed", "transfers.failed", "webhooks.test"}
-# Ours, never Circle's: a transfer the poll found in Circle's list and could not apply as it
-# stands (malformed), kept in the inbox as `poll:<transfer id>` for an operator.
-POLLED = "poll.transfer"
+# A notification in these states is not evaluated again when Circle redelivers it (the same
+# content would be refused again); an operator's replay evaluates a refused one afresh.
+FINAL = {InboxStatus.PROCESSED, InboxStatus.REFUSED}
 
 
 @dataclass(frozen=True)
@@ -57,28 +67,38 @@ INBOX_UPSERT = """
 
 
 def notification_receive(*, body: bytes, signature: str, key_id: str) -> Delivery:
-    """Verify, then store raw (deduplicated by Circle's notification id) and process in one
-    transaction: the inbox row is locked by its upsert, and marked processed together with its
-    effect. A delivery of a notification already processed changes nothing but its delivery
-    count; a parked or failed one is evaluated again. A failure is kept on the row."""
+    """A Circle v2 delivery (Wallets' transactions, Mint's custody.transfer, the checklist's
+    aliases): its signature verified over the raw body, then accepted under its
+    notificationId (notification_accept)."""
     signature_verify(
         body=body, signature=signature, key_id=key_id, base_url=settings.CIRCLE_API_BASE_URL
     )
     try:
         text = body.decode("utf-8")
-        payload = json.loads(text)
-        notification_id = payload["notificationId"]
-        notification_type = payload["notificationType"]
-        transfer_id = part(payload, "notification", "id")
+        notification_id = json.loads(text)["notificationId"]
     except (ValueError, KeyError, TypeError):
         raise MalformedNotification("the body is not a Circle notification") from None
+    return notification_accept(notification_id=notification_id, key_id=key_id, text=text)
+
+
+def notification_accept(*, notification_id: object, key_id: str, text: str) -> Delivery:
+    """Store an authenticated Circle notification raw (`text`: Circle's JSON, a v2 envelope or
+    a v1 message) under `notification_id` (deduplicated: Circle redelivers under the same id),
+    and process it in one transaction: its effect and the row's status commit together. A
+    delivery of a notification already processed changes nothing but its delivery count; a
+    parked or failed one is evaluated again. A failure is kept on the row."""
     if not isinstance(notification_id, str) or not 0 < len(notification_id) <= MAX_ID_LENGTH:
         raise MalformedNotification(f"notificationId must be 1..{MAX_ID_LENGTH} characters")
     if "\x00" in text or "\\u0000" in text:
         raise MalformedNotification("the body contains a NUL character")
-    if notification_type not in SUPPORTED_TYPES:
-        raise MalformedNotification(f"unsupported notificationType {notification_type!r}")
-    transfer_id = transfer_id[:MAX_ID_LENGTH] if isinstance(transfer_id, str) else ""
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        raise MalformedNotification("the body is not a Circle notification") from None
+    notification_type = payload.get("notificationType") if isinstance(payload, dict) else None
+    if not isinstance(notification_type, str) or not 0 < len(notification_type) <= 64:
+        raise MalformedNotification("notificationType must be 1..64 characters")
+    transfer_id = payload_transfer_id(payload)[:MAX_ID_LENGTH]
     row = CircleNotification(
         notification_id=notification_id,
         notification_type=notification_type,
@@ -95,7 +115,7 @@ def notification_receive(*, body: bytes, signature: str, key_id: str) -> Deliver
                 row.pk, inserted = cursor.fetchone()
             if not inserted:
                 row = CircleNotification.objects.get(pk=row.pk)  # as first stored, locked
-            status = row.status if row.status == InboxStatus.PROCESSED else _process(row)
+            status = row.status if row.status in FINAL else _process(row)
     except Exception:
         _failure_record(row)
         raise
@@ -112,7 +132,7 @@ def notification_process(*, notification_id: str) -> str:
     try:
         with strict_failure_recorded(), onchain_rules(), transaction.atomic(durable=True):
             row = CircleNotification.objects.select_for_update().get(pk=row.pk)
-            if row.status == InboxStatus.PROCESSED:
+            if row.status in FINAL:
                 return row.status  # parked and failed ones are evaluated again
             return _process(row)
     except Exception:
@@ -146,9 +166,8 @@ def notification_replay(*, notification_id: str, actor: Actor, reason: str = "")
 
 
 def _process(row: CircleNotification) -> str:
-    """Apply a locked inbox row and record the outcome on it."""
-    row.status = _apply(row)
-    row.error = ""
+    """Apply a locked inbox row and record the outcome on it (with why, when refused)."""
+    row.status, row.error = _apply(row)
     row.attempts += 1
     row.processed_at = timezone.now()
     row.save(update_fields=["status", "error", "attempts", "processed_at"])
@@ -173,60 +192,77 @@ def _failure_record(row: CircleNotification) -> None:
         )
 
 
-def part(value, *path: str):
-    """value[path[0]][path[1]]..., or None where the notification's shape is not as expected."""
-    for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
+def _apply(row: CircleNotification) -> tuple[str, str]:
+    """What a notification does: (the row's status, why when refused). Only a complete
+    inbound transfer in a currency we hold moves a user's money; a transfer from our wallet
+    settles its withdrawal; anything else is recorded."""
+    try:
+        event = transfer_event(row.notification_type, json.loads(row.body))
+        if event is None:
+            return InboxStatus.PROCESSED, ""  # a test, a fiat deposit, a type we do not act on
+        if event.direction == OUTBOUND:
+            return _withdrawal_apply(event), ""
+        if event.direction == FOREIGN:
+            raise TransferRefused(
+                f"transfer {event.transfer_id} is another wallet's, not ours "
+                f"({settings.CIRCLE_WALLET_ID})"
+            )
+        if event.status != "complete":
+            return InboxStatus.PROCESSED, ""  # only a completed transfer moves money
+        return deposit_credit(event, correlation_id=row.notification_id)
+    except TransferRefused as exc:
+        log.error("ALERT circle notification %s refused: %s", row.notification_id, exc)
+        transaction.on_commit(metrics.notifications_refused.inc)
+        return InboxStatus.REFUSED, str(exc)
 
 
-def _apply(row: CircleNotification) -> str:
-    transfer = part(json.loads(row.body), "notification")
-    if not isinstance(transfer, dict) or row.notification_type == "webhooks.test":
-        return InboxStatus.PROCESSED
-    transfer_id = part(transfer, "id")
-    if transfer_id is not None and not isinstance(transfer_id, str):
-        raise MalformedNotification("the transfer's id is not a string")
-    if part(transfer, "source", "type") == "wallet":  # from our wallet: a withdrawal
-        withdrawal = (
-            Withdrawal.objects.select_for_update().filter(circle_transfer_id=transfer_id).first()
-            if transfer_id
-            else None
-        )
-        if withdrawal is not None:
-            settled = withdrawal_settle(withdrawal, transfer)
-            return InboxStatus.PARKED if settled == InboxStatus.PARKED else InboxStatus.PROCESSED
-        # Its send is not recorded yet (the worker crashed, or is still committing): kept for
-        # the worker, which replays it once it records the transfer id.
-        if transfer.get("status") in ("complete", "failed"):
-            log.warning("circle transfer %s from our wallet not yet recorded: parked", transfer_id)
-            return InboxStatus.PARKED
-        return InboxStatus.PROCESSED
-    if row.notification_type == POLLED and transfer.get("status") != "complete":
-        return InboxStatus.PROCESSED
-    if row.notification_type not in ("transfers.completed", POLLED):
-        return InboxStatus.PROCESSED  # recorded; only a completed transfer moves money here
-    return deposit_credit(transfer, correlation_id=row.notification_id)
-
-
-def deposit_credit(transfer: dict, *, correlation_id: str) -> str:
-    """Credit a completed inbound transfer to its deposit address's user, once per transfer id
-    whichever way it arrives (webhook, redelivery, poll)."""
-    destination = part(transfer, "destination", "address")
-    chain = part(transfer, "destination", "chain")
-    address = deposit_address_find(chain=chain, address=destination)
-    if address is None:
+def _withdrawal_apply(event: TransferEvent) -> str:
+    """A transfer from our wallet settles the withdrawal that sent it."""
+    withdrawal = (
+        Withdrawal.objects.select_for_update().filter(circle_transfer_id=event.transfer_id).first()
+    )
+    if withdrawal is not None:
+        settled = withdrawal_settle(withdrawal, {"status": event.status})
+        return InboxStatus.PARKED if settled == InboxStatus.PARKED else InboxStatus.PROCESSED
+    # Its send is not recorded yet (the worker crashed, or is still committing): kept for the
+    # worker, which replays it once it records the transfer id.
+    if event.status in ("complete", "failed"):
         log.warning(
-            "circle transfer %s to unknown address %r parked", transfer.get("id"), destination
+            "circle transfer %s from our wallet not yet recorded: parked", event.transfer_id
         )
         return InboxStatus.PARKED
-    transfer_id, amount = part(transfer, "id"), part(transfer, "amount", "amount")
-    if not isinstance(transfer_id, str) or not transfer_id or not isinstance(amount, str):
-        raise MalformedNotification("the transfer has no id or amount")
+    return InboxStatus.PROCESSED
+
+
+def deposit_credit(event: TransferEvent, *, correlation_id: str) -> tuple[str, str]:
+    """Credit a completed inbound transfer to its deposit address's user, once per transfer id
+    whichever way it arrives (webhook, redelivery, poll; one decision at a time per transfer:
+    concurrent deliveries wait for each other instead of colliding). (status, why): parked
+    when no user has the address; TransferRefused when the currency or the amount is not one
+    we credit; refused with a TransferDiscrepancy when the transfer was already credited
+    otherwise (another amount or user)."""
+    if event.currency is None:
+        raise TransferRefused(
+            f"transfer {event.transfer_id}'s currency ({event.circle_currency or 'none'}) is "
+            "not one we credit"
+        )
     try:
-        amount = amount_parse(amount, address.currency)
+        if not isinstance(event.amount, str):  # Circle writes amounts as decimal strings
+            raise InvalidAmount(f"amount {event.amount!r} is not a decimal string")
+        amount = amount_parse(event.amount, event.currency)
     except InvalidAmount as exc:
-        raise MalformedNotification(f"the transfer's amount: {exc}") from None
+        raise TransferRefused(f"transfer {event.transfer_id}'s amount: {exc}") from None
+    address = deposit_address_find(chain=event.chain, address=event.address)
+    if address is None:
+        log.warning(
+            "circle transfer %s to unknown address %r parked", event.transfer_id, event.address
+        )
+        return InboxStatus.PARKED, ""
+    if address.currency != event.currency:
+        raise TransferRefused(
+            f"transfer {event.transfer_id} brings {event.currency} to an address for "
+            f"{address.currency}"
+        )
     held = user_currency(address.user_id)
     if held is not None and held != address.currency:
         # The money is in our wallet but this user cannot hold it (one currency per user):
@@ -234,26 +270,58 @@ def deposit_credit(transfer: dict, *, correlation_id: str) -> str:
         # this covers a user whose first money came in another currency after registering.)
         log.error(
             "ALERT circle transfer %s to %s: user %s holds %s, not %s; parked for an operator",
-            transfer_id,
-            destination,
+            event.transfer_id,
+            event.address,
             address.user_id,
             held,
             address.currency,
         )
-        return InboxStatus.PARKED
-    result = balance_mutation_apply(
+        return InboxStatus.PARKED, ""
+    reference = f"circle:transfer:{event.transfer_id}"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+            [CIRCLE_TRANSFER_LOCK, event.transfer_id],
+        )
+    credited = BalanceMutation.objects.filter(reference=reference).first()
+    if credited is not None:
+        if credited.amount == amount and credited.user_id == address.user_id:
+            return InboxStatus.PROCESSED, ""  # credited already, as this says
+        return InboxStatus.REFUSED, _contradiction_record(event, credited, correlation_id)
+    balance_mutation_apply(
         user_id=address.user_id,
         direction="credit",
         amount=amount,
-        reference=f"circle:transfer:{transfer_id}",
+        reference=reference,
         reason="circle_deposit",
         currency=address.currency,
         counterparty=USDC_BUFFER,
         correlation_id=correlation_id,
     )
-    if result.created:
-        transaction.on_commit(metrics.deposits_processed.inc)
-    return InboxStatus.PROCESSED
+    transaction.on_commit(metrics.deposits_processed.inc)
+    return InboxStatus.PROCESSED, ""
+
+
+def _contradiction_record(event: TransferEvent, credited: BalanceMutation, source: str) -> str:
+    """A notification that says otherwise about a transfer already credited: recorded once for
+    an operator (who may credit or debit the difference), nothing credited again."""
+    detail = (
+        f"transfer {event.transfer_id} was credited {credited.amount} {credited.currency} to "
+        f"user {credited.user_id}; {source} says {event.amount!r} to {event.address!r}"
+    )
+    TransferDiscrepancy.objects.get_or_create(
+        notification_id=source,
+        defaults={
+            "transfer_id": event.transfer_id,
+            "reference": credited.reference,
+            "credited_amount": credited.amount,
+            "notified_amount": str(event.amount)[:64],
+            "detail": detail,
+        },
+    )
+    log.error("ALERT %s", detail)
+    transaction.on_commit(metrics.transfer_discrepancies.inc)
+    return detail
 
 
 def polled_park(item, *, error: str) -> bool:
@@ -281,17 +349,18 @@ def polled_park(item, *, error: str) -> bool:
     return created
 
 
-def parked_resolve(rows: list[CircleNotification], transfer: dict) -> int:
+def parked_resolve(rows: list[CircleNotification], event: TransferEvent) -> int:
     """Mark processed, in the caller's transaction, the parked inbox rows (locked by the
-    caller) of a transfer just credited as `transfer` says; how many. A row naming another
+    caller) of a transfer just credited as `event` says; how many. A row naming another
     amount stays parked: that contradiction is an operator's. The poll's own rows are an
     older reading of Circle's list: resolved whatever they said."""
-    amount = _decimal(part(transfer, "amount", "amount"))
+    amount = _decimal(event.amount)
     resolved = [
         row.pk
         for row in rows
         if row.notification_type == POLLED
-        or _decimal(part(json.loads(row.body), "notification", "amount", "amount")) == amount
+        or _decimal(getattr(stored_event(row.notification_type, row.body), "amount", None))
+        == amount
     ]
     CircleNotification.objects.filter(pk__in=resolved).update(
         status=InboxStatus.PROCESSED, error="", processed_at=timezone.now()

@@ -17,3 +17,11 @@ poll_transfers_malformed = Counter(
     "onchain_poll_transfers_malformed",
     "Transfers in Circle's list the poll could not read, parked in the inbox",
 )
+notifications_refused = Counter(
+    "onchain_notifications_refused",
+    "Verified Circle notifications kept but not credited (currency, amount, another wallet)",
+)
+transfer_discrepancies = Counter(
+    "onchain_transfer_discrepancies",
+    "Notifications contradicting a transfer already credited, recorded for an operator",
+)

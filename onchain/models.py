@@ -84,6 +84,7 @@ class InboxStatus(models.TextChoices):
     PROCESSED = "processed", "Processed"
     PARKED = "parked", "Parked for an operator"
     FAILED = "failed", "Failed (retryable)"
+    REFUSED = "refused", "Refused (kept, not credited: see why)"
 
 
 class CircleNotification(models.Model):
@@ -115,6 +116,45 @@ class CircleNotification(models.Model):
 
     def __str__(self) -> str:
         return f"{self.notification_type} {self.notification_id}"
+
+
+class TransferDiscrepancyStatus(models.TextChoices):
+    OPEN = "open", "Open"
+    RESOLVED = "resolved", "Resolved"
+
+
+class TransferDiscrepancy(models.Model):
+    """A verified notification that contradicts what was already credited for its transfer
+    (another amount, another address): nothing more is credited, an operator decides. One row
+    per contradicting notification."""
+
+    transfer_id = models.CharField(max_length=64, db_index=True)
+    notification_id = models.CharField(max_length=64, unique=True)
+    reference = models.CharField(max_length=255)  # the balance-path credit it contradicts
+    credited_amount = models.DecimalField(max_digits=38, decimal_places=6)
+    notified_amount = models.CharField(max_length=64)  # as Circle wrote it
+    detail = models.TextField()
+    status = models.CharField(
+        max_length=8,
+        choices=TransferDiscrepancyStatus.choices,
+        default=TransferDiscrepancyStatus.OPEN,
+    )
+    created_at = models.DateTimeField(db_default=Now())
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(max_length=150, blank=True, default="")
+    resolution_note = models.TextField(blank=True, default="")
+
+    class Meta:
+        db_table = "onchain_transfer_discrepancies"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=TransferDiscrepancyStatus.values),
+                name="onchain_transfer_discrepancies_chk_status",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"transfer {self.transfer_id}: credited {self.credited_amount}"
 
 
 class WithdrawalStatus(models.TextChoices):

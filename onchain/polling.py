@@ -11,12 +11,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from cutover.balance_path import strict_failure_recorded
-from cutover.exceptions import ConcurrentDuplicate
 from cutover.models import BalanceMutation
 from onchain import circle, metrics
-from onchain.exceptions import MalformedNotification
+from onchain.exceptions import TransferRefused
 from onchain.inbox import deposit_credit, notification_process, parked_resolve, polled_park
 from onchain.models import CircleNotification, InboxStatus, Withdrawal, WithdrawalStatus
+from onchain.notifications import INBOUND, POLLED, transfer_event
 from onchain.withdrawals import transfer_settle
 
 log = logging.getLogger(__name__)
@@ -84,29 +84,32 @@ def _deposit_poll(item, since, report: PollReport) -> None:
     status = item.get("status") if isinstance(item, dict) else None
     if isinstance(status, str) and status != "complete":
         return  # only a completed transfer moves money
-    transfer_id = item.get("id") if isinstance(item, dict) else None
-    if not isinstance(transfer_id, str) or not transfer_id or status != "complete":
-        _malformed(item, "the listed transfer has no id or status", report)
+    try:
+        event = transfer_event(POLLED, {"notification": item})
+        if event is None or status != "complete":
+            raise TransferRefused("the listed transfer has no id or status")
+    except TransferRefused as exc:
+        _malformed(item, str(exc), report)
         return
+    if event.direction != INBOUND:
+        return  # listed by destination wallet, yet from our wallet or into another
     created = circle.transfer_created(item)
     if created is not None and created < since:
         return  # outside the lookback: Circle's `from` filter was not applied
-    reference = f"circle:transfer:{transfer_id}"
+    reference = f"circle:transfer:{event.transfer_id}"
     if BalanceMutation.objects.filter(reference=reference).exists():
         return
     try:
         with strict_failure_recorded(), transaction.atomic(durable=True):
             waiting = list(
                 CircleNotification.objects.select_for_update().filter(
-                    transfer_id=transfer_id, status=InboxStatus.PARKED
+                    transfer_id=event.transfer_id, status=InboxStatus.PARKED
                 )
             )
-            outcome = deposit_credit(item, correlation_id=f"poll:{transfer_id}")
+            outcome, _ = deposit_credit(event, correlation_id=f"poll:{event.transfer_id}")
             if outcome == InboxStatus.PROCESSED:
-                report.notifications_resolved += parked_resolve(waiting, item)
-    except ConcurrentDuplicate:
-        return  # another poll or a webhook committed its credit first
-    except MalformedNotification as exc:
+                report.notifications_resolved += parked_resolve(waiting, event)
+    except TransferRefused as exc:
         _malformed(item, str(exc), report)
         return
     except Exception:
@@ -115,6 +118,8 @@ def _deposit_poll(item, since, report: PollReport) -> None:
         return
     if outcome == InboxStatus.PARKED:
         report.deposits_parked += 1
+    elif outcome == InboxStatus.REFUSED:
+        report.deposits_not_applied += 1  # contradicts a credit made meanwhile: recorded
     else:
         report.deposits_credited += 1
 

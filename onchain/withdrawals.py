@@ -31,7 +31,7 @@ from onchain.exceptions import (
     WithdrawalRefused,
     onchain_rules,
 )
-from onchain.inbox import notification_process, part
+from onchain.inbox import notification_process
 from onchain.models import CircleNotification, InboxStatus, Withdrawal, WithdrawalStatus
 from onchain.settlement import withdrawal_fail, withdrawal_settle
 
@@ -296,7 +296,7 @@ def _circle_transfer_find(withdrawal: Withdrawal, base_url: str) -> dict | None:
 
 def _is_transfer_of(transfer: dict, withdrawal: Withdrawal) -> bool:
     destination = transfer.get("destination") or {}
-    amount = part(transfer, "amount", "amount")
+    amount = (transfer.get("amount") or {}).get("amount")
     try:
         same_amount = isinstance(amount, str) and Decimal(amount) == withdrawal.amount
     except ArithmeticError:

@@ -13,6 +13,9 @@ from config.env import (
     env_duration,
     env_fraction,
     env_int,
+    env_list,
+    env_mapping,
+    env_pattern,
     env_secret,
     env_url,
 )
@@ -196,6 +199,22 @@ CIRCLE_API_BASE_URL = env_url(
 ).rstrip("/")
 CIRCLE_HTTP_TIMEOUT = env_duration("CIRCLE_HTTP_TIMEOUT", "5s").total_seconds()
 CIRCLE_WEBHOOK_MAX_BYTES = env_int("CIRCLE_WEBHOOK_MAX_BYTES", 65536, minimum=1024)
+# Circle Mint v1 notifications come through Amazon SNS: the topics we subscribed to (Circle
+# publishes from us-east-1 and us-west-2; these defaults are Circle's sandbox topics), and the
+# `scheme://host[:port]` a signing certificate or a subscription confirmation URL must match.
+CIRCLE_SNS_TOPIC_ARNS = frozenset(
+    env_list(
+        "CIRCLE_SNS_TOPIC_ARNS",
+        "arn:aws:sns:us-east-1:908968368384:sandbox_platform-notifications-topic,"
+        "arn:aws:sns:us-west-2:908968368384:sandbox_platform-notifications-topic",
+    )
+)
+CIRCLE_SNS_URL_PATTERN = env_pattern(
+    "CIRCLE_SNS_URL_PATTERN", r"https://sns\.[a-z0-9-]+\.amazonaws\.com(\.cn)?"
+)
+# Programmable Wallets notifications name no currency, only a token id: the ones we credit
+# (`<tokenId>=USDC,...`); a token not listed is refused and recorded, never credited.
+CIRCLE_WALLETS_TOKENS = env_mapping("CIRCLE_WALLETS_TOKENS", "", ("USDC",))
 # How long a signing key id Circle does not know is answered without asking Circle again.
 CIRCLE_UNKNOWN_KEY_TTL = env_duration("CIRCLE_UNKNOWN_KEY_TTL", "5m")
 # Withdrawals: the Circle wallet they are sent from; the outbox worker's pace, its backoff
