@@ -37,12 +37,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.sandbox import SandboxHandler, SandboxServer
 
+# The deployment checklist's names for Mint transfer notifications (ours, accepted as aliases)
+# and the status each carries.
 STATUS_OF = {
     "transfers.created": "pending",
     "transfers.completed": "complete",
     "transfers.failed": "failed",
 }
-TYPE_OF = {status: kind for kind, status in STATUS_OF.items()}
+# How the sandbox notifies a deposit: Circle Mint v2 (`custody.transfer`, the default),
+# Programmable Wallets (`transactions.inbound`) or Circle Mint v1 through SNS (`sns`).
+DEPOSIT_NOTIFICATIONS = ("custody.transfer", "transactions.inbound", "sns")
+# The sandbox's USDC token for Wallets notifications (a real one is per blockchain; tests and
+# the rehearsal put it in CIRCLE_WALLETS_TOKENS).
+USDC_TOKEN_ID = "5797fbd6-3795-519d-84ca-ec4c5f80c3b1"  # noqa: S105 (a token, not a secret)
 
 
 def _now() -> str:
@@ -94,6 +101,7 @@ class CircleSandbox(SandboxServer):
         self.answer_delay = 0.0
         self.on_created = None
         self.wallet_balance = Decimal(0)  # USDC in the wallet
+        self.deposit_notifications = "custody.transfer"  # one of DEPOSIT_NOTIFICATIONS
         self._serve(host, port)
 
     # What Circle does on its side --------------------------------------------------------
@@ -128,8 +136,19 @@ class CircleSandbox(SandboxServer):
             self.transfers[transfer["id"]] = transfer
             self.wallet_balance += Decimal(amount)
         if notify and self.subscriber:
-            self.deliver(self.subscriber, self.notification("transfers.completed", transfer))
+            self.deposit_notify(transfer)
         return transfer
+
+    def deposit_notify(self, transfer: dict) -> tuple[int, dict]:
+        """Notify the subscriber of a deposit as `deposit_notifications` says Circle does."""
+        if self.deposit_notifications == "transactions.inbound":
+            return self.deliver(
+                self.subscriber,
+                self.notification("transactions.inbound", wallets_inbound(transfer)),
+            )
+        if self.deposit_notifications == "sns":
+            return self.deliver_sns(self.subscriber, self.sns_envelope(mint_v1_message(transfer)))
+        return self.deliver(self.subscriber, self.notification("custody.transfer", transfer))
 
     def transfer_finish(self, transfer_id: str, status: str, *, notify: bool = True) -> dict:
         """An outbound transfer completes ("complete") or fails ("failed") on chain."""
@@ -141,7 +160,7 @@ class CircleSandbox(SandboxServer):
             if status == "failed":
                 transfer["errorCode"] = "transfer_failed"
         if notify and self.subscriber:
-            self.deliver(self.subscriber, self.notification(TYPE_OF[status], transfer))
+            self.deliver(self.subscriber, self.notification("custody.transfer", transfer))
         return transfer
 
     # The wire -----------------------------------------------------------------------------
@@ -347,20 +366,24 @@ class CircleSandbox(SandboxServer):
     def transfer_notification(
         cls,
         *,
-        notification_type: str,
         transfer_id: str,
         address: str,
         amount: str,
+        notification_type: str = "custody.transfer",
+        status: str | None = None,
+        currency: str = "USD",
         notification_id: str | None = None,
+        wallet_id: str = "1000000001",
     ) -> bytes:
-        """A notification about an inbound USDC transfer, in Circle's shape."""
+        """A Circle Mint v2 notification (or one of the checklist's aliases, whose name gives
+        the status) of an inbound transfer into `wallet_id`, as Circle documents it."""
         transfer = {
             "id": transfer_id,
             "source": {"type": "blockchain", "chain": "ETH"},
-            "destination": {"type": "blockchain", "address": address, "chain": "ETH"},
-            "amount": {"amount": amount, "currency": "USD"},
+            "destination": {"type": "wallet", "id": wallet_id, "address": address, "chain": "ETH"},
+            "amount": {"amount": amount, "currency": currency},
             "transactionHash": "0x" + uuid.uuid4().hex,
-            "status": STATUS_OF[notification_type],
+            "status": status or STATUS_OF.get(notification_type, "complete"),
             "createDate": "2026-11-24T00:00:00Z",
         }
         return cls.notification(notification_type, transfer, notification_id)
@@ -384,3 +407,38 @@ class CircleSandbox(SandboxServer):
                 return response.status, json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
+
+
+def wallets_inbound(transfer: dict) -> dict:
+    """A Mint-shaped inbound transfer as Programmable Wallets reports it in a
+    `transactions.inbound` notification (no currency code: the token id)."""
+    state = {"complete": "COMPLETE", "failed": "FAILED"}.get(transfer["status"], "CONFIRMED")
+    return {
+        "id": transfer["id"],
+        "blockchain": "ETH-SEPOLIA",
+        "tokenId": USDC_TOKEN_ID,
+        "walletId": transfer["destination"].get("id", ""),
+        "sourceAddress": "0x" + "5" * 40,
+        "destinationAddress": transfer["destination"]["address"],
+        "transactionType": "INBOUND",
+        "custodyType": "DEVELOPER",
+        "state": state,
+        "amounts": [transfer["amount"]["amount"]],
+        "nfts": None,
+        "txHash": transfer.get("transactionHash", ""),
+        "networkFee": "0.000021",
+        "createDate": transfer["createDate"],
+        "updateDate": transfer["createDate"],
+    }
+
+
+def mint_v1_message(transfer: dict) -> dict:
+    """A transfer as Circle Mint v1 reports it (the JSON SNS carries in `Message`)."""
+    client_id = "00000000-0000-0000-0000-000000000001"
+    return {
+        "clientId": client_id,
+        "notificationType": "transfers",
+        "version": 1,
+        "customAttributes": {"clientId": client_id},
+        "transfer": transfer,
+    }

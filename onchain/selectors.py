@@ -1,6 +1,5 @@
 """Reads of the on-chain engine."""
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,7 +15,9 @@ from ledger.money import amount_parse
 from ledger.selectors import USDC_BUFFER, system_account
 from onchain import metrics
 from onchain.chains import EVM_CHAINS, address_stored_form
+from onchain.exceptions import TransferRefused
 from onchain.models import CircleNotification, DepositAddress, InboxStatus
+from onchain.notifications import INBOUND, POLLED, TransferEvent, stored_event, transfer_event
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +30,19 @@ def deposits_not_yet_credited(listed: Iterable[dict] = ()) -> Decimal:
     notifications named it."""
     pending: dict[str, Decimal] = {}
     stored = (
-        json.loads(body).get("notification")
-        for body in CircleNotification.objects.exclude(status=InboxStatus.PROCESSED).values_list(
-            "body", flat=True
-        )
+        stored_event(notification_type, body)
+        for notification_type, body in CircleNotification.objects.exclude(
+            status=InboxStatus.PROCESSED
+        ).values_list("notification_type", "body")
     )
-    for transfer in chain(stored, listed):
-        if not isinstance(transfer, dict) or transfer.get("status") != "complete":
-            continue
-        source, amount = transfer.get("source"), transfer.get("amount")
-        if isinstance(source, dict) and source.get("type") == "wallet":
-            continue  # one of our withdrawals
-        if not isinstance(transfer.get("id"), str) or not isinstance(amount, dict):
+    listed_events = (_listed_event(item) for item in listed)
+    for event in chain(stored, listed_events):
+        if event is None or event.direction != INBOUND or event.status != "complete":
+            continue  # not a completed deposit into our wallet (a withdrawal, another's)
+        if event.currency != "USDC" or not isinstance(event.amount, str):
             continue
         try:
-            pending[transfer["id"]] = amount_parse(amount.get("amount"), "USDC")
+            pending[event.transfer_id] = amount_parse(event.amount, "USDC")
         except InvalidAmount:
             continue  # a malformed one was never going to be credited as it stands
     credited = set(
@@ -106,19 +105,26 @@ def deposit_address_find(*, chain: object, address: object) -> DepositAddress | 
     return rows[0] if len({row.user_id for row in rows}) == 1 else None
 
 
+def _listed_event(item) -> TransferEvent | None:
+    try:
+        return transfer_event(POLLED, {"notification": item})
+    except TransferRefused:
+        return None
+
+
 def notifications_parked_for(*, chain: str, address: str) -> list[str]:
     """The notification ids parked for a transfer to this registered (stored-form) address: the
     destination names it, as deposit_address_find compares, on this chain or on none."""
     found = []
     parked = CircleNotification.objects.filter(status=InboxStatus.PARKED).order_by("id")
-    for notification_id, body in parked.values_list("notification_id", "body"):
-        try:
-            destination = json.loads(body)["notification"]["destination"]
-            named, named_chain = destination["address"], destination.get("chain")
-        except (ValueError, KeyError, TypeError, AttributeError):
+    for notification_id, notification_type, body in parked.values_list(
+        "notification_id", "notification_type", "body"
+    ):
+        event = stored_event(notification_type, body)
+        if event is None or not isinstance(event.address, str):
             continue  # not a transfer to an address: parked for another reason
-        if not isinstance(named, str) or named_chain not in (None, chain):
+        if event.chain not in (None, chain):
             continue
-        if address_stored_form(chain=chain, address=named) == address:
+        if address_stored_form(chain=chain, address=event.address) == address:
             found.append(notification_id)
     return found

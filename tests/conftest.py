@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.apps import apps
 
-from onchain.sandbox import CircleSandbox
+from onchain.sandbox import USDC_TOKEN_ID, CircleSandbox
 from tests.data_migrations import DATA_MIGRATIONS
 from tests.treasury.factories import KEY, SECRET
 from treasury.sandbox import DueSandbox
@@ -31,6 +31,7 @@ def sandbox(settings, live_server):
         settings.CIRCLE_API_KEY = "sandbox-key"
         settings.CIRCLE_HTTP_TIMEOUT = 2.0
         settings.ONCHAIN_WITHDRAWAL_BACKOFF = timedelta(0)
+        settings.CIRCLE_WALLETS_TOKENS = {USDC_TOKEN_ID: "USDC"}
         yield running
 
 

@@ -5,47 +5,79 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('onchain', '0007_deposit_address_lookup'),
+        ("onchain", "0007_deposit_address_lookup"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='TransferDiscrepancy',
+            name="TransferDiscrepancy",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('transfer_id', models.CharField(db_index=True, max_length=64)),
-                ('notification_id', models.CharField(max_length=64, unique=True)),
-                ('reference', models.CharField(max_length=255)),
-                ('credited_amount', models.DecimalField(decimal_places=6, max_digits=38)),
-                ('notified_amount', models.CharField(max_length=64)),
-                ('detail', models.TextField()),
-                ('status', models.CharField(choices=[('open', 'Open'), ('resolved', 'Resolved')], default='open', max_length=8)),
-                ('created_at', models.DateTimeField(db_default=django.db.models.functions.datetime.Now())),
-                ('resolved_at', models.DateTimeField(blank=True, null=True)),
-                ('resolved_by', models.CharField(blank=True, default='', max_length=150)),
-                ('resolution_note', models.TextField(blank=True, default='')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("transfer_id", models.CharField(db_index=True, max_length=64)),
+                ("notification_id", models.CharField(max_length=64, unique=True)),
+                ("reference", models.CharField(max_length=255)),
+                ("credited_amount", models.DecimalField(decimal_places=6, max_digits=38)),
+                ("notified_amount", models.CharField(max_length=64)),
+                ("detail", models.TextField()),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[("open", "Open"), ("resolved", "Resolved")],
+                        default="open",
+                        max_length=8,
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(db_default=django.db.models.functions.datetime.Now()),
+                ),
+                ("resolved_at", models.DateTimeField(blank=True, null=True)),
+                ("resolved_by", models.CharField(blank=True, default="", max_length=150)),
+                ("resolution_note", models.TextField(blank=True, default="")),
             ],
             options={
-                'db_table': 'onchain_transfer_discrepancies',
+                "db_table": "onchain_transfer_discrepancies",
             },
         ),
         migrations.RemoveConstraint(
-            model_name='circlenotification',
-            name='onchain_circle_notifications_chk_status',
+            model_name="circlenotification",
+            name="onchain_circle_notifications_chk_status",
         ),
         migrations.AlterField(
-            model_name='circlenotification',
-            name='status',
-            field=models.CharField(choices=[('received', 'Received'), ('processed', 'Processed'), ('parked', 'Parked for an operator'), ('failed', 'Failed (retryable)'), ('refused', 'Refused (kept, not credited: see why)')], default='received', max_length=12),
+            model_name="circlenotification",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("received", "Received"),
+                    ("processed", "Processed"),
+                    ("parked", "Parked for an operator"),
+                    ("failed", "Failed (retryable)"),
+                    ("refused", "Refused (kept, not credited: see why)"),
+                ],
+                default="received",
+                max_length=12,
+            ),
         ),
         migrations.AddConstraint(
-            model_name='circlenotification',
-            constraint=models.CheckConstraint(condition=models.Q(('status__in', ['received', 'processed', 'parked', 'failed', 'refused'])), name='onchain_circle_notifications_chk_status'),
+            model_name="circlenotification",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    ("status__in", ["received", "processed", "parked", "failed", "refused"])
+                ),
+                name="onchain_circle_notifications_chk_status",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='transferdiscrepancy',
-            constraint=models.CheckConstraint(condition=models.Q(('status__in', ['open', 'resolved'])), name='onchain_transfer_discrepancies_chk_status'),
+            model_name="transferdiscrepancy",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("status__in", ["open", "resolved"])),
+                name="onchain_transfer_discrepancies_chk_status",
+            ),
         ),
     ]

@@ -148,14 +148,25 @@ def test_rejected_deliveries_store_and_credit_nothing(
     assert balances(depositor) == (Decimal(0), Decimal(0))
 
 
-def test_malformed_and_unsupported_bodies_are_400(sandbox, webhook):
+def test_bodies_that_are_not_notifications_are_400(sandbox, webhook):
     for body in (
         b"{not json",
-        json.dumps({"notificationId": "n", "notificationType": "x"}).encode(),
+        b"[1, 2]",
+        json.dumps({"notificationType": "custody.transfer"}).encode(),
+        json.dumps({"notificationId": "n", "notificationType": 7}).encode(),
+        json.dumps({"notificationId": "n"}).encode(),
+        json.dumps({"notificationId": "", "notificationType": "custody.transfer"}).encode(),
     ):
         status, answer = sandbox.deliver(webhook, body)
-        assert status == 400 and answer["error"]["code"] == "malformed"
+        assert status == 400 and answer["error"]["code"] == "malformed", body
     assert not CircleNotification.objects.exists()
+
+
+def test_a_type_we_do_not_act_on_is_kept_and_answered_200_not_retried(sandbox, webhook):
+    body = json.dumps({"notificationId": "n", "notificationType": "x"}).encode()
+    status, answer = sandbox.deliver(webhook, body)
+    assert (status, answer["status"]) == (200, "processed")
+    assert CircleNotification.objects.get().notification_type == "x"
 
 
 def test_oversized_body_is_413(sandbox, webhook, settings):
