@@ -1,5 +1,6 @@
-"""The on-chain console: the Circle inbox (with replay), withdrawals (dead ones resent or
-cancelled by an operator, after a confirmation) and users' deposit addresses."""
+"""The on-chain console: the Circle inbox (with replay; refused notifications say why),
+transfer discrepancies (resolved with a note), withdrawals (dead ones resent or cancelled by an
+operator, after a confirmation) and users' deposit addresses."""
 
 from django import forms
 from django.contrib import admin, messages
@@ -12,9 +13,10 @@ from gateway.actions import action_run
 from ledger.admin import ReadOnlyAdmin
 from onchain.addresses import DEPOSIT_CURRENCIES, deposit_address_add, deposit_address_remove
 from onchain.chains import CHAINS, address_validate
+from onchain.discrepancies import transfer_discrepancy_resolve
 from onchain.exceptions import DepositAddressInvalid
 from onchain.inbox import notification_replay
-from onchain.models import CircleNotification, DepositAddress, Withdrawal
+from onchain.models import CircleNotification, DepositAddress, TransferDiscrepancy, Withdrawal
 from onchain.withdrawals import withdrawal_cancel, withdrawal_resend
 
 
@@ -25,12 +27,17 @@ class CircleNotificationAdmin(ReadOnlyAdmin):
         "notification_type",
         "notification_id",
         "status",
+        "error_summary",
         "deliveries",
         "attempts",
     )
     list_filter = ("status", "notification_type")
     search_fields = ("notification_id", "body")
     actions = ["replay"]
+
+    @admin.display(description="why (refused, failed)")
+    def error_summary(self, notification: CircleNotification) -> str:
+        return notification.error.strip().splitlines()[-1][:120] if notification.error else ""
 
     @admin.action(description="Process the selected notifications again", permissions=["view"])
     def replay(self, request, queryset):
@@ -47,6 +54,54 @@ class CircleNotificationAdmin(ReadOnlyAdmin):
                 self.message_user(request, f"{notification}: {exc}", messages.ERROR)
             else:
                 self.message_user(request, f"{notification}: {status}", messages.SUCCESS)
+
+
+class ResolveForm(forms.Form):
+    note = forms.CharField(
+        help_text="What was done (the difference credited or debited, or why none): audited.",
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+    )
+
+
+@admin.register(TransferDiscrepancy)
+class TransferDiscrepancyAdmin(ReadOnlyAdmin):
+    list_display = (
+        "created_at",
+        "transfer_id",
+        "credited_amount",
+        "notified_amount",
+        "status",
+        "resolved_by",
+    )
+    list_filter = ("status",)
+    search_fields = ("transfer_id", "notification_id")
+    actions = ["resolve"]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return request.user.has_perm("onchain.change_transferdiscrepancy")
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in self.model._meta.fields]
+
+    @admin.action(description="Resolve the selected discrepancies", permissions=["change"])
+    def resolve(self, request: HttpRequest, queryset):
+        def apply(discrepancy, note):
+            transfer_discrepancy_resolve(
+                discrepancy_id=discrepancy.pk, actor=Actor.for_user(request.user), note=note
+            )
+            return "resolved"
+
+        return action_run(
+            self,
+            request,
+            queryset,
+            apply,
+            form_class=ResolveForm,
+            action="resolve",
+            title="Resolve transfer discrepancies",
+            question="Mark these discrepancies resolved? Move any money first, through the "
+            "balance path.",
+        )
 
 
 def _reason_field() -> forms.CharField:

@@ -11,9 +11,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import User
 
-from cutover.models import BalanceMutation
+from cutover.actors import Actor
+from cutover.exceptions import OperatorNotPermitted
+from cutover.models import BalanceMutation, OperatorAudit
 from ledger.models import Account
+from onchain.discrepancies import transfer_discrepancy_resolve
 from onchain.models import CircleNotification, DepositAddress, TransferDiscrepancy
 from onchain.sandbox import USDC_TOKEN_ID, CircleSandbox, wallets_inbound
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
@@ -299,3 +303,31 @@ def test_the_sandbox_notifies_deposits_in_each_documented_shape(sandbox, deposit
     kinds = set(CircleNotification.objects.values_list("notification_type", flat=True))
     assert kinds == {"custody.transfer", "transactions.inbound"}
     assert USDC_TOKEN_ID in CircleNotification.objects.get(transfer_id="d-1").body
+
+
+def test_an_operator_resolves_a_discrepancy_with_a_note_audited(
+    sandbox, webhook, depositor, client
+):
+    send(sandbox, webhook, "custody.transfer", mint_transfer(value="25.50"))
+    send(sandbox, webhook, "custody.transfer", mint_transfer(value="30.00"))
+    discrepancy = TransferDiscrepancy.objects.get()
+    clerk = User.objects.create_user("clerk", password="a-long-password-1", is_staff=True)
+    with pytest.raises(OperatorNotPermitted):
+        transfer_discrepancy_resolve(
+            discrepancy_id=discrepancy.pk, actor=Actor.for_user(clerk), note="looked"
+        )
+    root = User.objects.create_superuser("root", password="a-long-password-1")
+    client.force_login(root)
+    changelist = "/admin/onchain/transferdiscrepancy/"
+    assert "t-1" in client.get(changelist).content.decode()
+    action = {"action": "resolve", "_selected_action": [discrepancy.pk]}
+    confirm = client.post(changelist, action)
+    assert confirm.status_code == 200 and "note" in confirm.content.decode()
+    client.post(changelist, {**action, "confirmed": "yes", "note": ""})  # a note is required
+    assert TransferDiscrepancy.objects.get().status == "open"
+    client.post(changelist, {**action, "confirmed": "yes", "note": "Circle's resend was wrong"})
+    discrepancy.refresh_from_db()
+    assert (discrepancy.status, discrepancy.resolved_by) == ("resolved", "admin:root")
+    audit = OperatorAudit.objects.get(action="transfer_discrepancy.resolve")
+    assert audit.reason == "Circle's resend was wrong"
+    assert credited(depositor) == Decimal("25.5")  # resolving moves no money by itself
