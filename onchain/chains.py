@@ -14,8 +14,9 @@ from Crypto.Hash import keccak
 
 from onchain.exceptions import DepositAddressInvalid
 
-CHAINS = {"ETH", "SOL", "MATIC", "AVAX", "ARB", "BASE", "OP", "ALGO", "XLM", "TRX", "NOBLE"}
-EVM_CHAINS = {"ETH", "MATIC", "AVAX", "ARB", "BASE", "OP"}
+# Circle Mint's chain codes (its transfer API's `Chain`): Polygon is POLY, not MATIC.
+CHAINS = {"ETH", "SOL", "POLY", "AVAX", "ARB", "BASE", "OP", "ALGO", "XLM", "TRX", "NOBLE"}
+EVM_CHAINS = {"ETH", "POLY", "AVAX", "ARB", "BASE", "OP"}
 MAX_ADDRESS_LENGTH = 128
 
 EVM_ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"  # also PostgreSQL's, in the model's CHECK
