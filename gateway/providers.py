@@ -8,7 +8,13 @@ headers and retry policy."""
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Container
+from collections.abc import Callable, Container
+
+
+def error_message(body: dict) -> str:
+    """An error body's `message` (Circle's and Due's both carry one)."""
+    message = body.get("message")
+    return message if isinstance(message, str) else ""
 
 
 def provider_call(
@@ -23,8 +29,10 @@ def provider_call(
     refusals: Container[int],
     refused: type[Exception],
     unavailable: type[Exception],
+    error_text: Callable[[dict], str] = error_message,
 ) -> dict:
-    """`method base_url+path` with `headers` and body `data`; the decoded JSON answer."""
+    """`method base_url+path` with `headers` and body `data`; the decoded JSON answer. An
+    error's JSON body is told in the exception's message by `error_text`."""
     request = urllib.request.Request(  # noqa: S310 (settings allow only http and https)
         f"{base_url}{path}", data=data, method=method, headers=headers
     )
@@ -33,8 +41,9 @@ def provider_call(
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:
-            message = json.loads(exc.read()).get("message", "")
-        except (ValueError, AttributeError):
+            body = json.loads(exc.read())
+            message = error_text(body) if isinstance(body, dict) else ""
+        except ValueError:
             message = ""
         if exc.code in refusals:
             raise refused(

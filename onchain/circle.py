@@ -46,7 +46,23 @@ def _call(
         refusals=REFUSALS,
         refused=CircleRefused,
         unavailable=CircleUnavailable,
+        error_text=error_describe,
     )
+
+
+def error_describe(body: dict) -> str:
+    """Circle's documented error body: `code` (Circle's own, not the HTTP status), `message`,
+    and for an invalid request `errors` naming each wrong field (`location`)."""
+    text = f"{body.get('message', '')} (Circle code {body.get('code')})"
+    errors = body.get("errors")
+    if isinstance(errors, list):
+        named = [
+            f"{error.get('location')}: {error.get('message')}"
+            for error in errors
+            if isinstance(error, dict)
+        ]
+        text += "".join(f"; {entry}" for entry in named)
+    return text
 
 
 def public_key_fetch(*, base_url: str, key_id: str) -> tuple[str, str]:

@@ -209,8 +209,22 @@ class CircleSandbox(SandboxServer):
                         raise ValueError("unknown source wallet")
                 except (ValueError, KeyError, TypeError) as exc:
                     return self._json(400, {"code": 2, "message": f"Invalid request: {exc}"})
-                if address.startswith("0xbad"):  # a destination Circle refuses
-                    return self._json(400, {"code": 5001, "message": "Invalid destination."})
+                if address.startswith("0xbad"):  # a destination Circle refuses, as documented
+                    why = "destination.address is not a valid address for the chain"
+                    return self._json(
+                        400,
+                        {
+                            "code": 2,
+                            "message": f"Invalid entity. {why}",
+                            "errors": [
+                                {
+                                    "error": "invalid_value",
+                                    "location": "destination.address",
+                                    "message": why,
+                                }
+                            ],
+                        },
+                    )
                 with sandbox.lock:
                     known = sandbox.by_key.get(key)
                     if known is not None and known[1] != body:

@@ -112,7 +112,7 @@ def test_circle_refusal_is_final_and_reverses(sandbox, user):
     report = withdrawals_send()
     assert report.failed == 1 and sandbox.create_calls == 1
     withdrawal.refresh_from_db()
-    assert withdrawal.status == "failed" and "Invalid destination" in withdrawal.last_error
+    assert withdrawal.status == "failed" and "destination.address: " in withdrawal.last_error
     assert balances(user) == (Decimal(100), Decimal(100))
     assert withdrawals_send().submitted == 0 and sandbox.create_calls == 1  # never resent
 
