@@ -25,6 +25,30 @@ class MalformedNotification(OnchainError):
     """The body is not a notification we understand."""
 
 
+class SnsMalformed(OnchainError):
+    """An Amazon SNS delivery that is not an SNS message we can read; `field` names what is
+    wrong (a field of SNS's envelope, or the body)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class SnsRejected(OnchainError):
+    """An Amazon SNS delivery we do not trust: not from a topic of ours, a certificate or
+    confirmation URL off SNS's hosts, a signature that does not verify. Nothing is fetched
+    after a URL is refused, nothing is stored. `field` names the envelope's field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class SnsUnavailable(OnchainError):
+    """SNS's signing certificate or a subscription's confirmation URL could not be fetched:
+    retryable (SNS redelivers)."""
+
+
 class TransferRefused(OnchainError):
     """A verified notification's transfer that will not be credited or settled as it stands
     (a currency we do not hold, an amount we cannot read, another wallet's transfer): kept

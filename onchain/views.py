@@ -1,11 +1,13 @@
-"""Circle's webhook (a thin view over onchain.inbox.notification_receive), the buffer status,
-and the API's withdrawals and deposit addresses."""
+"""Circle's webhook (a thin view over onchain.inbox.notification_receive for Circle's v2
+deliveries, onchain.sns.sns_receive for Circle Mint v1's through Amazon SNS), the buffer
+status, and the API's withdrawals and deposit addresses."""
 
 import logging
 import uuid
 from decimal import Decimal
 
 from django.conf import settings
+from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -41,13 +43,17 @@ from onchain.exceptions import (
     DepositAddressTaken,
     MalformedNotification,
     SignatureRejected,
+    SnsMalformed,
+    SnsRejected,
+    SnsUnavailable,
     UnknownSigningKey,
     WithdrawalRefused,
     WithdrawalTransitionRefused,
 )
-from onchain.inbox import notification_receive
+from onchain.inbox import Delivery, notification_receive
 from onchain.models import DepositAddress, Withdrawal
 from onchain.selectors import buffer_status, deposit_address_list
+from onchain.sns import SnsSubscription, sns_receive
 from onchain.withdrawals import withdrawal_request
 
 log = logging.getLogger("onchain.webhook")
@@ -73,6 +79,8 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
         return _refuse(401, "bad_token", "the subscriber URL's token is missing or wrong", "token")
     if len(request.body) > settings.CIRCLE_WEBHOOK_MAX_BYTES:
         return _refuse(413, "too_large", f"over {settings.CIRCLE_WEBHOOK_MAX_BYTES} bytes")
+    if "x-amz-sns-message-type" in request.headers:  # Amazon SNS sends it on every delivery
+        return _sns_transfers(request)
     try:
         delivery = notification_receive(
             body=request.body,
@@ -91,6 +99,38 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
     # row is evaluated afresh next time).
     except (CutoverError, LedgerError, WithdrawalTransitionRefused) as exc:
         return _refuse(503, "not_applied", str(exc))
+    return _delivered(delivery)
+
+
+def _sns_transfers(request: HttpRequest) -> JsonResponse:
+    """Circle Mint v1: an Amazon SNS delivery (its Content-Type, text/plain, is not read)."""
+    try:
+        received = sns_receive(body=request.body)
+    except SnsMalformed as exc:
+        return _refuse(400, "malformed", str(exc), exc.field)
+    except SnsRejected as exc:
+        return _refuse(403, "sns_rejected", str(exc), exc.field)
+    except MalformedNotification as exc:
+        return _refuse(400, "malformed", str(exc), "Message")
+    except SnsUnavailable as exc:
+        return _refuse(503, "sns_unavailable", str(exc))
+    except (CutoverError, LedgerError, WithdrawalTransitionRefused) as exc:
+        return _refuse(503, "not_applied", str(exc))
+    except OperationalError as exc:  # the database is down: SNS redelivers
+        return _refuse(503, "unavailable", str(exc))
+    if isinstance(received, SnsSubscription):
+        return JsonResponse(
+            {
+                "messageId": received.message_id,
+                "type": received.message_type,
+                "topicArn": received.topic_arn,
+                "duplicate": received.duplicate,
+            }
+        )
+    return _delivered(received)
+
+
+def _delivered(delivery: Delivery) -> JsonResponse:
     return JsonResponse(
         {
             "notificationId": delivery.notification_id,

@@ -5,6 +5,7 @@ test_circle_sns.py.)"""
 
 import copy
 import json
+import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -19,7 +20,7 @@ from cutover.models import BalanceMutation, OperatorAudit
 from ledger.models import Account
 from onchain.discrepancies import transfer_discrepancy_resolve
 from onchain.models import CircleNotification, DepositAddress, TransferDiscrepancy
-from onchain.sandbox import USDC_TOKEN_ID, CircleSandbox, wallets_inbound
+from onchain.sandbox import DEPOSIT_NOTIFICATIONS, USDC_TOKEN_ID, CircleSandbox, wallets_inbound
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.onchain.factories import balances
 
@@ -295,14 +296,17 @@ def test_the_wallets_test_notification_is_answered_200(sandbox, webhook):
     assert (status, answer["status"]) == (200, "processed")
 
 
-def test_the_sandbox_notifies_deposits_in_each_documented_shape(sandbox, depositor):
-    for index, shape in enumerate(["custody.transfer", "transactions.inbound"]):
+def test_the_sandbox_notifies_deposits_in_each_documented_shape(sandbox, depositor, settings):
+    port = sandbox.server.server_address[1]
+    settings.CIRCLE_SNS_URL_PATTERN = re.compile(rf"http://127\.0\.0\.1:{port}")
+    for index, shape in enumerate(DEPOSIT_NOTIFICATIONS):
         sandbox.deposit_notifications = shape
         sandbox.deposit(address=ADDRESS, amount="1.25", transfer_id=f"d-{index}")
-    assert credited(depositor) == Decimal("2.5")
+    assert credited(depositor) == Decimal("3.75")
     kinds = set(CircleNotification.objects.values_list("notification_type", flat=True))
-    assert kinds == {"custody.transfer", "transactions.inbound"}
+    assert kinds == {"custody.transfer", "transactions.inbound", "transfers"}
     assert USDC_TOKEN_ID in CircleNotification.objects.get(transfer_id="d-1").body
+    assert CircleNotification.objects.get(transfer_id="d-2").notification_id.startswith("sns:")
 
 
 def test_an_operator_resolves_a_discrepancy_with_a_note_audited(
