@@ -1,5 +1,5 @@
 """The HTTP benchmarks: gunicorn serving this project on loopback (`api_server`), and the load
-of `bench reads` and `bench webhooks` against it."""
+of `bench reads` and `bench webhooks` (the product's webhook beside its floor) against it."""
 
 import http.client
 import os
@@ -11,13 +11,17 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 from django.conf import settings
+from django.db import connections
 
 from onchain.models import DepositAddress
+from rehearsal.bench_floor import FLOOR_PATH, floor_table_create
 from rehearsal.benchmarks import bench_users_in_phase
 from rehearsal.runtime import database_url, latency_summary
 
@@ -144,29 +148,95 @@ def webhook_users(count: int) -> list[str]:
     return addresses
 
 
+# Signed before either clock starts, this many per second of each run (the floor's rate with
+# room to spare): the load generator shares the machine's cores with the server, and signing is
+# Circle's work, not ours.
+NOTIFICATIONS_PER_SECOND = 2000
+PRODUCT_PATH = "/webhooks/circle/transfers"
+
+
+@contextmanager
+def webhooks_server(database_name: str, sandbox) -> Iterator[int]:
+    """gunicorn for `bench webhooks` (api_server) trusting `sandbox`'s key and wallet, serving
+    the floor beside the product (rehearsal.bench_settings), the floor's table made first;
+    yields the port."""
+    floor_table_create()
+    connections.close_all()  # this process holds no connection while gunicorn's are measured
+    environment = {
+        "CIRCLE_API_BASE_URL": sandbox.base_url,
+        "CIRCLE_API_KEY": "bench",
+        "CIRCLE_WALLET_ID": sandbox.wallet_id,
+        "DJANGO_SETTINGS_MODULE": "rehearsal.bench_settings",
+    }
+    with api_server(database_name, environment) as port:
+        yield port
+
+
 def webhooks_measure(
     port: int, sandbox, addresses: list[str], senders: int, seconds: int, redeliver: float
 ) -> dict:
-    """`senders` concurrent senders (keep-alive connections) post signed completed-deposit
-    notifications for `seconds`, a `redeliver` share of them a second time, as Circle does;
-    latency per delivery, throughput of accepted (2xx) deliveries."""
+    """The same load against the floor (signature verified, raw body stored: FLOOR_PATH), then
+    against the product's webhook, on the same gunicorn: the product's figures, the floor's
+    under "floor", and "ratio", the product's accepted/s over the floor's."""
     rng = random.Random(7)
-    # Signed before the clock starts (up to 1,000/s of the run): the load generator shares the
-    # machine's cores with the server, and signing is Circle's work, not ours.
-    bodies = []
-    for index in range(1000 * seconds):
-        body = sandbox.transfer_notification(
-            notification_type="transfers.completed",
-            transfer_id=f"bench-{index}",
-            address=addresses[index % len(addresses)],
-            amount=f"{rng.randint(1, 10**6) / 100:.2f}",
-        )
-        bodies.append((body, sandbox.sign(body)))
+    run = uuid.uuid4().hex[:8]  # fresh transfer ids: the product credits each of them
+    count = NOTIFICATIONS_PER_SECOND * seconds
+    floor_deliveries = _deposit_notifications(sandbox, addresses, count, f"floor-{run}", rng)
+    product_deliveries = _deposit_notifications(sandbox, addresses, count, f"bench-{run}", rng)
+    floor = _load(port, FLOOR_PATH, sandbox.key_id, floor_deliveries, senders, seconds, redeliver)
+    product = _load(
+        port, PRODUCT_PATH, sandbox.key_id, product_deliveries, senders, seconds, redeliver
+    )
+    floor_rate = floor["accepted_per_second"]
+    ratio = product["accepted_per_second"] / floor_rate if floor_rate else 0.0
+    return {**product, "floor": floor, "ratio": round(ratio, 3)}
+
+
+def _deposit_notifications(
+    sandbox, addresses: list[str], count: int, prefix: str, rng: random.Random
+) -> list[tuple[bytes, str]]:
+    """`count` signed Circle Mint v2 `custody.transfer` notifications of completed USDC deposits
+    into `sandbox`'s wallet at `addresses` (transfer ids `prefix-N`): (body, signature)."""
+    created = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    deliveries = []
+    for index in range(count):
+        transfer = {
+            "id": f"{prefix}-{index}",
+            "source": {"type": "blockchain", "chain": "ETH"},
+            "destination": {
+                "type": "wallet",
+                "id": sandbox.wallet_id,
+                "address": addresses[index % len(addresses)],
+                "chain": "ETH",
+            },
+            "amount": {"amount": f"{rng.randint(1, 10**6) / 100:.2f}", "currency": "USD"},
+            "transactionHash": "0x" + rng.randbytes(32).hex(),
+            "status": "complete",
+            "createDate": created,
+        }
+        body = sandbox.notification("custody.transfer", transfer)
+        deliveries.append((body, sandbox.sign(body)))
+    return deliveries
+
+
+def _load(
+    port: int,
+    path: str,
+    key_id: str,
+    deliveries: list[tuple[bytes, str]],
+    senders: int,
+    seconds: int,
+    redeliver: float,
+) -> dict:
+    """`senders` concurrent senders (keep-alive connections) post `deliveries` to `path` for
+    `seconds`, a `redeliver` share of them a second time, as Circle does; latency per
+    delivery, throughput of accepted (2xx) deliveries."""
+    rng = random.Random(11)
     deadline = time.perf_counter() + seconds
     latencies, statuses, lock = [], {}, threading.Lock()
-    supply = iter(bodies)
+    supply = iter(deliveries)
 
-    def body_next() -> tuple[bytes, str] | None:
+    def delivery_next() -> tuple[bytes, str] | None:
         with lock:
             return next(supply, None)
 
@@ -174,7 +244,7 @@ def webhooks_measure(
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         redelivery = None
         while time.perf_counter() < deadline:
-            delivery = redelivery or body_next()
+            delivery = redelivery or delivery_next()
             if delivery is None:  # every prepared notification was sent
                 break
             body, signature = delivery
@@ -185,12 +255,12 @@ def webhooks_measure(
             try:
                 conn.request(
                     "POST",
-                    "/webhooks/circle/transfers",
+                    path,
                     body=body,
                     headers={
                         "Content-Type": "application/json",
                         "X-Circle-Signature": signature,
-                        "X-Circle-Key-Id": sandbox.key_id,
+                        "X-Circle-Key-Id": key_id,
                     },
                 )
                 response = conn.getresponse()

@@ -246,6 +246,9 @@ def test_bench_webhooks_accepts_every_signed_delivery():
     report = json.loads(out.getvalue())
     assert report["deliveries"] > 0 and report["accepted"] == report["deliveries"]
     assert set(report["statuses"]) == {"200"}
+    floor = report["floor"]
+    assert floor["deliveries"] > 0 and floor["accepted"] == floor["deliveries"]
+    assert report["ratio"] > 0 and report["goal_ratio"] == 0.6
     assert not Transaction.objects.exists()  # all of it in a scratch database
 
 

@@ -15,7 +15,13 @@ from cutover.operators import api_client_issue
 from cutover.phases import ORDER
 from gateway.commands import positive_int
 from onchain.sandbox import CircleSandbox
-from rehearsal.bench_http import api_server, reads_measure, webhook_users, webhooks_measure
+from rehearsal.bench_http import (
+    api_server,
+    reads_measure,
+    webhook_users,
+    webhooks_measure,
+    webhooks_server,
+)
 from rehearsal.benchmarks import (
     bench_accounts_open,
     bench_users_in_phase,
@@ -92,8 +98,10 @@ class Command(BaseCommand):
         webhooks = sub.add_parser(
             "webhooks",
             help="signed Circle notifications (completed deposits, some redelivered) from "
-            "concurrent senders to gunicorn on loopback, in shadow; goal: >= 500 accepted/s "
-            "with p99 < 50 ms",
+            "concurrent senders to gunicorn on loopback, in shadow: first to a floor endpoint "
+            "of the benchmark's own (signature verified, raw body stored), then to the "
+            "product's webhook, the same load on the same gunicorn; goal: product accepted/s "
+            ">= 0.6 of the floor's with p99 < 50 ms at 10 senders",
         )
         webhooks.add_argument("--senders", type=positive_int, default=10, help="senders (10)")
         webhooks.add_argument("--seconds", type=positive_int, default=15, help="duration (15)")
@@ -273,12 +281,10 @@ class Command(BaseCommand):
         ):
             console.print(f"Opening {options['users']:,} users with deposit addresses ...")
             addresses = webhook_users(options["users"])
-            connections.close_all()
-            environment = {"CIRCLE_API_BASE_URL": sandbox.base_url, "CIRCLE_API_KEY": "bench"}
-            with api_server(name, environment) as port:
+            with webhooks_server(name, sandbox) as port:
                 console.print(
-                    f"{options['senders']} senders for {options['seconds']} s against gunicorn "
-                    f"on 127.0.0.1:{port} ..."
+                    f"{options['senders']} senders for {options['seconds']} s against the floor, "
+                    f"then the same against the product, on gunicorn on 127.0.0.1:{port} ..."
                 )
                 result = webhooks_measure(
                     port,
@@ -288,32 +294,36 @@ class Command(BaseCommand):
                     options["seconds"],
                     options["redeliver"],
                 )
-        result.update(goal_accepted_per_second=500, goal_p99_ms=50)
+        result.update(goal_ratio=0.6, goal_p99_ms=50)
+        floor = result["floor"]
         self._show(
             options,
             console,
             {"benchmark": "webhooks", **result},
-            "bench webhooks: signed notifications in shadow (goal >= 500/s, p99 < 50 ms)",
+            "bench webhooks: signed custody.transfer notifications in shadow, the product beside "
+            "the floor (goal: ratio >= 0.6, p99 < 50 ms at 10 senders)",
             (
+                "endpoint",
                 "deliveries",
                 "statuses",
                 "accepted/s",
-                "goal/s",
+                "ratio",
                 "p50 ms",
                 "p95 ms",
                 "p99 ms",
-                "goal p99 ms",
-                "max ms",
             ),
             [
                 (
-                    str(result["deliveries"]),
-                    " ".join(f"{k}:{v}" for k, v in result["statuses"].items()),
-                    f"{result['accepted_per_second']:.0f}",
-                    "500",
-                    *_latencies(result),
-                    "50",
-                    f"{result['max_ms']:.2f}",
+                    endpoint,
+                    str(figures["deliveries"]),
+                    " ".join(f"{k}:{v}" for k, v in figures["statuses"].items()),
+                    f"{figures['accepted_per_second']:.0f}",
+                    ratio,
+                    *_latencies(figures),
+                )
+                for endpoint, figures, ratio in (
+                    ("floor", floor, ""),
+                    ("product", result, f"{result['ratio']:.2f}"),
                 )
             ],
         )

@@ -1,0 +1,79 @@
+"""`bench webhooks`' floor: routed only by the benchmark's own URLs, and the same load against
+it and the product's webhook stores every floor body and credits every product deposit."""
+
+import json
+from decimal import Decimal
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.urls import Resolver404, resolve
+
+from cutover.models import BalanceMutation
+from onchain.models import CircleNotification, InboxStatus
+from onchain.sandbox import CircleSandbox
+from rehearsal.bench_floor import FLOOR_PATH, floor_bodies, floor_receive
+from rehearsal.bench_http import webhook_users, webhooks_measure, webhooks_server
+from rehearsal.benchmarks import OPENING
+
+
+def test_the_product_does_not_route_the_floor():
+    with pytest.raises(Resolver404):
+        resolve(FLOOR_PATH, urlconf="config.urls")
+    assert resolve(FLOOR_PATH, urlconf="rehearsal.bench_urls").func is floor_receive
+    response = Client().post(FLOOR_PATH, b"{}", content_type="application/json")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_same_load_fills_the_floor_and_credits_every_product_deposit():
+    users = 5
+    addresses = webhook_users(users)
+    try:
+        with (
+            CircleSandbox() as sandbox,
+            webhooks_server(connection.settings_dict["NAME"], sandbox) as port,
+        ):
+            result = webhooks_measure(port, sandbox, addresses, 2, 1, 0.2)
+            forged = sandbox.deliver(
+                f"http://127.0.0.1:{port}{FLOOR_PATH}",
+                b'{"notificationType": "custody.transfer"}',
+                signature=sandbox.sign(b"another body"),
+            )
+        floor = result["floor"]
+        assert floor["deliveries"] > 0 and floor["statuses"] == {"200": floor["deliveries"]}
+        assert result["deliveries"] > 0 and result["statuses"] == {"200": result["deliveries"]}
+        assert result["ratio"] > 0
+
+        # The floor stored every body it accepted (a redelivery again), the forged one not.
+        stored = [json.loads(body) for body in floor_bodies()]
+        assert len(stored) == floor["accepted"]
+        assert {body["notificationType"] for body in stored} == {"custody.transfer"}
+        status, answer = forged
+        assert status == 401 and answer["error"]["field"] == "X-Circle-Signature"
+
+        # The product processed every notification, counted every delivery, and credited each
+        # transfer once with its amount; the floor's transfers are not among them.
+        notifications = list(CircleNotification.objects.all())
+        assert {row.status for row in notifications} == {InboxStatus.PROCESSED}
+        assert sum(row.deliveries for row in notifications) == result["accepted"]
+        notified = {
+            f"circle:transfer:{transfer['id']}": Decimal(transfer["amount"]["amount"])
+            for transfer in (json.loads(row.body)["notification"] for row in notifications)
+        }
+        credited = {
+            mutation.reference: mutation.amount
+            for mutation in BalanceMutation.objects.filter(reason="circle_deposit")
+        }
+        assert credited == notified
+        assert not {body["notification"]["id"] for body in stored} & {
+            reference.removeprefix("circle:transfer:") for reference in credited
+        }
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT sum(buying_power) FROM balances")
+            (legacy_total,) = cursor.fetchone()
+        assert legacy_total == OPENING * users + sum(notified.values())
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE IF EXISTS bench_floor_bodies")
