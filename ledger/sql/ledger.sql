@@ -234,3 +234,15 @@ RETURNS void LANGUAGE sql AS $$
     VALUES (p_user_id, ledger_user_account_type(p_currency), p_currency, 'credit', false)
     ON CONFLICT DO NOTHING
 $$;
+
+-- The deployment checklist's names (deploy/checklist/ledger-deployment-checklist.md), so that its
+-- SQL runs as written. Its double-entry integrity query reads an entry's side as `entry_type`:
+-- a stored generated column, so it can never disagree with `side` (adding it rewrites the table
+-- once, under an exclusive lock).
+ALTER TABLE ledger_entries
+    ADD COLUMN IF NOT EXISTS entry_type varchar(6) GENERATED ALWAYS AS (side) STORED;
+
+-- Its Phase 4.2 times a user's balance read from the ledger through v_user_balances.
+CREATE OR REPLACE VIEW v_user_balances AS
+SELECT b.user_id, b.currency, b.balance, b.account_id, b.entry_count
+  FROM ledger_user_balances b;

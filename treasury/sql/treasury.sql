@@ -54,3 +54,21 @@ SELECT t.currency,
   JOIN ledger_system_balances a
     ON a.code = CASE WHEN t.currency = 'USDC' THEN 'usdc_buffer' ELSE 'fiat_buffer' END
    AND a.currency = t.currency;
+
+-- The deployment checklist's names for the treasury's tables (deploy/checklist/), so that its
+-- SQL runs as written: one view per table, its columns as they are.
+CREATE OR REPLACE VIEW conversion_providers AS
+SELECT p.id, p.code, p.name, p.enabled, p.priority, p.healthy, p.consecutive_failures,
+       p.last_error, p.last_failure_at
+  FROM treasury_providers p;
+
+CREATE OR REPLACE VIEW buffer_thresholds AS
+SELECT t.id, t.currency, t.minimum, t.target, t.maximum, t.updated_at
+  FROM treasury_buffer_thresholds t;
+
+CREATE OR REPLACE VIEW conversion_jobs AS
+SELECT j.id, j.idempotency_key, j.buffer_currency, j.source_currency, j.source_amount,
+       j.target_currency, j.target_amount, j.provider_id, j.provider_reference, j.status,
+       j.attempts, j.next_attempt_at, j.last_error, j.ledger_transaction_id, j.created_by,
+       j.created_at, j.submitted_at, j.finished_at, j.updated_at
+  FROM treasury_conversion_jobs j;
