@@ -17,8 +17,9 @@ from cutover.actors import Actor
 from cutover.models import BalanceMutation
 from onchain.addresses import deposit_address_add
 from onchain.models import CircleNotification
+from onchain.withdrawals import withdrawals_send
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
-from tests.onchain.factories import balances
+from tests.onchain.factories import balances, integrity_ok, system, withdraw
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -308,3 +309,27 @@ def test_the_webhook_token_and_size_limit_apply_to_sns(sns, webhook, depositor, 
     status, answer = sns.deliver_sns(f"{webhook}?token=s3cret", envelope)
     assert (status, answer["status"]) == (200, "processed")
     assert balances(depositor) == (Decimal("25.5"), Decimal("25.5"))
+
+
+@pytest.mark.parametrize("phase", ["shadow", "cutover"])
+def test_the_documented_mint_transfer_completes_our_withdrawal_once(sns, webhook, user, phase):
+    """Circle's documented v1 `transfers` message (tests/onchain/fixtures/circle), its ids and
+    figures those of our withdrawal's transfer: delivered by SNS twice (both regions), the
+    withdrawal completes once."""
+    phase_set(phase, read_percent=100)
+    withdrawal = withdraw(user, amount="3.14", address="0x8381470ED67C3802402dbbFa0058E8871F017A6F")
+    assert withdrawals_send().submitted == 1
+    withdrawal.refresh_from_db()
+    message = json.loads((FIXTURES / "mint_v1_transfers_notification.json").read_text())
+    message["transfer"]["id"] = withdrawal.circle_transfer_id
+    message["transfer"]["source"]["id"] = django_settings.CIRCLE_WALLET_ID
+    message["transfer"]["destination"]["chain"] = "ETH"
+    for topic in (EAST, WEST):
+        status, answer = sns.deliver_sns(webhook, sns.sns_envelope(message, topic_arn=topic))
+        assert (status, answer["status"]) == (200, "processed")
+    withdrawal.refresh_from_db()
+    assert withdrawal.status == "completed"
+    assert system("withdrawals_pending_usdc") == 0
+    assert system("usdc_buffer") == Decimal("1000") - Decimal("3.14")
+    assert balances(user)[1] == Decimal("96.86")
+    assert integrity_ok()
