@@ -18,7 +18,7 @@ CIRCLE_WALLETS_TOKENS says it is; anything else is not ours to credit.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from django.conf import settings
 
@@ -29,7 +29,13 @@ from onchain.exceptions import TransferRefused
 POLLED = "poll.transfer"
 MINT_V1 = "transfers"
 MINT_V2 = "custody.transfer"
-CHECKLIST_ALIASES = {"transfers.created", "transfers.completed", "transfers.failed"}
+# The checklist's names and the status each stands for: a notification whose name and status
+# disagree (a `transfers.failed` saying complete) is taken as final for neither.
+CHECKLIST_ALIASES = {
+    "transfers.created": "pending",
+    "transfers.completed": "complete",
+    "transfers.failed": "failed",
+}
 WALLETS_INBOUND = "transactions.inbound"
 WALLETS_OUTBOUND = "transactions.outbound"
 # Circle Mint's money objects name USDC "USD" (every Mint example: {"amount": "3.14",
@@ -98,7 +104,10 @@ def transfer_event(notification_type: str, payload: dict) -> TransferEvent | Non
         raise TransferRefused("the transfer has no id")
     if notification_type in (WALLETS_INBOUND, WALLETS_OUTBOUND):
         return _wallets_event(notification_type, transfer_id, transfer)
-    return _mint_event(transfer_id, transfer)
+    event = _mint_event(transfer_id, transfer)
+    if CHECKLIST_ALIASES.get(notification_type, event.status) != event.status:
+        return replace(event, status="pending")
+    return event
 
 
 def _transfer_object(notification_type, payload: dict):

@@ -109,6 +109,8 @@ def test_a_documented_completed_deposit_credits_once(
         ("transfers.completed", "pending"),  # the checklist's name does not make it complete
         ("transfers.completed", "failed"),
         ("transfers.created", "pending"),
+        ("transfers.failed", "complete"),  # name and status disagree: final for neither
+        ("transfers.created", "complete"),
     ],
 )
 def test_a_transfer_not_complete_credits_nothing(

@@ -3,10 +3,11 @@ that is not a well-formed completed transfer. Signed fuzz gets past the signatur
 the parser; unsigned fuzz must stop at the signature with nothing stored."""
 
 import json
+import uuid
 from decimal import Decimal
 
 import pytest
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
@@ -70,23 +71,46 @@ def post(client, body: bytes, headers: dict):
 @FUZZ
 @given(
     notification=st.one_of(json_values, st.dictionaries(st.text(max_size=8), json_values)),
-    kind=st.sampled_from(["transfers.completed", "transfers.failed", "transfers.created"]),
+    kind=st.sampled_from(
+        ["transfers.completed", "transfers.failed", "transfers.created", "custody.transfer"]
+    ),
     transfer_id=json_values,
     destination=st.one_of(json_values, st.just({"address": "0xabc"})),
     amount=amounts,
+    currency=st.sampled_from(["USD", "EUR", "usd", None]),
     source=st.one_of(json_values, st.just({"type": "wallet"})),
+    creditable=st.booleans(),
 )
 def test_signed_malformed_transfers_never_500_and_never_credit(
-    client, sandbox, depositor, notification, kind, transfer_id, destination, amount, source
+    client,
+    sandbox,
+    depositor,
+    notification,
+    kind,
+    transfer_id,
+    destination,
+    amount,
+    currency,
+    source,
+    creditable,
 ):
+    if creditable:  # the rest still fuzzed: the credit path is drawn often, not by luck
+        notification = notification if isinstance(notification, dict) else {}
+        kind, currency, destination = "custody.transfer", "USD", {"address": "0xabc"}
+        transfer_id = f"fuzz-{uuid.uuid4()}"
+        source = {"type": "blockchain"}
+        amount = amount if _exact(amount) else "12.5"
     if isinstance(notification, dict):
         notification.update(
-            id=transfer_id, destination=destination, amount={"amount": amount}, source=source
+            id=transfer_id,
+            destination=destination,
+            amount={"amount": amount, "currency": currency},
+            source=source,
         )
         notification["status"] = "complete"
     body = json.dumps(
         {
-            "notificationId": json.dumps(transfer_id)[:40],
+            "notificationId": str(uuid.uuid4()),  # examples share the database: each its own
             "notificationType": kind,
             "notification": notification,
         }
@@ -96,18 +120,21 @@ def test_signed_malformed_transfers_never_500_and_never_credit(
     new = not BalanceMutation.objects.filter(reference=reference).exists()
     before = BalanceMutation.objects.count()
     post(client, body, headers)
-    # Only a completed inbound transfer with a string id, to the known address, with an exact
-    # positive amount, credits: once, that amount.
+    # Only a completed inbound transfer with a string id, to the known address, in USD (USDC),
+    # with an exact positive amount, credits: once, that amount.
     credits = (
         isinstance(notification, dict)
-        and kind == "transfers.completed"
+        and kind in ("transfers.completed", "custody.transfer")
+        and currency == "USD"
         and isinstance(transfer_id, str)
         and transfer_id != ""
         and destination == {"address": "0xabc"}
         and not (isinstance(source, dict) and source.get("type") == "wallet")
         and _exact(amount)
         and new
+        and b"\\u0000" not in body  # a NUL anywhere refuses the body (400)
     )
+    event(f"credits: {credits}")  # --hypothesis-show-statistics: the credit path is drawn
     assert BalanceMutation.objects.count() == before + credits
     if credits:
         assert BalanceMutation.objects.get(reference=reference).amount == Decimal(amount)
