@@ -286,7 +286,8 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @rule()
     def poll(self):
-        transfers_poll()
+        with suppress(CircleUnavailable):  # Circle slow to list (a loaded machine): next poll
+            transfers_poll()
 
     # --- withdrawals ----------------------------------------------------------------------
 
