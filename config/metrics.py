@@ -37,7 +37,7 @@ from onchain.selectors import (
     notification_count,
     open_transfer_discrepancy_count,
 )
-from treasury.selectors import buffer_status_list
+from treasury.selectors import buffer_status_list, provider_health
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,14 @@ def _treasury_state() -> list[GaugeMetricFamily]:
     for reading in buffer_status_list():
         for field, gauge in gauges.items():
             gauge.add_metric([reading.currency], float(getattr(reading, field)))
-    return list(gauges.values())
+    healthy = GaugeMetricFamily(
+        "treasury_provider_healthy",
+        "1 for an enabled conversion provider that is healthy, 0 after its failures in a row",
+        labels=["provider"],
+    )
+    for code, is_healthy in provider_health():
+        healthy.add_metric([code], 1 if is_healthy else 0)
+    return [*gauges.values(), healthy]
 
 
 class DatabaseStateCollector(Collector):

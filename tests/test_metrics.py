@@ -4,6 +4,7 @@ all of them; the state gauges are read from the database at each scrape; /metric
 the bearer of METRICS_TOKEN; the alerting rules shipped in deploy/ name only series /metrics
 exports, each with a `for:` and a runbook section."""
 
+import json
 import re
 import urllib.error
 import urllib.request
@@ -39,20 +40,20 @@ from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.onchain.factories import buffer_fund, withdraw
 from tests.treasury.factories import KEY, SECRET, buffers, celery_environment, fund
 from treasury.bands import threshold_set
-from treasury.models import BufferThreshold, ConversionJob
+from treasury.models import BufferThreshold, ConversionJob, ConversionProvider
 from treasury.sandbox import DueSandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = "redis://127.0.0.1:6379/12"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 RUNBOOK = ROOT / "deploy" / "runbook.md"
 TOKEN = "Zq8-metrics-token-4Kx7"
 PROMQL_WORDS = {
-    *("sum", "max", "min", "delta", "increase", "avg_over_time", "absent"),
-    *("by", "without", "on", "and", "or", "instance"),
+    *("sum", "max", "min", "avg", "delta", "increase", "rate", "avg_over_time", "absent"),
+    *("histogram_quantile", "and", "or"),
 }
-DURATION_UNITS = {"s", "m", "h"}  # of a range such as [5m]
 PROMETHEUS_OWN = {"up"}  # written by Prometheus for each target, not by /metrics
 
 
@@ -180,6 +181,7 @@ def test_state_gauges_are_what_the_database_holds_at_each_scrape(
     assert sample(body, 'treasury_buffer_minimum{currency="USDC"}') == float(usdc.minimum)
     assert sample(body, 'treasury_buffer_target{currency="USDC"}') == float(usdc.target)
     assert sample(body, 'treasury_buffer_maximum{currency="USDC"}') == float(usdc.maximum)
+    assert sample(body, 'treasury_provider_healthy{provider="due"}') == 1
     assert sample(body, "metrics_state_readable") == 1
 
     # The database changes; the next scrape says so.
@@ -203,6 +205,7 @@ def test_state_gauges_are_what_the_database_holds_at_each_scrape(
         actor=Actor.command_line(),
         reason="raised for the test",
     )
+    ConversionProvider.objects.filter(code="due").update(healthy=False)
     now = timezone.now()
     PhaseState.objects.update(
         phase="read_switch", read_percent=50, entered_at=now - timedelta(hours=2)
@@ -227,6 +230,7 @@ def test_state_gauges_are_what_the_database_holds_at_each_scrape(
     assert buffer == 1025.5
     assert sample(body, 'treasury_buffer_balance{currency="USDC"}') == float(buffer)
     assert sample(body, 'treasury_buffer_minimum{currency="USDC"}') == 1100
+    assert sample(body, 'treasury_provider_healthy{provider="due"}') == 0
 
 
 def test_metrics_answer_only_the_bearer_of_metrics_token(client, settings, db):
@@ -295,6 +299,18 @@ def exported_series(body: str) -> dict[str, list[dict[str, str]]]:
     return series
 
 
+def expression_selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
+    """The series a PromQL expression selects, each with its `=` label matchers: what is left
+    once grouping clauses, functions, operators, numbers and range durations are taken out."""
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", expr)
+    expr = re.sub(r"\[\d+[smh]\]", " ", expr)
+    found = []
+    for series, matchers in re.findall(r"(?<![\w.])([a-zA-Z_]\w*)(?:\{([^}]*)\})?", expr):
+        if series not in PROMQL_WORDS:
+            found.append((series, dict(re.findall(r'(\w+)="([^"]*)"', matchers))))
+    return found
+
+
 def runbook_anchors() -> set[str]:
     """GitHub's anchors of the runbook's headings (lower case, spaces as dashes)."""
     headings = re.findall(r"^#+ (.+)$", RUNBOOK.read_text(), re.MULTILINE)
@@ -322,10 +338,7 @@ def test_alert_rules_read_exported_series_and_each_has_a_for_and_a_runbook(metri
         assert rule["annotations"]["runbook_url"] == f"deploy/runbook.md#{name.lower()}"
         assert name.lower() in anchors, f"deploy/runbook.md has no section {name}"
         # Every selector names an exported series; its `=` matchers, a label set exported.
-        for series, matchers in re.findall(r"([a-zA-Z_]\w*)(?:\{([^}]*)\})?", expr):
-            if series in PROMQL_WORDS or series in DURATION_UNITS:
-                continue
-            equal = dict(re.findall(r'(\w+)="([^"]*)"', matchers))
+        for series, equal in expression_selectors(expr):
             if series in PROMETHEUS_OWN:
                 assert equal == {"job": job["job_name"]}, name
                 continue
@@ -351,3 +364,31 @@ def test_alert_rules_read_exported_series_and_each_has_a_for_and_a_runbook(metri
     ):
         assert required in alerts
     assert alerts["LedgerScrapeAbsent"].startswith("absent(up{")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_dashboard_panel_reads_series_metrics_exports(metrics_client, client):
+    phase_set("shadow")
+    buffer_fund("10")  # a posting: the ledger's labelled series get a sample
+    client.post("/webhooks/circle/transfers", data=b"{}", content_type="application/json")
+    body = metrics_client()
+    exported = set(exported_series(body))
+    # A labelled counter or histogram nothing has touched yet is declared without samples (a
+    # counter's TYPE line already names it with _total).
+    suffixes = {"counter": ("",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", body, re.MULTILINE):
+        exported |= {family + suffix for suffix in suffixes.get(kind, ())}
+    titles = set()
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        titles.add(dashboard["title"])
+        assert dashboard["panels"], path.name
+        for panel in dashboard["panels"]:
+            assert panel["datasource"]["uid"] == "${datasource}", (path.name, panel["title"])
+            assert panel["targets"], (path.name, panel["title"])
+            for target in panel["targets"]:
+                selected = expression_selectors(target["expr"])
+                assert selected, (path.name, panel["title"])
+                for series, _ in selected:
+                    assert series in exported, (path.name, panel["title"], series)
+    assert titles == {"Ledger", "Treasury", "Onchain", "Cutover"}
