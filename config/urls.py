@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from config import views
+from config import metrics, views
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
@@ -10,7 +10,7 @@ urlpatterns = [
     path("", include("cutover.urls")),
     path("", include("onchain.urls")),
     path("", include("treasury.urls")),
-    path("", include("django_prometheus.urls")),
+    path("metrics", metrics.metrics, name="metrics"),
 ]
 
 # The API's JSON error for what Django answers itself (the admin keeps its HTML pages).

@@ -9,7 +9,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, Q
+from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from cutover.models import (
@@ -123,6 +123,23 @@ def custody_status() -> list[dict]:
 
 def open_discrepancy_count() -> int:
     return Discrepancy.objects.filter(status=DiscrepancyStatus.OPEN).count()
+
+
+def open_custody_discrepancy_count() -> int:
+    return CustodyDiscrepancy.objects.filter(status=DiscrepancyStatus.OPEN).count()
+
+
+def strict_failure_count_in_phase(state: PhaseState) -> int:
+    """Requests strict mode failed since the current phase began (what the cutover gate reads)."""
+    return StrictFailure.objects.filter(at__gte=state.entered_at).count()
+
+
+def reconciliation_age(state: PhaseState) -> timedelta:
+    """How long the phase has gone without a reconciliation: since the last run finished, or
+    since the phase began when no run finished after that."""
+    last = ReconciliationRun.objects.aggregate(last=Max("finished_at"))["last"]
+    since = max(last, state.entered_at) if last else state.entered_at
+    return timezone.now() - since
 
 
 # Users whose ledger balance is not their legacy balance: a missing account counts as 0.
@@ -276,7 +293,7 @@ def _read_percent_check(state: PhaseState) -> GateCheck:
 
 
 def _strict_failure_check(state: PhaseState) -> GateCheck:
-    count = StrictFailure.objects.filter(at__gte=state.entered_at).count()
+    count = strict_failure_count_in_phase(state)
     return GateCheck("strict_failures", "0", str(count), count == 0)
 
 

@@ -107,6 +107,14 @@ class CircleNotification(models.Model):
 
     class Meta:
         db_table = "onchain_circle_notifications"
+        # /metrics counts the rows waiting for an operator or a retry at every scrape.
+        indexes = [
+            models.Index(
+                fields=["status"],
+                condition=Q(status__in=["parked", "failed"]),
+                name="onchain_notifications_waiting",
+            ),
+        ]
         constraints = [
             models.CheckConstraint(
                 condition=Q(status__in=InboxStatus.values),
@@ -200,6 +208,10 @@ class Withdrawal(models.Model):
                 fields=["next_attempt_at"],
                 condition=Q(status="pending"),
                 name="onchain_withdrawals_due",
+            ),
+            # /metrics counts the dead ones at every scrape.
+            models.Index(
+                fields=["status"], condition=Q(status="dead"), name="onchain_withdrawals_dead"
             ),
         ]
         constraints = [

@@ -16,7 +16,15 @@ from ledger.selectors import USDC_BUFFER, system_account
 from onchain import metrics
 from onchain.chains import EVM_CHAINS, address_stored_form
 from onchain.exceptions import TransferRefused
-from onchain.models import CircleNotification, DepositAddress, InboxStatus
+from onchain.models import (
+    CircleNotification,
+    DepositAddress,
+    InboxStatus,
+    TransferDiscrepancy,
+    TransferDiscrepancyStatus,
+    Withdrawal,
+    WithdrawalStatus,
+)
 from onchain.notifications import INBOUND, POLLED, TransferEvent, stored_event, transfer_event
 
 log = logging.getLogger(__name__)
@@ -128,3 +136,17 @@ def notifications_parked_for(*, chain: str, address: str) -> list[str]:
         if address_stored_form(chain=chain, address=event.address) == address:
             found.append(notification_id)
     return found
+
+
+def dead_withdrawal_count() -> int:
+    """Withdrawals whose sending gave up, waiting for an operator to send again or cancel."""
+    return Withdrawal.objects.filter(status=WithdrawalStatus.DEAD).count()
+
+
+def notification_count(status: InboxStatus) -> int:
+    """Notifications in the inbox with `status` (parked and failed are counted by index)."""
+    return CircleNotification.objects.filter(status=status).count()
+
+
+def open_transfer_discrepancy_count() -> int:
+    return TransferDiscrepancy.objects.filter(status=TransferDiscrepancyStatus.OPEN).count()

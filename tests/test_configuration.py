@@ -116,17 +116,25 @@ PRODUCTION = {
     "DUE_API_KEY": "",
     "DUE_API_SECRET": "",
     "ADMIN_TOKEN": "",
+    "METRICS_TOKEN": "",
 }
 PRINT_SECRETS = (
     "from django.conf import settings as s; "
     "print(s.CIRCLE_API_KEY, s.CIRCLE_WEBHOOK_SECRET, s.DUE_API_KEY, s.DUE_API_SECRET, "
-    "s.ADMIN_TOKEN)"
+    "s.ADMIN_TOKEN, s.METRICS_TOKEN)"
 )
 
 
 def test_production_secrets_come_from_aws_secrets_manager(secrets_manager):
     client, aws = secrets_manager
-    for name in ("circle-api-key", "circle-webhook-secret", "due-api-key", "due-api-secret"):
+    stored = (
+        "circle-api-key",
+        "circle-webhook-secret",
+        "due-api-key",
+        "due-api-secret",
+        "metrics-token",
+    )
+    for name in stored:
         client.create_secret(Name=f"stack-service/{name}", SecretString=f"aws-stored-{name}")
     result = manage(
         "shell",
@@ -142,6 +150,7 @@ def test_production_secrets_come_from_aws_secrets_manager(secrets_manager):
         "aws-stored-due-api-key",
         "aws-stored-due-api-secret",
         "set-in-the-environment",  # a variable that is set wins over the secret store
+        "aws-stored-metrics-token",
     ]
 
 
@@ -182,6 +191,7 @@ SECRETS = (
     "DUE_API_KEY",
     "DUE_API_SECRET",
     "ADMIN_TOKEN",
+    "METRICS_TOKEN",
 )
 
 

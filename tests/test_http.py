@@ -30,7 +30,8 @@ def test_readyz_reports_an_unreachable_broker(client, settings):
     assert ready.json()["checks"]["database"] == "ok"
 
 
-def test_metrics_expose_the_ledger_series(client):
+def test_metrics_expose_the_ledger_series(client, settings):
+    settings.METRICS_TOKEN = "metrics-secret"
     alice, bob = UserAccountFactory(), UserAccountFactory()
     fund(alice, "10")
     transaction_post(
@@ -39,7 +40,8 @@ def test_metrics_expose_the_ledger_series(client):
         kind="metrics_transfer",
         legs=[Leg.debit(alice, "1"), Leg.credit(bob, "1")],
     )
-    body = client.get("/metrics").content.decode()
+    body = client.get("/metrics", headers={"Authorization": "Bearer metrics-secret"})
+    body = body.content.decode()
     assert 'ledger_transaction_created_total{kind="metrics_transfer"} 1.0' in body
     assert "ledger_transaction_duration_ms_bucket" in body
     assert "ledger_account_balance_checked_total" in body

@@ -1,37 +1,86 @@
 """Metrics as production serves them: gunicorn's workers and a Celery worker write into one
 PROMETHEUS_MULTIPROC_DIR, so every scrape of /metrics, whichever web worker answers it, adds up
-all of them; the alerting rules shipped in deploy/ name only series /metrics exports."""
+all of them; the state gauges are read from the database at each scrape; /metrics answers only
+the bearer of METRICS_TOKEN; the alerting rules shipped in deploy/ name only series /metrics
+exports, each with a `for:` and a runbook section."""
 
+import json
 import re
 import urllib.error
 import urllib.request
+import uuid
+from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import redis
 import yaml
 from django.db import connection
+from django.utils import timezone
 
+from cutover.actors import Actor
+from cutover.models import (
+    CustodyDiscrepancy,
+    Discrepancy,
+    PhaseState,
+    ReconciliationRun,
+    StrictFailure,
+)
+from cutover.phase_machine import kill_switch_set
+from cutover.reconciliation import discrepancy_resolve, reconciliation_run
+from ledger.models import Account
+from onchain.inbox import notification_replay
+from onchain.models import CircleNotification, DepositAddress, Withdrawal
+from onchain.sandbox import CircleSandbox
+from onchain.withdrawals import withdrawal_cancel, withdrawals_send
 from rehearsal.bench_http import api_server
 from tests.celery import QUIET, celery_running, wait_for
+from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
+from tests.onchain.factories import buffer_fund, withdraw
 from tests.treasury.factories import KEY, SECRET, buffers, celery_environment, fund
-from treasury.models import BufferThreshold, ConversionJob
+from treasury.bands import threshold_set
+from treasury.models import BufferThreshold, ConversionJob, ConversionProvider
 from treasury.sandbox import DueSandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = "redis://127.0.0.1:6379/12"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-PROMQL_WORDS = {"sum", "delta", "increase", "avg_over_time", "by", "m", "s"}
+DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+RUNBOOK = ROOT / "deploy" / "runbook.md"
+TOKEN = "Zq8-metrics-token-4Kx7"
+PROMQL_WORDS = {
+    *("sum", "max", "min", "avg", "delta", "increase", "rate", "avg_over_time", "absent"),
+    *("histogram_quantile", "and", "or"),
+}
+PROMETHEUS_OWN = {"up"}  # written by Prometheus for each target, not by /metrics
 
 
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+def scrape(port: int, token: str | None = TOKEN) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
         return response.read().decode()
 
 
 def sample(body: str, series: str) -> float | None:
+    """The value of `series` (a name, with its labels as exported: `name{label="value"}`)."""
     match = re.search(rf"^{re.escape(series)} (\S+)$", body, re.MULTILINE)
     return float(match.group(1)) if match else None
+
+
+@pytest.fixture
+def metrics_client(client, settings):
+    """The test client, scraping /metrics as Prometheus does (bearer METRICS_TOKEN)."""
+    settings.METRICS_TOKEN = TOKEN
+
+    def get() -> str:
+        response = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 200
+        return response.content.decode()
+
+    return get
 
 
 @pytest.mark.django_db(transaction=True)
@@ -59,7 +108,8 @@ def test_every_scrape_adds_up_the_web_and_celery_processes(tmp_path):
 
     rejected = 7
     with api_server(
-        connection.settings_dict["NAME"], {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        connection.settings_dict["NAME"],
+        {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "METRICS_TOKEN": TOKEN},
     ) as port:
         for _ in range(rejected):  # unsigned: each refused (401) by whichever worker takes it
             request = urllib.request.Request(
@@ -80,18 +130,265 @@ def test_every_scrape_adds_up_the_web_and_celery_processes(tmp_path):
     assert buffers()["USDC"] == 1000  # failed conversions moved nothing
 
 
-def test_alert_rules_name_exported_series_and_the_seeded_thresholds(client, db):
+def legacy_only_users(count: int) -> None:
+    """Users with a legacy balance and no ledger account: each a difference to reconcile."""
+    for _ in range(count):
+        legacy_user("10")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_state_gauges_are_what_the_database_holds_at_each_scrape(
+    metrics_client, sandbox, live_server, settings
+):
+    phase_set("shadow")
+    holder = legacy_user("100")
+    ledger_balance_set(holder, "100")
+    buffer_fund("1000")
+    settings.ONCHAIN_WITHDRAWAL_MAX_ATTEMPTS = 1
+    withdrawal = withdraw(holder)
+    sandbox.fail_next = [503]
+    assert withdrawals_send().dead == 1
+    webhook = f"{live_server.url}/webhooks/circle/transfers"
+    deposit = CircleSandbox.transfer_notification(
+        notification_type="transfers.completed", transfer_id="t-1", address="0xlate", amount="25.5"
+    )
+    assert sandbox.deliver(webhook, deposit)[1]["status"] == "parked"
+    legacy_only_users(3)
+    assert reconciliation_run(triggered_by="test").new_discrepancies == 3
+    StrictFailure.objects.create(
+        phase="shadow", user_id=uuid.uuid4(), reference="r-1", error="refused by the ledger"
+    )
+    kill_switch_set(engaged=True, actor=Actor.command_line(), reason="drill")
+
+    body = metrics_client()
+    assert sample(body, 'cutover_phase{phase="shadow"}') == 1
+    for other in ("legacy", "read_switch", "strict", "cutover"):
+        assert sample(body, f'cutover_phase{{phase="{other}"}}') == 0
+    assert sample(body, "cutover_read_percent") == 0
+    assert sample(body, "cutover_kill_switch") == 1
+    assert sample(body, "cutover_open_discrepancies") == 3
+    assert sample(body, "cutover_open_custody_discrepancies") == 0
+    assert sample(body, "cutover_strict_failures_in_phase") == 1
+    assert 0 <= sample(body, "cutover_reconciliation_age_seconds") < 60
+    assert sample(body, "cutover_reconciliation_interval_seconds") == 900  # 15m, the default
+    assert sample(body, "onchain_dead_withdrawals") == 1
+    assert sample(body, "onchain_parked_notifications") == 1
+    assert sample(body, "onchain_failed_notifications") == 0
+    assert sample(body, "onchain_open_transfer_discrepancies") == 0
+    assert sample(body, "onchain_buffer_alert_threshold") == 5000
+    usdc = BufferThreshold.objects.get(currency="USDC")
+    assert sample(body, 'treasury_buffer_balance{currency="USDC"}') == 1000
+    assert sample(body, 'treasury_buffer_minimum{currency="USDC"}') == float(usdc.minimum)
+    assert sample(body, 'treasury_buffer_target{currency="USDC"}') == float(usdc.target)
+    assert sample(body, 'treasury_buffer_maximum{currency="USDC"}') == float(usdc.maximum)
+    assert sample(body, 'treasury_provider_healthy{provider="due"}') == 1
+    assert sample(body, "metrics_state_readable") == 1
+
+    # The database changes; the next scrape says so.
+    first = Discrepancy.objects.filter(status="open").first()
+    discrepancy_resolve(discrepancy_id=first.pk, actor=Actor.command_line(), note="fixed by hand")
+    kill_switch_set(engaged=False, actor=Actor.command_line(), reason="drill over")
+    withdrawal_cancel(
+        withdrawal_id=withdrawal.pk, actor=Actor.command_line(), reason="absent at Circle"
+    )
+    DepositAddress.objects.create(address="0xlate", chain="ETH", user_id=legacy_user("0"))
+    parked = CircleNotification.objects.get(status="parked").notification_id
+    assert notification_replay(notification_id=parked, actor=Actor.command_line()) == "processed"
+    CustodyDiscrepancy.objects.create(
+        currency="USD", source="due", ledger_balance=0, reported=5, difference=-5
+    )
+    threshold_set(
+        currency="USDC",
+        minimum=Decimal(1100),
+        target=usdc.target,
+        maximum=usdc.maximum,
+        actor=Actor.command_line(),
+        reason="raised for the test",
+    )
+    ConversionProvider.objects.filter(code="due").update(healthy=False)
+    now = timezone.now()
+    PhaseState.objects.update(
+        phase="read_switch", read_percent=50, entered_at=now - timedelta(hours=2)
+    )
+    ReconciliationRun.objects.update(finished_at=now - timedelta(hours=3))
+    StrictFailure.objects.update(at=now - timedelta(hours=4))  # before the phase began
+
+    body = metrics_client()
+    assert sample(body, 'cutover_phase{phase="read_switch"}') == 1
+    assert sample(body, 'cutover_phase{phase="shadow"}') == 0
+    assert sample(body, "cutover_read_percent") == 50
+    assert sample(body, "cutover_kill_switch") == 0
+    assert sample(body, "cutover_open_discrepancies") == 2
+    assert sample(body, "cutover_open_custody_discrepancies") == 1
+    assert sample(body, "cutover_strict_failures_in_phase") == 0
+    # since the phase began: the last run finished before it
+    assert 7200 <= sample(body, "cutover_reconciliation_age_seconds") < 7260
+    assert Withdrawal.objects.get().status == "failed"
+    assert sample(body, "onchain_dead_withdrawals") == 0
+    assert sample(body, "onchain_parked_notifications") == 0
+    buffer = Account.objects.get(code="usdc_buffer").balance
+    assert buffer == 1025.5
+    assert sample(body, 'treasury_buffer_balance{currency="USDC"}') == float(buffer)
+    assert sample(body, 'treasury_buffer_minimum{currency="USDC"}') == 1100
+    assert sample(body, 'treasury_provider_healthy{provider="due"}') == 0
+
+
+def test_metrics_answer_only_the_bearer_of_metrics_token(client, settings, db):
+    url = "/metrics"
+    settings.METRICS_TOKEN = ""  # unset: nobody is let in, whatever they send
+    assert client.get(url, headers={"Authorization": "Bearer "}).status_code == 401
+    assert client.get(url, headers={"Authorization": "Bearer anything"}).status_code == 403
+    settings.METRICS_TOKEN = TOKEN
+    for headers, status in (
+        ({}, 401),
+        ({"Authorization": f"Basic {TOKEN}"}, 401),
+        ({"Authorization": "Bearer wrong-token"}, 403),
+    ):
+        response = client.get(url, headers=headers)
+        assert response.status_code == status
+        assert response.json()["error"]["field"] == "Authorization"
+        assert b"cutover_phase" not in response.content
+    response = client.get(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain; version=")
+    assert client.post(url, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 405
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gunicorn_workers_read_the_state_at_each_scrape_for_the_bearer_only(tmp_path):
+    """As deploy/ runs it: four workers sharing a PROMETHEUS_MULTIPROC_DIR."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    phase_set("shadow")
+    legacy_only_users(2)
+    reconciliation_run(triggered_by="test")
+    kill_switch_set(engaged=True, actor=Actor.command_line(), reason="drill")
+    connection.close()  # the web workers use the same test database
+    with api_server(
+        connection.settings_dict["NAME"],
+        {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "METRICS_TOKEN": TOKEN},
+    ) as port:
+        for token, status in ((None, 401), ("wrong-token", 403)):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                scrape(port, token)
+            assert refused.value.code == status
+        scrapes = [scrape(port) for _ in range(8)]  # several workers answer these
+        for body in scrapes:
+            assert sample(body, "cutover_open_discrepancies") == 2
+            assert sample(body, "cutover_kill_switch") == 1
+            assert sample(body, "metrics_state_readable") == 1
+        # the processes' own series, added up across the workers: the two refused scrapes
+        assert 'django_http_responses_total_by_status_total{status="401"} 1.0' in scrapes[-1]
+        assert 'django_http_responses_total_by_status_total{status="403"} 1.0' in scrapes[-1]
+
+        first = Discrepancy.objects.filter(status="open").first()
+        discrepancy_resolve(discrepancy_id=first.pk, actor=Actor.command_line(), note="fixed")
+        kill_switch_set(engaged=False, actor=Actor.command_line(), reason="drill over")
+        for body in [scrape(port) for _ in range(8)]:
+            assert sample(body, "cutover_open_discrepancies") == 1
+            assert sample(body, "cutover_kill_switch") == 0
+
+
+def exported_series(body: str) -> dict[str, list[dict[str, str]]]:
+    """Each exported sample name, with the label sets it is exported with."""
+    series: dict[str, list[dict[str, str]]] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, labels = line.split(" ")[0].partition("{")
+            series.setdefault(name, []).append(dict(re.findall(r'(\w+)="([^"]*)"', labels)))
+    return series
+
+
+def expression_selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
+    """The series a PromQL expression selects, each with its `=` label matchers: what is left
+    once grouping clauses, functions, operators, numbers and range durations are taken out."""
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", expr)
+    expr = re.sub(r"\[\d+[smh]\]", " ", expr)
+    found = []
+    for series, matchers in re.findall(r"(?<![\w.])([a-zA-Z_]\w*)(?:\{([^}]*)\})?", expr):
+        if series not in PROMQL_WORDS:
+            found.append((series, dict(re.findall(r'(\w+)="([^"]*)"', matchers))))
+    return found
+
+
+def runbook_anchors() -> set[str]:
+    """GitHub's anchors of the runbook's headings (lower case, spaces as dashes)."""
+    headings = re.findall(r"^#+ (.+)$", RUNBOOK.read_text(), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_alert_rules_read_exported_series_and_each_has_a_for_and_a_runbook(metrics_client, client):
+    phase_set("shadow")
+    # A refused delivery, so that the webhook's counter has a sample to export.
+    client.post("/webhooks/circle/transfers", data=b"{}", content_type="application/json")
+    exported = exported_series(metrics_client())
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    [job] = config["scrape_configs"]
+    assert config["rule_files"] == [ALERTS.name]
+    assert job["metrics_path"] == "/metrics"
+    assert job["authorization"]["type"] == "Bearer" and job["authorization"]["credentials_file"]
+    anchors = runbook_anchors()
     rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
-    exported = {
-        line.split("{")[0].split(" ")[0]
-        for line in client.get("/metrics").content.decode().splitlines()
-        if line and not line.startswith("#")
-    }
     for rule in rules:
-        names = set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", re.sub(r"\[\d+m\]", "", rule["expr"])))
-        series = names - PROMQL_WORDS
-        assert series and series <= exported, (rule["alert"], series - exported)
-    expressions = {rule["alert"]: rule["expr"] for rule in rules}
-    usdc_min = BufferThreshold.objects.get(currency="USDC").minimum
-    assert expressions["LowSystemBuffer"].endswith(f"< {usdc_min.normalize():f}")
-    assert expressions["TreasuryConversionFailures"].endswith("> 5")
+        name, expr = rule["alert"], rule["expr"]
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), name
+        assert rule["labels"]["severity"] in ("page", "ticket"), name
+        assert rule["annotations"]["summary"], name
+        assert rule["annotations"]["runbook_url"] == f"deploy/runbook.md#{name.lower()}"
+        assert name.lower() in anchors, f"deploy/runbook.md has no section {name}"
+        # Every selector names an exported series; its `=` matchers, a label set exported.
+        for series, equal in expression_selectors(expr):
+            if series in PROMETHEUS_OWN:
+                assert equal == {"job": job["job_name"]}, name
+                continue
+            assert series in exported, (name, series)
+            assert any(equal.items() <= labels.items() for labels in exported[series]), (
+                name,
+                series,
+                equal,
+            )
+    alerts = {rule["alert"]: rule["expr"] for rule in rules}
+    # The buffer alert compares with the threshold the treasury holds, not a number of its own.
+    low_buffer = alerts["LowSystemBuffer"]
+    assert "treasury_buffer_minimum" in low_buffer
+    assert not re.findall(r"(?<![\w\[])\d+(?![smh\]])", low_buffer)
+    assert alerts["TreasuryConversionFailures"].endswith("> 5")
+    for required in (
+        "KillSwitchEngaged",
+        "ReconciliationStale",
+        "DeadWithdrawals",
+        "ParkedNotifications",
+        "CircleBadSignatures",
+        "LedgerScrapeAbsent",
+    ):
+        assert required in alerts
+    assert alerts["LedgerScrapeAbsent"].startswith("absent(up{")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_dashboard_panel_reads_series_metrics_exports(metrics_client, client):
+    phase_set("shadow")
+    buffer_fund("10")  # a posting: the ledger's labelled series get a sample
+    client.post("/webhooks/circle/transfers", data=b"{}", content_type="application/json")
+    body = metrics_client()
+    exported = set(exported_series(body))
+    # A labelled counter or histogram nothing has touched yet is declared without samples (a
+    # counter's TYPE line already names it with _total).
+    suffixes = {"counter": ("",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", body, re.MULTILINE):
+        exported |= {family + suffix for suffix in suffixes.get(kind, ())}
+    titles = set()
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        titles.add(dashboard["title"])
+        assert dashboard["panels"], path.name
+        for panel in dashboard["panels"]:
+            assert panel["datasource"]["uid"] == "${datasource}", (path.name, panel["title"])
+            assert panel["targets"], (path.name, panel["title"])
+            for target in panel["targets"]:
+                selected = expression_selectors(target["expr"])
+                assert selected, (path.name, panel["title"])
+                for series, _ in selected:
+                    assert series in exported, (path.name, panel["title"], series)
+    assert titles == {"Ledger", "Treasury", "Onchain", "Cutover"}

@@ -35,6 +35,15 @@ def buffer_status_list() -> list[BufferReading]:
         return [BufferReading(*row) for row in cursor.fetchall()]
 
 
+def provider_health() -> list[tuple[str, bool]]:
+    """Each enabled provider's code and whether it is healthy (failover order aside)."""
+    return list(
+        ConversionProvider.objects.filter(enabled=True)
+        .order_by("code")
+        .values_list("code", "healthy")
+    )
+
+
 def provider_configured(code: str) -> bool:
     try:
         due.provider_base_url(code, due.provider_base_urls())

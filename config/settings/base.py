@@ -184,6 +184,7 @@ SECRET_SETTINGS = (
     "DUE_API_KEY",
     "DUE_API_SECRET",
     "ADMIN_TOKEN",
+    "METRICS_TOKEN",
 )
 SECRETS_REQUIRED = False
 CIRCLE_API_KEY = env_secret("CIRCLE_API_KEY", required=SECRETS_REQUIRED)
@@ -191,6 +192,9 @@ CIRCLE_WEBHOOK_SECRET = env_secret("CIRCLE_WEBHOOK_SECRET", required=SECRETS_REQ
 DUE_API_KEY = env_secret("DUE_API_KEY", required=SECRETS_REQUIRED)
 DUE_API_SECRET = env_secret("DUE_API_SECRET", required=SECRETS_REQUIRED)
 ADMIN_TOKEN = env_secret("ADMIN_TOKEN", required=SECRETS_REQUIRED)
+# Prometheus scrapes /metrics with `Authorization: Bearer <METRICS_TOKEN>`; unset, /metrics
+# answers nobody (401/403), as the internal endpoints do without ADMIN_TOKEN.
+METRICS_TOKEN = env_secret("METRICS_TOKEN", required=SECRETS_REQUIRED)
 
 # Circle: where its API is (the shipped sandbox in development and tests), how long a call may
 # take, and the largest webhook body accepted.

@@ -209,6 +209,7 @@ def test_buffer_status_needs_the_admin_token_and_reports_the_alert(
     client, settings, sandbox, webhook, depositor
 ):
     settings.ADMIN_TOKEN = "admin-secret"
+    settings.METRICS_TOKEN = "metrics-secret"
     settings.ONCHAIN_BUFFER_ALERT_THRESHOLD = Decimal("100")
     url = "/internal/onchain/buffer-status"
     assert client.get(url).status_code == 401
@@ -222,7 +223,8 @@ def test_buffer_status_needs_the_admin_token_and_reports_the_alert(
         "alert_threshold": "100",
         "below_threshold": True,
     }
-    assert "onchain_buffer_level 25.5" in client.get("/metrics").content.decode()
+    metrics = client.get("/metrics", headers={"Authorization": "Bearer metrics-secret"})
+    assert "onchain_buffer_level 25.5" in metrics.content.decode()
 
 
 def test_webhook_secret_is_an_extra_gate_never_a_bypass(sandbox, webhook, depositor, settings):

@@ -311,9 +311,11 @@ def test_scheduled_work_does_nothing_while_the_scheduler_is_disabled(due, usdc_l
     assert settlement_cycle_task()["submitted"] == 1
 
 
-def test_metrics_carry_the_treasury_series(client, due, usdc_low):
+def test_metrics_carry_the_treasury_series(client, settings, due, usdc_low):
+    settings.METRICS_TOKEN = "metrics-secret"
     settlement_cycle_run(triggered_by="test")
-    body = client.get("/metrics").content.decode()
+    body = client.get("/metrics", headers={"Authorization": "Bearer metrics-secret"})
+    body = body.content.decode()
     for name in (
         "treasury_buffer_check_total",
         "treasury_conversion_jobs_created_total",
