@@ -1,8 +1,12 @@
 """What Django answers before or instead of a view, as the API's JSON error: an unknown path, a
-wrong method, a failed CSRF check, a body over Django's size limit, an unhandled error. A client
-reads one error shape everywhere; only the admin, an HTML console, keeps Django's pages."""
+wrong method, a failed CSRF check, a body over Django's size limit, the database unreachable
+(503), an unhandled error. A client reads one error shape everywhere; only the admin, an HTML
+console, keeps Django's pages."""
+
+import sys
 
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views import csrf, defaults
 
@@ -15,8 +19,8 @@ def _for_a_client(request: HttpRequest) -> bool:
     return not request.path.startswith(ADMIN_PREFIX)
 
 
-def _error(status: int, code: str, message: str) -> JsonResponse:
-    return JsonResponse(ApiError(status, code, message).body(), status=status)
+def _error(status: int, code: str, message: str, **detail: str) -> JsonResponse:
+    return JsonResponse(ApiError(status, code, message, **detail).body(), status=status)
 
 
 def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
@@ -42,6 +46,15 @@ def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
 def server_error(request: HttpRequest) -> HttpResponse:
     if not _for_a_client(request):
         return defaults.server_error(request)
+    # Django calls this handler inside its `except` for the unhandled error, wherever it was
+    # raised (a view, a decorator, a middleware), so the error is still the current one here.
+    if isinstance(sys.exc_info()[1], OperationalError | InterfaceError):
+        return _error(
+            503,
+            "unavailable",
+            "the database is unavailable; retry with the same Idempotency-Key",
+            dependency="database",
+        )
     return _error(500, "internal", "an internal error; retry with the same Idempotency-Key")
 
 

@@ -321,7 +321,7 @@ def test_processes_run_the_commands_of_the_systemd_units(overlay):
 
 
 def test_web_probes_are_the_service_probes_and_reach_django(overlay):
-    """Readiness asks /readyz (database and broker), liveness /healthz (the process only), with
+    """Readiness asks /readyz (the database), liveness /healthz (the process only), with
     a Host header Django accepts: the kubelet would otherwise send the pod's address."""
     _, resources = overlay
     web = app_container(by_kind(resources, "Deployment")["stack-service"])

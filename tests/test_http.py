@@ -1,7 +1,10 @@
 """Probes, metrics and the read-only ledger console over Django's test client."""
 
+from contextlib import contextmanager
+
 import pytest
 from django.contrib.auth.models import User
+from django.db import connection
 from django.test import Client
 
 from cutover.actors import Actor
@@ -15,19 +18,45 @@ from tests.ledger.factories import UserAccountFactory, fund
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@contextmanager
+def database_down():
+    """The default connection pointed at a port where nothing listens (the test client serves
+    requests in this thread, on this connection); afterwards the port restored and the broken
+    connection closed, so the test database is reached again."""
+    connection.close()
+    port, connection.settings_dict["PORT"] = connection.settings_dict["PORT"], 1
+    try:
+        yield
+    finally:
+        connection.close()
+        connection.settings_dict["PORT"] = port
+
+
 def test_healthz_and_readyz(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+    assert ready.json() == {"status": "ok", "checks": {"database": "ok"}}
 
 
-def test_readyz_reports_an_unreachable_broker(client, settings):
+def test_readyz_does_not_ask_the_broker_the_web_never_uses(client, settings):
     settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
     ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ok", "checks": {"database": "ok"}}
+
+
+def test_readyz_names_the_unreachable_database_and_its_error(client):
+    with database_down():
+        ready = client.get("/readyz")
+        alive = client.get("/healthz")
     assert ready.status_code == 503
-    assert ready.json()["checks"]["broker"].startswith("error: ")
-    assert ready.json()["checks"]["database"] == "ok"
+    assert ready["Content-Type"] == "application/json"
+    assert ready.json()["status"] == "unavailable"
+    failure = ready.json()["checks"]["database"]
+    assert failure.startswith("error: OperationalError: ")
+    assert "port 1 failed" in failure  # psycopg's own words: where it tried, and that it failed
+    assert alive.status_code == 200  # a database outage restarts nothing
 
 
 def test_metrics_expose_the_ledger_series(client, settings):
@@ -158,6 +187,25 @@ def test_a_body_over_djangos_limit_is_a_json_413_and_changes_nothing(client, set
         response = client.post(path, data=body, content_type="application/json", headers=headers)
         _json_error(response, 413, "too_large")
     assert not BalanceMutation.objects.exists()
+    assert not IdempotencyRecord.objects.exists()
+
+
+def test_api_errors_are_json_503_naming_the_database_when_it_is_down(settings):
+    _, token = api_client_issue(name="outage", scopes=["read"], actor=Actor("test"))
+    settings.CIRCLE_WEBHOOK_SECRET = ""
+    client = Client(raise_request_exception=False)  # answered as production answers it
+    with database_down():
+        balance = client.get(f"{API_USER}/balance", headers={"Authorization": f"Bearer {token}"})
+        # An unseen key id: the webhook looks the key up in the database before anything else.
+        webhook = client.post(
+            "/webhooks/circle/transfers",
+            data=b"{}",
+            content_type="application/json",
+            headers={"X-Circle-Signature": "c2lnbmF0dXJl", "X-Circle-Key-Id": "outage-key"},
+        )
+    for response in (balance, webhook):
+        error = _json_error(response, 503, "unavailable")
+        assert error["dependency"] == "database"
     assert not IdempotencyRecord.objects.exists()
 
 
