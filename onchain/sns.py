@@ -127,7 +127,7 @@ def _envelope(body: bytes) -> dict[str, str]:
     """SNS's JSON envelope, its required fields (by type) strings."""
     try:
         envelope = json.loads(body.decode("utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):  # parsed before any signature: a stranger's input
         raise SnsMalformed("body", "the body is not an SNS message (JSON)") from None
     if not isinstance(envelope, dict):
         raise SnsMalformed("body", "the body is not an SNS message (a JSON object)")

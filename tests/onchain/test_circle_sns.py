@@ -333,3 +333,12 @@ def test_the_documented_mint_transfer_completes_our_withdrawal_once(sns, webhook
     assert system("usdc_buffer") == Decimal("1000") - Decimal("3.14")
     assert balances(user)[1] == Decimal("96.86")
     assert integrity_ok()
+
+
+@pytest.mark.parametrize("body", [b"[" * 60000, b'{"Type": ' * 6000 + b"1"])
+def test_json_nested_past_the_parser_before_any_signature_is_400(sns, webhook, body):
+    """The SNS envelope is parsed before its signature can be checked: a stranger's deep JSON
+    is refused naming the body, never a 500."""
+    status, answer = sns.deliver_sns(webhook, body)
+    assert status == 400 and answer["error"]["field"] == "body"
+    assert not CircleNotification.objects.exists()
