@@ -7,7 +7,6 @@ import uuid
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -116,8 +115,6 @@ def _sns_transfers(request: HttpRequest) -> JsonResponse:
         return _refuse(503, "sns_unavailable", str(exc))
     except (CutoverError, LedgerError, WithdrawalTransitionRefused) as exc:
         return _refuse(503, "not_applied", str(exc))
-    except OperationalError as exc:  # the database is down: SNS redelivers
-        return _refuse(503, "unavailable", str(exc))
     if isinstance(received, SnsSubscription):
         return JsonResponse(
             {
