@@ -15,10 +15,12 @@ import pytest
 from django.contrib.auth.models import User
 
 from cutover.actors import Actor
-from cutover.exceptions import OperatorNotPermitted
+from cutover.exceptions import OperatorNotPermitted, TransitionRefused
 from cutover.models import BalanceMutation, OperatorAudit
 from ledger.models import Account
+from onchain.chains import address_validate
 from onchain.discrepancies import transfer_discrepancy_resolve
+from onchain.exceptions import DepositAddressInvalid
 from onchain.models import CircleNotification, DepositAddress, TransferDiscrepancy
 from onchain.sandbox import DEPOSIT_NOTIFICATIONS, USDC_TOKEN_ID, CircleSandbox, wallets_inbound
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
@@ -337,3 +339,15 @@ def test_an_operator_resolves_a_discrepancy_with_a_note_audited(
     audit = OperatorAudit.objects.get(action="transfer_discrepancy.resolve")
     assert audit.reason == "Circle's resend was wrong"
     assert credited(depositor) == Decimal("25.5")  # resolving moves no money by itself
+    with pytest.raises(TransitionRefused):  # an operator resolving it twice changes nothing
+        transfer_discrepancy_resolve(
+            discrepancy_id=discrepancy.pk, actor=Actor.for_user(root), note="again"
+        )
+    assert OperatorAudit.objects.filter(action="transfer_discrepancy.resolve").count() == 1
+
+
+def test_polygon_is_poly_as_circle_names_it_and_matic_is_refused_naming_the_chain():
+    with pytest.raises(DepositAddressInvalid) as refused:
+        address_validate(chain="MATIC", address=ADDRESS)
+    assert refused.value.field == "chain" and "POLY" in str(refused.value)
+    assert address_validate(chain="POLY", address=ADDRESS) == ADDRESS
