@@ -172,6 +172,11 @@ def test_a_redelivered_run_sends_no_minute_twice(aws):
 
     metrics_publish_task()
     metrics_publish_task()  # Celery's redelivery, or a second beat in the same minute
+    out = StringIO()
+    call_command("aws", "publish", stdout=out)  # and an operator's, by hand
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("counted ") and lines[0].endswith(" UTC")
+    assert "system_buffer_usdc" in {line.split()[0] for line in lines[1:]}
 
     points = datapoints(aws, "discrepancy_count", "Sum")
     assert {minute: point["SampleCount"] for minute, point in points.items()} == dict.fromkeys(
@@ -181,7 +186,7 @@ def test_a_redelivered_run_sends_no_minute_twice(aws):
     assert sum(sums(aws, "discrepancy_count").values()) == 1
     # The gauges are sampled again: one more sample of the same Average.
     buffer = datapoints(aws, "system_buffer_usdc", "Average").values()
-    assert sum(point["SampleCount"] for point in buffer) == 2
+    assert sum(point["SampleCount"] for point in buffer) == 3
     # In legacy no ledger write happens: the rate is missing, not 0.
     assert datapoints(aws, "write_success_rate", "Average") == {}
 
