@@ -128,17 +128,23 @@ def env_directory(name: str) -> str | None:
     return raw
 
 
+def aws_secret_id(name: str) -> str:
+    """Where AWS Secrets Manager keeps a secret: AWS_SECRETS_PREFIX + its name in kebab case
+    (seed 001's names: `stack-service/circle-api-key` for CIRCLE_API_KEY); empty when no prefix
+    is set, and then no secret is read from AWS."""
+    prefix = env.str("AWS_SECRETS_PREFIX", default="")
+    return prefix + name.lower().replace("_", "-") if prefix else ""
+
+
 def env_secret(name: str, required: bool) -> str:
     """A secret from the environment or, when AWS_SECRETS_PREFIX is set and the variable is
-    not, from AWS Secrets Manager under `<prefix><name in kebab case>` (seed 001's names:
-    `stack-service/circle-api-key` for CIRCLE_API_KEY)."""
+    not, from AWS Secrets Manager under `aws_secret_id(name)`."""
     value = env.str(name, default="")
-    prefix = env.str("AWS_SECRETS_PREFIX", default="")
-    secret_id = prefix + name.lower().replace("_", "-")
-    if not value and prefix:
+    secret_id = aws_secret_id(name)
+    if not value and secret_id:
         value = _aws_secret(name, secret_id)
     if required and not value:
-        where = f" (nor in AWS Secrets Manager as {secret_id})" if prefix else ""
+        where = f" (nor in AWS Secrets Manager as {secret_id})" if secret_id else ""
         raise ConfigurationError(f"{name}: required in this environment but not set{where}")
     return value
 

@@ -1,7 +1,9 @@
-"""Shared fixtures: the data migrations, and the providers' sandboxes over HTTP (the engines'
-and custody's tests use them). Tests run against the real PostgreSQL named by DATABASE_URL;
-tests that need database rules to fire at COMMIT use `django_db(transaction=True)`."""
+"""Shared fixtures: the data migrations, the providers' sandboxes over HTTP (the engines'
+and custody's tests use them) and AWS as a moto server. Tests run against the real PostgreSQL
+named by DATABASE_URL; tests that need database rules to fire at COMMIT use
+`django_db(transaction=True)`."""
 
+import urllib.request
 from datetime import timedelta
 
 import pytest
@@ -45,3 +47,29 @@ def due(settings, live_server):
     with DueSandbox(api_key=KEY, api_secret=SECRET, settle=None) as sandbox:
         settings.DUE_API_BASE_URL = sandbox.base_url
         yield sandbox
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A moto server on a loopback port, started once: AWS spoken to over real HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_environment(moto_server):
+    """The environment a process needs to reach the moto server; what the test stored there
+    (secrets, alarms, metrics...) is forgotten after it."""
+    yield {
+        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    reset = f"{moto_server}/moto-api/reset"
+    urllib.request.urlopen(urllib.request.Request(reset, method="POST"))  # noqa: S310

@@ -20,7 +20,17 @@ def test_layers_contract_is_kept():
 
 
 # Every installed app of the project (import-linter's layers); only `ledger` may name its tables.
-APPS = ["ledger", "gateway", "cutover", "onchain", "treasury", "custody", "config", "rehearsal"]
+APPS = [
+    "ledger",
+    "gateway",
+    "cutover",
+    "onchain",
+    "treasury",
+    "custody",
+    "aws",
+    "config",
+    "rehearsal",
+]
 LEDGER_TABLES = ("ledger_accounts", "ledger_transactions", "ledger_entries", "ledger_currencies")
 # A table named where SQL reads or writes it (prose such as a table comment's text is not).
 LEDGER_TABLE_IN_SQL = re.compile(

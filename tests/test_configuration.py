@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import boto3
@@ -34,6 +33,7 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
         ("BALANCE_SOURCE", "both"),
         ("DATABASE_URL", "mysql://localhost/x"),
         ("CELERY_BROKER_URL", "localhost:6379"),
+        ("AWS_ENDPOINT_URL", "localhost:4566"),
         ("PROMETHEUS_MULTIPROC_DIR", "/nonexistent/metrics"),
         ("PROMETHEUS_MULTIPROC_DIR", ""),
     ],
@@ -79,31 +79,16 @@ def test_flag_combination_matching_no_phase_is_refused():
 
 
 @pytest.fixture
-def secrets_manager():
-    """A moto server on a loopback port: AWS Secrets Manager spoken to over real HTTP."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    aws = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+def secrets_manager(aws_environment):
+    """AWS Secrets Manager on the moto server (tests/conftest.py), and its environment."""
     client = boto3.client(
         "secretsmanager",
-        endpoint_url=aws["AWS_ENDPOINT_URL"],
-        region_name="us-east-1",
+        endpoint_url=aws_environment["AWS_ENDPOINT_URL"],
+        region_name=aws_environment["AWS_DEFAULT_REGION"],
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
-    yield client, aws
-    # moto's store is per process: forget this test's secrets
-    reset = f"{aws['AWS_ENDPOINT_URL']}/moto-api/reset"
-    urllib.request.urlopen(urllib.request.Request(reset, method="POST"))  # noqa: S310
-    server.stop()
+    return client, aws_environment
 
 
 PRODUCTION = {

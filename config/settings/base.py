@@ -3,8 +3,11 @@ config.env and validated here: a missing or malformed variable stops the process
 
 from pathlib import Path
 
+from celery.schedules import crontab
+
 from config.env import (
     ConfigurationError,
+    aws_secret_id,
     env,
     env_bool,
     env_choice,
@@ -42,6 +45,7 @@ INSTALLED_APPS = [
     "treasury",
     "onchain",
     "custody",
+    "aws",
     "rehearsal",
 ]
 
@@ -119,6 +123,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    # boto3 says at INFO where it found credentials, for every client (aws/ makes one a minute).
+    "loggers": {"botocore": {"level": "WARNING"}},
 }
 
 # prometheus_client reads this variable itself: when set, every process of a host (gunicorn and
@@ -195,6 +201,15 @@ ADMIN_TOKEN = env_secret("ADMIN_TOKEN", required=SECRETS_REQUIRED)
 # Prometheus scrapes /metrics with `Authorization: Bearer <METRICS_TOKEN>`; unset, /metrics
 # answers nobody (401/403), as the internal endpoints do without ADMIN_TOKEN.
 METRICS_TOKEN = env_secret("METRICS_TOKEN", required=SECRETS_REQUIRED)
+# Where AWS Secrets Manager keeps each of them when AWS_SECRETS_PREFIX is set (none otherwise):
+# what the settings read there, and what `manage.py aws provision` creates when absent.
+AWS_SECRET_IDS = {name: aws_secret_id(name) for name in SECRET_SETTINGS if aws_secret_id(name)}
+
+# AWS (aws/: CloudWatch, CloudWatch Logs, Secrets Manager). boto3 finds the credentials its
+# usual way (instance or pod role); the region and, for a local server such as moto, the
+# endpoint are the variables boto3 reads, checked here. Unset, boto3 resolves them itself.
+AWS_ENDPOINT_URL = env_url("AWS_ENDPOINT_URL", default=None, schemes=("https", "http"))
+AWS_DEFAULT_REGION = env.str("AWS_DEFAULT_REGION", default="") or None
 
 # Circle: where its API is (the shipped sandbox in development and tests), how long a call may
 # take, and the largest webhook body accepted.
@@ -292,6 +307,12 @@ CELERY_BEAT_SCHEDULE = {
     "treasury-monitor": {
         "task": "treasury.monitor",
         "schedule": TREASURY_MONITOR_INTERVAL.total_seconds(),
+    },
+    # Seed 001's CloudWatch metrics, at the start of every minute: the alarms' periods are
+    # minutes (the buffer's is one), so each minute gets its data point.
+    "aws-metrics-publish": {
+        "task": "aws.metrics_publish",
+        "schedule": crontab(minute="*"),
     },
 }
 # Schedules live in the database (django-celery-beat): operators see and change them in the

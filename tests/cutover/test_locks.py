@@ -14,7 +14,17 @@ from tests.cutover.test_reconciliation import other_connection
 from treasury.cycle import settlement_cycle_run
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-APPS = ["ledger", "gateway", "cutover", "onchain", "treasury", "custody", "config", "rehearsal"]
+APPS = [
+    "ledger",
+    "gateway",
+    "cutover",
+    "onchain",
+    "treasury",
+    "custody",
+    "aws",
+    "config",
+    "rehearsal",
+]
 
 
 def test_keys_are_unique():
