@@ -8,17 +8,22 @@ import json
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
-from django.db import connection, connections
+from django.db import DatabaseError, IntegrityError, connection, connections
 from django.db.migrations.loader import MigrationLoader
+from django.utils import timezone
 
 from cutover.actors import Actor
 from cutover.backfill import backfill_run
 from cutover.balance_path import balance_credit, balance_debit
+from cutover.legacy_archive import legacy_archive
+from cutover.models import PhaseState
 from cutover.operators import api_client_issue
 from cutover.phase_machine import phase_advance
 from cutover.reconciliation import reconciliation_run
@@ -36,12 +41,14 @@ OUR_APPS = ("ledger", "gateway", "cutover", "onchain", "treasury")
 @pytest.fixture(autouse=True)
 def short_gates(settings):
     settings.CUTOVER_SHADOW_MIN_DURATION = timedelta(0)
+    settings.CUTOVER_READ_SWITCH_MIN_DURATION = timedelta(0)
+    settings.CUTOVER_STRICT_MIN_DURATION = timedelta(0)
 
 
-def rollout_populate() -> None:
+def rollout_populate() -> uuid.UUID:
     """A small rollout in shadow, through the services: legacy users in two currencies
     backfilled, custody opened, mutations, a withdrawal held, a deposit address, an API client,
-    a conversion job, and a discrepancy found by reconciliation."""
+    a conversion job, and a discrepancy found by reconciliation (its user returned)."""
     users = [legacy_user("100"), legacy_user("250.5"), legacy_user("0.000001")]
     legacy_user("40", currency="USD")
     backfill_run()
@@ -58,11 +65,14 @@ def rollout_populate() -> None:
     with connection.cursor() as cursor:  # the legacy store drifts behind the path's back
         cursor.execute("UPDATE balances SET buying_power = 1 WHERE user_id = %s", [users[2]])
     assert reconciliation_run(triggered_by="drill").new_discrepancies == 1
+    return users[2]
 
 
 TABLES_SQL = """
-    SELECT table_name FROM information_schema.tables
-     WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY table_name
+    SELECT table_schema, table_name FROM information_schema.tables
+     WHERE table_schema NOT IN ('pg_catalog', 'information_schema')
+       AND table_type = 'BASE TABLE'
+     ORDER BY 1, 2
 """
 
 
@@ -72,13 +82,14 @@ def database_content() -> dict[str, tuple[int, str]]:
     content = {}
     with connection.cursor() as cursor:
         cursor.execute(TABLES_SQL)
-        for (table,) in cursor.fetchall():
+        for schema_name, table in cursor.fetchall():
             rows = "t.app || '.' || t.name" if table == "django_migrations" else "t::text"
             cursor.execute(
                 f"SELECT count(*), md5(coalesce(string_agg({rows}, chr(10) ORDER BY {rows}), ''))"
-                f' FROM "{table}" t'
+                f' FROM "{schema_name}"."{table}" t'
             )
-            content[table] = cursor.fetchone()
+            name = table if schema_name == "public" else f"{schema_name}.{table}"
+            content[name] = cursor.fetchone()
     return content
 
 
@@ -105,9 +116,10 @@ def pg_binary(name: str) -> str:
     return binary
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+def run(*args: str, given: str | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, input=given, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert "ERROR" not in result.stderr, result.stderr
     return result
 
 
@@ -151,45 +163,82 @@ def test_each_apps_latest_migration_goes_down_and_up_again_losing_nothing():
             assert ledger_verified()["ok"] is True, app
             assert schema() == shape, app
 
+        # A way down that would lose data is refused and changes nothing: gateway 0001 does not
+        # know the `addresses` scope, and no client loses one.
+        api_client_issue(name="wallets", scopes=["addresses"], actor=OPS, reason="drill")
+        content = database_content()
+        with pytest.raises(IntegrityError, match="cutover_api_clients_chk_scopes"):
+            call_command("migrate", "gateway", "0001", interactive=False, verbosity=0)
+        assert database_content() == content and schema() == shape
 
-def test_a_backup_restored_into_a_new_database_verifies_and_holds_the_same_balances():
-    """The checklist's `pg_dump $DATABASE_URL > backup.sql`, restored with `psql` into a new
-    database (stopping at the first error, in one transaction): `ledger verify` passes there
-    and every balance and row is what the backup was taken from."""
-    rollout_populate()
-    content, balances = database_content(), user_balances()
+
+@contextmanager
+def restored_copy() -> Iterator[str]:
+    """The checklist's backup, `pg_dump $DATABASE_URL > backup.sql`, restored with `psql` into a
+    new database (stopping at the first error, in one transaction), which this process uses for
+    the block; then dropped."""
     original = connection.settings_dict["NAME"]
     restored = f"restored_{uuid.uuid4().hex[:10]}"
     backup = run(pg_binary("pg_dump"), runtime.database_url(original)).stdout
     with connection.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{restored}"')
     try:
-        subprocess.run(
-            [
-                pg_binary("psql"),
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "--single-transaction",
-                runtime.database_url(restored),
-            ],
-            input=backup,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
+        psql = (pg_binary("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction")
+        run(*psql, runtime.database_url(restored), given=backup)
         connections.close_all()
         connection.settings_dict["NAME"] = restored
         try:
-            verified = ledger_verified()
-            assert verified["ok"] is True, verified
-            assert user_balances() == balances
-            assert database_content() == content
+            yield restored
         finally:
             connections.close_all()
             connection.settings_dict["NAME"] = original
     finally:
         with connection.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{restored}" WITH (FORCE)')
+
+
+def rollout_cut_over_and_archived(drifted_user) -> None:
+    """From rollout_populate's shadow: the drift undone (reconciliation resolves it), the gates
+    forced to cutover (the equality proof is not), 91 days there, and the legacy store
+    archived."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE balances SET buying_power = 0.000001 WHERE user_id = %s", [drifted_user]
+        )
+    assert reconciliation_run(triggered_by="drill").resolved == 1
+    phase_advance(to="read_switch", actor=OPS, force=True, reason="drill", read_percent=100)
+    phase_advance(to="strict", actor=OPS, force=True, reason="drill")
+    phase_advance(to="cutover", actor=OPS, force=True, reason="drill")
+    PhaseState.objects.filter(pk=1).update(entered_at=timezone.now() - timedelta(days=91))
+    assert legacy_archive(actor=OPS, reason="drill: phase 5").created
+
+
+def test_a_backup_restores_into_a_new_database_that_verifies_with_the_same_balances():
+    """In shadow, and again after the legacy store's archive (Phase 5): the restored copy
+    passes `ledger verify`, holds every row and balance the backup was taken from (the
+    archive's too) and keeps the archive's rules."""
+    with runtime.scratch_database("drill"):
+        drifted = rollout_populate()
+        content, balances = database_content(), user_balances()
+        with restored_copy():
+            assert ledger_verified()["ok"] is True
+            assert user_balances() == balances
+            assert database_content() == content
+
+        rollout_cut_over_and_archived(drifted)
+        content, balances = database_content(), user_balances()
+        assert balances["legacy"] == {} and content["legacy_archive.balances"][0] == 4
+        with restored_copy():
+            assert ledger_verified()["ok"] is True
+            assert user_balances() == balances
+            assert database_content() == content
+            for refused in (
+                "UPDATE cutover_phase_state SET phase = 'legacy'",
+                "UPDATE balances SET buying_power = 1",
+                "DELETE FROM legacy_archive.balances",
+            ):
+                with (
+                    pytest.raises(DatabaseError, match="the legacy store is archived"),
+                    connection.cursor() as cursor,
+                ):
+                    cursor.execute(refused)
