@@ -29,10 +29,11 @@ from cutover.exceptions import (
 )
 from cutover.legacy_archive import legacy_archive
 from cutover.models import LegacyArchive, LegacyBalance, OperatorAudit, PhaseState
-from cutover.phase_machine import phase_rollback, phase_rollback_rehearse
+from cutover.phase_machine import kill_switch_set, phase_rollback, phase_rollback_rehearse
 from cutover.selectors import balance_get, user_currency
 from onchain.addresses import deposit_address_add
 from tests.cutover.factories import legacy_user, phase_set
+from tests.test_deployment_checklist import RECONCILIATION, statement
 
 pytestmark = pytest.mark.django_db
 OPS = Actor("cli:ops")
@@ -238,9 +239,11 @@ def test_postgresql_records_an_archive_only_in_cutover_after_its_time(users):
     assert not LegacyArchive.objects.exists()
 
 
-def test_the_product_keeps_working_on_the_ledger_after_the_archive(users):
+def test_the_product_keeps_working_on_the_ledger_after_the_archive(users, admin_client):
     in_cutover_for(91)
     legacy_archive(actor=OPS, reason=REASON)
+    kill_switch_set(engaged=True, actor=OPS, reason="drill")
+    kill_switch_set(engaged=False, actor=OPS, reason="drill over")
     newcomer = uuid.uuid4()
     with transaction.atomic():
         credit = balance_mutation_apply(
@@ -272,14 +275,19 @@ def test_the_product_keeps_working_on_the_ledger_after_the_archive(users):
         address=f"0x{'ef' * 20}", chain="ETH", user_id=newcomer, actor=OPS, reason="t"
     )
     assert added.created
-    # The checklist's `users` are the ledger's users now.
+    # The checklist's `users` are the ledger's users now; its manual reconciliation (a check
+    # for before the cutover) finds no legacy row to agree with any USDC balance.
     assert {row[0] for row in rows("SELECT id FROM users")} == {
         users["usdc"],
         users["other"],
         users["usd"],
         newcomer,
     }
+    assert rows(statement(RECONCILIATION)) == [(3,)]
     assert not LegacyBalance.objects.exists()
+    listing = admin_client.get("/admin/cutover/legacyarchive/")
+    assert listing.status_code == 200 and b"legacy_archive.balances" in listing.content
+    assert admin_client.get("/admin/cutover/legacybalance/").status_code == 200
 
 
 def test_the_command_archives_once_and_says_so(users):
