@@ -11,8 +11,8 @@ from django.core.exceptions import ImproperlyConfigured
 
 env = environ.Env()
 
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -41,12 +41,12 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 
 def env_duration(name: str, default: str) -> timedelta:
-    """Durations are written like the seed's: 30s, 1m, 5m, 30m, 1h (or 250ms)."""
+    """Durations are written like the seed's: 30s, 1m, 5m, 30m, 1h (or 250ms, 90d)."""
     raw = env.str(name, default=default).strip()
     match = _DURATION.match(raw)
     if not match or int(match.group(1)) == 0:
         raise ConfigurationError(
-            f"{name}: expected a positive duration such as 30s, 5m or 1h, got {raw!r}"
+            f"{name}: expected a positive duration such as 30s, 5m, 1h or 90d, got {raw!r}"
         )
     return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
 

@@ -14,6 +14,7 @@ from cutover.models import (
     CustodyDiscrepancy,
     CustodyOpening,
     Discrepancy,
+    LegacyArchive,
     LegacyBalance,
     PhaseAudit,
     PhaseState,
@@ -171,6 +172,11 @@ class PhaseAuditAdmin(ReadOnlyAdmin):
 class LegacyBalanceAdmin(ReadOnlyAdmin):
     list_display = ("user_id", "buying_power", "currency", "updated_at")
     search_fields = ("=user_id",)
+
+
+@admin.register(LegacyArchive)
+class LegacyArchiveAdmin(ReadOnlyAdmin):
+    list_display = ("table_name", "archived_as", "rows", "archived_at", "archived_by", "reason")
 
 
 @admin.register(BalanceMutation)

@@ -1,5 +1,5 @@
 """Domain errors of the cutover. Each message is fit for an operator or an API client. The
-SQLSTATEs of cutover/sql/cutover.sql (CU001..CU006) are translated here."""
+SQLSTATEs of cutover/sql/cutover.sql (CU001..CU008) are translated here."""
 
 from django.db import DatabaseError
 
@@ -69,6 +69,14 @@ class CustodyRefused(CutoverError):
     """A custody opening or reading that cannot be booked (already open, bad figure)."""
 
 
+class ArchiveRefused(CutoverError):
+    """The legacy store cannot be archived now (not in cutover, or not for long enough)."""
+
+
+class LegacyStoreArchived(CutoverError):
+    """The legacy store was archived: it is never written again and cutover is never left."""
+
+
 # The SQLSTATEs raised by cutover/sql/cutover.sql (LD002: the ledger's refusal of a debit in
 # phase cutover, passed through by cutover_balance_mutate).
 SQLSTATE_ERRORS: dict[str, type[Exception]] = {
@@ -78,6 +86,8 @@ SQLSTATE_ERRORS: dict[str, type[Exception]] = {
     "CU004": InsufficientFunds,
     "CU005": StrictLedgerFailure,
     "CU006": ConcurrentDuplicate,
+    "CU007": ArchiveRefused,
+    "CU008": LegacyStoreArchived,
     "LD002": InsufficientFunds,
 }
 

@@ -8,8 +8,11 @@ account, and cutover_balance_mutate refuses any other currency); one journal row
 reference (exactly once), never updated or deleted; one open discrepancy per user and currency;
 audit rows never updated or deleted (triggers in cutover/sql/cutover.sql); custody opened once
 per currency, from a reported balance that is not negative; one open custody discrepancy per
-currency and source.
+currency and source; the legacy store archived once, only after its time in cutover, and never
+left again (no phase but cutover once it is archived).
 """
+
+from datetime import timedelta
 
 from django.db import models
 from django.db.models import Q
@@ -67,6 +70,7 @@ class PhaseState(models.Model):
             ("rollback_phase", "Can roll the rollout back to legacy"),
             ("operate_kill_switch", "Can engage and release the kill switch"),
             ("open_custody", "Can book a system buffer's custody opening balance"),
+            ("archive_legacy", "Can archive the legacy store after its time in cutover"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(id=1), name="cutover_phase_state_chk_singleton"),
@@ -331,3 +335,39 @@ class CustodyDiscrepancy(models.Model):
             f"custody {self.currency} ({self.source}): ledger {self.ledger_balance}, "
             f"reported {self.reported}"
         )
+
+
+class LegacyArchive(models.Model):
+    """A legacy table archived after its time in cutover (the deployment checklist's Phase 5,
+    "Archive legacy tables after 90 days"): its rows copied into the `legacy_archive` schema,
+    the live table emptied and closed to writes (cutover.legacy_archive). One row per table,
+    never changed. PostgreSQL refuses a row unless the phase is cutover and has been for
+    `min_time_in_cutover`, and refuses leaving cutover once a row exists."""
+
+    table_name = models.CharField(max_length=63, unique=True)
+    archived_as = models.CharField(max_length=127)
+    rows = models.BigIntegerField()
+    totals = models.JSONField()  # per currency: {"rows": n, "total": "decimal"}
+    cutover_entered_at = models.DateTimeField()
+    min_time_in_cutover = models.DurationField()
+    archived_at = models.DateTimeField(db_default=Now())
+    archived_by = models.CharField(max_length=150)
+    reason = models.TextField()
+
+    class Meta:
+        db_table = "cutover_legacy_archives"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(rows__gte=0), name="cutover_legacy_archives_chk_rows"
+            ),
+            models.CheckConstraint(
+                condition=Q(min_time_in_cutover__gt=timedelta(0)),
+                name="cutover_legacy_archives_chk_min_time",
+            ),
+            models.CheckConstraint(
+                condition=~Q(reason=""), name="cutover_legacy_archives_chk_reason"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.table_name} archived as {self.archived_as} at {self.archived_at:%Y-%m-%d}"

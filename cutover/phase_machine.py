@@ -26,6 +26,7 @@ from cutover.phases import (
 from cutover.selectors import (
     equality_proof,
     gate_evaluate,
+    legacy_archive_get,
     store_totals,
 )
 
@@ -56,7 +57,7 @@ def _audit(actor: Actor, action: str, before: str, after: str, reason: str, evid
     )
 
 
-def _locked_state() -> PhaseState:
+def phase_state_fenced() -> PhaseState:
     """The write fence: waits for every mutation in flight, holds new ones until commit."""
     phase_lock_exclusive()
     return PhaseState.objects.select_for_update().get(pk=1)
@@ -76,7 +77,7 @@ def phase_advance(
     if not 0 < read_percent <= 100:
         raise TransitionRefused(f"read percentage must be 1..100, not {read_percent}")
     with transaction.atomic(durable=True):
-        state = _locked_state()
+        state = phase_state_fenced()
         current = Phase(state.phase)
         if target == current == Phase.READ_SWITCH:
             return _read_percent_raise(state, read_percent, actor, reason)
@@ -189,10 +190,17 @@ def phase_rollback_rehearse() -> dict:
 
 
 def _rollback_apply() -> tuple[Phase, dict]:
-    state = _locked_state()
+    state = phase_state_fenced()
     current = Phase(state.phase)
     if current == Phase.LEGACY:
         raise TransitionRefused("already in legacy: nothing to roll back")
+    archive = legacy_archive_get()
+    if archive is not None:
+        raise TransitionRefused(
+            f"rollback refused: the legacy store was archived into {archive.archived_as} at "
+            f"{archive.archived_at:%Y-%m-%d %H:%M} UTC by {archive.archived_by}; there is no "
+            "legacy store to roll back to"
+        )
     evidence: dict = {"totals_before": store_totals()}
     if current == Phase.CUTOVER:
         _legacy_rebuild(evidence)
@@ -237,7 +245,7 @@ def kill_switch_set(*, engaged: bool, actor: Actor, reason: str) -> PhaseAudit:
     if not reason.strip():
         raise ReasonRequired("the kill switch needs a written --reason")
     with transaction.atomic(durable=True):
-        state = _locked_state()
+        state = phase_state_fenced()
         if state.kill_switch == engaged:
             raise TransitionRefused(f"the kill switch is already {'on' if engaged else 'off'}")
         state.kill_switch = engaged

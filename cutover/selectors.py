@@ -19,6 +19,7 @@ from cutover.models import (
     Discrepancy,
     DiscrepancyStatus,
     LedgerStatus,
+    LegacyArchive,
     PhaseState,
     ReconciliationRun,
     StrictFailure,
@@ -89,6 +90,11 @@ def balance_get(*, user_id: UUID, currency: str = "USDC") -> BalanceReading:
         row = cursor.fetchone()
     amount = row[0] if row else Decimal(0)
     return BalanceReading(user_id, currency, amount, source, state.phase)
+
+
+def legacy_archive_get() -> LegacyArchive | None:
+    """The legacy store's archive (cutover.legacy_archive), or None while it is not archived."""
+    return LegacyArchive.objects.first()
 
 
 def custody_opened(currency: str) -> bool:

@@ -3,10 +3,13 @@
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import boto3
 import pytest
+
+from config.env import env_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +31,7 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
     [
         ("TREASURY_SCHEDULER_INTERVAL", "5 minutes"),
         ("ONCHAIN_DEPOSIT_POLL_INTERVAL", "0s"),
+        ("CUTOVER_LEGACY_ARCHIVE_AFTER", "90 days"),
         ("ONCHAIN_BUFFER_ALERT_THRESHOLD", "lots"),
         ("LEDGER_SHADOW_MODE", "maybe"),
         ("BALANCE_SOURCE", "both"),
@@ -61,10 +65,17 @@ def test_production_requires_its_secrets():
     assert "configuration error: CIRCLE_API_KEY: required" in result.stderr
 
 
+def test_durations_are_written_in_ms_s_m_h_or_d(monkeypatch):
+    for written, meant in (("250ms", timedelta(milliseconds=250)), ("90d", timedelta(days=90))):
+        monkeypatch.setenv("TEST_DURATION", written)
+        assert env_duration("TEST_DURATION", "1h") == meant
+
+
 def test_valid_configuration_passes_the_checks():
     result = manage(
         "check",
         TREASURY_SCHEDULER_INTERVAL="5m",
+        CUTOVER_LEGACY_ARCHIVE_AFTER="90d",
         USE_LEDGER_INTEGRATION="true",
         LEDGER_SHADOW_MODE="true",
     )

@@ -160,6 +160,8 @@ CUTOVER_STRICT_MIN_DURATION = env_duration("CUTOVER_STRICT_MIN_DURATION", "72h")
 CUTOVER_MIN_WRITE_SUCCESS_RATE = env_fraction("CUTOVER_MIN_WRITE_SUCCESS_RATE", "0.999")
 CUTOVER_READ_P99_BUDGET_MS = env_int("CUTOVER_READ_P99_BUDGET_MS", 500, minimum=1)
 CUTOVER_RECONCILE_INTERVAL = env_duration("CUTOVER_RECONCILE_INTERVAL", "15m")
+# Phase 5: the legacy store is archived only after this long in cutover ("after 90 days").
+CUTOVER_LEGACY_ARCHIVE_AFTER = env_duration("CUTOVER_LEGACY_ARCHIVE_AFTER", "90d")
 # The system buffers against what Circle and Due report (custody reconciliation).
 CUSTODY_RECONCILE_INTERVAL = env_duration("CUSTODY_RECONCILE_INTERVAL", "15m")
 # Balance API: how long an Idempotency-Key is remembered, and how long a request holds it.

@@ -241,3 +241,61 @@ CREATE OR REPLACE VIEW users AS
 SELECT b.user_id AS id FROM balances b
  UNION
 SELECT u.user_id FROM ledger_user_balances u;
+
+-- The deployment checklist's Phase 5, "Archive legacy tables after 90 days" (cutover.
+-- legacy_archive): `balances` is copied into this schema, then emptied, and both are closed to
+-- writes by cutover_legacy_archived_refuse (statement triggers the archive creates). The
+-- archive is recorded in cutover_legacy_archives; from then on there is no legacy store to go
+-- back to, so the phase never leaves cutover again. Errors: CU007 an archive recorded outside
+-- its rule (the phase is not cutover, or has not been for long enough), CU008 a write to an
+-- archived table or a phase change away from cutover after the archive.
+CREATE SCHEMA IF NOT EXISTS legacy_archive;
+
+CREATE OR REPLACE FUNCTION cutover_legacy_archived_refuse() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'cutover: the legacy store is archived: %.% is not written any more (% refused)',
+        TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP USING ERRCODE = 'CU008';
+END $$;
+
+CREATE OR REPLACE FUNCTION cutover_legacy_archive_check() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_state record;
+BEGIN
+    SELECT s.phase, s.entered_at INTO v_state FROM cutover_phase_state s WHERE s.id = 1;
+    IF v_state.phase IS DISTINCT FROM 'cutover' THEN
+        RAISE EXCEPTION 'cutover: % can be archived in cutover only; the phase is %',
+            NEW.table_name, v_state.phase USING ERRCODE = 'CU007';
+    END IF;
+    IF NEW.cutover_entered_at IS DISTINCT FROM v_state.entered_at
+       OR now() - v_state.entered_at < NEW.min_time_in_cutover THEN
+        RAISE EXCEPTION 'cutover: % can be archived after % in cutover; in cutover since %',
+            NEW.table_name, NEW.min_time_in_cutover, v_state.entered_at USING ERRCODE = 'CU007';
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS cutover_legacy_archive_check ON cutover_legacy_archives;
+CREATE TRIGGER cutover_legacy_archive_check BEFORE INSERT ON cutover_legacy_archives
+    FOR EACH ROW EXECUTE FUNCTION cutover_legacy_archive_check();
+
+DROP TRIGGER IF EXISTS cutover_legacy_archives_append_only ON cutover_legacy_archives;
+CREATE TRIGGER cutover_legacy_archives_append_only
+    BEFORE UPDATE OR DELETE ON cutover_legacy_archives
+    FOR EACH ROW EXECUTE FUNCTION cutover_refuse_change();
+
+CREATE OR REPLACE FUNCTION cutover_phase_archived_stays() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM cutover_legacy_archives) THEN
+        RAISE EXCEPTION 'cutover: the legacy store is archived, so there is no legacy store to go back to (% -> % refused)',
+            OLD.phase, NEW.phase USING ERRCODE = 'CU008';
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS cutover_phase_archived_stays ON cutover_phase_state;
+CREATE TRIGGER cutover_phase_archived_stays BEFORE UPDATE ON cutover_phase_state
+    FOR EACH ROW WHEN (OLD.phase = 'cutover' AND NEW.phase IS DISTINCT FROM OLD.phase)
+    EXECUTE FUNCTION cutover_phase_archived_stays();

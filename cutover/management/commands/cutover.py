@@ -14,6 +14,7 @@ from cutover.actors import Actor
 from cutover.backfill import backfill_run
 from cutover.custody import custody_open
 from cutover.exceptions import CutoverError, GateNotMet
+from cutover.legacy_archive import LEGACY_TABLE, days_text, legacy_archive
 from cutover.operators import api_client_issue
 from cutover.phase_machine import (
     kill_switch_set,
@@ -28,6 +29,7 @@ from cutover.selectors import (
     custody_status,
     gate_evaluate,
     ledger_write_stats,
+    legacy_archive_get,
     open_discrepancy_count,
     phase_state,
 )
@@ -68,7 +70,8 @@ def limit_amount(value: str) -> Decimal:
 class Command(BaseCommand):
     help = (
         "The migration's controls: status, gates, advance, rollback, backfill, reconcile, "
-        "killswitch, custody. Every change is checked, audited and attributed to the OS user."
+        "killswitch, custody, archive-legacy. Every change is checked, audited and attributed "
+        "to the OS user."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -184,6 +187,15 @@ class Command(BaseCommand):
         )
         custody_status_parser.add_argument("--json", action="store_true", help="print JSON")
 
+        archive = sub.add_parser(
+            "archive-legacy",
+            help="Phase 5: after CUTOVER_LEGACY_ARCHIVE_AFTER (90d) in cutover, copy the legacy "
+            "`balances` into the schema legacy_archive, empty it and close both to writes "
+            "(audited; once: a second run changes nothing; afterwards no rollback)",
+        )
+        archive.add_argument("--reason", required=True, help="why (recorded)")
+        archive.add_argument("--json", action="store_true", help="print the archive as JSON")
+
         killswitch = sub.add_parser("killswitch", help="stop or resume every money mutation")
         killswitch.add_argument("state", choices=["on", "off"], help="on stops, off resumes")
         killswitch.add_argument("--reason", required=True, help="why (recorded)")
@@ -192,7 +204,7 @@ class Command(BaseCommand):
         self.console = Console(file=self.stdout._out, quiet=options.get("json", False))
         action = options["action"]
         try:
-            getattr(self, f"_{action}")(options)
+            getattr(self, f"_{action.replace('-', '_')}")(options)
         except GateNotMet as exc:
             if options.get("json"):
                 self.stdout.write(json.dumps(exc.evidence, indent=2))
@@ -221,9 +233,18 @@ class Command(BaseCommand):
             "ledger_writes_in_phase": {k: v for k, v in stats.items() if k != "success_rate"},
             "ledger_write_success_rate": stats["success_rate"],
             "next_phase": next_phase(state.phase),
+            "legacy_archive": _archive_summary(legacy_archive_get()),
+        }
+        archive = data["legacy_archive"]
+        shown = {
+            **data,
+            "legacy_archive": f"{archive['table']} -> {archive['archived_as']} "
+            f"({archive['rows']} rows) at {archive['archived_at']} by {archive['archived_by']}"
+            if archive
+            else "no",
         }
         table = Table(title="cutover status", show_header=False)
-        for key, value in data.items():
+        for key, value in shown.items():
             table.add_row(key.replace("_", " "), str(value))
         self._emit(options, data, table)
 
@@ -354,6 +375,29 @@ class Command(BaseCommand):
             f"{opening.ledger_transaction_id})",
         )
 
+    def _archive_legacy(self, options) -> None:
+        result = legacy_archive(actor=Actor.command_line(), reason=options["reason"])
+        archive = result.archive
+        data = {
+            **_archive_summary(archive),
+            "already_archived": not result.created,
+            "operator_audit_id": result.audit.pk if result.audit else None,
+        }
+        if result.created:
+            totals = ", ".join(f"{c} {t['total']}" for c, t in archive.totals.items())
+            shown = (
+                f"{LEGACY_TABLE} archived into {archive.archived_as}: {archive.rows} rows "
+                f"({totals or 'none'}) after {data['days_in_cutover']} in cutover; "
+                f"{LEGACY_TABLE} is empty and closed to writes (operator audit #{result.audit.pk})"
+            )
+        else:
+            shown = (
+                f"{LEGACY_TABLE} is already archived into {archive.archived_as} "
+                f"({archive.archived_at:%Y-%m-%d %H:%M} UTC by {archive.archived_by}); "
+                "nothing changed"
+            )
+        self._emit(options, data, shown)
+
     def _killswitch(self, options) -> None:
         audit = kill_switch_set(
             engaged=options["state"] == "on", actor=Actor.command_line(), reason=options["reason"]
@@ -421,3 +465,19 @@ class Command(BaseCommand):
         for key, value in data.items():
             table.add_row(key.replace("_", " "), str(value))
         self._emit(options, data, table)
+
+
+def _archive_summary(archive) -> dict | None:
+    if archive is None:
+        return None
+    return {
+        "table": archive.table_name,
+        "archived_as": archive.archived_as,
+        "rows": archive.rows,
+        "totals": archive.totals,
+        "cutover_entered_at": archive.cutover_entered_at.isoformat(),
+        "archived_at": archive.archived_at.isoformat(),
+        "days_in_cutover": days_text(archive.archived_at - archive.cutover_entered_at),
+        "archived_by": archive.archived_by,
+        "reason": archive.reason,
+    }
