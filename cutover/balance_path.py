@@ -58,6 +58,15 @@ def _write_outcome(status: str) -> None:
     metrics.write_success_rate.set(_write_tally[LedgerStatus.POSTED] / sum(_write_tally.values()))
 
 
+def mutation_observed(*, created: bool, ledger_status: str, discrepancy: bool) -> None:
+    """Count what a cutover_balance_mutate call did once its transaction commits (at once in
+    autocommit): for a caller that calls the function from its own SQL."""
+    if created and ledger_status != LedgerStatus.NOT_WRITTEN:
+        transaction.on_commit(lambda: _write_outcome(ledger_status))
+    if discrepancy:
+        transaction.on_commit(metrics.discrepancy_count.inc)
+
+
 def _mutation_execute(
     user_id, direction, amount, reference, reason, currency, counterparty, correlation_id
 ) -> MutationResult:
@@ -83,10 +92,7 @@ def _mutation_execute(
             raise
         raise error from exc
     created, phase, legacy, _, status, ledger_transaction_id, _, discrepancy = row
-    if created and status != LedgerStatus.NOT_WRITTEN:
-        transaction.on_commit(lambda: _write_outcome(status))
-    if discrepancy:
-        transaction.on_commit(metrics.discrepancy_count.inc)
+    mutation_observed(created=created, ledger_status=status, discrepancy=discrepancy)
     return MutationResult(
         reference,
         user_id,

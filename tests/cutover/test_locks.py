@@ -35,31 +35,27 @@ def test_keys_are_unique():
 
 
 def test_no_key_is_written_outside_the_registry():
-    """Source and SQL name keys only through cutover.locks. The SQL's one literal is the phase
-    lock (in cutover/sql/cutover.sql and the frozen copies its migrations run): it must equal
-    the registry's and name it on its line. Every advisory lock call in Python passes a key as a
-    parameter, never a number."""
+    """Source and SQL name keys only through cutover.locks. A literal key in SQL (the phase
+    lock in cutover/sql/cutover.sql, the transfer lock in onchain/sql/onchain.sql, and the
+    frozen copies their migrations run) must equal the registry's and name it on its line.
+    Every advisory lock call in Python passes a key as a parameter, never a number."""
     literal = re.compile(r"\b7_?401_?\d{3}\b")
     call_with_literal = re.compile(r"pg_(?:try_)?advisory_\w*lock\w*\(\s*\d")
-    found = {}
+    named = {v: k for k, v in vars(locks).items() if k.endswith("_LOCK")}
+    found = set()
     for app in APPS:
         for path in (ROOT / app).rglob("*"):
             if path.suffix not in (".py", ".sql") or path.name == "locks.py":
                 continue
             for line in path.read_text().splitlines():
                 for number in literal.findall(line):
-                    found.setdefault(path.relative_to(ROOT).as_posix(), set()).add(
-                        int(number.replace("_", ""))
-                    )
-                    assert "PHASE_LOCK" in line, f"{path}: {line.strip()}"
+                    key = int(number.replace("_", ""))
+                    assert f"cutover.locks.{named.get(key)}" in line, f"{path}: {line.strip()}"
+                    found.add((path.relative_to(ROOT).as_posix(), key))
                 if path.suffix == ".py":
                     assert not call_with_literal.search(line), f"{path}: {line.strip()}"
-    sql_files = {"cutover/sql/cutover.sql"} | {
-        path.relative_to(ROOT).as_posix()
-        for path in (ROOT / "cutover" / "migrations" / "sql").glob("*.sql")
-        if "pg_advisory" in path.read_text()
-    }
-    assert found == {name: {locks.PHASE_LOCK} for name in sql_files}
+    assert ("cutover/sql/cutover.sql", locks.PHASE_LOCK) in found
+    assert ("onchain/sql/onchain.sql", locks.CIRCLE_TRANSFER_LOCK) in found
 
 
 @pytest.mark.django_db(transaction=True)
