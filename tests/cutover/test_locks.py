@@ -50,7 +50,8 @@ def test_no_key_is_written_outside_the_registry():
             for line in path.read_text().splitlines():
                 for number in literal.findall(line):
                     key = int(number.replace("_", ""))
-                    assert f"cutover.locks.{named.get(key)}" in line, f"{path}: {line.strip()}"
+                    assert key in named, f"{path}: {key} is not in the registry"
+                    assert named[key] in line, f"{path}: {line.strip()}"
                     found.add((path.relative_to(ROOT).as_posix(), key))
                 if path.suffix == ".py":
                     assert not call_with_literal.search(line), f"{path}: {line.strip()}"
