@@ -25,6 +25,7 @@ from cutover.models import (
     LedgerStatus,
     StrictFailure,
 )
+from gateway.log_context import log_context_bind
 from ledger.money import amount_parse
 
 
@@ -83,6 +84,7 @@ def _mutation_execute(
             raise
         raise error from exc
     created, phase, legacy, _, status, ledger_transaction_id, _, discrepancy = row
+    log_context_bind(phase=phase)
     if created and status != LedgerStatus.NOT_WRITTEN:
         transaction.on_commit(lambda: _write_outcome(status))
     if discrepancy:
