@@ -21,7 +21,7 @@ from gateway.exceptions import (
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
 )
-from gateway.log_context import log_context, log_context_bind
+from gateway.log_context import log_context, log_context_bind, log_context_current
 from gateway.models import ApiClient
 from gateway.selectors import api_client_authenticate
 from gateway.services import (
@@ -94,6 +94,7 @@ class CorrelationIdMiddleware:
         request.correlation_id = raw if _correlation_id_valid(raw) else uuid.uuid4().hex
         with log_context(correlation_id=request.correlation_id):
             response = self.get_response(request)
+            request.log_context = log_context_current()  # for what Django logs after us
         response["X-Correlation-Id"] = request.correlation_id
         return response
 

@@ -16,18 +16,15 @@ from contextvars import ContextVar
 _context: ContextVar[dict[str, str] | None] = ContextVar("log_context", default=None)
 
 
-def _known(correlation_id: str | None, actor: str | None, phase: str | None) -> dict[str, str]:
-    values = {"correlation_id": correlation_id, "actor": actor, "phase": phase}
+def _known(**values: str | None) -> dict[str, str]:
     return {name: str(value) for name, value in values.items() if value}
 
 
 @contextmanager
-def log_context(
-    *, correlation_id: str | None = None, actor: str | None = None, phase: str | None = None
-) -> Iterator[None]:
-    """Bind the values to every log line of the block (a request); what the block binds more
-    with log_context_bind ends with it."""
-    token = _context.set({**(_context.get() or {}), **_known(correlation_id, actor, phase)})
+def log_context(*, correlation_id: str) -> Iterator[None]:
+    """A request: its correlation id on every log line of the block, and what the block binds
+    more with log_context_bind; all of it ends with the block."""
+    token = _context.set({"correlation_id": correlation_id})
     try:
         yield
     finally:
@@ -39,13 +36,17 @@ def log_context_bind(*, actor: str | None = None, phase: str | None = None) -> N
     request's or task's lines; outside one, nothing."""
     current = _context.get()
     if current is not None:
-        _context.set({**current, **_known(None, actor, phase)})
+        _context.set({**current, **_known(actor=actor, phase=phase)})
+
+
+def log_context_current() -> dict[str, str]:
+    return dict(_context.get() or {})
 
 
 def log_context_start(*, correlation_id: str, actor: str) -> None:
     """A unit of work that no block can enclose (a Celery task, between its task_prerun and
     task_postrun signals) starts with these values, whatever was bound before."""
-    _context.set(_known(correlation_id, actor, None))
+    _context.set(_known(correlation_id=correlation_id, actor=actor))
 
 
 def log_context_end() -> None:
@@ -54,12 +55,12 @@ def log_context_end() -> None:
 
 class LogContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        context = dict(_context.get() or {})
         # Django logs a request's 4xx/5xx after the middleware has returned (its context reset)
-        # with the request attached: its correlation id is still the request's.
-        correlation_id = getattr(getattr(record, "request", None), "correlation_id", None)
-        if correlation_id:
-            context.setdefault("correlation_id", correlation_id)
+        # with the request attached: what the request had bound is on the request.
+        context = {
+            **getattr(getattr(record, "request", None), "log_context", {}),
+            **log_context_current(),
+        }
         for name, value in context.items():
             if not hasattr(record, name):
                 setattr(record, name, value)

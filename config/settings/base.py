@@ -148,7 +148,10 @@ LOGGING = {
             "filters": ["context"],
         }
     },
-    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "root": {
+        "handlers": ["console"],
+        "level": env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    },
     # boto3 says at INFO where it found credentials, for every client (aws/ makes one a minute).
     "loggers": {"botocore": {"level": "WARNING"}},
 }
