@@ -25,6 +25,7 @@ from cutover.models import (
     LedgerStatus,
     StrictFailure,
 )
+from gateway.log_context import log_context_bind
 from ledger.money import amount_parse
 
 
@@ -58,9 +59,11 @@ def _write_outcome(status: str) -> None:
     metrics.write_success_rate.set(_write_tally[LedgerStatus.POSTED] / sum(_write_tally.values()))
 
 
-def mutation_observed(*, created: bool, ledger_status: str, discrepancy: bool) -> None:
-    """Count what a cutover_balance_mutate call did once its transaction commits (at once in
-    autocommit): for a caller that calls the function from its own SQL."""
+def mutation_observed(*, phase: str, created: bool, ledger_status: str, discrepancy: bool) -> None:
+    """What a cutover_balance_mutate call did: its phase on the request's or task's log lines,
+    counted once its transaction commits (at once in autocommit). Also for a caller that calls
+    the function from its own SQL."""
+    log_context_bind(phase=phase)
     if created and ledger_status != LedgerStatus.NOT_WRITTEN:
         transaction.on_commit(lambda: _write_outcome(ledger_status))
     if discrepancy:
@@ -92,7 +95,7 @@ def _mutation_execute(
             raise
         raise error from exc
     created, phase, legacy, _, status, ledger_transaction_id, _, discrepancy = row
-    mutation_observed(created=created, ledger_status=status, discrepancy=discrepancy)
+    mutation_observed(phase=phase, created=created, ledger_status=status, discrepancy=discrepancy)
     return MutationResult(
         reference,
         user_id,

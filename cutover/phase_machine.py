@@ -4,6 +4,8 @@ switch. They take the phase lock exclusively (the write fence) while every balan
 it shared, so a flip waits for the mutations in flight and no mutation starts under the old state
 once a flip has begun."""
 
+import logging
+
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -30,6 +32,7 @@ from cutover.selectors import (
     store_totals,
 )
 
+log = logging.getLogger(__name__)
 DEPRECATION_COMMENT = "DEPRECATED: balances live in ledger_accounts since the cutover of {at}."
 
 
@@ -47,13 +50,42 @@ def phase_lock_exclusive() -> None:
 
 
 def _audit(actor: Actor, action: str, before: str, after: str, reason: str, evidence: dict):
-    return PhaseAudit.objects.create(
+    audit = PhaseAudit.objects.create(
         actor=actor.name,
         action=action,
         from_phase=before,
         to_phase=after,
         reason=reason,
         evidence=evidence,
+    )
+    transaction.on_commit(lambda: _audit_log(audit))
+    return audit
+
+
+# What an operator reaches for in an emergency is a warning on the log; the rest information.
+_WARNING_ACTIONS = {AuditAction.FORCE, AuditAction.ROLLBACK, AuditAction.KILL_SWITCH_ON}
+
+
+def _audit_log(audit: PhaseAudit) -> None:
+    """The audited change on the log too, once it committed (a refused or rolled-back change
+    never reaches it): who, what, from, to, why, and the audit row that holds the evidence."""
+    log.log(
+        logging.WARNING if audit.action in _WARNING_ACTIONS else logging.INFO,
+        "%s %s -> %s by %s: %s",
+        audit.action,
+        audit.from_phase,
+        audit.to_phase,
+        audit.actor,
+        audit.reason,
+        extra={
+            "audit_id": audit.pk,
+            "action": audit.action,
+            "actor": audit.actor,
+            "from_phase": audit.from_phase,
+            "to_phase": audit.to_phase,
+            "phase": audit.to_phase,
+            "reason": audit.reason,
+        },
     )
 
 

@@ -25,6 +25,7 @@ from cutover.models import (
     StrictFailure,
 )
 from cutover.phases import Phase
+from gateway.log_context import log_context_bind
 from ledger import metrics as ledger_metrics
 from ledger.selectors import BUFFER_ACCOUNTS, ledger_integrity_checks, system_account
 
@@ -80,6 +81,7 @@ LEDGER_READ_SQL = "SELECT balance FROM ledger_user_balances WHERE user_id = %s A
 def balance_get(*, user_id: UUID, currency: str = "USDC") -> BalanceReading:
     """The user's balance from the store the phase reads (0 for a user never seen)."""
     state = phase_state()
+    log_context_bind(phase=state.phase)  # the rest of the request's log lines name it
     source = read_source(state, user_id)
     with connection.cursor() as cursor:
         if source == "ledger":

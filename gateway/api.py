@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from gateway.exceptions import (
     ApiClientLimitExceeded,
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
 )
+from gateway.log_context import log_context, log_context_bind, log_context_current
 from gateway.models import ApiClient
 from gateway.selectors import api_client_authenticate
 from gateway.services import (
@@ -80,30 +81,49 @@ def _refusal(exc: Exception, refusals: Mapping[type[Exception], Refusal]) -> Ref
     return next((refusals[cls] for cls in type(exc).__mro__ if cls in refusals), None)
 
 
+class CorrelationIdMiddleware:
+    """Every request's correlation id: the caller's X-Correlation-Id when it is one we can
+    carry (api_view refuses a bad one with 400), else a new one. It is on every log line of the
+    request (with the admin user, once authenticated) and echoed on the response."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        raw = request.headers.get("X-Correlation-Id")
+        request.correlation_id = raw if _correlation_id_valid(raw) else uuid.uuid4().hex
+        with log_context(correlation_id=request.correlation_id):
+            response = self.get_response(request)
+            request.log_context = log_context_current()  # for what Django logs after us
+        response["X-Correlation-Id"] = request.correlation_id
+        return response
+
+    def process_view(self, request: HttpRequest, view, args, kwargs) -> None:
+        # Runs after AuthenticationMiddleware: the admin's user is known (named as
+        # cutover.actors.Actor.for_user names it). A request without a session cookie costs
+        # no query here.
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated:
+            log_context_bind(actor=f"admin:{user.get_username()}")
+
+
 def api_view(view):
-    """Correlation id, authentication and JSON errors around a view acting for one user:
-    `view(request, client, user_id) -> (status, body)`."""
+    """Authentication, the X-Correlation-Id check and JSON errors around a view acting for one
+    user: `view(request, client, user_id) -> (status, body)`."""
 
     def wrapper(request: HttpRequest, user_id: str):
         try:
-            request.correlation_id = _correlation_id(request)
+            _correlation_id_check(request)
             owner = _user_id(user_id)
             client = _authenticate(request)
+            log_context_bind(actor=f"api:{client.name}")
             if client.user_id and client.user_id != owner:
                 raise ApiError(403, "forbidden", "this client may not act for that user")
             status, body = view(request, client, owner)
         except ApiError as exc:
             status, body = exc.status, exc.body()
-        log.info(
-            "%s %s -> %s correlation_id=%s",
-            request.method,
-            request.path,
-            status,
-            request.correlation_id,
-        )
-        response = JsonResponse(body, status=status)
-        response["X-Correlation-Id"] = request.correlation_id
-        return response
+        log.info("%s %s -> %s", request.method, request.path, status, extra={"status_code": status})
+        return JsonResponse(body, status=status)
 
     wrapper.__name__ = view.__name__
     # Bearer tokens, never cookies: a browser's form cannot act with them, so a CSRF check has
@@ -119,14 +139,20 @@ def _user_id(raw: str) -> uuid.UUID:
         raise ApiError(400, "invalid", "user_id must be a UUID", "user_id") from None
 
 
-def _correlation_id(request: HttpRequest) -> str:
-    """The caller's X-Correlation-Id (printable ASCII that fits the journal's column), or a new
-    one; a bad one is refused before anything is claimed or written."""
+def _correlation_id_valid(raw: str | None) -> bool:
+    """Printable ASCII that fits the journal's column."""
+    return (
+        bool(raw)
+        and len(raw) <= MAX_CORRELATION_ID_LENGTH
+        and bool(_PRINTABLE_ASCII.fullmatch(raw))
+    )
+
+
+def _correlation_id_check(request: HttpRequest) -> None:
+    """A bad X-Correlation-Id is refused before anything is claimed or written (the answer
+    carries the new one CorrelationIdMiddleware gave the request)."""
     raw = request.headers.get("X-Correlation-Id")
-    if not raw:
-        return uuid.uuid4().hex
-    if len(raw) > MAX_CORRELATION_ID_LENGTH or not _PRINTABLE_ASCII.fullmatch(raw):
-        request.correlation_id = uuid.uuid4().hex  # the answer still carries one
+    if raw and not _correlation_id_valid(raw):
         raise ApiError(
             400,
             "invalid",
@@ -134,7 +160,6 @@ def _correlation_id(request: HttpRequest) -> str:
             "characters without spaces",
             "X-Correlation-Id",
         )
-    return raw
 
 
 def bearer_token(request: HttpRequest) -> str | None:

@@ -298,6 +298,7 @@ class DepositCredit:
     outcome: str
     why: str
     user_id: UUID | None
+    phase: str | None  # the balance path's, when it credited
     mutation_created: bool
     ledger_status: str
     discrepancy: bool
@@ -312,12 +313,12 @@ DEPOSIT_STATUS = {
     "contradicted": InboxStatus.REFUSED,
 }
 DEPOSIT_CREDIT_SQL = """
-    SELECT outcome, why, deposit_user, mutation_created, ledger_status, discrepancy
+    SELECT outcome, why, deposit_user, phase, mutation_created, ledger_status, discrepancy
       FROM onchain_deposit_credit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 DEPOSIT_ACCEPT_SQL = """
-    SELECT inserted, inbox_status, outcome, why, deposit_user, mutation_created, ledger_status,
-           discrepancy
+    SELECT inserted, inbox_status, outcome, why, deposit_user, phase, mutation_created,
+           ledger_status, discrepancy
       FROM onchain_deposit_notification_accept(
            %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
@@ -335,7 +336,9 @@ def deposit_credit(event: TransferEvent, *, correlation_id: str) -> tuple[str, s
         raise RuntimeError("deposit_credit must run inside transaction.atomic()")
     arguments = _deposit_arguments(event, _deposit_amount(event))
     if arguments is None:
-        return _deposit_outcome(event, DepositCredit("unknown_address", "", None, False, "", False))
+        return _deposit_outcome(
+            event, DepositCredit("unknown_address", "", None, None, False, "", False)
+        )
     row = _deposit_execute(
         DEPOSIT_CREDIT_SQL, [*arguments, correlation_id, USDC_BUFFER], event.transfer_id
     )
@@ -423,6 +426,7 @@ def _deposit_outcome(event: TransferEvent, credit: DepositCredit) -> tuple[str, 
         transaction.on_commit(metrics.transfer_discrepancies.inc)
     elif credit.outcome == "credited":
         mutation_observed(
+            phase=credit.phase,
             created=credit.mutation_created,
             ledger_status=credit.ledger_status,
             discrepancy=credit.discrepancy,

@@ -40,6 +40,8 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
         ("AWS_ENDPOINT_URL", "localhost:4566"),
         ("PROMETHEUS_MULTIPROC_DIR", "/nonexistent/metrics"),
         ("PROMETHEUS_MULTIPROC_DIR", ""),
+        ("LOG_FORMAT", "xml"),
+        ("LOG_LEVEL", "LOUD"),
     ],
 )
 def test_malformed_variable_stops_the_process_naming_it(variable, value):
@@ -253,3 +255,23 @@ def test_real_secrets_pass_in_production():
     environment["DJANGO_ALLOWED_HOSTS"] = "ledger.internal"
     result = manage("check", **environment)
     assert result.returncode == 0, result.stderr
+
+
+# --- manage.py check --deploy (issue 13, item 9) ------------------------------------------------
+
+
+def test_the_deploy_checks_pass_in_production():
+    """Django's deployment checks under the production settings and deploy/env.example's
+    environment: no warning (the one silenced carries its reason in the settings)."""
+    environment = {**env_example(), **strong_secrets(), "CIRCLE_WALLET_ID": "1000000001"}
+    result = manage("check", "--deploy", "--fail-level", "WARNING", **environment)
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues (1 silenced)." in result.stdout
+
+
+def test_the_deploy_checks_fail_without_hsts():
+    environment = {**env_example(), **strong_secrets(), "CIRCLE_WALLET_ID": "1000000001"}
+    environment["SECURE_HSTS_SECONDS"] = "0"
+    result = manage("check", "--deploy", "--fail-level", "WARNING", **environment)
+    assert result.returncode == 1
+    assert "(security.W004)" in result.stderr

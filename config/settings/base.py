@@ -51,6 +51,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "gateway.api.CorrelationIdMiddleware",
     "gateway.errors.MethodNotAllowedAsJson",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -117,12 +118,40 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 
+# Every process (web, Celery worker and beat, commands) logs to stderr: LOG_FORMAT=json is one
+# JSON object per line for a log shipper (production's default), plain a line for a person
+# (the default here). Each line carries the request's or task's correlation id, the actor and
+# the phase where they are known (gateway/log_context.py).
+LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("json", "plain"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "filters": {"context": {"()": "gateway.log_context.LogContextFilter"}},
+    "formatters": {
+        "plain": {
+            "()": "logging.Formatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s "
+            "[%(correlation_id)s %(actor)s %(phase)s]",
+            "defaults": {"correlation_id": "-", "actor": "-", "phase": "-"},
+        },
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(levelname)s %(name)s %(message)s",
+            "rename_fields": {"levelname": "level", "name": "logger"},
+            "timestamp": "time",  # ISO 8601, UTC
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"],
+        }
+    },
+    "root": {
+        "handlers": ["console"],
+        "level": env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    },
     # boto3 says at INFO where it found credentials, for every client (aws/ makes one a minute).
     "loggers": {"botocore": {"level": "WARNING"}},
 }

@@ -91,8 +91,8 @@ CREATE TRIGGER onchain_deposit_address_currency BEFORE INSERT OR UPDATE ON oncha
 CREATE OR REPLACE FUNCTION onchain_deposit_credit(
     p_transfer_id text, p_chain text, p_address text, p_evm_chains text[], p_currency text,
     p_amount numeric, p_notified_amount text, p_said text, p_source text, p_counterparty text,
-    OUT outcome text, OUT why text, OUT deposit_user uuid, OUT mutation_created boolean,
-    OUT ledger_status text, OUT discrepancy boolean
+    OUT outcome text, OUT why text, OUT deposit_user uuid, OUT phase text,
+    OUT mutation_created boolean, OUT ledger_status text, OUT discrepancy boolean
 ) LANGUAGE plpgsql AS $$
 DECLARE
     v_reference text := 'circle:transfer:' || p_transfer_id;
@@ -166,7 +166,7 @@ BEGIN
         RETURN;
     END IF;
     BEGIN
-        SELECT m.created, m.ledger_status, m.discrepancy INTO v_mutation
+        SELECT m.phase, m.created, m.ledger_status, m.discrepancy INTO v_mutation
           FROM cutover_balance_mutate(deposit_user, 'credit', p_amount, v_currency, v_reference,
                                       'circle_deposit', p_counterparty, p_source) m;
     EXCEPTION WHEN SQLSTATE 'CU005' THEN  -- raised again as it was, naming the user
@@ -176,6 +176,7 @@ BEGIN
             HINT = deposit_user::text;
     END;
     outcome := 'credited';
+    phase := v_mutation.phase;
     mutation_created := v_mutation.created;
     ledger_status := v_mutation.ledger_status;
     discrepancy := v_mutation.discrepancy;
@@ -192,7 +193,7 @@ CREATE OR REPLACE FUNCTION onchain_deposit_notification_accept(
     p_currency text, p_amount numeric, p_notified_amount text, p_said text,
     p_counterparty text,
     OUT inserted boolean, OUT inbox_status text, OUT outcome text, OUT why text,
-    OUT deposit_user uuid, OUT mutation_created boolean, OUT ledger_status text,
+    OUT deposit_user uuid, OUT phase text, OUT mutation_created boolean, OUT ledger_status text,
     OUT discrepancy boolean
 ) LANGUAGE plpgsql AS $$
 DECLARE
@@ -216,6 +217,7 @@ BEGIN
     outcome := v_credit.outcome;
     why := v_credit.why;
     deposit_user := v_credit.deposit_user;
+    phase := v_credit.phase;
     mutation_created := v_credit.mutation_created;
     ledger_status := v_credit.ledger_status;
     discrepancy := v_credit.discrepancy;
