@@ -265,8 +265,8 @@ class Case:
     recorded: bool = False  # a Circle notification kept as refused (200), nothing else
 
 
-def _cases():
-    # Bodies of the API's POST endpoints, one bad field at a time.
+def _api_body_cases():
+    """The bodies of the API's POST endpoints, one bad field at a time."""
     for endpoint, good in POSTS.items():
         yield f"{endpoint}:deep-array", Case(api("post", endpoint, DEEP_ARRAY), 400, "body")
         yield f"{endpoint}:deep-object", Case(api("post", endpoint, DEEP_OBJECT), 400, "body")
@@ -320,7 +320,10 @@ def _cases():
         for amount in LENIENT_AMOUNTS:
             body = {**POSTS[endpoint], "amount": amount}
             yield f"{endpoint}:amount={amount!r}", Case(api("post", endpoint, body), 400, "amount")
-    # Headers of every API endpoint.
+
+
+def _api_header_cases():
+    """The headers, path and query of every API endpoint."""
     endpoints = [("post", endpoint, body) for endpoint, body in POSTS.items()]
     endpoints += [("get", endpoint, None) for endpoint in GETS]
     for method, endpoint, body in endpoints:
@@ -340,7 +343,9 @@ def _cases():
         yield f"balance:{query}", Case(api("get", "balance", query=query), 400, "currency")
     yield "balance:bad-user", Case(api("get", "balance", user="not-a-uuid"), 400, "user_id")
 
-    # Due's callback: signed with our secret, yet unreadable or unstorable.
+
+def _due_cases():
+    """Due's callback: signed with our secret, yet unreadable or unstorable."""
     conversion = {"data": {"id": "c-1", "status": "processing", "reference": "r"}}
     yield "due:deep-array", Case(due(DEEP_ARRAY), 400, "body")
     yield "due:deep-object", Case(due(DEEP_OBJECT), 400, "body")
@@ -362,7 +367,9 @@ def _cases():
             Case(due(conversion, timestamp=timestamp), 400, "X-Due-Timestamp"),
         )
 
-    # The internal endpoints and /metrics: tokens of any bytes.
+
+def _internal_cases():
+    """The internal endpoints and /metrics: tokens of any bytes."""
     for method, path in (
         ("get", "/internal/onchain/buffer-status"),
         ("post", "/internal/treasury/trigger-cycle"),
@@ -388,7 +395,7 @@ def deposit(**fields) -> dict:
 
 
 def _circle_cases():
-    # Circle's webhook, v2: the signature is good, what it signs is not.
+    """Circle's webhook, v2 and through SNS: the signature is good, what it signs is not."""
     yield "circle:deep-array", Case(circle(DEEP_ARRAY), 400, "body")
     yield "circle:deep-object", Case(circle(DEEP_OBJECT), 400, "body")
     nested = deposit()
@@ -448,7 +455,12 @@ def _circle_cases():
     yield "sns:Message-nested", Case(sns(nested), 400, "Message")
 
 
-CASES = dict(_cases())
+CASES = {
+    "api-bodies": dict(_api_body_cases()),
+    "api-headers": dict(_api_header_cases()),
+    "due": dict(_due_cases()),
+    "internal": dict(_internal_cases()),
+}
 CIRCLE_CASES = dict(_circle_cases())
 
 
@@ -473,9 +485,14 @@ def _check(world: World, case: Case) -> None:
     assert after == before
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=name) for name, c in CASES.items()])
-def test_a_bad_input_is_a_json_4xx_naming_the_field_and_writes_nothing(world, case):
-    _check(world, case)
+@pytest.mark.parametrize("group", CASES)
+def test_a_bad_input_is_a_json_4xx_naming_the_field_and_writes_nothing(world, subtests, group):
+    """A group's inputs one after the other against one world (each is refused and writes
+    nothing, which is checked input by input): a fixture per input would cost more than all
+    the requests."""
+    for name, case in CASES[group].items():
+        with subtests.test(msg=name):
+            _check(world, case)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -507,48 +524,43 @@ ENDPOINTS = {
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
-@pytest.mark.parametrize(
-    ("path", "method"),
-    [
-        (path, method)
-        for path, allowed in ENDPOINTS.items()
-        for method in METHODS
-        if method not in allowed
-    ],
-)
-def test_a_wrong_method_is_a_json_405_even_where_a_browser_would_be_csrf_checked(path, method):
+def test_a_wrong_method_is_a_json_405_even_where_a_browser_would_be_csrf_checked(subtests):
     browser = Client(enforce_csrf_checks=True, raise_request_exception=False)
-    before = written()
-    response = browser.generic(method, path, data=b"{}", content_type="application/json")
-    assert response.status_code == 405
-    assert response["Content-Type"] == "application/json"
-    assert response.json()["error"]["code"] == "method_not_allowed"
-    assert set(response["Allow"].split(", ")) >= ENDPOINTS[path] - {"HEAD"}
-    assert written() == before
+    for path, allowed in ENDPOINTS.items():
+        for method in (method for method in METHODS if method not in allowed):
+            with subtests.test(msg=f"{method} {path}"):
+                before = written()
+                response = browser.generic(method, path, b"{}", "application/json")
+                assert response.status_code == 405
+                assert response["Content-Type"] == "application/json"
+                assert response.json()["error"]["code"] == "method_not_allowed"
+                assert set(response["Allow"].split(", ")) >= allowed - {"HEAD"}
+                assert written() == before
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/api/v1/",
-        "/api/v1/users",
-        f"/api/v1/users/{USER}",
-        f"/api/v1/users/{USER}/balance/",
-        f"/api/v1/users/{USER}/nothing",
-        "/internal/",
-        "/internal/treasury/nothing",
-        "/webhooks/circle",
-        "/webhooks/due/conversions/",
-        "/%00",
-    ],
-)
-@pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
-def test_an_unknown_path_is_a_json_404(path, method):
+UNKNOWN_PATHS = [
+    "/api/v1/",
+    "/api/v1/users",
+    f"/api/v1/users/{USER}",
+    f"/api/v1/users/{USER}/balance/",
+    f"/api/v1/users/{USER}/nothing",
+    "/internal/",
+    "/internal/treasury/nothing",
+    "/webhooks/circle",
+    "/webhooks/due/conversions/",
+    "/%00",
+]
+
+
+def test_an_unknown_path_is_a_json_404(subtests):
     browser = Client(enforce_csrf_checks=True, raise_request_exception=False)
-    response = browser.generic(method, path, data=b"{}", content_type="application/json")
-    assert response.status_code == 404
-    assert response["Content-Type"] == "application/json"
-    assert response.json()["error"]["code"] == "not_found"
+    for path in UNKNOWN_PATHS:
+        for method in ("GET", "POST", "DELETE"):
+            with subtests.test(msg=f"{method} {path}"):
+                response = browser.generic(method, path, b"{}", "application/json")
+                assert response.status_code == 404
+                assert response["Content-Type"] == "application/json"
+                assert response.json()["error"]["code"] == "not_found"
 
 
 # --- bodies over every limit, over real sockets, as production serves them ---------------
