@@ -109,7 +109,8 @@ def api(method: str, endpoint: str, body=None, *, user=None, query: str = "", **
     `headers` replace the client's own (None drops one)."""
 
     def send(w: World) -> HttpResponse:
-        sent = {"Authorization": f"Bearer {w.token}", "Idempotency-Key": "boundary-1"}
+        # A key of its own: an input that got through must not make the next one a replay.
+        sent = {"Authorization": f"Bearer {w.token}", "Idempotency-Key": str(uuid.uuid4())}
         sent.update({name.replace("_", "-"): value for name, value in headers.items()})
         extra = {
             "HTTP_" + name.upper().replace("-", "_"): value
