@@ -11,6 +11,7 @@ import os
 from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,7 +31,8 @@ from cutover.selectors import (
     reconciliation_age,
     strict_failure_count_in_phase,
 )
-from gateway.api import ApiError, bearer_token, token_matches
+from gateway.api import ApiError
+from gateway.boundary import bearer_token, token_matches
 from onchain.models import InboxStatus
 from onchain.selectors import (
     dead_withdrawal_count,
@@ -191,6 +193,7 @@ def _token_refusal(request: HttpRequest) -> JsonResponse | None:
     return JsonResponse(error.body(), status=error.status)
 
 
+@csrf_exempt  # a bearer token, never cookies: a wrong method is a 405, not a CSRF 403
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
     """Bearer METRICS_TOKEN: the processes' metrics and the database's state gauges."""

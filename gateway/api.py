@@ -4,10 +4,8 @@ and `Idempotency-Key` handling (the first answer is stored and replayed)."""
 
 import functools
 import hashlib
-import hmac
 import json
 import logging
-import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,10 +14,13 @@ from decimal import Decimal
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from gateway import boundary
+from gateway.boundary import bearer_token, printable_ascii, token_matches
 from gateway.exceptions import (
     ApiClientLimitExceeded,
     IdempotencyKeyInFlight,
     IdempotencyKeyReused,
+    InputRefused,
 )
 from gateway.log_context import log_context, log_context_bind, log_context_current
 from gateway.models import ApiClient
@@ -36,11 +37,6 @@ log = logging.getLogger("gateway.api")
 MAX_BODY_BYTES = 16 * 1024
 MAX_KEY_LENGTH = 200
 MAX_CORRELATION_ID_LENGTH = 128  # the journal's and the withdrawals' column
-_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")  # no spaces: correlation ids and tokens
-MAX_JSON_DEPTH = 16  # our requests are flat; deeper is an attack on the parser, not a request
-# PostgreSQL refuses NUL in text and cannot encode a lone surrogate: refused here, by field,
-# before anything is claimed or written.
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 class ApiError(Exception):
@@ -141,11 +137,7 @@ def _user_id(raw: str) -> uuid.UUID:
 
 def _correlation_id_valid(raw: str | None) -> bool:
     """Printable ASCII that fits the journal's column."""
-    return (
-        bool(raw)
-        and len(raw) <= MAX_CORRELATION_ID_LENGTH
-        and bool(_PRINTABLE_ASCII.fullmatch(raw))
-    )
+    return bool(raw) and printable_ascii(raw, max_length=MAX_CORRELATION_ID_LENGTH)
 
 
 def _correlation_id_check(request: HttpRequest) -> None:
@@ -160,26 +152,6 @@ def _correlation_id_check(request: HttpRequest) -> None:
             "characters without spaces",
             "X-Correlation-Id",
         )
-
-
-def bearer_token(request: HttpRequest) -> str | None:
-    """The token of `Authorization: Bearer <token>`, or None when the header is missing or
-    malformed (our tokens are printable ASCII: anything else cannot match one)."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip(" \t")  # HTTP whitespace only: str.strip() would eat U+00A0
-    if scheme.lower() != "bearer" or not _PRINTABLE_ASCII.fullmatch(token):
-        return None
-    return token
-
-
-def token_matches(given: str, expected: str) -> bool:
-    """Constant-time comparison of a token someone sent with ours. As bytes: compare_digest
-    refuses str with non-ASCII characters (a TypeError, a 500) and a header may hold any."""
-    if not expected:
-        return False
-    return hmac.compare_digest(
-        given.encode("utf-8", "backslashreplace"), expected.encode("utf-8", "backslashreplace")
-    )
 
 
 def _authenticate(request: HttpRequest) -> ApiClient:
@@ -207,41 +179,12 @@ def scope_require(client: ApiClient, scope: str) -> None:
 
 
 def json_object(request: HttpRequest) -> dict:
-    """The request's JSON object; too large, too deep, not JSON, or holding text PostgreSQL
-    cannot store is a 4xx naming the field, never a 500."""
-    if len(request.body) > MAX_BODY_BYTES:
-        raise ApiError(413, "too_large", f"the body is over {MAX_BODY_BYTES} bytes")
+    """The request's JSON object, through the input boundary (size, depth, encoding, storable
+    text): its refusal is a 4xx naming the field, before any key is claimed or written."""
     try:
-        data = json.loads(request.body)
-    except RecursionError:
-        raise ApiError(400, "invalid_json", "the body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_json", "the body must be a JSON object")
-    for field, value in data.items():
-        _storable(field, field, 1)
-        _storable(field, value, 1)
-    return data
-
-
-def _storable(field: str, value, depth: int) -> None:
-    if depth > MAX_JSON_DEPTH:
-        raise ApiError(
-            400, "invalid_json", f"{field} is nested deeper than {MAX_JSON_DEPTH} levels", field
-        )
-    if isinstance(value, str):
-        if _UNSTORABLE.search(value):
-            raise ApiError(
-                400, "invalid", f"{field} holds a NUL character or an unpaired surrogate", field
-            )
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _storable(field, key, depth + 1)
-            _storable(field, item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _storable(field, item, depth + 1)
+        return boundary.json_object(boundary.body_read(request, limit=MAX_BODY_BYTES))
+    except InputRefused as exc:
+        raise ApiError(exc.status, exc.code, str(exc), exc.field) from None
 
 
 def request_fingerprint(user_id: uuid.UUID, parsed: dict) -> str:
@@ -263,12 +206,13 @@ def _claim(
 ) -> IdempotencyClaim:
     """This request's claim of its Idempotency-Key (a replay when the key has its answer), its
     `spend` (if it moves money) counted against the client's limits."""
-    key = request.headers.get("Idempotency-Key", "").strip()
-    if not key or len(key) > MAX_KEY_LENGTH:
+    key = request.headers.get("Idempotency-Key", "").strip(" \t")
+    if not printable_ascii(key, max_length=MAX_KEY_LENGTH):
         raise ApiError(
             400,
             "invalid",
-            f"Idempotency-Key is required (1..{MAX_KEY_LENGTH} characters)",
+            f"Idempotency-Key is required: 1..{MAX_KEY_LENGTH} printable ASCII characters "
+            "without spaces",
             "Idempotency-Key",
         )
     try:

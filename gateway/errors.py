@@ -27,7 +27,9 @@ def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
     if not _for_a_client(request):
         return defaults.bad_request(request, exception)
     if isinstance(exception, RequestDataTooBig):
-        return _error(413, "too_large", "the body is over the size this service reads")
+        return _error(
+            413, "too_large", "the body is over the size this service reads", field="body"
+        )
     return _error(400, "bad_request", "the request could not be read")
 
 

@@ -1,9 +1,18 @@
-"""Refusals of the HTTP edge: API clients and Idempotency-Keys. Each message is fit for an
-operator or an API client."""
+"""Refusals of the HTTP edge: its input, API clients and Idempotency-Keys. Each message is fit
+for an operator or an API client."""
 
 
 class GatewayError(Exception):
     pass
+
+
+class InputRefused(GatewayError):
+    """A request's input refused at the boundary (gateway.boundary): its HTTP status (400, or
+    413 for a body over its limit), error code and the field at fault."""
+
+    def __init__(self, status: int, code: str, message: str, field: str):
+        super().__init__(message)
+        self.status, self.code, self.field = status, code, field
 
 
 class IdempotencyKeyReused(GatewayError):

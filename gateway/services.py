@@ -9,7 +9,7 @@ from decimal import Decimal
 from uuid import UUID, uuid4
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -85,31 +85,49 @@ class IdempotencyClaim:
     owner_token: UUID | None = None  # this claim's; completing or releasing needs it
 
 
+# Claim a key in one statement, whatever the others do to it meanwhile: PostgreSQL either
+# inserts the row or locks the one that holds the key (ON CONFLICT DO UPDATE retries by itself
+# when that row is deleted under it, e.g. released by a refused request), so a concurrent
+# retry never finds the key both taken and gone. `inserted`: xmax is 0 only on a new row.
+IDEMPOTENCY_CLAIM = f"""
+    INSERT INTO {IdempotencyRecord._meta.db_table}
+        (client_id, key, request_sha256, status, owner_token, locked_until, expires_at,
+         created_at)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, now())
+    ON CONFLICT (client_id, key) DO UPDATE SET key = EXCLUDED.key
+    RETURNING id, (xmax = 0) AS inserted
+"""
+
+
 def idempotency_claim(*, client: ApiClient, key: str, request_sha256: str) -> IdempotencyClaim:
     """Claim `key` for this request in a short transaction of its own, so a concurrent duplicate
     sees it at once: a finished request is replayed, one in flight is refused (409), the same
     key with another request is refused (422). An expired key starts afresh; a claim whose
     holder died is taken over after IDEMPOTENCY_LOCK_TIMEOUT under a new owner token, so the
     stalled holder can no longer complete or release it (the journal reference keeps the
-    mutation itself exactly-once)."""
+    mutation itself exactly-once). Race-free against concurrent claims, completions and
+    releases of the same key (the row is inserted or locked in one statement)."""
     now = timezone.now()
     owner_token = uuid4()
     with transaction.atomic(durable=True):
         IdempotencyRecord.objects.filter(client=client, key=key, expires_at__lte=now).delete()
-        record, created = IdempotencyRecord.objects.get_or_create(
-            client=client,
-            key=key,
-            defaults={
-                "request_sha256": request_sha256,
-                "status": IdempotencyStatus.IN_FLIGHT,
-                "owner_token": owner_token,
-                "locked_until": now + settings.IDEMPOTENCY_LOCK_TIMEOUT,
-                "expires_at": now + settings.IDEMPOTENCY_KEY_TTL,
-            },
-        )
-        if created:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                IDEMPOTENCY_CLAIM,
+                [
+                    client.pk,
+                    key,
+                    request_sha256,
+                    IdempotencyStatus.IN_FLIGHT,
+                    owner_token,
+                    now + settings.IDEMPOTENCY_LOCK_TIMEOUT,
+                    now + settings.IDEMPOTENCY_KEY_TTL,
+                ],
+            )
+            record_id, inserted = cursor.fetchone()
+        record = IdempotencyRecord.objects.get(pk=record_id)  # locked by the claim until commit
+        if inserted:
             return IdempotencyClaim(record, owner_token=owner_token)
-        record = IdempotencyRecord.objects.select_for_update().get(pk=record.pk)
         if record.request_sha256 != request_sha256:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was used with a different request; use a new key"

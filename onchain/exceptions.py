@@ -22,7 +22,12 @@ class CircleUnavailable(OnchainError):
 
 
 class MalformedNotification(OnchainError):
-    """The body is not a notification we understand."""
+    """The body is not a notification we understand; `field` names what is wrong (a key of
+    the notification, or the body)."""
+
+    def __init__(self, message: str, field: str = "body"):
+        super().__init__(message)
+        self.field = field
 
 
 class SnsMalformed(OnchainError):

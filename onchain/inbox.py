@@ -21,6 +21,8 @@ from cutover.actors import Actor
 from cutover.balance_path import mutation_observed, strict_failure_recorded
 from cutover.exceptions import cutover_error_from
 from cutover.operator_audit import operator_action_record
+from gateway import boundary
+from gateway.exceptions import InputRefused
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from ledger.selectors import USDC_BUFFER
@@ -74,12 +76,13 @@ def notification_receive(*, body: bytes, signature: str, key_id: str) -> Deliver
     signature_verify(
         body=body, signature=signature, key_id=key_id, base_url=settings.CIRCLE_API_BASE_URL
     )
-    try:
-        text = body.decode("utf-8")
-        notification_id = json.loads(text)["notificationId"]
-    except (ValueError, KeyError, TypeError):
-        raise MalformedNotification("the body is not a Circle notification") from None
-    return notification_accept(notification_id=notification_id, key_id=key_id, text=text)
+    payload = _payload(body)
+    return _accept(
+        notification_id=payload.get("notificationId"),
+        key_id=key_id,
+        text=body.decode("utf-8"),  # UTF-8: _payload read it
+        payload=payload,
+    )
 
 
 def notification_accept(*, notification_id: object, key_id: str, text: str) -> Delivery:
@@ -88,17 +91,29 @@ def notification_accept(*, notification_id: object, key_id: str, text: str) -> D
     and process it in one transaction: its effect and the row's status commit together. A
     delivery of a notification already processed changes nothing but its delivery count; a
     parked or failed one is evaluated again. A failure is kept on the row."""
-    if not isinstance(notification_id, str) or not 0 < len(notification_id) <= MAX_ID_LENGTH:
-        raise MalformedNotification(f"notificationId must be 1..{MAX_ID_LENGTH} characters")
-    if "\x00" in text or "\\u0000" in text:
-        raise MalformedNotification("the body contains a NUL character")
+    return _accept(
+        notification_id=notification_id, key_id=key_id, text=text, payload=_payload(text)
+    )
+
+
+def _payload(raw: bytes | str) -> dict:
+    """The notification's JSON through the input boundary: a body that is not a JSON object,
+    nested too deeply, or holding text PostgreSQL cannot store (NUL, an unpaired surrogate) is
+    malformed, naming its key; no retry of Circle's can make it acceptable."""
     try:
-        payload = json.loads(text)
-    except ValueError:
-        raise MalformedNotification("the body is not a Circle notification") from None
-    notification_type = payload.get("notificationType") if isinstance(payload, dict) else None
+        return boundary.json_object(raw)
+    except InputRefused as exc:
+        raise MalformedNotification(str(exc), exc.field) from None
+
+
+def _accept(*, notification_id: object, key_id: str, text: str, payload: dict) -> Delivery:
+    if not isinstance(notification_id, str) or not 0 < len(notification_id) <= MAX_ID_LENGTH:
+        raise MalformedNotification(
+            f"notificationId must be 1..{MAX_ID_LENGTH} characters", "notificationId"
+        )
+    notification_type = payload.get("notificationType")
     if not isinstance(notification_type, str) or not 0 < len(notification_type) <= 64:
-        raise MalformedNotification("notificationType must be 1..64 characters")
+        raise MalformedNotification("notificationType must be 1..64 characters", "notificationType")
     transfer_id = payload_transfer_id(payload)[:MAX_ID_LENGTH]
     row = CircleNotification(
         notification_id=notification_id,

@@ -62,6 +62,9 @@ WALLETS_CHAINS = {
     "SOL-DEVNET": "SOL",
 }
 INBOUND, OUTBOUND, FOREIGN = "inbound", "outbound", "foreign"
+# Circle's transfer ids are UUIDs; the inbox's and the withdrawals' columns hold 64 characters.
+# A longer one is no transfer of Circle's: refused and kept, never a retried 5xx.
+MAX_TRANSFER_ID_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,10 @@ def transfer_event(notification_type: str, payload: dict) -> TransferEvent | Non
     transfer_id = transfer.get("id")
     if not isinstance(transfer_id, str) or not transfer_id:
         raise TransferRefused("the transfer has no id")
+    if len(transfer_id) > MAX_TRANSFER_ID_LENGTH:
+        raise TransferRefused(
+            f"the transfer id is over {MAX_TRANSFER_ID_LENGTH} characters: not one of Circle's"
+        )
     if notification_type in (WALLETS_INBOUND, WALLETS_OUTBOUND):
         return _wallets_event(notification_type, transfer_id, transfer)
     event = _mint_event(transfer_id, transfer)

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from django.conf import settings
 from django.utils import timezone
 
+from gateway.boundary import printable_ascii
 from onchain import circle
 from onchain.exceptions import SignatureRejected, UnknownSigningKey
 from onchain.models import CirclePublicKey, CircleUnknownKey
@@ -31,8 +32,12 @@ def _public_key(key_id: str, base_url: str):
     asking again until CIRCLE_UNKNOWN_KEY_TTL has passed; a timeout or 5xx is not."""
     if key_id in _KEYS:
         return _KEYS[key_id]
-    if len(key_id) > MAX_ID_LENGTH:
-        raise UnknownSigningKey(f"key id is over {MAX_ID_LENGTH} characters")
+    # Circle's key ids are UUIDs: anything else is refused before it is looked up, fetched or
+    # remembered (a NUL would not even reach PostgreSQL).
+    if not printable_ascii(key_id, max_length=MAX_ID_LENGTH):
+        raise UnknownSigningKey(
+            f"key id must be 1..{MAX_ID_LENGTH} printable ASCII characters without spaces"
+        )
     known = CirclePublicKey.objects.filter(key_id=key_id).first()
     if known is None:
         algorithm, public_key = _public_key_fetch(key_id, base_url)

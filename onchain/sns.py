@@ -25,7 +25,6 @@ validator and AWS's documentation include the Token, as we do).
 
 import base64
 import binascii
-import json
 import logging
 import urllib.error
 import urllib.request
@@ -40,6 +39,8 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from gateway import boundary
+from gateway.exceptions import InputRefused
 from onchain import metrics
 from onchain.exceptions import SnsMalformed, SnsRejected, SnsUnavailable
 from onchain.inbox import Delivery, notification_accept
@@ -124,13 +125,13 @@ def sns_receive(*, body: bytes) -> Delivery | SnsSubscription:
 
 
 def _envelope(body: bytes) -> dict[str, str]:
-    """SNS's JSON envelope, its required fields (by type) strings."""
+    """SNS's JSON envelope, its required fields (by type) strings. Parsed before any signature
+    can be checked, so through the input boundary: text PostgreSQL cannot store (or SNS could
+    not have signed, an unpaired surrogate) is refused here, naming the field."""
     try:
-        envelope = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):  # parsed before any signature: a stranger's input
-        raise SnsMalformed("body", "the body is not an SNS message (JSON)") from None
-    if not isinstance(envelope, dict):
-        raise SnsMalformed("body", "the body is not an SNS message (a JSON object)")
+        envelope = boundary.json_object(body)
+    except InputRefused as exc:
+        raise SnsMalformed(exc.field, f"not an SNS message: {exc}") from None
     if not isinstance(envelope.get("Type"), str) or envelope["Type"] not in SIGNED_KEYS:
         raise SnsMalformed("Type", f"Type must be one of {', '.join(SIGNED_KEYS)}")
     required = (

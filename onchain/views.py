@@ -27,8 +27,9 @@ from gateway.api import (
     idempotent,
     json_object,
     scope_require,
-    token_matches,
 )
+from gateway.boundary import body_read, token_matches
+from gateway.exceptions import InputRefused
 from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InsufficientFunds, InvalidAmount, LedgerError
 from ledger.money import amount_parse
@@ -76,13 +77,15 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
     secret = settings.CIRCLE_WEBHOOK_SECRET
     if secret and not token_matches(request.GET.get("token", ""), secret):
         return _refuse(401, "bad_token", "the subscriber URL's token is missing or wrong", "token")
-    if len(request.body) > settings.CIRCLE_WEBHOOK_MAX_BYTES:
-        return _refuse(413, "too_large", f"over {settings.CIRCLE_WEBHOOK_MAX_BYTES} bytes")
+    try:
+        body = body_read(request, limit=settings.CIRCLE_WEBHOOK_MAX_BYTES)
+    except InputRefused as exc:
+        return _refuse(exc.status, exc.code, str(exc), exc.field)
     if "x-amz-sns-message-type" in request.headers:  # Amazon SNS sends it on every delivery
-        return _sns_transfers(request)
+        return _sns_transfers(body)
     try:
         delivery = notification_receive(
-            body=request.body,
+            body=body,
             signature=request.headers.get("X-Circle-Signature", ""),
             key_id=request.headers.get("X-Circle-Key-Id", ""),
         )
@@ -91,7 +94,7 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
     except UnknownSigningKey as exc:
         return _refuse(400, "unknown_key", str(exc), "X-Circle-Key-Id")
     except MalformedNotification as exc:
-        return _refuse(400, "malformed", str(exc))
+        return _refuse(400, "malformed", str(exc), exc.field)
     except CircleUnavailable as exc:
         return _refuse(503, "circle_unavailable", str(exc))
     # Stored, failed, retryable by a redelivery (a refused withdrawal transition included: the
@@ -101,10 +104,10 @@ def circle_transfers(request: HttpRequest) -> HttpResponse:
     return _delivered(delivery)
 
 
-def _sns_transfers(request: HttpRequest) -> JsonResponse:
+def _sns_transfers(body: bytes) -> JsonResponse:
     """Circle Mint v1: an Amazon SNS delivery (its Content-Type, text/plain, is not read)."""
     try:
-        received = sns_receive(body=request.body)
+        received = sns_receive(body=body)
     except SnsMalformed as exc:
         return _refuse(400, "malformed", str(exc), exc.field)
     except SnsRejected as exc:

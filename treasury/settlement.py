@@ -4,7 +4,6 @@ buffer through the conversion clearing accounts); a completion whose amounts do 
 job is not posted (the job is `disputed`, with an ALERT, for an operator); a failure fails the
 job. This runs under the kill switch too: it records money that already moved."""
 
-import json
 import logging
 import uuid
 from decimal import Decimal
@@ -13,7 +12,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from gateway.api import token_matches
+from gateway import boundary
+from gateway.boundary import token_matches
+from gateway.exceptions import InputRefused
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from ledger.selectors import BUFFER_ACCOUNTS, system_account
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 # provider's fee or spread; the sandbox takes none) and never more: anything outside that is a
 # provider error or a different conversion, and is not posted.
 CONVERSION_TOLERANCE = Decimal("0.01")
+MAX_TIMESTAMP_DIGITS = 12  # Unix seconds (10 digits until the year 2286)
 
 
 def job_save(job: ConversionJob) -> None:
@@ -135,15 +137,24 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
 
 def callback_receive(*, body: bytes, timestamp: str, signature: str) -> str:
     """A provider's signed callback about a conversion: verified (HMAC with DUE_API_SECRET),
-    then settled like a poll's answer; duplicates change nothing."""
+    then settled like a poll's answer; duplicates change nothing. What no retry can make
+    acceptable (a malformed timestamp, a body that is no conversion, text PostgreSQL cannot
+    store) is CallbackRejected naming the field."""
     if not settings.DUE_API_SECRET:
         raise CallbackRejected("DUE_API_SECRET is not configured")
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= MAX_TIMESTAMP_DIGITS):
+        raise CallbackRejected(
+            f"X-Due-Timestamp must be Unix seconds (1..{MAX_TIMESTAMP_DIGITS} digits)",
+            "X-Due-Timestamp",
+        )
     expected = due.signature(settings.DUE_API_SECRET, timestamp, body)
     if not signature or not token_matches(signature, expected):
         raise CallbackRejected("X-Due-Signature does not match the body", "X-Due-Signature")
     try:
-        conversion = due.conversion_parse(json.loads(body))
-    except (ValueError, DueUnavailable):
+        conversion = due.conversion_parse(boundary.json_object(body))
+    except InputRefused as exc:
+        raise CallbackRejected(f"the body is not a Due conversion: {exc}", exc.field) from None
+    except DueUnavailable:
         raise CallbackRejected("the body is not a Due conversion") from None
     job = _job_by_reference_adopt(conversion) or (
         ConversionJob.objects.filter(provider_reference=conversion["id"]).first()

@@ -7,7 +7,9 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from gateway.api import admin_token_refusal
+from gateway.api import ApiError, admin_token_refusal
+from gateway.boundary import body_read
+from gateway.exceptions import InputRefused
 from ledger.exceptions import LedgerError
 from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import CallbackRejected, JobRefused
@@ -15,6 +17,8 @@ from treasury.settlement import callback_receive
 from treasury.submission import jobs_submit
 
 log = logging.getLogger("treasury.api")
+# A conversion is well under a kilobyte; more is not one of Due's callbacks.
+MAX_CALLBACK_BYTES = 65536
 
 
 @csrf_exempt
@@ -38,10 +42,13 @@ def due_callback(request: HttpRequest) -> JsonResponse:
     """Due's signed callback about a conversion; duplicates change nothing."""
     try:
         status = callback_receive(
-            body=request.body,
+            body=body_read(request, limit=MAX_CALLBACK_BYTES),
             timestamp=request.headers.get("X-Due-Timestamp", ""),
             signature=request.headers.get("X-Due-Signature", ""),
         )
+    except InputRefused as exc:
+        error = ApiError(exc.status, exc.code, str(exc), exc.field)
+        return JsonResponse(error.body(), status=error.status)
     except CallbackRejected as exc:
         log.warning("due callback refused: %s", exc)
         return JsonResponse(

@@ -137,7 +137,7 @@ def test_bad_fields_are_400_naming_the_field(client, user, service, body, field)
 @pytest.mark.parametrize(
     ("raw", "code", "field"),
     [
-        ("[" * 15000, "invalid_json", None),  # once a RecursionError: a 500
+        ("[" * 15000, "invalid_json", "body"),  # once a RecursionError: a 500
         ('{"reason": ' + "[" * 40 + "]" * 40 + "}", "invalid_json", "reason"),
         ('{"direction": "credit", "amount": "1", "reason": "a\\u0000b"}', "invalid", "reason"),
         ('{"direction": "credit", "amount": "1", "reason": "\\ud800"}', "invalid", "reason"),
