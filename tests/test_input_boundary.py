@@ -585,6 +585,7 @@ def _post_declaring(port: int, path: str, length: int, headers: dict) -> tuple[i
     Content-Length answers at once (and closes the connection: gunicorn's sync workers do)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {length}"]
+        head.append("X-Forwarded-Proto: https")  # as the TLS-terminating balancer sends it
         head += [f"{name}: {value}" for name, value in headers.items()]
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + b"{" + b" " * 1023)
         answer = b""
