@@ -42,6 +42,8 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
         ("PROMETHEUS_MULTIPROC_DIR", ""),
         ("LOG_FORMAT", "xml"),
         ("LOG_LEVEL", "LOUD"),
+        ("DJANGO_STATIC_ROOT", "staticfiles"),
+        ("DJANGO_STATIC_ROOT", ""),
     ],
 )
 def test_malformed_variable_stops_the_process_naming_it(variable, value):

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -243,6 +244,21 @@ def test_rendered_files_the_checklist_applies_are_current():
             f"deploy/k8s/{environment}/deployment.yaml is stale: run deploy/k8s/render"
         )
     assert (K8S / "deployment.yaml").resolve() == (K8S / "production" / "deployment.yaml")
+
+
+def test_the_image_holds_every_package_the_project_installs():
+    """What `pip install .` installs is what the build copies and the build context admits, so
+    the build's `collectstatic` (which loads every installed app) finds each app."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {
+        name.rstrip("*") for name in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    containerfile = (ROOT / "deploy" / "Containerfile").read_text()
+    copied = dict(re.findall(r"^COPY (\w+) (\w+)$", containerfile, re.MULTILINE))
+    assert copied == {package: package for package in packages}
+    admitted = re.findall(r"^!(\w+)/$", (ROOT / ".dockerignore").read_text(), re.MULTILINE)
+    assert set(admitted) == packages
+    assert "python manage.py collectstatic --noinput" in containerfile
 
 
 def test_every_rendered_resource_is_valid(overlay):

@@ -1,11 +1,13 @@
 """The web under config.settings.production, as deploy/ runs it (gunicorn, deploy/env.example's
 environment): behind a TLS-terminating load balancer, plain HTTP is redirected to HTTPS except
 for what the cluster asks on the pod's port (the probes, the metrics scrape); HSTS is sent; and
-each request's log lines are JSON carrying its correlation id, the client and the phase."""
+each request's log lines are JSON carrying its correlation id, the client and the phase; the
+admin's static files, collected as the image collects them, are served by the web itself."""
 
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,16 +23,31 @@ from cutover.operators import api_client_issue
 from rehearsal.runtime import database_url
 from tests.celery import wait_for
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
-from tests.test_configuration import ROOT, env_example, strong_secrets
+from tests.test_configuration import ROOT, env_example, manage, strong_secrets
 
 HOST = "stack-service"  # the Host the kubelet's probes send (deploy/k8s/base/web.yaml)
 BEHIND_THE_BALANCER = {"Host": HOST, "X-Forwarded-Proto": "https"}
 
 
 @pytest.fixture(scope="module")
-def web(django_db_setup, tmp_path_factory) -> Iterator[tuple[int, Path]]:
-    """gunicorn (one worker) under the production settings on the test database; yields its
-    port and the file its output goes to."""
+def static_root(tmp_path_factory) -> Path:
+    """collectstatic as deploy/Containerfile runs it at build (the base settings: no secrets),
+    into a directory of its own."""
+    root = tmp_path_factory.mktemp("static")
+    result = manage(
+        "collectstatic",
+        "--noinput",
+        DJANGO_SETTINGS_MODULE="config.settings.base",
+        DJANGO_STATIC_ROOT=str(root),
+    )
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def web(django_db_setup, static_root, tmp_path_factory) -> Iterator[tuple[int, Path]]:
+    """gunicorn (one worker) under the production settings on the test database, serving the
+    collected static files; yields its port and the file its output goes to."""
     log = tmp_path_factory.mktemp("web") / "web.log"
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -42,6 +59,7 @@ def web(django_db_setup, tmp_path_factory) -> Iterator[tuple[int, Path]]:
         "CIRCLE_WALLET_ID": "1000000001",
         "DJANGO_ALLOWED_HOSTS": HOST,
         "DATABASE_URL": database_url(settings.DATABASES["default"]["NAME"]),
+        "DJANGO_STATIC_ROOT": str(static_root),
     }
     with log.open("w") as output:
         process = subprocess.Popen(
@@ -188,3 +206,40 @@ def test_a_refused_request_s_lines_all_carry_its_correlation_id(web):
     assert lines()["django.request"]["level"] == "WARNING"
     assert lines()["django.request"]["message"] == f"Unauthorized: {path}"
     assert "actor" not in lines()["gateway.api"]  # no client was authenticated
+
+
+def test_the_admin_s_stylesheet_is_served_and_cached_for_good(web, static_root):
+    port, _ = web
+    status, _, page = request(port, "GET", "/admin/login/", BEHIND_THE_BALANCER)
+    assert status == 200
+    # The login page names the stylesheet by its content's hash, so browsers may keep it.
+    (stylesheet,) = re.findall(r'href="(/static/admin/css/base\.[0-9a-f]{12}\.css)"', page.decode())
+    status, headers, body = request(port, "GET", stylesheet, BEHIND_THE_BALANCER)
+    assert status == 200
+    assert headers["Content-Type"] == 'text/css; charset="utf-8"'
+    assert headers["Cache-Control"] == "max-age=315360000, public, immutable"
+    assert body == (static_root / stylesheet.removeprefix("/static/")).read_bytes()
+    assert body.startswith(b"/*\n    DJANGO Admin styles")  # the admin's own, not an error page
+
+    # Compressed for a browser that accepts it, and the unhashed name too, briefly cached.
+    status, headers, _ = request(
+        port, "GET", stylesheet, {**BEHIND_THE_BALANCER, "Accept-Encoding": "gzip"}
+    )
+    assert (status, headers["Content-Encoding"], headers["Vary"]) == (
+        200,
+        "gzip",
+        "Accept-Encoding",
+    )
+    status, headers, _ = request(port, "GET", "/static/admin/css/base.css", BEHIND_THE_BALANCER)
+    assert (status, headers["Cache-Control"]) == (200, "max-age=60, public")
+
+    # Over plain HTTP a static file is redirected to HTTPS like every page of the admin.
+    status, headers, _ = request(port, "GET", stylesheet, {"Host": HOST})
+    assert (status, headers["Location"]) == (301, f"https://{HOST}{stylesheet}")
+
+
+def test_an_unknown_static_file_is_our_json_404(web):
+    port, _ = web
+    status, _, body = request(port, "GET", "/static/admin/css/none.css", BEHIND_THE_BALANCER)
+    assert status == 404
+    assert json.loads(body)["error"]["code"] == "not_found"

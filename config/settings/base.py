@@ -116,7 +116,16 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# Where collectstatic writes and the production web serves from (WhiteNoise). The image collects
+# at build under these settings, so the storage is set here: hashed names (cached for good by
+# browsers) and gzip copies, listed in a manifest that the production settings read.
+STATIC_ROOT = env.str("DJANGO_STATIC_ROOT", default=str(BASE_DIR / "staticfiles"))
+if not Path(STATIC_ROOT).is_absolute():
+    raise ConfigurationError(f"DJANGO_STATIC_ROOT: {STATIC_ROOT!r} is not an absolute path")
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
 
 # Every process (web, Celery worker and beat, commands) logs to stderr: LOG_FORMAT=json is one
 # JSON object per line for a log shipper (production's default), plain a line for a person

@@ -53,5 +53,12 @@ SILENCED_SYSTEM_CHECKS = [
     # subdomain) the directive does nothing.
     "security.W021",
 ]
+# The admin's CSS and scripts, served by the web itself from what collectstatic wrote to
+# STATIC_ROOT (at the image's build; on a systemd host, in the deploy steps): after the HTTPS
+# redirect, before anything that would open a session or a database connection.
+MIDDLEWARE.insert(  # noqa: F405
+    MIDDLEWARE.index("django.middleware.security.SecurityMiddleware") + 1,  # noqa: F405
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+)
 SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True

@@ -1,5 +1,6 @@
 """Helpers to arrange the cutover's state for a test."""
 
+import getpass
 import uuid
 from decimal import Decimal
 
@@ -12,6 +13,9 @@ from cutover.models import LegacyBalance, PhaseState
 from ledger.selectors import user_account_type
 from ledger.services import account_open, opening_balance_post
 from rehearsal import runtime
+
+# How the commands name the operator running them (cutover.actors.Actor.command_line).
+OPERATOR = f"cli:{getpass.getuser()}"
 
 
 def legacy_user(amount: str | Decimal = "100", currency: str = "USDC") -> uuid.UUID:

@@ -26,6 +26,7 @@ from onchain.exceptions import DepositAddressInvalid, DepositAddressTaken, Depos
 from onchain.inbox import notification_receive
 from onchain.models import CircleNotification, DepositAddress
 from onchain.sandbox import CircleSandbox
+from tests.cutover.factories import OPERATOR as CLI_OPERATOR
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.onchain.factories import balances
 
@@ -293,6 +294,32 @@ def test_the_command_adds_lists_and_removes(circle, owner):
     assert command("list", "--user", str(uuid.uuid4()), "--json").strip() == "[]"
     out = command("remove", "--address", ADDRESS, "--chain", "ETH", "--reason", "closed")
     assert "removed" in out and not DepositAddress.objects.exists()
+
+
+def test_the_command_s_json_is_the_registration_the_operator_made(owner):
+    add_args = ["--address", ADDRESS, "--chain", "ETH", "--user", str(owner)]
+    added = json.loads(command("add", *add_args, "--reason", "onboarding", "--json"))
+    created_at = added.pop("created_at")
+    assert added == {
+        "chain": "ETH",
+        "address": ADDRESS.lower(),
+        "user_id": str(owner),
+        "currency": "USDC",
+        "created": True,
+        "replayed": {},
+    }
+    assert created_at == DepositAddress.objects.get().created_at.isoformat()
+    again = json.loads(command("add", *add_args, "--reason", "again", "--json"))
+    assert again["created"] is False
+    removed = json.loads(
+        command("remove", "--address", ADDRESS, "--chain", "ETH", "--reason", "closed", "--json")
+    )
+    assert (removed["address"], removed["removed"]) == (ADDRESS.lower(), True)
+    assert not DepositAddress.objects.exists()
+    assert list(OperatorAudit.objects.order_by("id").values_list("action", "actor")) == [
+        ("deposit_address.add", CLI_OPERATOR),
+        ("deposit_address.remove", CLI_OPERATOR),
+    ]
 
 
 @pytest.mark.parametrize(

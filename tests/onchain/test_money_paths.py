@@ -5,6 +5,8 @@ reversals recorded (item 9); illegal withdrawal changes as domain errors (item 1
 switch (item 15); custody: Circle's wallet balance, withdrawals of money booked before shadow,
 holds and completions across a rollback (items 2, 3)."""
 
+import json
+import re
 import uuid
 from decimal import Decimal
 from io import StringIO
@@ -33,7 +35,7 @@ from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.polling import transfers_poll
 from onchain.sandbox import CircleSandbox
 from onchain.withdrawals import withdrawal_cancel, withdrawal_resend, withdrawals_send
-from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
+from tests.cutover.factories import OPERATOR, ledger_balance_set, legacy_user, phase_set
 from tests.onchain.factories import (
     balances,
     buffer_fund,
@@ -171,14 +173,17 @@ def test_cancel_command_reverses_a_dead_withdrawal_once_and_audits_it(sandbox, u
     call_command(
         "onchain", "cancel", str(withdrawal.pk), "--reason", "no transfer at Circle", stdout=out
     )
-    assert "failed" in out.getvalue()
     withdrawal.refresh_from_db()
     assert withdrawal.status == "failed"
-    assert withdrawal.last_error.startswith("cancelled by cli:")
+    assert withdrawal.last_error.startswith(f"cancelled by {OPERATOR}")
+    assert out.getvalue() == (
+        f"withdrawal {withdrawal.pk}: 30.000000 USDC of user {user} to ETH:0xdest, failed "
+        f"({withdrawal.last_error})\n"
+    )
     assert balances(user) == (Decimal(100), Decimal(100))
     assert system("withdrawals_pending_usdc") == 0
     audit = OperatorAudit.objects.get()
-    assert audit.actor.startswith("cli:") and audit.action == "withdrawal.cancel"
+    assert audit.actor == OPERATOR and audit.action == "withdrawal.cancel"
     assert audit.target == f"withdrawal:{withdrawal.pk}"
     assert (audit.before["status"], audit.after["status"]) == ("dead", "failed")
     assert audit.after["outcome"] == "cancelled" and audit.reason == "no transfer at Circle"
@@ -193,31 +198,77 @@ def test_cancel_command_reverses_a_dead_withdrawal_once_and_audits_it(sandbox, u
 def test_resend_and_replay_commands_are_audited(sandbox, user, settings):
     phase_set("shadow")
     withdrawal = dead_withdrawal(sandbox, settings, user, created=False)
+    out = StringIO()
     call_command(
-        "onchain", "resend", str(withdrawal.pk), "--reason", "Circle is back", stdout=StringIO()
+        "onchain", "resend", str(withdrawal.pk), "--reason", "Circle is back", "--json", stdout=out
     )
+    resent = json.loads(out.getvalue())
+    assert (resent["id"], resent["status"], resent["attempts"]) == (withdrawal.pk, "pending", 0)
+    assert resent["idempotency_key"] == str(withdrawal.idempotency_key)  # the same transfer
+    assert Decimal(resent["amount"]) == Decimal(30)
     audit = OperatorAudit.objects.get(action="withdrawal.resend")
-    assert audit.actor.startswith("cli:") and audit.reason == "Circle is back"
+    assert audit.actor == OPERATOR and audit.reason == "Circle is back"
     assert (audit.before["status"], audit.after["status"]) == ("dead", "pending")
     assert (audit.before["attempts"], audit.after["attempts"]) == (1, 0)
 
     transfer = sandbox.deposit(address="0xlate", amount="5")  # to an unknown address
     parked = CircleNotification.objects.get(transfer_id=transfer["id"])
     assert parked.status == "parked"
+    out = StringIO()
+    call_command("onchain", "replay", parked.notification_id, "--json", stdout=out)
+    still = json.loads(out.getvalue())  # nobody's address yet: parked again
+    assert (still["notification_id"], still["status"]) == (parked.notification_id, "parked")
     DepositAddress.objects.create(address="0xlate", chain="ETH", user_id=user)
+    out = StringIO()
     call_command(
         "onchain",
         "replay",
         parked.notification_id,
         "--reason",
         "address registered",
-        stdout=StringIO(),
+        "--json",
+        stdout=out,
     )
-    audit = OperatorAudit.objects.get(action="notification.replay")
+    replayed = json.loads(out.getvalue())
+    assert (replayed["status"], replayed["error"]) == ("processed", "")
+    audit = OperatorAudit.objects.get(action="notification.replay", reason="address registered")
     assert audit.target == f"notification:{parked.notification_id}"
     assert (audit.before, audit.after) == ({"status": "parked"}, {"status": "processed"})
-    assert audit.reason == "address registered"
+    assert audit.actor == OPERATOR
     assert balances(user) == (Decimal(75), Decimal(75))  # 30 still held, 5 deposited
+
+
+def test_withdraw_command_holds_the_money_as_the_operator_s_request(user):
+    phase_set("shadow")
+    given = {"--user": str(user), "--amount": "25.50", "--address": "0xdest", "--chain": "ETH"}
+    args = [part for pair in given.items() for part in pair]
+    out = StringIO()
+    call_command("onchain", "withdraw", *args, "--json", stdout=out)
+    requested = json.loads(out.getvalue())
+    withdrawal = Withdrawal.objects.get()
+    assert (requested["id"], requested["status"], requested["chain"]) == (
+        withdrawal.pk,
+        "pending",
+        "ETH",
+    )
+    assert Decimal(requested["amount"]) == withdrawal.amount == Decimal("25.5")
+    assert requested["requested_by"] == withdrawal.requested_by == OPERATOR
+    assert balances(user) == (Decimal("74.5"), Decimal("74.5"))  # held
+    out = StringIO()
+    call_command("onchain", "withdraw", *args, stdout=out)
+    assert out.getvalue().startswith("withdrawal ") and "25.500000 USDC of user" in out.getvalue()
+
+    refusals = [
+        ("--amount", "1e3", "--amount: amount '1e3' must be a plain decimal"),
+        ("--address", " ", "--address: address must be 1..128 characters"),
+        ("--chain", "MARS", "argument --chain: invalid choice: 'MARS'"),
+        ("--user", "alice", "--user: not a UUID"),
+    ]
+    for flag, value, message in refusals:
+        bad = [part for pair in {**given, flag: value}.items() for part in pair]
+        with pytest.raises(CommandError, match=re.escape(message)):
+            call_command("onchain", "withdraw", *bad, stdout=StringIO())
+    assert Withdrawal.objects.count() == 2
 
 
 # Item 9: strict failures recorded -------------------------------------------------------------

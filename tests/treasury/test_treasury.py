@@ -11,14 +11,16 @@ import sys
 import uuid
 from datetime import timedelta
 from decimal import Decimal
+from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.core.management import call_command
 from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
-from tests.cutover.factories import database_url, phase_set
+from tests.cutover.factories import OPERATOR, database_url, phase_set
 from tests.treasury.factories import KEY, OPS, SECRET, buffers, fund
 from treasury.bands import threshold_set
 from treasury.cycle import settlement_cycle_run
@@ -59,6 +61,35 @@ def test_a_buffer_below_min_is_brought_to_target_once(due, usdc_low):
     assert Transaction.objects.filter(namespace="treasury").count() == 1
     assert [r.state for r in buffer_status_list()] == ["ok", "ok"]
     assert all(check.ok for check in ledger_integrity_checks())
+
+
+def treasury(*args: str) -> str:
+    out = StringIO()
+    call_command("treasury", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_the_commands_print_json_and_a_cycle_is_recorded_as_the_operator_s(due, usdc_low):
+    cycle = json.loads(treasury("cycle", "--json"))
+    [job] = ConversionJob.objects.all()
+    assert cycle["jobs_created"] == [job.pk] and cycle["skipped"] == ""
+    assert {b["currency"]: b["state"] for b in cycle["buffers"]} == {
+        "USDC": "below_min",
+        "USD": "ok",
+    }
+    assert cycle["submitted"]["submitted"] == 1
+    assert SettlementCycle.objects.get(pk=cycle["cycle_id"]).triggered_by == OPERATOR
+    shown = treasury("cycle")  # for a person: the decisions and what was submitted, no reprs
+    assert "already open" in shown and "submitted 0, failed 0" in shown
+    assert not set("{}[]'") & set(shown)
+    assert set(SettlementCycle.objects.values_list("triggered_by", flat=True)) == {OPERATOR}
+
+    due.finish(job.provider_reference, "completed")
+    assert json.loads(treasury("monitor", "--json"))["completed"] == 1
+    assert treasury("monitor").startswith("submitted 0, retried 0, polled 0, completed 0")
+    status = {row["currency"]: row for row in json.loads(treasury("status", "--json"))}
+    assert Decimal(status["USDC"]["balance"]) == Decimal("20000")
+    assert status["USDC"]["state"] == "ok"
 
 
 def test_above_max_converts_the_excess_back(due):

@@ -1,13 +1,12 @@
 """`python manage.py aws provision|publish`: AWS as seed 001's deployment checklist sets it up,
 and its alarms' metrics published by hand."""
 
-import json
-
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from aws.exceptions import AwsError
 from aws.services import aws_provision, metrics_publish
+from gateway.commands import json_text
 
 
 class Command(BaseCommand):
@@ -51,7 +50,7 @@ class Command(BaseCommand):
                 | ({"variable": p.variable} if p.variable else {})
                 for p in provisioned
             ]
-            self.stdout.write(json.dumps({"provisioned": rows, "absent": len(absent)}, indent=2))
+            self.stdout.write(json_text({"provisioned": rows, "absent": len(absent)}))
         else:
             if not settings.AWS_SECRET_IDS:
                 self.stdout.write("secrets: none (AWS_SECRETS_PREFIX is not set)")
@@ -75,7 +74,7 @@ class Command(BaseCommand):
                     for p in publication.data_points
                 ],
             }
-            self.stdout.write(json.dumps(report, indent=2))
+            self.stdout.write(json_text(report))
             return
         line = (
             f"counted {publication.counted_from:%Y-%m-%d %H:%M} to "

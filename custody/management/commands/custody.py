@@ -2,13 +2,12 @@
 report. (`manage.py cutover custody open --reported X` books a figure an operator has from
 elsewhere; `cutover custody status` shows where custody stands.)"""
 
-import json
-
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from custody.services import SOURCES, custody_open_from_providers, custody_reconcile_from_providers
 from cutover.actors import Actor
 from cutover.exceptions import CutoverError
+from gateway.commands import flag_error, json_text, plain
 from ledger.exceptions import LedgerError
 from onchain.exceptions import OnchainError
 from treasury.exceptions import TreasuryError
@@ -69,14 +68,11 @@ class Command(BaseCommand):
                 ]
                 differing = sum(not c.agrees for c in comparisons)
         except (CutoverError, LedgerError, OnchainError, TreasuryError) as exc:
-            message = str(exc)
-            if message.startswith("reason"):
-                message = f"--{message}"
-            raise CommandError(message) from None
+            raise flag_error(exc, {"reason": "--reason"}) from None
         if options["json"]:
-            self.stdout.write(json.dumps({"custody": rows, "differing": differing}, indent=2))
+            self.stdout.write(json_text({"custody": rows, "differing": differing}))
         else:
             for row in rows:
-                self.stdout.write("  ".join(f"{key}={value}" for key, value in row.items()))
+                self.stdout.write("  ".join(f"{key}={plain(value)}" for key, value in row.items()))
         if differing:
             raise CommandError(f"{differing} buffer(s) differ from their custodian", returncode=1)

@@ -1,13 +1,11 @@
 """`python manage.py cutover ...`: the operators' controls of the migration."""
 
 import argparse
-import json
 import uuid
 from decimal import Decimal
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cutover.actors import Actor
@@ -33,7 +31,7 @@ from cutover.selectors import (
     open_discrepancy_count,
     phase_state,
 )
-from gateway.commands import positive_int
+from gateway.commands import flag_error, json_text, plain, positive_int, progress_bar
 from gateway.exceptions import GatewayError
 from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InvalidAmount, LedgerError
@@ -71,14 +69,20 @@ class Command(BaseCommand):
     help = (
         "The migration's controls: status, gates, advance, rollback, backfill, reconcile, "
         "killswitch, custody, archive-legacy. Every change is checked, audited and attributed "
-        "to the OS user."
+        "to the OS user (cli:<user>); --json prints what a script reads. Exit status: 0 done "
+        "(the gate met, reconciliation clean); 1 refused or failed, `gates` with a gate not "
+        "met and `reconcile` with differences included (their report is printed first); 2 a "
+        "bad argument."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         status = sub.add_parser("status", help="phase, flags, kill switch, discrepancies")
         status.add_argument("--json", action="store_true", help="print JSON")
-        gates = sub.add_parser("gates", help="evaluate the gate to the next phase, change nothing")
+        gates = sub.add_parser(
+            "gates",
+            help="evaluate the gate to the next phase, change nothing; exit 1 when it is not met",
+        )
         gates.add_argument("--json", action="store_true", help="print JSON")
 
         advance = sub.add_parser(
@@ -121,7 +125,9 @@ class Command(BaseCommand):
         backfill.add_argument("--json", action="store_true", help="print the summary as JSON")
 
         reconcile = sub.add_parser(
-            "reconcile", help="compare every user's legacy and ledger balance; record differences"
+            "reconcile",
+            help="compare every user's legacy and ledger balance; record differences; exit 1 "
+            "when any user differs",
         )
         reconcile.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -199,6 +205,9 @@ class Command(BaseCommand):
         killswitch = sub.add_parser("killswitch", help="stop or resume every money mutation")
         killswitch.add_argument("state", choices=["on", "off"], help="on stops, off resumes")
         killswitch.add_argument("--reason", required=True, help="why (recorded)")
+        killswitch.add_argument(
+            "--json", action="store_true", help="print the audit record as JSON"
+        )
 
     def handle(self, *args, **options) -> None:
         self.console = Console(file=self.stdout._out, quiet=options.get("json", False))
@@ -207,7 +216,7 @@ class Command(BaseCommand):
             getattr(self, f"_{action.replace('-', '_')}")(options)
         except GateNotMet as exc:
             if options.get("json"):
-                self.stdout.write(json.dumps(exc.evidence, indent=2))
+                self.stdout.write(json_text(exc.evidence))
             raise CommandError(str(exc)) from None
         except (CutoverError, GatewayError, LedgerError) as exc:
             raise CommandError(str(exc)) from None
@@ -215,7 +224,7 @@ class Command(BaseCommand):
     def _emit(self, options, data: dict, shown: Table | str | None = None) -> None:
         """The data as JSON with --json; otherwise what a person reads, if there is any."""
         if options.get("json"):
-            self.stdout.write(json.dumps(data, indent=2, default=str))
+            self.stdout.write(json_text(data))
         elif shown is not None:
             self.console.print(shown)
 
@@ -238,15 +247,15 @@ class Command(BaseCommand):
         archive = data["legacy_archive"]
         shown = {
             **data,
+            "flags": ", ".join(
+                f"{name}={str(value).lower()}" for name, value in data["flags"].items()
+            ),
             "legacy_archive": f"{archive['table']} -> {archive['archived_as']} "
             f"({archive['rows']} rows) at {archive['archived_at']} by {archive['archived_by']}"
             if archive
             else "no",
         }
-        table = Table(title="cutover status", show_header=False)
-        for key, value in shown.items():
-            table.add_row(key.replace("_", " "), str(value))
-        self._emit(options, data, table)
+        self._emit(options, data, _facts("cutover status", shown))
 
     def _gates(self, options) -> None:
         state = phase_state()
@@ -262,6 +271,12 @@ class Command(BaseCommand):
         for check in gate.checks:
             table.add_row(check.name, check.required, check.actual, "yes" if check.ok else "NO")
         self._emit(options, gate.as_evidence(), table)
+        if not gate.passed:
+            # A script or CI job reads the verdict from the exit status (the report is above).
+            raise CommandError(
+                f"gate {gate.from_phase} -> {gate.to_phase} not met: {gate.failures()}",
+                returncode=1,
+            )
 
     def _advance(self, options) -> None:
         audit = phase_advance(
@@ -279,7 +294,7 @@ class Command(BaseCommand):
             self._emit(
                 options,
                 {"would_succeed": True, "evidence": evidence},
-                f"a rollback would succeed now; nothing changed: {evidence}",
+                _facts("a rollback would succeed now; nothing changed", evidence),
             )
             return
         if not options["reason"]:
@@ -353,11 +368,7 @@ class Command(BaseCommand):
                 reason=options["reason"],
             )
         except CutoverError as exc:
-            message = str(exc)
-            for flag in ("reported", "source"):
-                if message.startswith(f"{flag}:"):
-                    message = f"--{message}"
-            raise CommandError(message) from None
+            raise flag_error(exc, {"reported": "--reported", "source": "--source"}) from None
         data = {
             "currency": opening.currency,
             "reported": str(opening.reported),
@@ -423,13 +434,7 @@ class Command(BaseCommand):
 
     def _backfill(self, options) -> None:
         total = backfill_pending()
-        with Progress(
-            TextColumn("backfill"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=self.console,
-        ) as progress:
+        with progress_bar(self.console, "backfill") as progress:
             task = progress.add_task("backfill", total=total)
             result = backfill_run(
                 chunk_size=options["chunk_size"],
@@ -442,10 +447,7 @@ class Command(BaseCommand):
             "amount": str(result.amount),
             "users_pending_now": backfill_pending(),
         }
-        table = Table(title="backfill", show_header=False)
-        for key, value in data.items():
-            table.add_row(key.replace("_", " "), str(value))
-        self._emit(options, data, table)
+        self._emit(options, data, _facts("backfill", data))
 
     def _reconcile(self, options) -> None:
         result = reconciliation_run(triggered_by=Actor.command_line().name)
@@ -461,10 +463,22 @@ class Command(BaseCommand):
             "seconds": round(result.seconds, 3),
             "clean": result.clean,
         }
-        table = Table(title="reconciliation", show_header=False)
-        for key, value in data.items():
-            table.add_row(key.replace("_", " "), str(value))
-        self._emit(options, data, table)
+        self._emit(options, data, _facts("reconciliation", data))
+        if not result.clean:
+            # Recorded as discrepancies; the exit status tells a script or CI job.
+            raise CommandError(
+                f"{result.differences} user(s) differ between legacy and ledger "
+                f"(run {result.run_id})",
+                returncode=1,
+            )
+
+
+def _facts(title: str, facts: dict) -> Table:
+    """Named facts as a two-column table for a person."""
+    table = Table(title=title, show_header=False)
+    for key, value in facts.items():
+        table.add_row(key.replace("_", " "), plain(value))
+    return table
 
 
 def _archive_summary(archive) -> dict | None:

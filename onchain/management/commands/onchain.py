@@ -3,7 +3,6 @@ poll Circle for transfers, request/resend/cancel a withdrawal, list withdrawals,
 users' deposit addresses, run the Circle sandbox."""
 
 import dataclasses
-import json
 import time
 import uuid
 from datetime import timedelta
@@ -13,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from cutover.actors import Actor
 from cutover.exceptions import CutoverError
-from gateway.commands import positive_int
+from gateway.commands import flag_error, json_text, plain, positive_int
 from ledger.exceptions import InvalidAmount, LedgerError
 from ledger.money import amount_parse
 from onchain.addresses import deposit_address_add, deposit_address_remove
@@ -38,16 +37,39 @@ ADDRESS_FLAGS = {
     "user_id": "--user",
     "currency": "--currency",
 }
+# What a deposit address's --json carries (`address add`, `remove`, `list`).
+ADDRESS_FIELDS = ["chain", "address", "user_id", "currency", "created_at"]
+# What a withdrawal's --json carries (`withdraw`, `resend`, `cancel`, `withdrawals`).
+WITHDRAWAL_FIELDS = [
+    "id",
+    "idempotency_key",
+    "user_id",
+    "amount",
+    "currency",
+    "address",
+    "chain",
+    "status",
+    "attempts",
+    "circle_transfer_id",
+    "last_error",
+    "requested_by",
+    "created_at",
+]
 
 
 class Command(BaseCommand):
-    help = "The on-chain engine: notifications, withdrawals, polling and the Circle sandbox."
+    help = (
+        "The on-chain engine: notifications, withdrawals, polling, deposit addresses and the "
+        "Circle sandbox. Operators' changes are audited as cli:<user>; --json prints what a "
+        "script reads. Exit status: 0 done, 1 refused or failed, 2 a bad argument."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         replay = sub.add_parser("replay", help="process a stored notification again (idempotent)")
         replay.add_argument("notification_id", help="Circle's notificationId")
         replay.add_argument("--reason", default="", help="why (kept in the operator audit)")
+        replay.add_argument("--json", action="store_true", help="print the outcome as JSON")
         send = sub.add_parser("send", help="send due withdrawals to Circle now (the worker's pass)")
         send.add_argument("--limit", type=positive_int, default=100, help="at most (100)")
         send.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -62,10 +84,14 @@ class Command(BaseCommand):
         withdraw.add_argument("--user", required=True, help="the user's UUID")
         withdraw.add_argument("--amount", required=True, help='USDC, e.g. "25.50"')
         withdraw.add_argument("--address", required=True, help="destination address")
-        withdraw.add_argument("--chain", required=True, help="destination chain, e.g. ETH")
+        withdraw.add_argument(
+            "--chain", required=True, choices=sorted(CHAINS), help="destination chain, e.g. ETH"
+        )
+        withdraw.add_argument("--json", action="store_true", help="print the withdrawal as JSON")
         resend = sub.add_parser("resend", help="send a dead withdrawal again (same key)")
         resend.add_argument("withdrawal", type=positive_int, help="the withdrawal's id")
         resend.add_argument("--reason", default="", help="why (kept in the operator audit)")
+        resend.add_argument("--json", action="store_true", help="print the withdrawal as JSON")
         cancel = sub.add_parser(
             "cancel",
             help=(
@@ -77,6 +103,7 @@ class Command(BaseCommand):
         cancel.add_argument(
             "--reason", required=True, help="why (kept on the withdrawal and in the audit)"
         )
+        cancel.add_argument("--json", action="store_true", help="print the withdrawal as JSON")
         listing = sub.add_parser("withdrawals", help="list withdrawals")
         listing.add_argument("--status", choices=WithdrawalStatus.values, help="only these")
         listing.add_argument("--json", action="store_true", help="print JSON")
@@ -114,6 +141,7 @@ class Command(BaseCommand):
         add.add_argument("--user", required=True, help="the user's UUID")
         add.add_argument("--currency", default="USDC", help="what it receives (USDC)")
         add.add_argument("--reason", required=True, help="why (kept in the operator audit)")
+        add.add_argument("--json", action="store_true", help="print JSON")
         listing = actions.add_parser("list", help="list registered deposit addresses")
         listing.add_argument("--user", default=None, help="only this user's (a UUID)")
         listing.add_argument("--json", action="store_true", help="print JSON")
@@ -123,6 +151,7 @@ class Command(BaseCommand):
         remove.add_argument("--address", required=True, help="the address (EVM: any case)")
         remove.add_argument("--chain", required=True, help="its chain")
         remove.add_argument("--reason", required=True, help="why (kept in the operator audit)")
+        remove.add_argument("--json", action="store_true", help="print JSON")
 
     def handle(self, *args, **options) -> None:
         try:
@@ -140,7 +169,18 @@ class Command(BaseCommand):
         status = notification_replay(
             notification_id=notification_id, actor=Actor.command_line(), reason=options["reason"]
         )
-        self.stdout.write(f"{notification_id}: {status}")
+        row = CircleNotification.objects.get(notification_id=notification_id)
+        if options["json"]:
+            data = {
+                "notification_id": notification_id,
+                "notification_type": row.notification_type,
+                "status": status,
+                "error": row.error,
+            }
+            self.stdout.write(json_text(data))
+        else:
+            why = f" ({row.error})" if row.error else ""
+            self.stdout.write(f"{notification_id}: {status}{why}")
 
     def _send(self, options) -> None:
         self._report(withdrawals_send(limit=options["limit"]), options["json"])
@@ -151,14 +191,18 @@ class Command(BaseCommand):
         self._report(transfers_poll(lookback=lookback), options["json"])
 
     def _withdraw(self, options) -> None:
-        withdrawal = withdrawal_request(
-            user_id=self._user(options["user"]),
-            amount=options["amount"],
-            address=options["address"],
-            chain=options["chain"],
-            requested_by="command",
-        )
-        self.stdout.write(f"withdrawal {withdrawal.pk}: {withdrawal}")
+        user_id = self._user(options["user"])
+        try:
+            withdrawal = withdrawal_request(
+                user_id=user_id,
+                amount=options["amount"],
+                address=options["address"],
+                chain=options["chain"],
+                requested_by=Actor.command_line().name,
+            )
+        except (OnchainError, LedgerError) as exc:
+            raise flag_error(exc, {"amount": "--amount", "address": "--address"}) from None
+        self._withdrawal(options, withdrawal)
 
     def _resend(self, options) -> None:
         withdrawal = withdrawal_resend(
@@ -166,7 +210,7 @@ class Command(BaseCommand):
             actor=Actor.command_line(),
             reason=options["reason"],
         )
-        self.stdout.write(str(withdrawal))
+        self._withdrawal(options, withdrawal)
 
     def _cancel(self, options) -> None:
         withdrawal = withdrawal_cancel(
@@ -174,27 +218,27 @@ class Command(BaseCommand):
             actor=Actor.command_line(),
             reason=options["reason"],
         )
-        self.stdout.write(str(withdrawal))
+        self._withdrawal(options, withdrawal)
+
+    def _withdrawal(self, options, withdrawal: Withdrawal) -> None:
+        """One withdrawal after a change: its row as stored, as JSON or a line for a person."""
+        withdrawal.refresh_from_db()
+        if options["json"]:
+            self.stdout.write(json_text({f: getattr(withdrawal, f) for f in WITHDRAWAL_FIELDS}))
+            return
+        self.stdout.write(
+            f"withdrawal {withdrawal.pk}: {withdrawal.amount} {withdrawal.currency} of user "
+            f"{withdrawal.user_id} to {withdrawal.chain}:{withdrawal.address}, {withdrawal.status}"
+            + (f" ({withdrawal.last_error})" if withdrawal.last_error else "")
+        )
 
     def _withdrawals(self, options) -> None:
         rows = Withdrawal.objects.order_by("id")
         if options["status"]:
             rows = rows.filter(status=options["status"])
-        fields = [
-            "id",
-            "idempotency_key",
-            "user_id",
-            "amount",
-            "address",
-            "chain",
-            "status",
-            "attempts",
-            "circle_transfer_id",
-            "last_error",
-        ]
-        data = list(rows.values(*fields))
+        data = list(rows.values(*WITHDRAWAL_FIELDS))
         if options["json"]:
-            self.stdout.write(json.dumps(data, indent=2, default=str))
+            self.stdout.write(json_text(data))
             return
         for row in data:
             self.stdout.write(
@@ -213,6 +257,14 @@ class Command(BaseCommand):
                 actor=Actor.command_line(),
                 reason=options["reason"],
             )
+            if options["json"]:
+                data = {
+                    **_address_data(added.address),
+                    "created": added.created,
+                    "replayed": added.replayed,
+                }
+                self.stdout.write(json_text(data))
+                return
             verb = "registered" if added.created else "already registered"
             self.stdout.write(f"{added.address} {verb} for {added.address.user_id}")
             for notification_id, status in added.replayed.items():
@@ -224,13 +276,15 @@ class Command(BaseCommand):
                 actor=Actor.command_line(),
                 reason=options["reason"],
             )
+            if options["json"]:
+                self.stdout.write(json_text({**_address_data(row), "removed": True}))
+                return
             self.stdout.write(f"{row} removed (it was {row.user_id}'s)")
         else:
             user = options["user"] and self._user(options["user"])
-            fields = ["chain", "address", "user_id", "currency", "created_at"]
-            data = list(deposit_address_list(user_id=user).values(*fields))
+            data = list(deposit_address_list(user_id=user).values(*ADDRESS_FIELDS))
             if options["json"]:
-                self.stdout.write(json.dumps(data, indent=2, default=str))
+                self.stdout.write(json_text(data))
                 return
             for row in data:
                 self.stdout.write(
@@ -250,10 +304,7 @@ class Command(BaseCommand):
 
     def _report(self, report, as_json: bool) -> None:
         data = dataclasses.asdict(report)
-        if as_json:
-            self.stdout.write(json.dumps(data))
-        else:
-            self.stdout.write(", ".join(f"{key} {value}" for key, value in data.items()))
+        self.stdout.write(json_text(data) if as_json else plain(data))
 
     def _sandbox(self, options) -> None:
         try:
@@ -276,3 +327,7 @@ class Command(BaseCommand):
                     time.sleep(3600)
             except KeyboardInterrupt:
                 pass
+
+
+def _address_data(row) -> dict:
+    return {field: getattr(row, field) for field in ADDRESS_FIELDS}

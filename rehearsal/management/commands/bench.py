@@ -1,19 +1,17 @@
 """`python manage.py bench posting`: benchmarks that print numbers beside their reference."""
 
-import json
 import time
 from contextlib import ExitStack
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cutover.actors import Actor
 from cutover.operators import api_client_issue
 from cutover.phases import ORDER
-from gateway.commands import positive_int
+from gateway.commands import json_text, positive_int, progress_bar
 from onchain.sandbox import CircleSandbox
 from rehearsal.bench_http import (
     api_server,
@@ -189,13 +187,7 @@ class Command(BaseCommand):
         users = options["users"]
         with database_ready(console.print), scratch_database("bench") as name:
             console.print(f"Seeding {users:,} users in both stores in {name} ...")
-            with Progress(
-                TextColumn("seeding"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-            ) as progress:
+            with progress_bar(console, "seeding") as progress:
                 task = progress.add_task("seed", total=users)
                 started = time.perf_counter()
                 reconcile_seed(
@@ -339,7 +331,7 @@ class Command(BaseCommand):
     ) -> None:
         """The results as JSON with --json; otherwise one right-aligned table of them."""
         if options["json"]:
-            self.stdout.write(json.dumps(data, indent=2))
+            self.stdout.write(json_text(data))
             return
         table = Table(title=title)
         for column in columns:

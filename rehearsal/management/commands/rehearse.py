@@ -1,15 +1,13 @@
 """`python manage.py rehearse`: a whole rollout rehearsed on synthetic users and traffic."""
 
-import json
 from decimal import Decimal
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cutover.exceptions import CutoverError
-from gateway.commands import positive_int
+from gateway.commands import json_text, positive_int, progress_bar
 from rehearsal.rehearsal import Rehearsal
 from rehearsal.runtime import ScratchDatabaseError, database_ready, scratch_database
 
@@ -45,13 +43,7 @@ class Command(BaseCommand):
         if options["users"] < 2:
             raise CommandError("--users: at least 2 users are needed")
         console = Console(file=self.stdout._out, quiet=options["json"])
-        progress = Progress(
-            TextColumn("{task.description:<18}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        )
+        progress = progress_bar(console, "{task.description:<18}")
         tasks: dict[str, int] = {}
 
         def on_progress(stage: str, done: int, total: int) -> None:
@@ -75,7 +67,7 @@ class Command(BaseCommand):
         except CutoverError as exc:
             raise CommandError(f"rehearsal stopped: {exc}") from None
         if options["json"]:
-            self.stdout.write(json.dumps(report, indent=2, default=str))
+            self.stdout.write(json_text(report))
         else:
             self._print(console, report)
         if not report["ok"]:

@@ -2,12 +2,13 @@
 Due sandbox."""
 
 import dataclasses
-import json
 import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from cutover.actors import Actor
+from gateway.commands import json_text, plain
 from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import TreasuryError
 from treasury.monitor import monitor_run
@@ -17,7 +18,11 @@ from treasury.submission import jobs_submit
 
 
 class Command(BaseCommand):
-    help = "The treasury engine: settlement cycle, monitor, buffer status, Due sandbox."
+    help = (
+        "The treasury engine: settlement cycle, monitor, buffer status, Due sandbox. A cycle "
+        "run here is recorded as triggered by cli:<user>; --json prints what a script reads. "
+        "Exit status: 0 done, 1 refused or failed, 2 a bad argument."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -44,12 +49,12 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
 
     def _cycle(self, options) -> None:
-        result = settlement_cycle_run(triggered_by="command")
+        result = settlement_cycle_run(triggered_by=Actor.command_line().name)
         data = dataclasses.asdict(result)
         if not result.skipped:
             data["submitted"] = dataclasses.asdict(jobs_submit())
         if options["json"]:
-            self.stdout.write(json.dumps(data, indent=2))
+            self.stdout.write(json_text(data))
             return
         if result.skipped:
             self.stdout.write(f"skipped: {result.skipped}")
@@ -61,19 +66,16 @@ class Command(BaseCommand):
                 f"{buffer['currency']:<5} {buffer['balance']:>20} {buffer['state']:<10} "
                 f"{buffer['action']}"
             )
-        self.stdout.write(f"cycle {result.cycle_id}: submitted {data['submitted']}")
+        self.stdout.write(f"cycle {result.cycle_id}: {plain(data['submitted'])}")
 
     def _monitor(self, options) -> None:
         data = dataclasses.asdict(monitor_run())
-        if options["json"]:
-            self.stdout.write(json.dumps(data))
-        else:
-            self.stdout.write(", ".join(f"{key} {value}" for key, value in data.items()))
+        self.stdout.write(json_text(data) if options["json"] else plain(data))
 
     def _status(self, options) -> None:
         rows = [dataclasses.asdict(reading) for reading in buffer_status_list()]
         if options["json"]:
-            self.stdout.write(json.dumps(rows, indent=2, default=str))
+            self.stdout.write(json_text(rows))
             return
         for row in rows:
             self.stdout.write(
