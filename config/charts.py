@@ -21,6 +21,7 @@ PLOT_LEFT, PLOT_RIGHT, PLOT_TOP, PLOT_BOTTOM = 72, 688, 40, 208
 PLOT_WIDTH, PLOT_HEIGHT = PLOT_RIGHT - PLOT_LEFT, PLOT_BOTTOM - PLOT_TOP
 Y_TICKS = 5
 MAX_X_LABELS = 12
+CHAR_WIDTH = 6.5  # about, at FONT's size: what a label needs to stand clear of its neighbours
 LANE_HEIGHT = 30
 FONT = 'font-family="sans-serif" font-size="11"'
 AXIS = "#555"
@@ -124,7 +125,7 @@ def _legend(items: list[tuple[str, str]]) -> list[str]:
     """The series' names and colours, right-aligned above the plot, in reading order."""
     parts, x = [], PLOT_RIGHT
     for name, color in reversed(items):
-        x -= 7 * len(name) + 22
+        x -= CHAR_WIDTH * len(name) + 22
         parts.append(
             f'<g class="legend-item"><rect x="{_n(x)}" y="24" width="10" height="10" '
             f'fill="{color}"/><text x="{_n(x + 14)}" y="33" fill="#222">{escape(name)}</text></g>'
@@ -153,6 +154,8 @@ def _y_axis(low: float, high: float, label: str, fmt: Callable[[float], str]) ->
 
 
 def _x_axis(labels: Sequence[str], label: str) -> list[str]:
+    """Category labels under the plot, at most MAX_X_LABELS of them; every other one a line
+    lower when they are too wide to stand side by side."""
     parts = [
         f'<line class="x-axis" x1="{PLOT_LEFT}" y1="{PLOT_BOTTOM}" x2="{PLOT_RIGHT}" '
         f'y2="{PLOT_BOTTOM}" stroke="{AXIS}"/>',
@@ -160,12 +163,16 @@ def _x_axis(labels: Sequence[str], label: str) -> list[str]:
         f'y="{HEIGHT - 8}" text-anchor="middle" fill="#222">{escape(label)}</text>',
     ]
     every = max(1, math.ceil(len(labels) / MAX_X_LABELS))
+    room = PLOT_WIDTH / max(len(labels), 1) * every
+    stagger = max((len(t) for t in labels), default=0) * CHAR_WIDTH > room
     for index, text in enumerate(labels):
         if index % every:
             continue
+        lower = 14 if stagger and (index // every) % 2 else 0
         parts.append(
             f'<text class="x-tick" x="{_n(category_centre(index, len(labels)))}" '
-            f'y="{PLOT_BOTTOM + 16}" text-anchor="middle" fill="{AXIS}">{escape(text)}</text>'
+            f'y="{PLOT_BOTTOM + 16 + lower}" text-anchor="middle" fill="{AXIS}">'
+            f"{escape(text)}</text>"
         )
     return parts
 
@@ -294,6 +301,26 @@ def time_label(moment: datetime, span: timedelta) -> str:
     return f"{moment:%H:%M:%S}"
 
 
+MARKER_ROW = 14
+
+
+def _marker_rows(markers: Sequence[Marker], start: datetime, end: datetime) -> list[int]:
+    """The text row of each marker's label (in the order given): from left to right, the first
+    row where it does not run into a label already there, so that markers close in time (the
+    read-percentage steps) stack up instead of overprinting."""
+    ends: list[float] = []  # per row, where its rightmost label ends
+    rows = [0] * len(markers)
+    for index in sorted(range(len(markers)), key=lambda i: markers[i].at):
+        half = len(markers[index].label) * CHAR_WIDTH / 2
+        x = time_position(markers[index].at, start, end)
+        row = next((r for r, right in enumerate(ends) if right + 4 <= x - half), len(ends))
+        if row == len(ends):
+            ends.append(0.0)
+        ends[row] = x + half
+        rows[index] = row
+    return rows
+
+
 def timeline_chart(
     *,
     chart_id: str,
@@ -308,7 +335,8 @@ def timeline_chart(
     """Lanes of time segments (a phase, the kill switch on) from `start` to `end`, with
     labelled markers (a forced gate, a read-percentage step) below the last lane."""
     top = PLOT_TOP + 4
-    height = top + LANE_HEIGHT * len(lanes) + 60 + (14 if markers else 0)
+    marker_rows = _marker_rows(markers, start, end)
+    height = top + LANE_HEIGHT * len(lanes) + 60 + MARKER_ROW * (max(marker_rows, default=-1) + 1)
     parts = _open(chart_id, title, desc, height)
     bottom = top + LANE_HEIGHT * len(lanes)
     for row, lane in enumerate(lanes):
@@ -326,7 +354,7 @@ def timeline_chart(
                 f'height="{LANE_HEIGHT - 6}" fill="{segment.color}">'
                 f"<title>{escape(segment.tooltip or segment.label)}</title></rect>"
             )
-            if x1 - x0 >= 7 * len(segment.label) + 8:
+            if x1 - x0 >= CHAR_WIDTH * len(segment.label) + 8:
                 parts.append(
                     f'<text class="segment-label" x="{_n(x0 + 4)}" y="{y + LANE_HEIGHT / 2:.0f}" '
                     f'dy="4" fill="#fff">{escape(segment.label)}</text>'
@@ -345,14 +373,14 @@ def timeline_chart(
             f'<text class="x-tick" x="{x}" y="{bottom + 16}" text-anchor="middle" '
             f'fill="{AXIS}">{escape(time_label(moment, span))}</text>'
         )
-    for marker in markers:
+    for marker, row in zip(markers, marker_rows, strict=True):
         x = _n(time_position(marker.at, start, end))
         parts.append(
             f'<g class="marker"><line x1="{x}" y1="{top}" x2="{x}" y2="{bottom}" '
             f'stroke="{marker.color}" stroke-width="2" stroke-dasharray="3 2"/>'
-            f'<text x="{x}" y="{bottom + 30}" text-anchor="middle" fill="{marker.color}">'
-            f"{escape(marker.label)}</text><title>{escape(marker.label)} at "
-            f"{marker.at:%Y-%m-%d %H:%M:%S} UTC</title></g>"
+            f'<text x="{x}" y="{bottom + 30 + MARKER_ROW * row}" text-anchor="middle" '
+            f'fill="{marker.color}">{escape(marker.label)}</text><title>{escape(marker.label)} '
+            f"at {marker.at:%Y-%m-%d %H:%M:%S} UTC</title></g>"
         )
     parts.append(
         f'<text class="axis-label x-label" x="{_n(PLOT_LEFT + PLOT_WIDTH / 2)}" '

@@ -183,7 +183,11 @@ def test_timeline_segments_span_their_time_and_markers_stand_at_theirs():
                 ],
             ),
         ],
-        markers=[Marker(start + timedelta(days=1), "forced shadow")],
+        markers=[
+            Marker(start + timedelta(days=1), "forced shadow"),
+            Marker(start + timedelta(days=3), "reads 50 %"),
+            Marker(start + timedelta(days=3, minutes=5), "reads 100 %"),  # too close: stacked
+        ],
         x_label="time (UTC)",
     )
     root = parse(svg)
@@ -198,9 +202,12 @@ def test_timeline_segments_span_their_time_and_markers_stand_at_theirs():
     assert float(kill.get("y")) > float(segments["legacy"].get("y"))  # its own lane, below
     assert texts(root, "lane-name") == ["phase", "kill switch"]
     assert "shadow" in texts(root, "segment-label")
-    (marker,) = of_class(root, "g", "marker")
-    assert float(marker.find("line").get("x1")) == PLOT_LEFT + quarter
-    assert marker.find("text").text == "forced shadow"
+    forced, fifty, hundred = of_class(root, "g", "marker")
+    assert float(forced.find("line").get("x1")) == PLOT_LEFT + quarter
+    assert forced.find("text").text == "forced shadow"
+    label_rows = [float(m.find("text").get("y")) for m in (forced, fifty, hundred)]
+    assert label_rows[0] == label_rows[1] == label_rows[2] - charts.MARKER_ROW
+    assert float(root.get("height")) >= label_rows[2] + 14  # the stacked label is inside
     assert texts(root, "x-tick")[0] == "12-01 00:00" and texts(root, "x-tick")[-1] == "12-05 00:00"
 
 
@@ -218,3 +225,38 @@ def test_labels_are_escaped_and_no_address_is_named():
     assert root.find("title").text == "<script>alert(1)</script> & co"
     assert "<script>" not in svg
     assert "http" not in svg  # no namespace URL, no link: it travels inside a report
+
+
+def test_labels_too_wide_to_stand_side_by_side_alternate_lines():
+    labels = ["read_switch 10%", "read_switch 50%", "strict", "cutover"]
+    wide = parse(
+        charts.bar_chart(
+            chart_id="s",
+            title="t",
+            desc="d",
+            labels=labels * 2,
+            series=[Series("p50", [1.0] * 8, "#000")],
+            x_label="stage",
+            y_label="ms",
+        )
+    )
+    ticks = [e for e in wide.iter("text") if e.get("class") == "x-tick"]
+    assert [float(t.get("y")) for t in ticks[:3]] == [
+        PLOT_BOTTOM + 16,
+        PLOT_BOTTOM + 30,
+        PLOT_BOTTOM + 16,
+    ]
+    narrow = parse(
+        charts.bar_chart(
+            chart_id="n",
+            title="t",
+            desc="d",
+            labels=["a", "b"],
+            series=[Series("p50", [1.0, 2.0], "#000")],
+            x_label="stage",
+            y_label="ms",
+        )
+    )
+    assert {e.get("y") for e in narrow.iter("text") if e.get("class") == "x-tick"} == {
+        str(PLOT_BOTTOM + 16)
+    }
