@@ -20,7 +20,7 @@ WIDTH, HEIGHT = 720, 260
 PLOT_LEFT, PLOT_RIGHT, PLOT_TOP, PLOT_BOTTOM = 72, 688, 40, 208
 PLOT_WIDTH, PLOT_HEIGHT = PLOT_RIGHT - PLOT_LEFT, PLOT_BOTTOM - PLOT_TOP
 Y_TICKS = 5
-MAX_X_LABELS = 12
+MAX_X_LABELS = 8
 CHAR_WIDTH = 6.5  # about, at FONT's size: what a label needs to stand clear of its neighbours
 LANE_HEIGHT = 30
 FONT = 'font-family="sans-serif" font-size="11"'

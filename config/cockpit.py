@@ -49,11 +49,6 @@ def money(amount: Decimal, currency: str) -> str:
     return f"{amount:,.{CURRENCY_DECIMALS.get(currency, 2)}f} {currency}"
 
 
-def in_words(since: datetime, now: datetime | None = None) -> str:
-    """How long ago, in words ("2 days, 3 hours"; "0 minutes" under one)."""
-    return timesince(since, now)
-
-
 @dataclass(frozen=True)
 class BufferBand:
     reading: BufferReading
@@ -118,7 +113,7 @@ def cockpit_read(*, now: datetime | None = None) -> Cockpit:
     return Cockpit(
         state=state,
         now=now,
-        time_in_phase=in_words(state.entered_at, now),
+        time_in_phase=timesince(state.entered_at, now),  # in words: "2 days, 3 hours"
         kill_switch_by=history.kill_switch_engaged_by() if state.kill_switch else None,
         next_phase=following,
         gate=gate_evaluate(state, following) if following else None,
@@ -128,7 +123,7 @@ def cockpit_read(*, now: datetime | None = None) -> Cockpit:
         strict_failures=strict_failure_count_in_phase(state),
         write_stats=ledger_write_stats(state.entered_at),
         last_reconciliation=last_run,
-        reconciliation_age=in_words(last_run.finished_at, now) if last_run else None,
+        reconciliation_age=timesince(last_run.finished_at, now) if last_run else None,
         buffers=[BufferBand(reading) for reading in buffer_status_list()],
         dead_withdrawals=dead_withdrawal_count(),
         parked_notifications=notification_count(InboxStatus.PARKED),

@@ -15,7 +15,7 @@ from config.cockpit import READ_STEPS, cockpit_charts, cockpit_read
 from cutover.actors import Actor
 from cutover.admin import KillSwitchForm
 from cutover.exceptions import CutoverError, GateNotMet, OperatorNotPermitted, ReasonRequired
-from cutover.models import PHASE_CHOICES, AuditAction, PhaseAudit
+from cutover.models import PHASE_CHOICES, AuditAction, PhaseAudit, PhaseState
 from cutover.phase_machine import kill_switch_set, phase_advance, phase_rollback
 from cutover.phases import Phase, next_phase
 from cutover.selectors import phase_state
@@ -93,10 +93,9 @@ FORMS = {
 }
 
 
-def _forms(request: HttpRequest, bound: dict[str, forms.Form]) -> dict[str, forms.Form]:
+def _forms(state: PhaseState, bound: dict[str, forms.Form]) -> dict[str, forms.Form]:
     """Each action's form: the one just posted as it was (with its errors), the others fresh
-    for the state as it is now."""
-    state = phase_state()
+    for the state the page shows."""
     following = next_phase(Phase(state.phase))
     initial = {
         "advance": {"seen_phase": state.phase, "to": following},
@@ -125,7 +124,7 @@ def cockpit(
         for action, perms in PERMISSIONS.items()
     }
     read_steps = [(step, f"{step} %") for step in state.read_steps]
-    page_forms = _forms(request, bound or {})
+    page_forms = _forms(state.state, bound or {})
     for name in ("advance", "force", "reads"):
         page_forms[name].fields["read_percent"].choices = read_steps or READ_STEP_CHOICES
     context = {
