@@ -6,6 +6,8 @@ from config import metrics, views
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
+    # The cockpit is the admin's index (and its actions): matched before the admin's own URLs.
+    path("admin/", include("config.cockpit_admin")),
     path("admin/", admin.site.urls),
     path("", include("cutover.urls")),
     path("", include("onchain.urls")),

@@ -46,6 +46,34 @@ def account_balance(*, account_id: int) -> Decimal:
     return balance
 
 
+# The window's entries are found from the last entry before it (a backward scan of the
+# account's (account_id, seq) index that stops there), so the cost is the window's entries,
+# not the account's whole history.
+BALANCE_BEFORE_SQL = """
+    SELECT seq, balance_after FROM ledger_entries
+     WHERE account_id = %s AND created_at < %s ORDER BY seq DESC LIMIT 1
+"""
+BALANCE_PER_BUCKET_SQL = """
+    SELECT DISTINCT ON (1) date_bin(%s, created_at, %s) AS bucket, balance_after
+      FROM ledger_entries
+     WHERE account_id = %s AND seq > %s AND created_at < %s
+     ORDER BY 1, seq DESC
+"""
+
+
+def account_balance_history(*, code: str, since, until, width) -> tuple[Decimal, dict]:
+    """A system account's balance over time, from its entries' `balance_after`: the balance
+    when `since` began, and {bucket start: the balance at the bucket's last entry} for the
+    buckets of `width` (from `since`) in which it changed before `until`."""
+    account_id = system_account(code=code).pk
+    with connection.cursor() as cursor:
+        cursor.execute(BALANCE_BEFORE_SQL, [account_id, since])
+        before = cursor.fetchone()
+        seq, opening = before if before else (0, Decimal(0))
+        cursor.execute(BALANCE_PER_BUCKET_SQL, [width, since, account_id, seq, until])
+        return opening, dict(cursor.fetchall())
+
+
 @dataclass
 class IntegrityCheck:
     name: str

@@ -16,6 +16,7 @@ from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
 from rehearsal import embedded_db
 from tests.test_configuration import manage as configuration_manage
+from tests.test_rehearsal_report import assert_self_contained_report
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,7 +31,7 @@ REHEARSAL_DRILLS = {
 }
 
 
-def test_rehearse_walks_the_rollout_and_checks_every_invariant():
+def test_rehearse_walks_the_rollout_and_checks_every_invariant(tmp_path):
     overridden = {
         name: getattr(settings, name)
         for name in (
@@ -41,11 +42,16 @@ def test_rehearse_walks_the_rollout_and_checks_every_invariant():
         )
     }
     out = StringIO()
+    html = tmp_path / "rehearsal.html"
     call_command(
-        "rehearse", "--users", "40", "--operations", "200", "--workers", "2", "--json", stdout=out
+        "rehearse",
+        *("--users", "40", "--operations", "200", "--workers", "2", "--json"),
+        *("--html", str(html)),
+        stdout=out,
     )
     report = json.loads(out.getvalue())
     assert report["ok"] is True
+    assert_self_contained_report(html, report)  # the same run, as a document
     # the run pointed the settings at its sandboxes and short gates, and only for the run
     assert {name: getattr(settings, name) for name in overridden} == overridden
     assert [s["phase"] for s in report["stages"]] == [

@@ -78,6 +78,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "onchain.context_processors.buffer_alert",
+                "config.context_processors.rollout_state",
             ],
         },
     },

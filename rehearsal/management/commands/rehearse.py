@@ -1,14 +1,19 @@
 """`python manage.py rehearse`: a whole rollout rehearsed on synthetic users and traffic."""
 
+import os
 from decimal import Decimal
+from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
 from rich.console import Console
 from rich.table import Table
 
+from config.cockpit import run_charts
 from cutover.exceptions import CutoverError
 from gateway.commands import json_text, positive_int, progress_bar
 from rehearsal.rehearsal import Rehearsal
+from rehearsal.report_html import report_html
 from rehearsal.runtime import ScratchDatabaseError, database_ready, scratch_database
 
 
@@ -38,10 +43,23 @@ class Command(BaseCommand):
         )
         parser.add_argument("--seed", type=int, default=7, help="random seed (7)")
         parser.add_argument("--json", action="store_true", help="print the report as JSON")
+        parser.add_argument(
+            "--html",
+            type=Path,
+            metavar="PATH",
+            help="also write the report to PATH as one self-contained HTML file (the tables "
+            "and the charts, inline: it names no address), to attach to a change request",
+        )
 
     def handle(self, *args, **options) -> None:
         if options["users"] < 2:
             raise CommandError("--users: at least 2 users are needed")
+        html_path = options["html"]
+        # Said before the run, not after it: a rehearsal takes a while.
+        if html_path is not None and html_path.is_dir():
+            raise CommandError(f"--html: {html_path} is a directory; name the file to write")
+        if html_path is not None and not os.access(html_path.parent, os.W_OK):
+            raise CommandError(f"--html: cannot write into {html_path.parent}")
         console = Console(file=self.stdout._out, quiet=options["json"])
         progress = progress_bar(console, "{task.description:<18}")
         tasks: dict[str, int] = {}
@@ -54,6 +72,7 @@ class Command(BaseCommand):
         try:
             with database_ready(console.print), scratch_database("rehearsal") as name:
                 console.print(f"Scratch database {name} (dropped at the end)")
+                started = timezone.now()
                 with progress:
                     report = Rehearsal(
                         users=options["users"],
@@ -62,6 +81,8 @@ class Command(BaseCommand):
                         seed=options["seed"],
                         on_progress=on_progress,
                     ).run()
+                # The charts read the run's history, so before its scratch database is dropped.
+                charts = run_charts(since=started, until=timezone.now()) if html_path else []
         except ScratchDatabaseError as exc:
             raise CommandError(str(exc)) from None
         except CutoverError as exc:
@@ -70,6 +91,13 @@ class Command(BaseCommand):
             self.stdout.write(json_text(report))
         else:
             self._print(console, report)
+        if html_path is not None:
+            html = report_html(report=report, run_charts=charts, generated_at=timezone.now())
+            try:
+                html_path.write_text(html, encoding="utf-8")
+            except OSError as exc:
+                raise CommandError(f"--html: cannot write {html_path}: {exc.strerror}") from None
+            console.print(f"HTML report written to {html_path}")
         if not report["ok"]:
             failed = ", ".join(c["name"] for c in report["invariants"] if not c["ok"])
             raise CommandError(f"rehearsal failed: {failed}")

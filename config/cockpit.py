@@ -1,0 +1,404 @@
+"""The operators' cockpit: the whole rollout at a glance (the admin index, and the charts of
+`rehearse --html`). It reads every app (the phase machine's state and gates, the treasury's
+buffers and bands, the on-chain engine's dead withdrawals and parked notifications), so it lives
+in the composition root, above them all; it writes nothing (the actions are the services')."""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.utils import timezone
+from django.utils.safestring import SafeString
+from django.utils.timesince import timesince
+
+from config import charts
+from cutover import history
+from cutover.models import AuditAction, PhaseAudit, PhaseState, ReconciliationRun
+from cutover.phases import Phase, next_phase
+from cutover.selectors import (
+    Gate,
+    gate_evaluate,
+    ledger_write_stats,
+    open_custody_discrepancy_count,
+    open_discrepancy_count,
+    phase_state,
+    strict_failure_count_in_phase,
+)
+from ledger.money import CURRENCY_DECIMALS
+from ledger.selectors import BUFFER_ACCOUNTS, account_balance_history
+from onchain.models import InboxStatus
+from onchain.selectors import dead_withdrawal_count, notification_count
+from treasury.selectors import BufferReading, buffer_status_list
+
+# The read-percentage steps of read_switch (README: 1, then 10, 50, 100; it only grows).
+READ_STEPS = (1, 10, 50, 100)
+PHASE_COLORS = {
+    Phase.LEGACY: "#757575",
+    Phase.SHADOW: "#1e63c4",
+    Phase.READ_SWITCH: "#7b4bb7",
+    Phase.STRICT: "#b85c00",
+    Phase.CUTOVER: "#2e7d32",
+}
+KILL_SWITCH_COLOR = "#c62828"
+OPENED_COLOR, RESOLVED_COLOR, RATE_COLOR = "#c62828", "#2e7d32", "#1e63c4"
+
+
+def money(amount: Decimal, currency: str) -> str:
+    """An amount as people read it: thousands separated, at the currency's scale."""
+    return f"{amount:,.{CURRENCY_DECIMALS.get(currency, 2)}f} {currency}"
+
+
+@dataclass(frozen=True)
+class BufferBand:
+    reading: BufferReading
+
+    @property
+    def balance(self) -> str:
+        return money(self.reading.balance, self.reading.currency)
+
+    @property
+    def band(self) -> str:
+        r = self.reading
+        return f"{money(r.minimum, r.currency)} to {money(r.maximum, r.currency)}"
+
+    @property
+    def target(self) -> str:
+        return money(self.reading.target, self.reading.currency)
+
+    @property
+    def state(self) -> str:
+        return {"below_min": "below its minimum", "above_max": "above its maximum"}.get(
+            self.reading.state, "inside its band"
+        )
+
+
+@dataclass(frozen=True)
+class Cockpit:
+    state: PhaseState
+    now: datetime
+    time_in_phase: str
+    kill_switch_by: PhaseAudit | None  # the audit row of the engagement, while it is on
+    next_phase: Phase | None
+    gate: Gate | None  # the next gate's live evidence
+    read_steps: list[int]  # the read percentages an advance into / within read_switch offers
+    open_discrepancies: int
+    open_custody_discrepancies: int
+    strict_failures: int  # in the current phase, what the cutover gate reads
+    write_stats: dict  # the balance path's ledger writes in the current phase
+    last_reconciliation: ReconciliationRun | None
+    reconciliation_age: str | None
+    buffers: list[BufferBand]
+    dead_withdrawals: int
+    parked_notifications: int
+
+    @property
+    def write_success(self) -> str:
+        rate = self.write_stats["success_rate"]
+        return "none yet" if rate is None else f"{rate:.2%}"
+
+
+def cockpit_read(*, now: datetime | None = None) -> Cockpit:
+    now = now or timezone.now()
+    state = phase_state()
+    current = Phase(state.phase)
+    following = next_phase(current)
+    if current == Phase.SHADOW:
+        steps = list(READ_STEPS)
+    elif current == Phase.READ_SWITCH:
+        steps = [step for step in READ_STEPS if step > state.read_percent]
+    else:
+        steps = []
+    last_run = ReconciliationRun.objects.order_by("-finished_at").first()
+    return Cockpit(
+        state=state,
+        now=now,
+        time_in_phase=timesince(state.entered_at, now),  # in words: "2 days, 3 hours"
+        kill_switch_by=history.kill_switch_engaged_by() if state.kill_switch else None,
+        next_phase=following,
+        gate=gate_evaluate(state, following) if following else None,
+        read_steps=steps,
+        open_discrepancies=open_discrepancy_count(),
+        open_custody_discrepancies=open_custody_discrepancy_count(),
+        strict_failures=strict_failure_count_in_phase(state),
+        write_stats=ledger_write_stats(state.entered_at),
+        last_reconciliation=last_run,
+        reconciliation_age=timesince(last_run.finished_at, now) if last_run else None,
+        buffers=[BufferBand(reading) for reading in buffer_status_list()],
+        dead_withdrawals=dead_withdrawal_count(),
+        parked_notifications=notification_count(InboxStatus.PARKED),
+    )
+
+
+# Charts ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    since: datetime
+    width: timedelta
+
+
+@dataclass(frozen=True)
+class Chart:
+    chart_id: str
+    title: str
+    svg: SafeString
+
+
+# Bucket widths a window is cut into (the smallest giving at most `buckets` of them).
+WIDTHS = [
+    timedelta(seconds=s)
+    for s in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 3 * 3600, 6 * 3600)
+] + [timedelta(days=1)]
+
+
+def bucket_width_for(span: timedelta, buckets: int = 30) -> timedelta:
+    return next((w for w in WIDTHS if span / w <= buckets), WIDTHS[-1])
+
+
+def bucket_label(start: datetime, width: timedelta) -> str:
+    if width >= timedelta(days=1):
+        return f"{start:%m-%d}"
+    if width >= timedelta(hours=1):
+        return f"{start:%d %H:%M}"
+    if width >= timedelta(minutes=1):
+        return f"{start:%H:%M}"
+    return f"{start:%H:%M:%S}"
+
+
+def _bucket_name(width: timedelta) -> str:
+    """ "day", "6 hours", "5 seconds": what one bucket of the window spans."""
+    seconds = int(width.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if seconds >= size and seconds % size == 0:
+            return unit if seconds == size else f"{seconds // size} {unit}s"
+    return f"{width.total_seconds()} seconds"
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1f} %" if value < 99 or value == 100 else f"{value:.2f} %"
+
+
+def discrepancies_chart(window: Window, until: datetime) -> Chart:
+    rows = history.discrepancies_per_bucket(since=window.since, until=until, width=window.width)
+    per = _bucket_name(window.width)
+    opened, resolved = sum(r.opened for r in rows), sum(r.resolved for r in rows)
+    title = f"Discrepancies opened and resolved per {per}"
+    return Chart(
+        "chart-discrepancies",
+        title,
+        charts.bar_chart(
+            chart_id="chart-discrepancies",
+            title=title,
+            desc=f"From {window.since:%Y-%m-%d %H:%M} UTC: {opened} opened, {resolved} resolved.",
+            labels=[bucket_label(r.start, window.width) for r in rows],
+            series=[
+                charts.Series("opened", [r.opened for r in rows], OPENED_COLOR),
+                charts.Series("resolved", [r.resolved for r in rows], RESOLVED_COLOR),
+            ],
+            x_label="time (UTC)",
+            y_label="discrepancies",
+            counts=True,
+        ),
+    )
+
+
+def ledger_write_charts(window: Window, until: datetime) -> list[Chart]:
+    """The shadow experiment's figures per bucket: the ledger write success rate against the
+    gate's minimum, and the mismatch rate of the dual writes' comparisons. (The balance path
+    records no per-mutation timings; `rehearse --html` charts the writes' latency per stage.)"""
+    rows = history.ledger_writes_per_bucket(since=window.since, until=until, width=window.width)
+    per = _bucket_name(window.width)
+    labels = [bucket_label(r.start, window.width) for r in rows]
+    minimum = float(settings.CUTOVER_MIN_WRITE_SUCCESS_RATE) * 100
+    rates = [None if r.success_rate is None else r.success_rate * 100 for r in rows]
+    lowest = min([minimum, *(r for r in rates if r is not None)])
+    attempts, posted = sum(r.attempts for r in rows), sum(r.posted for r in rows)
+    dual, mismatches = sum(r.dual_writes for r in rows), sum(r.mismatches for r in rows)
+    success_title = f"Ledger write success rate per {per}"
+    mismatch_title = f"Mismatch rate of the dual writes per {per}"
+    return [
+        Chart(
+            "chart-write-success",
+            success_title,
+            charts.line_chart(
+                chart_id="chart-write-success",
+                title=success_title,
+                desc=f"From {window.since:%Y-%m-%d %H:%M} UTC: {posted} of {attempts} ledger "
+                f"writes succeeded; the gate out of shadow needs {minimum:.1f} %. Buckets "
+                "without ledger writes have no point.",
+                labels=labels,
+                series=[charts.Series("succeeded", rates, RATE_COLOR)],
+                x_label="time (UTC)",
+                y_label="ledger writes succeeded (%)",
+                y_min=99.0 if lowest >= 99 else 90.0 if lowest >= 90 else 0.0,
+                y_max=100.0,
+                rules=[charts.Rule(minimum, "gate minimum", KILL_SWITCH_COLOR)],
+                fmt=_percent,
+            ),
+        ),
+        Chart(
+            "chart-mismatches",
+            mismatch_title,
+            charts.line_chart(
+                chart_id="chart-mismatches",
+                title=mismatch_title,
+                desc=f"From {window.since:%Y-%m-%d %H:%M} UTC: {mismatches} differences found "
+                f"by the comparisons of {dual} dual writes (a discrepancy opened by the balance "
+                "path, per dual write). Buckets without dual writes have no point.",
+                labels=labels,
+                series=[
+                    charts.Series(
+                        "mismatches",
+                        [None if r.mismatch_rate is None else r.mismatch_rate * 100 for r in rows],
+                        OPENED_COLOR,
+                    )
+                ],
+                x_label="time (UTC)",
+                y_label="dual writes that differed (%)",
+                fmt=_percent,
+            ),
+        ),
+    ]
+
+
+def buffer_charts(window: Window, until: datetime) -> list[Chart]:
+    """Each buffer's ledger balance at the end of every bucket (from its entries), against its
+    band as the treasury's thresholds set it now."""
+    starts = history.bucket_starts(since=window.since, until=until, width=window.width)
+    per = _bucket_name(window.width)
+    found = []
+    for reading in buffer_status_list():
+        opening, changed = account_balance_history(
+            code=BUFFER_ACCOUNTS[reading.currency],
+            since=window.since,
+            until=until,
+            width=window.width,
+        )
+        balances, balance = [], opening
+        for start in starts:
+            balance = changed.get(start, balance)
+            balances.append(float(balance))
+        chart_id = f"chart-buffer-{reading.currency.lower()}"
+        title = f"{reading.account} ({reading.currency}) against its band, per {per}"
+        found.append(
+            Chart(
+                chart_id,
+                title,
+                charts.line_chart(
+                    chart_id=chart_id,
+                    title=title,
+                    desc=f"The {reading.account} balance from {window.since:%Y-%m-%d %H:%M} UTC "
+                    f"({money(opening, reading.currency)}) to now "
+                    f"({money(reading.balance, reading.currency)}); band "
+                    f"{money(reading.minimum, reading.currency)} to "
+                    f"{money(reading.maximum, reading.currency)}, target "
+                    f"{money(reading.target, reading.currency)} (the thresholds as set now).",
+                    labels=[bucket_label(s, window.width) for s in starts],
+                    series=[charts.Series("balance", balances, RATE_COLOR)],
+                    x_label="time (UTC)",
+                    y_label=reading.currency,
+                    bands=[charts.Band(float(reading.minimum), float(reading.maximum), "band")],
+                    rules=[charts.Rule(float(reading.target), "target", RESOLVED_COLOR)],
+                ),
+            )
+        )
+    return found
+
+
+def phase_timeline_chart(until: datetime) -> Chart:
+    """The phases from the audit trail, the kill switch's time on below them, and the forced
+    gates and read-percentage steps marked."""
+    phases = history.phase_periods(until=until)
+    start = phases[0].start if phases else until - timedelta(hours=1)
+    kill = history.kill_switch_periods(until=until)
+    markers = [
+        charts.Marker(p.start, f"forced {p.state}", KILL_SWITCH_COLOR)
+        for p in phases
+        if p.action == AuditAction.FORCE
+    ] + [
+        charts.Marker(step.at, f"reads {step.evidence.get('read_percent_after')} %", "#444")
+        for step in history.read_percent_steps()
+    ]
+    title = "Phase timeline"
+    return Chart(
+        "chart-timeline",
+        title,
+        charts.timeline_chart(
+            chart_id="chart-timeline",
+            title=title,
+            desc="; ".join(
+                f"{p.state} from {p.start:%Y-%m-%d %H:%M:%S} UTC ({p.action} by {p.actor}) "
+                f"for {timesince(p.start, p.end)}"
+                for p in phases
+            )
+            + (f"; the kill switch was on {len(kill)} times" if kill else ""),
+            start=start,
+            end=until,
+            lanes=[
+                charts.Lane(
+                    "phase",
+                    [
+                        charts.Segment(
+                            p.start,
+                            p.end,
+                            p.state,
+                            PHASE_COLORS.get(p.state, "#757575"),
+                            f"{p.state}: {p.action} by {p.actor} at {p.start:%Y-%m-%d %H:%M:%S}"
+                            f" UTC, for {timesince(p.start, p.end)}"
+                            + (f" ({p.reason})" if p.reason else ""),
+                        )
+                        for p in phases
+                    ],
+                ),
+                charts.Lane(
+                    "kill switch",
+                    [
+                        charts.Segment(
+                            p.start,
+                            p.end,
+                            "on",
+                            KILL_SWITCH_COLOR,
+                            f"kill switch on by {p.actor} at {p.start:%Y-%m-%d %H:%M:%S} UTC "
+                            f"for {timesince(p.start, p.end)}: {p.reason}",
+                        )
+                        for p in kill
+                    ],
+                ),
+            ],
+            markers=markers,
+            x_label="time (UTC)",
+        ),
+    )
+
+
+def rollout_charts(
+    *, until: datetime, discrepancies: Window, writes: Window, buffers: Window
+) -> list[Chart]:
+    return [
+        discrepancies_chart(discrepancies, until),
+        *ledger_write_charts(writes, until),
+        *buffer_charts(buffers, until),
+        phase_timeline_chart(until),
+    ]
+
+
+def cockpit_charts(*, now: datetime | None = None) -> list[Chart]:
+    """The cockpit's charts: discrepancies per day over 14 days, the ledger writes per hour
+    over 48 hours, the buffers every 6 hours over 7 days, every phase since the first."""
+    now = now or timezone.now()
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    day = hour.replace(hour=0)
+    return rollout_charts(
+        until=now,
+        discrepancies=Window(day - timedelta(days=13), timedelta(days=1)),
+        writes=Window(hour - timedelta(hours=47), timedelta(hours=1)),
+        buffers=Window(day - timedelta(days=6), timedelta(hours=6)),
+    )
+
+
+def run_charts(*, since: datetime, until: datetime) -> list[Chart]:
+    """The same charts over one run (a rehearsal), each cut into about 30 buckets."""
+    window = Window(since, bucket_width_for(until - since))
+    return rollout_charts(until=until, discrepancies=window, writes=window, buffers=window)
