@@ -6,6 +6,7 @@ from decimal import Decimal
 
 from django import forms
 from django.contrib import admin, messages
+from django.db.models import Exists
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -41,7 +42,12 @@ from cutover.models import (
 )
 from cutover.phase_machine import kill_switch_set
 from cutover.phases import flags_of
-from cutover.selectors import discrepancy_history, known_difference_for, store_balances
+from cutover.selectors import (
+    discrepancy_history,
+    known_difference_for,
+    known_difference_matching,
+    store_balances,
+)
 from ledger.admin import ReadOnlyAdmin
 from ledger.templatetags.console import (
     amount_column,
@@ -193,9 +199,12 @@ class DiscrepancyAdmin(ReadOnlyAdmin):
     legacy_shown = amount_column("legacy_balance", "legacy")
     ledger_shown = amount_column("ledger_balance", "ledger")
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(known=Exists(known_difference_matching()))
+
     @admin.display(description="counts against the gates", boolean=True)
     def counted(self, discrepancy: Discrepancy) -> bool:
-        return discrepancy.status in UNRESOLVED and known_difference_for(discrepancy) is None
+        return discrepancy.status in UNRESOLVED and not discrepancy.known
 
     def get_urls(self):
         view = self.admin_site.admin_view
