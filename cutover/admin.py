@@ -1,31 +1,61 @@
 """The operators' console for the migration. Nothing here writes a model directly: every change
 goes through the cutover services, which checks permissions and writes the audit trail."""
 
+from datetime import timedelta
+from decimal import Decimal
+
 from django import forms
 from django.contrib import admin, messages
-from django.http import HttpRequest, HttpResponseRedirect
+from django.db.models import Exists
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
 
 from cutover.actors import Actor
+from cutover.discrepancies import (
+    APPROVE_PERMISSION,
+    REQUEST_PERMISSION,
+    TRIAGE_PERMISSION,
+    discrepancy_investigate,
+    discrepancy_known_difference_mark,
+    discrepancy_repair_approve,
+    discrepancy_repair_request,
+)
 from cutover.exceptions import CutoverError
 from cutover.models import (
+    UNRESOLVED,
     BalanceMutation,
     CustodyDiscrepancy,
     CustodyOpening,
     Discrepancy,
+    DiscrepancyRepair,
     LegacyArchive,
     LegacyBalance,
+    OperatorAudit,
     PhaseAudit,
     PhaseState,
     ReconciliationRun,
+    RepairSide,
     StrictFailure,
+    TriageStatus,
 )
 from cutover.phase_machine import kill_switch_set
 from cutover.phases import flags_of
-from cutover.reconciliation import discrepancy_resolve
-from gateway.actions import action_confirm
+from cutover.selectors import (
+    discrepancy_history,
+    known_difference_for,
+    known_difference_matching,
+    store_balances,
+)
 from ledger.admin import ReadOnlyAdmin
+from ledger.templatetags.console import (
+    amount_column,
+    amount_display,
+    duration_column,
+    moment_display,
+    table_column,
+)
 
 
 class ReasonForm(forms.Form):
@@ -58,7 +88,11 @@ class PhaseStateAdmin(ReadOnlyAdmin):
 
     @admin.display(description="feature flags")
     def flags(self, obj: PhaseState) -> str:
-        return ", ".join(f"{name}={value}" for name, value in flags_of(obj.phase).items())
+        # As the environment sets them (USE_LEDGER_INTEGRATION=false), not as Python prints them.
+        return ", ".join(
+            f"{name}={str(value).lower() if isinstance(value, bool) else value}"
+            for name, value in flags_of(obj.phase).items()
+        )
 
     def get_urls(self):
         return [
@@ -104,19 +138,56 @@ class PhaseStateAdmin(ReadOnlyAdmin):
         return TemplateResponse(request, "admin/cutover/kill_switch_confirm.html", context)
 
 
-class ResolveForm(forms.Form):
-    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+KNOWN_DIFFERENCE_FOR = {
+    "1": ("1 day", timedelta(days=1)),
+    "3": ("3 days", timedelta(days=3)),
+    "7": ("7 days", timedelta(days=7)),
+    "14": ("14 days", timedelta(days=14)),
+    "30": ("30 days", timedelta(days=30)),
+}
+
+
+class InvestigateForm(forms.Form):
+    note = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
+        help_text="What you are looking into: kept in the operator audit with your name.",
+    )
+
+
+class KnownDifferenceForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
+        help_text="Why this difference is expected: kept in the operator audit.",
+    )
+    expires_in = forms.ChoiceField(
+        choices=[(key, label) for key, (label, _) in KNOWN_DIFFERENCE_FOR.items()],
+        initial="7",
+        help_text="Until then this exact difference does not count against the gates.",
+    )
+
+
+class RepairRequestForm(forms.Form):
+    side = forms.ChoiceField(choices=RepairSide.choices, widget=forms.RadioSelect)
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
+        help_text="Why this store is the wrong one: kept with the repair and in the audit.",
+    )
 
 
 @admin.register(Discrepancy)
 class DiscrepancyAdmin(ReadOnlyAdmin):
+    """Read-only; worked on its own page (cutover.discrepancies): investigated, accepted as a
+    known difference until an expiry, or repaired (requested by one operator, approved by
+    another)."""
+
     list_display = (
-        "user_id",
-        "currency",
-        "legacy_balance",
-        "ledger_balance",
-        "difference",
+        "id",
         "status",
+        "counted",
+        "difference_shown",
+        "user_id",
+        "legacy_shown",
+        "ledger_shown",
         "source",
         "phase",
         "occurrences",
@@ -124,41 +195,164 @@ class DiscrepancyAdmin(ReadOnlyAdmin):
     )
     list_filter = ("status", "source", "phase", "currency")
     search_fields = ("=user_id", "reference")
-    actions = ["resolve"]
+    difference_shown = amount_column("difference", "difference (legacy - ledger)")
+    legacy_shown = amount_column("legacy_balance", "legacy")
+    ledger_shown = amount_column("ledger_balance", "ledger")
 
-    def has_change_permission(self, request, obj=None) -> bool:
-        return request.user.has_perm("cutover.change_discrepancy")
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(known=Exists(known_difference_matching()))
 
-    def get_readonly_fields(self, request, obj=None):
-        return [field.name for field in self.model._meta.fields]
+    @admin.display(description="counts against the gates", boolean=True)
+    def counted(self, discrepancy: Discrepancy) -> bool:
+        return discrepancy.status in UNRESOLVED and not discrepancy.known
 
-    @admin.action(description="Resolve selected discrepancies with a note", permissions=["change"])
-    def resolve(self, request: HttpRequest, queryset):
-        form = ResolveForm(request.POST if "note" in request.POST else None)
-        if form.is_valid():
-            done = 0
-            for discrepancy in queryset:
-                try:
-                    discrepancy_resolve(
-                        discrepancy_id=discrepancy.pk,
-                        actor=Actor.for_user(request.user),
-                        note=form.cleaned_data["note"],
-                    )
-                    done += 1
-                except CutoverError as exc:
-                    self.message_user(request, str(exc), messages.WARNING)
-            self.message_user(request, f"{done} discrepancies resolved.", messages.SUCCESS)
-            return None
-        return action_confirm(
-            self,
-            request,
-            queryset,
-            action="resolve",
-            title="Resolve discrepancies",
-            button="Resolve",
-            question="Resolve these discrepancies? Your note is kept with each.",
-            form=form,
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        return [
+            path(
+                "<int:discrepancy_id>/investigate/",
+                view(self.investigate_view),
+                name="cutover_discrepancy_investigate",
+            ),
+            path(
+                "<int:discrepancy_id>/known-difference/",
+                view(self.known_difference_view),
+                name="cutover_discrepancy_known_difference",
+            ),
+            path(
+                "<int:discrepancy_id>/repair/",
+                view(self.repair_request_view),
+                name="cutover_discrepancy_repair",
+            ),
+            path(
+                "repairs/<int:repair_id>/approve/",
+                view(self.repair_approve_view),
+                name="cutover_discrepancy_repair_approve",
+            ),
+            *super().get_urls(),
+        ]
+
+    def change_view(self, request: HttpRequest, object_id, form_url="", extra_context=None):
+        discrepancy = self.get_object(request, object_id)
+        if discrepancy is None or not self.has_view_permission(request, discrepancy):
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        user = request.user
+        repairs = list(discrepancy.repairs.order_by("-id"))
+        legacy_now, ledger_now = store_balances(discrepancy.user_id, discrepancy.currency)
+        unresolved = discrepancy.status in UNRESOLVED
+        rule = known_difference_for(discrepancy)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Discrepancy {discrepancy.pk}",
+            "opts": self.opts,
+            "discrepancy": discrepancy,
+            "status_label": TriageStatus(discrepancy.status).label,
+            "counted": unresolved and rule is None,
+            "rule": rule,
+            "legacy_now": legacy_now,
+            "ledger_now": ledger_now,
+            "difference_now": (legacy_now or Decimal(0)) - (ledger_now or Decimal(0)),
+            "repairs": repairs,
+            "history": discrepancy_history(discrepancy.pk),
+            "may_approve": user.has_perm(APPROVE_PERMISSION),
+            "actor_name": Actor.for_user(user).name,
+            "investigate_form": InvestigateForm()
+            if unresolved
+            and discrepancy.status != TriageStatus.INVESTIGATING
+            and user.has_perm(TRIAGE_PERMISSION)
+            else None,
+            "known_form": KnownDifferenceForm()
+            if unresolved and rule is None and user.has_perm(TRIAGE_PERMISSION)
+            else None,
+            "repair_form": RepairRequestForm()
+            if unresolved and user.has_perm(REQUEST_PERMISSION)
+            else None,
+        }
+        return TemplateResponse(request, "admin/cutover/discrepancy_detail.html", context)
+
+    def _back(self, discrepancy_id: int) -> HttpResponseRedirect:
+        return HttpResponseRedirect(
+            reverse("admin:cutover_discrepancy_change", args=[discrepancy_id])
         )
+
+    def _act(self, request: HttpRequest, discrepancy_id: int, form_class, act) -> HttpResponse:
+        """POST only: the form, then the service; its outcome or its refusal as a message."""
+        if request.method != "POST":
+            return self._back(discrepancy_id)
+        form = form_class(request.POST)
+        if not form.is_valid():
+            fields = ", ".join(form.errors)
+            self.message_user(request, f"Nothing changed: {fields} missing.", messages.ERROR)
+            return self._back(discrepancy_id)
+        try:
+            done = act(Actor.for_user(request.user), form.cleaned_data)
+        except CutoverError as exc:
+            self.message_user(request, f"Nothing changed: {exc}.", messages.ERROR)
+        else:
+            self.message_user(request, done, messages.SUCCESS)
+        return self._back(discrepancy_id)
+
+    def investigate_view(self, request: HttpRequest, discrepancy_id: int) -> HttpResponse:
+        def act(actor, data):
+            discrepancy_investigate(discrepancy_id=discrepancy_id, actor=actor, note=data["note"])
+            return f"Discrepancy {discrepancy_id} is under investigation."
+
+        return self._act(request, discrepancy_id, InvestigateForm, act)
+
+    def known_difference_view(self, request: HttpRequest, discrepancy_id: int) -> HttpResponse:
+        def act(actor, data):
+            _, period = KNOWN_DIFFERENCE_FOR[data["expires_in"]]
+            rule = discrepancy_known_difference_mark(
+                discrepancy_id=discrepancy_id,
+                actor=actor,
+                reason=data["reason"],
+                expires_at=timezone.now() + period,
+            )
+            return (
+                f"Discrepancy {discrepancy_id} is a known difference of "
+                f"{amount_display(rule.difference, rule.currency)} until "
+                f"{moment_display(rule.expires_at)}: it does not count against the gates "
+                "until then."
+            )
+
+        return self._act(request, discrepancy_id, KnownDifferenceForm, act)
+
+    def repair_request_view(self, request: HttpRequest, discrepancy_id: int) -> HttpResponse:
+        def act(actor, data):
+            repair = discrepancy_repair_request(
+                discrepancy_id=discrepancy_id,
+                actor=actor,
+                side=data["side"],
+                reason=data["reason"],
+            )
+            return (
+                f"Repair {repair.pk} requested on the {repair.side} side: it waits for "
+                "another operator's approval."
+            )
+
+        return self._act(request, discrepancy_id, RepairRequestForm, act)
+
+    def repair_approve_view(self, request: HttpRequest, repair_id: int) -> HttpResponse:
+        repair = DiscrepancyRepair.objects.filter(pk=repair_id).first()
+        if repair is None:
+            self.message_user(request, f"There is no repair {repair_id}.", messages.ERROR)
+            return HttpResponseRedirect(reverse("admin:cutover_discrepancy_changelist"))
+
+        def act(actor, data):
+            applied = discrepancy_repair_approve(repair_id=repair_id, actor=actor)
+            store = "ledger" if applied.side == RepairSide.LEDGER else "legacy store"
+            after = (
+                applied.ledger_after
+                if applied.side == RepairSide.LEDGER
+                else (applied.legacy_after)
+            )
+            return (
+                f"Repair {repair_id} applied: the {store} now holds "
+                f"{amount_display(after, applied.discrepancy.currency)}; discrepancy "
+                f"{applied.discrepancy_id} is repaired."
+            )
+
+        return self._act(request, repair.discrepancy_id, forms.Form, act)
 
 
 @admin.register(PhaseAudit)
@@ -166,17 +360,46 @@ class PhaseAuditAdmin(ReadOnlyAdmin):
     list_display = ("at", "actor", "action", "from_phase", "to_phase", "reason")
     list_filter = ("action", "to_phase")
     search_fields = ("actor", "reason")
+    fields = ("at", "actor", "action", "from_phase", "to_phase", "reason", "evidence_shown")
+    evidence_shown = table_column("evidence", "evidence")
+
+
+@admin.register(OperatorAudit)
+class OperatorAuditAdmin(ReadOnlyAdmin):
+    list_display = ("at", "actor", "action", "target", "reason")
+    list_filter = ("action",)
+    search_fields = ("actor", "target", "reason")
+    fields = ("at", "actor", "action", "target", "reason", "before_shown", "after_shown")
+    before_shown = table_column("before", "before")
+    after_shown = table_column("after", "after")
 
 
 @admin.register(LegacyBalance)
 class LegacyBalanceAdmin(ReadOnlyAdmin):
-    list_display = ("user_id", "buying_power", "currency", "updated_at")
+    list_display = ("user_id", "buying_power_shown", "currency", "updated_at")
     search_fields = ("=user_id",)
+    fields = ("user_id", "buying_power_shown", "currency", "updated_at")
+    buying_power_shown = amount_column("buying_power", "buying power")
 
 
 @admin.register(LegacyArchive)
 class LegacyArchiveAdmin(ReadOnlyAdmin):
     list_display = ("table_name", "archived_as", "rows", "archived_at", "archived_by", "reason")
+    fields = (
+        "table_name",
+        "archived_as",
+        "rows",
+        "totals_shown",
+        "cutover_entered_at",
+        "min_time_shown",
+        "archived_at",
+        "archived_by",
+        "reason",
+    )
+    totals_shown = table_column("totals", "totals")
+    min_time_shown = duration_column(
+        "archived after (in cutover)", lambda archive: archive.min_time_in_cutover
+    )
 
 
 @admin.register(BalanceMutation)
@@ -185,14 +408,29 @@ class BalanceMutationAdmin(ReadOnlyAdmin):
         "reference",
         "user_id",
         "direction",
-        "amount",
-        "currency",
+        "amount_shown",
         "phase",
         "ledger_status",
         "created_at",
     )
     list_filter = ("phase", "ledger_status", "direction")
     search_fields = ("reference", "=user_id", "correlation_id")
+    fields = (
+        "reference",
+        "user_id",
+        "direction",
+        "amount_shown",
+        "reason",
+        "phase",
+        "legacy_after_shown",
+        "ledger_status",
+        "ledger_transaction_id",
+        "ledger_error",
+        "correlation_id",
+        "created_at",
+    )
+    amount_shown = amount_column("amount")
+    legacy_after_shown = amount_column("legacy_balance_after", "legacy balance after")
 
 
 @admin.register(ReconciliationRun)
@@ -202,10 +440,30 @@ class ReconciliationRunAdmin(ReadOnlyAdmin):
         "phase",
         "users_checked",
         "differences",
+        "known_differences",
         "new_discrepancies",
         "resolved",
+        "took",
         "triggered_by",
     )
+    fields = (
+        "started_at",
+        "finished_at",
+        "took",
+        "phase",
+        "users_checked",
+        "differences",
+        "known_differences",
+        "new_discrepancies",
+        "resolved",
+        "legacy_total_shown",
+        "ledger_total_shown",
+        "triggered_by",
+    )
+    took = duration_column("took", lambda run: run.finished_at - run.started_at)
+    # Totals over every currency: the values' own places, no currency.
+    legacy_total_shown = amount_column("legacy_total", "legacy total", currency="")
+    ledger_total_shown = amount_column("ledger_total", "ledger total", currency="")
 
 
 @admin.register(StrictFailure)
@@ -217,13 +475,25 @@ class StrictFailureAdmin(ReadOnlyAdmin):
 class CustodyOpeningAdmin(ReadOnlyAdmin):
     list_display = (
         "currency",
-        "reported",
+        "reported_shown",
         "source",
-        "buffer_before",
+        "buffer_before_shown",
         "ledger_transaction_id",
         "opened_by",
         "opened_at",
     )
+    fields = (
+        "currency",
+        "reported_shown",
+        "source",
+        "buffer_before_shown",
+        "ledger_transaction_id",
+        "opened_by",
+        "reason",
+        "opened_at",
+    )
+    reported_shown = amount_column("reported", "reported")
+    buffer_before_shown = amount_column("buffer_before", "buffer before")
 
 
 @admin.register(CustodyDiscrepancy)
@@ -234,13 +504,28 @@ class CustodyDiscrepancyAdmin(ReadOnlyAdmin):
     list_display = (
         "currency",
         "source",
-        "ledger_balance",
-        "reported",
-        "difference",
         "status",
+        "difference_shown",
+        "ledger_shown",
+        "reported_shown",
         "occurrences",
         "first_seen_at",
         "last_seen_at",
         "resolved_at",
     )
     list_filter = ("status", "currency", "source")
+    fields = (
+        "currency",
+        "source",
+        "status",
+        "difference_shown",
+        "ledger_shown",
+        "reported_shown",
+        "occurrences",
+        "first_seen_at",
+        "last_seen_at",
+        "resolved_at",
+    )
+    difference_shown = amount_column("difference", "difference (ledger - reported)")
+    ledger_shown = amount_column("ledger_balance", "ledger")
+    reported_shown = amount_column("reported", "reported")

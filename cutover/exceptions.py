@@ -1,5 +1,5 @@
 """Domain errors of the cutover. Each message is fit for an operator or an API client. The
-SQLSTATEs of cutover/sql/cutover.sql (CU001..CU008) are translated here."""
+SQLSTATEs of cutover/sql/cutover.sql (CU001..CU009) are translated here."""
 
 from django.db import DatabaseError
 
@@ -77,6 +77,19 @@ class LegacyStoreArchived(CutoverError):
     """The legacy store was archived: it is never written again and cutover is never left."""
 
 
+class TriageRefused(CutoverError):
+    """A discrepancy's triage or repair that its state does not allow (or that names nothing)."""
+
+
+class SecondPersonRequired(TriageRefused):
+    """A repair is approved by another operator than the one who requested it."""
+
+
+class RepairLapsed(TriageRefused):
+    """A repair that can no longer be applied as requested (the stores moved, the discrepancy
+    ended, or a newer request replaced it): recorded as lapsed, nothing posted."""
+
+
 # The SQLSTATEs raised by cutover/sql/cutover.sql (LD002: the ledger's refusal of a debit in
 # phase cutover, passed through by cutover_balance_mutate).
 SQLSTATE_ERRORS: dict[str, type[Exception]] = {
@@ -88,6 +101,7 @@ SQLSTATE_ERRORS: dict[str, type[Exception]] = {
     "CU006": ConcurrentDuplicate,
     "CU007": ArchiveRefused,
     "CU008": LegacyStoreArchived,
+    "CU009": TriageRefused,
     "LD002": InsufficientFunds,
 }
 

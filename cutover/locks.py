@@ -3,6 +3,8 @@ are unique). Keys are fixed 64-bit numbers: a job that reuses another's key woul
 skip or wait for the other, so a new lock gets a new line here, never a reused number."""
 
 PHASE_LOCK = 7_401_001  # also written in cutover_balance_mutate (cutover/sql/cutover.sql)
+# Exclusive (tried) by a reconciliation; shared by a discrepancy repair while it posts, so a
+# reconciliation never compares a snapshot taken before a repair committed.
 RECONCILE_LOCK = 7_401_002
 SETTLEMENT_CYCLE_LOCK = 7_401_003
 CUSTODY_RECONCILE_LOCK = 7_401_004

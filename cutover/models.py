@@ -9,7 +9,11 @@ reference (exactly once), never updated or deleted; one open discrepancy per use
 audit rows never updated or deleted (triggers in cutover/sql/cutover.sql); custody opened once
 per currency, from a reported balance that is not negative; one open custody discrepancy per
 currency and source; the legacy store archived once, only after its time in cutover, and never
-left again (no phase but cutover once it is archived).
+left again (no phase but cutover once it is archived); a discrepancy's triage moves only as
+cutover_discrepancy_transition allows (open -> investigating | known difference -> repaired |
+resolved; repaired only by an applied repair, which another operator approved than the one who
+requested it); known-difference rules never change except to end early; repair requests are
+decided once; alert states change only when they flip.
 """
 
 from datetime import timedelta
@@ -181,15 +185,66 @@ class DiscrepancyStatus(models.TextChoices):
     RESOLVED = "resolved", "Resolved"
 
 
+class TriageStatus(models.TextChoices):
+    """Where working a legacy-vs-ledger discrepancy stands (cutover.discrepancies)."""
+
+    OPEN = "open", "Open"
+    INVESTIGATING = "investigating", "Investigating"
+    KNOWN_DIFFERENCE = "known_difference", "Known difference"
+    REPAIRED = "repaired", "Repaired"
+    RESOLVED = "resolved", "Resolved (the stores agree again)"
+
+
+# Unresolved: the stores still differ as far as anyone knows; one such row per user and currency.
+UNRESOLVED = [TriageStatus.OPEN, TriageStatus.INVESTIGATING, TriageStatus.KNOWN_DIFFERENCE]
+
+
 class DiscrepancySource(models.TextChoices):
     DUAL_WRITE = "dual_write", "Compared after a dual write"
     LEDGER_WRITE_FAILED = "ledger_write_failed", "Ledger write failed in a tolerant phase"
     RECONCILIATION = "reconciliation", "Found by reconciliation"
 
 
+class KnownDifference(models.Model):
+    """A known-difference rule (Scientist's `ignore`), made by an operator from a discrepancy
+    with a reason and an expiry. While it is active (`expires_at` in the future) an unresolved
+    discrepancy it matches does not count against the gates, and a reconciliation that finds
+    only such differences is clean. Matching: the same user, the same currency and the same
+    difference (legacy - ledger) to the last unit; a difference that moves counts again. Never
+    changed or deleted, except that it may end early (`expires_at` moved earlier)."""
+
+    user_id = models.UUIDField()
+    currency = models.CharField(max_length=8)
+    difference = models.DecimalField(max_digits=38, decimal_places=6)
+    reason = models.TextField()
+    created_by = models.CharField(max_length=150)
+    created_at = models.DateTimeField(db_default=Now())
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "cutover_known_differences"
+        indexes = [models.Index(fields=["user_id", "currency"], name="cutover_known_diff_user")]
+        constraints = [
+            models.CheckConstraint(
+                condition=~Q(difference=0), name="cutover_known_differences_chk_difference"
+            ),
+            models.CheckConstraint(
+                condition=~Q(reason=""), name="cutover_known_differences_chk_reason"
+            ),
+            models.CheckConstraint(
+                condition=Q(expires_at__gt=models.F("created_at")),
+                name="cutover_known_differences_chk_expiry",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"known difference {self.pk}: {self.difference} {self.currency} for {self.user_id}"
+
+
 class Discrepancy(models.Model):
-    """A user whose legacy and ledger balances differ. One open row per user and currency;
-    later sightings update it (occurrences, last values)."""
+    """A user whose legacy and ledger balances differ. One unresolved row (open, investigating,
+    known difference) per user and currency; later sightings update it (occurrences, last
+    values). Worked by operators through cutover.discrepancies: triaged, then repaired."""
 
     user_id = models.UUIDField()
     currency = models.CharField(max_length=8)
@@ -197,7 +252,11 @@ class Discrepancy(models.Model):
     ledger_balance = models.DecimalField(max_digits=38, decimal_places=6, null=True)
     difference = models.DecimalField(max_digits=38, decimal_places=6)
     status = models.CharField(
-        max_length=8, choices=DiscrepancyStatus.choices, default=DiscrepancyStatus.OPEN
+        max_length=16, choices=TriageStatus.choices, default=TriageStatus.OPEN
+    )
+    # The rule a known difference is covered by (set with the status; see KnownDifference).
+    known_difference = models.ForeignKey(
+        KnownDifference, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
     source = models.CharField(max_length=24, choices=DiscrepancySource.choices)
     phase = models.CharField(max_length=16, choices=PHASE_CHOICES)
@@ -213,21 +272,101 @@ class Discrepancy(models.Model):
     class Meta:
         db_table = "cutover_discrepancies"
         verbose_name_plural = "discrepancies"
+        permissions = [
+            ("triage_discrepancy", "Can mark a discrepancy investigating or a known difference"),
+            ("request_discrepancy_repair", "Can request the repair of a discrepancy"),
+            ("approve_discrepancy_repair", "Can approve another operator's discrepancy repair"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["user_id", "currency"],
-                condition=Q(status="open"),
-                name="cutover_discrepancies_uniq_open",
+                condition=Q(status__in=UNRESOLVED),
+                name="cutover_discrepancies_uniq_unresolved",
             ),
             models.CheckConstraint(
-                condition=Q(status__in=DiscrepancyStatus.values),
+                condition=Q(status__in=TriageStatus.values),
                 name="cutover_discrepancies_chk_status",
+            ),
+            models.CheckConstraint(
+                condition=~Q(status=TriageStatus.KNOWN_DIFFERENCE)
+                | Q(known_difference__isnull=False),
+                name="cutover_discrepancies_chk_known_rule",
             ),
         ]
         indexes = [models.Index(fields=["status", "last_seen_at"])]
 
     def __str__(self) -> str:
-        return f"{self.user_id}: legacy {self.legacy_balance} ledger {self.ledger_balance}"
+        return f"discrepancy {self.pk}"
+
+
+class RepairSide(models.TextChoices):
+    LEGACY = "legacy", "Legacy store: set it to the ledger's balance"
+    LEDGER = "ledger", "Ledger: set it to the legacy balance"
+
+
+class RepairStatus(models.TextChoices):
+    REQUESTED = "requested", "Requested (waiting for a second operator)"
+    APPLIED = "applied", "Applied"
+    LAPSED = "lapsed", "Lapsed (not applied)"
+
+
+class DiscrepancyRepair(models.Model):
+    """The correcting entry for a discrepancy: requested by one operator on the side they pick,
+    with a reason, for the difference the stores showed then; applied only when another
+    operator approves it and the stores still show that difference (cutover.discrepancies).
+    Decided once (applied or lapsed, never changed after); one waiting request per
+    discrepancy; the approver is never the requester (a CHECK)."""
+
+    discrepancy = models.ForeignKey(Discrepancy, on_delete=models.PROTECT, related_name="repairs")
+    side = models.CharField(max_length=8, choices=RepairSide.choices)
+    difference = models.DecimalField(max_digits=38, decimal_places=6)  # legacy - ledger
+    legacy_balance = models.DecimalField(max_digits=38, decimal_places=6, null=True, blank=True)
+    ledger_balance = models.DecimalField(max_digits=38, decimal_places=6, null=True, blank=True)
+    reason = models.TextField()
+    requested_by = models.CharField(max_length=150)
+    requested_at = models.DateTimeField(db_default=Now())
+    status = models.CharField(
+        max_length=12, choices=RepairStatus.choices, default=RepairStatus.REQUESTED
+    )
+    approved_by = models.CharField(max_length=150, blank=True, default="")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    legacy_after = models.DecimalField(max_digits=38, decimal_places=6, null=True, blank=True)
+    ledger_after = models.DecimalField(max_digits=38, decimal_places=6, null=True, blank=True)
+    ledger_transaction_id = models.BigIntegerField(null=True, blank=True)
+    lapsed_why = models.TextField(blank=True, default="")
+
+    class Meta:
+        db_table = "cutover_discrepancy_repairs"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(side__in=RepairSide.values), name="cutover_repairs_chk_side"
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=RepairStatus.values), name="cutover_repairs_chk_status"
+            ),
+            models.CheckConstraint(
+                condition=~Q(difference=0), name="cutover_repairs_chk_difference"
+            ),
+            models.CheckConstraint(condition=~Q(reason=""), name="cutover_repairs_chk_reason"),
+            models.CheckConstraint(
+                condition=Q(approved_by="") | ~Q(approved_by=models.F("requested_by")),
+                name="cutover_repairs_chk_second_person",
+            ),
+            models.CheckConstraint(
+                condition=Q(status=RepairStatus.APPLIED, decided_at__isnull=False)
+                & ~Q(approved_by="")
+                | ~Q(status=RepairStatus.APPLIED) & Q(approved_by=""),
+                name="cutover_repairs_chk_approved",
+            ),
+            models.UniqueConstraint(
+                fields=["discrepancy"],
+                condition=Q(status=RepairStatus.REQUESTED),
+                name="cutover_repairs_uniq_requested",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"repair {self.pk} of discrepancy {self.discrepancy_id} ({self.side})"
 
 
 class ReconciliationRun(models.Model):
@@ -241,6 +380,8 @@ class ReconciliationRun(models.Model):
     legacy_total = models.DecimalField(max_digits=38, decimal_places=6)
     ledger_total = models.DecimalField(max_digits=38, decimal_places=6)
     triggered_by = models.CharField(max_length=150)
+    # Of `differences`, those an active known-difference rule matched (they keep a run clean).
+    known_differences = models.BigIntegerField(default=0, db_default=0)
 
     class Meta:
         db_table = "cutover_reconciliation_runs"
@@ -251,7 +392,7 @@ class ReconciliationRun(models.Model):
 
     @property
     def clean(self) -> bool:
-        return self.differences == 0
+        return self.differences == self.known_differences
 
 
 class StrictFailure(models.Model):
@@ -371,3 +512,18 @@ class LegacyArchive(models.Model):
 
     def __str__(self) -> str:
         return f"{self.table_name} archived as {self.archived_as} at {self.archived_at:%Y-%m-%d}"
+
+
+class AlertState(models.Model):
+    """The last state of an alert that is logged when it changes rather than every time it is
+    looked at (cutover.alerts): one row per alert, written only when it flips."""
+
+    name = models.CharField(max_length=64, primary_key=True)
+    firing = models.BooleanField()
+    changed_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        db_table = "cutover_alert_states"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'firing' if self.firing else 'quiet'}"

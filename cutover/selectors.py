@@ -9,17 +9,21 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, Max, Q
+from django.db.models import Count, Exists, Max, OuterRef, Q, QuerySet
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from cutover.models import (
+    UNRESOLVED,
     BalanceMutation,
     CustodyDiscrepancy,
     CustodyOpening,
     Discrepancy,
     DiscrepancyStatus,
+    KnownDifference,
     LedgerStatus,
     LegacyArchive,
+    OperatorAudit,
     PhaseState,
     ReconciliationRun,
     StrictFailure,
@@ -129,8 +133,70 @@ def custody_status() -> list[dict]:
     return rows
 
 
+def known_difference_matching() -> QuerySet[KnownDifference]:
+    """The active known-difference rules that match the discrepancy of the outer query: the
+    same user, currency and difference (legacy - ledger) to the last unit, not yet expired."""
+    return KnownDifference.objects.filter(
+        user_id=OuterRef("user_id"),
+        currency=OuterRef("currency"),
+        difference=OuterRef("difference"),
+        expires_at__gt=Now(),
+    )
+
+
+def discrepancies_counted() -> QuerySet[Discrepancy]:
+    """The discrepancies that count against the gates: unresolved (open, investigating or a
+    known difference) and matched by no active known-difference rule."""
+    return Discrepancy.objects.filter(status__in=UNRESOLVED).filter(
+        ~Exists(known_difference_matching())
+    )
+
+
 def open_discrepancy_count() -> int:
-    return Discrepancy.objects.filter(status=DiscrepancyStatus.OPEN).count()
+    """Discrepancies counting against the gates (discrepancies_counted)."""
+    return discrepancies_counted().count()
+
+
+def known_difference_count() -> int:
+    """Unresolved discrepancies an active known-difference rule keeps from counting."""
+    return (
+        Discrepancy.objects.filter(status__in=UNRESOLVED)
+        .filter(Exists(known_difference_matching()))
+        .count()
+    )
+
+
+def known_difference_for(discrepancy: Discrepancy) -> KnownDifference | None:
+    """The active known-difference rule that keeps `discrepancy` from counting, if any (the one
+    that runs longest)."""
+    return (
+        KnownDifference.objects.filter(
+            user_id=discrepancy.user_id,
+            currency=discrepancy.currency,
+            difference=discrepancy.difference,
+            expires_at__gt=Now(),
+        )
+        .order_by("-expires_at", "-id")
+        .first()
+    )
+
+
+def discrepancy_history(discrepancy_id: int) -> QuerySet[OperatorAudit]:
+    """What operators did to a discrepancy, oldest first."""
+    return OperatorAudit.objects.filter(target=f"discrepancy:{discrepancy_id}").order_by("at", "id")
+
+
+def store_balances(user_id: UUID, currency: str) -> tuple[Decimal | None, Decimal | None]:
+    """The user's legacy and ledger balance in `currency` now (None where a store has no row
+    or account), without locks."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """SELECT (SELECT buying_power FROM balances WHERE user_id = %s AND currency = %s),
+                      (SELECT balance FROM ledger_user_balances
+                        WHERE user_id = %s AND currency = %s)""",
+            [user_id, currency, user_id, currency],
+        )
+        return cursor.fetchone()
 
 
 def open_custody_discrepancy_count() -> int:
@@ -237,7 +303,9 @@ def _duration_check(state: PhaseState, minimum: timedelta) -> GateCheck:
 
 def _discrepancy_check() -> GateCheck:
     count = open_discrepancy_count()
-    return GateCheck("open_discrepancies", "0", str(count), count == 0)
+    known = known_difference_count()
+    actual = f"{count}" + (f" ({known} known differences not counted)" if known else "")
+    return GateCheck("open_discrepancies", "0", actual, count == 0)
 
 
 def _reconciliation_check(state: PhaseState) -> GateCheck:
@@ -247,7 +315,9 @@ def _reconciliation_check(state: PhaseState) -> GateCheck:
     return GateCheck(
         "reconciliation",
         "last full run in this phase clean",
-        f"{run.differences} differences at {run.finished_at:%Y-%m-%d %H:%M:%S}",
+        f"{run.differences} differences"
+        + (f" ({run.known_differences} known)" if run.known_differences else "")
+        + f" at {run.finished_at:%Y-%m-%d %H:%M:%S}",
         run.clean,
     )
 

@@ -11,6 +11,7 @@ from cutover.actors import Actor
 from cutover.selectors import user_currency
 from gateway.actions import action_run
 from ledger.admin import ReadOnlyAdmin
+from ledger.templatetags.console import amount_column, moment_column
 from onchain.addresses import DEPOSIT_CURRENCIES, deposit_address_add, deposit_address_remove
 from onchain.chains import CHAINS, address_validate
 from onchain.discrepancies import transfer_discrepancy_resolve
@@ -67,12 +68,14 @@ class ResolveForm(forms.Form):
 class TransferDiscrepancyAdmin(ReadOnlyAdmin):
     list_display = (
         "created_at",
-        "transfer_id",
-        "credited_amount",
-        "notified_amount",
         "status",
+        "transfer_id",
+        "credited_shown",
+        "notified_amount",
         "resolved_by",
     )
+    # Deposits that reach a discrepancy are USDC (onchain.inbox credits nothing else).
+    credited_shown = amount_column("credited_amount", "credited", currency="USDC")
     list_filter = ("status",)
     search_fields = ("transfer_id", "notification_id")
     actions = ["resolve"]
@@ -81,7 +84,13 @@ class TransferDiscrepancyAdmin(ReadOnlyAdmin):
         return request.user.has_perm("onchain.change_transferdiscrepancy")
 
     def get_readonly_fields(self, request, obj=None):
-        return [field.name for field in self.model._meta.fields]
+        return [
+            "credited_shown" if field.name == "credited_amount" else field.name
+            for field in self.model._meta.fields
+        ]
+
+    def get_fields(self, request, obj=None):
+        return self.get_readonly_fields(request, obj)
 
     @admin.action(description="Resolve the selected discrepancies", permissions=["change"])
     def resolve(self, request: HttpRequest, queryset):
@@ -226,26 +235,40 @@ class CancelForm(forms.Form):
 
 @admin.register(Withdrawal)
 class WithdrawalAdmin(ReadOnlyAdmin):
+    # The status first, so it is in view on a 1280 px screen beside the filters; the user,
+    # the full address and Circle's transfer id are on the withdrawal's page.
     list_display = (
-        "created_at",
-        "user_id",
-        "amount",
-        "chain",
-        "address",
+        "created",
         "status",
+        "amount_shown",
         "attempts",
-        "next_attempt_at",
-        "circle_transfer_id",
+        "next_attempt",
+        "destination",
     )
     list_filter = ("status", "chain")
     search_fields = ("=user_id", "=idempotency_key", "circle_transfer_id", "address")
     actions = ["resend", "cancel"]
+    amount_shown = amount_column("amount", "amount")
+    created = moment_column("created_at", "created")
+    next_attempt = moment_column("next_attempt_at", "next attempt", ago=True)
+
+    @admin.display(description="to")
+    def destination(self, withdrawal: Withdrawal) -> str:
+        address = withdrawal.address
+        short = address if len(address) <= 16 else f"{address[:8]}…{address[-6:]}"
+        return f"{short} on {withdrawal.chain}"
 
     def has_change_permission(self, request, obj=None) -> bool:
         return request.user.has_perm("onchain.change_withdrawal")
 
     def get_readonly_fields(self, request, obj=None):
-        return [field.name for field in self.model._meta.fields]
+        return [
+            "amount_shown" if field.name == "amount" else field.name
+            for field in self.model._meta.fields
+        ]
+
+    def get_fields(self, request, obj=None):
+        return self.get_readonly_fields(request, obj)
 
     def _run(self, request, queryset, service, **confirm):
         def apply(withdrawal, **data):

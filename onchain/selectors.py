@@ -1,6 +1,5 @@
 """Reads of the on-chain engine."""
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -26,8 +25,6 @@ from onchain.models import (
     WithdrawalStatus,
 )
 from onchain.notifications import INBOUND, POLLED, TransferEvent, stored_event, transfer_event
-
-log = logging.getLogger(__name__)
 
 
 def deposits_not_yet_credited(listed: Iterable[dict] = ()) -> Decimal:
@@ -76,17 +73,10 @@ class BufferStatus:
 
 def buffer_status() -> BufferStatus:
     """The system USDC buffer from the ledger, against ONCHAIN_BUFFER_ALERT_THRESHOLD; sets
-    `onchain_buffer_level` and logs an alert when it is below."""
+    `onchain_buffer_level`. The alert's log line: onchain.buffer_alert."""
     balance = system_account(code=USDC_BUFFER).balance
-    status = BufferStatus("USDC", balance, settings.ONCHAIN_BUFFER_ALERT_THRESHOLD)
     metrics.buffer_level.set(float(balance))
-    if status.below_threshold:
-        log.warning(
-            "ALERT onchain USDC buffer %s below the alert threshold %s",
-            balance,
-            status.alert_threshold,
-        )
-    return status
+    return BufferStatus("USDC", balance, settings.ONCHAIN_BUFFER_ALERT_THRESHOLD)
 
 
 def deposit_address_list(*, user_id=None) -> QuerySet[DepositAddress]:

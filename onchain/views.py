@@ -35,6 +35,7 @@ from ledger.exceptions import InsufficientFunds, InvalidAmount, LedgerError
 from ledger.money import amount_parse
 from onchain import metrics
 from onchain.addresses import DEPOSIT_CURRENCIES, deposit_address_add
+from onchain.buffer_alert import buffer_status_observe
 from onchain.chains import CHAINS, MAX_ADDRESS_LENGTH, address_validate
 from onchain.exceptions import (
     CircleUnavailable,
@@ -52,7 +53,7 @@ from onchain.exceptions import (
 )
 from onchain.inbox import Delivery, notification_receive
 from onchain.models import DepositAddress, Withdrawal
-from onchain.selectors import buffer_status, deposit_address_list
+from onchain.selectors import deposit_address_list
 from onchain.sns import SnsSubscription, sns_receive
 from onchain.withdrawals import withdrawal_request
 
@@ -147,7 +148,7 @@ def buffer_status_view(request: HttpRequest) -> JsonResponse:
     refusal = admin_token_refusal(request)
     if refusal is not None:
         return refusal
-    status = buffer_status()
+    status = buffer_status_observe()
     return JsonResponse(
         {
             "currency": status.currency,

@@ -3,6 +3,8 @@ with a reason and audited by the services; conversion jobs (retry and cancel thr
 services, after a confirmation with a reason), settlement cycles. A provider's API host is not
 here: it comes from the settings."""
 
+from datetime import timedelta
+
 from django import forms
 from django.contrib import admin
 from django.http import HttpRequest
@@ -10,6 +12,13 @@ from django.http import HttpRequest
 from cutover.actors import Actor
 from gateway.actions import action_run
 from ledger.admin import ReadOnlyAdmin
+from ledger.templatetags.console import (
+    amount_column,
+    amount_display,
+    duration_column,
+    moment_column,
+    table_column,
+)
 from treasury.bands import provider_set, threshold_set, threshold_validate
 from treasury.exceptions import ThresholdInvalid
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
@@ -91,8 +100,11 @@ class ThresholdForm(forms.ModelForm):
 @admin.register(BufferThreshold)
 class BufferThresholdAdmin(SeededAdmin):
     form = ThresholdForm
-    list_display = ("currency", "minimum", "target", "maximum", "updated_at")
+    list_display = ("currency", "minimum_shown", "target_shown", "maximum_shown", "updated_at")
     readonly_fields = ("currency",)
+    minimum_shown = amount_column("minimum", "minimum")
+    target_shown = amount_column("target", "target")
+    maximum_shown = amount_column("maximum", "maximum")
 
     def save_model(self, request, obj, form, change) -> None:
         threshold_set(
@@ -111,28 +123,41 @@ class ReasonForm(forms.Form):
 
 @admin.register(ConversionJob)
 class ConversionJobAdmin(ReadOnlyAdmin):
+    # The status first, so it is in view on a 1280 px screen beside the filters; the
+    # provider's reference and the job's key are on the job's page.
     list_display = (
         "id",
-        "created_at",
-        "buffer_currency",
-        "source_amount",
-        "source_currency",
-        "target_currency",
-        "target_amount",
-        "provider",
         "status",
+        "created",
+        "conversion",
+        "target_amount_shown",
+        "provider",
         "attempts",
-        "provider_reference",
     )
     list_filter = ("status", "buffer_currency", "provider")
     search_fields = ("=idempotency_key", "provider_reference")
     actions = ["retry", "cancel"]
+    created = moment_column("created_at", "created")
+    source_amount_shown = amount_column(
+        "source_amount", "source amount", currency_field="source_currency"
+    )
+    target_amount_shown = amount_column(
+        "target_amount", "received", currency_field="target_currency"
+    )
+
+    @admin.display(description="conversion", ordering="source_amount")
+    def conversion(self, job: ConversionJob) -> str:
+        return f"{amount_display(job.source_amount, job.source_currency)} → {job.target_currency}"
 
     def has_change_permission(self, request, obj=None) -> bool:
         return request.user.has_perm("treasury.change_conversionjob")
 
     def get_readonly_fields(self, request, obj=None):
-        return [field.name for field in self.model._meta.fields]
+        shown = {"source_amount": "source_amount_shown", "target_amount": "target_amount_shown"}
+        return [shown.get(field.name, field.name) for field in self.model._meta.fields]
+
+    def get_fields(self, request, obj=None):
+        return self.get_readonly_fields(request, obj)
 
     def _run(self, request, queryset, service, action: str, title: str):
         def apply(job, **data):
@@ -160,11 +185,21 @@ class ConversionJobAdmin(ReadOnlyAdmin):
 
 @admin.register(SettlementCycle)
 class SettlementCycleAdmin(ReadOnlyAdmin):
-    list_display = (
-        "id",
+    list_display = ("id", "started_at", "took", "triggered_by", "jobs_created", "note")
+    fields = (
         "started_at",
         "finished_at",
-        "duration_ms",
+        "took",
         "triggered_by",
+        "note",
         "jobs_created",
+        "decisions",
     )
+    took = duration_column(
+        "took",
+        lambda cycle: (
+            None if cycle.duration_ms is None else timedelta(milliseconds=cycle.duration_ms)
+        ),
+        order="duration_ms",
+    )
+    decisions = table_column("buffers", "what each buffer was and what was decided")

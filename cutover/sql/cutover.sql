@@ -225,7 +225,9 @@ BEGIN
                 legacy_balance - coalesce(ledger_balance, 0), 'open',
                 CASE WHEN ledger_status = 'failed' THEN 'ledger_write_failed' ELSE 'dual_write' END,
                 phase, p_reference, ledger_error, 1)
-        ON CONFLICT (user_id, currency) WHERE status = 'open' DO UPDATE
+        -- (the one unresolved row, whatever its triage: cutover_discrepancies_uniq_unresolved)
+        ON CONFLICT (user_id, currency) WHERE status IN ('open', 'investigating', 'known_difference')
+        DO UPDATE
            SET legacy_balance = EXCLUDED.legacy_balance, ledger_balance = EXCLUDED.ledger_balance,
                difference = EXCLUDED.difference, source = EXCLUDED.source, phase = EXCLUDED.phase,
                reference = EXCLUDED.reference, detail = EXCLUDED.detail,
@@ -299,3 +301,93 @@ DROP TRIGGER IF EXISTS cutover_phase_archived_stays ON cutover_phase_state;
 CREATE TRIGGER cutover_phase_archived_stays BEFORE UPDATE ON cutover_phase_state
     FOR EACH ROW WHEN (OLD.phase = 'cutover' AND NEW.phase IS DISTINCT FROM OLD.phase)
     EXECUTE FUNCTION cutover_phase_archived_stays();
+
+-- Working a discrepancy (cutover.discrepancies). Unresolved: open, investigating,
+-- known_difference (one such row per user and currency); ended: repaired (an approved repair
+-- was applied) or resolved (the stores agree again), and an ended row never changes. The moves:
+--   open             -> investigating | known_difference | repaired | resolved
+--   investigating    -> known_difference | repaired | resolved
+--   known_difference -> open (its rule expired or no longer matches) | investigating
+--                       | repaired | resolved
+-- A known difference names its rule (CHECK cutover_discrepancies_chk_known_rule). CU009.
+CREATE OR REPLACE FUNCTION cutover_discrepancy_transition() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status IN ('repaired', 'resolved') THEN
+        RAISE EXCEPTION 'cutover: discrepancy % is % and never changes again', OLD.id, OLD.status
+            USING ERRCODE = 'CU009';
+    END IF;
+    IF NEW.status IS DISTINCT FROM OLD.status AND NOT (
+           (OLD.status = 'open'
+            AND NEW.status IN ('investigating', 'known_difference', 'repaired', 'resolved'))
+        OR (OLD.status = 'investigating'
+            AND NEW.status IN ('known_difference', 'repaired', 'resolved'))
+        OR (OLD.status = 'known_difference'
+            AND NEW.status IN ('open', 'investigating', 'repaired', 'resolved'))) THEN
+        RAISE EXCEPTION 'cutover: discrepancy % cannot go from % to %', OLD.id, OLD.status,
+            NEW.status USING ERRCODE = 'CU009';
+    END IF;
+    IF NEW.status = 'repaired' AND NOT EXISTS (
+        SELECT 1 FROM cutover_discrepancy_repairs r
+         WHERE r.discrepancy_id = NEW.id AND r.status = 'applied') THEN
+        RAISE EXCEPTION 'cutover: discrepancy % is repaired only by an applied, approved repair',
+            OLD.id USING ERRCODE = 'CU009';
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS cutover_discrepancy_transition ON cutover_discrepancies;
+CREATE TRIGGER cutover_discrepancy_transition BEFORE UPDATE ON cutover_discrepancies
+    FOR EACH ROW EXECUTE FUNCTION cutover_discrepancy_transition();
+
+-- A repair is decided once: requested -> applied (approved by another operator than the one
+-- who requested it: CHECK cutover_repairs_chk_second_person) | lapsed. What was requested
+-- never changes, a decided repair never changes, and no repair is deleted. CU009 (CU001 for a
+-- DELETE).
+CREATE OR REPLACE FUNCTION cutover_discrepancy_repair_decided() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'cutover: % rows are never deleted', TG_TABLE_NAME
+            USING ERRCODE = 'CU001';
+    END IF;
+    IF OLD.status <> 'requested' OR NEW.status NOT IN ('applied', 'lapsed')
+       OR (NEW.discrepancy_id, NEW.side, NEW.difference, NEW.legacy_balance, NEW.ledger_balance,
+           NEW.reason, NEW.requested_by, NEW.requested_at)
+          IS DISTINCT FROM
+          (OLD.discrepancy_id, OLD.side, OLD.difference, OLD.legacy_balance, OLD.ledger_balance,
+           OLD.reason, OLD.requested_by, OLD.requested_at) THEN
+        RAISE EXCEPTION 'cutover: repair % is decided once, from requested to applied or lapsed (% -> % refused)',
+            OLD.id, OLD.status, NEW.status USING ERRCODE = 'CU009';
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS cutover_discrepancy_repair_decided ON cutover_discrepancy_repairs;
+CREATE TRIGGER cutover_discrepancy_repair_decided
+    BEFORE UPDATE OR DELETE ON cutover_discrepancy_repairs
+    FOR EACH ROW EXECUTE FUNCTION cutover_discrepancy_repair_decided();
+
+-- A known-difference rule never changes and is never deleted; it may only end early
+-- (expires_at moved earlier). CU009 (CU001 for a DELETE).
+CREATE OR REPLACE FUNCTION cutover_known_difference_kept() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'cutover: % rows are never deleted', TG_TABLE_NAME
+            USING ERRCODE = 'CU001';
+    END IF;
+    IF NEW.expires_at > OLD.expires_at
+       OR (NEW.user_id, NEW.currency, NEW.difference, NEW.reason, NEW.created_by, NEW.created_at)
+          IS DISTINCT FROM
+          (OLD.user_id, OLD.currency, OLD.difference, OLD.reason, OLD.created_by, OLD.created_at) THEN
+        RAISE EXCEPTION 'cutover: known difference % can only end earlier; it never changes otherwise',
+            OLD.id USING ERRCODE = 'CU009';
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS cutover_known_difference_kept ON cutover_known_differences;
+CREATE TRIGGER cutover_known_difference_kept
+    BEFORE UPDATE OR DELETE ON cutover_known_differences
+    FOR EACH ROW EXECUTE FUNCTION cutover_known_difference_kept();

@@ -74,7 +74,9 @@ def test_one_leader_at_a_time():
         other.execute("SELECT pg_advisory_lock(%s)", [RECONCILE_LOCK])
         with pytest.raises(ReconciliationBusy):
             reconciliation_run(triggered_by="test")
-        assert reconciliation_task() == {"skipped": "another reconciliation is running"}
+        assert reconciliation_task() == {
+            "skipped": "another reconciliation or a discrepancy repair is running"
+        }
         other.execute("SELECT pg_advisory_unlock(%s)", [RECONCILE_LOCK])  # not on disconnect:
         # the server may end the session a moment after the client has gone
     assert reconciliation_run(triggered_by="test").clean

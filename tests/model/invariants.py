@@ -92,7 +92,7 @@ STORE_DIFFERENCES_SQL = """
 
 def stores_agree_or_named() -> list[str]:
     """In shadow, read_switch and strict (both stores written), every user's legacy balance
-    equals their ledger balance, or an open discrepancy names that exact difference."""
+    equals their ledger balance, or an unresolved discrepancy names that exact difference."""
     if phase() not in DUAL_WRITE:
         return []
     named = {
@@ -100,7 +100,8 @@ def stores_agree_or_named() -> list[str]:
         for user, currency, legacy, ledger in _rows(
             """
             SELECT user_id, currency, coalesce(legacy_balance, 0), coalesce(ledger_balance, 0)
-              FROM cutover_discrepancies WHERE status = 'open'
+              FROM cutover_discrepancies
+             WHERE status IN ('open', 'investigating', 'known_difference')
             """
         )
     }

@@ -456,6 +456,7 @@ class Command(BaseCommand):
             "phase": result.phase,
             "users_checked": result.users_checked,
             "differences": result.differences,
+            "known_differences": result.known_differences,
             "new_discrepancies": result.new_discrepancies,
             "resolved": result.resolved,
             "legacy_total": str(result.legacy_total),
