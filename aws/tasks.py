@@ -10,7 +10,16 @@ from aws.services import metrics_publish
 log = logging.getLogger(__name__)
 
 
-@shared_task(name="aws.metrics_publish")
+# Redelivery is harmless: each minute is sent once (the publication row, locked while a run
+# sends); CloudWatch calls time out within 30 s (aws.services.CLIENT_CONFIG).
+@shared_task(
+    name="aws.metrics_publish",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=120,
+    time_limit=150,
+    max_retries=0,  # no Celery retry: the next beat run is the retry
+)
 def metrics_publish_task() -> dict:
     """Seed 001's metrics to CloudWatch. Harmless to redeliver or to run on several workers:
     each minute's counts are sent once (the others find nothing left, or skip while one runs).

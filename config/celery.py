@@ -9,7 +9,8 @@ from gateway.log_context import log_context_end, log_context_start
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
-app = Celery("ledger_cutover")
+# Every task's deliveries are counted and run at most once to an end (config/deliveries.py).
+app = Celery("ledger_cutover", task_cls="config.deliveries:DeliveryCountedTask")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 

@@ -12,7 +12,16 @@ from treasury.exceptions import DueUnavailable
 log = logging.getLogger(__name__)
 
 
-@shared_task(name="custody.reconcile")
+# Redelivery is harmless: one run at a time, one open discrepancy per currency updated in place;
+# two provider reads (Circle, Due: a few tries of 5 s each).
+@shared_task(
+    name="custody.reconcile",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=120,
+    time_limit=150,
+    max_retries=0,  # no Celery retry: the next beat run is the retry
+)
 def custody_reconcile_task() -> dict:
     """The periodic custody reconciliation: the buffers against Circle and Due. A provider that
     cannot answer skips the run (logged); a concurrent run makes this one skip."""

@@ -11,6 +11,9 @@ CUSTODY_RECONCILE_LOCK = 7_401_004
 # With a second key, the transfer id's hash: pg_advisory_xact_lock(int, int) (a key space of
 # its own): one credit decision per Circle transfer at a time.
 CIRCLE_TRANSFER_LOCK = 7_401_005
+# With a second key, the task id's hash, session-level for a task's whole run: one copy of a
+# Celery message runs at a time (onchain.deliveries).
+TASK_DELIVERY_LOCK = 7_401_006
 
 REGISTRY = {
     "phase": PHASE_LOCK,
@@ -18,4 +21,5 @@ REGISTRY = {
     "settlement_cycle": SETTLEMENT_CYCLE_LOCK,
     "custody_reconcile": CUSTODY_RECONCILE_LOCK,
     "circle_transfer": CIRCLE_TRANSFER_LOCK,
+    "task_delivery": TASK_DELIVERY_LOCK,
 }

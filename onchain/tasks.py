@@ -14,7 +14,16 @@ from onchain.withdrawals import withdrawals_send
 log = logging.getLogger(__name__)
 
 
-@shared_task(name="onchain.withdrawals_send")
+# Redelivery is harmless: rows claimed with SKIP LOCKED, every send under the withdrawal's own
+# idempotency key; up to 100 rows a pass, each one Circle call of CIRCLE_HTTP_TIMEOUT (5 s).
+@shared_task(
+    name="onchain.withdrawals_send",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=600,
+    time_limit=630,
+    max_retries=0,  # no Celery retry: the next beat run is the retry
+)
 def withdrawals_send_task() -> dict:
     """The outbox worker's pass; rows are claimed with SKIP LOCKED, so overlapping passes on
     any number of workers share the work instead of repeating it."""
@@ -23,7 +32,16 @@ def withdrawals_send_task() -> dict:
     return dataclasses.asdict(withdrawals_send())
 
 
-@shared_task(name="onchain.transfers_poll")
+# Redelivery is harmless: each transfer credited once by its reference; every page of the
+# lookback plus one call per submitted withdrawal.
+@shared_task(
+    name="onchain.transfers_poll",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=600,
+    time_limit=630,
+    max_retries=0,  # no Celery retry: the next beat run is the retry
+)
 def transfers_poll_task() -> dict:
     """The deposit polling fallback (every ONCHAIN_DEPOSIT_POLL_INTERVAL)."""
     if not settings.ENABLE_ONCHAIN_ENGINE:

@@ -15,7 +15,16 @@ from treasury.submission import jobs_submit
 log = logging.getLogger(__name__)
 
 
-@shared_task(name="treasury.settlement_cycle")
+# Redelivery is harmless: one cycle at a time, never a second open job per buffer, jobs sent
+# under their own idempotency key; a few Due calls of DUE_HTTP_ATTEMPTS tries.
+@shared_task(
+    name="treasury.settlement_cycle",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=300,
+    time_limit=330,
+    max_retries=0,  # no Celery retry: the next beat run is the retry
+)
 def settlement_cycle_task() -> dict:
     """Any number of beat replicas and workers may fire it: one cycle runs, the others skip."""
     if not settings.ENABLE_TREASURY_SCHEDULER:
@@ -27,7 +36,16 @@ def settlement_cycle_task() -> dict:
     return {"cycle": result.cycle_id, **dataclasses.asdict(jobs_submit())}
 
 
-@shared_task(name="treasury.monitor")
+# Redelivery is harmless: completions post once (reference conversion:<key>), polls only
+# record what the provider did; a few Due calls per open job.
+@shared_task(
+    name="treasury.monitor",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=300,
+    time_limit=330,
+    max_retries=0,  # no Celery retry: the next beat run is the retry
+)
 def monitor_task() -> dict:
     if not settings.ENABLE_TREASURY_SCHEDULER:
         return {"skipped": "ENABLE_TREASURY_SCHEDULER is off"}

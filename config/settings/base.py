@@ -319,9 +319,22 @@ CELERY_BROKER_URL = env_url(
     "CELERY_BROKER_URL", default="redis://127.0.0.1:6379/0", schemes=("redis", "rediss", "amqp")
 )
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=None)
+# Delivery: at least once (README, "Celery's delivery caveats"; each task says its own choice and
+# time limits). A message is acknowledged when its task ends; a task whose process died is put
+# back; one that raised or passed its hard time limit is acknowledged, recorded as failed.
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_TASK_ACKS_ON_FAILURE = True
+CELERY_TASK_ACKS_ON_TIMEOUT = True
+# One message reserved per worker process: none waits unacknowledged behind another task.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Redis gives an unacknowledged message to another worker after this long, running it twice:
+# it must exceed every task's hard time limit plus its longest countdown (tested).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+# A message started this many times without finishing (its process killed each time) is dead:
+# recorded for an operator (admin: Task deliveries; ALERT log; celery_task_deliveries_dead_total)
+# and never run again.
+TASK_DELIVERY_MAX_ATTEMPTS = env_int("TASK_DELIVERY_MAX_ATTEMPTS", 3, minimum=1)
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BEAT_SCHEDULE = {
