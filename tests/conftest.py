@@ -4,8 +4,10 @@ named by DATABASE_URL; tests that need database rules to fire at COMMIT use
 `django_db(transaction=True)`."""
 
 import urllib.request
+from dataclasses import dataclass
 from datetime import timedelta
 
+import boto3
 import pytest
 from django.apps import apps
 
@@ -73,3 +75,33 @@ def aws_environment(moto_server):
     }
     reset = f"{moto_server}/moto-api/reset"
     urllib.request.urlopen(urllib.request.Request(reset, method="POST"))  # noqa: S310
+
+
+@dataclass
+class Aws:
+    endpoint: str
+    cloudwatch: object
+    logs: object
+    secretsmanager: object
+
+
+@pytest.fixture
+def aws(aws_environment, settings, monkeypatch):
+    """The product pointed at the moto server: endpoint and region through the settings,
+    credentials in the environment where boto3 reads them; and clients of our own to see what
+    it made there."""
+    settings.AWS_ENDPOINT_URL = aws_environment["AWS_ENDPOINT_URL"]
+    settings.AWS_DEFAULT_REGION = aws_environment["AWS_DEFAULT_REGION"]
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, aws_environment[name])
+    clients = {
+        service: boto3.client(
+            service,
+            endpoint_url=aws_environment["AWS_ENDPOINT_URL"],
+            region_name=aws_environment["AWS_DEFAULT_REGION"],
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        for service in ("cloudwatch", "logs", "secretsmanager")
+    }
+    return Aws(endpoint=aws_environment["AWS_ENDPOINT_URL"], **clients)

@@ -172,14 +172,19 @@ def test_each_apps_latest_migration_goes_down_and_up_again_losing_nothing():
         assert database_content() == content and schema() == shape
 
 
+def backup_take() -> str:
+    """The checklist's backup, `pg_dump $DATABASE_URL > backup.sql`, of this process's database."""
+    return run(pg_binary("pg_dump"), runtime.database_url(connection.settings_dict["NAME"])).stdout
+
+
 @contextmanager
-def restored_copy() -> Iterator[str]:
-    """The checklist's backup, `pg_dump $DATABASE_URL > backup.sql`, restored with `psql` into a
-    new database (stopping at the first error, in one transaction), which this process uses for
-    the block; then dropped."""
+def restored_copy(backup: str | None = None) -> Iterator[str]:
+    """A backup (by default one taken now) restored with `psql` into a new database (stopping
+    at the first error, in one transaction), which this process uses for the block; then
+    dropped."""
     original = connection.settings_dict["NAME"]
     restored = f"restored_{uuid.uuid4().hex[:10]}"
-    backup = run(pg_binary("pg_dump"), runtime.database_url(original)).stdout
+    backup = backup_take() if backup is None else backup
     with connection.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{restored}"')
     try:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -168,6 +169,25 @@ def kustomize(directory: Path) -> str:
 
 def rendered(environment: str) -> list[dict]:
     return list(yaml.safe_load_all(kustomize(K8S / "overlays" / environment)))
+
+
+def rendered_in_phase(environment: str, phase: str) -> list[dict]:
+    """The overlay rendered with the flags of `phase` (its component in k8s/phases/) instead
+    of the ones it seeds a new database with, as editing its `components:` would."""
+    with tempfile.TemporaryDirectory() as directory:
+        here = Path(directory)
+        # kustomize takes only relative paths to other kustomizations.
+        (here / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": [os.path.relpath(K8S / "overlays" / environment, here)],
+                    "components": [os.path.relpath(K8S / "phases" / phase, here)],
+                }
+            )
+        )
+        return list(yaml.safe_load_all(kustomize(here)))
 
 
 def validation_errors(resource: dict) -> list[str]:

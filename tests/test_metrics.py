@@ -309,6 +309,17 @@ def exported_series(body: str) -> dict[str, list[dict[str, str]]]:
     return series
 
 
+def exported_names(body: str) -> set[str]:
+    """Every series name a scrape exports: sampled, or declared by its family (a labelled counter
+    or histogram nothing has touched yet has no sample; a counter's TYPE line already names it
+    with _total)."""
+    exported = set(exported_series(body))
+    suffixes = {"counter": ("",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", body, re.MULTILINE):
+        exported |= {family + suffix for suffix in suffixes.get(kind, ())}
+    return exported
+
+
 def expression_selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
     """The series a PromQL expression selects, each with its `=` label matchers: what is left
     once grouping clauses, functions, operators, numbers and range durations are taken out."""
@@ -381,13 +392,7 @@ def test_every_dashboard_panel_reads_series_metrics_exports(metrics_client, clie
     phase_set("shadow")
     buffer_fund("10")  # a posting: the ledger's labelled series get a sample
     client.post("/webhooks/circle/transfers", data=b"{}", content_type="application/json")
-    body = metrics_client()
-    exported = set(exported_series(body))
-    # A labelled counter or histogram nothing has touched yet is declared without samples (a
-    # counter's TYPE line already names it with _total).
-    suffixes = {"counter": ("",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-    for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", body, re.MULTILINE):
-        exported |= {family + suffix for suffix in suffixes.get(kind, ())}
+    exported = exported_names(metrics_client())
     titles = set()
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())

@@ -1,42 +1,10 @@
-"""The product pointed at the moto server (tests/conftest.py): endpoint and region through the
-settings, credentials in the environment where boto3 reads them; and clients of our own to see
-what it made there."""
+"""The checklist's AWS commands, read from its text (the expectations of tests/aws/ and of the
+checklist's walk; the moto server and the `aws` fixture are in tests/conftest.py)."""
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
-import pytest
-
 CHECKLIST = Path(__file__).resolve().parents[2] / "deploy/checklist/ledger-deployment-checklist.md"
-
-
-@dataclass
-class Aws:
-    endpoint: str
-    cloudwatch: object
-    logs: object
-    secretsmanager: object
-
-
-@pytest.fixture
-def aws(aws_environment, settings, monkeypatch):
-    settings.AWS_ENDPOINT_URL = aws_environment["AWS_ENDPOINT_URL"]
-    settings.AWS_DEFAULT_REGION = aws_environment["AWS_DEFAULT_REGION"]
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, aws_environment[name])
-    clients = {
-        service: boto3.client(
-            service,
-            endpoint_url=aws_environment["AWS_ENDPOINT_URL"],
-            region_name=aws_environment["AWS_DEFAULT_REGION"],
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        for service in ("cloudwatch", "logs", "secretsmanager")
-    }
-    return Aws(endpoint=aws_environment["AWS_ENDPOINT_URL"], **clients)
 
 
 def checklist_commands(command: str) -> list[dict[str, str]]:
