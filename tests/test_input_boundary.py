@@ -25,7 +25,7 @@ from cutover.actors import Actor
 from cutover.operators import api_client_issue
 from ledger.models import Account
 from onchain.models import CircleNotification, DepositAddress
-from onchain.sandbox import CircleSandbox
+from onchain.sandbox import CircleSandbox, wallets_inbound
 from onchain.signatures import signature_verify
 from rehearsal.bench_http import api_server
 from tests.cutover.factories import legacy_user, phase_set
@@ -395,6 +395,13 @@ def deposit(**fields) -> dict:
     return notification
 
 
+def wallets_deposit(**fields) -> dict:
+    """Programmable Wallets' notification of the same deposit, `fields` set on its
+    transaction."""
+    transaction = {**wallets_inbound(deposit()["notification"]), **fields}
+    return json.loads(CircleSandbox.notification("transactions.inbound", transaction))
+
+
 def _circle_cases():
     """Circle's webhook, v2 and through SNS: the signature is good, what it signs is not."""
     yield "circle:deep-array", Case(circle(DEEP_ARRAY), 400, "body")
@@ -430,6 +437,11 @@ def _circle_cases():
         yield f"circle:amount-{type(amount).__name__}", Case(circle(body), 200, None, True)
     body = deposit(amount={"amount": "10", "currency": ["USD"]})
     yield "circle:currency-list", Case(circle(body), 200, None, True)
+    # Programmable Wallets: a state or blockchain that is no string (once a TypeError, a 500)
+    for field in ("state", "blockchain"):
+        for value in (["COMPLETE"], {"v": "ETH"}):
+            body = wallets_deposit(**{field: value})
+            yield f"wallets:{field}-{type(value).__name__}", Case(circle(body), 200, None, True)
     for token in ("t%C3%B6ken", "%E9", "%FF", "a%00b", "%ED%A0%80", "x" * 5000, ""):
         yield f"circle:token={token[:12]!r}", Case(circle(deposit(), token=token), 401, "token")
     for key_id in ("k" * 300, "k\x00", "\ud800", "cl\u00e9", "a b"):
