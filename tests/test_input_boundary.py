@@ -357,6 +357,10 @@ def _due_cases():
         yield f"due:id:{name}", Case(due(body), 400, "data")
         body = {"data": {**conversion["data"], "reference": value}}
         yield f"due:reference:{name}", Case(due(body), 400, "data")
+    # A completed conversion pays its destination's amount: no object there, no conversion.
+    for destination in ("10", ["10"]):
+        body = {"data": {**conversion["data"], "status": "completed", "destination": destination}}
+        yield f"due:destination-{type(destination).__name__}", Case(due(body), 400, "body")
     for signature in ("sig-\u00e9", "\u20ac" * 64, "a\x00b", "\ud800", "x" * 5000):
         yield (
             f"due:signature={signature[:12]!r}",
