@@ -526,6 +526,7 @@ def test_a_bad_circle_delivery_is_a_json_4xx_or_recorded_and_credits_nothing(wor
 
 USER = "7d3f6a52-4b8e-4f0a-9a57-3c2b7e9d1a10"
 ENDPOINTS = {
+    "/api/v1/openapi.json": {"GET"},
     f"/api/v1/users/{USER}/balance": {"GET"},
     f"/api/v1/users/{USER}/balance-mutations": {"POST"},
     f"/api/v1/users/{USER}/withdrawals": {"POST"},
