@@ -9,6 +9,7 @@ urlpatterns = [
     # The cockpit is the admin's index (and its actions): matched before the admin's own URLs.
     path("admin/", include("config.cockpit_admin")),
     path("admin/", admin.site.urls),
+    path("api/v1/openapi.json", views.openapi, name="openapi"),
     path("", include("cutover.urls")),
     path("", include("onchain.urls")),
     path("", include("treasury.urls")),

@@ -1,9 +1,12 @@
-"""Process probes. /healthz says the process is alive; /readyz that the dependencies a web
-process serves requests with answer. That is the database only: the web never enqueues a task
-(the beat does), so a broker outage must not take the API out of the Service."""
+"""Process probes, and the API's OpenAPI document. /healthz says the process is alive; /readyz
+that the dependencies a web process serves requests with answer. That is the database only: the
+web never enqueues a task (the beat does), so a broker outage must not take the API out of the
+Service."""
+
+from pathlib import Path
 
 from django.db import connection
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
@@ -39,3 +42,14 @@ def readyz(request: HttpRequest) -> JsonResponse:
         {"status": "ok" if ready else "unavailable", "checks": checks},
         status=200 if ready else 503,
     )
+
+
+# The API's OpenAPI document, kept in the repository beside the URLs it describes (checked
+# against them by tests/test_openapi.py) and served as it is.
+OPENAPI_DOCUMENT = (Path(__file__).resolve().parent / "openapi.json").read_bytes()
+
+
+@csrf_exempt
+@require_GET
+def openapi(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(OPENAPI_DOCUMENT, content_type="application/json")

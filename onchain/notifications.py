@@ -169,11 +169,16 @@ def _wallets_event(notification_type: str, transfer_id: str, transaction: dict) 
     amounts = transaction.get("amounts")
     token = transaction.get("tokenId")
     token = token if isinstance(token, str) else ""
-    blockchain = transaction.get("blockchain")
+    state, blockchain = transaction.get("state"), transaction.get("blockchain")
+    # Looked up by value below: a list or an object there is no state or chain of Circle's
+    # (and no dict key: a TypeError, a 500 that Circle would retry forever).
+    for field, value in (("state", state), ("blockchain", blockchain)):
+        if value is not None and not isinstance(value, str):
+            raise TransferRefused(f"the transaction's {field} is not a string")
     return TransferEvent(
         transfer_id=transfer_id,
         direction=direction,
-        status=WALLETS_STATES.get(transaction.get("state"), "pending"),
+        status=WALLETS_STATES.get(state, "pending"),
         amount=amounts[0] if isinstance(amounts, list) and len(amounts) == 1 else amounts,
         currency=settings.CIRCLE_WALLETS_TOKENS.get(token),
         circle_currency=f"token {token}",

@@ -25,7 +25,7 @@ from cutover.actors import Actor
 from cutover.operators import api_client_issue
 from ledger.models import Account
 from onchain.models import CircleNotification, DepositAddress
-from onchain.sandbox import CircleSandbox
+from onchain.sandbox import CircleSandbox, wallets_inbound
 from onchain.signatures import signature_verify
 from rehearsal.bench_http import api_server
 from tests.cutover.factories import legacy_user, phase_set
@@ -357,6 +357,10 @@ def _due_cases():
         yield f"due:id:{name}", Case(due(body), 400, "data")
         body = {"data": {**conversion["data"], "reference": value}}
         yield f"due:reference:{name}", Case(due(body), 400, "data")
+    # A completed conversion pays its destination's amount: no object there, no conversion.
+    for destination in ("10", ["10"]):
+        body = {"data": {**conversion["data"], "status": "completed", "destination": destination}}
+        yield f"due:destination-{type(destination).__name__}", Case(due(body), 400, "body")
     for signature in ("sig-\u00e9", "\u20ac" * 64, "a\x00b", "\ud800", "x" * 5000):
         yield (
             f"due:signature={signature[:12]!r}",
@@ -395,6 +399,13 @@ def deposit(**fields) -> dict:
     return notification
 
 
+def wallets_deposit(**fields) -> dict:
+    """Programmable Wallets' notification of the same deposit, `fields` set on its
+    transaction."""
+    transaction = {**wallets_inbound(deposit()["notification"]), **fields}
+    return json.loads(CircleSandbox.notification("transactions.inbound", transaction))
+
+
 def _circle_cases():
     """Circle's webhook, v2 and through SNS: the signature is good, what it signs is not."""
     yield "circle:deep-array", Case(circle(DEEP_ARRAY), 400, "body")
@@ -430,6 +441,11 @@ def _circle_cases():
         yield f"circle:amount-{type(amount).__name__}", Case(circle(body), 200, None, True)
     body = deposit(amount={"amount": "10", "currency": ["USD"]})
     yield "circle:currency-list", Case(circle(body), 200, None, True)
+    # Programmable Wallets: a state or blockchain that is no string (once a TypeError, a 500)
+    for field in ("state", "blockchain"):
+        for value in (["COMPLETE"], {"v": "ETH"}):
+            body = wallets_deposit(**{field: value})
+            yield f"wallets:{field}-{type(value).__name__}", Case(circle(body), 200, None, True)
     for token in ("t%C3%B6ken", "%E9", "%FF", "a%00b", "%ED%A0%80", "x" * 5000, ""):
         yield f"circle:token={token[:12]!r}", Case(circle(deposit(), token=token), 401, "token")
     for key_id in ("k" * 300, "k\x00", "\ud800", "cl\u00e9", "a b"):
@@ -510,6 +526,7 @@ def test_a_bad_circle_delivery_is_a_json_4xx_or_recorded_and_credits_nothing(wor
 
 USER = "7d3f6a52-4b8e-4f0a-9a57-3c2b7e9d1a10"
 ENDPOINTS = {
+    "/api/v1/openapi.json": {"GET"},
     f"/api/v1/users/{USER}/balance": {"GET"},
     f"/api/v1/users/{USER}/balance-mutations": {"POST"},
     f"/api/v1/users/{USER}/withdrawals": {"POST"},

@@ -171,7 +171,8 @@ def conversion_parse(answer: dict) -> dict:
     ):
         raise DueUnavailable("Due's conversion object is malformed")
     if conversion["status"] == "completed":
-        amount = (conversion.get("destination") or {}).get("amount")
+        destination = conversion.get("destination")
+        amount = destination.get("amount") if isinstance(destination, dict) else None
         try:
             if not isinstance(amount, str) or Decimal(amount) <= 0:
                 raise ArithmeticError

@@ -51,8 +51,11 @@ def completion_mismatch(job: ConversionJob, conversion: dict) -> str:
     """Why a completed conversion's amounts cannot be this job's (empty when they can): the
     source must be exactly the job's, the destination in the target currency's scale and within
     CONVERSION_TOLERANCE below 1:1, never above."""
-    source = conversion.get("source") or {}
-    destination = conversion.get("destination") or {}
+    # A provider's answer may hold anything where an object is due: read as an empty one.
+    source, destination = (
+        side if isinstance(side, dict) else {}
+        for side in (conversion.get("source"), conversion.get("destination"))
+    )
     if source.get("currency") != job.source_currency:
         return f"source currency {source.get('currency')!r} is not {job.source_currency}"
     if destination.get("currency") != job.target_currency:

@@ -197,6 +197,19 @@ def test_completed_amounts_must_match_the_job(
     assert source_available("USD") == Decimal("60000") - Decimal("10000") - Decimal("19000")
 
 
+@pytest.mark.parametrize("source", [["USD", "19000"], "19000 USD"])
+def test_a_completion_whose_source_is_no_object_is_disputed(due, usdc_low, source):
+    settlement_cycle_run(triggered_by="test")
+    jobs_submit()
+    job = ConversionJob.objects.get()
+    due.finish(job.provider_reference, "completed")
+    due.conversions[job.provider_reference]["source"] = source
+    monitor_run()
+    job.refresh_from_db()
+    assert job.status == "disputed" and "source currency None" in job.last_error
+    assert treasury_postings() == 0 and buffers()["USDC"] == Decimal("1000")
+
+
 # Item 5: a cycle never drains one buffer to fill another ------------------------------------
 
 
