@@ -19,6 +19,7 @@ from cutover.selectors import (
     DIFFERENCES_SQL,
     phase_state,
 )
+from gateway.faults import fault_point
 from ledger.selectors import (
     account_lock,
     equity_account_code,
@@ -75,6 +76,7 @@ def backfill_run(*, chunk_size: int = 500, on_progress=None) -> BackfillResult:
                 rows = cursor.fetchall()
             for user_id, legacy, currency in rows:
                 posted = _backfill_user(user_id, legacy, currency)
+                fault_point("backfill:user-posted")
                 result.users_examined += 1
                 if posted:
                     result.postings += 1

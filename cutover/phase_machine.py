@@ -31,6 +31,7 @@ from cutover.selectors import (
     legacy_archive_get,
     store_totals,
 )
+from gateway.faults import fault_point
 
 log = logging.getLogger(__name__)
 DEPRECATION_COMMENT = "DEPRECATED: balances live in ledger_accounts since the cutover of {at}."
@@ -258,6 +259,7 @@ def _legacy_rebuild(evidence: dict) -> None:
             )
         cursor.execute(LEGACY_REBUILD_SQL)
         updated, inserted = cursor.fetchone()
+        fault_point("rollback:legacy-rebuilt")
         evidence["legacy_rows_rebuilt"] = updated + inserted
         evidence["legacy_rows_created"] = inserted
         cursor.execute("COMMENT ON TABLE balances IS NULL")

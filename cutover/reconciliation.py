@@ -25,6 +25,7 @@ from cutover.selectors import (
     TOTALS_SQL,
     phase_state,
 )
+from gateway.faults import fault_point
 
 # Each difference found, with the active known-difference rule matching it (same user,
 # currency and difference to the last unit; cutover.selectors.known_difference_matching), is
@@ -140,6 +141,7 @@ def _reconciliation_attempt(triggered_by: str) -> ReconciliationResult:
             legacy_total, ledger_total, users = cursor.fetchone()
             cursor.execute(RECONCILE_RECORD_SQL, {"phase": phase})
             differences, new, resolved, known = cursor.fetchone()
+            fault_point("reconcile:recorded")
         finished = timezone.now()
         run = ReconciliationRun.objects.create(
             started_at=started,

@@ -20,6 +20,7 @@ from gateway.api import (
     json_object,
     scope_require,
 )
+from gateway.faults import fault_point
 from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InsufficientFunds, InvalidAmount
 from ledger.money import CURRENCY_DECIMALS, amount_parse
@@ -96,6 +97,7 @@ def balance_mutation_create(
         correlation_id=request.correlation_id,
         **mutation,
     )
+    fault_point("api:mutation-applied")
     return 201, {
         "user_id": str(result.user_id),
         "direction": result.direction,

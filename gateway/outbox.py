@@ -12,6 +12,8 @@ from django.db import transaction
 from django.db.models import Model, QuerySet
 from django.utils import timezone
 
+from gateway.faults import fault_point
+
 
 def outbox_drain(
     *,
@@ -42,6 +44,7 @@ def outbox_drain(
                 if claimed is None:
                     break
                 tried.append(claimed.pk)
+                fault_point("outbox:claimed")
                 outcome = send(claimed)
         except Exception as exc:
             if claimed is None or on_error is None:

@@ -30,6 +30,7 @@ from gateway.api import (
 )
 from gateway.boundary import body_read, token_matches
 from gateway.exceptions import InputRefused
+from gateway.faults import fault_point
 from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InsufficientFunds, InvalidAmount, LedgerError
 from ledger.money import amount_parse
@@ -132,6 +133,7 @@ def _sns_transfers(body: bytes) -> JsonResponse:
 
 
 def _delivered(delivery: Delivery) -> JsonResponse:
+    fault_point("webhook:circle-committed")
     return JsonResponse(
         {
             "notificationId": delivery.notification_id,

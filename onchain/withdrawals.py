@@ -20,6 +20,7 @@ from cutover.balance_path import balance_mutation_apply, strict_failure_recorded
 from cutover.exceptions import ConcurrentDuplicate, KillSwitchEngaged
 from cutover.operator_audit import operator_action_record
 from cutover.selectors import phase_state
+from gateway.faults import fault_point
 from gateway.outbox import outbox_backoff, outbox_drain
 from ledger.money import amount_parse
 from onchain import circle, metrics
@@ -153,6 +154,7 @@ def _withdrawal_send(withdrawal: Withdrawal, base_url: str) -> str:
     except CircleUnavailable as exc:
         withdrawal.attempts += 1
         return _withdrawal_backoff(withdrawal, str(exc))
+    fault_point("withdrawal:circle-answered")
     withdrawal.attempts += 1
     withdrawal.circle_transfer_id = str(transfer["id"])
     withdrawal.last_error = ""

@@ -42,10 +42,10 @@ def celery_running(
             process.wait(timeout=30)
 
 
-def wait_for(condition: Callable[[], bool], seconds: float = 60) -> bool:
+def wait_for(condition: Callable[[], bool], seconds: float = 60, every: float = 0.2) -> bool:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if condition():
             return True
-        time.sleep(0.2)
+        time.sleep(every)
     return False

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from cutover.locks import SETTLEMENT_CYCLE_LOCK
 from cutover.selectors import phase_state
+from gateway.faults import fault_point
 from treasury import metrics
 from treasury.models import OPEN_STATUSES, ConversionJob, SettlementCycle
 from treasury.selectors import (
@@ -72,6 +73,7 @@ def settlement_cycle_run(*, triggered_by: str) -> CycleResult:
         cycle.buffers = result.buffers
         cycle.jobs_created = len(result.jobs_created)
         cycle.save()
+    fault_point("cycle:committed")
     metrics.cycle_duration_ms.observe(cycle.duration_ms)
     if note:
         log.warning("settlement cycle %s: %s", cycle.pk, note)

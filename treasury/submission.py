@@ -14,6 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from cutover.selectors import phase_state
+from gateway.faults import fault_point
 from gateway.outbox import outbox_backoff, outbox_drain
 from treasury import due, metrics
 from treasury.exceptions import DueRefused, DueUnavailable, ProviderNotConfigured
@@ -86,6 +87,7 @@ def _job_submit(job: ConversionJob, base_urls: Mapping[str, str]) -> str:
         )
         job_save(job)
         return "retried"
+    fault_point("conversion:due-answered")
     _provider_succeeded(job.provider)
     _job_submitted(job, conversion)
     return "submitted"
