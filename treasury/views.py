@@ -30,10 +30,12 @@ def trigger_cycle(request: HttpRequest) -> JsonResponse:
     if refusal is not None:
         return refusal
     result = settlement_cycle_run(triggered_by="api")
+    if result.skipped:  # a refusal like any other: our error body, the state refuses
+        error = ApiError(409, "cycle_running", result.skipped)
+        return JsonResponse(error.body(), status=error.status)
     body = dataclasses.asdict(result)
-    if not result.skipped:
-        body["submitted"] = dataclasses.asdict(jobs_submit())
-    return JsonResponse(body, status=409 if result.skipped else 200)
+    body["submitted"] = dataclasses.asdict(jobs_submit())
+    return JsonResponse(body)
 
 
 @csrf_exempt

@@ -14,10 +14,12 @@ from decimal import Decimal
 from io import StringIO
 from pathlib import Path
 
+import psycopg
 import pytest
 from django.core.management import call_command
 from django.db import DatabaseError, IntegrityError, connection, transaction
 
+from cutover.locks import SETTLEMENT_CYCLE_LOCK
 from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
 from tests.cutover.factories import OPERATOR, database_url, phase_set
@@ -331,6 +333,24 @@ def test_trigger_cycle_needs_the_admin_token(client, settings, due, usdc_low):
     assert response.status_code == 200
     assert response.json()["submitted"]["submitted"] == 1
     assert ConversionJob.objects.get().status == "submitted"
+
+
+def test_trigger_cycle_while_another_runs_is_our_error_and_changes_nothing(
+    client, settings, due, usdc_low
+):
+    """Another scheduler holds the cycle's lock: the trigger is refused with our error body
+    (409, `cycle_running`), and neither a cycle nor a job is written."""
+    settings.ADMIN_TOKEN = "admin-secret"
+    with psycopg.connect(database_url(), autocommit=False) as other:
+        other.execute("SELECT pg_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
+        response = client.post(
+            "/internal/treasury/trigger-cycle", headers={"Authorization": "Bearer admin-secret"}
+        )
+    assert response.status_code == 409
+    assert response.json() == {
+        "error": {"code": "cycle_running", "message": "another settlement cycle is running"}
+    }
+    assert not SettlementCycle.objects.exists() and not ConversionJob.objects.exists()
 
 
 def test_scheduled_work_does_nothing_while_the_scheduler_is_disabled(due, usdc_low, settings):
