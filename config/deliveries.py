@@ -1,5 +1,5 @@
 """The base class of every Celery task of the project (config/celery.py names it): each
-delivery of a message goes through onchain.deliveries before the task's work, so a message runs
+delivery of a message goes through cutover.deliveries before the task's work, so a message runs
 at most once to an end, copies of it wait for each other, and one whose process keeps dying is
 given up after TASK_DELIVERY_MAX_ATTEMPTS starts. A task called as a plain function (tests,
 commands) is not a delivery and just runs.
@@ -13,14 +13,14 @@ from celery import Task
 from celery.exceptions import TimeLimitExceeded
 from django.conf import settings
 
-from gateway.faults import fault_point
-from onchain.deliveries import (
+from cutover.deliveries import (
     DeliveryDecision,
     task_delivery_finish,
     task_delivery_release,
     task_delivery_start,
 )
-from onchain.models import TaskDeliveryStatus
+from cutover.models import TaskDeliveryStatus
+from gateway.faults import fault_point
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ from cutover.models import (
     ReconciliationRun,
     RepairSide,
     StrictFailure,
+    TaskDelivery,
     TriageStatus,
 )
 from cutover.phase_machine import kill_switch_set
@@ -529,3 +530,27 @@ class CustodyDiscrepancyAdmin(ReadOnlyAdmin):
     difference_shown = amount_column("difference", "difference (ledger - reported)")
     ledger_shown = amount_column("ledger_balance", "ledger")
     reported_shown = amount_column("reported", "reported")
+
+
+@admin.register(TaskDelivery)
+class TaskDeliveryAdmin(ReadOnlyAdmin):
+    """Read-only: a dead message is not sent again from here (every task is periodic: its next
+    run comes from beat); an operator finds why its process died (the worker's log, its memory)."""
+
+    list_display = (
+        "last_started_at",
+        "task_name",
+        "task_id",
+        "status",
+        "attempts",
+        "duplicates",
+        "finished_at",
+        "error_summary",
+    )
+    list_filter = ("status", "task_name")
+    search_fields = ("task_id",)
+    ordering = ("-last_started_at",)
+
+    @admin.display(description="why (failed, dead)")
+    def error_summary(self, delivery: TaskDelivery) -> str:
+        return delivery.error.strip().splitlines()[-1][:120] if delivery.error else ""

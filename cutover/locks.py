@@ -12,7 +12,7 @@ CUSTODY_RECONCILE_LOCK = 7_401_004
 # its own): one credit decision per Circle transfer at a time.
 CIRCLE_TRANSFER_LOCK = 7_401_005
 # With a second key, the task id's hash, session-level for a task's whole run: one copy of a
-# Celery message runs at a time (onchain.deliveries).
+# Celery message runs at a time (cutover.deliveries).
 TASK_DELIVERY_LOCK = 7_401_006
 
 REGISTRY = {

@@ -23,3 +23,7 @@ custody_discrepancies = Counter(
     "cutover_custody_discrepancies",
     "Custody discrepancies opened: a system buffer differs from its provider's balance",
 )
+task_deliveries_dead = Counter(
+    "celery_task_deliveries_dead",
+    "Celery messages given up: their process died at each of TASK_DELIVERY_MAX_ATTEMPTS starts",
+)

@@ -527,3 +527,61 @@ class AlertState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: {'firing' if self.firing else 'quiet'}"
+
+
+class TaskDeliveryStatus(models.TextChoices):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+class TaskDelivery(models.Model):
+    """One Celery message, by its task id, as the workers received it (cutover.deliveries, for
+    every task of every app through config.deliveries): how many times it was started and how
+    it ended. A message put back after its process died is started again, counted; one started
+    TASK_DELIVERY_MAX_ATTEMPTS times without finishing is dead, never run again; a finished
+    one delivered again is not run again (counted in `duplicates`). Not money: the workers'
+    record, kept by the app every task-running app builds on."""
+
+    task_id = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=255)
+    status = models.CharField(
+        max_length=16, choices=TaskDeliveryStatus.choices, default=TaskDeliveryStatus.RUNNING
+    )
+    attempts = models.PositiveIntegerField(default=1)
+    duplicates = models.PositiveIntegerField(default=0)
+    first_started_at = models.DateTimeField(db_default=Now())
+    last_started_at = models.DateTimeField(db_default=Now())
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        db_table = "celery_task_deliveries"
+        verbose_name_plural = "task deliveries"
+        indexes = [
+            # Succeeded rows are deleted a day after they finished (cutover.deliveries).
+            models.Index(
+                fields=["finished_at"],
+                condition=Q(status="succeeded"),
+                name="celery_task_deliveries_done",
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=TaskDeliveryStatus.values),
+                name="celery_task_deliveries_chk_status",
+            ),
+            models.CheckConstraint(
+                condition=Q(attempts__gte=1), name="celery_task_deliveries_chk_attempts"
+            ),
+            # Finished exactly when no longer running.
+            models.CheckConstraint(
+                condition=Q(status="running", finished_at__isnull=True)
+                | (~Q(status="running") & Q(finished_at__isnull=False)),
+                name="celery_task_deliveries_chk_finished",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] {self.status}"

@@ -1,7 +1,6 @@
 """The on-chain console: the Circle inbox (with replay; refused notifications say why),
 transfer discrepancies (resolved with a note), withdrawals (dead ones resent or cancelled by an
-operator, after a confirmation) and users' deposit addresses; and the Celery task deliveries
-of every task (dead and failed ones for an operator to look into)."""
+operator, after a confirmation) and users' deposit addresses."""
 
 from django import forms
 from django.contrib import admin, messages
@@ -21,7 +20,6 @@ from onchain.inbox import notification_replay
 from onchain.models import (
     CircleNotification,
     DepositAddress,
-    TaskDelivery,
     TransferDiscrepancy,
     Withdrawal,
 )
@@ -308,27 +306,3 @@ class WithdrawalAdmin(ReadOnlyAdmin):
             title="Cancel withdrawals",
             question="Cancel these dead withdrawals and return the held USDC to their users?",
         )
-
-
-@admin.register(TaskDelivery)
-class TaskDeliveryAdmin(ReadOnlyAdmin):
-    """Read-only: a dead message is not sent again from here (every task is periodic: its next
-    run comes from beat); an operator finds why its process died (the worker's log, its memory)."""
-
-    list_display = (
-        "last_started_at",
-        "task_name",
-        "task_id",
-        "status",
-        "attempts",
-        "duplicates",
-        "finished_at",
-        "error_summary",
-    )
-    list_filter = ("status", "task_name")
-    search_fields = ("task_id",)
-    ordering = ("-last_started_at",)
-
-    @admin.display(description="why (failed, dead)")
-    def error_summary(self, delivery: TaskDelivery) -> str:
-        return delivery.error.strip().splitlines()[-1][:120] if delivery.error else ""

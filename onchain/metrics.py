@@ -25,7 +25,3 @@ transfer_discrepancies = Counter(
     "onchain_transfer_discrepancies",
     "Notifications contradicting a transfer already credited, recorded for an operator",
 )
-task_deliveries_dead = Counter(
-    "celery_task_deliveries_dead",
-    "Celery messages given up: their process died at each of TASK_DELIVERY_MAX_ATTEMPTS starts",
-)

@@ -22,11 +22,11 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
 from aws.selectors import MINUTE, minute_start
 from config.celery import app
+from cutover.deliveries import SUCCEEDED_KEPT
 from cutover.locks import TASK_DELIVERY_LOCK
-from cutover.models import CustodyDiscrepancy, Discrepancy, ReconciliationRun
+from cutover.models import CustodyDiscrepancy, Discrepancy, ReconciliationRun, TaskDelivery
 from ledger.models import Transaction
-from onchain.deliveries import SUCCEEDED_KEPT
-from onchain.models import DepositAddress, TaskDelivery, Withdrawal
+from onchain.models import DepositAddress, Withdrawal
 from onchain.sandbox import CircleSandbox
 from tests.aws.test_publish import job, published_through
 from tests.celery import QUIET, celery_running, wait_for
@@ -400,5 +400,5 @@ def test_a_message_killing_its_process_at_every_start_is_given_up_and_shown(
     assert sample(generate_latest(registry).decode(), "celery_task_deliveries_dead_total") == 1
 
     client.force_login(User.objects.create_superuser("ops", password="x"))
-    listing = client.get("/admin/onchain/taskdelivery/", {"status__exact": "dead"})
+    listing = client.get("/admin/cutover/taskdelivery/", {"status__exact": "dead"})
     assert listing.status_code == 200 and task_id in listing.content.decode()

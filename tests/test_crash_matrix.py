@@ -30,6 +30,7 @@ from cutover.models import (
     LegacyBalance,
     PhaseAudit,
     ReconciliationRun,
+    TaskDelivery,
 )
 from cutover.operators import api_client_issue
 from cutover.selectors import backfill_pending, phase_state
@@ -37,7 +38,7 @@ from gateway.models import IdempotencyRecord, IdempotencyStatus
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account, Transaction
 from ledger.services import Leg, opening_balance_post, transaction_post
-from onchain.models import CircleNotification, DepositAddress, TaskDelivery, Withdrawal
+from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.sandbox import CircleSandbox
 from tests.celery import wait_for
 from tests.crash import (

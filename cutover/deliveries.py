@@ -1,7 +1,7 @@
 """Celery task deliveries: each message (one task id) runs at most once to an end, however often
 the broker delivers it, and is given up after TASK_DELIVERY_MAX_ATTEMPTS starts that never
-finished. Used by every task of the project through config.deliveries; hosted here because
-the worker's record needs a table and this app has one to give (it is not on-chain logic).
+finished. Used by every task of the project through config.deliveries; here because every app
+that runs tasks (cutover, treasury, onchain) builds on this one.
 
 Our messages are acknowledged late and put back when their process dies (acks_late,
 reject_on_worker_lost): a worker killed mid-task has the task run again, and every task is
@@ -25,10 +25,10 @@ from django.db import OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from cutover import metrics
 from cutover.locks import TASK_DELIVERY_LOCK
+from cutover.models import TaskDelivery, TaskDeliveryStatus
 from ledger.exceptions import sqlstate_of
-from onchain import metrics
-from onchain.models import TaskDelivery, TaskDeliveryStatus
 
 log = logging.getLogger(__name__)
 
