@@ -19,6 +19,7 @@ from cutover.balance_path import strict_failure_recorded
 from cutover.operator_audit import operator_action_record
 from gateway import boundary
 from gateway.exceptions import InputRefused
+from gateway.faults import fault_point
 from onchain import metrics
 from onchain.deposits import (
     deposit_credit,
@@ -149,6 +150,7 @@ def _deposit_accept(row: CircleNotification, event: TransferEvent, arguments: li
     except Exception:
         _failure_record(row)
         raise
+    fault_point("webhook:deposit-accepted")
     if not inserted:
         if status not in FINAL:  # stored before and not decided: its stored body decides
             status = notification_process(notification_id=row.notification_id)
