@@ -98,9 +98,8 @@ def test_gate_evidence_and_settlement_decisions_are_tables(operator_client):
     assert "&quot;currency&quot;" not in page and "{&#x27;" not in page
 
 
-@pytest.mark.django_db
-def test_lists_show_amounts_for_people(operator_client):
-    Withdrawal.objects.create(
+def dead_withdrawal() -> Withdrawal:
+    return Withdrawal.objects.create(
         idempotency_key=uuid.uuid4(),
         user_id=uuid.uuid4(),
         amount=Decimal("12345.5"),
@@ -109,9 +108,10 @@ def test_lists_show_amounts_for_people(operator_client):
         status="dead",
         hold_in_ledger=True,
     )
-    page = operator_client.get("/admin/onchain/withdrawal/").content.decode()
-    assert "12,345.500000 USDC" in page and "0xababab…ababab on ETH" in page
-    ConversionJob.objects.create(
+
+
+def conversion_job(**fields) -> ConversionJob:
+    return ConversionJob.objects.create(
         idempotency_key=uuid.uuid4(),
         buffer_currency="USDC",
         source_currency="USD",
@@ -119,7 +119,16 @@ def test_lists_show_amounts_for_people(operator_client):
         target_currency="USDC",
         provider=ConversionProvider.objects.get(code="due"),
         created_by="test",
+        **fields,
     )
+
+
+@pytest.mark.django_db
+def test_lists_show_amounts_for_people(operator_client):
+    dead_withdrawal()
+    page = operator_client.get("/admin/onchain/withdrawal/").content.decode()
+    assert "12,345.500000 USDC" in page and "0xababab…ababab on ETH" in page
+    conversion_job()
     page = operator_client.get("/admin/treasury/conversionjob/").content.decode()
     assert "25,000.00 USD → USDC" in page
     buffer = Account.objects.get(code="usdc_buffer")
@@ -134,25 +143,8 @@ def test_rows_changed_only_by_actions_show_every_field_read_only_amounts_for_peo
     """A withdrawal, a conversion job and a transfer discrepancy change only through their
     admin's actions: their change page has no input, every field shown, amounts in their
     currency's scale."""
-    withdrawal = Withdrawal.objects.create(
-        idempotency_key=uuid.uuid4(),
-        user_id=uuid.uuid4(),
-        amount=Decimal("12345.5"),
-        address="0x" + "ab" * 20,
-        chain="ETH",
-        status="dead",
-        hold_in_ledger=True,
-    )
-    job = ConversionJob.objects.create(
-        idempotency_key=uuid.uuid4(),
-        buffer_currency="USDC",
-        source_currency="USD",
-        source_amount=Decimal("25000"),
-        target_currency="USDC",
-        target_amount=Decimal("24990.125"),
-        provider=ConversionProvider.objects.get(code="due"),
-        created_by="test",
-    )
+    withdrawal = dead_withdrawal()
+    job = conversion_job(target_amount=Decimal("24990.125"))
     discrepancy = TransferDiscrepancy.objects.create(
         transfer_id="t-1",
         notification_id="n-2",
