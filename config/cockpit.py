@@ -5,7 +5,6 @@ in the composition root, above them all; it writes nothing (the actions are the 
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 
 from django.conf import settings
 from django.utils import timezone
@@ -25,8 +24,8 @@ from cutover.selectors import (
     phase_state,
     strict_failure_count_in_phase,
 )
-from ledger.money import CURRENCY_DECIMALS
 from ledger.selectors import BUFFER_ACCOUNTS, account_balance_history
+from ledger.templatetags.console import amount_display
 from onchain.models import InboxStatus
 from onchain.selectors import dead_withdrawal_count, notification_count
 from treasury.selectors import BufferReading, buffer_status_list
@@ -44,27 +43,22 @@ KILL_SWITCH_COLOR = "#c62828"
 OPENED_COLOR, RESOLVED_COLOR, RATE_COLOR = "#c62828", "#2e7d32", "#1e63c4"
 
 
-def money(amount: Decimal, currency: str) -> str:
-    """An amount as people read it: thousands separated, at the currency's scale."""
-    return f"{amount:,.{CURRENCY_DECIMALS.get(currency, 2)}f} {currency}"
-
-
 @dataclass(frozen=True)
 class BufferBand:
     reading: BufferReading
 
     @property
     def balance(self) -> str:
-        return money(self.reading.balance, self.reading.currency)
+        return amount_display(self.reading.balance, self.reading.currency)
 
     @property
     def band(self) -> str:
         r = self.reading
-        return f"{money(r.minimum, r.currency)} to {money(r.maximum, r.currency)}"
+        return f"{amount_display(r.minimum, r.currency)} to {amount_display(r.maximum, r.currency)}"
 
     @property
     def target(self) -> str:
-        return money(self.reading.target, self.reading.currency)
+        return amount_display(self.reading.target, self.reading.currency)
 
     @property
     def state(self) -> str:
@@ -290,11 +284,12 @@ def buffer_charts(window: Window, until: datetime) -> list[Chart]:
                     chart_id=chart_id,
                     title=title,
                     desc=f"The {reading.account} balance from {window.since:%Y-%m-%d %H:%M} UTC "
-                    f"({money(opening, reading.currency)}) to now "
-                    f"({money(reading.balance, reading.currency)}); band "
-                    f"{money(reading.minimum, reading.currency)} to "
-                    f"{money(reading.maximum, reading.currency)}, target "
-                    f"{money(reading.target, reading.currency)} (the thresholds as set now).",
+                    f"({amount_display(opening, reading.currency)}) to now "
+                    f"({amount_display(reading.balance, reading.currency)}); band "
+                    f"{amount_display(reading.minimum, reading.currency)} to "
+                    f"{amount_display(reading.maximum, reading.currency)}, target "
+                    f"{amount_display(reading.target, reading.currency)} "
+                    "(the thresholds as set now).",
                     labels=[bucket_label(s, window.width) for s in starts],
                     series=[charts.Series("balance", balances, RATE_COLOR)],
                     x_label="time (UTC)",

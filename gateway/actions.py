@@ -1,10 +1,13 @@
 """Operators' admin actions on selected rows, in every console: the confirmation page (the rows,
 with their attempts and last error for outbox rows, an optional form such as a reason, and one
 button, named as the page unless told, that posts the action again with `confirmed=yes`), and
-the action run row by row once confirmed."""
+the action run row by row once confirmed; the operator's written reason on those forms
+(`reason_field`), and the change page of rows that change only through actions
+(`ActionsOnlyFields`)."""
 
 from collections.abc import Callable
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.forms import Form
@@ -69,3 +72,26 @@ def action_run(
         else:
             model_admin.message_user(request, str(done), messages.SUCCESS)
     return None
+
+
+def reason_field(help_text: str = "Why: kept in the operator audit.") -> forms.CharField:
+    """The text an operator writes for a change (a reason, a note), required, kept in the
+    operator audit."""
+    return forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}), help_text=help_text
+    )
+
+
+class ActionsOnlyFields:
+    """A ModelAdmin mixin for rows that change only through the admin's actions (its change
+    permission is the actions'): the change page shows every field of the model, read-only;
+    a field named in `shown_as` as the display column named there (an amount in its
+    currency)."""
+
+    shown_as: dict[str, str] = {}
+
+    def get_readonly_fields(self, request, obj=None):
+        return [self.shown_as.get(field.name, field.name) for field in self.model._meta.fields]
+
+    def get_fields(self, request, obj=None):
+        return self.get_readonly_fields(request, obj)

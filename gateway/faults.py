@@ -12,6 +12,9 @@ Points, by name (README, "Fault points": what each lies between, and what finish
   Idempotency-Key's answer neither stored nor sent.
 - `webhook:circle-committed` (onchain.views): a Circle notification stored and applied, the
   200 not sent.
+- `webhook:deposit-accepted` (onchain.inbox): a plain deposit's notification stored and
+  credited by its one statement (onchain_deposit_notification_accept, committed), nothing
+  logged, counted or answered.
 - `outbox:claimed` (gateway.outbox): an outbox row claimed and locked, not sent; the rows
   before it in the pass sent and recorded.
 - `withdrawal:circle-answered` (onchain.withdrawals): Circle created the transfer, its id not

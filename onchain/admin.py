@@ -9,7 +9,7 @@ from django.http import HttpRequest
 
 from cutover.actors import Actor
 from cutover.selectors import user_currency
-from gateway.actions import action_run
+from gateway.actions import ActionsOnlyFields, action_run, reason_field
 from ledger.admin import ReadOnlyAdmin
 from ledger.templatetags.console import amount_column, moment_column
 from onchain.addresses import DEPOSIT_CURRENCIES, deposit_address_add, deposit_address_remove
@@ -63,14 +63,11 @@ class CircleNotificationAdmin(ReadOnlyAdmin):
 
 
 class ResolveForm(forms.Form):
-    note = forms.CharField(
-        help_text="What was done (the difference credited or debited, or why none): audited.",
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
-    )
+    note = reason_field("What was done (the difference credited or debited, or why none): audited.")
 
 
 @admin.register(TransferDiscrepancy)
-class TransferDiscrepancyAdmin(ReadOnlyAdmin):
+class TransferDiscrepancyAdmin(ActionsOnlyFields, ReadOnlyAdmin):
     list_display = (
         "created_at",
         "status",
@@ -79,23 +76,15 @@ class TransferDiscrepancyAdmin(ReadOnlyAdmin):
         "notified_amount",
         "resolved_by",
     )
-    # Deposits that reach a discrepancy are USDC (onchain.inbox credits nothing else).
+    # Deposits that reach a discrepancy are USDC (onchain.deposits credits nothing else).
     credited_shown = amount_column("credited_amount", "credited", currency="USDC")
+    shown_as = {"credited_amount": "credited_shown"}
     list_filter = ("status",)
     search_fields = ("transfer_id", "notification_id")
     actions = ["resolve"]
 
     def has_change_permission(self, request, obj=None) -> bool:
         return request.user.has_perm("onchain.change_transferdiscrepancy")
-
-    def get_readonly_fields(self, request, obj=None):
-        return [
-            "credited_shown" if field.name == "credited_amount" else field.name
-            for field in self.model._meta.fields
-        ]
-
-    def get_fields(self, request, obj=None):
-        return self.get_readonly_fields(request, obj)
 
     @admin.action(description="Resolve the selected discrepancies", permissions=["change"])
     def resolve(self, request: HttpRequest, queryset):
@@ -118,20 +107,13 @@ class TransferDiscrepancyAdmin(ReadOnlyAdmin):
         )
 
 
-def _reason_field() -> forms.CharField:
-    return forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
-        help_text="Why: kept in the operator audit.",
-    )
-
-
 class DepositAddressForm(forms.ModelForm):
     """Registers an address through onchain.addresses.deposit_address_add; its rules are checked
     here too, so the operator sees a refusal on the form rather than an error page."""
 
     chain = forms.ChoiceField(choices=[(chain, chain) for chain in sorted(CHAINS)])
     currency = forms.ChoiceField(choices=[(code, code) for code in DEPOSIT_CURRENCIES])
-    reason = _reason_field()
+    reason = reason_field()
 
     class Meta:
         model = DepositAddress
@@ -160,7 +142,7 @@ class DepositAddressForm(forms.ModelForm):
 
 
 class RemoveForm(forms.Form):
-    reason = _reason_field()
+    reason = reason_field()
 
 
 @admin.register(DepositAddress)
@@ -229,17 +211,14 @@ class DepositAddressAdmin(admin.ModelAdmin):
 
 
 class CancelForm(forms.Form):
-    reason = forms.CharField(
-        help_text=(
-            "Circle is asked first: a withdrawal whose transfer Circle has is not cancelled "
-            "but follows Circle's status."
-        ),
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+    reason = reason_field(
+        "Circle is asked first: a withdrawal whose transfer Circle has is not cancelled "
+        "but follows Circle's status."
     )
 
 
 @admin.register(Withdrawal)
-class WithdrawalAdmin(ReadOnlyAdmin):
+class WithdrawalAdmin(ActionsOnlyFields, ReadOnlyAdmin):
     # The status first, so it is in view on a 1280 px screen beside the filters; the user,
     # the full address and Circle's transfer id are on the withdrawal's page.
     list_display = (
@@ -254,6 +233,7 @@ class WithdrawalAdmin(ReadOnlyAdmin):
     search_fields = ("=user_id", "=idempotency_key", "circle_transfer_id", "address")
     actions = ["resend", "cancel"]
     amount_shown = amount_column("amount", "amount")
+    shown_as = {"amount": "amount_shown"}
     created = moment_column("created_at", "created")
     next_attempt = moment_column("next_attempt_at", "next attempt", ago=True)
 
@@ -265,15 +245,6 @@ class WithdrawalAdmin(ReadOnlyAdmin):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return request.user.has_perm("onchain.change_withdrawal")
-
-    def get_readonly_fields(self, request, obj=None):
-        return [
-            "amount_shown" if field.name == "amount" else field.name
-            for field in self.model._meta.fields
-        ]
-
-    def get_fields(self, request, obj=None):
-        return self.get_readonly_fields(request, obj)
 
     def _run(self, request, queryset, service, **confirm):
         def apply(withdrawal, **data):

@@ -13,8 +13,9 @@ from django.utils import timezone
 from cutover.balance_path import strict_failure_recorded
 from cutover.models import BalanceMutation
 from onchain import circle, metrics
+from onchain.deposits import deposit_credit
 from onchain.exceptions import TransferRefused
-from onchain.inbox import deposit_credit, notification_process, parked_resolve, polled_park
+from onchain.inbox import notification_process, parked_resolve, polled_park
 from onchain.models import CircleNotification, InboxStatus, Withdrawal, WithdrawalStatus
 from onchain.notifications import INBOUND, POLLED, transfer_event
 from onchain.withdrawals import transfer_settle

@@ -20,7 +20,7 @@ from ledger.templatetags.console import (
     since_display,
     table_display,
 )
-from onchain.models import Withdrawal
+from onchain.models import TransferDiscrepancy, Withdrawal
 from treasury.models import ConversionJob, ConversionProvider, SettlementCycle
 
 
@@ -98,9 +98,8 @@ def test_gate_evidence_and_settlement_decisions_are_tables(operator_client):
     assert "&quot;currency&quot;" not in page and "{&#x27;" not in page
 
 
-@pytest.mark.django_db
-def test_lists_show_amounts_for_people(operator_client):
-    Withdrawal.objects.create(
+def dead_withdrawal() -> Withdrawal:
+    return Withdrawal.objects.create(
         idempotency_key=uuid.uuid4(),
         user_id=uuid.uuid4(),
         amount=Decimal("12345.5"),
@@ -109,9 +108,10 @@ def test_lists_show_amounts_for_people(operator_client):
         status="dead",
         hold_in_ledger=True,
     )
-    page = operator_client.get("/admin/onchain/withdrawal/").content.decode()
-    assert "12,345.500000 USDC" in page and "0xababab…ababab on ETH" in page
-    ConversionJob.objects.create(
+
+
+def conversion_job(**fields) -> ConversionJob:
+    return ConversionJob.objects.create(
         idempotency_key=uuid.uuid4(),
         buffer_currency="USDC",
         source_currency="USD",
@@ -119,12 +119,58 @@ def test_lists_show_amounts_for_people(operator_client):
         target_currency="USDC",
         provider=ConversionProvider.objects.get(code="due"),
         created_by="test",
+        **fields,
     )
+
+
+@pytest.mark.django_db
+def test_lists_show_amounts_for_people(operator_client):
+    dead_withdrawal()
+    page = operator_client.get("/admin/onchain/withdrawal/").content.decode()
+    assert "12,345.500000 USDC" in page and "0xababab…ababab on ETH" in page
+    conversion_job()
     page = operator_client.get("/admin/treasury/conversionjob/").content.decode()
     assert "25,000.00 USD → USDC" in page
     buffer = Account.objects.get(code="usdc_buffer")
     page = operator_client.get(f"/admin/ledger/account/{buffer.pk}/change/").content.decode()
     assert "0.000000 USDC" in page
+
+
+@pytest.mark.django_db
+def test_rows_changed_only_by_actions_show_every_field_read_only_amounts_for_people(
+    operator_client,
+):
+    """A withdrawal, a conversion job and a transfer discrepancy change only through their
+    admin's actions: their change page has no input, every field shown, amounts in their
+    currency's scale."""
+    withdrawal = dead_withdrawal()
+    job = conversion_job(target_amount=Decimal("24990.125"))
+    discrepancy = TransferDiscrepancy.objects.create(
+        transfer_id="t-1",
+        notification_id="n-2",
+        reference="circle:transfer:t-1",
+        credited_amount=Decimal("5"),
+        notified_amount="6",
+        detail="transfer t-1 was credited 5 USDC; n-2 says 6",
+    )
+    for row, shown in (  # field -> (its column, as shown)
+        (withdrawal, {"amount": ("amount_shown", "12,345.500000 USDC")}),
+        (
+            job,
+            {
+                "source_amount": ("source_amount_shown", "25,000.00 USD"),
+                "target_amount": ("target_amount_shown", "24,990.125000 USDC"),
+            },
+        ),
+        (discrepancy, {"credited_amount": ("credited_shown", "5.000000 USDC")}),
+    ):
+        meta = row._meta
+        url = f"/admin/{meta.app_label}/{meta.model_name}/{row.pk}/change/"
+        page = operator_client.get(url).content.decode()
+        assert '<input type="text"' not in page and "<textarea" not in page, url
+        for field in meta.fields:
+            column, amount = shown.get(field.name, (field.name, ""))
+            assert f"field-{column}" in page and amount in page, (url, column, amount)
 
 
 @pytest.mark.django_db

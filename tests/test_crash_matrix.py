@@ -12,6 +12,7 @@ import re
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -282,6 +283,44 @@ class CircleDeposits(HttpFlow):
         stored = CircleNotification.objects.filter(status="processed").count()
         if stored != len(self.calls):
             found.append(f"{len(self.calls)} notifications sent, {stored} processed")
+        return found
+
+
+class CircleRenotifications(CircleDeposits):
+    """Circle's webhook killed in a plain deposit's one-statement path, right after
+    onchain_deposit_notification_accept committed: each transfer notified twice, under two
+    notification ids (Circle renotifies a transfer under a new id; the two sent together),
+    each notification redelivered until answered 200. Each transfer is credited once, once in
+    each store and once in the ledger."""
+
+    def __init__(self, tmp_path: Path, circle: CircleSandbox):
+        super().__init__(tmp_path, circle)
+        self.renotifications: list[Call] = []
+        self.transfers: list[str] = []
+
+    def new_call(self) -> Call:
+        if self.renotifications:
+            return self.renotifications.pop()
+        first = super().new_call()
+        transfer = json.loads(first.body)["notification"]
+        self.transfers.append(transfer["id"])
+        body = CircleSandbox.notification("custody.transfer", transfer)  # a new notificationId
+        headers = {**first.headers, "X-Circle-Signature": self.circle.sign(body)}
+        # The same transfer: its amount counted once, on the first notification.
+        self.renotifications.append(Call(first.path, headers, body, first.user, Decimal(0)))
+        return first
+
+    def violations(self) -> list[str]:
+        found = super().violations()
+        expected = Counter(f"circle:transfer:{transfer}" for transfer in self.transfers)
+        mutations = BalanceMutation.objects.filter(reference__startswith="circle:transfer:")
+        postings = Transaction.objects.filter(reference_id__startswith="circle:transfer:")
+        for name, counted in (
+            ("balance mutations", Counter(mutations.values_list("reference", flat=True))),
+            ("ledger postings", Counter(postings.values_list("reference_id", flat=True))),
+        ):
+            if counted != expected:
+                found.append(f"{name} per transfer {dict(counted)}, one each expected")
         return found
 
 
@@ -675,6 +714,7 @@ def due():
 MATRIX = {
     "api:mutation-applied": (BalanceMutations, None),
     "webhook:circle-committed": (CircleDeposits, "circle"),
+    "webhook:deposit-accepted": (CircleRenotifications, "circle"),
     "outbox:claimed": (WithdrawalSends, "circle"),
     "withdrawal:circle-answered": (WithdrawalSends, "circle"),
     "conversion:due-answered": (SettlementCycles, "due"),

@@ -10,7 +10,7 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from cutover.actors import Actor
-from gateway.actions import action_run
+from gateway.actions import ActionsOnlyFields, action_run, reason_field
 from ledger.admin import ReadOnlyAdmin
 from ledger.templatetags.console import (
     amount_column,
@@ -24,12 +24,8 @@ from treasury.exceptions import ThresholdInvalid
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
 from treasury.operators import job_cancel, job_retry
 
-
-def _reason_field() -> forms.CharField:
-    return forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
-        help_text="Why: kept in the operator audit with the values before and after.",
-    )
+# The reason's help on this console's forms: every change here is audited with its values.
+REASON_HELP = "Why: kept in the operator audit with the values before and after."
 
 
 class SeededAdmin(admin.ModelAdmin):
@@ -44,7 +40,7 @@ class SeededAdmin(admin.ModelAdmin):
 
 
 class ProviderForm(forms.ModelForm):
-    reason = _reason_field()
+    reason = reason_field(REASON_HELP)
 
     class Meta:
         model = ConversionProvider
@@ -75,7 +71,7 @@ class ConversionProviderAdmin(SeededAdmin):
 
 
 class ThresholdForm(forms.ModelForm):
-    reason = _reason_field()
+    reason = reason_field(REASON_HELP)
 
     class Meta:
         model = BufferThreshold
@@ -118,11 +114,11 @@ class BufferThresholdAdmin(SeededAdmin):
 
 
 class ReasonForm(forms.Form):
-    reason = _reason_field()
+    reason = reason_field(REASON_HELP)
 
 
 @admin.register(ConversionJob)
-class ConversionJobAdmin(ReadOnlyAdmin):
+class ConversionJobAdmin(ActionsOnlyFields, ReadOnlyAdmin):
     # The status first, so it is in view on a 1280 px screen beside the filters; the
     # provider's reference and the job's key are on the job's page.
     list_display = (
@@ -144,6 +140,7 @@ class ConversionJobAdmin(ReadOnlyAdmin):
     target_amount_shown = amount_column(
         "target_amount", "received", currency_field="target_currency"
     )
+    shown_as = {"source_amount": "source_amount_shown", "target_amount": "target_amount_shown"}
 
     @admin.display(description="conversion", ordering="source_amount")
     def conversion(self, job: ConversionJob) -> str:
@@ -151,13 +148,6 @@ class ConversionJobAdmin(ReadOnlyAdmin):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return request.user.has_perm("treasury.change_conversionjob")
-
-    def get_readonly_fields(self, request, obj=None):
-        shown = {"source_amount": "source_amount_shown", "target_amount": "target_amount_shown"}
-        return [shown.get(field.name, field.name) for field in self.model._meta.fields]
-
-    def get_fields(self, request, obj=None):
-        return self.get_readonly_fields(request, obj)
 
     def _run(self, request, queryset, service, action: str, title: str):
         def apply(job, **data):

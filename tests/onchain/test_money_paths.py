@@ -21,9 +21,10 @@ from cutover.backfill import backfill_run
 from cutover.custody import custody_open
 from cutover.exceptions import KillSwitchEngaged, StrictLedgerFailure
 from cutover.models import BalanceMutation, LegacyBalance, OperatorAudit, StrictFailure
-from ledger.models import Account
+from ledger.models import Account, Entry
 from ledger.services import Leg, transaction_post
 from onchain import circle
+from onchain.deposits import deposit_plain
 from onchain.exceptions import (
     CancelRefused,
     CircleUnavailable,
@@ -316,6 +317,51 @@ def test_strict_failures_of_holds_deposits_and_reversals_are_recorded(sandbox, u
     assert StrictFailure.objects.filter(reference=withdrawal.reversal_reference).count() == 1
     withdrawal.refresh_from_db()
     assert withdrawal.status == "submitted" and balances(user) == (Decimal(70), Decimal(70))
+
+
+def test_a_strict_failure_in_the_one_statement_deposit_path_names_its_user_and_credits_nothing(
+    sandbox, user
+):
+    """A plain deposit's notification takes the one-statement path
+    (onchain_deposit_notification_accept); when its ledger credit fails in strict, the
+    statement rolls back whole, the StrictFailure row names the user the SQL function found
+    (passed back in the error's HINT), nothing is credited in either store, and Circle hears
+    503 not_applied (README: a retry can help), the row kept failed with its traceback. The
+    redelivery (the stored row, the general path) and a renotification under another id (the
+    one-statement path again) fail alike, each recorded, each naming the user."""
+    phase_set("strict", read_percent=100)
+    bystander = legacy_user("100")
+    ledger_balance_set(bystander, "100")
+    DepositAddress.objects.create(address="0xdeposit", chain="ETH", user_id=user)
+    DepositAddress.objects.create(address="0xbystander", chain="ETH", user_id=bystander)
+    transfer_id = str(uuid.uuid4())
+    reference = f"circle:transfer:{transfer_id}"
+    ledger_reference_take(reference)
+    entries_before = Entry.objects.filter(account__user_id=user).count()
+    buffer_before = system("usdc_buffer")
+    body = CircleSandbox.transfer_notification(
+        transfer_id=transfer_id, address="0xdeposit", amount="5", wallet_id=sandbox.wallet_id
+    )
+    assert deposit_plain("custody.transfer", json.loads(body)) is not None  # the fast path
+
+    renotified = CircleSandbox.notification("custody.transfer", json.loads(body)["notification"])
+    for delivered, failures in ((body, 1), (body, 2), (renotified, 3)):
+        status, answer = sandbox.deliver(sandbox.subscriber, delivered)
+        assert (status, answer["error"]["code"]) == (503, "not_applied")
+        recorded = StrictFailure.objects.filter(reference=reference)
+        assert recorded.count() == failures
+        assert set(recorded.values_list("user_id", "phase")) == {(user, "strict")}
+        notification_id = json.loads(delivered)["notificationId"]
+        stored = CircleNotification.objects.get(notification_id=notification_id)
+        assert stored.status == "failed" and "StrictLedgerFailure" in stored.error
+    assert StrictFailure.objects.count() == 3  # nothing else failed
+
+    assert balances(user) == (Decimal(100), Decimal(100))
+    assert balances(bystander) == (Decimal(100), Decimal(100))
+    assert not BalanceMutation.objects.filter(reference=reference).exists()
+    assert Entry.objects.filter(account__user_id=user).count() == entries_before
+    assert system("usdc_buffer") == buffer_before
+    assert integrity_ok()
 
 
 # Item 13: the database's withdrawal rules as domain errors -------------------------------------
