@@ -36,8 +36,8 @@ STRICT_FAILURES_SQL = """
 """
 # The experiment: the journal rows with both timings (a dual write: shadow, read_switch,
 # strict; rows journaled before cutover migration 0013 have none). percentile_disc, so a
-# percentile is a time some mutation took (p50 of an even count is the lower middle one); one
-# sort per store and bucket, over the journal's created_at index.
+# percentile is a time some mutation took (p50 of an even count is the lower middle one). Its
+# cost is reading the window's rows, as a count of them costs (README: Performance).
 EXPERIMENT_SQL = """
     SELECT date_bin(%s, created_at, %s), count(*), count(*) FILTER (WHERE mismatch),
            percentile_disc(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY legacy_us),
