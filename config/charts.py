@@ -6,7 +6,8 @@ namespace URL: inline in HTML it needs none, and the report then names no addres
 
 The plot area is the same in every chart (PLOT_*), so a value's position is predictable: a
 category i of n has its centre at PLOT_LEFT + (i + 0.5) * PLOT_WIDTH / n; a value v on an axis
-from lo to hi sits at PLOT_BOTTOM - (v - lo) / (hi - lo) * PLOT_HEIGHT."""
+from lo to hi sits at PLOT_BOTTOM - (v - lo) / (hi - lo) * PLOT_HEIGHT. A chart with a second
+y axis (`RightAxis`) is RIGHT_AXIS_ROOM wider, for that axis's ticks and label."""
 
 import math
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from django.utils.safestring import SafeString, mark_safe
 WIDTH, HEIGHT = 720, 260
 PLOT_LEFT, PLOT_RIGHT, PLOT_TOP, PLOT_BOTTOM = 72, 688, 40, 208
 PLOT_WIDTH, PLOT_HEIGHT = PLOT_RIGHT - PLOT_LEFT, PLOT_BOTTOM - PLOT_TOP
+RIGHT_AXIS_ROOM = 56
 Y_TICKS = 5
 MAX_X_LABELS = 8
 CHAR_WIDTH = 6.5  # about, at FONT's size: what a label needs to stand clear of its neighbours
@@ -33,6 +35,7 @@ class Series:
     name: str
     values: Sequence[float | None]  # one per label; None is a gap (nothing measured)
     color: str
+    dash: str = ""  # a line's stroke-dasharray ("6 3"); solid without
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,22 @@ class Band:
     high: float
     label: str
     color: str = "#2e7d32"
+
+
+def _plain(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+
+
+@dataclass(frozen=True)
+class RightAxis:
+    """A second y axis, on the right, from 0 to `top` (default: a round top above every
+    value): its series are drawn as bars under the lines of the left axis (a rate beside
+    times)."""
+
+    label: str
+    series: Sequence[Series]
+    fmt: Callable[[float], str] = _plain
+    top: float | None = None
 
 
 @dataclass(frozen=True)
@@ -108,14 +127,16 @@ def time_position(moment: datetime, start: datetime, end: datetime) -> float:
     return PLOT_LEFT + (moment - start).total_seconds() / span * PLOT_WIDTH
 
 
-def _open(chart_id: str, title: str, desc: str, height: int = HEIGHT) -> list[str]:
+def _open(
+    chart_id: str, title: str, desc: str, height: int = HEIGHT, width: int = WIDTH
+) -> list[str]:
     return [
-        f'<svg class="chart" id="{escape(chart_id)}" viewBox="0 0 {WIDTH} {height}" '
-        f'width="{WIDTH}" height="{height}" role="img" '
+        f'<svg class="chart" id="{escape(chart_id)}" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" '
         f'aria-labelledby="{escape(chart_id)}-title {escape(chart_id)}-desc" {FONT}>',
         f'<title id="{escape(chart_id)}-title">{escape(title)}</title>',
         f'<desc id="{escape(chart_id)}-desc">{escape(desc)}</desc>',
-        f'<rect x="0" y="0" width="{WIDTH}" height="{height}" fill="#fff"/>',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fff"/>',
         f'<text class="chart-title" x="{PLOT_LEFT}" y="18" font-size="13" '
         f'font-weight="bold" fill="#222">{escape(title)}</text>',
     ]
@@ -153,6 +174,26 @@ def _y_axis(low: float, high: float, label: str, fmt: Callable[[float], str]) ->
     return parts
 
 
+def _right_axis(top: float, label: str, fmt: Callable[[float], str]) -> list[str]:
+    """A second y axis at the plot's right edge, from 0 to `top`, its ticks beside the left
+    axis's grid lines (the same five steps)."""
+    parts = [
+        f'<line class="right-axis" x1="{PLOT_RIGHT}" y1="{PLOT_TOP}" x2="{PLOT_RIGHT}" '
+        f'y2="{PLOT_BOTTOM}" stroke="{AXIS}"/>',
+        f'<text class="axis-label right-label" '
+        f'transform="translate({WIDTH + RIGHT_AXIS_ROOM - 10} '
+        f'{_n(PLOT_TOP + PLOT_HEIGHT / 2)}) rotate(90)" '
+        f'text-anchor="middle" fill="#222">{escape(label)}</text>',
+    ]
+    for tick in range(Y_TICKS + 1):
+        value = top * tick / Y_TICKS
+        parts.append(
+            f'<text class="right-tick" x="{PLOT_RIGHT + 6}" y="{_n(y_position(value, 0, top))}" '
+            f'dy="4" fill="{AXIS}">{escape(fmt(value))}</text>'
+        )
+    return parts
+
+
 def _x_axis(labels: Sequence[str], label: str) -> list[str]:
     """Category labels under the plot, at most MAX_X_LABELS of them; every other one a line
     lower when they are too wide to stand side by side."""
@@ -177,8 +218,29 @@ def _x_axis(labels: Sequence[str], label: str) -> list[str]:
     return parts
 
 
-def _plain(value: float) -> str:
-    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+def _bars(
+    series: Sequence[Series], labels: Sequence[str], top: float, fmt: Callable[[float], str]
+) -> list[str]:
+    """Grouped bars from 0 up to an axis whose top is `top`: one group per label, one bar per
+    series (a None is no bar)."""
+    parts = []
+    group = PLOT_WIDTH / max(len(labels), 1)
+    bar = group * 0.8 / max(len(series), 1)
+    for j, one in enumerate(series):
+        parts.append(f'<g class="series" data-series="{escape(one.name)}">')
+        for i, value in enumerate(one.values):
+            if value is None:
+                continue
+            x = PLOT_LEFT + i * group + group * 0.1 + j * bar
+            y = y_position(value, 0, top)
+            parts.append(
+                f'<rect class="bar" x="{_n(x)}" y="{_n(y)}" width="{_n(bar)}" '
+                f'height="{_n(PLOT_BOTTOM - y)}" fill="{one.color}">'
+                f"<title>{escape(labels[i])}: {escape(one.name)} {escape(fmt(value))}</title>"
+                "</rect>"
+            )
+        parts.append("</g>")
+    return parts
 
 
 def bar_chart(
@@ -201,22 +263,7 @@ def bar_chart(
     parts = _open(chart_id, title, desc)
     parts += _y_axis(0, top, y_label, fmt)
     parts += _x_axis(labels, x_label)
-    group = PLOT_WIDTH / max(len(labels), 1)
-    bar = group * 0.8 / max(len(series), 1)
-    for j, one in enumerate(series):
-        parts.append(f'<g class="series" data-series="{escape(one.name)}">')
-        for i, value in enumerate(one.values):
-            if value is None:
-                continue
-            x = PLOT_LEFT + i * group + group * 0.1 + j * bar
-            y = y_position(value, 0, top)
-            parts.append(
-                f'<rect class="bar" x="{_n(x)}" y="{_n(y)}" width="{_n(bar)}" '
-                f'height="{_n(PLOT_BOTTOM - y)}" fill="{one.color}">'
-                f"<title>{escape(labels[i])}: {escape(one.name)} {escape(fmt(value))}</title>"
-                "</rect>"
-            )
-        parts.append("</g>")
+    parts += _bars(series, labels, top, fmt)
     parts += _legend([(s.name, s.color) for s in series])
     parts.append("</svg>")
     return mark_safe("".join(parts))  # noqa: S308 - every text above went through escape()
@@ -236,14 +283,15 @@ def line_chart(
     rules: Sequence[Rule] = (),
     bands: Sequence[Band] = (),
     fmt: Callable[[float], str] = _plain,
+    right: RightAxis | None = None,
 ) -> SafeString:
-    """Lines through each series' points (a None breaks the line), over optional shaded bands
-    and horizontal rules; the y axis from `y_min` to `y_max` (default: a round top above every
-    value, rule and band)."""
+    """Lines through each series' points (a None breaks the line), over optional shaded bands,
+    horizontal rules and the bars of a second axis on the right; the y axis from `y_min` to
+    `y_max` (default: a round top above every value, rule and band)."""
     values = [v for s in series for v in s.values if v is not None]
     values += [r.value for r in rules] + [b.high for b in bands]
     top = y_max if y_max is not None else nice_ceiling(max(values, default=0) - y_min) + y_min
-    parts = _open(chart_id, title, desc)
+    parts = _open(chart_id, title, desc, width=WIDTH + (RIGHT_AXIS_ROOM if right else 0))
     for band in bands:
         high, low = y_position(min(band.high, top), y_min, top), y_position(band.low, y_min, top)
         parts.append(
@@ -254,6 +302,12 @@ def line_chart(
         )
     parts += _y_axis(y_min, top, y_label, fmt)
     parts += _x_axis(labels, x_label)
+    if right:
+        right_top = right.top or nice_ceiling(
+            max((v for s in right.series for v in s.values if v is not None), default=0)
+        )
+        parts += _right_axis(right_top, right.label, right.fmt)
+        parts += _bars(right.series, labels, right_top, right.fmt)
     for rule in rules:
         y = _n(y_position(rule.value, y_min, top))
         parts.append(
@@ -273,7 +327,8 @@ def line_chart(
                 if len(run) > 1:
                     parts.append(
                         f'<polyline class="line" points="{" ".join(run)}" fill="none" '
-                        f'stroke="{one.color}" stroke-width="2"/>'
+                        f'stroke="{one.color}" stroke-width="2"'
+                        + (f' stroke-dasharray="{one.dash}"/>' if one.dash else "/>")
                     )
                 run = []
                 continue
@@ -287,6 +342,7 @@ def line_chart(
         parts += points
         parts.append("</g>")
     legend = [(s.name, s.color) for s in series] + [(b.label, b.color) for b in bands]
+    legend += [(s.name, s.color) for s in right.series] if right else []
     parts += _legend(legend)
     parts.append("</svg>")
     return mark_safe("".join(parts))  # noqa: S308 - every text above went through escape()

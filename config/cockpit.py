@@ -41,6 +41,7 @@ PHASE_COLORS = {
 }
 KILL_SWITCH_COLOR = "#c62828"
 OPENED_COLOR, RESOLVED_COLOR, RATE_COLOR = "#c62828", "#2e7d32", "#1e63c4"
+LEGACY_COLOR, LEDGER_COLOR, MISMATCH_COLOR = "#b85c00", "#1e63c4", "#ef9a9a"
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,21 @@ class Window:
 
 
 @dataclass(frozen=True)
+class ChartTable:
+    """A chart's figures as a table under it, for who would rather read them."""
+
+    table_id: str
+    headers: list[str]
+    rows: list[list[str]]
+    empty: str  # said instead of a table without rows
+
+
+@dataclass(frozen=True)
 class Chart:
     chart_id: str
     title: str
     svg: SafeString
+    table: ChartTable | None = None
 
 
 # Bucket widths a window is cut into (the smallest giving at most `buckets` of them).
@@ -174,6 +186,15 @@ def _percent(value: float) -> str:
     return f"{value:.1f} %" if value < 99 or value == 100 else f"{value:.2f} %"
 
 
+def _rate(value: float) -> str:
+    """A small rate in percent, as precisely as it needs (0.05 %, 2.5 %, 100 %)."""
+    return f"{value:.2f}".rstrip("0").rstrip(".") + " %"
+
+
+def _ms(microseconds: int | None) -> str:
+    return "" if microseconds is None else f"{microseconds / 1000:,.2f}"
+
+
 def discrepancies_chart(window: Window, until: datetime) -> Chart:
     rows = history.discrepancies_per_bucket(since=window.since, until=until, width=window.width)
     per = _bucket_name(window.width)
@@ -198,63 +219,116 @@ def discrepancies_chart(window: Window, until: datetime) -> Chart:
     )
 
 
-def ledger_write_charts(window: Window, until: datetime) -> list[Chart]:
-    """The shadow experiment's figures per bucket: the ledger write success rate against the
-    gate's minimum, and the mismatch rate of the dual writes' comparisons. (The balance path
-    records no per-mutation timings; `rehearse --html` charts the writes' latency per stage.)"""
+def write_success_chart(window: Window, until: datetime) -> Chart:
+    """The ledger write success rate per bucket against the gate's minimum."""
     rows = history.ledger_writes_per_bucket(since=window.since, until=until, width=window.width)
     per = _bucket_name(window.width)
-    labels = [bucket_label(r.start, window.width) for r in rows]
     minimum = float(settings.CUTOVER_MIN_WRITE_SUCCESS_RATE) * 100
     rates = [None if r.success_rate is None else r.success_rate * 100 for r in rows]
     lowest = min([minimum, *(r for r in rates if r is not None)])
     attempts, posted = sum(r.attempts for r in rows), sum(r.posted for r in rows)
-    dual, mismatches = sum(r.dual_writes for r in rows), sum(r.mismatches for r in rows)
-    success_title = f"Ledger write success rate per {per}"
-    mismatch_title = f"Mismatch rate of the dual writes per {per}"
-    return [
-        Chart(
-            "chart-write-success",
-            success_title,
-            charts.line_chart(
-                chart_id="chart-write-success",
-                title=success_title,
-                desc=f"From {window.since:%Y-%m-%d %H:%M} UTC: {posted} of {attempts} ledger "
-                f"writes succeeded; the gate out of shadow needs {minimum:.1f} %. Buckets "
-                "without ledger writes have no point.",
-                labels=labels,
-                series=[charts.Series("succeeded", rates, RATE_COLOR)],
-                x_label="time (UTC)",
-                y_label="ledger writes succeeded (%)",
-                y_min=99.0 if lowest >= 99 else 90.0 if lowest >= 90 else 0.0,
-                y_max=100.0,
-                rules=[charts.Rule(minimum, "gate minimum", KILL_SWITCH_COLOR)],
-                fmt=_percent,
-            ),
+    title = f"Ledger write success rate per {per}"
+    return Chart(
+        "chart-write-success",
+        title,
+        charts.line_chart(
+            chart_id="chart-write-success",
+            title=title,
+            desc=f"From {window.since:%Y-%m-%d %H:%M} UTC: {posted} of {attempts} ledger "
+            f"writes succeeded; the gate out of shadow needs {minimum:.1f} %. Buckets "
+            "without ledger writes have no point.",
+            labels=[bucket_label(r.start, window.width) for r in rows],
+            series=[charts.Series("succeeded", rates, RATE_COLOR)],
+            x_label="time (UTC)",
+            y_label="ledger writes succeeded (%)",
+            y_min=99.0 if lowest >= 99 else 90.0 if lowest >= 90 else 0.0,
+            y_max=100.0,
+            rules=[charts.Rule(minimum, "gate minimum", KILL_SWITCH_COLOR)],
+            fmt=_percent,
         ),
-        Chart(
-            "chart-mismatches",
-            mismatch_title,
-            charts.line_chart(
-                chart_id="chart-mismatches",
-                title=mismatch_title,
-                desc=f"From {window.since:%Y-%m-%d %H:%M} UTC: {mismatches} differences found "
-                f"by the comparisons of {dual} dual writes (a discrepancy opened by the balance "
-                "path, per dual write). Buckets without dual writes have no point.",
-                labels=labels,
-                series=[
+    )
+
+
+EXPERIMENT_HEADERS = [
+    "time (UTC)",
+    "dual writes",
+    "mismatches",
+    "mismatch rate",
+    "legacy p50 ms",
+    "legacy p95 ms",
+    "ledger p50 ms",
+    "ledger p95 ms",
+]
+
+
+def experiment_chart(window: Window, until: datetime) -> Chart:
+    """The shadow experiment per bucket, as Scientist reports it: the legacy write (control)
+    and the ledger write (candidate), p50 and p95 of each as lines in milliseconds, and the
+    mismatch rate as bars on a second axis; the figures in a table under it."""
+    rows = history.experiment_per_bucket(since=window.since, until=until, width=window.width)
+    per = _bucket_name(window.width)
+    labels = [bucket_label(r.start, window.width) for r in rows]
+
+    def line(name: str, field: str, color: str, dash: str = "") -> charts.Series:
+        values = [getattr(r, field) for r in rows]
+        return charts.Series(name, [None if v is None else v / 1000 for v in values], color, dash)
+
+    experiments = sum(r.experiments for r in rows)
+    differed = sum(r.mismatches + r.strict_failures for r in rows)
+    strict = sum(r.strict_failures for r in rows)
+    measured = [r for r in rows if r.experiments]
+    title = f"Legacy vs ledger write time and mismatch rate per {per}"
+    return Chart(
+        "chart-experiment",
+        title,
+        charts.line_chart(
+            chart_id="chart-experiment",
+            title=title,
+            desc=f"From {window.since:%Y-%m-%d %H:%M} UTC: {experiments} dual writes, "
+            f"{differed} of them mismatched ({strict} failed in strict); the time of each "
+            "store's write inside the balance path, p50 and p95 per bucket. Buckets without "
+            "dual writes have no point.",
+            labels=labels,
+            series=[
+                line("legacy p50", "legacy_p50_us", LEGACY_COLOR),
+                line("legacy p95", "legacy_p95_us", LEGACY_COLOR, "6 3"),
+                line("ledger p50", "ledger_p50_us", LEDGER_COLOR),
+                line("ledger p95", "ledger_p95_us", LEDGER_COLOR, "6 3"),
+            ],
+            x_label="time (UTC)",
+            y_label="write time (ms)",
+            fmt=lambda v: f"{v:,.2f}",
+            right=charts.RightAxis(
+                "dual writes mismatched (%)",
+                [
                     charts.Series(
-                        "mismatches",
+                        "mismatch rate",
                         [None if r.mismatch_rate is None else r.mismatch_rate * 100 for r in rows],
-                        OPENED_COLOR,
+                        MISMATCH_COLOR,
                     )
                 ],
-                x_label="time (UTC)",
-                y_label="dual writes that differed (%)",
-                fmt=_percent,
+                fmt=_rate,
             ),
         ),
-    ]
+        ChartTable(
+            "table-experiment",
+            EXPERIMENT_HEADERS,
+            [
+                [
+                    bucket_label(r.start, window.width),
+                    f"{r.experiments:,}",
+                    f"{r.mismatches + r.strict_failures:,}",
+                    _rate(r.mismatch_rate * 100),
+                    _ms(r.legacy_p50_us),
+                    _ms(r.legacy_p95_us),
+                    _ms(r.ledger_p50_us),
+                    _ms(r.ledger_p95_us),
+                ]
+                for r in measured
+            ],
+            f"No dual writes since {window.since:%Y-%m-%d %H:%M} UTC.",
+        ),
+    )
 
 
 def buffer_charts(window: Window, until: datetime) -> list[Chart]:
@@ -373,15 +447,17 @@ def rollout_charts(
 ) -> list[Chart]:
     return [
         discrepancies_chart(discrepancies, until),
-        *ledger_write_charts(writes, until),
+        write_success_chart(writes, until),
+        experiment_chart(writes, until),
         *buffer_charts(buffers, until),
         phase_timeline_chart(until),
     ]
 
 
 def cockpit_charts(*, now: datetime | None = None) -> list[Chart]:
-    """The cockpit's charts: discrepancies per day over 14 days, the ledger writes per hour
-    over 48 hours, the buffers every 6 hours over 7 days, every phase since the first."""
+    """The cockpit's charts: discrepancies per day over 14 days, the ledger writes and the
+    shadow experiment per hour over 48 hours, the buffers every 6 hours over 7 days, every
+    phase since the first."""
     now = now or timezone.now()
     hour = now.replace(minute=0, second=0, microsecond=0)
     day = hour.replace(hour=0)

@@ -414,7 +414,7 @@ class BalanceMutationAdmin(ReadOnlyAdmin):
         "ledger_status",
         "created_at",
     )
-    list_filter = ("phase", "ledger_status", "direction")
+    list_filter = ("phase", "ledger_status", "mismatch", "direction")
     search_fields = ("reference", "=user_id", "correlation_id")
     fields = (
         "reference",
@@ -427,11 +427,28 @@ class BalanceMutationAdmin(ReadOnlyAdmin):
         "ledger_status",
         "ledger_transaction_id",
         "ledger_error",
+        "mismatch",
+        "legacy_time",
+        "ledger_time",
         "correlation_id",
         "created_at",
     )
     amount_shown = amount_column("amount")
     legacy_after_shown = amount_column("legacy_balance_after", "legacy balance after")
+
+    @admin.display(description="legacy write time")
+    def legacy_time(self, obj: BalanceMutation) -> str:
+        return _write_time(obj.legacy_us)
+
+    @admin.display(description="ledger write time")
+    def ledger_time(self, obj: BalanceMutation) -> str:
+        return _write_time(obj.ledger_us)
+
+
+def _write_time(microseconds: int | None) -> str:
+    """A store's write time on a journal row; none when the phase did not write that store (or
+    the row predates the measurement)."""
+    return "not measured" if microseconds is None else f"{microseconds / 1000:,.3f} ms"
 
 
 @admin.register(ReconciliationRun)

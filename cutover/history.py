@@ -1,6 +1,7 @@
 """Reads of the rollout's history, for the operators' charts: discrepancies opened and resolved,
-the balance path's ledger writes and the differences its comparisons found, per time bucket;
-the phases, the kill switch and the read-percentage steps as the audit trail tells them.
+the balance path's ledger writes, and the shadow experiment's figures (both stores' write times
+and the mismatches of their comparisons), per time bucket; the phases, the kill switch and the
+read-percentage steps as the audit trail tells them.
 
 Buckets are `date_bin(width, moment, since)`: aligned on `since`, so a window that starts at
 midnight has calendar days. Every bucket of the window is returned, empty ones as zeros."""
@@ -10,20 +11,13 @@ from datetime import datetime, timedelta
 
 from django.db import connection
 
-from cutover.models import AuditAction, DiscrepancySource, PhaseAudit
+from cutover.models import AuditAction, PhaseAudit
 from cutover.phases import DUAL_WRITE
 
-# Sources of a discrepancy found by the balance path's own comparison (the experiment's
-# mismatches), as opposed to one found by a reconciliation.
-COMPARISON_SOURCES = [
-    DiscrepancySource.DUAL_WRITE.value,
-    DiscrepancySource.LEDGER_WRITE_FAILED.value,
-]
 PHASE_ACTIONS = (AuditAction.SEED, AuditAction.ADVANCE, AuditAction.FORCE, AuditAction.ROLLBACK)
 
 DISCREPANCIES_OPENED_SQL = """
-    SELECT date_bin(%s, first_seen_at, %s), count(*),
-           count(*) FILTER (WHERE source = ANY(%s))
+    SELECT date_bin(%s, first_seen_at, %s), count(*)
       FROM cutover_discrepancies WHERE first_seen_at >= %s AND first_seen_at < %s GROUP BY 1
 """
 DISCREPANCIES_RESOLVED_SQL = """
@@ -33,13 +27,25 @@ DISCREPANCIES_RESOLVED_SQL = """
 LEDGER_WRITES_SQL = """
     SELECT date_bin(%s, created_at, %s),
            count(*) FILTER (WHERE ledger_status = 'posted'),
-           count(*) FILTER (WHERE ledger_status = 'failed'),
-           count(*) FILTER (WHERE ledger_status IN ('posted', 'failed') AND phase = ANY(%s))
+           count(*) FILTER (WHERE ledger_status = 'failed')
       FROM cutover_balance_mutations WHERE created_at >= %s AND created_at < %s GROUP BY 1
 """
 STRICT_FAILURES_SQL = """
-    SELECT date_bin(%s, at, %s), count(*)
+    SELECT date_bin(%s, at, %s), count(*), count(*) FILTER (WHERE phase = ANY(%s))
       FROM cutover_strict_failures WHERE at >= %s AND at < %s GROUP BY 1
+"""
+# The experiment: the journal rows with both timings (a dual write: shadow, read_switch,
+# strict; rows journaled before cutover migration 0013 have none). percentile_disc, so a
+# percentile is a time some mutation took (p50 of an even count is the lower middle one). Its
+# cost is reading the window's rows, as a count of them costs (README: Performance).
+EXPERIMENT_SQL = """
+    SELECT date_bin(%s, created_at, %s), count(*), count(*) FILTER (WHERE mismatch),
+           percentile_disc(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY legacy_us),
+           percentile_disc(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY ledger_us)
+      FROM cutover_balance_mutations
+     WHERE created_at >= %s AND created_at < %s
+       AND legacy_us IS NOT NULL AND ledger_us IS NOT NULL
+     GROUP BY 1
 """
 
 
@@ -67,7 +73,7 @@ def discrepancies_per_bucket(
 ) -> list[DiscrepancyBucket]:
     """Discrepancies first seen, and resolved (by reconciliation or an operator), per bucket."""
     window = {"since": since, "until": until, "width": width}
-    opened = _per_bucket(DISCREPANCIES_OPENED_SQL, [COMPARISON_SOURCES], **window)
+    opened = _per_bucket(DISCREPANCIES_OPENED_SQL, [], **window)
     resolved = _per_bucket(DISCREPANCIES_RESOLVED_SQL, [], **window)
     return [
         DiscrepancyBucket(start, opened.get(start, (0,))[0], resolved.get(start, (0,))[0])
@@ -77,18 +83,14 @@ def discrepancies_per_bucket(
 
 @dataclass(frozen=True)
 class LedgerWriteBucket:
-    """The balance path's ledger writes in a bucket, and the differences its comparisons found
-    (the shadow experiment's figures). `success_rate` is the gate's figure (cutover.selectors.
-    ledger_write_stats): posted over posted, failed and strict failures; None without writes.
-    `mismatch_rate`: discrepancies first opened by a dual write's comparison over the dual
-    writes (a difference seen again on a discrepancy already open is not counted anew)."""
+    """The balance path's ledger writes in a bucket. `success_rate` is the gate's figure
+    (cutover.selectors.ledger_write_stats): posted over posted, failed and strict failures;
+    None without writes."""
 
     start: datetime
     posted: int
     failed: int
     strict_failures: int
-    dual_writes: int
-    mismatches: int
 
     @property
     def attempts(self) -> int:
@@ -98,28 +100,73 @@ class LedgerWriteBucket:
     def success_rate(self) -> float | None:
         return self.posted / self.attempts if self.attempts else None
 
-    @property
-    def mismatch_rate(self) -> float | None:
-        return self.mismatches / self.dual_writes if self.dual_writes else None
+
+DUAL_WRITE_PHASES = [phase.value for phase in DUAL_WRITE]
+
+
+def _strict_failures(**window) -> dict[datetime, tuple]:
+    """Per bucket: strict failures (every phase), and those of a dual-write phase."""
+    return _per_bucket(STRICT_FAILURES_SQL, [DUAL_WRITE_PHASES], **window)
 
 
 def ledger_writes_per_bucket(
     *, since: datetime, until: datetime, width: timedelta
 ) -> list[LedgerWriteBucket]:
     window = {"since": since, "until": until, "width": width}
-    writes = _per_bucket(LEDGER_WRITES_SQL, [[p.value for p in DUAL_WRITE]], **window)
-    strict = _per_bucket(STRICT_FAILURES_SQL, [], **window)
-    opened = _per_bucket(DISCREPANCIES_OPENED_SQL, [COMPARISON_SOURCES], **window)
+    writes = _per_bucket(LEDGER_WRITES_SQL, [], **window)
+    strict = _strict_failures(**window)
     return [
-        LedgerWriteBucket(
-            start,
-            *writes.get(start, (0, 0, 0))[:2],
-            strict.get(start, (0,))[0],
-            writes.get(start, (0, 0, 0))[2],
-            opened.get(start, (0, 0))[1],
-        )
+        LedgerWriteBucket(start, *writes.get(start, (0, 0)), strict.get(start, (0, 0))[0])
         for start in bucket_starts(**window)
     ]
+
+
+@dataclass(frozen=True)
+class ExperimentBucket:
+    """The shadow experiment in a bucket, as Scientist reports one: the legacy write is the
+    control, the ledger write the candidate. `compared`: dual writes journaled with both
+    timings; `mismatches`: those whose stores' balances then differed; `strict_failures`:
+    dual writes whose ledger write failed in strict (the request failed and its journal row
+    rolled back with it: a candidate that raised, so a mismatch without timings). Times are
+    microseconds (percentile_disc of the journal's legacy_us and ledger_us), None without
+    comparisons."""
+
+    start: datetime
+    compared: int
+    mismatches: int
+    strict_failures: int
+    legacy_p50_us: int | None
+    legacy_p95_us: int | None
+    ledger_p50_us: int | None
+    ledger_p95_us: int | None
+
+    @property
+    def experiments(self) -> int:
+        return self.compared + self.strict_failures
+
+    @property
+    def mismatch_rate(self) -> float | None:
+        """Mismatches and strict failures over the experiments; None without any."""
+        if not self.experiments:
+            return None
+        return (self.mismatches + self.strict_failures) / self.experiments
+
+
+def experiment_per_bucket(
+    *, since: datetime, until: datetime, width: timedelta
+) -> list[ExperimentBucket]:
+    window = {"since": since, "until": until, "width": width}
+    compared = _per_bucket(EXPERIMENT_SQL, [], **window)
+    strict = _strict_failures(**window)
+    buckets = []
+    for start in bucket_starts(**window):
+        count, mismatches, legacy, ledger = compared.get(start, (0, 0, [None, None], [None, None]))
+        buckets.append(
+            ExperimentBucket(
+                start, count, mismatches, strict.get(start, (0, 0))[1], *legacy, *ledger
+            )
+        )
+    return buckets
 
 
 @dataclass(frozen=True)

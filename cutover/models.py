@@ -167,6 +167,12 @@ class BalanceMutation(models.Model):
     ledger_error = models.TextField(blank=True, db_default="")
     correlation_id = models.CharField(max_length=128, blank=True, db_default="")
     created_at = models.DateTimeField(db_default=Now(), db_index=True)
+    # The shadow experiment's figures (cutover_balance_mutate measures them): each store's
+    # write time in microseconds, NULL when the phase does not write it; whether the two
+    # stores' balances differed after a dual write.
+    legacy_us = models.BigIntegerField(null=True, blank=True)
+    ledger_us = models.BigIntegerField(null=True, blank=True)
+    mismatch = models.BooleanField(db_default=False)
 
     class Meta:
         db_table = "cutover_balance_mutations"

@@ -15,6 +15,7 @@ from config.charts import (
     Band,
     Lane,
     Marker,
+    RightAxis,
     Rule,
     Segment,
     Series,
@@ -151,6 +152,61 @@ def test_line_chart_axis_covers_values_bands_and_rules():
     assert texts(root, "y-tick")[-1] == "100,000"  # the band's top is on the axis
     point = of_class(root, "circle", "point")[1]
     assert float(point.get("cy")) == round(PLOT_BOTTOM - 0.18 * PLOT_HEIGHT, 2)
+
+
+def test_line_chart_with_bars_on_a_right_axis():
+    """Times as lines on the left axis (a dashed one too), a rate as bars on the right one: each
+    mark at its own axis's height, the chart wider by the right axis's room."""
+    root = parse(
+        charts.line_chart(
+            chart_id="x",
+            title="Legacy vs ledger",
+            desc="d",
+            labels=["10:00", "11:00"],
+            series=[
+                Series("legacy p50", [1.0, 2.0], "#b85c00"),
+                Series("ledger p95", [4.0, None], "#1e63c4", "6 3"),
+            ],
+            x_label="time",
+            y_label="ms",
+            right=RightAxis(
+                "mismatched (%)",
+                [Series("mismatch rate", [25.0, None], "#e99")],
+                fmt=lambda v: f"{v:g} %",
+            ),
+        )
+    )
+    assert root.get("width") == str(charts.WIDTH + charts.RIGHT_AXIS_ROOM)
+    assert texts(root, "y-tick") == ["0", "1", "2", "3", "4", "5"]  # left: up to 5 ms
+    assert texts(root, "right-tick") == ["0 %", "5 %", "10 %", "15 %", "20 %", "25 %"]
+    assert texts(root, "axis-label right-label") == ["mismatched (%)"]
+    (bar,) = of_class(root, "rect", "bar")  # the None is no bar
+    assert bar.find("title").text == "10:00: mismatch rate 25 %"
+    assert float(bar.get("y")) == charts.PLOT_TOP  # 25 % is the right axis's top
+    points = {e.find("title").text: e for e in of_class(root, "circle", "point")}
+    assert float(points["11:00: legacy p50 2"].get("cy")) == PLOT_BOTTOM - 0.4 * PLOT_HEIGHT
+    assert float(points["10:00: ledger p95 4"].get("cy")) == PLOT_BOTTOM - 0.8 * PLOT_HEIGHT
+    (solid,) = of_class(root, "polyline", "line")  # a line of one point is its point alone
+    assert solid.get("stroke-dasharray") is None
+    legend = [g.find("text").text for g in of_class(root, "g", "legend-item")]
+    assert legend == ["legacy p50", "ledger p95", "mismatch rate"]
+
+
+def test_line_chart_draws_a_dashed_series_dashed():
+    root = parse(
+        charts.line_chart(
+            chart_id="y",
+            title="t",
+            desc="d",
+            labels=["a", "b"],
+            series=[Series("p95", [1.0, 2.0], "#00c", "6 3")],
+            x_label="x",
+            y_label="y",
+        )
+    )
+    (line,) = of_class(root, "polyline", "line")
+    assert line.get("stroke-dasharray") == "6 3"
+    assert root.get("width") == str(charts.WIDTH)
 
 
 def test_timeline_segments_span_their_time_and_markers_stand_at_theirs():

@@ -106,14 +106,77 @@ def test_the_rollout_at_a_glance(operator):
     assert charts == [
         "chart-discrepancies",
         "chart-write-success",
-        "chart-mismatches",
+        "chart-experiment",
         "chart-buffer-usd",
         "chart-buffer-usdc",
         "chart-timeline",
     ]
+    assert re.search(r'<p class="chart-empty" id="table-experiment">No dual writes since', page)
     # an operator with every permission sees every action that applies
     for form in ("advance-form", "force-form", "rollback-form", "kill-switch-form"):
         assert f'id="{form}"' in page
+
+
+def test_the_shadow_experiment_per_hour_as_a_chart_and_a_table(operator):
+    """The journal's timings and mismatches per hour: both stores' p50 and p95 as lines, the
+    mismatch rate as bars on the right axis, the same figures in the table under the chart."""
+    user = legacy_user("5")
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    made = iter(range(100))
+    for at, legacy_us, ledger_us, mismatch in (
+        (hour - timedelta(hours=3, minutes=-5), 1500, 3000, False),
+        (hour - timedelta(hours=3, minutes=-6), 2500, 5000, True),
+        (hour - timedelta(hours=1, minutes=-1), 800, 1200, False),
+    ):
+        BalanceMutation.objects.create(
+            reference=f"r{next(made)}",
+            user_id=user,
+            direction="credit",
+            amount=1,
+            currency="USDC",
+            reason="t",
+            phase="shadow",
+            ledger_status="posted",
+            created_at=at,
+            legacy_us=legacy_us,
+            ledger_us=ledger_us,
+            mismatch=mismatch,
+        )
+    page = operator.get("/admin/").content.decode()
+    three, one = (f"{hour - timedelta(hours=h):%d %H:%M}" for h in (3, 1))
+
+    table = re.search(r'<table class="chart-table" id="table-experiment">(.*?)</table>', page, re.S)
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table[1])]
+    assert cells == [
+        [],  # the header row
+        [three, "2", "1", "50 %", "1.50", "2.50", "3.00", "5.00"],
+        [one, "1", "0", "0 %", "0.80", "0.80", "1.20", "1.20"],
+    ]
+    svg = re.search(r'<svg class="chart" id="chart-experiment".*?</svg>', page, re.S)[0]
+    points = re.findall(r'<circle class="point"[^>]*><title>(.*?)</title>', svg)
+    assert sorted(points) == sorted(
+        [
+            f"{three}: legacy p50 1.50",
+            f"{three}: legacy p95 2.50",
+            f"{three}: ledger p50 3.00",
+            f"{three}: ledger p95 5.00",
+            f"{one}: legacy p50 0.80",
+            f"{one}: legacy p95 0.80",
+            f"{one}: ledger p50 1.20",
+            f"{one}: ledger p95 1.20",
+        ]
+    )
+    bars = re.findall(r'<rect class="bar"[^>]*><title>(.*?)</title>', svg)
+    assert bars == [f"{three}: mismatch rate 50 %", f"{one}: mismatch rate 0 %"]
+    assert re.findall(r'class="right-tick"[^>]*>([^<]*)<', svg) == [
+        "0 %",
+        "10 %",
+        "20 %",
+        "30 %",
+        "40 %",
+        "50 %",
+    ]
+    assert "3 dual writes, 1 of them mismatched (0 failed in strict)" in svg
 
 
 def test_kill_switch_banner_on_every_admin_page_while_on(operator):
@@ -292,13 +355,12 @@ def test_discrepancies_and_ledger_writes_per_bucket():
     rows = ledger_writes_per_bucket(
         since=hour, until=hour + timedelta(hours=3), width=timedelta(hours=1)
     )
-    assert [(r.posted, r.failed, r.strict_failures, r.dual_writes, r.mismatches) for r in rows] == [
-        (3, 1, 0, 4, 1),  # the dual_write discrepancy first seen at hour + 0
-        (1, 0, 1, 0, 0),
-        (0, 0, 0, 0, 0),
+    assert [(r.posted, r.failed, r.strict_failures) for r in rows] == [
+        (3, 1, 0),
+        (1, 0, 1),
+        (0, 0, 0),
     ]
     assert [r.success_rate for r in rows] == [0.75, 0.5, None]
-    assert [r.mismatch_rate for r in rows] == [0.25, None, None]
 
 
 def test_phase_and_kill_switch_periods_from_the_audit_trail():
@@ -354,6 +416,4 @@ def test_buffer_history_from_the_ledger_entries_of_real_mutations():
     assert opening == Decimal("1000")
     assert min(changed) == before and list(changed.values()) == [Decimal("1010"), Decimal("1015")]
     rows = ledger_writes_per_bucket(since=before, until=until, width=until - before)
-    assert [(r.posted, r.dual_writes, r.mismatches, r.success_rate) for r in rows] == [
-        (2, 2, 0, 1.0)
-    ]
+    assert [(r.posted, r.success_rate) for r in rows] == [(2, 1.0)]

@@ -16,7 +16,7 @@ RUN_CHARTS = [
     "chart-stage-latency",
     "chart-discrepancies",
     "chart-write-success",
-    "chart-mismatches",
+    "chart-experiment",
     "chart-buffer-usd",
     "chart-buffer-usdc",
     "chart-timeline",
@@ -58,6 +58,20 @@ def assert_self_contained_report(path: Path, report: dict) -> None:
     assert [svg.get("id") for svg in found] == RUN_CHARTS
     for svg in found:
         assert svg.get("role") == "img" and svg.find("title").text and svg.find("desc").text
+    # The shadow experiment's figures under its chart: every mutation applied in a dual-write
+    # stage was timed in both stores (deposits and withdrawals through the balance path too).
+    experiment = re.search(
+        r'<table class="chart-table" id="table-experiment">(.*?)</table>', html, re.S
+    )
+    assert experiment, "no table of the shadow experiment"
+    dual_writes = [
+        int(re.findall(r"<td>(.*?)</td>", row)[1].replace(",", ""))
+        for row in re.findall(r"<tr>(.*?)</tr>", experiment[1])[1:]
+    ]
+    applied = sum(
+        s["applied"] for s in report["stages"] if s["phase"] in ("shadow", "read_switch", "strict")
+    )
+    assert sum(dual_writes) >= applied > 0
     latency = found[0]
     p50 = {
         bar.find("title").text

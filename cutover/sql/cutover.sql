@@ -34,6 +34,12 @@ CREATE TRIGGER cutover_balance_mutations_append_only
 -- equity to the user, so system accounts end as if the mutation had happened in shadow.
 -- Locks, in order: the phase lock (shared; phase flips take it exclusively), the journal's
 -- reference, the user's legacy row, then the ledger accounts (in account order).
+-- The shadow experiment's figures, per mutation, on its journal row (Scientist's control and
+-- candidate): legacy_us, the legacy write's time (its row lock's wait included), and ledger_us,
+-- the ledger write's (counterparty, user account, posting, balance read), in microseconds of
+-- clock_timestamp(), each NULL when the phase does not write that store; mismatch, the two
+-- stores' balances differed after a dual write (a failed ledger write in shadow or read_switch
+-- included): the `discrepancy` returned, whose discrepancy row it opened or saw again.
 CREATE OR REPLACE FUNCTION cutover_balance_mutate(
     p_user_id uuid, p_direction text, p_amount numeric, p_currency text, p_reference text,
     p_reason text, p_counterparty text, p_correlation_id text,
@@ -53,6 +59,10 @@ DECLARE
     v_shard int;
     v_legs jsonb;
     v_meta jsonb;
+    v_clock timestamptz;
+    v_lap timestamptz;
+    v_legacy_us bigint;
+    v_ledger_us bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(7401001);  -- cutover.locks.PHASE_LOCK
     SELECT s.phase, s.kill_switch, s.kill_switch_reason INTO v_state
@@ -97,6 +107,7 @@ BEGIN
             p_currency USING ERRCODE = 'CU003';
     END IF;
 
+    v_clock := clock_timestamp();
     IF phase <> 'cutover' THEN  -- the legacy write, as the old code did it
         IF v_delta > 0 THEN
             INSERT INTO balances (user_id, buying_power, currency) VALUES (p_user_id, 0, p_currency)
@@ -115,6 +126,9 @@ BEGIN
         legacy_balance := legacy_balance + v_delta;
         UPDATE balances SET buying_power = legacy_balance, updated_at = now()
          WHERE user_id = p_user_id;
+        v_lap := clock_timestamp();
+        v_legacy_us := (extract(epoch FROM v_lap - v_clock) * 1000000)::bigint;
+        v_clock := v_lap;  -- the ledger write's time starts where the legacy write's ended
     END IF;
 
     v_mirror := phase = 'legacy' AND EXISTS (
@@ -201,23 +215,26 @@ BEGIN
         END;
         SELECT u.balance INTO ledger_balance FROM ledger_user_balances u
          WHERE u.account_id = v_account;
+        v_ledger_us := (extract(epoch FROM clock_timestamp() - v_clock) * 1000000)::bigint;
     END IF;
+    discrepancy := phase IN ('shadow', 'read_switch', 'strict')
+                   AND ledger_balance IS DISTINCT FROM legacy_balance;
 
     -- The journal row, written once with the outcome: the reference is applied exactly once.
     INSERT INTO cutover_balance_mutations
         (reference, user_id, direction, amount, currency, reason, phase, legacy_balance_after,
-         ledger_status, ledger_transaction_id, ledger_error, correlation_id)
+         ledger_status, ledger_transaction_id, ledger_error, correlation_id, legacy_us, ledger_us,
+         mismatch)
     VALUES (p_reference, p_user_id, p_direction, p_amount, p_currency, p_reason, phase,
             legacy_balance, ledger_status, ledger_transaction_id, ledger_error,
-            coalesce(p_correlation_id, ''))
+            coalesce(p_correlation_id, ''), v_legacy_us, v_ledger_us, discrepancy)
     ON CONFLICT (reference) DO NOTHING;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'reference % is being applied concurrently', p_reference
             USING ERRCODE = 'CU006';
     END IF;
 
-    IF phase IN ('shadow', 'read_switch', 'strict') AND ledger_balance IS DISTINCT FROM legacy_balance THEN
-        discrepancy := true;
+    IF discrepancy THEN
         INSERT INTO cutover_discrepancies
             (user_id, currency, legacy_balance, ledger_balance, difference, status, source, phase,
              reference, detail, occurrences)

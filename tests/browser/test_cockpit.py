@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 from cutover.actors import Actor
 from cutover.backfill import backfill_run
 from cutover.balance_path import balance_credit, balance_debit
-from cutover.models import Discrepancy, LegacyBalance, PhaseAudit, PhaseState
+from cutover.models import BalanceMutation, Discrepancy, LegacyBalance, PhaseAudit, PhaseState
 from cutover.phase_machine import phase_advance
 from cutover.phases import Phase
 from cutover.reconciliation import reconciliation_run
@@ -57,11 +57,44 @@ def a_rollout_in_shadow() -> None:
     reconciliation_run(triggered_by="celery")
 
 
+# The shadow experiment's earlier hours, as the journal would hold them: per hour before this
+# one, (legacy_us, ledger_us, mismatch) of each dual write.
+EARLIER_HOURS = {
+    6: [(900, 1900, False), (1400, 2600, False), (1100, 2300, False)],
+    5: [(1000, 2100, False), (1700, 3900, True), (1200, 2500, False), (950, 2000, False)],
+    4: [(800, 1800, False), (1300, 2900, False)],
+    3: [(1100, 2400, False), (2100, 5200, True), (1000, 2200, False), (1050, 2150, True)],
+    2: [(900, 2000, False), (1250, 2700, False), (980, 2050, False)],
+    1: [(1000, 2200, False), (1150, 2450, False)],
+}
+
+
+def earlier_hours_of_the_experiment(user) -> None:
+    hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    for back, writes in EARLIER_HOURS.items():
+        for n, (legacy_us, ledger_us, mismatch) in enumerate(writes):
+            BalanceMutation.objects.create(
+                reference=f"earlier-{back}-{n}",
+                user_id=user,
+                direction="credit",
+                amount=1,
+                currency="USDC",
+                reason="deposit",
+                phase="shadow",
+                ledger_status="posted",
+                created_at=hour - timedelta(hours=back, minutes=-10 * n),
+                legacy_us=legacy_us,
+                ledger_us=ledger_us,
+                mismatch=mismatch,
+            )
+
+
 def test_operator_reads_the_rollout_forces_a_gate_and_flips_the_kill_switch(
     live_server, browser_page, tmp_path
 ):
     User.objects.create_superuser("operator", "op@example.com", "a-long-password-1")
     a_rollout_in_shadow()
+    earlier_hours_of_the_experiment(Discrepancy.objects.get().user_id)
     page = browser_page
     page.set_viewport_size({"width": 1440, "height": 900})
     login(page, live_server, "operator")
@@ -92,6 +125,21 @@ def test_operator_reads_the_rollout_forces_a_gate_and_flips_the_kill_switch(
     expect(bars.filter(has_text="opened 1")).to_have_count(1)
     expect(bars.filter(has_text="resolved 1")).to_have_count(1)
     expect(page.locator("#chart-timeline rect.segment title").first).to_contain_text("legacy")
+    # The shadow experiment: both stores' times as lines, the mismatch rate as bars, and the
+    # figures in a table under it (the 5 mutations of a_rollout_in_shadow timed for real).
+    experiment = page.locator("#chart-experiment")
+    expect(experiment.locator("polyline.line")).to_have_count(4)
+    expect(
+        experiment.locator("rect.bar title").filter(has_text="mismatch rate 50 %")
+    ).to_have_count(1)
+    rows = page.locator("#table-experiment tbody tr")
+    assert rows.count() >= len(EARLIER_HOURS) + 1
+    figures = [[cell.inner_text() for cell in row.locator("td").all()] for row in rows.all()]
+    assert sum(int(row[1]) for row in figures) == sum(map(len, EARLIER_HOURS.values())) + 5
+    assert sum(int(row[2]) for row in figures) == 3
+    assert ["4", "2", "50 %", "1.05", "2.10", "2.20", "5.20"] in [row[1:] for row in figures]
+    assert all(float(row[3 + n]) > 0 for row in figures for n in range(1, 5))
+    screenshot(page.locator("#figure-chart-experiment"), tmp_path / "cockpit-experiment.png")
     screenshot(page.locator("#cockpit-state"), tmp_path / "cockpit-at-a-glance.png")
     page.screenshot(path=str(tmp_path / "cockpit.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'cockpit.png'}")
