@@ -23,7 +23,7 @@ COLUMNS_SQL = """
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("cutover", "0012_discrepancy_triage"),
+        ("cutover", "0013_task_deliveries"),
     ]
 
     operations = [
@@ -50,7 +50,7 @@ class Migration(migrations.Migration):
             ],
         ),
         migrations.RunSQL(
-            sql=(SQL_DIR / "0013_experiment_timings.sql").read_text(),
+            sql=(SQL_DIR / "0014_experiment_timings.sql").read_text(),
             reverse_sql=(SQL_DIR / "0012_discrepancy_triage.sql").read_text(),
         ),
     ]
