@@ -31,7 +31,14 @@ from cutover.models import ReconciliationDifference, ReconciliationRun, RunStatu
 from cutover.phase_machine import phase_advance
 from cutover.phases import ORDER, Phase
 from ledger.models import Account
-from ledger.services import Leg, account_open, opening_balance_post, transaction_post
+from ledger.selectors import equity_account_code, system_account
+from ledger.services import (
+    Leg,
+    account_open,
+    opening_balance_post,
+    transaction_post,
+    user_accounts_open,
+)
 from rehearsal.runtime import database_url, latency_summary, processes_run
 
 BENCH_NAMESPACE = "bench"
@@ -230,22 +237,36 @@ def pgbench_measure(clients: int, seconds: int, accounts: int) -> dict:
 BENCH_USER_ID = (
     "(lpad(to_hex(g * %(spacing)s), 12, '0') || '40008000' || lpad(to_hex(g), 12, '0'))::uuid"
 )
-# Set-based: both stores of a slice of users in one statement. The ledger accounts are written
-# with their opening balance as their cached balance and no entries (reconciliation reads the
-# cached balance; the scratch database is the benchmark's own and `ledger verify` would name
-# every account): posting one opening entry per user through the entry trigger is what made
-# 10M users take 45 minutes to seed.
-SEED_SLICE_SQL = f"""
-    WITH legacy AS (
-        INSERT INTO balances (user_id, buying_power, currency)
-        SELECT {BENCH_USER_ID}, ((g * 7919) %% 10000000) / 100.0, 'USDC'
-          FROM generate_series(%(low)s::bigint, %(high)s::bigint) g
-        RETURNING user_id, buying_power
+# One user in FUNDED_EVERY holds money (posted through the ledger, one transaction per slice);
+# the others hold 0 in both stores. Posting every user's opening balance through the entry
+# trigger is what made 10M users take 45 minutes to seed; the comparison reads and sums every
+# user's two balances alike, zero or not.
+FUNDED_EVERY = 100
+SEED_LEGACY_SQL = f"""
+    INSERT INTO balances (user_id, buying_power, currency)
+    SELECT {BENCH_USER_ID},
+           CASE WHEN g %% {FUNDED_EVERY} = 0 THEN ((g * 7919) %% 10000000) / 100.0 + 1 ELSE 0 END,
+           'USDC'
+      FROM generate_series(%(low)s::bigint, %(high)s::bigint) g
+    RETURNING user_id
+"""
+# The slice's funded users' opening balances through the one posting function: one
+# transaction (a debit of their total on opening-balance equity, a credit to each user).
+SEED_OPENING_SQL = """
+    WITH funded AS (
+        SELECT a.account_id AS id, b.buying_power
+          FROM balances b JOIN ledger_user_balances a ON a.user_id = b.user_id
+         WHERE b.user_id = ANY(%(users)s::uuid[]) AND b.buying_power > 0
     )
-    INSERT INTO ledger_accounts
-        (user_id, account_type, currency, normal_balance, allow_negative, balance)
-    SELECT user_id, ledger_user_account_type('USDC'), 'USDC', 'credit', false, buying_power
-      FROM legacy ORDER BY user_id
+    SELECT ledger_post_transaction(
+        'bench', 'opening-' || %(low)s, 'opening_balance', '{}',
+        (SELECT jsonb_agg(jsonb_build_object('account_id', id, 'side', 'credit',
+                                             'amount', buying_power, 'currency', 'USDC'))
+           FROM funded)
+        || jsonb_build_array(jsonb_build_object(
+               'account_id', %(equity)s, 'side', 'debit',
+               'amount', (SELECT sum(buying_power) FROM funded), 'currency', 'USDC')))
+     WHERE EXISTS (SELECT 1 FROM funded)
 """
 INJECTED_SQL = f"""
     SELECT {BENCH_USER_ID} FROM generate_series(1::bigint, %(users)s::bigint, %(step)s) g
@@ -268,18 +289,23 @@ def _bench_users(users: int, differences: int) -> dict:
 
 
 def reconcile_seed(users: int, differences: int, on_progress=None) -> None:
-    """`users` users with equal balances in both stores, set-based, then `differences` of them
-    drifted by a cent in the legacy store; phase shadow (forced: the gate's `ledger verify`
-    names the accounts seeded without entries)."""
+    """`users` users with equal balances in both stores, set-based (legacy rows in one
+    statement, ledger accounts opened in one, the funded users' opening balances posted in
+    one transaction, per slice of users), then `differences` of them drifted by a cent in the
+    legacy store; phase shadow through its gate."""
     params = _bench_users(users, differences)
+    equity = system_account(code=equity_account_code("USDC")).pk
     with connection.cursor() as cursor:
         for low in range(1, users + 1, SEED_SLICE):
             high = min(low + SEED_SLICE - 1, users)
-            cursor.execute(SEED_SLICE_SQL, {**params, "low": low, "high": high})
+            cursor.execute(SEED_LEGACY_SQL, {**params, "low": low, "high": high})
+            ids = [row[0] for row in cursor.fetchall()]
+            user_accounts_open(user_ids=ids, currency="USDC")
+            cursor.execute(SEED_OPENING_SQL, {"users": ids, "low": low, "equity": equity})
             if on_progress:
                 on_progress(high)
         cursor.execute("VACUUM ANALYZE balances")
-        cursor.execute("VACUUM ANALYZE ledger_accounts")
+        cursor.execute("ANALYZE")
         cursor.execute("SELECT coalesce(sum(buying_power), 0) FROM balances")
         (custody,) = cursor.fetchone()
     for currency, reported in (("USDC", custody), ("USD", Decimal(0))):  # the shadow gate's
@@ -290,12 +316,7 @@ def reconcile_seed(users: int, differences: int, on_progress=None) -> None:
             actor=Actor("bench"),
             reason="bench",
         )
-    phase_advance(
-        to=Phase.SHADOW,
-        actor=Actor("bench"),
-        force=True,
-        reason="bench seeded: ledger accounts carry their opening balances without entries",
-    )
+    phase_advance(to=Phase.SHADOW, actor=Actor("bench"), force=False, reason="bench seeded")
     with connection.cursor() as cursor:
         cursor.execute(INJECT_DRIFT_SQL, params)
 

@@ -234,6 +234,8 @@ class Command(BaseCommand):
                         )
                     return
             expected = reconcile_injected(users, injected)
+            if seconds_seeding is not None:
+                console.print(f"Seeded in {seconds_seeding} s")
             rows = []
             for workers in options["workers"]:
                 console.print(f"Reconciling with {workers} worker(s) ...")
