@@ -13,7 +13,9 @@ left again (no phase but cutover once it is archived); a discrepancy's triage mo
 cutover_discrepancy_transition allows (open -> investigating | known difference -> repaired |
 resolved; repaired only by an applied repair, which another operator approved than the one who
 requested it); known-difference rules never change except to end early; repair requests are
-decided once; alert states change only when they flip.
+decided once; alert states change only when they flip; at most one reconciliation run running,
+a run finished exactly when it is not running, and a difference listed once per run, user and
+currency.
 """
 
 from datetime import timedelta

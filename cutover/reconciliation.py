@@ -172,14 +172,14 @@ class ReconciliationResult:
         return self.differences == self.known_differences
 
 
-def reconciliation_run(*, triggered_by: str) -> ReconciliationResult:
+def reconciliation_run(*, triggered_by: str, on_progress=None) -> ReconciliationResult:
     """A whole reconciliation in this process: starts a run (or joins the one running), works
-    its chunks until none is left, completes it. Refused with ReconciliationBusy while another
-    leader starts a run or a discrepancy repair posts (RECONCILE_LOCK, tried), with
-    NotApplicable outside shadow, read_switch and strict. A run whose every difference an
-    active known-difference rule matches is clean."""
+    its chunks until none is left, completes it; `on_progress(done, chunks)` after each chunk.
+    Refused with ReconciliationBusy while another leader starts a run or a discrepancy repair
+    posts (RECONCILE_LOCK, tried), with NotApplicable outside shadow, read_switch and strict.
+    A run whose every difference an active known-difference rule matches is clean."""
     run = reconciliation_start(triggered_by=triggered_by)
-    completed = reconciliation_work(run_id=run.pk)
+    completed = reconciliation_work(run_id=run.pk, on_progress=on_progress)
     return ReconciliationResult(
         completed.pk,
         completed.phase,
@@ -224,13 +224,16 @@ def reconciliation_start(*, triggered_by: str) -> ReconciliationRun:
     return run
 
 
-def reconciliation_work(*, run_id: int) -> ReconciliationRun:
+def reconciliation_work(*, run_id: int, on_progress=None) -> ReconciliationRun:
     """Take and work `run_id`'s chunks until none is left, then complete the run (if another
     worker has not): the run as it stands then. NotApplicable if the phase left dual writes
-    (the run is then abandoned)."""
+    (the run is then abandoned). `on_progress(done, chunks)` after each chunk worked here."""
     worker = f"{socket.gethostname()}:{os.getpid()}"
+    chunks = ReconciliationChunk.objects.filter(run_id=run_id)
     while _chunk_work(run_id, worker):
         fault_point("reconcile:recorded")
+        if on_progress:
+            on_progress(chunks.filter(done_at__isnull=False).count(), chunks.count())
     return _run_complete(run_id)
 
 

@@ -225,7 +225,7 @@ def beat(queue: str) -> None:
         app.send_task("cutover.reconcile", queue=queue, connection=connection_)
 
 
-def completed_run(count: int, seconds: float = 120) -> ReconciliationRun:
+def completed_run(count: int, seconds: float = 240) -> ReconciliationRun:
     done = ReconciliationRun.objects.filter(status="completed")
     assert wait_for(lambda: done.count() >= count, seconds, every=0.05)
     return done.order_by("-id").first()
@@ -325,7 +325,7 @@ def test_a_worker_killed_mid_chunk_leaves_its_chunk_to_another():
             " WHERE %s = ANY(pg_blocking_pids(pid)) AND application_name LIKE 'reconcile-%%'"
         )
         beat(queue)
-        assert wait_for(lambda: watcher.execute(waiting, [holder]).fetchone(), 60, every=0.05)
+        assert wait_for(lambda: watcher.execute(waiting, [holder]).fetchone(), 180, every=0.05)
         (name,) = watcher.execute(waiting, [holder]).fetchone()
         killed = processes[int(name.rsplit("-", 1)[1])]
         survivor = processes[1 - processes.index(killed)]
