@@ -301,7 +301,10 @@ def test_traffic_during_runs_records_no_false_difference():
 
 
 def pool_process(worker: subprocess.Popen) -> int:
-    return int(Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()[0])
+    """The worker's pool process (once it has forked it: a worker may still be starting)."""
+    children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children")
+    assert wait_for(lambda: children.read_text().split(), 180)
+    return int(children.read_text().split()[0])
 
 
 def test_a_worker_killed_mid_chunk_leaves_its_chunk_to_another():
