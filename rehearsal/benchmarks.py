@@ -256,7 +256,7 @@ SEED_OPENING_SQL = """
     WITH funded AS (
         SELECT a.account_id AS id, b.buying_power
           FROM balances b JOIN ledger_user_balances a ON a.user_id = b.user_id
-         WHERE b.user_id = ANY(%(users)s::uuid[]) AND b.buying_power > 0
+         WHERE b.user_id BETWEEN %(first)s AND %(last)s AND b.buying_power > 0
     )
     SELECT ledger_post_transaction(
         'bench', 'opening-' || %(low)s, 'opening_balance', '{}',
@@ -299,9 +299,12 @@ def reconcile_seed(users: int, differences: int, on_progress=None) -> None:
         for low in range(1, users + 1, SEED_SLICE):
             high = min(low + SEED_SLICE - 1, users)
             cursor.execute(SEED_LEGACY_SQL, {**params, "low": low, "high": high})
-            ids = [row[0] for row in cursor.fetchall()]
+            ids = sorted(row[0] for row in cursor.fetchall())
             user_accounts_open(user_ids=ids, currency="USDC")
-            cursor.execute(SEED_OPENING_SQL, {"users": ids, "low": low, "equity": equity})
+            cursor.execute(
+                SEED_OPENING_SQL,
+                {"first": ids[0], "last": ids[-1], "low": low, "equity": equity},
+            )
             if on_progress:
                 on_progress(high)
         cursor.execute("VACUUM ANALYZE balances")
