@@ -12,8 +12,8 @@ log = logging.getLogger(__name__)
 
 # Redelivery is harmless: a run's chunks are taken under row locks and each is recorded once, in
 # one transaction with its differences (cutover.reconciliation); a message whose process died
-# comes back (acks_late, reject_on_worker_lost) and takes whatever is left. 10M users took 12.7-17.8 s
-# on 2 workers (README, bench reconcile).
+# comes back (acks_late, reject_on_worker_lost) and takes whatever is left. 10M users took
+# 12.7-17.8 s on 2 workers (README, bench reconcile).
 RECONCILE_TASK_OPTIONS = {
     "acks_late": True,
     "reject_on_worker_lost": True,
