@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 RECONCILE_TASK_OPTIONS = {
     "acks_late": True,
     "reject_on_worker_lost": True,
-    "soft_time_limit": 1800,
-    "time_limit": 1830,
+    # A message stopped at its soft limit leaves the run running with its chunk rolled back:
+    # the others', and the next beat run, take what is left.
+    "soft_time_limit": 600,
+    "time_limit": 630,
     "max_retries": 0,  # no Celery retry: the next beat run is the retry
 }
 
