@@ -13,7 +13,7 @@ from django.utils.timesince import timesince
 
 from config import charts
 from cutover import history
-from cutover.models import AuditAction, PhaseAudit, PhaseState, ReconciliationRun
+from cutover.models import AuditAction, PhaseAudit, PhaseState, ReconciliationRun, RunStatus
 from cutover.phases import Phase, next_phase
 from cutover.selectors import (
     Gate,
@@ -104,7 +104,7 @@ def cockpit_read(*, now: datetime | None = None) -> Cockpit:
         steps = [step for step in READ_STEPS if step > state.read_percent]
     else:
         steps = []
-    last_run = ReconciliationRun.objects.order_by("-finished_at").first()
+    last_run = ReconciliationRun.objects.filter(status=RunStatus.COMPLETED).first()
     return Cockpit(
         state=state,
         now=now,

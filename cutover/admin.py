@@ -455,7 +455,9 @@ def _write_time(microseconds: int | None) -> str:
 class ReconciliationRunAdmin(ReadOnlyAdmin):
     list_display = (
         "finished_at",
+        "status",
         "phase",
+        "chunks",
         "users_checked",
         "differences",
         "known_differences",
@@ -468,7 +470,9 @@ class ReconciliationRunAdmin(ReadOnlyAdmin):
         "started_at",
         "finished_at",
         "took",
+        "status",
         "phase",
+        "chunks",
         "users_checked",
         "differences",
         "known_differences",
@@ -478,7 +482,9 @@ class ReconciliationRunAdmin(ReadOnlyAdmin):
         "ledger_total_shown",
         "triggered_by",
     )
-    took = duration_column("took", lambda run: run.finished_at - run.started_at)
+    took = duration_column(
+        "took", lambda run: run.finished_at - run.started_at if run.finished_at else None
+    )
     # Totals over every currency: the values' own places, no currency.
     legacy_total_shown = amount_column("legacy_total", "legacy total", currency="")
     ledger_total_shown = amount_column("ledger_total", "ledger total", currency="")

@@ -35,7 +35,7 @@ STRICT_FAILURES_SQL = """
       FROM cutover_strict_failures WHERE at >= %s AND at < %s GROUP BY 1
 """
 # The experiment: the journal rows with both timings (a dual write: shadow, read_switch,
-# strict; rows journaled before cutover migration 0013 have none). percentile_disc, so a
+# strict; rows journaled before cutover migration 0014 have none). percentile_disc, so a
 # percentile is a time some mutation took (p50 of an even count is the lower middle one). Its
 # cost is reading the window's rows, as a count of them costs (README: Performance).
 EXPERIMENT_SQL = """

@@ -26,6 +26,7 @@ from cutover.models import (
     OperatorAudit,
     PhaseState,
     ReconciliationRun,
+    RunStatus,
     StrictFailure,
 )
 from cutover.phases import Phase
@@ -211,7 +212,9 @@ def strict_failure_count_in_phase(state: PhaseState) -> int:
 def reconciliation_age(state: PhaseState) -> timedelta:
     """How long the phase has gone without a reconciliation: since the last run finished, or
     since the phase began when no run finished after that."""
-    last = ReconciliationRun.objects.aggregate(last=Max("finished_at"))["last"]
+    last = ReconciliationRun.objects.filter(status=RunStatus.COMPLETED).aggregate(
+        last=Max("finished_at")
+    )["last"]
     since = max(last, state.entered_at) if last else state.entered_at
     return timezone.now() - since
 
@@ -309,7 +312,9 @@ def _discrepancy_check() -> GateCheck:
 
 
 def _reconciliation_check(state: PhaseState) -> GateCheck:
-    run = ReconciliationRun.objects.filter(started_at__gte=state.entered_at).first()
+    run = ReconciliationRun.objects.filter(
+        status=RunStatus.COMPLETED, started_at__gte=state.entered_at
+    ).first()
     if run is None:
         return GateCheck("reconciliation", "a clean full run in this phase", "none yet", False)
     return GateCheck(

@@ -23,8 +23,8 @@ Points, by name (README, "Fault points": what each lies between, and what finish
   recorded.
 - `backfill:user-posted` (cutover.backfill): a user's opening-balance posting made inside a
   chunk whose transaction has not committed.
-- `reconcile:recorded` (cutover.reconciliation): the run's discrepancies written, the run not
-  recorded, in the run's one transaction.
+- `reconcile:recorded` (cutover.reconciliation): at a chunk boundary, a chunk's differences
+  and discrepancies committed, the next chunk not taken, the run not completed.
 - `cycle:committed` (treasury.cycle): a settlement cycle and its conversion jobs committed,
   the jobs not submitted.
 - `rollback:legacy-rebuilt` (cutover.phase_machine): the legacy store rebuilt from the ledger

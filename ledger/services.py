@@ -203,3 +203,25 @@ def account_open(*, user_id: UUID, account_type: str, currency: str) -> Account:
         defaults={"normal_balance": USER_ACCOUNT_NORMAL_BALANCE, "allow_negative": False},
     )
     return account
+
+
+USER_ACCOUNTS_OPEN_SQL = """
+    INSERT INTO ledger_accounts (user_id, account_type, currency, normal_balance, allow_negative)
+    SELECT u, ledger_user_account_type(%(currency)s), %(currency)s, %(normal)s, false
+      FROM unnest(%(users)s::uuid[]) u
+    ON CONFLICT DO NOTHING
+"""
+
+
+def user_accounts_open(*, user_ids: list[UUID], currency: str) -> int:
+    """Open many users' balance accounts in `currency` in one statement (set-based, as
+    ledger_user_account_open one at a time; an account that exists, or that a unique rule
+    refuses, is skipped): how many were opened."""
+    if currency not in CURRENCY_DECIMALS:
+        raise InvalidPosting(f"unknown currency {currency!r}")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            USER_ACCOUNTS_OPEN_SQL,
+            {"users": user_ids, "currency": currency, "normal": USER_ACCOUNT_NORMAL_BALANCE},
+        )
+        return cursor.rowcount

@@ -47,10 +47,10 @@ class ScratchDatabaseError(RuntimeError):
 
 
 @contextmanager
-def scratch_database(prefix: str) -> Iterator[str]:
+def scratch_database(prefix: str, keep: bool = False) -> Iterator[str]:
     """A new database beside the configured one, migrated, used by this process (and the ones
-    it forks) for the duration of the block, then dropped. Nothing else on the server is
-    touched. Needs the CREATEDB privilege."""
+    it forks) for the duration of the block, then dropped (unless `keep`). Nothing else on the
+    server is touched. Needs the CREATEDB privilege."""
     default = connections["default"]
     original = default.settings_dict["NAME"]
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
@@ -69,8 +69,25 @@ def scratch_database(prefix: str) -> Iterator[str]:
     finally:
         connections.close_all()
         default.settings_dict["NAME"] = original
-        with default.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not keep:
+            with default.cursor() as cursor:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def existing_database(name: str) -> Iterator[str]:
+    """A database beside the configured one (one a scratch_database(keep=True) left), migrated,
+    used by this process (and the ones it forks) for the duration of the block; kept."""
+    default = connections["default"]
+    original = default.settings_dict["NAME"]
+    connections.close_all()
+    default.settings_dict["NAME"] = name
+    try:
+        call_command("migrate", interactive=False, verbosity=0)
+        yield name
+    finally:
+        connections.close_all()
+        default.settings_dict["NAME"] = original
 
 
 def processes_run(

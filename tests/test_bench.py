@@ -1,5 +1,6 @@
 """`bench webhooks`' floor: routed only by the benchmark's own URLs, and the same load against
-it and the product's webhook stores every floor body and credits every product deposit."""
+it and the product's webhook stores every floor body and credits every product deposit;
+`bench reconcile`'s set-based seed and its measurement by real Celery workers."""
 
 import json
 from decimal import Decimal
@@ -9,12 +10,14 @@ from django.db import connection
 from django.test import Client
 from django.urls import Resolver404, resolve
 
-from cutover.models import BalanceMutation
+from cutover.models import BalanceMutation, LegacyBalance
+from ledger.models import Account
+from ledger.selectors import ledger_integrity_checks
 from onchain.models import CircleNotification, InboxStatus
 from onchain.sandbox import CircleSandbox
 from rehearsal.bench_floor import FLOOR_PATH, floor_bodies, floor_receive
 from rehearsal.bench_http import webhook_users, webhooks_measure, webhooks_server
-from rehearsal.benchmarks import OPENING
+from rehearsal.benchmarks import OPENING, reconcile_injected, reconcile_measure, reconcile_seed
 
 
 def test_the_product_does_not_route_the_floor():
@@ -77,3 +80,19 @@ def test_the_same_load_fills_the_floor_and_credits_every_product_deposit():
     finally:
         with connection.cursor() as cursor:
             cursor.execute("DROP TABLE IF EXISTS bench_floor_bodies")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bench_reconcile_seeds_set_based_and_two_workers_find_every_injected_difference():
+    reconcile_seed(300, 3)
+    assert LegacyBalance.objects.count() == 300
+    assert Account.objects.filter(user_id__isnull=False).count() == 300
+    assert not [check.name for check in ledger_integrity_checks() if check.problems]
+    injected = reconcile_injected(300, 3)
+    result = reconcile_measure(connection.settings_dict["NAME"], 2, injected)
+    assert (result["status"], result["users_checked"], result["differences_found"]) == (
+        "completed",
+        300,
+        3,
+    )
+    assert result["all_injected_found"] and result["peak_rss_mb_pool_process"] > 0

@@ -72,6 +72,7 @@ def test_the_rollout_at_a_glance(operator):
     ReconciliationRun.objects.create(
         started_at=now - timedelta(hours=2, minutes=1),
         finished_at=now - timedelta(hours=2),
+        status="completed",
         phase="shadow",
         users_checked=1,
         differences=1,

@@ -217,12 +217,16 @@ def test_bench_posting_through_the_shadow_balance_path():
 def test_bench_reconcile_finds_every_injected_difference():
     out = StringIO()
     call_command(
-        "bench", "reconcile", "--users", "3000", "--differences", "7", "--json", stdout=out
+        "bench",
+        "reconcile",
+        *("--users", "3000", "--differences", "7", "--workers", "2", "--json"),
+        stdout=out,
     )
     report = json.loads(out.getvalue())
-    assert report["users_checked"] == 3000
-    assert report["differences_found"] == report["differences_injected"] == 7
-    assert report["python_peak_rss_mb"] > 0
+    (result,) = report["results"]
+    assert (result["workers"], result["status"], result["users_checked"]) == (2, "completed", 3000)
+    assert result["differences_found"] == report["differences_injected"] == 7
+    assert result["all_injected_found"] and result["peak_rss_mb_pool_process"] > 0
 
 
 def test_bench_reads_serves_every_request():

@@ -199,6 +199,11 @@ CUTOVER_STRICT_MIN_DURATION = env_duration("CUTOVER_STRICT_MIN_DURATION", "72h")
 CUTOVER_MIN_WRITE_SUCCESS_RATE = env_fraction("CUTOVER_MIN_WRITE_SUCCESS_RATE", "0.999")
 CUTOVER_READ_P99_BUDGET_MS = env_int("CUTOVER_READ_P99_BUDGET_MS", 500, minimum=1)
 CUTOVER_RECONCILE_INTERVAL = env_duration("CUTOVER_RECONCILE_INTERVAL", "15m")
+# A reconciliation run is split into chunks of about this many users, which workers take in
+# parallel; the run's leader task sends up to RECONCILE_FANOUT - 1 more tasks to its queue, so
+# that that many workers may help (cutover.reconciliation).
+RECONCILE_CHUNK_USERS = env_int("RECONCILE_CHUNK_USERS", 100_000, minimum=1)
+RECONCILE_FANOUT = env_int("RECONCILE_FANOUT", 16, minimum=1)
 # Phase 5: the legacy store is archived only after this long in cutover ("after 90 days").
 CUTOVER_LEGACY_ARCHIVE_AFTER = env_duration("CUTOVER_LEGACY_ARCHIVE_AFTER", "90d")
 # The system buffers against what Circle and Due report (custody reconciliation).

@@ -450,7 +450,14 @@ class Command(BaseCommand):
         self._emit(options, data, _facts("backfill", data))
 
     def _reconcile(self, options) -> None:
-        result = reconciliation_run(triggered_by=Actor.command_line().name)
+        with progress_bar(self.console, "reconcile: chunks") as progress:
+            task = progress.add_task("reconcile", total=None)
+            result = reconciliation_run(
+                triggered_by=Actor.command_line().name,
+                on_progress=lambda done, chunks: progress.update(
+                    task, completed=done, total=chunks
+                ),
+            )
         data = {
             "run_id": result.run_id,
             "phase": result.phase,

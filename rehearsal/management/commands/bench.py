@@ -26,10 +26,11 @@ from rehearsal.benchmarks import (
     pgbench_binary,
     pgbench_measure,
     posting_measure,
+    reconcile_injected,
     reconcile_measure,
     reconcile_seed,
 )
-from rehearsal.runtime import database_ready, scratch_database
+from rehearsal.runtime import database_ready, existing_database, scratch_database
 
 
 class Command(BaseCommand):
@@ -71,15 +72,37 @@ class Command(BaseCommand):
 
         reconcile = sub.add_parser(
             "reconcile",
-            help="seed N users in both stores (with a few injected differences) in a scratch "
-            "database and time one full reconciliation; goal: 1,000,000 users in < 10 s, "
-            "peak RSS < 200 MB",
+            help="seed N users in both stores set-based (with a few injected differences) in a "
+            "scratch database and time one full reconciliation by 1, 2, ... Celery workers "
+            "taking its chunks; goal: 10,000,000 users in < 30 s with 2 workers, every "
+            "injected difference found, peak RSS per worker < 200 MB",
         )
         reconcile.add_argument(
             "--users", type=positive_int, default=1_000_000, help="users (1,000,000)"
         )
         reconcile.add_argument(
             "--differences", type=positive_int, default=7, help="injected differences (7)"
+        )
+        reconcile.add_argument(
+            "--workers",
+            type=positive_int,
+            nargs="+",
+            default=[1, 2],
+            help="Celery worker replicas (one pool process each); several values run one "
+            "after another on the same seeded database (1 2)",
+        )
+        seeded = reconcile.add_mutually_exclusive_group()
+        seeded.add_argument(
+            "--seed-only",
+            action="store_true",
+            help="seed a scratch database, keep it and print its name (to time it later with "
+            "--reuse, e.g. outside the benchmark lock)",
+        )
+        seeded.add_argument(
+            "--reuse",
+            metavar="DATABASE",
+            help="time against a database seeded with --seed-only (same --users and "
+            "--differences); it is kept",
         )
         reconcile.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -184,48 +207,77 @@ class Command(BaseCommand):
 
     def _reconcile(self, options) -> None:
         console = Console(file=self.stdout._out, quiet=options["json"])
-        users = options["users"]
-        with database_ready(console.print), scratch_database("bench") as name:
-            console.print(f"Seeding {users:,} users in both stores in {name} ...")
-            with progress_bar(console, "seeding") as progress:
-                task = progress.add_task("seed", total=users)
-                started = time.perf_counter()
-                reconcile_seed(
-                    users,
-                    options["differences"],
-                    on_progress=lambda done: progress.update(task, completed=done),
-                )
-                seeded = time.perf_counter() - started
-            console.print("Reconciling ...")
-            result = reconcile_measure()
-        result.update(
-            {
-                "differences_injected": options["differences"],
-                "seed_seconds": round(seeded, 1),
-                "goal_seconds": 10,
-                "goal_peak_rss_mb": 200,
-            }
-        )
+        users, injected = options["users"], options["differences"]
+        seconds_seeding = None
+        with ExitStack() as stack:
+            stack.enter_context(database_ready(console.print))
+            if options["reuse"]:
+                name = stack.enter_context(existing_database(options["reuse"]))
+                console.print(f"Reusing {name} ...")
+            else:
+                name = stack.enter_context(scratch_database("bench", keep=options["seed_only"]))
+                console.print(f"Seeding {users:,} users in both stores in {name} ...")
+                with progress_bar(console, "seeding") as progress:
+                    task = progress.add_task("seed", total=users)
+                    started = time.perf_counter()
+                    reconcile_seed(
+                        users,
+                        injected,
+                        on_progress=lambda done: progress.update(task, completed=done),
+                    )
+                    seconds_seeding = round(time.perf_counter() - started, 1)
+                if options["seed_only"]:
+                    console.print(f"Seeded in {seconds_seeding} s; kept as {name}")
+                    if options["json"]:
+                        self.stdout.write(
+                            json_text({"database": name, "seed_seconds": seconds_seeding})
+                        )
+                    return
+            expected = reconcile_injected(users, injected)
+            if seconds_seeding is not None:
+                console.print(f"Seeded in {seconds_seeding} s")
+            rows = []
+            for workers in options["workers"]:
+                console.print(f"Reconciling with {workers} worker(s) ...")
+                rows.append(reconcile_measure(name, workers, expected))
+        result = {
+            "benchmark": "reconcile",
+            "users": users,
+            "differences_injected": injected,
+            "seed_seconds": seconds_seeding,
+            "goal_seconds_with_2_workers": 30,
+            "goal_users": 10_000_000,
+            "goal_peak_rss_mb_per_worker": 200,
+            "results": rows,
+        }
         self._show(
             options,
             console,
-            {"benchmark": "reconcile", **result},
-            "bench reconcile (goal beside each figure)",
+            result,
+            f"bench reconcile: {users:,} users (goal: 10,000,000 in < 30 s with 2 workers, "
+            "all injected differences found, < 200 MB per pool process)",
             (
-                "users",
+                "workers",
+                "chunks",
+                "users checked",
                 "found / injected",
-                "seconds (goal < 10)",
-                "peak RSS MB (goal < 200)",
-                "seeding s",
+                "all injected found",
+                "seconds",
+                "peak RSS MB: pool process",
+                "worker (main + pool)",
             ),
             [
                 (
-                    f"{result['users_checked']:,}",
-                    f"{result['differences_found']} / {result['differences_injected']}",
-                    f"{result['seconds']:.2f}",
-                    f"{result['python_peak_rss_mb']:.0f}",
-                    f"{result['seed_seconds']:.0f}",
+                    str(row["workers"]),
+                    str(row["chunks"]),
+                    f"{row['users_checked']:,}",
+                    f"{row['differences_found']} / {injected}",
+                    "yes" if row["all_injected_found"] else "NO",
+                    f"{row['seconds']:.2f}",
+                    f"{row['peak_rss_mb_pool_process']:.0f}",
+                    f"{row['peak_rss_mb_per_worker']:.0f}",
                 )
+                for row in rows
             ],
         )
 
