@@ -566,7 +566,7 @@ class BackfillPosting(models.Model):
     (its entry count when the difference was computed), so the database refuses a second
     posting computed from the same state: no user is ever posted twice for one difference."""
 
-    run = models.ForeignKey(BackfillRun, on_delete=models.PROTECT, related_name="+", db_index=False)
+    run_id = models.BigIntegerField()  # its BackfillRun
     user_id = models.UUIDField()
     currency = models.CharField(max_length=8)
     entries_before = models.BigIntegerField()

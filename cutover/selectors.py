@@ -15,7 +15,6 @@ from django.utils import timezone
 
 from cutover.models import (
     UNRESOLVED,
-    BackfillRun,
     BalanceMutation,
     CustodyDiscrepancy,
     CustodyOpening,
@@ -233,22 +232,10 @@ TOTALS_SQL = """
 """
 
 
-def backfill_pending(after: UUID | None = None) -> int:
-    """Legacy users whose ledger balance differs (after user `after`, in user_id order)."""
+def backfill_pending() -> int:
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"""SELECT count(*) FROM ({DIFFERENCES_SQL}) d
-                 WHERE d.legacy IS NOT NULL AND (%s::uuid IS NULL OR d.user_id > %s::uuid)""",
-            [after, after],
-        )
+        cursor.execute(f"SELECT count(*) FROM ({DIFFERENCES_SQL}) d WHERE d.legacy IS NOT NULL")
         return cursor.fetchone()[0]
-
-
-def backfill_checkpoint() -> UUID | None:
-    """Where the unfinished backfill run (one a killed backfill left) resumes: after this user
-    (None: from the first)."""
-    run = BackfillRun.objects.filter(finished_at__isnull=True).first()
-    return run.position if run else None
 
 
 def store_differences(limit: int = 20) -> tuple[int, list[dict]]:

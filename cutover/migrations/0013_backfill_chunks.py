@@ -5,7 +5,6 @@ cutover_backfill_chunk, one chunk of users posted set-based under the balance pa
 
 from pathlib import Path
 
-import django.db.models.deletion
 import django.db.models.functions.datetime
 from django.db import migrations, models
 
@@ -69,15 +68,7 @@ class Migration(migrations.Migration):
                 ("legacy_balance", models.DecimalField(decimal_places=6, max_digits=38)),
                 ("amount", models.DecimalField(decimal_places=6, max_digits=38)),
                 ("ledger_transaction_id", models.BigIntegerField()),
-                (
-                    "run",
-                    models.ForeignKey(
-                        db_index=False,
-                        on_delete=django.db.models.deletion.PROTECT,
-                        related_name="+",
-                        to="cutover.backfillrun",
-                    ),
-                ),
+                ("run_id", models.BigIntegerField()),
             ],
             options={
                 "db_table": "cutover_backfill_postings",

@@ -80,7 +80,7 @@ def backfill_worker(start_at: float) -> dict:
     time.sleep(max(0.0, start_at - time.time() + 0.3))
     result = backfill_run(chunk_size=CHUNK)
     connection.close()
-    return {"run_id": result.run_id, "users": result.users_examined, "postings": result.postings}
+    return {"runs": result.runs, "users": result.users_examined, "postings": result.postings}
 
 
 def role(name: str, *args):
@@ -105,7 +105,8 @@ def test_chunks_under_live_traffic_end_exact_and_verified(phase):
         [("backfill", start_at), *[("traffic", w, users, start_at, 3.0) for w in range(3)]],
     )
     backfilled = results[0]
-    run = BackfillRun.objects.get(pk=backfilled["run_id"])
+    (run_id,) = backfilled["runs"]
+    run = BackfillRun.objects.get(pk=run_id)
     assert run.finished_at is not None and run.chunks >= 150 // CHUNK
     during = BalanceMutation.objects.filter(
         created_at__gt=run.started_at, created_at__lt=run.finished_at
@@ -130,7 +131,7 @@ def test_a_rerun_posts_nothing():
     assert Transaction.objects.filter(namespace="backfill").count() == 5  # ceil(30 / 7)
     again = backfill_run(chunk_size=CHUNK)
     assert (again.users_examined, again.postings, again.amount) == (0, 0, 0)
-    assert again.run_id != first.run_id and not again.resumed
+    assert again.runs != first.runs and not again.resumed
     assert Transaction.objects.filter(namespace="backfill").count() == 5
     assert BackfillPosting.objects.count() == 30
     assert differing(users) == [] and verify_problems() == []
@@ -152,8 +153,10 @@ def test_a_user_moved_in_legacy_is_adjusted_by_the_next_run_only_by_the_differen
 
 def test_killed_mid_chunk_resumes_the_run_and_posts_every_user_once():
     """kill -9 at `backfill:chunk-posted` (the chunk's postings made, not committed) in the
-    third chunk: two chunks committed with the run's checkpoint, the third rolled back. The
-    next `cutover backfill` resumes the run after its checkpoint: every user posted once."""
+    third chunk: two chunks committed with the run's checkpoint, the third rolled back. A user
+    the killed run had passed then moves in legacy. The next `cutover backfill` resumes the run
+    after its checkpoint, then passes again from the first user: every user posted once, the
+    moved one adjusted once by the difference."""
     users = legacy_users(100)
     env = {**os.environ, "DATABASE_URL": database_url()}
     command = [sys.executable, "manage.py", "cutover", "backfill", "--chunk-size", "20"]
@@ -164,14 +167,17 @@ def test_killed_mid_chunk_resumes_the_run_and_posts_every_user_once():
     assert run.finished_at is None and (run.chunks, run.users_examined) == (2, 40)
     assert BackfillPosting.objects.count() == 40
     assert len(differing(users)) == 60
+    moved = sorted(users)[0]  # passed by the killed run
+    balance_credit(user_id=moved, amount="2.5", reference="moved", reason="t")  # legacy only
     resumed = subprocess.run([*command, "--json"], cwd=ROOT, env=env, capture_output=True)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
-    assert summary["run_id"] == run.pk and summary["resumed"] is True
-    assert (summary["users_examined"], summary["postings"]) == (60, 60)
+    assert summary["runs"][0] == run.pk and summary["resumed"] is True
+    assert (summary["users_examined"], summary["postings"]) == (61, 61)
     assert summary["users_pending_now"] == 0
     posted = sorted(BackfillPosting.objects.values_list("user_id", flat=True))
-    assert posted == sorted(users)  # each exactly once
+    assert posted == sorted([*users, moved])  # each once, the moved one adjusted once more
+    assert BackfillPosting.objects.get(user_id=moved, entries_before=1).amount == Decimal("2.5")
     assert differing(users) == [] and verify_problems() == []
 
 

@@ -23,7 +23,6 @@ from cutover.phase_machine import (
 from cutover.phases import ORDER, flags_of, next_phase
 from cutover.reconciliation import reconciliation_run
 from cutover.selectors import (
-    backfill_checkpoint,
     backfill_pending,
     custody_status,
     gate_evaluate,
@@ -434,7 +433,7 @@ class Command(BaseCommand):
         )
 
     def _backfill(self, options) -> None:
-        total = backfill_pending(after=backfill_checkpoint())
+        total = backfill_pending()
         with progress_bar(self.console, "backfill") as progress:
             task = progress.add_task("backfill", total=total)
             result = backfill_run(
@@ -442,7 +441,7 @@ class Command(BaseCommand):
                 on_progress=lambda done: progress.update(task, completed=done),
             )
         data = {
-            "run_id": result.run_id,
+            "runs": result.runs,
             "resumed": result.resumed,
             "users_pending_at_start": total,
             "users_examined": result.users_examined,

@@ -430,8 +430,9 @@ BEGIN
 
     SELECT array_agg(c.user_id ORDER BY c.user_id) INTO v_users
       FROM (SELECT b.user_id FROM balances b
-              LEFT JOIN ledger_user_balances a
+              LEFT JOIN ledger_user_balances a  -- (bounded too: a merge join starts there)
                 ON a.user_id = b.user_id AND a.currency = b.currency
+               AND a.user_id >= coalesce(v_position, '00000000-0000-0000-0000-000000000000')
              WHERE b.user_id >= coalesce(v_position, '00000000-0000-0000-0000-000000000000')
                AND b.user_id IS DISTINCT FROM v_position
                AND b.buying_power <> coalesce(a.balance, 0)
@@ -450,7 +451,8 @@ BEGIN
         AND NOT EXISTS (SELECT 1 FROM ledger_user_balances a WHERE a.user_id = b.user_id);
     SELECT b.user_id, b.currency AS legacy, a.currency AS ledger INTO v_mismatch
       FROM balances b JOIN ledger_user_balances a ON a.user_id = b.user_id
-     WHERE b.user_id = ANY(v_users) AND a.currency <> b.currency LIMIT 1;
+     WHERE b.user_id = ANY(v_users) AND a.user_id = ANY(v_users) AND a.currency <> b.currency
+     LIMIT 1;
     IF FOUND THEN
         RAISE EXCEPTION 'user % holds % in the ledger, not % as in the legacy store: a user has one currency',
             v_mismatch.user_id, v_mismatch.ledger, v_mismatch.legacy USING ERRCODE = 'CU003';
@@ -468,7 +470,8 @@ BEGIN
                    'currency', b.currency)) AS legs
           FROM balances b
           JOIN ledger_user_balances a ON a.user_id = b.user_id AND a.currency = b.currency
-         WHERE b.user_id = ANY(v_users) AND b.buying_power <> a.balance
+         WHERE b.user_id = ANY(v_users) AND a.user_id = ANY(v_users)
+           AND b.buying_power <> a.balance
          GROUP BY b.currency ORDER BY b.currency
     LOOP
         v_legs := v_chunk.legs;

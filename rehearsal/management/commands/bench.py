@@ -13,6 +13,7 @@ from cutover.operators import api_client_issue
 from cutover.phases import ORDER
 from gateway.commands import json_text, positive_int, progress_bar
 from onchain.sandbox import CircleSandbox
+from rehearsal.bench_backfill import backfill_measure, backfill_seed, ledger_verified
 from rehearsal.bench_http import (
     api_server,
     reads_measure,
@@ -37,7 +38,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(
-            dest="benchmark", required=True, metavar="{posting,reconcile,reads,webhooks}"
+            dest="benchmark",
+            required=True,
+            metavar="{posting,reconcile,reads,webhooks,backfill}",
         )
         posting = sub.add_parser(
             "posting",
@@ -112,7 +115,39 @@ class Command(BaseCommand):
         )
         webhooks.add_argument("--json", action="store_true", help="print the results as JSON")
 
+        backfill = sub.add_parser(
+            "backfill",
+            help="seed N legacy users (custody open) in a scratch database and run `cutover "
+            "backfill` while live credits and debits flow through the balance path at a fixed "
+            "rate; then the per-user path it replaced on --old-users users, under the same "
+            "traffic; goal: 1,000,000 users in < 10 min with live p99 < 50 ms",
+        )
+        backfill.add_argument(
+            "--users", type=positive_int, default=1_000_000, help="users (1,000,000)"
+        )
+        backfill.add_argument(
+            "--old-users",
+            type=int,
+            default=5_000,
+            help="users for the per-user path, too slow for N (5,000; 0: not run)",
+        )
+        backfill.add_argument(
+            "--chunk-size", type=positive_int, default=500, help="users per chunk (500)"
+        )
+        backfill.add_argument(
+            "--rps", type=positive_int, default=50, help="live mutations a second (50)"
+        )
+        backfill.add_argument(
+            "--custody",
+            action="store_true",
+            help="open custody first: live legacy mutations are mirrored against "
+            "opening-balance equity, the account each chunk posts against (the contended case)",
+        )
+        backfill.add_argument("--json", action="store_true", help="print the results as JSON")
+
     def handle(self, *args, **options) -> None:
+        if options["benchmark"] == "backfill":
+            return self._backfill(options)
         if options["benchmark"] == "webhooks":
             return self._webhooks(options)
         if options["benchmark"] == "reconcile":
@@ -317,6 +352,67 @@ class Command(BaseCommand):
                     ("floor", floor, ""),
                     ("product", result, f"{result['ratio']:.2f}"),
                 )
+            ],
+        )
+
+    def _backfill(self, options) -> None:
+        if options["old_users"] < 0:
+            raise CommandError("--old-users: 0 or more")
+        console = Console(file=self.stdout._out, quiet=options["json"])
+        runs = [("chunked", options["users"])]
+        if options["old_users"]:
+            runs.append(("per_user", options["old_users"]))
+        rows = []
+        with database_ready(console.print):
+            for path, users in runs:
+                with scratch_database("bench") as name:
+                    console.print(f"Seeding {users:,} legacy users in {name} ...")
+                    backfill_seed(users, options["custody"])
+                    console.print(
+                        f"{path} backfill of {users:,} users, {options['rps']} live mutations/s "
+                        "through the balance path ..."
+                    )
+                    row = backfill_measure(
+                        path, users, options["chunk_size"], options["rps"], idle=5.0
+                    )
+                    console.print("ledger verify ...")
+                    row["ledger_verified"] = ledger_verified()
+                rows.append(row)
+        goal = {"users": 1_000_000, "seconds": 600, "live_p99_ms": 50}
+        self._show(
+            options,
+            console,
+            {"benchmark": "backfill", "goal": goal, "custody": options["custody"], "results": rows},
+            "bench backfill: live mutations' p99 before it (idle) and during it (goal: "
+            "1,000,000 users in < 10 min, i.e. >= 1,667 users/s, with live p99 < 50 ms)",
+            (
+                "path",
+                "users",
+                "s",
+                "users/s",
+                "1M in",
+                "p99 idle ms",
+                "p99 ms",
+                "p50 ms",
+                "RSS MB",
+                "verify",
+            ),
+            [
+                (
+                    row["path"],
+                    f"{row['users']:,}",
+                    f"{row['seconds']:.0f}",
+                    f"{row['users_per_second']:,.0f}",
+                    f"{1_000_000 / row['users_per_second'] / 60:,.0f} min"
+                    if row["users_per_second"]
+                    else "-",
+                    f"{row['live_before']['p99_ms']:.0f}",
+                    f"{row['live_during']['p99_ms']:.0f}",
+                    f"{row['live_during']['p50_ms']:.0f}",
+                    f"{row['peak_rss_mb']:.0f}",
+                    "clean" if row["ledger_verified"] else "FAILED",
+                )
+                for row in rows
             ],
         )
 
