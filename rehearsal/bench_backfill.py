@@ -1,6 +1,6 @@
 """`bench backfill`: the chunked backfill (cutover.backfill) of N seeded legacy users while live
 traffic flows through the balance path at a fixed rate, beside the per-user path it replaced;
-and `bench gates`: how long each gate holds the write fence at N users."""
+and `bench gates`: how long the gates into shadow and cutover hold the write fence at N users."""
 
 import contextlib
 import hashlib
@@ -19,8 +19,8 @@ from cutover.backfill import BackfillResult, backfill_run
 from cutover.balance_path import balance_credit, balance_debit
 from cutover.custody import custody_open
 from cutover.exceptions import KillSwitchEngaged, NotApplicable
-from cutover.phase_machine import phase_lock_shared
-from cutover.phases import Phase
+from cutover.phase_machine import phase_advance, phase_lock_shared
+from cutover.phases import ORDER, Phase
 from cutover.selectors import DIFFERENCES_SQL, phase_state
 from ledger.exceptions import InsufficientFunds
 from ledger.selectors import (
@@ -31,7 +31,12 @@ from ledger.selectors import (
     user_account_type,
 )
 from ledger.services import Leg, account_open, transaction_apply
-from rehearsal.benchmarks import SEED_LEGACY_SQL
+from rehearsal.benchmarks import (
+    SEED_ACCOUNTS_SQL,
+    SEED_CHUNK,
+    SEED_LEGACY_SQL,
+    SEED_OPENING_SQL,
+)
 from rehearsal.runtime import latency_summary
 
 LIVE_CLIENTS = 8  # threads of the live traffic, each with its own connection
@@ -53,9 +58,13 @@ def backfill_seed(users: int, custody: bool) -> None:
         cursor.execute("ANALYZE balances")
         cursor.execute("SELECT coalesce(sum(buying_power), 0) FROM balances")
         (total,) = cursor.fetchone()
-    if not custody:
-        return
-    for currency, reported in (("USDC", total), ("USD", Decimal(0))):
+    if custody:
+        custody_open_from(total)
+
+
+def custody_open_from(usdc: Decimal) -> None:
+    """Custody opened as the shadow gate wants it: USDC from the users' total, USD empty."""
+    for currency, reported in (("USDC", usdc), ("USD", Decimal(0))):
         custody_open(
             currency=currency,
             reported=reported,
@@ -214,3 +223,58 @@ def backfill_per_user_run(*, chunk_size: int = 500) -> BackfillResult:
                 result.amount += abs(difference)
             cursor_user = candidates[-1]
     return result
+
+
+# --- bench gates --------------------------------------------------------------------------------
+
+
+def gates_seed(users: int, on_progress=None) -> None:
+    """`users` users with equal balances in both stores (opening balances posted through the
+    ledger in chunks, as `bench reconcile` seeds them) and custody opened from their total."""
+    with connection.cursor() as cursor:
+        cursor.execute(SEED_LEGACY_SQL, {"users": users})
+        cursor.execute(SEED_ACCOUNTS_SQL, {"users": users})
+        cursor.execute(
+            "SELECT min(account_id), max(account_id) FROM ledger_user_balances "
+            "WHERE currency = 'USDC'"
+        )
+        low, high = cursor.fetchone()
+        equity = system_account(code=equity_account_code("USDC")).pk
+        for start in range(low, high + 1, SEED_CHUNK):
+            cursor.execute(
+                SEED_OPENING_SQL, {"low": start, "high": start + SEED_CHUNK, "equity": equity}
+            )
+            if on_progress:
+                on_progress(min(start + SEED_CHUNK, high + 1) - low)
+        cursor.execute("ANALYZE")
+        cursor.execute("SELECT coalesce(sum(buying_power), 0) FROM balances")
+        (total,) = cursor.fetchone()
+    custody_open_from(total)
+
+
+def gates_measure() -> list[dict]:
+    """legacy -> shadow (ledger verify) and strict -> cutover (the equality proof), each
+    timed whole and under the write fence (the audit's fence_ms); shadow -> read_switch ->
+    strict are forced on the way (their gates wait for days)."""
+    actor = Actor("bench")
+    rows = []
+    for target in ORDER[1:]:
+        started = time.perf_counter()
+        audit = phase_advance(
+            to=target, actor=actor, force=target not in GATED, reason="bench", read_percent=100
+        )
+        seconds = time.perf_counter() - started
+        if target in GATED:
+            rows.append(
+                {
+                    "gate": f"{audit.from_phase} -> {audit.to_phase}",
+                    "passed": audit.action == "advance",
+                    "evidence": GATED[target],
+                    "seconds": round(seconds, 2),
+                    "fence_ms": audit.evidence["fence_ms"],
+                }
+            )
+    return rows
+
+
+GATED = {Phase.SHADOW: "ledger verify", Phase.CUTOVER: "stores' equality proof"}
