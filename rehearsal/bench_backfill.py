@@ -253,28 +253,36 @@ def gates_seed(users: int, on_progress=None) -> None:
 
 
 def gates_measure() -> list[dict]:
-    """legacy -> shadow (ledger verify) and strict -> cutover (the equality proof), each
-    timed whole and under the write fence (the audit's fence_ms); shadow -> read_switch ->
-    strict are forced on the way (their gates wait for days)."""
+    """legacy -> shadow (its gate met: ledger verify, the backfill's equality, custody) and
+    strict -> cutover (its equality proof, never forcible; the gate's other checks, which wait
+    for days in strict, forced as on the way through read_switch), each timed whole and under
+    the write fence (the audit's fence_ms)."""
     actor = Actor("bench")
     rows = []
     for target in ORDER[1:]:
         started = time.perf_counter()
         audit = phase_advance(
-            to=target, actor=actor, force=target not in GATED, reason="bench", read_percent=100
+            to=target,
+            actor=actor,
+            force=target != Phase.SHADOW,
+            reason="bench",
+            read_percent=100,
         )
         seconds = time.perf_counter() - started
         if target in GATED:
+            evidence = audit.evidence
             rows.append(
                 {
                     "gate": f"{audit.from_phase} -> {audit.to_phase}",
-                    "passed": audit.action == "advance",
                     "evidence": GATED[target],
+                    "passed": evidence["proof"]["ok"]
+                    if "proof" in evidence
+                    else evidence["passed"],
                     "seconds": round(seconds, 2),
-                    "fence_ms": audit.evidence["fence_ms"],
+                    "fence_ms": evidence["fence_ms"],
                 }
             )
     return rows
 
 
-GATED = {Phase.SHADOW: "ledger verify", Phase.CUTOVER: "stores' equality proof"}
+GATED = {Phase.SHADOW: "ledger verify, backfill", Phase.CUTOVER: "equality proof"}
