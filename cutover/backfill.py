@@ -28,6 +28,7 @@ from cutover.phases import (
 from cutover.selectors import phase_state
 from gateway.faults import fault_point
 from ledger import metrics as ledger_metrics
+from ledger.services import ledger_statistics_refresh
 
 CHUNK_SQL = """
     SELECT examined, posted, moved, transactions, finished FROM cutover_backfill_chunk(%s, %s)
@@ -71,10 +72,21 @@ def backfill_run(*, chunk_size: int = 500, on_progress=None) -> BackfillResult:
     return result
 
 
+# The ledger's statistics are refreshed each time the users examined double from this many.
+STATISTICS_FIRST_REFRESH = 1_000
+
+
 def _pass(run: BackfillRun, chunk_size: int, result: BackfillResult, on_progress) -> None:
-    """The run's chunks, each in a transaction of its own, until it is finished."""
+    """The run's chunks, each in a transaction of its own, until it is finished. Each time
+    the users examined double, the ledger's statistics are refreshed: a first backfill grows
+    its tables from nothing, and plans made for a few rows (the live traffic's too) would scan
+    a million."""
     result.runs.append(run.pk)
+    refresh_at = STATISTICS_FIRST_REFRESH
     while True:
+        if result.users_examined >= refresh_at:
+            ledger_statistics_refresh()
+            refresh_at *= 2
         with transaction.atomic(durable=True):
             phase_lock_shared()
             state = phase_state()
