@@ -207,3 +207,26 @@ def test_one_unfinished_run_at_a_time():
         transaction.atomic(),
     ):
         BackfillRun.objects.create()
+
+
+def test_a_backfill_that_grows_the_ledger_refreshes_its_statistics():
+    """From 1,000 users examined on (and at each doubling), the ledger's tables are analyzed:
+    plans cached while they were empty would scan them whole once they hold a million rows."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT now()")
+        (started,) = cursor.fetchone()
+        cursor.execute(
+            "INSERT INTO balances (user_id, buying_power, currency) "
+            "SELECT gen_random_uuid(), g / 100.0, 'USDC' FROM generate_series(1, 1200) g"
+        )
+    result = backfill_run(chunk_size=400)
+    assert result.postings == 1200
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT relname FROM pg_stat_user_tables WHERE last_analyze >= %s ORDER BY 1",
+            [started],
+        )
+        analyzed = [name for (name,) in cursor.fetchall()]
+    assert analyzed == ["ledger_accounts", "ledger_entries", "ledger_transactions"]
