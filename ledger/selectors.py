@@ -224,13 +224,17 @@ def ledger_integrity_checks(since: Snapshot | None = None) -> list[IntegrityChec
         return _integrity_checks(since)
     with transaction.atomic():
         with connection.cursor() as cursor:
-            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            # (read-write only for the temporary table of the entries written since)
+            mode = "" if since else ", READ ONLY"
+            cursor.execute(f"SET TRANSACTION ISOLATION LEVEL REPEATABLE READ{mode}")
         return _integrity_checks(since)
 
 
 # What was written after a snapshot (ledger_integrity_checks(since=...)): each new entry against
-# the entry before it in its account's chain, new transactions, and the accounts they touched.
+# the entry before it in its account's chain, new transactions, and the accounts they touched
+# (an account's balance, count and head move only with an entry: ledger_account_guard).
 NEW_ENTRIES_SQL = "SELECT e.* FROM ledger_entries e WHERE {written}"
+NEW_ENTRIES_GATHERED = "SELECT * FROM ledger_new_entries"
 NEW_UNBALANCED_SQL = """
     WITH new AS (SELECT DISTINCT transaction_id FROM ({new}) n)
     SELECT e.transaction_id, e.currency,
@@ -268,8 +272,7 @@ NEW_CHAIN_SQL = """
      ORDER BY 1, 3 LIMIT %(limit)s
 """
 NEW_HEADS_SQL = """
-    WITH touched AS (SELECT DISTINCT account_id FROM ({new}) n
-                     UNION SELECT a.id FROM ledger_accounts a WHERE {written})
+    WITH touched AS (SELECT DISTINCT account_id FROM ({new}) n)
     SELECT a.id, a.balance, a.entry_count, a.last_hash,
            coalesce(l.balance_after, 0), coalesce(l.seq, 0), coalesce(l.hash, %(genesis)s)
       FROM touched t JOIN ledger_accounts a ON a.id = t.account_id
@@ -281,12 +284,23 @@ NEW_HEADS_SQL = """
 """
 
 
-def _new_rows(sql: str, since: Snapshot, alias: str = "a") -> list[tuple]:
-    """`sql` over what was written after `since`: {new} the new entries, {written} the
-    snapshot's test on `alias`."""
-    new = NEW_ENTRIES_SQL.format(written=since.written_after("e"))
+def _new_rows(sql: str, since: Snapshot, alias: str = "t") -> list[tuple]:
+    """`sql` over what was written after `since`: {new} the new entries (gathered once by
+    _new_entries_gather), {written} the snapshot's test on `alias`."""
     params = {**since.params, "limit": PROBLEM_LIMIT, "genesis": GENESIS_HASH}
-    return _rows(sql.format(new=new, written=since.written_after(alias)), params)
+    return _rows(sql.format(new=NEW_ENTRIES_GATHERED, written=since.written_after(alias)), params)
+
+
+def _new_entries_gather(since: Snapshot) -> None:
+    """The entries written after `since`, in a temporary table of this transaction: one pass
+    over ledger_entries for every check that reads them."""
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS ledger_new_entries")
+        cursor.execute(
+            "CREATE TEMPORARY TABLE ledger_new_entries ON COMMIT DROP AS "
+            + NEW_ENTRIES_SQL.format(written=since.written_after("e")),
+            since.params,
+        )
 
 
 def _integrity_checks_since(since: Snapshot) -> list[IntegrityCheck]:
@@ -298,11 +312,12 @@ def _integrity_checks_since(since: Snapshot) -> list[IntegrityCheck]:
         "cached_balances", "every touched account's cached balance is its last entry's"
     )
     chains = IntegrityCheck("hash_chains", "every new entry extends its account's chain")
+    _new_entries_gather(since)
     for txn, currency, debits, credits in _new_rows(NEW_UNBALANCED_SQL, since):
         balanced.problems.append(
             f"transaction {txn}: {currency} debits {debits} != credits {credits}"
         )
-    for txn, count in _new_rows(NEW_TOO_FEW_LEGS_SQL, since, alias="t"):
+    for txn, count in _new_rows(NEW_TOO_FEW_LEGS_SQL, since):
         legs.problems.append(f"transaction {txn}: {count} entries")
     for account, entry, seq, what in _new_rows(NEW_CHAIN_SQL, since):
         chains.problems.append(f"account {account}, entry {entry} (seq {seq}): {what}")
