@@ -160,19 +160,21 @@ def _rows(sql: str, params: list) -> list[tuple]:
 class Snapshot:
     """A PostgreSQL snapshot (pg_current_snapshot()) and the rows written after it: by a
     transaction it does not see (one that began after it, or was in flight when it was taken).
-    A row's 32-bit xmin is widened against the snapshot's xmin; a row more than 2**31
-    transactions older than the snapshot counts as seen (a frozen row may count as written,
-    which only costs re-checking it)."""
+    A row's 32-bit xmin is widened against the snapshot's xmin; a row older than that xmin
+    (a frozen one too) counts as seen."""
 
     text: str
     xmin: int  # pg_snapshot_xmin, as an xid8
 
     def written_after(self, alias: str) -> str:
-        """SQL: `alias`'s row was written after the snapshot (parameters from `params`)."""
+        """SQL: `alias`'s row was written after the snapshot (parameters from `params`). The
+        cheap test first: a row older than the snapshot's xmin (by age(), frozen ones too)
+        was seen; only the others are widened and looked up in the snapshot."""
         age = f"(({alias}.xmin::text::bigint - %(snapshot_xmin_low)s + 4294967296) & 4294967295)"
         return (
-            f"({age} < 2147483648 AND NOT pg_visible_in_snapshot("
-            f"(%(snapshot_xmin)s + {age})::text::xid8, %(snapshot)s::pg_snapshot))"
+            f"(age({alias}.xmin) <= age(%(snapshot_xmin_low)s::text::xid) AND {age} < 2147483648"
+            f" AND NOT pg_visible_in_snapshot((%(snapshot_xmin)s + {age})::text::xid8,"
+            " %(snapshot)s::pg_snapshot))"
         )
 
     @property
