@@ -694,3 +694,64 @@ class ReconciliationDifference(models.Model):
 
     def __str__(self) -> str:
         return f"run {self.run_id}: {self.user_id} {self.currency}"
+
+
+class BackfillRun(models.Model):
+    """A backfill's pass over the legacy users in user_id order, and its durable checkpoint:
+    `position` (the last user it has covered) and its counts move with each chunk, in the
+    chunk's transaction (cutover_backfill_chunk), so a run killed at any point resumes after
+    its last committed chunk."""
+
+    started_at = models.DateTimeField(db_default=Now())
+    updated_at = models.DateTimeField(db_default=Now())
+    finished_at = models.DateTimeField(null=True, blank=True)
+    position = models.UUIDField(null=True, blank=True)  # None: before the first user
+    chunks = models.BigIntegerField(db_default=0)
+    users_examined = models.BigIntegerField(db_default=0)
+    postings = models.BigIntegerField(db_default=0)
+    amount = models.DecimalField(max_digits=38, decimal_places=6, db_default=0)
+
+    class Meta:
+        db_table = "cutover_backfill_runs"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["finished_at"],
+                condition=Q(finished_at__isnull=True),
+                nulls_distinct=False,
+                name="cutover_backfill_runs_uniq_unfinished",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        state = f"finished {self.finished_at:%Y-%m-%d %H:%M}" if self.finished_at else "running"
+        return f"backfill run {self.pk}: {self.users_examined} users, {state}"
+
+
+class BackfillPosting(models.Model):
+    """One user's backfill posting: the difference (legacy - ledger) found under the user's
+    locks, posted in its chunk's ledger transaction. Unique per state of the user's account
+    (its entry count when the difference was computed), so the database refuses a second
+    posting computed from the same state: no user is ever posted twice for one difference."""
+
+    run_id = models.BigIntegerField()  # its BackfillRun
+    user_id = models.UUIDField()
+    currency = models.CharField(max_length=8)
+    entries_before = models.BigIntegerField()
+    legacy_balance = models.DecimalField(max_digits=38, decimal_places=6)
+    amount = models.DecimalField(max_digits=38, decimal_places=6)  # signed: to the user
+    ledger_transaction_id = models.BigIntegerField()
+
+    class Meta:
+        db_table = "cutover_backfill_postings"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user_id", "entries_before"],
+                name="cutover_backfill_postings_uniq_user_state",
+            ),
+            models.CheckConstraint(
+                condition=~Q(amount=0), name="cutover_backfill_postings_chk_amount"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"backfill of {self.amount} {self.currency} to user {self.user_id}"

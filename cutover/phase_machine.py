@@ -5,6 +5,8 @@ it shared, so a flip waits for the mutations in flight and no mutation starts un
 once a flip has begun."""
 
 import logging
+import time
+from dataclasses import dataclass
 
 from django.db import connection, transaction
 from django.utils import timezone
@@ -26,12 +28,16 @@ from cutover.phases import (
     next_phase,
 )
 from cutover.selectors import (
+    Gate,
+    GateCheck,
     equality_proof,
     gate_evaluate,
     legacy_archive_get,
+    phase_state,
     store_totals,
 )
 from gateway.faults import fault_point
+from ledger.selectors import Snapshot, snapshot_now
 
 log = logging.getLogger(__name__)
 DEPRECATION_COMMENT = "DEPRECATED: balances live in ledger_accounts since the cutover of {at}."
@@ -100,7 +106,12 @@ def phase_advance(
     *, to: str, actor: Actor, reason: str = "", force: bool = False, read_percent: int = 1
 ) -> PhaseAudit:
     """Move to the next phase once its gate is met (or forced, with a reason, by an operator
-    allowed to). In read_switch, advancing to read_switch again raises the read percentage."""
+    allowed to). In read_switch, advancing to read_switch again raises the read percentage.
+
+    The gate's evidence (ledger verify into shadow, the stores' equality proof into cutover:
+    passes over every entry or user) is computed first, in one snapshot, outside the write
+    fence, so mutations flow meanwhile; a gate not met is refused there. Under the fence only
+    the final proof runs: the cheap checks again, and what was written after that snapshot."""
     target = Phase(to)
     actor.require("cutover.advance_phase")
     if force:
@@ -109,7 +120,9 @@ def phase_advance(
             raise ReasonRequired("--force needs a written --reason")
     if not 0 < read_percent <= 100:
         raise TransitionRefused(f"read percentage must be 1..100, not {read_percent}")
+    before = _gate_before_fence(target, force)
     with transaction.atomic(durable=True):
+        fenced = time.perf_counter()
         state = phase_state_fenced()
         current = Phase(state.phase)
         if target == current == Phase.READ_SWITCH:
@@ -118,14 +131,20 @@ def phase_advance(
         if target != expected:
             allowed = f"the next phase is {expected}" if expected else "cutover is terminal"
             raise TransitionRefused(f"{current} -> {target} is not a legal transition; {allowed}")
-        gate = gate_evaluate(state, target)
+        if before is None or before.gate.from_phase != current:
+            raise TransitionRefused(
+                f"the phase became {current} while the gate's evidence was computed; advance again"
+            )
+        gate = gate_evaluate(state, target, since=before.snapshot)
         evidence = gate.as_evidence()
+        evidence["before_fence"] = before.gate.as_evidence()
         if not gate.passed and not force:
             raise GateNotMet(f"gate {current} -> {target} not met: {gate.failures()}", evidence)
         if target == Phase.CUTOVER:
             # Never forcible: the legacy store stops here, so both must agree to the cent.
-            proof = equality_proof()
+            proof = equality_proof(since=before.snapshot)
             evidence["proof"] = proof.__dict__
+            evidence["before_fence"]["proof"] = before.proof.__dict__
             if not proof.ok:
                 raise GateNotMet(f"cutover refused: {proof.actual}", evidence)
             with connection.cursor() as cursor:
@@ -139,7 +158,38 @@ def phase_advance(
         state.save()
         action = AuditAction.FORCE if not gate.passed else AuditAction.ADVANCE
         evidence["read_percent"] = state.read_percent
+        evidence["fence_ms"] = round((time.perf_counter() - fenced) * 1000, 1)
         return _audit(actor, action, current, target, reason, evidence)
+
+
+@dataclass
+class _Evidence:
+    gate: Gate
+    proof: GateCheck | None
+    snapshot: Snapshot
+
+
+def _gate_before_fence(target: Phase, force: bool) -> _Evidence | None:
+    """The gate for `target` evaluated in one REPEATABLE READ snapshot, without the fence
+    (None when `target` is no gate's: the read percentage, or a transition the fence will
+    refuse). A gate not met (and not forced), or a failed cutover proof, is refused here."""
+    with transaction.atomic(durable=True):
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        snapshot = snapshot_now()
+        state = phase_state()
+        current = Phase(state.phase)
+        if target != next_phase(current):
+            return None
+        gate = gate_evaluate(state, target)
+        proof = equality_proof() if target == Phase.CUTOVER else None
+    evidence = gate.as_evidence()
+    if not gate.passed and not force:
+        raise GateNotMet(f"gate {current} -> {target} not met: {gate.failures()}", evidence)
+    if proof is not None and not proof.ok:
+        evidence["proof"] = proof.__dict__
+        raise GateNotMet(f"cutover refused: {proof.actual}", evidence)
+    return _Evidence(gate, proof, snapshot)
 
 
 def _read_percent_raise(state: PhaseState, percent: int, actor: Actor, reason: str) -> PhaseAudit:

@@ -21,8 +21,8 @@ Points, by name (README, "Fault points": what each lies between, and what finish
   recorded.
 - `conversion:due-answered` (treasury.submission): Due created the conversion, its id not
   recorded.
-- `backfill:user-posted` (cutover.backfill): a user's opening-balance posting made inside a
-  chunk whose transaction has not committed.
+- `backfill:chunk-posted` (cutover.backfill): a chunk's postings (its users' differences, their
+  posting rows and the run's checkpoint) made, the chunk's transaction not committed.
 - `reconcile:recorded` (cutover.reconciliation): at a chunk boundary, a chunk's differences
   and discrepancies committed, the next chunk not taken, the run not completed.
 - `cycle:committed` (treasury.cycle): a settlement cycle and its conversion jobs committed,

@@ -156,19 +156,189 @@ def _rows(sql: str, params: list) -> list[tuple]:
         return cursor.fetchall()
 
 
-def ledger_integrity_checks() -> list[IntegrityCheck]:
+@dataclass(frozen=True)
+class Snapshot:
+    """A PostgreSQL snapshot (pg_current_snapshot()) and the rows written after it: by a
+    transaction it does not see (one that began after it, or was in flight when it was taken).
+    A row's 32-bit xmin is widened against the snapshot's xmin; a row older than that xmin
+    (a frozen one too) counts as seen."""
+
+    text: str
+    xmin: int  # pg_snapshot_xmin, as an xid8
+
+    def written_after(self, alias: str) -> str:
+        """SQL: `alias`'s row was written after the snapshot (parameters from `params`). The
+        cheap test first: a row older than the snapshot's xmin (by age(), frozen ones too)
+        was seen; only the others are widened and looked up in the snapshot."""
+        age = f"(({alias}.xmin::text::bigint - %(snapshot_xmin_low)s + 4294967296) & 4294967295)"
+        return (
+            f"(age({alias}.xmin) <= age(%(snapshot_xmin_low)s::text::xid) AND {age} < 2147483648"
+            f" AND NOT pg_visible_in_snapshot((%(snapshot_xmin)s + {age})::text::xid8,"
+            " %(snapshot)s::pg_snapshot))"
+        )
+
+    @property
+    def params(self) -> dict:
+        return {
+            "snapshot": self.text,
+            "snapshot_xmin": self.xmin,
+            "snapshot_xmin_low": self.xmin & 0xFFFFFFFF,
+        }
+
+
+def snapshot_now() -> Snapshot:
+    """The snapshot of the current statement (in REPEATABLE READ, of the transaction)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_current_snapshot()::text, pg_snapshot_xmin(pg_current_snapshot())::text"
+        )
+        text, xmin = cursor.fetchone()
+    return Snapshot(text, int(xmin))
+
+
+def user_balances_written_since(since: Snapshot) -> tuple[Decimal, int, list]:
+    """The total of users' balance accounts, their count, and the users whose account was
+    written (opened or moved) after `since`, in one pass."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""SELECT coalesce(sum(a.balance), 0), count(*),
+                       coalesce(array_agg(a.user_id) FILTER (WHERE {since.written_after("a")}),
+                                '{{}}')
+                  FROM ledger_accounts a
+                 WHERE a.user_id IS NOT NULL
+                   AND a.account_type = ledger_user_account_type(a.currency)""",
+            since.params,
+        )
+        return cursor.fetchone()
+
+
+def ledger_integrity_checks(since: Snapshot | None = None) -> list[IntegrityCheck]:
     """Every rule of the ledger, re-checked from the stored rows in set-based SQL (seed 001
     "Verify double-entry integrity"). Called outside a transaction it reads one REPEATABLE READ
-    snapshot, so postings committed meanwhile cannot produce false alarms."""
+    snapshot, so postings committed meanwhile cannot produce false alarms.
+
+    With `since` (a snapshot in which a full check was clean), only what was written after it:
+    its transactions, each of its entries against the entry before it in its account's chain,
+    and the head and cached balance of each account it touched. Entries and transactions are
+    never changed once written (ledger.sql), so by induction the whole ledger is as clean as
+    the full check: the final proof a gate takes under the write fence."""
     if connection.in_atomic_block:
-        return _integrity_checks()
+        return _integrity_checks(since)
     with transaction.atomic():
         with connection.cursor() as cursor:
-            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        return _integrity_checks()
+            # (read-write only for the temporary table of the entries written since)
+            mode = "" if since else ", READ ONLY"
+            cursor.execute(f"SET TRANSACTION ISOLATION LEVEL REPEATABLE READ{mode}")
+        return _integrity_checks(since)
 
 
-def _integrity_checks() -> list[IntegrityCheck]:
+# What was written after a snapshot (ledger_integrity_checks(since=...)): each new entry against
+# the entry before it in its account's chain, new transactions, and the accounts they touched
+# (an account's balance, count and head move only with an entry: ledger_account_guard).
+NEW_ENTRIES_SQL = "SELECT e.* FROM ledger_entries e WHERE {written}"
+NEW_ENTRIES_GATHERED = "SELECT * FROM ledger_new_entries"
+NEW_UNBALANCED_SQL = """
+    WITH new AS (SELECT DISTINCT transaction_id FROM ({new}) n)
+    SELECT e.transaction_id, e.currency,
+           coalesce(sum(e.amount) FILTER (WHERE e.side = 'debit'), 0),
+           coalesce(sum(e.amount) FILTER (WHERE e.side = 'credit'), 0)
+      FROM ledger_entries e JOIN new USING (transaction_id)
+     GROUP BY e.transaction_id, e.currency
+    HAVING coalesce(sum(e.amount) FILTER (WHERE e.side = 'debit'), 0)
+        <> coalesce(sum(e.amount) FILTER (WHERE e.side = 'credit'), 0)
+     ORDER BY 1 LIMIT %(limit)s
+"""
+NEW_TOO_FEW_LEGS_SQL = """
+    SELECT t.id, (SELECT count(*) FROM ledger_entries e WHERE e.transaction_id = t.id)
+      FROM ledger_transactions t
+     WHERE {written}
+       AND (SELECT count(*) FROM ledger_entries e WHERE e.transaction_id = t.id) < 2
+     ORDER BY t.id LIMIT %(limit)s
+"""
+NEW_CHAIN_SQL = """
+    SELECT n.account_id, n.id, n.seq,
+           CASE WHEN n.hash <> ledger_entry_hash(n.prev_hash, n.id, n.transaction_id,
+                                                 n.account_id, n.currency, n.side, n.amount,
+                                                 n.seq) THEN 'hash does not match the entry'
+                WHEN n.prev_hash <> coalesce(p.hash, %(genesis)s)
+                  OR (p.id IS NULL AND n.seq <> 1) THEN 'link to previous entry broken'
+                ELSE 'balance_after does not match the running sum' END
+      FROM ({new}) n
+      JOIN ledger_accounts a ON a.id = n.account_id
+      LEFT JOIN ledger_entries p ON p.account_id = n.account_id AND p.seq = n.seq - 1
+     WHERE n.hash <> ledger_entry_hash(n.prev_hash, n.id, n.transaction_id, n.account_id,
+                                       n.currency, n.side, n.amount, n.seq)
+        OR n.prev_hash <> coalesce(p.hash, %(genesis)s) OR (p.id IS NULL AND n.seq <> 1)
+        OR n.balance_after <> coalesce(p.balance_after, 0)
+           + CASE WHEN n.side = a.normal_balance THEN n.amount ELSE -n.amount END
+     ORDER BY 1, 3 LIMIT %(limit)s
+"""
+NEW_HEADS_SQL = """
+    WITH touched AS (SELECT DISTINCT account_id FROM ({new}) n)
+    SELECT a.id, a.balance, a.entry_count, a.last_hash,
+           coalesce(l.balance_after, 0), coalesce(l.seq, 0), coalesce(l.hash, %(genesis)s)
+      FROM touched t JOIN ledger_accounts a ON a.id = t.account_id
+      LEFT JOIN LATERAL (SELECT e.balance_after, e.seq, e.hash FROM ledger_entries e
+                          WHERE e.account_id = a.id ORDER BY e.seq DESC LIMIT 1) l ON true
+     WHERE a.balance <> coalesce(l.balance_after, 0) OR a.entry_count <> coalesce(l.seq, 0)
+        OR a.last_hash <> coalesce(l.hash, %(genesis)s)
+     ORDER BY a.id LIMIT %(limit)s
+"""
+
+
+def _new_rows(sql: str, since: Snapshot, alias: str = "t") -> list[tuple]:
+    """`sql` over what was written after `since`: {new} the new entries (gathered once by
+    _new_entries_gather), {written} the snapshot's test on `alias`."""
+    params = {**since.params, "limit": PROBLEM_LIMIT, "genesis": GENESIS_HASH}
+    return _rows(sql.format(new=NEW_ENTRIES_GATHERED, written=since.written_after(alias)), params)
+
+
+def _new_entries_gather(since: Snapshot) -> None:
+    """The entries written after `since`, in a temporary table of this transaction: one pass
+    over ledger_entries for every check that reads them."""
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS ledger_new_entries")
+        cursor.execute(
+            "CREATE TEMPORARY TABLE ledger_new_entries ON COMMIT DROP AS "
+            + NEW_ENTRIES_SQL.format(written=since.written_after("e")),
+            since.params,
+        )
+
+
+def _integrity_checks_since(since: Snapshot) -> list[IntegrityCheck]:
+    balanced = IntegrityCheck(
+        "balanced", "every new transaction's debits equal its credits per currency"
+    )
+    legs = IntegrityCheck("two_legs", "every new transaction has at least two entries")
+    cached = IntegrityCheck(
+        "cached_balances", "every touched account's cached balance is its last entry's"
+    )
+    chains = IntegrityCheck("hash_chains", "every new entry extends its account's chain")
+    _new_entries_gather(since)
+    for txn, currency, debits, credits in _new_rows(NEW_UNBALANCED_SQL, since):
+        balanced.problems.append(
+            f"transaction {txn}: {currency} debits {debits} != credits {credits}"
+        )
+    for txn, count in _new_rows(NEW_TOO_FEW_LEGS_SQL, since):
+        legs.problems.append(f"transaction {txn}: {count} entries")
+    for account, entry, seq, what in _new_rows(NEW_CHAIN_SQL, since):
+        chains.problems.append(f"account {account}, entry {entry} (seq {seq}): {what}")
+    for account, balance, count, head, last_balance, last_seq, last_hash in _new_rows(
+        NEW_HEADS_SQL, since
+    ):
+        if (balance, count) != (last_balance, last_seq):
+            cached.problems.append(
+                f"account {account}: cached balance {balance} but its last entry says "
+                f"{last_balance} ({count} recorded entries, last seq {last_seq})"
+            )
+        if head != last_hash:
+            chains.problems.append(f"account {account}: last_hash is not its last entry's hash")
+    return [balanced, legs, cached, chains]
+
+
+def _integrity_checks(since: Snapshot | None = None) -> list[IntegrityCheck]:
+    if since is not None:
+        return _integrity_checks_since(since)
     balanced = IntegrityCheck(
         "balanced", "every transaction's debits equal its credits per currency"
     )

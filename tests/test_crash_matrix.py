@@ -606,19 +606,19 @@ class Backfills(CommandFlow):
     """`cutover backfill` in legacy while users arrive and legacy balances move, killed in
     the middle of a chunk (at a passage drawn anew for each run), resumed by the next run."""
 
-    chunk = 4
+    chunk = 2
 
     def prepare(self) -> None:
         self.users = [legacy_user(str(self.rng.randint(1, 500))) for _ in range(12)]
 
     def step(self) -> None:
-        self.users += [legacy_user(str(self.rng.randint(1, 500))) for _ in range(self.chunk)]
+        self.users += [legacy_user(str(self.rng.randint(1, 500))) for _ in range(2 * self.chunk)]
         for user in self.rng.sample(self.users, 2):
             balance_credit(
                 user_id=user, amount=Decimal("1.25"), reference=str(uuid.uuid4()), reason="crash"
             )
         if self.environment:
-            self.environment["LEDGER_FAULT_AFTER"] = str(self.rng.randint(1, 2 * self.chunk))
+            self.environment["LEDGER_FAULT_AFTER"] = str(self.rng.randint(1, 3))
         self.run("cutover", "backfill", "--chunk-size", str(self.chunk))
 
     def settle(self) -> None:
@@ -720,7 +720,7 @@ MATRIX = {
     "conversion:due-answered": (SettlementCycles, "due"),
     "cycle:committed": (SettlementCycles, "due"),
     "reconcile:recorded": (Reconciliations, None),
-    "backfill:user-posted": (Backfills, None),
+    "backfill:chunk-posted": (Backfills, None),
     "rollback:legacy-rebuilt": (Rollbacks, None),
 }
 

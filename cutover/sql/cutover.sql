@@ -408,3 +408,118 @@ DROP TRIGGER IF EXISTS cutover_known_difference_kept ON cutover_known_difference
 CREATE TRIGGER cutover_known_difference_kept
     BEFORE UPDATE OR DELETE ON cutover_known_differences
     FOR EACH ROW EXECUTE FUNCTION cutover_known_difference_kept();
+
+-- The backfill's chunk (cutover.backfill), in the caller's transaction: run `p_run_id`
+-- continues from its checkpoint (`position`, the last user it covered) with the next `p_limit`
+-- legacy users, in user_id order, whose ledger balance is not their legacy balance, and brings
+-- each to its legacy balance: one ledger transaction per currency against the currency's
+-- opening-balance equity (namespace `backfill`), a cutover_backfill_postings row per user
+-- (unique per state of the user's account: a difference is never posted twice), and the
+-- checkpoint moved past the chunk. Candidates are found without locks; then, in the balance
+-- path's order, their legacy rows are locked (user order), their ledger accounts opened and
+-- locked (account order), and every difference is computed again under those locks: a mutation
+-- that committed meanwhile is in it, one that waits comes after it, so each user's ledger
+-- balance equals the legacy balance at the moment of the chunk. A run with no candidate left
+-- is finished. Concurrent callers of one run take its chunks in turn (the run's row lock).
+-- CU003: a user whose ledger account holds another currency than their legacy row.
+CREATE OR REPLACE FUNCTION cutover_backfill_chunk(
+    p_run_id bigint, p_limit int,
+    OUT examined int, OUT posted int, OUT moved numeric, OUT transactions int,
+    OUT finished boolean
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_position uuid;
+    v_users uuid[];
+    v_mismatch record;
+    v_chunk record;
+    v_legs jsonb;
+    v_transaction bigint;
+BEGIN
+    examined := 0;
+    posted := 0;
+    moved := 0;
+    transactions := 0;
+    SELECT r.position, r.finished_at IS NOT NULL INTO v_position, finished
+      FROM cutover_backfill_runs r WHERE r.id = p_run_id FOR UPDATE;
+    IF finished THEN
+        RETURN;
+    END IF;
+
+    SELECT array_agg(c.user_id ORDER BY c.user_id) INTO v_users
+      FROM (SELECT b.user_id FROM balances b
+              LEFT JOIN ledger_user_balances a  -- (bounded too: a merge join starts there)
+                ON a.user_id = b.user_id AND a.currency = b.currency
+               AND a.user_id >= coalesce(v_position, '00000000-0000-0000-0000-000000000000')
+             WHERE b.user_id >= coalesce(v_position, '00000000-0000-0000-0000-000000000000')
+               AND b.user_id IS DISTINCT FROM v_position
+               AND b.buying_power <> coalesce(a.balance, 0)
+             ORDER BY b.user_id LIMIT p_limit) c;
+    examined := coalesce(cardinality(v_users), 0);
+    IF examined = 0 THEN
+        finished := true;
+        UPDATE cutover_backfill_runs SET finished_at = now(), updated_at = now()
+         WHERE id = p_run_id;
+        RETURN;
+    END IF;
+
+    PERFORM 1 FROM balances b WHERE b.user_id = ANY(v_users) ORDER BY b.user_id FOR UPDATE;
+    PERFORM ledger_user_account_open(b.user_id, b.currency) FROM balances b
+      WHERE b.user_id = ANY(v_users)
+        AND NOT EXISTS (SELECT 1 FROM ledger_user_balances a WHERE a.user_id = b.user_id);
+    SELECT b.user_id, b.currency AS legacy, a.currency AS ledger INTO v_mismatch
+      FROM balances b JOIN ledger_user_balances a ON a.user_id = b.user_id
+     WHERE b.user_id = ANY(v_users) AND a.user_id = ANY(v_users) AND a.currency <> b.currency
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'user % holds % in the ledger, not % as in the legacy store: a user has one currency',
+            v_mismatch.user_id, v_mismatch.ledger, v_mismatch.legacy USING ERRCODE = 'CU003';
+    END IF;
+    PERFORM 1 FROM ledger_user_balances a WHERE a.user_id = ANY(v_users)
+      ORDER BY a.account_id FOR UPDATE;
+
+    FOR v_chunk IN
+        SELECT b.currency, count(*) AS users, sum(b.buying_power - a.balance) AS net,
+               sum(abs(b.buying_power - a.balance)) AS moved,
+               jsonb_agg(jsonb_build_object(
+                   'account_id', a.account_id,
+                   'side', CASE WHEN b.buying_power > a.balance THEN 'credit' ELSE 'debit' END,
+                   'amount', abs(b.buying_power - a.balance),
+                   'currency', b.currency)) AS legs
+          FROM balances b
+          JOIN ledger_user_balances a ON a.user_id = b.user_id AND a.currency = b.currency
+         WHERE b.user_id = ANY(v_users) AND a.user_id = ANY(v_users)
+           AND b.buying_power <> a.balance
+         GROUP BY b.currency ORDER BY b.currency
+    LOOP
+        v_legs := v_chunk.legs;
+        IF v_chunk.net <> 0 THEN  -- the chunk's total, from (or back to) equity
+            v_legs := v_legs || jsonb_build_array(jsonb_build_object(
+                'account_id', (SELECT s.account_id FROM ledger_system_balances s
+                                WHERE s.code = 'opening_balance_equity_' || lower(v_chunk.currency)),
+                'side', CASE WHEN v_chunk.net > 0 THEN 'debit' ELSE 'credit' END,
+                'amount', abs(v_chunk.net),
+                'currency', v_chunk.currency));
+        END IF;
+        SELECT t.transaction_id INTO v_transaction
+          FROM ledger_post_transaction(
+              'backfill', 'run-' || p_run_id || ':' || v_chunk.currency || ':' || v_users[examined],
+              'opening_balance', jsonb_build_object('backfill_run', p_run_id, 'users', v_chunk.users),
+              v_legs) t;
+        INSERT INTO cutover_backfill_postings
+            (run_id, user_id, currency, entries_before, legacy_balance, amount,
+             ledger_transaction_id)
+        SELECT p_run_id, a.user_id, a.currency, a.entry_count - 1, a.balance,
+               CASE WHEN l.side = 'credit' THEN l.amount ELSE -l.amount END, v_transaction
+          FROM jsonb_to_recordset(v_chunk.legs) AS l(account_id bigint, side text, amount numeric)
+          JOIN ledger_user_balances a ON a.account_id = l.account_id;
+        posted := posted + v_chunk.users;
+        moved := moved + v_chunk.moved;
+        transactions := transactions + 1;
+    END LOOP;
+
+    UPDATE cutover_backfill_runs
+       SET position = v_users[examined], chunks = chunks + 1,
+           users_examined = users_examined + examined, postings = postings + posted,
+           amount = amount + moved, updated_at = now()
+     WHERE id = p_run_id;
+END $$;

@@ -441,6 +441,8 @@ class Command(BaseCommand):
                 on_progress=lambda done: progress.update(task, completed=done),
             )
         data = {
+            "runs": result.runs,
+            "resumed": result.resumed,
             "users_pending_at_start": total,
             "users_examined": result.users_examined,
             "postings": result.postings,

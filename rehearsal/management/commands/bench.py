@@ -13,6 +13,13 @@ from cutover.operators import api_client_issue
 from cutover.phases import ORDER
 from gateway.commands import json_text, positive_int, progress_bar
 from onchain.sandbox import CircleSandbox
+from rehearsal.bench_backfill import (
+    backfill_measure,
+    backfill_seed,
+    gates_measure,
+    gates_seed,
+    ledger_verified,
+)
 from rehearsal.bench_http import (
     api_server,
     reads_measure,
@@ -38,7 +45,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(
-            dest="benchmark", required=True, metavar="{posting,reconcile,reads,webhooks}"
+            dest="benchmark",
+            required=True,
+            metavar="{posting,reconcile,reads,webhooks,backfill,gates}",
         )
         posting = sub.add_parser(
             "posting",
@@ -135,7 +144,53 @@ class Command(BaseCommand):
         )
         webhooks.add_argument("--json", action="store_true", help="print the results as JSON")
 
+        backfill = sub.add_parser(
+            "backfill",
+            help="seed N legacy users (custody open) in a scratch database and run `cutover "
+            "backfill` while live credits and debits flow through the balance path at a fixed "
+            "rate; then the per-user path it replaced on --old-users users, under the same "
+            "traffic; goal: 1,000,000 users in < 10 min with live p99 < 50 ms",
+        )
+        backfill.add_argument(
+            "--users", type=positive_int, default=1_000_000, help="users (1,000,000)"
+        )
+        backfill.add_argument(
+            "--old-users",
+            type=int,
+            default=5_000,
+            help="users for the per-user path, too slow for N (5,000; 0: not run)",
+        )
+        backfill.add_argument(
+            "--chunk-size", type=positive_int, default=500, help="users per chunk (500)"
+        )
+        backfill.add_argument(
+            "--rps", type=positive_int, default=50, help="live mutations a second (50)"
+        )
+        backfill.add_argument(
+            "--custody",
+            action="store_true",
+            help="open custody first: live legacy mutations are mirrored against "
+            "opening-balance equity, the account each chunk posts against (the contended case)",
+        )
+        backfill.add_argument("--json", action="store_true", help="print the results as JSON")
+
+        gates = sub.add_parser(
+            "gates",
+            help="seed N users in both stores (custody open) in a scratch database and walk the "
+            "rollout to cutover: how long the gates into shadow (ledger verify) and cutover (the "
+            "stores' equality proof) take, and how long of it they hold the write fence; goal: "
+            "< 2 s of fence at 1,000,000 users",
+        )
+        gates.add_argument(
+            "--users", type=positive_int, default=1_000_000, help="users (1,000,000)"
+        )
+        gates.add_argument("--json", action="store_true", help="print the results as JSON")
+
     def handle(self, *args, **options) -> None:
+        if options["benchmark"] == "gates":
+            return self._gates(options)
+        if options["benchmark"] == "backfill":
+            return self._backfill(options)
         if options["benchmark"] == "webhooks":
             return self._webhooks(options)
         if options["benchmark"] == "reconcile":
@@ -369,6 +424,81 @@ class Command(BaseCommand):
                     ("floor", floor, ""),
                     ("product", result, f"{result['ratio']:.2f}"),
                 )
+            ],
+        )
+
+    def _backfill(self, options) -> None:
+        if options["old_users"] < 0:
+            raise CommandError("--old-users: 0 or more")
+        console = Console(file=self.stdout._out, quiet=options["json"])
+        runs = [("chunked", options["users"])]
+        if options["old_users"]:
+            runs.append(("per_user", options["old_users"]))
+        rows = []
+        with database_ready(console.print):
+            for path, users in runs:
+                with scratch_database("bench") as name:
+                    console.print(f"Seeding {users:,} legacy users in {name} ...")
+                    backfill_seed(users, options["custody"])
+                    console.print(
+                        f"{path} backfill of {users:,} users, {options['rps']} live mutations/s "
+                        "through the balance path ..."
+                    )
+                    row = backfill_measure(
+                        path, users, options["chunk_size"], options["rps"], idle=5.0
+                    )
+                    console.print("ledger verify ...")
+                    row["ledger_verified"] = ledger_verified()
+                rows.append(row)
+        goal = {"users": 1_000_000, "seconds": 600, "live_p99_ms": 50}
+        self._show(
+            options,
+            console,
+            {"benchmark": "backfill", "goal": goal, "custody": options["custody"], "results": rows},
+            "bench backfill: live mutations' p99 before it (idle) and during it (goal: "
+            "1,000,000 users in < 10 min, i.e. >= 1,667 users/s, with live p99 < 50 ms)",
+            ("path", "users", "s", "users/s", "p99 idle", "p99 ms", "RSS MB", "verify"),
+            [
+                (
+                    row["path"],
+                    f"{row['users']:,}",
+                    f"{row['seconds']:.0f}",
+                    f"{row['users_per_second']:,.0f}",
+                    f"{row['live_before']['p99_ms']:.0f}",
+                    f"{row['live_during']['p99_ms']:.0f}",
+                    f"{row['peak_rss_mb']:.0f}",
+                    "clean" if row["ledger_verified"] else "FAILED",
+                )
+                for row in rows
+            ],
+        )
+
+    def _gates(self, options) -> None:
+        console = Console(file=self.stdout._out, quiet=options["json"])
+        users = options["users"]
+        with database_ready(console.print), scratch_database("bench") as name:
+            console.print(f"Seeding {users:,} users in both stores in {name} ...")
+            with progress_bar(console, "seeding") as progress:
+                task = progress.add_task("seed", total=users)
+                gates_seed(users, on_progress=lambda done: progress.update(task, completed=done))
+            console.print("Advancing legacy -> shadow -> read_switch -> strict -> cutover ...")
+            rows = gates_measure()
+        self._show(
+            options,
+            console,
+            {"benchmark": "gates", "users": users, "goal_fence_ms": 2000, "results": rows},
+            f"bench gates at {users:,} users: the evidence outside the write fence, the final "
+            "proof under it (goal: fence < 2,000 ms at 1,000,000 users)",
+            ("gate", "evidence", "passed", "whole s", "fence ms (goal < 2000)"),
+            [
+                (
+                    row["gate"],
+                    row["evidence"],
+                    "yes" if row["passed"] else "no",
+                    f"{row['seconds']:.2f}",
+                    f"{row['fence_ms']:.0f}",
+                )
+                for row in rows
             ],
         )
 
