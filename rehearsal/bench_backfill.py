@@ -31,15 +31,42 @@ from ledger.selectors import (
     user_account_type,
 )
 from ledger.services import Leg, account_open, transaction_apply
-from rehearsal.benchmarks import (
-    SEED_ACCOUNTS_SQL,
-    SEED_CHUNK,
-    SEED_LEGACY_SQL,
-    SEED_OPENING_SQL,
-)
 from rehearsal.runtime import latency_summary
 
 LIVE_CLIENTS = 8  # threads of the live traffic, each with its own connection
+
+
+# Seeded users' ids are md5('bench-user-' || g) (bench_user), each funded; the opening
+# balances of the gates' seed go through the one posting function, a transaction per chunk.
+SEED_LEGACY_SQL = """
+    INSERT INTO balances (user_id, buying_power, currency)
+    SELECT md5('bench-user-' || g)::uuid, ((g::bigint * 7919) %% 10000000) / 100.0, 'USDC'
+      FROM generate_series(1, %(users)s) g
+"""
+SEED_ACCOUNTS_SQL = """
+    SELECT ledger_user_account_open(md5('bench-user-' || g)::uuid, 'USDC')
+      FROM generate_series(1, %(users)s) g
+"""
+# Opening balances through the one posting function: one transaction per chunk of users
+# (a debit of the chunk's total on opening-balance equity, a credit to each user).
+SEED_OPENING_SQL = """
+    WITH chunk AS (
+        SELECT a.account_id AS id, b.buying_power
+          FROM ledger_user_balances a JOIN balances b ON b.user_id = a.user_id
+         WHERE a.currency = 'USDC' AND b.buying_power > 0
+           AND a.account_id >= %(low)s AND a.account_id < %(high)s
+    )
+    SELECT ledger_post_transaction(
+        'bench', 'opening-' || %(low)s, 'opening_balance', '{}',
+        (SELECT jsonb_agg(jsonb_build_object('account_id', id, 'side', 'credit',
+                                             'amount', buying_power, 'currency', 'USDC'))
+           FROM chunk)
+        || jsonb_build_array(jsonb_build_object(
+               'account_id', %(equity)s, 'side', 'debit',
+               'amount', (SELECT sum(buying_power) FROM chunk), 'currency', 'USDC')))
+     WHERE EXISTS (SELECT 1 FROM chunk)
+"""
+SEED_CHUNK = 10_000
 
 
 def bench_user(index: int) -> uuid.UUID:
