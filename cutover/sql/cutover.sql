@@ -134,11 +134,10 @@ BEGIN
     v_mirror := phase = 'legacy' AND EXISTS (
         SELECT 1 FROM cutover_custody_openings c WHERE c.currency = p_currency);
     IF phase <> 'legacy' OR v_mirror THEN
-        -- The counterparty's shard for this user (ledger migration 0004: 16 shards of each
-        -- clearing account, `code` and `code#1`..`code#15`); unsharded accounts as they are.
-        -- On bigint: abs() of the integer hash overflows for INT_MIN; the shard of every
-        -- other user is unchanged.
-        v_shard := abs(hashtext(p_user_id::text)::bigint) % 16;
+        -- The counterparty's shard for this user (ledger migrations 0004 and 0008: 64 shards
+        -- of each clearing account, `code` and `code#1`..`code#63`); unsharded accounts as
+        -- they are. On bigint: abs() of the integer hash overflows for INT_MIN.
+        v_shard := abs(hashtext(p_user_id::text)::bigint) % 64;
         SELECT s.account_id INTO v_other FROM ledger_system_balances s
          WHERE s.code = CASE WHEN v_shard = 0 THEN p_counterparty
                              ELSE p_counterparty || '#' || v_shard END;
