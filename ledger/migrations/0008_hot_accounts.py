@@ -44,14 +44,6 @@ def create(apps, schema_editor):
     )
 
 
-def remove(apps, schema_editor):
-    Account = apps.get_model("ledger", "Account")
-    for code in SHARDED:
-        Account.objects.filter(
-            code__in=[f"{code}#{shard}" for shard in range(FIRST_NEW_SHARD, SHARDS)]
-        ).delete()
-
-
 class Migration(migrations.Migration):
     dependencies = [("ledger", "0007_deployment_checklist")]
 
@@ -79,5 +71,7 @@ class Migration(migrations.Migration):
             sql="ALTER TABLE ledger_accounts SET (fillfactor = 50)",
             reverse_sql="ALTER TABLE ledger_accounts RESET (fillfactor)",
         ),
-        migrations.RunPython(create, remove),
+        # The way down keeps the new shards: postings may already sit on them (PROTECT), and
+        # nothing reads a clearing account by its shard count (0004's 16 are picked again).
+        migrations.RunPython(create, migrations.RunPython.noop),
     ]
