@@ -374,6 +374,10 @@ def reconcile_workers(database: str, count: int) -> Iterator[tuple[str, list]]:
             process.terminate()
         for process in processes:
             process.wait(timeout=60)
+        # The pings leave their reply consumer's connection in the app's pool with a BRPOP
+        # pending: closed here, so that a process this one forks later does not inherit it
+        # (kombu's after-fork clean-up would wait on that shared socket forever).
+        app.pool.force_close_all(close_pool=False)
 
 
 def reconcile_measure(database: str, workers: int, injected: set[uuid.UUID]) -> dict:
