@@ -12,6 +12,8 @@ from ledger.models import GENESIS_HASH, Account
 # (what Circle's wallet and the bank/Due hold for us) and opening-balance equity per currency.
 USDC_BUFFER = "usdc_buffer"
 BUFFER_ACCOUNTS = {"USDC": USDC_BUFFER, "USD": "fiat_buffer"}
+# What on-chain withdrawals hold until they settle, when it leaves the buffer for the chain.
+WITHDRAWALS_PENDING_ACCOUNTS = {"USDC": "withdrawals_pending_usdc"}
 
 
 def equity_account_code(currency: str) -> str:

@@ -8,7 +8,7 @@ from django.db import connection
 from django.db.models import Sum
 
 from ledger.money import CURRENCY_DECIMALS
-from ledger.selectors import BUFFER_ACCOUNTS, system_account
+from ledger.selectors import BUFFER_ACCOUNTS, WITHDRAWALS_PENDING_ACCOUNTS, system_account
 from treasury import due
 from treasury.exceptions import ProviderNotConfigured
 from treasury.models import RESERVING_STATUSES, BufferThreshold, ConversionJob, ConversionProvider
@@ -73,11 +73,18 @@ def reserved(source: str) -> Decimal:
     ).aggregate(total=Sum("source_amount"))["total"] or Decimal(0)
 
 
+def withdrawals_held(source: str) -> Decimal:
+    """What the `source` buffer still holds for withdrawals not yet settled: it leaves the
+    buffer when they do."""
+    code = WITHDRAWALS_PENDING_ACCOUNTS.get(source)
+    return system_account(code=code).balance if code else Decimal(0)
+
+
 def source_available(source: str) -> Decimal:
     """What a new conversion may take from the `source` buffer, in whole cents: what it holds
     above its own minimum (so feeding one buffer never puts the other below its band) less
-    what jobs already reserve from it."""
+    what pending withdrawals will take from it and what jobs already reserve from it."""
     minimum = BufferThreshold.objects.filter(currency=source).values_list("minimum", flat=True)
-    balance = system_account(code=BUFFER_ACCOUNTS[source]).balance
+    balance = system_account(code=BUFFER_ACCOUNTS[source]).balance - withdrawals_held(source)
     available = balance - (minimum.first() or Decimal(0)) - reserved(source)
     return max(available, Decimal(0)).quantize(quantum("USD"), rounding=ROUND_DOWN)

@@ -18,7 +18,8 @@ from cutover.exceptions import OperatorNotPermitted
 from cutover.models import OperatorAudit
 from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
-from tests.cutover.factories import phase_set
+from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
+from tests.onchain.factories import system, withdraw
 from tests.treasury.factories import KEY, OPS, SECRET, buffers, fund
 from treasury import due as due_client
 from treasury.bands import provider_set, threshold_set
@@ -241,6 +242,21 @@ def test_a_source_in_its_band_gives_only_what_it_holds_above_its_minimum(due):
     assert settlement_cycle_run(triggered_by="test").jobs_created == []
     _complete_all(due)
     assert buffers() == {"USDC": Decimal("5000"), "USD": Decimal("25000")}
+
+
+def test_a_source_keeps_what_pending_withdrawals_will_take_from_it(due):
+    """USDC held for a withdrawal not yet settled leaves the buffer when it settles: a
+    conversion may not take it too (the money model's nightly found a job that, once such a
+    withdrawal completed, took the USDC buffer below its minimum)."""
+    phase_set("shadow")
+    user = legacy_user("4000")
+    ledger_balance_set(user, "4000")
+    fund("usdc_buffer", "30000")
+    withdraw(user, amount="4000")
+    assert system("withdrawals_pending_usdc") == Decimal("4000")
+    settlement_cycle_run(triggered_by="test")
+    job = ConversionJob.objects.get()
+    assert (job.source_currency, job.source_amount) == ("USDC", Decimal("21000"))
 
 
 def test_both_buffers_below_minimum_create_no_job(due, caplog):
