@@ -166,3 +166,22 @@ def test_path_2_a_withdrawal_of_money_booked_before_shadow_never_completes():
     state.circle_settles(pick=0, outcome="complete")
     state.every_invariant_holds()
     state.teardown()
+
+
+def test_a_conversion_takes_what_a_pending_withdrawal_holds_from_the_usdc_buffer():
+    """Found by the nightly (scripts/soak, 2026-12-02; written out by hand, shorter than the
+    example it printed). A withdrawal's USDC is held but still in the buffer; the cycle
+    converted it to USD as if it were spare, and once Circle completed the withdrawal the open
+    conversion took the USDC buffer below its minimum.
+    Violated_conversions_within_source_minimum."""
+    state = MoneyMachine()
+    users_0 = state.user_with_legacy_balance(amount=Decimal("100.00"), currency="USDC")
+    state.advance(phases=1)
+    state.every_invariant_holds()
+    state.withdraw(amount=Decimal("40.00"), refused=False, user=users_0)
+    state.settlement_cycle()
+    state.every_invariant_holds()
+    state.send(fault="none", passes=1)
+    state.circle_settles(outcome="complete", pick=0)
+    state.every_invariant_holds()
+    state.teardown()
