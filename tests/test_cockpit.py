@@ -212,6 +212,9 @@ def refusal(response) -> str:
     return found.group(1).strip()
 
 
+# The gate's evidence is taken in a REPEATABLE READ snapshot of its own, as in production
+# (phase_advance outside any transaction): not inside the test's.
+@pytest.mark.django_db(transaction=True)
 def test_an_advance_whose_gate_is_not_met_is_refused_with_its_evidence(operator):
     phase_set("shadow")
     response = post(operator, "advance", seen_phase="shadow", to="read_switch", read_percent=1)
@@ -226,6 +229,9 @@ def test_an_advance_whose_gate_is_not_met_is_refused_with_its_evidence(operator)
     assert not PhaseAudit.objects.exclude(action="seed").exists()
 
 
+# The gate's evidence is taken in a REPEATABLE READ snapshot of its own, as in production
+# (phase_advance outside any transaction): not inside the test's.
+@pytest.mark.django_db(transaction=True)
 def test_force_needs_a_reason_then_passes_audited_as_forced(operator):
     phase_set("shadow")
     response = post(operator, "force", seen_phase="shadow", to="read_switch", read_percent=10)
