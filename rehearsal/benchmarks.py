@@ -341,6 +341,15 @@ def _peak_rss_mb(pid: int) -> list[float]:
     return [own, *(peak for child in children for peak in _peak_rss_mb(int(child)))]
 
 
+def _pinged(expected: set[str]) -> set[str]:
+    """The workers that answer a ping, over a connection of its own, closed after: left in the
+    app's pool, the reply consumer's connection keeps a BRPOP pending, and a process this one
+    forks later would wait on that shared socket forever (kombu's after-fork clean-up)."""
+    with app.connection_for_write() as connection:
+        replies = app.control.ping(destination=sorted(expected), timeout=0.5, connection=connection)
+    return {name for reply in replies for name in reply}
+
+
 @contextmanager
 def reconcile_workers(database: str, count: int) -> Iterator[tuple[str, list]]:
     """`count` Celery workers (`celery -A config worker -c 1`, one pool process each, as
@@ -365,7 +374,7 @@ def reconcile_workers(database: str, count: int) -> Iterator[tuple[str, list]]:
     try:
         deadline = time.monotonic() + 120
         expected = {name.replace("%h", socket.gethostname()) for name in names}
-        while {name for reply in app.control.ping(timeout=0.5) for name in reply} < expected:
+        while _pinged(expected) < expected:
             if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
                 raise RuntimeError("the benchmark's Celery workers did not start")
         yield queue, processes
@@ -374,10 +383,6 @@ def reconcile_workers(database: str, count: int) -> Iterator[tuple[str, list]]:
             process.terminate()
         for process in processes:
             process.wait(timeout=60)
-        # The pings leave their reply consumer's connection in the app's pool with a BRPOP
-        # pending: closed here, so that a process this one forks later does not inherit it
-        # (kombu's after-fork clean-up would wait on that shared socket forever).
-        app.pool.force_close_all(close_pool=False)
 
 
 def reconcile_measure(database: str, workers: int, injected: set[uuid.UUID]) -> dict:
