@@ -203,6 +203,25 @@ CREATE TRIGGER ledger_accounts_guard
     BEFORE UPDATE OF balance, entry_count, last_hash, currency, normal_balance ON ledger_accounts
     FOR EACH ROW EXECUTE FUNCTION ledger_account_guard();
 
+-- An account opens empty: balance 0, no entries, the chain at its genesis hash. (Without this an
+-- INSERT naming a balance would mint money that no entry ever moved; ledger_account_guard only
+-- sees updates.)
+CREATE OR REPLACE FUNCTION ledger_account_opened_empty() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.balance <> 0 OR NEW.entry_count <> 0 OR NEW.last_hash <> repeat('0', 64) THEN
+        RAISE EXCEPTION 'ledger: an account opens with balance 0, no entries and the genesis '
+            'hash (got balance %, % entries)', NEW.balance, NEW.entry_count
+            USING ERRCODE = 'LD009';
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS ledger_accounts_opened_empty ON ledger_accounts;
+CREATE TRIGGER ledger_accounts_opened_empty
+    BEFORE INSERT ON ledger_accounts
+    FOR EACH ROW EXECUTE FUNCTION ledger_account_opened_empty();
+
 -- What other apps read and write of the ledger, so that none of them reads its tables. Views
 -- and a LANGUAGE sql IMMUTABLE function are inlined by the planner: a query through them plans
 -- as one on ledger_accounts (a user's account is found through cutover's unique index on

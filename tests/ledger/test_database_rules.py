@@ -133,6 +133,39 @@ def test_raw_update_of_an_account_is_refused(user, assignment):
     assert after == before
 
 
+@pytest.mark.parametrize(
+    "columns, values",
+    [
+        ("balance", "1000000"),
+        ("entry_count", "3"),
+        ("last_hash", "repeat('a', 64)"),
+        ("balance, entry_count", "5, 1"),
+    ],
+)
+def test_raw_insert_of_an_account_holding_money_is_refused(columns, values):
+    """An account opened with a balance (or entries, or a chain head) would hold money no entry
+    moved, and could be spent: PostgreSQL refuses it, and nothing is written."""
+    before = Account.objects.count()
+    with pytest.raises(DatabaseError) as excinfo:
+        sql(
+            "INSERT INTO ledger_accounts (user_id, account_type, currency, normal_balance, "
+            f"allow_negative, {columns}) VALUES (gen_random_uuid(), 'usdc_balance', 'USDC', "
+            f"'credit', false, {values})"
+        )
+    assert sqlstate(excinfo) == "LD009"
+    assert Account.objects.count() == before
+
+
+def test_a_raw_insert_of_an_empty_account_opens_it():
+    sql(
+        "INSERT INTO ledger_accounts (user_id, account_type, currency, normal_balance, "
+        "allow_negative) VALUES ('00000000-0000-0000-0000-00000000abcd', 'usdc_balance', 'USDC', "
+        "'credit', false)"
+    )
+    opened = Account.objects.get(user_id="00000000-0000-0000-0000-00000000abcd")
+    assert (opened.balance, opened.entry_count) == (Decimal(0), 0)
+
+
 def test_update_from_another_trigger_is_refused_too(user):
     """Only the entry-apply trigger may move a balance: a trigger of someone else's (one level
     deeper than a raw statement, like the apply's own update) is refused as well."""
