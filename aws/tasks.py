@@ -6,20 +6,14 @@ from celery import shared_task
 
 from aws.exceptions import AwsError
 from aws.services import metrics_publish
+from cutover.deliveries import task_options
 
 log = logging.getLogger(__name__)
 
 
 # Redelivery is harmless: each minute is sent once (the publication row, locked while a run
 # sends); CloudWatch calls time out within 30 s (aws.services.CLIENT_CONFIG).
-@shared_task(
-    name="aws.metrics_publish",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=120,
-    time_limit=150,
-    max_retries=0,  # no Celery retry: the next beat run is the retry
-)
+@shared_task(name="aws.metrics_publish", **task_options(soft_time_limit=120))
 def metrics_publish_task() -> dict:
     """Seed 001's metrics to CloudWatch. Harmless to redeliver or to run on several workers:
     each minute's counts are sent once (the others find nothing left, or skip while one runs).

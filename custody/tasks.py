@@ -5,6 +5,7 @@ import logging
 from celery import shared_task
 
 from custody.services import custody_reconcile_from_providers
+from cutover.deliveries import task_options
 from cutover.exceptions import ReconciliationBusy
 from onchain.exceptions import CircleUnavailable
 from treasury.exceptions import DueUnavailable
@@ -14,14 +15,7 @@ log = logging.getLogger(__name__)
 
 # Redelivery is harmless: one run at a time, one open discrepancy per currency updated in place;
 # two provider reads (Circle, Due: a few tries of 5 s each).
-@shared_task(
-    name="custody.reconcile",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=120,
-    time_limit=150,
-    max_retries=0,  # no Celery retry: the next beat run is the retry
-)
+@shared_task(name="custody.reconcile", **task_options(soft_time_limit=120))
 def custody_reconcile_task() -> dict:
     """The periodic custody reconciliation: the buffers against Circle and Due. A provider that
     cannot answer skips the run (logged); a concurrent run makes this one skip."""

@@ -32,6 +32,21 @@ from ledger.exceptions import sqlstate_of
 
 log = logging.getLogger(__name__)
 
+
+def task_options(*, soft_time_limit: int) -> dict:
+    """Every task's delivery settings: acknowledged late and put back when its process dies
+    (every task is idempotent for that, as its comment says), stopped at `soft_time_limit`
+    seconds (killed 30 s later), and never retried by Celery: the next beat run is the
+    retry."""
+    return {
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        "soft_time_limit": soft_time_limit,
+        "time_limit": soft_time_limit + 30,
+        "max_retries": 0,
+    }
+
+
 # A succeeded delivery's row is kept this long, so that a late redelivery of its message still
 # finds it (longer than the broker's visibility timeout plus a task's run: tested), then
 # deleted; failed and dead rows stay for the operators.

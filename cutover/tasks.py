@@ -5,6 +5,7 @@ import logging
 from celery import shared_task
 from django.conf import settings
 
+from cutover.deliveries import task_options
 from cutover.exceptions import NotApplicable, ReconciliationBusy
 from cutover.reconciliation import reconciliation_start, reconciliation_work
 
@@ -14,15 +15,9 @@ log = logging.getLogger(__name__)
 # one transaction with its differences (cutover.reconciliation); a message whose process died
 # comes back (acks_late, reject_on_worker_lost) and takes whatever is left. 10M users took
 # 12.7-17.8 s on 2 workers (README, bench reconcile).
-RECONCILE_TASK_OPTIONS = {
-    "acks_late": True,
-    "reject_on_worker_lost": True,
-    # A message stopped at its soft limit leaves the run running with its chunk rolled back:
-    # the others', and the next beat run, take what is left.
-    "soft_time_limit": 600,
-    "time_limit": 630,
-    "max_retries": 0,  # no Celery retry: the next beat run is the retry
-}
+# A message stopped at its soft limit leaves the run running with its chunk rolled back: the
+# others', and the next beat run, take what is left.
+RECONCILE_TASK_OPTIONS = task_options(soft_time_limit=600)
 
 
 def _work(run_id: int) -> dict:

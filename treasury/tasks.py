@@ -8,6 +8,7 @@ import logging
 from celery import shared_task
 from django.conf import settings
 
+from cutover.deliveries import task_options
 from treasury.cycle import settlement_cycle_run
 from treasury.monitor import monitor_run
 from treasury.submission import jobs_submit
@@ -17,14 +18,7 @@ log = logging.getLogger(__name__)
 
 # Redelivery is harmless: one cycle at a time, never a second open job per buffer, jobs sent
 # under their own idempotency key; a few Due calls of DUE_HTTP_ATTEMPTS tries.
-@shared_task(
-    name="treasury.settlement_cycle",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=300,
-    time_limit=330,
-    max_retries=0,  # no Celery retry: the next beat run is the retry
-)
+@shared_task(name="treasury.settlement_cycle", **task_options(soft_time_limit=300))
 def settlement_cycle_task() -> dict:
     """Any number of beat replicas and workers may fire it: one cycle runs, the others skip."""
     if not settings.ENABLE_TREASURY_SCHEDULER:
@@ -38,14 +32,7 @@ def settlement_cycle_task() -> dict:
 
 # Redelivery is harmless: completions post once (reference conversion:<key>), polls only
 # record what the provider did; a few Due calls per open job.
-@shared_task(
-    name="treasury.monitor",
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=300,
-    time_limit=330,
-    max_retries=0,  # no Celery retry: the next beat run is the retry
-)
+@shared_task(name="treasury.monitor", **task_options(soft_time_limit=300))
 def monitor_task() -> dict:
     if not settings.ENABLE_TREASURY_SCHEDULER:
         return {"skipped": "ENABLE_TREASURY_SCHEDULER is off"}
