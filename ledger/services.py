@@ -205,26 +205,18 @@ def account_open(*, user_id: UUID, account_type: str, currency: str) -> Account:
     return account
 
 
-USER_ACCOUNTS_OPEN_SQL = """
-    INSERT INTO ledger_accounts (user_id, account_type, currency, normal_balance, allow_negative)
-    SELECT u, ledger_user_account_type(%(currency)s), %(currency)s, %(normal)s, false
-      FROM unnest(%(users)s::uuid[]) u
-    ON CONFLICT DO NOTHING
-"""
-
-
 def user_accounts_open(*, user_ids: list[UUID], currency: str) -> int:
-    """Open many users' balance accounts in `currency` in one statement (set-based, as
-    ledger_user_account_open one at a time; an account that exists, or that a unique rule
-    refuses, is skipped): how many were opened."""
+    """Open many users' balance accounts in `currency` in one statement
+    (ledger_user_accounts_open; an account that exists, or that a unique rule refuses, is
+    skipped): how many were opened."""
     if currency not in CURRENCY_DECIMALS:
         raise InvalidPosting(f"unknown currency {currency!r}")
     with connection.cursor() as cursor:
         cursor.execute(
-            USER_ACCOUNTS_OPEN_SQL,
-            {"users": user_ids, "currency": currency, "normal": USER_ACCOUNT_NORMAL_BALANCE},
+            "SELECT ledger_user_accounts_open(%s::uuid[], %s::text[])",
+            [user_ids, [currency] * len(user_ids)],
         )
-        return cursor.rowcount
+        return cursor.fetchone()[0]
 
 
 def ledger_statistics_refresh() -> None:

@@ -462,7 +462,8 @@ BEGIN
     END IF;
 
     PERFORM 1 FROM balances b WHERE b.user_id = ANY(v_users) ORDER BY b.user_id FOR UPDATE;
-    PERFORM ledger_user_account_open(b.user_id, b.currency) FROM balances b
+    PERFORM ledger_user_accounts_open(array_agg(b.user_id), array_agg(b.currency))
+       FROM balances b
       WHERE b.user_id = ANY(v_users)
         AND NOT EXISTS (SELECT 1 FROM ledger_user_balances a WHERE a.user_id = b.user_id);
     SELECT b.user_id, b.currency AS legacy, a.currency AS ledger INTO v_mismatch

@@ -245,13 +245,26 @@ SELECT a.code, a.currency, a.id AS account_id, a.balance, a.entry_count
   FROM ledger_accounts a
  WHERE a.user_id IS NULL;
 
--- Opens a user's balance account in `currency` (credit-normal, never negative); does nothing if a
--- unique rule refuses it (the account exists, or cutover's one balance account per user).
+-- Opens users' balance accounts, user i's in currency i (credit-normal, never negative), in
+-- one statement; skips an account that a unique rule refuses (it exists, or cutover's one
+-- balance account per user). How many were opened.
+CREATE OR REPLACE FUNCTION ledger_user_accounts_open(p_user_ids uuid[], p_currencies text[])
+RETURNS int LANGUAGE sql AS $$
+    WITH opened AS (
+        INSERT INTO ledger_accounts
+            (user_id, account_type, currency, normal_balance, allow_negative)
+        SELECT u.user_id, ledger_user_account_type(u.currency), u.currency, 'credit', false
+          FROM unnest(p_user_ids, p_currencies) AS u(user_id, currency)
+         ORDER BY u.user_id
+        ON CONFLICT DO NOTHING
+        RETURNING 1)
+    SELECT count(*)::int FROM opened
+$$;
+
+-- One user's (the balance path's first mutation of a user).
 CREATE OR REPLACE FUNCTION ledger_user_account_open(p_user_id uuid, p_currency text)
 RETURNS void LANGUAGE sql AS $$
-    INSERT INTO ledger_accounts (user_id, account_type, currency, normal_balance, allow_negative)
-    VALUES (p_user_id, ledger_user_account_type(p_currency), p_currency, 'credit', false)
-    ON CONFLICT DO NOTHING
+    SELECT ledger_user_accounts_open(ARRAY[p_user_id], ARRAY[p_currency])
 $$;
 
 -- The deployment checklist's names (deploy/checklist/ledger-deployment-checklist.md), so that its
