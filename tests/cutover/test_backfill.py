@@ -181,6 +181,54 @@ def test_killed_mid_chunk_resumes_the_run_and_posts_every_user_once():
     assert differing(users) == [] and verify_problems() == []
 
 
+def backends_waiting_in_backfill() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")  # fresh within this transaction
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%%cutover_backfill_chunk%%'"
+        )
+        return cursor.fetchone()[0]
+
+
+def test_two_backfills_at_once_one_killed_mid_chunk_post_every_user_once():
+    """Two operators run `cutover backfill` at once, and one is killed at
+    `backfill:chunk-posted` (its chunk's postings made, not committed) while the other works
+    through the same run. A user's legacy row is held by the test meanwhile, so the first
+    cannot finish before the second dies: the second dies in its second chunk beside it, or
+    queues behind it (stopped at the held row with the run) and dies once the row is let go.
+    The first goes on to the end; a run after both finds nothing pending: every user posted
+    exactly once, the ledger verified, conservation kept."""
+    users = legacy_users(60, seed=21)
+    held = sorted(users)[20]
+    env = {**os.environ, "DATABASE_URL": database_url()}
+    command = [sys.executable, "manage.py", "cutover", "backfill", "--chunk-size", "1", "--json"]
+    armed = {**env, "LEDGER_FAULT_POINT": "backfill:chunk-posted", "LEDGER_FAULT_AFTER": "2"}
+    with transaction.atomic():
+        LegacyBalance.objects.select_for_update().get(user_id=held)
+        survivor = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        killed = subprocess.Popen(command, cwd=ROOT, env=armed, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        # Held until the second has died beside the first, or queued behind it.
+        while killed.poll() is None and backends_waiting_in_backfill() < 2:
+            assert survivor.poll() is None
+            assert time.monotonic() < deadline, "the two backfills never queued"
+            time.sleep(0.05)
+    killed.communicate(timeout=300)
+    assert killed.returncode == -9
+    shared, _ = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0
+    assert json.loads(shared)["users_examined"] < len(users)  # the other's chunks counted
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["users_pending_now"] == 0
+    per_user = BackfillPosting.objects.values("user_id").annotate(n=Count("id"))
+    assert sorted(row["user_id"] for row in per_user) == sorted(users)
+    assert {row["n"] for row in per_user} == {1}
+    assert differing(users) == [] and verify_problems() == []
+    assert invariants.conservation() == [] and invariants.transactions_balanced() == []
+
+
 def test_the_database_refuses_a_second_posting_of_the_same_difference():
     user = legacy_user("12.34")
     backfill_run()
