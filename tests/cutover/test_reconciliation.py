@@ -1,6 +1,7 @@
 """Reconciliation: set-based per chunk, a single leader per run, chunks taken by real Celery
 workers over Redis (several at once, one killed mid-chunk, under traffic)."""
 
+import json
 import os
 import random
 import signal
@@ -257,6 +258,49 @@ def test_two_workers_find_exactly_the_seeded_differences():
     assert sorted(found(run)) == sorted(drifted) and run.differences == 6
     assert ReconciliationChunk.objects.filter(run=run, done_at__isnull=True).count() == 0
     assert sorted(Discrepancy.objects.values_list("user_id", flat=True)) == sorted(drifted)
+
+
+def test_two_operators_and_beat_at_once_record_each_difference_once():
+    """Beat's leader messages reach two workers while two operators run `cutover reconcile`
+    by hand at the same moment: each command ends with the run's report (it joined the run) or
+    says another reconciliation is running, never a traceback; every completed run lists each
+    seeded difference once; each drifted user has one open discrepancy; no chunk is left."""
+    phase_set("shadow")
+    _, drifted = drifted_users(60, 6)
+    env = {**os.environ, "DATABASE_URL": database_url(), "RECONCILE_CHUNK_USERS": "5"}
+    command = [sys.executable, "manage.py", "cutover", "reconcile", "--json"]
+    with workers(2, chunk_users=5) as (queue, _):
+        for _ in range(3):
+            beat(queue)
+        operators = [
+            subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        answers = [operator.communicate(timeout=240) for operator in operators]
+        completed_run(1)
+        running = ReconciliationRun.objects.filter(status="running")
+        assert wait_for(lambda: not running.exists(), 240, every=0.05)
+    for operator, (out, err) in zip(operators, answers, strict=True):
+        assert "Traceback" not in err
+        assert operator.returncode == 1, err  # differences found, or busy: both said
+        if out:
+            report = json.loads(out)
+            assert (report["users_checked"], report["differences"]) == (60, 6)
+        else:
+            assert "another reconciliation" in err
+    for run in ReconciliationRun.objects.all():
+        assert run.status == "completed"
+        assert sorted(found(run)) == sorted(drifted) and run.differences == 6
+    assert not ReconciliationChunk.objects.filter(done_at__isnull=True).exists()
+    open_ = Discrepancy.objects.filter(status="open")
+    assert sorted(open_.values_list("user_id", flat=True)) == sorted(drifted)
 
 
 def test_traffic_during_runs_records_no_false_difference():
