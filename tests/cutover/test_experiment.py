@@ -4,15 +4,19 @@ differ after a dual write; cutover.history.experiment_per_bucket aggregates them
 (count, mismatch rate with strict failures, p50 and p95 of each store)."""
 
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from django.db import connection
 from django.utils import timezone
 
+from cutover.actors import Actor
 from cutover.balance_path import balance_credit, balance_debit
 from cutover.exceptions import StrictLedgerFailure
 from cutover.history import experiment_per_bucket
-from cutover.models import BalanceMutation, Discrepancy, StrictFailure
+from cutover.models import BalanceMutation, Discrepancy, LegacyBalance, StrictFailure
+from cutover.phase_machine import phase_rollback
+from cutover.selectors import phase_state
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 
 LEGACY_WRITTEN = {"legacy", "shadow", "read_switch", "strict"}
@@ -144,3 +148,40 @@ def test_the_experiment_per_hour_from_rows_of_known_timings():
         (timedelta(hours=2), 20, 0, 0, 100, 190, 1010, 1019),
     ]
     assert [r.mismatch_rate for r in rows] == [0.4, None, 0.0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_after_a_rollback_from_cutover_the_experiment_counts_dual_writes_only():
+    """Cutover writes the ledger alone (no control to compare), the rollback rebuilds the
+    legacy store from the ledger and goes back to legacy, and the dual writes of the next
+    shadow are compared again: the buckets count the shadow writes before and after, none as
+    a mismatch, and none of the ledger-only ones."""
+    since = timezone.now() - timedelta(seconds=1)
+    users = [legacy_user("100") for _ in range(2)]
+    for user in users:
+        ledger_balance_set(user, "100")
+    phase_set("shadow")
+    balance_credit(user_id=users[0], amount="1", reference="shadow", reason="test")
+    phase_set("cutover")
+    balance_credit(user_id=users[0], amount="2", reference="cutover-1", reason="test")
+    balance_debit(user_id=users[1], amount="3", reference="cutover-2", reason="test")
+    phase_rollback(actor=Actor("ops"), reason="incident")
+    assert phase_state().phase == "legacy"
+    phase_set("shadow")
+    balance_credit(user_id=users[1], amount="4", reference="after", reason="test")
+
+    rows = {r.reference: r for r in BalanceMutation.objects.all()}
+    assert [rows[r].legacy_us is None for r in ("shadow", "cutover-1", "cutover-2", "after")] == [
+        False,
+        True,
+        True,
+        False,
+    ]
+    assert not any(r.mismatch for r in rows.values())
+    assert not Discrepancy.objects.exists()
+    until = timezone.now() + timedelta(seconds=1)
+    (bucket,) = experiment_per_bucket(since=since, until=until, width=until - since)
+    assert (bucket.compared, bucket.mismatches, bucket.strict_failures) == (2, 0, 0)
+    assert bucket.legacy_p50_us is not None and bucket.ledger_p95_us is not None
+    balances = dict(LegacyBalance.objects.values_list("user_id", "buying_power"))
+    assert balances == {users[0]: Decimal("103"), users[1]: Decimal("101")}
