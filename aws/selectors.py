@@ -30,7 +30,7 @@ from aws.checklist import (
 )
 from cutover.models import Discrepancy
 from cutover.selectors import ledger_write_stats, phase_state
-from ledger.selectors import USDC_BUFFER, system_account
+from ledger.selectors import USDC_BUFFER, system_balance
 from treasury.models import ConversionJob, JobStatus
 
 MINUTE = timedelta(minutes=1)
@@ -86,6 +86,6 @@ def cloudwatch_data_points(*, since: datetime, until: datetime, at: datetime) ->
     rate = ledger_write_stats(phase_state().entered_at)["success_rate"]
     if rate is not None:
         points.append(DataPoint(WRITE_SUCCESS_RATE, at, float(rate), "None"))
-    buffer = system_account(code=USDC_BUFFER).balance
+    buffer = system_balance(code=USDC_BUFFER)
     points.append(DataPoint(SYSTEM_BUFFER_USDC, at, float(buffer), "None"))
     return points

@@ -27,8 +27,8 @@ from cutover.operator_audit import operator_action_record
 from cutover.phase_machine import phase_lock_exclusive
 from ledger.exceptions import InvalidAmount
 from ledger.money import CURRENCY_DECIMALS, amount_parse
-from ledger.selectors import BUFFER_ACCOUNTS, account_lock, equity_account_code, system_account
-from ledger.services import Leg, transaction_apply
+from ledger.selectors import BUFFER_ACCOUNTS, equity_account_code, system_account, system_balance
+from ledger.services import Leg, system_account_gather, transaction_apply
 
 CUSTODY_NAMESPACE = "custody"
 
@@ -70,7 +70,7 @@ def custody_open(
     currency in the ledger (cutover_balance_mutate), so the buffers stay right across phases.
 
     Takes the phase lock exclusively (mutations in flight finish under the old rule; none
-    starts meanwhile) and the buffer's row lock (postings to it wait)."""
+    starts meanwhile) and the buffer's row locks, its shards' included (postings to it wait)."""
     actor.require("cutover.open_custody")
     amount = custody_reading_parse(reported, currency)
     if not isinstance(source, str) or not source.strip() or len(source) > 64:
@@ -87,9 +87,12 @@ def custody_open(
                 f"custody for {currency} is already open: {existing.reported} from "
                 f"{existing.source} at {existing.opened_at:%Y-%m-%d %H:%M:%S}"
             )
-        buffer = system_account(code=BUFFER_ACCOUNTS[currency])
+        # The buffer's rows locked (postings to it wait) and its shards' money, deposits
+        # credited before custody opened, gathered into the base: its balance is the buffer's.
+        buffer, before = system_account_gather(
+            code=BUFFER_ACCOUNTS[currency], also=[equity_account_code(currency)]
+        )
         equity = system_account(code=equity_account_code(currency))
-        before, _ = account_lock(account_id=buffer.pk)
         difference = amount - before
         posting = None
         if difference:
@@ -177,7 +180,7 @@ def custody_reconcile(*, readings: Iterable[CustodyReading]) -> list[CustodyComp
                 raise ReconciliationBusy("another custody reconciliation is running")
         now = timezone.now()
         for currency, source, reported in parsed:
-            balance = system_account(code=BUFFER_ACCOUNTS[currency]).balance
+            balance = system_balance(code=BUFFER_ACCOUNTS[currency])
             difference = balance - reported
             found = (
                 CustodyDiscrepancy.objects.select_for_update()

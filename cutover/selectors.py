@@ -36,7 +36,7 @@ from ledger.selectors import (
     BUFFER_ACCOUNTS,
     Snapshot,
     ledger_integrity_checks,
-    system_account,
+    system_balance,
     user_balances_written_since,
 )
 
@@ -126,7 +126,7 @@ def custody_status() -> list[dict]:
             {
                 "currency": currency,
                 "buffer": code,
-                "buffer_balance": system_account(code=code).balance,
+                "buffer_balance": system_balance(code=code),
                 "opened": opening is not None,
                 "opened_at": opening.opened_at if opening else None,
                 "opened_by": opening.opened_by if opening else None,

@@ -14,6 +14,16 @@ USDC_BUFFER = "usdc_buffer"
 BUFFER_ACCOUNTS = {"USDC": USDC_BUFFER, "USD": "fiat_buffer"}
 # What on-chain withdrawals hold until they settle, when it leaves the buffer for the chain.
 WITHDRAWALS_PENDING_ACCOUNTS = {"USDC": "withdrawals_pending_usdc"}
+# A hot system account is sharded: shard 0 is the account `code` itself, shards 1..SHARDS-1 are
+# `code#1` .. `code#63` (clearing accounts: ledger migrations 0004 and 0008; the USDC buffer:
+# 0010). cutover_balance_mutate picks a user's shard by hashtext(user_id) modulo 64.
+SHARDS = 64
+
+
+def shard_codes(code: str) -> list[str]:
+    """The codes of every shard of the system account `code`, the base (shard 0) first. An
+    unsharded account has no row for its shards 1..63: reading them finds only the base."""
+    return [code] + [f"{code}#{shard}" for shard in range(1, SHARDS)]
 
 
 def equity_account_code(currency: str) -> str:
@@ -41,6 +51,21 @@ def system_account(*, code: str) -> Account:
     return Account.objects.get(code=code, user_id__isnull=True)
 
 
+SYSTEM_BALANCE_SQL = """
+    SELECT coalesce(sum(balance), 0) FROM ledger_accounts
+     WHERE user_id IS NULL AND code = ANY(%s)
+"""
+
+
+def system_balance(*, code: str) -> Decimal:
+    """A system account's balance summed over its shards (the base `code` and `code#1` ..
+    `code#63`, named one by one: LIKE would take `_` for a wildcard): what the USDC buffer
+    holds, whose deposits post to the depositor's shard. An unsharded account: its balance."""
+    with connection.cursor() as cursor:
+        cursor.execute(SYSTEM_BALANCE_SQL, [shard_codes(code)])
+        return cursor.fetchone()[0]
+
+
 def account_balance(*, account_id: int) -> Decimal:
     """The cached balance, kept by the database when posting (never summed on read)."""
     balance = Account.objects.values_list("balance", flat=True).get(pk=account_id)
@@ -48,32 +73,59 @@ def account_balance(*, account_id: int) -> Decimal:
     return balance
 
 
-# The window's entries are found from the last entry before it (a backward scan of the
-# account's (account_id, seq) index that stops there), so the cost is the window's entries,
-# not the account's whole history.
+# Each shard's window is found from its last entry before it (a backward scan of the account's
+# (account_id, seq) index that stops there), so the cost is the window's entries, not the
+# accounts' whole history.
 BALANCE_BEFORE_SQL = """
-    SELECT seq, balance_after FROM ledger_entries
-     WHERE account_id = %s AND created_at < %s ORDER BY seq DESC LIMIT 1
+    SELECT a.id, coalesce(b.seq, 0), coalesce(b.balance_after, 0)
+      FROM unnest(%s::bigint[]) AS a(id)
+      LEFT JOIN LATERAL (
+          SELECT e.seq, e.balance_after FROM ledger_entries e
+           WHERE e.account_id = a.id AND e.created_at < %s ORDER BY e.seq DESC LIMIT 1
+      ) b ON true
 """
 BALANCE_PER_BUCKET_SQL = """
-    SELECT DISTINCT ON (1) date_bin(%s, created_at, %s) AS bucket, balance_after
-      FROM ledger_entries
-     WHERE account_id = %s AND seq > %s AND created_at < %s
-     ORDER BY 1, seq DESC
+    SELECT DISTINCT ON (e.account_id, 2) e.account_id,
+           date_bin(%s, e.created_at, %s) AS bucket, e.balance_after
+      FROM ledger_entries e
+      JOIN unnest(%s::bigint[], %s::bigint[]) AS w(account_id, seq) ON w.account_id = e.account_id
+     WHERE e.account_id = ANY(%s) AND e.seq > w.seq AND e.created_at < %s
+     ORDER BY e.account_id, 2, e.seq DESC
 """
 
 
 def account_balance_history(*, code: str, since, until, width) -> tuple[Decimal, dict]:
-    """A system account's balance over time, from its entries' `balance_after`: the balance
-    when `since` began, and {bucket start: the balance at the bucket's last entry} for the
-    buckets of `width` (from `since`) in which it changed before `until`."""
-    account_id = system_account(code=code).pk
+    """A system account's balance summed over its shards, over time, from its entries'
+    `balance_after`: the balance when `since` began, and {bucket start: the balance at the
+    bucket's end} for the buckets of `width` (from `since`) in which it changed before `until`
+    (each shard's last balance in a bucket, carried forward into the buckets it did not move
+    in, summed). Two queries, whatever the number of shards."""
+    account_ids = list(
+        Account.objects.filter(code__in=shard_codes(code), user_id__isnull=True)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    if not account_ids:
+        raise Account.DoesNotExist(f"no system account {code!r}")
     with connection.cursor() as cursor:
-        cursor.execute(BALANCE_BEFORE_SQL, [account_id, since])
-        before = cursor.fetchone()
-        seq, opening = before if before else (0, Decimal(0))
-        cursor.execute(BALANCE_PER_BUCKET_SQL, [width, since, account_id, seq, until])
-        return opening, dict(cursor.fetchall())
+        cursor.execute(BALANCE_BEFORE_SQL, [account_ids, since])
+        before = {account_id: (seq, balance) for account_id, seq, balance in cursor.fetchall()}
+        seqs = [before[account_id][0] for account_id in account_ids]
+        cursor.execute(
+            BALANCE_PER_BUCKET_SQL,
+            [width, since, account_ids, seqs, account_ids, until],
+        )
+        rows = cursor.fetchall()
+    current = {account_id: balance for account_id, (_, balance) in before.items()}
+    opening = sum(current.values(), Decimal(0))
+    per_bucket: dict = {}
+    for account_id, bucket, balance in rows:
+        per_bucket.setdefault(bucket, {})[account_id] = balance
+    changed = {}
+    for bucket in sorted(per_bucket):
+        current.update(per_bucket[bucket])
+        changed[bucket] = sum(current.values(), Decimal(0))
+    return opening, changed
 
 
 @dataclass

@@ -5,10 +5,11 @@ import json
 import random
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 from django.conf import settings
@@ -23,7 +24,7 @@ from ledger.exceptions import (
 )
 from ledger.models import Account, Side
 from ledger.money import CURRENCY_DECIMALS, amount_format, amount_parse
-from ledger.selectors import equity_account_code, system_account
+from ledger.selectors import equity_account_code, shard_codes, system_account
 
 # Serialization failures and deadlocks: the posting is retried from the start.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -174,6 +175,45 @@ def transaction_post(
             metrics.transaction_created.labels(kind=kind).inc()
         return result
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+def system_account_gather(*, code: str, also: Iterable[str] = ()) -> tuple[Account, Decimal]:
+    """Bring a sharded system account's money back to its base, inside the caller's
+    transaction, before a posting that takes from it (a credit leg on the USDC buffer: no shard
+    may go below zero, so the base alone must hold what leaves).
+
+    Locks the rows of the base, its shards and the system accounts `also` (the other accounts
+    of the caller's posting) in id order, the one global order in which postings lock accounts:
+    only system accounts, and every one the caller's posting will lock, so it cannot deadlock
+    with a deposit (one shard and a user's account) nor with a posting holding one of `also`
+    while it waits for a shard (a legacy mirror: equity, then a shard). Then, when any shard
+    holds a balance, posts one balanced transaction (kind `shard_gather`) debiting the base what
+    the shards hold and crediting each shard its balance. Returns the base and its balance, now
+    the whole account's; both stay locked until the caller's transaction ends."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("system_account_gather must run inside transaction.atomic()")
+    shards = shard_codes(code)
+    accounts = list(
+        Account.objects.select_for_update()
+        .filter(code__in=[*shards, *also], user_id__isnull=True)
+        .order_by("pk")
+    )
+    base = next((account for account in accounts if account.code == code), None)
+    if base is None:
+        raise Account.DoesNotExist(f"no system account {code!r}")
+    held = [a for a in accounts if a.code in shards and a is not base and a.balance]
+    if held:
+        total = sum((account.balance for account in held), Decimal(0))
+        transaction_apply(
+            namespace="ledger",
+            reference_id=f"{code}:{uuid4()}",
+            kind="shard_gather",
+            legs=[Leg.debit(base, total)]
+            + [Leg.credit(account, account.balance) for account in held],
+            metadata={"gathered": {account.code: str(account.balance) for account in held}},
+        )
+        base.balance += total
+    return base, base.balance
 
 
 def opening_balance_post(

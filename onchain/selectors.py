@@ -11,7 +11,7 @@ from django.db.models import Q, QuerySet
 from cutover.models import BalanceMutation
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
-from ledger.selectors import USDC_BUFFER, system_account
+from ledger.selectors import USDC_BUFFER, system_balance
 from onchain import metrics
 from onchain.chains import EVM_CHAINS, address_stored_form
 from onchain.exceptions import TransferRefused
@@ -74,7 +74,7 @@ class BufferStatus:
 def buffer_status() -> BufferStatus:
     """The system USDC buffer from the ledger, against ONCHAIN_BUFFER_ALERT_THRESHOLD; sets
     `onchain_buffer_level`. The alert's log line: onchain.buffer_alert."""
-    balance = system_account(code=USDC_BUFFER).balance
+    balance = system_balance(code=USDC_BUFFER)
     metrics.buffer_level.set(float(balance))
     return BufferStatus("USDC", balance, settings.ONCHAIN_BUFFER_ALERT_THRESHOLD)
 

@@ -8,7 +8,7 @@ from django.db import transaction
 from cutover.balance_path import balance_mutation_apply
 from cutover.selectors import custody_opened
 from ledger.selectors import USDC_BUFFER, system_account
-from ledger.services import Leg, transaction_apply
+from ledger.services import Leg, system_account_gather, transaction_apply
 from onchain import metrics
 from onchain.models import InboxStatus, Withdrawal, WithdrawalStatus
 
@@ -55,6 +55,9 @@ def _withdrawal_complete(withdrawal: Withdrawal) -> None:
     else:
         held_in = None
     if held_in is not None:
+        # Deposits sit on the buffer's shards; the base alone pays out (no row goes below 0).
+        # The posting's other account is locked with them, in the one id order.
+        system_account_gather(code=USDC_BUFFER, also=[held_in])
         transaction_apply(
             namespace="circle",
             reference_id=f"withdrawal:{withdrawal.idempotency_key}:complete",

@@ -18,7 +18,7 @@ from cutover.selectors import (
     store_differences,
 )
 from ledger.models import Transaction
-from ledger.selectors import USDC_BUFFER, system_account
+from ledger.selectors import USDC_BUFFER, system_balance
 from onchain.inbox import notification_replay
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.polling import transfers_poll
@@ -51,7 +51,7 @@ class Drills:
         booked before this stage (in shadow: before shadow, backed by the custody opening)."""
         phase = phase_state().phase
         rng = random.Random(f"{self.seed}-onchain-{phase}")
-        buffer_before = system_account(code=USDC_BUFFER).balance
+        buffer_before = system_balance(code=USDC_BUFFER)
         # a third of the USDC users at most withdraw, so that others are left to deposit
         withdrawers = self._usdc_users_holding(
             rng, min(withdrawals, max(1, len(self.usdc_users) // 3)), Decimal(10)
@@ -61,7 +61,7 @@ class Drills:
         summary = self._onchain_withdrawals(phase, rng, withdrawers)
         summary.update(self._onchain_deposits(phase, rng, depositors))
         summary["phase"] = phase
-        summary["buffer_change"] = str(system_account(code=USDC_BUFFER).balance - buffer_before)
+        summary["buffer_change"] = str(system_balance(code=USDC_BUFFER) - buffer_before)
         self.onchain.append(summary)
 
     def _onchain_withdrawals(self, phase, rng, users) -> dict:
@@ -181,7 +181,7 @@ class Drills:
         conversion by the job's key and books it, once."""
         threshold = BufferThreshold.objects.get(currency="USDC")
         circle, due = self.circle, self.due
-        before = system_account(code=USDC_BUFFER).balance
+        before = system_balance(code=USDC_BUFFER)
         drained, held = Decimal(0), []
         richest = sorted(self.usdc_users, key=lambda u: balance_get(user_id=u).amount, reverse=True)
         for user in richest:  # the richest users withdraw until the buffer falls below minimum
@@ -203,7 +203,7 @@ class Drills:
             withdrawal.refresh_from_db()
             circle.transfer_finish(withdrawal.circle_transfer_id, "complete")
         self.onchain_net -= drained
-        low = system_account(code=USDC_BUFFER).balance
+        low = system_balance(code=USDC_BUFFER)
         cycle = settlement_cycle_run(triggered_by="rehearsal")
         due.lose_answers = 1  # the first creation is recorded, its answer never arrives
         due.on_created = lambda conversion: setattr(due, "unavailable", True)
@@ -216,7 +216,7 @@ class Drills:
         monitor_run(base_urls={"due": due.base_url})
         paid: set = set()
         self._due_pays_out_usdc(paid)
-        after = system_account(code=USDC_BUFFER).balance
+        after = system_balance(code=USDC_BUFFER)
         for job in jobs:
             job.refresh_from_db()
         lost_answer = {}

@@ -35,7 +35,7 @@ from cutover.selectors import (
     balance_get,
     phase_state,
 )
-from ledger.selectors import USDC_BUFFER, system_account
+from ledger.selectors import USDC_BUFFER, system_account, system_balance
 from onchain.models import CircleNotification, Withdrawal
 from onchain.sandbox import CircleSandbox
 from onchain.withdrawals import withdrawal_request, withdrawals_send
@@ -229,7 +229,7 @@ class Rehearsal(TrafficStages, Drills, Report):
         """In shadow, the pre-shadow withdrawal's transfer completes on chain; Circle's webhook
         posts the completion (pending hold -> USDC buffer)."""
         withdrawal = Withdrawal.objects.get(idempotency_key=self.pre_shadow["withdrawal"])
-        buffer_before = system_account(code=USDC_BUFFER).balance
+        buffer_before = system_balance(code=USDC_BUFFER)
         self.circle.transfer_finish(withdrawal.circle_transfer_id, "complete")
         withdrawal.refresh_from_db()
         if withdrawal.status == "completed":
@@ -242,7 +242,7 @@ class Rehearsal(TrafficStages, Drills, Report):
             status=withdrawal.status,
             pending_after=str(system_account(code="withdrawals_pending_usdc").balance),
             buffer_before=str(buffer_before),
-            buffer_after=str(system_account(code=USDC_BUFFER).balance),
+            buffer_after=str(system_balance(code=USDC_BUFFER)),
             notifications_unsettled=unsettled,
         )
 

@@ -61,7 +61,7 @@ from cutover.models import (
 from cutover.phases import FLAG_NAMES, Phase, flags_of
 from cutover.selectors import ledger_write_stats, phase_state
 from cutover.tasks import reconciliation_task
-from ledger.models import Account
+from ledger.selectors import system_balance
 from onchain.models import CircleNotification, Withdrawal
 from onchain.notifications import CHECKLIST_ALIASES
 from onchain.sandbox import CircleSandbox
@@ -971,10 +971,10 @@ def deposit(world: World, step: Step) -> None:
     alice = world.users["alice"]
     address = {"address": DEPOSIT_ADDRESS, "chain": "ETH"}
     assert api(world, "POST", f"/api/v1/users/{alice}/deposit-addresses", address)[0] == 201
-    buffer_before = Account.objects.get(code="usdc_buffer").balance
+    buffer_before = system_balance(code="usdc_buffer")
     world.circle.deposit(address=DEPOSIT_ADDRESS, amount="25.00")
     assert CircleNotification.objects.get().status == "processed"  # the webhook received
-    assert Account.objects.get(code="usdc_buffer").balance == buffer_before + 25
+    assert system_balance(code="usdc_buffer") == buffer_before + 25
     assert rows(statement(INTEGRITY)) == []
     status, reading = api(world, "GET", f"/api/v1/users/{alice}/balance")
     assert (status, reading["balance"], reading["source"]) == (200, "125.000000", "legacy")
@@ -1005,7 +1005,7 @@ def buffer_levels(world: World, step: Step) -> None:
     assert http(world, "GET", path)[0] == 401
     status, answer = http(world, "GET", path, token=world.secrets["ADMIN_TOKEN"])
     assert status == 200
-    assert Decimal(answer["balance"]) == Account.objects.get(code="usdc_buffer").balance
+    assert Decimal(answer["balance"]) == system_balance(code="usdc_buffer")
     assert Decimal(answer["balance"]) == world.circle.wallet_balance == Decimal("19975")
     assert answer["below_threshold"] is False
 
@@ -1272,7 +1272,7 @@ def write_failures_alarm(world: World, step: Step) -> None:
 @walks("Monitoring & Alerting Setup", "Low System Buffer")
 def buffer_alarm(world: World, step: Step) -> None:
     flags = alarm_provisioned(world, step)
-    buffer = float(Account.objects.get(code="usdc_buffer").balance)
+    buffer = float(system_balance(code="usdc_buffer"))
     assert published(world, flags["metric-name"]) == [buffer] == [19975.0]
     (point,) = datapoints(world.aws, flags["metric-name"], "Average").values()
     assert point["Average"] == buffer

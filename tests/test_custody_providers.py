@@ -12,7 +12,7 @@ from django.core.management import CommandError, call_command
 from custody.tasks import custody_reconcile_task
 from cutover.backfill import backfill_run
 from cutover.models import CustodyDiscrepancy, CustodyOpening, OperatorAudit
-from ledger.models import Account
+from ledger.selectors import system_balance
 from onchain.models import DepositAddress
 from onchain.polling import transfers_poll
 from onchain.withdrawals import withdrawals_send
@@ -23,7 +23,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def buffer(code: str) -> Decimal:
-    return Account.objects.get(code=code).balance
+    """A system buffer's balance, summed over its shards."""
+    return system_balance(code=code)
 
 
 def custody(*args: str) -> dict:

@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from ledger.exceptions import LedgerError
-from ledger.selectors import USDC_BUFFER, system_account
+from ledger.selectors import USDC_BUFFER, system_balance
 from treasury import due, metrics
 from treasury.exceptions import DueRefused, DueUnavailable, ProviderNotConfigured
 from treasury.models import ConversionJob, JobStatus
@@ -114,5 +114,5 @@ def monitor_run(*, base_urls: Mapping[str, str] | None = None) -> MonitorReport:
                 outcome = job_lost_answer_resolve(job, urls)
                 report.failed += outcome == "failed"
                 report.timed_out += outcome == "timed_out"
-    metrics.system_buffer_usdc.set(float(system_account(code=USDC_BUFFER).balance))
+    metrics.system_buffer_usdc.set(float(system_balance(code=USDC_BUFFER)))
     return report

@@ -8,7 +8,12 @@ from django.db import connection
 from django.db.models import Sum
 
 from ledger.money import CURRENCY_DECIMALS
-from ledger.selectors import BUFFER_ACCOUNTS, WITHDRAWALS_PENDING_ACCOUNTS, system_account
+from ledger.selectors import (
+    BUFFER_ACCOUNTS,
+    WITHDRAWALS_PENDING_ACCOUNTS,
+    system_account,
+    system_balance,
+)
 from treasury import due
 from treasury.exceptions import ProviderNotConfigured
 from treasury.models import RESERVING_STATUSES, BufferThreshold, ConversionJob, ConversionProvider
@@ -85,6 +90,6 @@ def source_available(source: str) -> Decimal:
     above its own minimum (so feeding one buffer never puts the other below its band) less
     what pending withdrawals will take from it and what jobs already reserve from it."""
     minimum = BufferThreshold.objects.filter(currency=source).values_list("minimum", flat=True)
-    balance = system_account(code=BUFFER_ACCOUNTS[source]).balance - withdrawals_held(source)
+    balance = system_balance(code=BUFFER_ACCOUNTS[source]) - withdrawals_held(source)
     available = balance - (minimum.first() or Decimal(0)) - reserved(source)
     return max(available, Decimal(0)).quantize(quantum("USD"), rounding=ROUND_DOWN)

@@ -18,7 +18,7 @@ from gateway.exceptions import InputRefused
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from ledger.selectors import BUFFER_ACCOUNTS, system_account
-from ledger.services import Leg, transaction_apply
+from ledger.services import Leg, system_account_gather, transaction_apply
 from treasury import due, metrics
 from treasury.exceptions import CallbackRejected, DueUnavailable, treasury_rules
 from treasury.models import ConversionJob, JobStatus
@@ -104,6 +104,14 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
             log.error("ALERT treasury: conversion job %s disputed: %s", job.pk, mismatch)
             return job.status
         target_amount = Decimal(conversion["destination"]["amount"])
+        # The source buffer's shards (deposits) gathered into its base, which the posting
+        # credits (no row goes below 0), with every other account of the posting locked in the
+        # same pass, in the one id order (conversions both ways cannot deadlock).
+        clearing = [f"conversion_clearing_{c.lower()}" for c in BUFFER_ACCOUNTS]
+        system_account_gather(
+            code=BUFFER_ACCOUNTS[job.source_currency],
+            also=[*BUFFER_ACCOUNTS.values(), *clearing],
+        )
         posting = transaction_apply(
             namespace="treasury",
             reference_id=f"conversion:{job.idempotency_key}",

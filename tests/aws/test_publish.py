@@ -25,7 +25,7 @@ from config.celery import app
 from cutover.balance_path import balance_credit, balance_debit
 from cutover.models import Discrepancy, PhaseState
 from cutover.reconciliation import reconciliation_run
-from ledger.selectors import system_account
+from ledger.selectors import system_balance
 from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.cutover.test_reconciliation import other_connection
@@ -143,7 +143,7 @@ def test_data_points_carry_what_the_database_holds(aws):
     (rate,) = datapoints(aws, "write_success_rate", "Average").values()
     assert rate == {"Average": 0.75, "SampleCount": 1}
     (buffer,) = datapoints(aws, "system_buffer_usdc", "Average").values()
-    assert buffer["Average"] == float(system_account(code="usdc_buffer").balance) == 1234.5
+    assert buffer["Average"] == float(system_balance(code="usdc_buffer")) == 1234.5
 
     reported = {}
     for point in report["data_points"]:

@@ -34,7 +34,7 @@ from cutover.models import (
 from cutover.phase_machine import phase_advance, phase_rollback
 from cutover.selectors import custody_opened
 from ledger.models import Account, Transaction
-from ledger.selectors import system_account
+from ledger.selectors import system_balance
 from tests.cutover.factories import custody_open_all, database_url, legacy_user
 from tests.cutover.test_concurrency import run_workers, users_with_balances
 
@@ -43,7 +43,8 @@ CLI = Actor("cli:test")
 
 
 def balance(code: str) -> Decimal:
-    return system_account(code=code).balance
+    """A system buffer's balance, summed over its shards."""
+    return system_balance(code=code)
 
 
 def user_balances(user_id) -> tuple[Decimal | None, Decimal | None]:

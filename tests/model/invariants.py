@@ -7,6 +7,8 @@ from decimal import Decimal
 
 from django.db import connection
 
+from ledger.selectors import shard_codes
+
 DUAL_WRITE = ("shadow", "read_switch", "strict")
 LEGACY_AUTHORITATIVE = ("legacy", "shadow", "read_switch", "strict")
 
@@ -157,7 +159,9 @@ def user_money(opening: dict) -> list[str]:
     return found
 
 
-# Conservation, from the ledger's account balances (sharded accounts summed over their shards).
+# Conservation, from the ledger's account balances (sharded accounts summed over their shards:
+# by account type, which a shard shares with its base). The buffers' codes and account types;
+# read by code, a buffer is summed over its shards (shard_codes).
 ASSETS = {"USDC": "usdc_buffer", "USD": "fiat_buffer"}
 
 
@@ -248,12 +252,12 @@ def conversions_within_source_minimum() -> list[str]:
     for currency, buffer in ASSETS.items():
         [(balance, minimum, committed)] = _rows(
             """
-            SELECT (SELECT balance FROM ledger_accounts WHERE code = %s),
+            SELECT (SELECT sum(balance) FROM ledger_accounts WHERE code = ANY(%s)),
                    (SELECT minimum FROM treasury_buffer_thresholds WHERE currency = %s),
                    (SELECT coalesce(sum(source_amount), 0) FROM treasury_conversion_jobs
                      WHERE source_currency = %s AND status IN ('pending', 'submitted'))
             """,
-            [buffer, currency, currency],
+            [shard_codes(buffer), currency, currency],
         )
         if committed > max(balance - minimum, Decimal(0)):
             found.append(
@@ -308,7 +312,8 @@ def custody_matches_providers(
         if currency not in opened:
             continue
         [(buffer,)] = _rows(
-            "SELECT balance FROM ledger_accounts WHERE code = %s", [ASSETS[currency]]
+            "SELECT sum(balance) FROM ledger_accounts WHERE code = ANY(%s)",
+            [shard_codes(ASSETS[currency])],
         )
         if buffer != held:
             found.append(

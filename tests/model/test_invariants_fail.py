@@ -11,6 +11,7 @@ import pytest
 from django.db import connection, transaction
 
 from ledger.models import Account
+from ledger.selectors import system_balance
 from ledger.services import Leg, transaction_post
 from onchain.withdrawals import withdrawal_request
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
@@ -213,7 +214,7 @@ def test_rollback_possible_sees_a_legacy_row_in_another_currency():
 
 
 def test_custody_matches_providers_sees_a_difference(user):
-    held = Account.objects.get(code="usdc_buffer").balance
+    held = system_balance(code="usdc_buffer")
     assert (
         invariants.custody_matches_providers(
             circle_wallet=held, due_fiat=Decimal(0), opened={"USDC"}

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from cutover.models import LegacyBalance
 from ledger.models import Account
-from ledger.selectors import ledger_integrity_checks
+from ledger.selectors import ledger_integrity_checks, system_balance
 from ledger.services import Leg, transaction_post
 from onchain.models import Withdrawal
 from onchain.withdrawals import withdrawal_request
@@ -32,7 +32,8 @@ def balances(user_id):
 
 
 def system(code: str) -> Decimal:
-    return Account.objects.get(code=code).balance
+    """A system account's balance, summed over its shards (the USDC buffer's deposits)."""
+    return system_balance(code=code)
 
 
 def withdraw(user_id, amount="30", address="0xdest", **kwargs) -> Withdrawal:

@@ -14,6 +14,7 @@ from django.core.management.base import CommandError
 
 from cutover.models import BalanceMutation, LegacyBalance
 from ledger.models import Account
+from ledger.selectors import system_balance
 from onchain.models import CircleNotification, CirclePublicKey, DepositAddress
 from onchain.sandbox import CircleSandbox
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
@@ -69,7 +70,7 @@ def test_completed_deposit_credits_the_user_and_the_buffer_once(sandbox, webhook
     legacy, ledger = balances(depositor)
     assert legacy == Decimal("25.5" if phase != "cutover" else "0")
     assert ledger == Decimal("25.5" if phase != "legacy" else "0")
-    buffer = Account.objects.get(code="usdc_buffer").balance
+    buffer = system_balance(code="usdc_buffer")
     assert buffer == Decimal("25.5" if phase != "legacy" else "0")
     notification = CircleNotification.objects.get()
     assert notification.deliveries == 2 and notification.status == "processed"

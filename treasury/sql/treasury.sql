@@ -41,19 +41,28 @@ DROP TRIGGER IF EXISTS treasury_job_transition ON treasury_conversion_jobs;
 CREATE TRIGGER treasury_job_transition BEFORE UPDATE ON treasury_conversion_jobs
     FOR EACH ROW EXECUTE FUNCTION treasury_job_transition();
 
--- The buffers against their thresholds, from the ledger's system buffer accounts.
+-- The buffers against their thresholds, from the ledger's system buffer accounts. A buffer's
+-- balance is the sum over its shards (ledger migration 0010: `usdc_buffer` and `usdc_buffer#1`
+-- .. `usdc_buffer#63`, named one by one as ledger.selectors.system_balance does, SHARDS = 64;
+-- `fiat_buffer` has none): deposits post to the depositor's shard.
 CREATE OR REPLACE VIEW v_buffer_status AS
 SELECT t.currency,
        a.code AS account,
-       a.balance,
+       s.balance,
        t.minimum, t.target, t.maximum,
-       CASE WHEN a.balance < t.minimum THEN 'below_min'
-            WHEN a.balance > t.maximum THEN 'above_max'
+       CASE WHEN s.balance < t.minimum THEN 'below_min'
+            WHEN s.balance > t.maximum THEN 'above_max'
             ELSE 'ok' END AS state
   FROM treasury_buffer_thresholds t
   JOIN ledger_system_balances a
     ON a.code = CASE WHEN t.currency = 'USDC' THEN 'usdc_buffer' ELSE 'fiat_buffer' END
-   AND a.currency = t.currency;
+   AND a.currency = t.currency
+ CROSS JOIN LATERAL (
+       SELECT sum(b.balance)::numeric(38, 6) AS balance
+         FROM ledger_system_balances b
+        WHERE b.code = ANY (ARRAY[a.code::text]
+                            || ARRAY(SELECT a.code || '#' || n FROM generate_series(1, 63) n))
+          AND b.currency = a.currency) s;
 
 -- The deployment checklist's names for the treasury's tables (deploy/checklist/), so that its
 -- SQL runs as written: one view per table, its columns as they are.
