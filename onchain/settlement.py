@@ -57,14 +57,14 @@ def _withdrawal_complete(withdrawal: Withdrawal) -> None:
     if held_in is not None:
         # Deposits sit on the buffer's shards; the base alone pays out (no row goes below 0).
         # The posting's other account is locked with them, in the one id order.
-        system_account_gather(code=USDC_BUFFER, also=[held_in])
+        buffer, _ = system_account_gather(code=USDC_BUFFER, also=[held_in])
         transaction_apply(
             namespace="circle",
             reference_id=f"withdrawal:{withdrawal.idempotency_key}:complete",
             kind="withdrawal_complete",
             legs=[
                 Leg.debit(system_account(code=held_in), withdrawal.amount),
-                Leg.credit(system_account(code=USDC_BUFFER), withdrawal.amount),
+                Leg.credit(buffer, withdrawal.amount),
             ],
             metadata={
                 "user_id": str(withdrawal.user_id),
