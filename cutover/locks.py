@@ -14,6 +14,9 @@ CIRCLE_TRANSFER_LOCK = 7_401_005
 # With a second key, the task id's hash, session-level for a task's whole run: one copy of a
 # Celery message runs at a time (cutover.deliveries).
 TASK_DELIVERY_LOCK = 7_401_006
+# With a second key, the notification id's hash: one delivery of a Circle notification id is
+# stored and applied at a time (onchain_deposit_notification_accept, onchain/sql/onchain.sql).
+CIRCLE_NOTIFICATION_LOCK = 7_401_007
 
 REGISTRY = {
     "phase": PHASE_LOCK,
@@ -22,4 +25,5 @@ REGISTRY = {
     "custody_reconcile": CUSTODY_RECONCILE_LOCK,
     "circle_transfer": CIRCLE_TRANSFER_LOCK,
     "task_delivery": TASK_DELIVERY_LOCK,
+    "circle_notification": CIRCLE_NOTIFICATION_LOCK,
 }

@@ -22,7 +22,8 @@ CREATE TRIGGER cutover_balance_mutations_append_only
 --   CU002 kill switch engaged, CU003 reference reused for another mutation, a currency other
 --   than the user's, or an unknown counterparty, CU004 insufficient funds in the legacy store,
 --   CU005 the ledger refused a write the phase requires (strict, cutover, or the legacy mirror;
---   the whole mutation rolls back; DETAIL is the phase), CU006 a concurrent duplicate committed
+--   the whole mutation rolls back; DETAIL is the phase, HINT the user, for a caller that found
+--   the user itself, as onchain_deposit_credit does), CU006 a concurrent duplicate committed
 --   first (nothing applied; retried, it becomes a replay); LD002 from the ledger in cutover =
 --   insufficient funds.
 -- One currency per user, in every phase: a user's legacy row and ledger balance account (at
@@ -109,30 +110,46 @@ BEGIN
 
     v_clock := clock_timestamp();
     IF phase <> 'cutover' THEN  -- the legacy write, as the old code did it
+        -- One statement that locks, checks and writes the row (a credit opens it); when it
+        -- writes nothing, the row (locked) says why.
         IF v_delta > 0 THEN
-            INSERT INTO balances (user_id, buying_power, currency) VALUES (p_user_id, 0, p_currency)
-            ON CONFLICT (user_id) DO NOTHING;
+            INSERT INTO balances AS b (user_id, buying_power, currency, updated_at)
+            VALUES (p_user_id, p_amount, p_currency, now())
+            ON CONFLICT (user_id) DO UPDATE
+               SET buying_power = b.buying_power + EXCLUDED.buying_power, updated_at = now()
+             WHERE b.currency = EXCLUDED.currency
+            RETURNING b.buying_power INTO legacy_balance;
+        ELSE
+            UPDATE balances b SET buying_power = b.buying_power - p_amount, updated_at = now()
+             WHERE b.user_id = p_user_id AND b.currency = p_currency
+               AND b.buying_power >= p_amount
+            RETURNING b.buying_power INTO legacy_balance;
         END IF;
-        SELECT b.buying_power, b.currency INTO legacy_balance, v_held
-          FROM balances b WHERE b.user_id = p_user_id FOR UPDATE;
-        IF NOT FOUND OR legacy_balance + v_delta < 0 THEN
-            RAISE EXCEPTION 'user %: balance % % is less than %', p_user_id,
-                coalesce(legacy_balance, 0), p_currency, p_amount USING ERRCODE = 'CU004';
+        IF NOT FOUND THEN
+            SELECT b.buying_power, b.currency INTO legacy_balance, v_held
+              FROM balances b WHERE b.user_id = p_user_id FOR UPDATE;
+            IF NOT FOUND OR legacy_balance + v_delta < 0 THEN
+                RAISE EXCEPTION 'user %: balance % % is less than %', p_user_id,
+                    coalesce(legacy_balance, 0), p_currency, p_amount USING ERRCODE = 'CU004';
+            END IF;
+            IF v_held <> p_currency THEN  -- a concurrent first mutation in another currency won
+                RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id,
+                    v_held, p_currency USING ERRCODE = 'CU003';
+            END IF;
+            -- (a credit committed between the debit's update and this lock made it possible)
+            UPDATE balances b SET buying_power = b.buying_power + v_delta, updated_at = now()
+             WHERE b.user_id = p_user_id
+            RETURNING b.buying_power INTO legacy_balance;
         END IF;
-        IF v_held <> p_currency THEN  -- a concurrent first mutation in another currency won
-            RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id, v_held,
-                p_currency USING ERRCODE = 'CU003';
-        END IF;
-        legacy_balance := legacy_balance + v_delta;
-        UPDATE balances SET buying_power = legacy_balance, updated_at = now()
-         WHERE user_id = p_user_id;
         v_lap := clock_timestamp();
         v_legacy_us := (extract(epoch FROM v_lap - v_clock) * 1000000)::bigint;
         v_clock := v_lap;  -- the ledger write's time starts where the legacy write's ended
     END IF;
 
-    v_mirror := phase = 'legacy' AND EXISTS (
-        SELECT 1 FROM cutover_custody_openings c WHERE c.currency = p_currency);
+    v_mirror := false;
+    IF phase = 'legacy' THEN
+        v_mirror := EXISTS (SELECT 1 FROM cutover_custody_openings c WHERE c.currency = p_currency);
+    END IF;
     IF phase <> 'legacy' OR v_mirror THEN
         -- The counterparty's shard for this user (ledger migrations 0004 and 0008: 64 shards
         -- of each clearing account, `code` and `code#1`..`code#63`); unsharded accounts as
@@ -172,7 +189,8 @@ BEGIN
             EXCEPTION WHEN OTHERS THEN
                 RAISE EXCEPTION 'ledger refused the legacy mirror of this mutation: %',
                     regexp_replace(SQLERRM, '^ledger: ', '')
-                    USING ERRCODE = 'CU005', DETAIL = phase;
+                    USING ERRCODE = 'CU005', DETAIL = phase,
+                    HINT = p_user_id::text;
             END;
         END IF;
     END IF;
@@ -206,10 +224,12 @@ BEGIN
                 RAISE;  -- the ledger is the only store: an ordinary refusal
             ELSIF SQLSTATE = 'LD002' THEN
                 RAISE EXCEPTION 'ledger refused the debit that the legacy store allowed (user %)',
-                    p_user_id USING ERRCODE = 'CU005', DETAIL = phase;
+                    p_user_id USING ERRCODE = 'CU005', DETAIL = phase,
+                    HINT = p_user_id::text;
             ELSE
                 RAISE EXCEPTION 'ledger write failed: %', SQLERRM
-                    USING ERRCODE = 'CU005', DETAIL = phase;
+                    USING ERRCODE = 'CU005', DETAIL = phase,
+                    HINT = p_user_id::text;
             END IF;
         END;
         SELECT u.balance INTO ledger_balance FROM ledger_user_balances u

@@ -10,8 +10,11 @@ DECLARE
     acc record;
     new_balance numeric;
 BEGIN
+    -- (One statement for the account and the transaction: it runs for every entry.)
     SELECT a.id, a.currency, a.normal_balance, a.allow_negative, a.balance, a.entry_count,
-           a.last_hash, c.decimals
+           a.last_hash, c.decimals,
+           EXISTS (SELECT 1 FROM ledger_transactions t
+                    WHERE t.id = NEW.transaction_id AND t.xact_id = pg_current_xact_id()) AS own
       INTO acc
       FROM ledger_accounts a JOIN ledger_currencies c ON c.code = a.currency
      WHERE a.id = NEW.account_id
@@ -20,9 +23,7 @@ BEGIN
         RAISE EXCEPTION 'ledger: account % does not exist', NEW.account_id
             USING ERRCODE = 'LD003';
     END IF;
-    PERFORM 1 FROM ledger_transactions
-      WHERE id = NEW.transaction_id AND xact_id = pg_current_xact_id();
-    IF NOT FOUND THEN
+    IF NOT acc.own THEN
         RAISE EXCEPTION 'ledger: transaction % was not created by this database transaction; '
             'a transaction gets all its entries when it is posted', NEW.transaction_id
             USING ERRCODE = 'LD008';

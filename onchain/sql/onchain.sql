@@ -86,8 +86,8 @@ CREATE TRIGGER onchain_deposit_address_currency BEFORE INSERT OR UPDATE ON oncha
 --   currency_mismatch    the transfer brings another currency than the address's: refused
 --   contradicted         credited already otherwise (another amount or user): a transfer
 --                        discrepancy recorded for an operator, nothing credited
--- A strict failure of the credit (CU005) is raised again naming the user in its HINT, for the
--- StrictFailure row the caller writes after the rollback.
+-- A strict failure of the credit (CU005) names the user in its HINT (cutover_balance_mutate's),
+-- for the StrictFailure row the caller writes after the rollback.
 CREATE OR REPLACE FUNCTION onchain_deposit_credit(
     p_transfer_id text, p_chain text, p_address text, p_evm_chains text[], p_currency text,
     p_amount numeric, p_notified_amount text, p_said text, p_source text, p_counterparty text,
@@ -101,9 +101,6 @@ DECLARE
     v_held text;
     v_done record;
     v_mutation record;
-    v_state text;
-    v_message text;
-    v_detail text;
 BEGIN
     why := '';
     mutation_created := false;
@@ -165,16 +162,9 @@ BEGIN
         outcome := 'contradicted';
         RETURN;
     END IF;
-    BEGIN
-        SELECT m.phase, m.created, m.ledger_status, m.discrepancy INTO v_mutation
-          FROM cutover_balance_mutate(deposit_user, 'credit', p_amount, v_currency, v_reference,
-                                      'circle_deposit', p_counterparty, p_source) m;
-    EXCEPTION WHEN SQLSTATE 'CU005' THEN  -- raised again as it was, naming the user
-        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT,
-            v_detail = PG_EXCEPTION_DETAIL;
-        RAISE EXCEPTION USING ERRCODE = v_state, MESSAGE = v_message, DETAIL = v_detail,
-            HINT = deposit_user::text;
-    END;
+    SELECT m.phase, m.created, m.ledger_status, m.discrepancy INTO v_mutation
+      FROM cutover_balance_mutate(deposit_user, 'credit', p_amount, v_currency, v_reference,
+                                  'circle_deposit', p_counterparty, p_source) m;
     outcome := 'credited';
     phase := v_mutation.phase;
     mutation_created := v_mutation.created;
@@ -183,10 +173,12 @@ BEGIN
 END $$;
 
 -- onchain_deposit_notification_accept: a verified notification of a completed inbound transfer
--- stored in the inbox and applied in one statement (autocommit: its own transaction): the row
--- inserted, the deposit credited (onchain_deposit_credit) and the row's outcome written, or
--- nothing at all. A notification id stored before is not applied here (inserted false, its
--- stored status): the caller evaluates the stored row, as for any other notification.
+-- stored in the inbox and applied in one statement (autocommit: its own transaction): the
+-- deposit credited (onchain_deposit_credit) and the row inserted with its outcome, or nothing
+-- at all. A notification id stored before is not applied here (inserted false, its stored
+-- status, its deliveries counted): the caller evaluates the stored row, as for any other
+-- notification. (The row is written once, with its outcome: a row inserted 'received' and
+-- updated in the same statement wrote every index twice for nothing anyone could see.)
 CREATE OR REPLACE FUNCTION onchain_deposit_notification_accept(
     p_notification_id text, p_notification_type text, p_inbox_transfer_id text, p_key_id text,
     p_body text, p_transfer_id text, p_chain text, p_address text, p_evm_chains text[],
@@ -197,23 +189,41 @@ CREATE OR REPLACE FUNCTION onchain_deposit_notification_accept(
     OUT discrepancy boolean
 ) LANGUAGE plpgsql AS $$
 DECLARE
-    v_id bigint;
     v_credit record;
 BEGIN
-    INSERT INTO onchain_circle_notifications AS n
-        (notification_id, notification_type, transfer_id, key_id, body, status, error,
-         deliveries, attempts, received_at)
-    VALUES (p_notification_id, p_notification_type, p_inbox_transfer_id, p_key_id, p_body,
-            'received', '', 1, 0, now())
-    ON CONFLICT (notification_id) DO UPDATE SET deliveries = n.deliveries + 1
-    RETURNING n.id, n.status, (n.xmax = 0) INTO v_id, inbox_status, inserted;
-    IF NOT inserted THEN
+    inserted := false;
+    -- Deliveries of one id wait for each other: the second sees the first's row.
+    PERFORM pg_advisory_xact_lock(7401007, hashtext(p_notification_id));  -- cutover.locks.CIRCLE_NOTIFICATION_LOCK
+    UPDATE onchain_circle_notifications n SET deliveries = n.deliveries + 1
+     WHERE n.notification_id = p_notification_id
+    RETURNING n.status INTO inbox_status;
+    IF FOUND THEN
         RETURN;
     END IF;
     SELECT * INTO v_credit
       FROM onchain_deposit_credit(p_transfer_id, p_chain, p_address, p_evm_chains, p_currency,
                                   p_amount, p_notified_amount, p_said, p_notification_id,
                                   p_counterparty);
+    inbox_status := CASE v_credit.outcome
+        WHEN 'credited' THEN 'processed'
+        WHEN 'credited_before' THEN 'processed'
+        WHEN 'unknown_address' THEN 'parked'
+        WHEN 'held_other_currency' THEN 'parked'
+        ELSE 'refused'
+    END;
+    -- (A writer of the inbox that does not take the notification's lock, and stored this id
+    -- meanwhile, keeps its row; this delivery is counted on it.)
+    INSERT INTO onchain_circle_notifications AS n
+        (notification_id, notification_type, transfer_id, key_id, body, status, error,
+         deliveries, attempts, received_at, processed_at)
+    VALUES (p_notification_id, p_notification_type, p_inbox_transfer_id, p_key_id, p_body,
+            inbox_status, CASE WHEN inbox_status = 'refused' THEN v_credit.why ELSE '' END,
+            1, 1, now(), now())
+    ON CONFLICT (notification_id) DO UPDATE SET deliveries = n.deliveries + 1
+    RETURNING n.status, (n.xmax = 0) INTO inbox_status, inserted;
+    IF NOT inserted THEN
+        RETURN;
+    END IF;
     outcome := v_credit.outcome;
     why := v_credit.why;
     deposit_user := v_credit.deposit_user;
@@ -221,17 +231,4 @@ BEGIN
     mutation_created := v_credit.mutation_created;
     ledger_status := v_credit.ledger_status;
     discrepancy := v_credit.discrepancy;
-    inbox_status := CASE outcome
-        WHEN 'credited' THEN 'processed'
-        WHEN 'credited_before' THEN 'processed'
-        WHEN 'unknown_address' THEN 'parked'
-        WHEN 'held_other_currency' THEN 'parked'
-        ELSE 'refused'
-    END;
-    UPDATE onchain_circle_notifications n
-       SET status = inbox_status,
-           error = CASE WHEN inbox_status = 'refused' THEN why ELSE '' END,
-           attempts = 1,
-           processed_at = now()
-     WHERE n.id = v_id;
 END $$;

@@ -1,0 +1,42 @@
+"""Re-installs onchain/sql/onchain.sql (frozen in migrations/sql/): a deposit's notification is
+inserted once with its outcome (it was inserted 'received' and updated in the same statement,
+every index written twice), deliveries of one notification id wait for each other on an
+advisory lock, and onchain_deposit_credit calls the balance path without a subtransaction of
+its own (the user's id now comes in cutover_balance_mutate's CU005 HINT, cutover 0019). The
+inbox loses the pattern indexes (`_like`) of notification_id and transfer_id: nothing searches
+them by prefix (the admin's search is a contains); their plain and unique indexes stay."""
+
+from pathlib import Path
+
+from django.db import migrations
+
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+
+LIKE_INDEXES = {
+    "onchain_circle_notifications_notification_id_acc40eaa_like": "notification_id",
+    "onchain_circle_notifications_transfer_id_7d02b526_like": "transfer_id",
+}
+
+
+class Migration(migrations.Migration):
+    dependencies = [
+        ("onchain", "0013_task_deliveries_to_cutover"),
+        ("cutover", "0019_balance_path_fewer_statements"),
+    ]
+
+    operations = [
+        migrations.RunSQL(
+            sql=(SQL_DIR / "0014_inbox_written_once.sql").read_text(),
+            reverse_sql=(SQL_DIR / "0011_deposit_credit.sql").read_text(),
+        ),
+        *(
+            migrations.RunSQL(
+                sql=f"DROP INDEX IF EXISTS {name}",
+                reverse_sql=(
+                    f"CREATE INDEX IF NOT EXISTS {name}"
+                    f" ON onchain_circle_notifications ({column} varchar_pattern_ops)"
+                ),
+            )
+            for name, column in LIKE_INDEXES.items()
+        ),
+    ]
