@@ -128,10 +128,13 @@ class Entry(models.Model):
     """One leg of a transaction. Immutable; `seq`, `prev_hash`, `hash` and `balance_after` are
     set by the database when the row is inserted."""
 
-    transaction = models.ForeignKey(Transaction, on_delete=models.PROTECT, related_name="entries")
-    # Both are enforced by one composite foreign key (account_id, currency) -> ledger_accounts
-    # (id, currency), declared in ledger/sql/ledger.sql; (account, seq) is unique and indexed,
-    # which serves every lookup by account.
+    # No foreign keys in the database: the entry trigger (ledger_entry_apply, ledger/sql/
+    # ledger.sql) checks the transaction, the account and its currency under the account's row
+    # lock, and transactions and accounts with entries are never deleted or renumbered.
+    # (account, seq) is unique and indexed, which serves every lookup by account.
+    transaction = models.ForeignKey(
+        Transaction, on_delete=models.PROTECT, related_name="entries", db_constraint=False
+    )
     account = models.ForeignKey(
         Account,
         on_delete=models.PROTECT,

@@ -16,7 +16,7 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"
 class Migration(migrations.Migration):
     dependencies = [
         ("cutover", "0018_backfill_opens_accounts_at_once"),
-        ("ledger", "0011_entry_apply_one_lookup"),
+        ("ledger", "0011_entries_checked_by_trigger"),
     ]
 
     operations = [

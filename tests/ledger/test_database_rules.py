@@ -250,3 +250,42 @@ def test_entry_currency_must_be_its_accounts(user):
     with pytest.raises(DatabaseError) as excinfo:
         raw_posting("cur", [(clearing.pk, "debit", "1", "USD"), (user.pk, "credit", "1", "USD")])
     assert sqlstate(excinfo) == "LD004"
+
+
+# The entries' foreign keys are gone (ledger 0011): the entry trigger and these rules hold what
+# they held.
+def test_an_account_with_entries_is_never_deleted(user):
+    with pytest.raises(DatabaseError) as excinfo:
+        sql("DELETE FROM ledger_accounts WHERE id = %s", [user.pk])
+    assert sqlstate(excinfo) == "LD009"
+    assert Account.objects.filter(pk=user.pk).exists()
+    assert Entry.objects.filter(account=user).count() == user.entry_count == 1
+
+
+def test_an_account_without_entries_can_be_deleted():
+    account = UserAccountFactory()
+    sql("DELETE FROM ledger_accounts WHERE id = %s", [account.pk])
+    assert not Account.objects.filter(pk=account.pk).exists()
+
+
+def test_an_accounts_id_never_changes(user):
+    with pytest.raises(DatabaseError) as excinfo:
+        sql("UPDATE ledger_accounts SET id = id + 1000000 WHERE id = %s", [user.pk])
+    assert sqlstate(excinfo) == "LD009"
+    assert Entry.objects.get(account_id=user.pk).account_id == user.pk
+
+
+@pytest.mark.parametrize("missing", ["transaction", "account"])
+def test_an_entry_naming_what_does_not_exist_is_refused(user, clearing, missing):
+    transaction_id = "999999999" if missing == "transaction" else "(SELECT id FROM t)"
+    account_id = 999999999 if missing == "account" else user.pk
+    with pytest.raises(DatabaseError) as excinfo:
+        sql(
+            f"WITH t AS ({insert_transaction('orphan')}) "
+            "INSERT INTO ledger_entries (transaction_id, account_id, currency, side, amount) "
+            f"VALUES ({transaction_id}, {account_id}, 'USDC', 'credit', 1), "
+            f"((SELECT id FROM t), {clearing.pk}, 'USDC', 'debit', 1)"
+        )
+    assert sqlstate(excinfo) == ("LD008" if missing == "transaction" else "LD003")
+    assert not Transaction.objects.filter(reference_id="orphan").exists()
+    assert Entry.objects.filter(account=user).count() == 1

@@ -120,10 +120,28 @@ CREATE CONSTRAINT TRIGGER ledger_transactions_balanced AFTER INSERT ON ledger_tr
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION ledger_transaction_check();
 
--- An entry's currency is its account's currency, also for raw writes.
+-- An entry's account exists and holds the entry's currency, and its transaction exists and is
+-- this database transaction's: ledger_entry_apply checks all of it for every insert, raw ones
+-- too, under the account's row lock. Transactions are never deleted or changed
+-- (ledger_refuse_change), nor is an account's id or currency (ledger_account_guard), nor is an
+-- account with entries deleted (ledger_account_delete_refuse), so what the check saw stays true.
+-- The foreign keys that said the same (ledger 0011 drops them) re-read and key-share-locked
+-- both rows once per entry, the transaction's again at COMMIT.
 ALTER TABLE ledger_entries DROP CONSTRAINT IF EXISTS ledger_entries_fk_account_currency;
-ALTER TABLE ledger_entries ADD CONSTRAINT ledger_entries_fk_account_currency
-    FOREIGN KEY (account_id, currency) REFERENCES ledger_accounts (id, currency);
+
+CREATE OR REPLACE FUNCTION ledger_account_delete_refuse() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.entry_count > 0 THEN
+        RAISE EXCEPTION 'ledger: account % has % entries and cannot be deleted', OLD.id,
+            OLD.entry_count USING ERRCODE = 'LD009';
+    END IF;
+    RETURN OLD;
+END $$;
+
+DROP TRIGGER IF EXISTS ledger_accounts_kept ON ledger_accounts;
+CREATE TRIGGER ledger_accounts_kept BEFORE DELETE ON ledger_accounts
+    FOR EACH ROW EXECUTE FUNCTION ledger_account_delete_refuse();
 
 -- The one posting path, in one round trip. `legs` is a JSON array of
 -- {"account_id", "side", "amount", "currency"}. Idempotent on (namespace, reference_id): a replay
@@ -138,17 +156,25 @@ DECLARE
     v_fingerprint text;
     v_existing text;
 BEGIN
-    SELECT encode(sha256(convert_to(p_kind || '|' || string_agg(
-               concat_ws(':', l.account_id, l.side, l.amount::numeric(38, 6)::text, l.currency),
-               ',' ORDER BY l.account_id, l.side, l.amount, l.currency), 'UTF8')), 'hex')
-      INTO v_fingerprint
-      FROM jsonb_to_recordset(p_legs) AS l(account_id bigint, side text, amount numeric,
-                                           currency text);
-
-    INSERT INTO ledger_transactions (namespace, reference_id, kind, metadata, fingerprint)
-    VALUES (p_namespace, p_reference_id, p_kind, coalesce(p_metadata, '{}'), v_fingerprint)
-    ON CONFLICT (namespace, reference_id) DO NOTHING
-    RETURNING id INTO transaction_id;
+    -- The legs' fingerprint (what a replay must repeat: the kind and the legs in account
+    -- order) and the transaction, in one statement.
+    WITH legs AS (
+        SELECT encode(sha256(convert_to(p_kind || '|' || string_agg(
+                   concat_ws(':', l.account_id, l.side, l.amount::numeric(38, 6)::text,
+                             l.currency),
+                   ',' ORDER BY l.account_id, l.side, l.amount, l.currency), 'UTF8')),
+                   'hex') AS fingerprint
+          FROM jsonb_to_recordset(p_legs) AS l(account_id bigint, side text, amount numeric,
+                                               currency text)
+    ), opened AS (
+        INSERT INTO ledger_transactions (namespace, reference_id, kind, metadata, fingerprint)
+        SELECT p_namespace, p_reference_id, p_kind, coalesce(p_metadata, '{}'), legs.fingerprint
+          FROM legs
+        ON CONFLICT (namespace, reference_id) DO NOTHING
+        RETURNING id
+    )
+    SELECT (SELECT opened.id FROM opened), legs.fingerprint INTO transaction_id, v_fingerprint
+      FROM legs;
 
     IF transaction_id IS NULL THEN
         SELECT t.id, t.fingerprint INTO transaction_id, v_existing
@@ -173,15 +199,16 @@ END $$;
 -- An account's balance, entry count and chain head move only with its entries: the one UPDATE
 -- allowed to change them is ledger_entry_apply's, which runs inside the entry's insert trigger
 -- (so this trigger fires one level deeper, called from that function). Currency and normal
--- balance never change once an account exists. Anything else (a raw UPDATE, the ORM) is refused.
+-- balance (nor its id, which entries name) never change once an account exists. Anything else (a
+-- raw UPDATE, the ORM) is refused.
 CREATE OR REPLACE FUNCTION ledger_account_guard() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     v_stack text;
 BEGIN
-    IF NEW.currency IS DISTINCT FROM OLD.currency
+    IF NEW.id IS DISTINCT FROM OLD.id OR NEW.currency IS DISTINCT FROM OLD.currency
        OR NEW.normal_balance IS DISTINCT FROM OLD.normal_balance THEN
-        RAISE EXCEPTION 'ledger: account % keeps its currency and normal balance', OLD.id
+        RAISE EXCEPTION 'ledger: account % keeps its id, currency and normal balance', OLD.id
             USING ERRCODE = 'LD009';
     END IF;
     IF (NEW.balance, NEW.entry_count, NEW.last_hash)
@@ -201,7 +228,7 @@ END $$;
 
 DROP TRIGGER IF EXISTS ledger_accounts_guard ON ledger_accounts;
 CREATE TRIGGER ledger_accounts_guard
-    BEFORE UPDATE OF balance, entry_count, last_hash, currency, normal_balance ON ledger_accounts
+    BEFORE UPDATE OF id, balance, entry_count, last_hash, currency, normal_balance ON ledger_accounts
     FOR EACH ROW EXECUTE FUNCTION ledger_account_guard();
 
 -- An account opens empty: balance 0, no entries, the chain at its genesis hash. (Without this an
