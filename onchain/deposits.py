@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID
 
-import psycopg
 from django.db import DatabaseError, connection, transaction
 
-from cutover.balance_path import mutation_observed
+from cutover.balance_path import mutation_observed, mutation_statement_run
 from cutover.exceptions import cutover_error_from
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
@@ -51,13 +50,13 @@ DEPOSIT_STATUS = {
 }
 DEPOSIT_CREDIT_SQL = """
     SELECT outcome, why, deposit_user, phase, mutation_created, ledger_status, discrepancy
-      FROM onchain_deposit_credit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+      FROM onchain_deposit_credit(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 DEPOSIT_ACCEPT_SQL = """
     SELECT inserted, inbox_status, outcome, why, deposit_user, phase, mutation_created,
            ledger_status, discrepancy
       FROM onchain_deposit_notification_accept(
-           %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+           %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 
 
@@ -156,13 +155,11 @@ def _deposit_arguments(event: TransferEvent, amount: Decimal) -> list | None:
 
 
 def _deposit_execute(sql: str, params: list, transfer_id: str) -> tuple:
-    """One round trip (a prepared statement); the cutover's refusals as their domain errors, a
-    strict failure naming the user the function found (its HINT)."""
-    connection.ensure_connection()
+    """One round trip (a prepared statement; two when the ledger's write failed, see
+    mutation_statement_run); the cutover's refusals as their domain errors, a strict failure
+    naming the user the function found (its HINT)."""
     try:
-        with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
-            cursor.execute(sql, params, prepare=True)
-            return cursor.fetchone()
+        return mutation_statement_run(sql, params)
     except DatabaseError as exc:
         hint = getattr(getattr(exc.__cause__, "diag", None), "message_hint", None)
         error = cutover_error_from(

@@ -88,9 +88,14 @@ CREATE TRIGGER onchain_deposit_address_currency BEFORE INSERT OR UPDATE ON oncha
 --                        discrepancy recorded for an operator, nothing credited
 -- A strict failure of the credit (CU005) names the user in its HINT (cutover_balance_mutate's),
 -- for the StrictFailure row the caller writes after the rollback.
+-- p_isolate_ledger: cutover_balance_mutate's (false only for a caller that repeats the call
+-- with true when it fails).
+DROP FUNCTION IF EXISTS onchain_deposit_credit(
+    text, text, text, text[], text, numeric, text, text, text, text);
 CREATE OR REPLACE FUNCTION onchain_deposit_credit(
     p_transfer_id text, p_chain text, p_address text, p_evm_chains text[], p_currency text,
     p_amount numeric, p_notified_amount text, p_said text, p_source text, p_counterparty text,
+    p_isolate_ledger boolean DEFAULT true,
     OUT outcome text, OUT why text, OUT deposit_user uuid, OUT phase text,
     OUT mutation_created boolean, OUT ledger_status text, OUT discrepancy boolean
 ) LANGUAGE plpgsql AS $$
@@ -164,7 +169,8 @@ BEGIN
     END IF;
     SELECT m.phase, m.created, m.ledger_status, m.discrepancy INTO v_mutation
       FROM cutover_balance_mutate(deposit_user, 'credit', p_amount, v_currency, v_reference,
-                                  'circle_deposit', p_counterparty, p_source) m;
+                                  'circle_deposit', p_counterparty, p_source,
+                                  p_isolate_ledger) m;
     outcome := 'credited';
     phase := v_mutation.phase;
     mutation_created := v_mutation.created;
@@ -179,11 +185,13 @@ END $$;
 -- status, its deliveries counted): the caller evaluates the stored row, as for any other
 -- notification. (The row is written once, with its outcome: a row inserted 'received' and
 -- updated in the same statement wrote every index twice for nothing anyone could see.)
+DROP FUNCTION IF EXISTS onchain_deposit_notification_accept(
+    text, text, text, text, text, text, text, text, text[], text, numeric, text, text, text);
 CREATE OR REPLACE FUNCTION onchain_deposit_notification_accept(
     p_notification_id text, p_notification_type text, p_inbox_transfer_id text, p_key_id text,
     p_body text, p_transfer_id text, p_chain text, p_address text, p_evm_chains text[],
     p_currency text, p_amount numeric, p_notified_amount text, p_said text,
-    p_counterparty text,
+    p_counterparty text, p_isolate_ledger boolean DEFAULT true,
     OUT inserted boolean, OUT inbox_status text, OUT outcome text, OUT why text,
     OUT deposit_user uuid, OUT phase text, OUT mutation_created boolean, OUT ledger_status text,
     OUT discrepancy boolean
@@ -203,7 +211,7 @@ BEGIN
     SELECT * INTO v_credit
       FROM onchain_deposit_credit(p_transfer_id, p_chain, p_address, p_evm_chains, p_currency,
                                   p_amount, p_notified_amount, p_said, p_notification_id,
-                                  p_counterparty);
+                                  p_counterparty, p_isolate_ledger);
     inbox_status := CASE v_credit.outcome
         WHEN 'credited' THEN 'processed'
         WHEN 'credited_before' THEN 'processed'

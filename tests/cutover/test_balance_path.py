@@ -5,9 +5,9 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
-from cutover.balance_path import balance_credit, balance_debit
+from cutover.balance_path import balance_credit, balance_debit, balance_mutation_apply
 from cutover.exceptions import KillSwitchEngaged, MutationConflict, StrictLedgerFailure
 from cutover.models import (
     BalanceMutation,
@@ -225,3 +225,65 @@ def test_read_buckets_are_stable_and_monotonic():
         assert at_low <= at_high
     share = sum(1 for u in users if buckets[u] < 10) / len(users)
     assert 0.07 < share < 0.13
+
+
+def _written_in_one_transaction(reference: str) -> bool:
+    """Whether the journal row and the ledger's entries of `reference` carry the same xmin: one
+    top-level transaction with no subtransaction (a subtransaction's rows get its own id)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT bool_and(e.xmin = m.xmin)
+              FROM cutover_balance_mutations m
+              JOIN ledger_entries e ON e.transaction_id = m.ledger_transaction_id
+             WHERE m.reference = %s
+            """,
+            [reference],
+        )
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.parametrize("phase", ["shadow", "read_switch", "strict", "cutover"])
+def test_in_autocommit_the_dual_write_runs_without_a_subtransaction(phase, user):
+    """The balance path's fast path (p_isolate_ledger false): every row of the mutation in the
+    statement's own transaction."""
+    phase_set(phase)
+    balance_credit(user_id=user, amount="5", reference="fast", reason="test")
+    assert _written_in_one_transaction("fast")
+    assert stores(user)[1] == Decimal("105")
+
+
+def test_inside_a_transaction_the_dual_write_keeps_its_subtransaction(user):
+    """A failed statement would abort the caller's transaction, so there is no second try: the
+    ledger's write is isolated at once."""
+    phase_set("shadow")
+    with transaction.atomic():
+        balance_mutation_apply(
+            user_id=user, direction="credit", amount="5", reference="isolated", reason="test"
+        )
+    assert _written_in_one_transaction("isolated") is False
+    assert stores(user) == (Decimal("105"), Decimal("105"))
+
+
+@pytest.mark.parametrize("phase", ["shadow", "read_switch", "strict", "cutover"])
+def test_a_failed_fast_path_answers_as_the_isolated_one(phase, drifted_user):
+    """The ledger refuses (legacy 100, ledger 30, a debit of 50): the fast attempt rolls back
+    whole and the repeated, isolated call answers: recorded in shadow and read_switch, a strict
+    failure in strict, a refusal in cutover. Nothing is written twice."""
+    phase_set(phase)
+    if phase == "strict":
+        with pytest.raises(StrictLedgerFailure):
+            balance_debit(user_id=drifted_user, amount="50", reference="f1", reason="test")
+        assert stores(drifted_user) == (Decimal("100"), Decimal("30"))
+        assert StrictFailure.objects.get().reference == "f1"
+    elif phase == "cutover":
+        with pytest.raises(InsufficientFunds):
+            balance_debit(user_id=drifted_user, amount="50", reference="f1", reason="test")
+        assert stores(drifted_user) == (Decimal("100"), Decimal("30"))
+        assert not StrictFailure.objects.exists()
+    else:
+        result = balance_debit(user_id=drifted_user, amount="50", reference="f1", reason="test")
+        assert result.ledger_status == "failed"
+        assert stores(drifted_user) == (Decimal("50"), Decimal("30"))
+        assert BalanceMutation.objects.filter(reference="f1").count() == 1
+        assert Discrepancy.objects.get(user_id=drifted_user).occurrences == 1
