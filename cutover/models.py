@@ -15,7 +15,8 @@ resolved; repaired only by an applied repair, which another operator approved th
 requested it); known-difference rules never change except to end early; repair requests are
 decided once; alert states change only when they flip; at most one reconciliation run running,
 a run finished exactly when it is not running, and a difference listed once per run, user and
-currency.
+currency; at most one unfinished backfill run, its user ranges one per run and seq with low <
+high, and a backfill posting once per state of a user's account.
 """
 
 from datetime import timedelta

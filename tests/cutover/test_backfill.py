@@ -1,4 +1,4 @@
-"""The chunked backfill (cutover.backfill, cutover_backfill_chunk): several chunks under live
+"""The chunked backfill (cutover.backfill, cutover_backfill_range_chunk): several chunks under live
 traffic through the balance path end exact; a rerun posts nothing; a backfill killed mid-chunk
 resumes its run and posts every user once; the database refuses a second posting of one
 difference. Real processes, real connections."""

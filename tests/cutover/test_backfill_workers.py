@@ -5,6 +5,7 @@ under live traffic, with a worker SIGKILLed mid-chunk, the ledger verified and m
 the ranges' chunks post against different shards of opening-balance equity, and every reader
 sums them. Real processes, real Celery workers over Redis, real connections."""
 
+import json
 import os
 import random
 import signal
@@ -409,3 +410,60 @@ def test_a_celery_worker_killed_mid_chunk_leaves_its_range_to_the_other():
     assert {row["n"] for row in per_user} == {1}
     assert differing(users) == [] and verify_problems() == []
     assert invariants.conservation() == [] and invariants.transactions_balanced() == []
+
+
+def test_the_command_hands_ranges_to_celery_workers_beside_itself():
+    """`cutover backfill --helpers 1 --queue Q`: the command asks a worker to take the run's
+    ranges while it takes them too; both post chunks, every user once."""
+    users = legacy_users(60, seed=11)
+    with other_connection() as watcher, workers(1, range_users=10) as (queue, _):
+        command = subprocess.Popen(
+            [
+                *(sys.executable, "manage.py", "cutover", "backfill", "--json"),
+                *("--chunk-size", "1", "--range-users", "10", "--helpers", "1", "--queue", queue),
+            ],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "DATABASE_URL": named_url("backfill-command"),
+                "CELERY_BROKER_URL": BROKER,
+            },
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        seen: set[str] = set()
+        while command.poll() is None:
+            seen |= {
+                name
+                for (name,) in watcher.execute(
+                    "SELECT application_name FROM pg_stat_activity"
+                    " WHERE application_name IN ('backfill-w0', 'backfill-command')"
+                    " AND query LIKE '%%cutover_backfill_range_chunk%%'"
+                ).fetchall()
+            }
+            time.sleep(0.01)
+        out, _ = command.communicate()
+    assert command.returncode == 0
+    summary = json.loads(out)
+    assert summary["helpers"] == 1 and summary["users_pending_now"] == 0
+    assert summary["users_examined"] < 60  # the worker's chunks are not the command's
+    assert seen == {"backfill-w0", "backfill-command"}, seen
+    run = BackfillRun.objects.get(pk=summary["runs"][0])
+    assert run.users_examined == 60 == run.postings
+    posted_once_each(users)
+    assert differing(users) == [] and verify_problems() == []
+
+
+def test_a_run_left_from_before_ranges_gets_them_when_resumed():
+    """A run the run-wide checkpoint left unfinished (cutover 0019 came after it) is given
+    ranges by the next backfill, which covers every user from the first (only differences are
+    posted: the users it had passed are equal already)."""
+    users = legacy_users(20, seed=4)
+    old = BackfillRun.objects.create(position=sorted(users)[9])
+    result = backfill_run(chunk_size=4, range_users=5)
+    assert result.runs[0] == old.pk and result.resumed
+    assert BackfillRange.objects.filter(run=old).count() >= 3
+    old.refresh_from_db()
+    assert old.finished_at is not None and old.postings == 20
+    posted_once_each(users)
+    assert differing(users) == [] and verify_problems() == []
