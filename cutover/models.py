@@ -15,7 +15,8 @@ resolved; repaired only by an applied repair, which another operator approved th
 requested it); known-difference rules never change except to end early; repair requests are
 decided once; alert states change only when they flip; at most one reconciliation run running,
 a run finished exactly when it is not running, and a difference listed once per run, user and
-currency.
+currency; at most one unfinished backfill run, its user ranges one per run and seq with low <
+high, and a backfill posting once per state of a user's account.
 """
 
 from datetime import timedelta
@@ -697,10 +698,10 @@ class ReconciliationDifference(models.Model):
 
 
 class BackfillRun(models.Model):
-    """A backfill's pass over the legacy users in user_id order, and its durable checkpoint:
-    `position` (the last user it has covered) and its counts move with each chunk, in the
-    chunk's transaction (cutover_backfill_chunk), so a run killed at any point resumes after
-    its last committed chunk."""
+    """A backfill's pass over the legacy users, split into disjoint user_id ranges
+    (BackfillRange) that workers take in parallel, each with its own durable checkpoint. The
+    run is finished, with its ranges' sums, once every range is. (`position` was the run's one
+    checkpoint before ranges, cutover migration 0019; a run made then gets ranges when resumed.)"""
 
     started_at = models.DateTimeField(db_default=Now())
     updated_at = models.DateTimeField(db_default=Now())
@@ -725,6 +726,41 @@ class BackfillRun(models.Model):
     def __str__(self) -> str:
         state = f"finished {self.finished_at:%Y-%m-%d %H:%M}" if self.finished_at else "running"
         return f"backfill run {self.pk}: {self.users_examined} users, {state}"
+
+
+class BackfillRange(models.Model):
+    """One of a backfill run's user ranges, `low` <= user_id < `high` (NULL: unbounded), and its
+    durable checkpoint: `position` (the last user it has covered) and its counts move with each
+    chunk, in the chunk's transaction (cutover_backfill_range_chunk), under the range's row
+    lock: a worker takes a range with SELECT ... FOR UPDATE SKIP LOCKED for one chunk, so
+    several workers work different ranges at once, and a worker killed mid-chunk leaves the
+    range at its last committed checkpoint for the next taker. `seq` also picks the
+    opening-balance equity shard its chunks post against (seq modulo 64)."""
+
+    run = models.ForeignKey(BackfillRun, on_delete=models.CASCADE, related_name="ranges")
+    seq = models.IntegerField()
+    low = models.UUIDField(null=True, blank=True)
+    high = models.UUIDField(null=True, blank=True)
+    position = models.UUIDField(null=True, blank=True)  # None: before the range's first user
+    updated_at = models.DateTimeField(db_default=Now())
+    finished_at = models.DateTimeField(null=True, blank=True)
+    chunks = models.BigIntegerField(db_default=0)
+    users_examined = models.BigIntegerField(db_default=0)
+    postings = models.BigIntegerField(db_default=0)
+    amount = models.DecimalField(max_digits=38, decimal_places=6, db_default=0)
+
+    class Meta:
+        db_table = "cutover_backfill_ranges"
+        constraints = [
+            models.UniqueConstraint(fields=["run", "seq"], name="cutover_backfill_ranges_uniq_seq"),
+            models.CheckConstraint(
+                condition=Q(low__isnull=True) | Q(high__isnull=True) | Q(low__lt=models.F("high")),
+                name="cutover_backfill_ranges_chk_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"backfill run {self.run_id} range {self.seq}: {self.users_examined} users"
 
 
 class BackfillPosting(models.Model):

@@ -38,11 +38,8 @@ from cutover.locks import RECONCILE_LOCK
 from cutover.models import ReconciliationChunk, ReconciliationRun, RunStatus
 from cutover.phase_machine import phase_lock_shared
 from cutover.phases import DUAL_WRITE
-from cutover.selectors import phase_state
+from cutover.selectors import phase_state, user_range_bounds
 from gateway.faults import fault_point
-
-# About this many legacy rows sampled per chunk boundary (TABLESAMPLE SYSTEM).
-SAMPLE_ROWS_PER_CHUNK = 100
 
 # A chunk's snapshot: its users, both totals, and the users that differ (a missing account or
 # legacy row counts as 0), in one statement.
@@ -210,7 +207,7 @@ def reconciliation_start(*, triggered_by: str) -> ReconciliationRun:
             return running
         phase = phase_state().phase
         _require_dual_write(phase)
-        bounds = _chunk_bounds(settings.RECONCILE_CHUNK_USERS)
+        bounds = user_range_bounds(settings.RECONCILE_CHUNK_USERS)
         run = ReconciliationRun.objects.create(
             started_at=timezone.now(),
             phase=phase,
@@ -243,30 +240,6 @@ def _require_dual_write(phase: str) -> None:
             f"reconciliation compares the two stores while both are written "
             f"(shadow, read_switch, strict); the phase is {phase}"
         )
-
-
-def _chunk_bounds(chunk_users: int) -> list:
-    """[None, b1, ..., None]: user_id bounds splitting the legacy users into ranges of about
-    `chunk_users` (quantiles of a block sample; the open ends take users outside them, and
-    ledger accounts without a legacy row)."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'balances'::regclass")
-        (estimate,) = cursor.fetchone()
-        if estimate < 10 * chunk_users:  # never analysed, or small: count them
-            cursor.execute("SELECT count(*) FROM balances")
-            (estimate,) = cursor.fetchone()
-        chunks = max(1, -(-estimate // chunk_users))
-        if chunks == 1:
-            return [None, None]
-        percent = min(100.0, 100.0 * SAMPLE_ROWS_PER_CHUNK * chunks / estimate)
-        sample = f"TABLESAMPLE SYSTEM ({percent})" if percent < 100 else ""
-        cursor.execute(
-            f"SELECT percentile_disc(%s::float8[]) WITHIN GROUP (ORDER BY user_id) "
-            f"FROM balances {sample}",
-            [[i / chunks for i in range(1, chunks)]],
-        )
-        (quantiles,) = cursor.fetchone()
-    return [None, *sorted(set(q for q in quantiles or [] if q is not None)), None]
 
 
 def _range(low, high) -> tuple[str, dict]:

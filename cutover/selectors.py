@@ -241,6 +241,34 @@ TOTALS_SQL = """
 """
 
 
+# About this many legacy rows sampled per range boundary (TABLESAMPLE SYSTEM).
+SAMPLE_ROWS_PER_CHUNK = 100
+
+
+def user_range_bounds(chunk_users: int) -> list:
+    """[None, b1, ..., None]: user_id bounds splitting the legacy users into ranges of about
+    `chunk_users` (quantiles of a block sample; the open ends take users outside them, and
+    ledger accounts without a legacy row): a reconciliation's chunks, a backfill's ranges."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = 'balances'::regclass")
+        (estimate,) = cursor.fetchone()
+        if estimate < 10 * chunk_users:  # never analysed, or small: count them
+            cursor.execute("SELECT count(*) FROM balances")
+            (estimate,) = cursor.fetchone()
+        chunks = max(1, -(-estimate // chunk_users))
+        if chunks == 1:
+            return [None, None]
+        percent = min(100.0, 100.0 * SAMPLE_ROWS_PER_CHUNK * chunks / estimate)
+        sample = f"TABLESAMPLE SYSTEM ({percent})" if percent < 100 else ""
+        cursor.execute(
+            f"SELECT percentile_disc(%s::float8[]) WITHIN GROUP (ORDER BY user_id) "
+            f"FROM balances {sample}",
+            [[i / chunks for i in range(1, chunks)]],
+        )
+        (quantiles,) = cursor.fetchone()
+    return [None, *sorted(set(q for q in quantiles or [] if q is not None)), None]
+
+
 def backfill_pending() -> int:
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT count(*) FROM ({DIFFERENCES_SQL}) d WHERE d.legacy IS NOT NULL")

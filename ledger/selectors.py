@@ -16,7 +16,8 @@ BUFFER_ACCOUNTS = {"USDC": USDC_BUFFER, "USD": "fiat_buffer"}
 WITHDRAWALS_PENDING_ACCOUNTS = {"USDC": "withdrawals_pending_usdc"}
 # A hot system account is sharded: shard 0 is the account `code` itself, shards 1..SHARDS-1 are
 # `code#1` .. `code#63` (clearing accounts: ledger migrations 0004 and 0008; the USDC buffer:
-# 0010). cutover_balance_mutate picks a user's shard by hashtext(user_id) modulo 64.
+# 0010; opening-balance equity: 0011). cutover_balance_mutate picks a user's shard by
+# hashtext(user_id) modulo 64; a backfill chunk posts against its user range's equity shard.
 SHARDS = 64
 
 

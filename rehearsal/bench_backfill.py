@@ -14,11 +14,13 @@ from decimal import Decimal
 
 from django.db import connection, connections, transaction
 
+from config.celery import app
 from cutover.actors import Actor
 from cutover.backfill import BackfillResult, backfill_run
 from cutover.balance_path import balance_credit, balance_debit
 from cutover.custody import custody_open
 from cutover.exceptions import KillSwitchEngaged, NotApplicable
+from cutover.models import BackfillRange, BackfillRun
 from cutover.phase_machine import phase_advance, phase_lock_shared
 from cutover.phases import ORDER, Phase
 from cutover.selectors import DIFFERENCES_SQL, phase_state
@@ -31,6 +33,7 @@ from ledger.selectors import (
     user_account_type,
 )
 from ledger.services import Leg, account_open, transaction_apply
+from rehearsal.benchmarks import bench_workers, peak_rss_mb
 from rehearsal.runtime import latency_summary
 
 LIVE_CLIENTS = 8  # threads of the live traffic, each with its own connection
@@ -180,6 +183,63 @@ def backfill_measure(path: str, users: int, chunk_size: int, rps: int, idle: flo
         "seconds": round(seconds, 1),
         "users_per_second": round(outcome["users"] / seconds, 1) if seconds else 0.0,
         "peak_rss_mb": outcome["peak_rss_mb"],
+        "chunk_size": chunk_size,
+        "live_rps": rps,
+        "live_requests_during": len(during),
+        "live_during": latency_summary(during),
+        "live_before": latency_summary(before),
+    }
+
+
+def backfill_workers_measure(
+    database: str,
+    workers: int,
+    users: int,
+    chunk_size: int,
+    rps: int,
+    idle: float,
+    range_users: int | None = None,
+) -> dict:
+    """Live traffic for `idle` seconds alone, then with a whole backfill taken by `workers`
+    real Celery workers (the leader message `cutover.backfill`, which asks the others to help
+    through their queue), from the leader's message until the run is finished; users/s, the
+    live latency before and during it, each worker's peak RSS."""
+    connections.close_all()
+    environment = {"BACKFILL_RANGE_USERS": str(range_users)} if range_users else {}
+    with bench_workers(database, workers, "backfill", environment) as (queue, processes):
+        context = multiprocessing.get_context("fork")
+        stop, traffic_out = context.Event(), context.Queue()
+        traffic = context.Process(target=_live_traffic, args=(users, rps, stop, traffic_out))
+        traffic.start()
+        time.sleep(idle)
+        started_at, started = time.time(), time.perf_counter()
+        with app.connection_for_write() as broker:
+            app.send_task("cutover.backfill", args=[chunk_size], queue=queue, connection=broker)
+        finished = BackfillRun.objects.filter(finished_at__isnull=False)
+        while not finished.exists():
+            if any(process.poll() is not None for process in processes):
+                stop.set()
+                raise RuntimeError("a benchmark worker died")
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        finished_at = started_at + seconds
+        peaks = [peak_rss_mb(process.pid) for process in processes]
+        stop.set()
+        samples = traffic_out.get()
+        traffic.join()
+    run = finished.order_by("pk").first()
+    during = [ms for at, ms in samples if started_at <= at < finished_at]
+    before = [ms for at, ms in samples if at < started_at]
+    return {
+        "path": f"chunked, {workers} Celery worker{'s' if workers > 1 else ''}",
+        "workers": workers,
+        "users": run.users_examined,
+        "postings": run.postings,
+        "ranges": BackfillRange.objects.filter(run=run).count(),
+        "seconds": round(seconds, 1),
+        "users_per_second": round(run.users_examined / seconds, 1) if seconds else 0.0,
+        # The pool process does the work; the worker's main process only hands it messages.
+        "peak_rss_mb": round(max(max(p[1:], default=0) for p in peaks), 1),
         "chunk_size": chunk_size,
         "live_rps": rps,
         "live_requests_during": len(during),

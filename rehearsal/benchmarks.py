@@ -330,7 +330,7 @@ def reconcile_injected(users: int, differences: int) -> set[uuid.UUID]:
         return {row[0] for row in cursor.fetchall()}
 
 
-def _peak_rss_mb(pid: int) -> list[float]:
+def peak_rss_mb(pid: int) -> list[float]:
     """VmHWM of a process and of its children, in MB (a Celery worker, then its pool process)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -338,7 +338,7 @@ def _peak_rss_mb(pid: int) -> list[float]:
     except OSError:
         return []
     own = int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024
-    return [own, *(peak for child in children for peak in _peak_rss_mb(int(child)))]
+    return [own, *(peak for child in children for peak in peak_rss_mb(int(child)))]
 
 
 def _pinged(expected: set[str]) -> set[str]:
@@ -351,13 +351,20 @@ def _pinged(expected: set[str]) -> set[str]:
 
 
 @contextmanager
-def reconcile_workers(database: str, count: int) -> Iterator[tuple[str, list]]:
+def bench_workers(
+    database: str, count: int, purpose: str = "reconcile", environment: dict | None = None
+) -> Iterator[tuple[str, list]]:
     """`count` Celery workers (`celery -A config worker -c 1`, one pool process each, as
-    deployed) on the scratch database and a queue of their own; yields the queue and the
-    processes once every worker answers a ping."""
-    queue = f"bench-reconcile-{uuid.uuid4().hex[:8]}"
+    deployed) on the scratch database and a queue of their own (with `environment` added);
+    yields the queue and the processes once every worker answers a ping."""
+    queue = f"bench-{purpose}-{uuid.uuid4().hex[:8]}"
     names = [f"bench{i}-{queue}@%h" for i in range(count)]
-    env = {**os.environ, "DATABASE_URL": database_url(database), "LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(database),
+        "LOG_LEVEL": "WARNING",
+        **(environment or {}),
+    }
     processes = [
         subprocess.Popen(
             [
@@ -389,7 +396,7 @@ def reconcile_measure(database: str, workers: int, injected: set[uuid.UUID]) -> 
     """One full reconciliation by `workers` Celery workers, from the leader's message to the
     run's completion; what it found against what was injected; each worker's peak RSS."""
     connections.close_all()
-    with reconcile_workers(database, workers) as (queue, processes):
+    with bench_workers(database, workers) as (queue, processes):
         before = ReconciliationRun.objects.aggregate(last=Max("pk"))["last"] or 0
         started = time.perf_counter()
         app.send_task("cutover.reconcile", queue=queue)
@@ -401,7 +408,7 @@ def reconcile_measure(database: str, workers: int, injected: set[uuid.UUID]) -> 
                 raise RuntimeError("a benchmark worker died")
             time.sleep(0.02)
         seconds = time.perf_counter() - started
-        peaks = [_peak_rss_mb(process.pid) for process in processes]
+        peaks = [peak_rss_mb(process.pid) for process in processes]
     found = set(ReconciliationDifference.objects.filter(run=run).values_list("user_id", flat=True))
     return {
         "workers": workers,

@@ -24,7 +24,14 @@ from aws.selectors import MINUTE, minute_start
 from config.celery import app
 from cutover.deliveries import SUCCEEDED_KEPT
 from cutover.locks import TASK_DELIVERY_LOCK
-from cutover.models import CustodyDiscrepancy, Discrepancy, ReconciliationRun, TaskDelivery
+from cutover.models import (
+    BackfillPosting,
+    BackfillRun,
+    CustodyDiscrepancy,
+    Discrepancy,
+    ReconciliationRun,
+    TaskDelivery,
+)
 from ledger.models import Transaction
 from onchain.models import DepositAddress, Withdrawal
 from onchain.sandbox import CircleSandbox
@@ -54,6 +61,9 @@ def project_tasks() -> dict:
 
 
 SENT_BY_TASKS = {"cutover.reconcile_chunks"}
+# Sent on demand, never on a schedule: a backfill's leader (by an operator or the bench) and its
+# helpers (by the leader, or by `cutover backfill --helpers N`), with no countdown.
+SENT_ON_DEMAND = {"cutover.backfill", "cutover.backfill_ranges"}
 
 
 def test_visibility_timeout_exceeds_every_task_time_limit_plus_its_countdown():
@@ -64,8 +74,8 @@ def test_visibility_timeout_exceeds_every_task_time_limit_plus_its_countdown():
     tasks = project_tasks()
     beat = settings.CELERY_BEAT_SCHEDULE.values()
     # Each task is scheduled, or sent only by a scheduled one (a reconciliation's helpers, by
-    # its leader, with no countdown).
-    assert {entry["task"] for entry in beat} == set(tasks) - SENT_BY_TASKS
+    # its leader, with no countdown), or on demand (a backfill's).
+    assert {entry["task"] for entry in beat} == set(tasks) - SENT_BY_TASKS - SENT_ON_DEMAND
     prefetch = settings.CELERY_WORKER_PREFETCH_MULTIPLIER
     longest = {}
     for name, task in tasks.items():
@@ -214,6 +224,16 @@ def test_reconciliation_delivered_twice_runs_once(worker):
     assert (ReconciliationRun.objects.count(), Discrepancy.objects.count()) == (1, 1)
     assert ran_once(delivered_at_once("cutover.reconcile"))
     assert (ReconciliationRun.objects.count(), Discrepancy.objects.count()) == (2, 1)
+
+
+@on_the_worker
+def test_backfill_delivered_twice_runs_once(worker):
+    users = [legacy_user("10") for _ in range(5)]
+    assert ran_once(delivered_in_sequence("cutover.backfill"))
+    assert sorted(BackfillPosting.objects.values_list("user_id", flat=True)) == sorted(users)
+    assert ran_once(delivered_at_once("cutover.backfill"))
+    assert BackfillPosting.objects.count() == 5  # each difference posted once
+    assert BackfillRun.objects.filter(finished_at__isnull=True).count() == 0
 
 
 @on_the_worker

@@ -204,6 +204,11 @@ CUTOVER_RECONCILE_INTERVAL = env_duration("CUTOVER_RECONCILE_INTERVAL", "15m")
 # that that many workers may help (cutover.reconciliation).
 RECONCILE_CHUNK_USERS = env_int("RECONCILE_CHUNK_USERS", 100_000, minimum=1)
 RECONCILE_FANOUT = env_int("RECONCILE_FANOUT", 16, minimum=1)
+# A backfill run is split into user ranges of about this many users, each with its own
+# checkpoint, which processes and workers take in parallel; its leader task sends up to
+# BACKFILL_FANOUT - 1 more tasks to its queue (cutover.backfill).
+BACKFILL_RANGE_USERS = env_int("BACKFILL_RANGE_USERS", 10_000, minimum=1)
+BACKFILL_FANOUT = env_int("BACKFILL_FANOUT", 16, minimum=1)
 # Phase 5: the legacy store is archived only after this long in cutover ("after 90 days").
 CUTOVER_LEGACY_ARCHIVE_AFTER = env_duration("CUTOVER_LEGACY_ARCHIVE_AFTER", "90d")
 # The system buffers against what Circle and Due report (custody reconciliation).

@@ -31,8 +31,9 @@ CREATE TRIGGER cutover_balance_mutations_append_only
 -- in any other is refused, so the rollback's rebuild of `balances` always has one row to write.
 -- The legacy mirror: in phase legacy, once custody is open for the currency (a row in
 -- cutover_custody_openings), the counterparty's side is posted against opening-balance equity
--- (reference = the journal's, so once with it); the next backfill moves the user's side from
--- equity to the user, so system accounts end as if the mutation had happened in shadow.
+-- (reference = the journal's, so once with it), the user's shard of it (ledger migration 0011);
+-- the next backfill moves the user's side from equity to the user, so system accounts end as if
+-- the mutation had happened in shadow.
 -- Locks, in order: the phase lock (shared; phase flips take it exclusively), the journal's
 -- reference, the user's legacy row, then the ledger accounts (in account order).
 -- The shadow experiment's figures, per mutation, on its journal row (Scientist's control and
@@ -181,9 +182,15 @@ BEGIN
         END IF;
     END IF;
 
-    IF v_mirror THEN  -- the legacy mirror: the user's side goes to equity
+    IF v_mirror THEN  -- the legacy mirror: the user's side goes to equity (the user's shard)
         SELECT s.account_id INTO v_equity FROM ledger_system_balances s
-         WHERE s.code = 'opening_balance_equity_' || lower(p_currency);
+         WHERE s.code = CASE WHEN v_shard = 0 THEN 'opening_balance_equity_' || lower(p_currency)
+                             ELSE 'opening_balance_equity_' || lower(p_currency) || '#' || v_shard
+                        END;
+        IF NOT FOUND THEN
+            SELECT s.account_id INTO v_equity FROM ledger_system_balances s
+             WHERE s.code = 'opening_balance_equity_' || lower(p_currency);
+        END IF;
         IF v_equity <> v_other THEN  -- (a reversal against equity itself moves nothing)
             v_legs := jsonb_build_array(
                 jsonb_build_object('account_id', CASE WHEN v_delta > 0 THEN v_other ELSE v_equity END,
@@ -449,56 +456,68 @@ CREATE TRIGGER cutover_known_difference_kept
     BEFORE UPDATE OR DELETE ON cutover_known_differences
     FOR EACH ROW EXECUTE FUNCTION cutover_known_difference_kept();
 
--- The backfill's chunk (cutover.backfill), in the caller's transaction: run `p_run_id`
--- continues from its checkpoint (`position`, the last user it covered) with the next `p_limit`
--- legacy users, in user_id order, whose ledger balance is not their legacy balance, and brings
--- each to its legacy balance: one ledger transaction per currency against the currency's
--- opening-balance equity (namespace `backfill`), a cutover_backfill_postings row per user
--- (unique per state of the user's account: a difference is never posted twice), and the
--- checkpoint moved past the chunk. Candidates are found without locks; then, in the balance
--- path's order, their legacy rows are locked (user order), their ledger accounts opened and
--- locked (account order), and every difference is computed again under those locks: a mutation
--- that committed meanwhile is in it, one that waits comes after it, so each user's ledger
--- balance equals the legacy balance at the moment of the chunk. A run with no candidate left
--- is finished. Concurrent callers of one run take its chunks in turn (the run's row lock).
--- CU003: a user whose ledger account holds another currency than their legacy row.
-CREATE OR REPLACE FUNCTION cutover_backfill_chunk(
-    p_run_id bigint, p_limit int,
+-- The backfill's chunk (cutover.backfill), in the caller's transaction, which holds the row
+-- lock of user range `p_range_id` (cutover_backfill_ranges: one of its run's disjoint user_id
+-- ranges, `low` <= user_id < `high`, NULL unbounded; taken FOR UPDATE SKIP LOCKED, so each
+-- range is worked by one transaction at a time and the others by other workers at once): the
+-- range continues from its checkpoint (`position`, the last user it covered) with the next
+-- `p_limit` legacy users of the range, in user_id order, whose ledger balance is not their
+-- legacy balance, and brings each to its legacy balance: one ledger transaction per currency
+-- against the currency's opening-balance equity, the shard of the range (its seq modulo 64,
+-- ledger migration 0011: parallel chunks lock different equity rows; namespace `backfill`), a
+-- cutover_backfill_postings row per user (unique per state of the user's account: a difference
+-- is never posted twice), and the range's checkpoint moved past the chunk. Candidates are found
+-- without locks; then, in the balance path's order, their legacy rows are locked (user order),
+-- their ledger accounts opened and locked (account order), and every difference is computed
+-- again under those locks: a mutation that committed meanwhile is in it, one that waits comes
+-- after it, so each user's ledger balance equals the legacy balance at the moment of the chunk.
+-- A range with no candidate left is finished (its run is finished by cutover.backfill once all
+-- its ranges are). CU003: a user whose ledger account holds another currency than their legacy
+-- row.
+CREATE OR REPLACE FUNCTION cutover_backfill_range_chunk(
+    p_range_id bigint, p_limit int,
     OUT examined int, OUT posted int, OUT moved numeric, OUT transactions int,
     OUT finished boolean
 ) LANGUAGE plpgsql AS $$
 DECLARE
-    v_position uuid;
+    v_range record;
+    v_from uuid;
     v_users uuid[];
     v_mismatch record;
     v_chunk record;
     v_legs jsonb;
     v_transaction bigint;
+    v_shard int;
 BEGIN
     examined := 0;
     posted := 0;
     moved := 0;
     transactions := 0;
-    SELECT r.position, r.finished_at IS NOT NULL INTO v_position, finished
-      FROM cutover_backfill_runs r WHERE r.id = p_run_id FOR UPDATE;
+    SELECT r.run_id, r.seq, r.low, r.high, r.position, r.finished_at IS NOT NULL AS finished
+      INTO v_range
+      FROM cutover_backfill_ranges r WHERE r.id = p_range_id FOR UPDATE;
+    finished := v_range.finished;
     IF finished THEN
         RETURN;
     END IF;
+    v_from := coalesce(v_range.position, v_range.low, '00000000-0000-0000-0000-000000000000');
 
     SELECT array_agg(c.user_id ORDER BY c.user_id) INTO v_users
       FROM (SELECT b.user_id FROM balances b
               LEFT JOIN ledger_user_balances a  -- (bounded too: a merge join starts there)
                 ON a.user_id = b.user_id AND a.currency = b.currency
-               AND a.user_id >= coalesce(v_position, '00000000-0000-0000-0000-000000000000')
-             WHERE b.user_id >= coalesce(v_position, '00000000-0000-0000-0000-000000000000')
-               AND b.user_id IS DISTINCT FROM v_position
+               AND a.user_id >= v_from
+               AND (v_range.high IS NULL OR a.user_id < v_range.high)
+             WHERE b.user_id >= v_from
+               AND (v_range.high IS NULL OR b.user_id < v_range.high)
+               AND b.user_id IS DISTINCT FROM v_range.position
                AND b.buying_power <> coalesce(a.balance, 0)
              ORDER BY b.user_id LIMIT p_limit) c;
     examined := coalesce(cardinality(v_users), 0);
     IF examined = 0 THEN
         finished := true;
-        UPDATE cutover_backfill_runs SET finished_at = now(), updated_at = now()
-         WHERE id = p_run_id;
+        UPDATE cutover_backfill_ranges SET finished_at = now(), updated_at = now()
+         WHERE id = p_range_id;
         RETURN;
     END IF;
 
@@ -518,6 +537,7 @@ BEGIN
     PERFORM 1 FROM ledger_user_balances a WHERE a.user_id = ANY(v_users)
       ORDER BY a.account_id FOR UPDATE;
 
+    v_shard := v_range.seq % 64;
     FOR v_chunk IN
         SELECT b.currency, count(*) AS users, sum(b.buying_power - a.balance) AS net,
                sum(abs(b.buying_power - a.balance)) AS moved,
@@ -533,23 +553,30 @@ BEGIN
          GROUP BY b.currency ORDER BY b.currency
     LOOP
         v_legs := v_chunk.legs;
-        IF v_chunk.net <> 0 THEN  -- the chunk's total, from (or back to) equity
+        IF v_chunk.net <> 0 THEN  -- the chunk's total, from (or back to) the range's equity shard
             v_legs := v_legs || jsonb_build_array(jsonb_build_object(
-                'account_id', (SELECT s.account_id FROM ledger_system_balances s
-                                WHERE s.code = 'opening_balance_equity_' || lower(v_chunk.currency)),
+                'account_id', coalesce(
+                    (SELECT s.account_id FROM ledger_system_balances s
+                      WHERE v_shard > 0 AND s.code = 'opening_balance_equity_'
+                            || lower(v_chunk.currency) || '#' || v_shard),
+                    (SELECT s.account_id FROM ledger_system_balances s
+                      WHERE s.code = 'opening_balance_equity_' || lower(v_chunk.currency))),
                 'side', CASE WHEN v_chunk.net > 0 THEN 'debit' ELSE 'credit' END,
                 'amount', abs(v_chunk.net),
                 'currency', v_chunk.currency));
         END IF;
         SELECT t.transaction_id INTO v_transaction
           FROM ledger_post_transaction(
-              'backfill', 'run-' || p_run_id || ':' || v_chunk.currency || ':' || v_users[examined],
-              'opening_balance', jsonb_build_object('backfill_run', p_run_id, 'users', v_chunk.users),
+              'backfill',
+              'run-' || v_range.run_id || ':' || v_chunk.currency || ':' || v_users[examined],
+              'opening_balance',
+              jsonb_build_object('backfill_run', v_range.run_id, 'range', v_range.seq,
+                                 'users', v_chunk.users),
               v_legs) t;
         INSERT INTO cutover_backfill_postings
             (run_id, user_id, currency, entries_before, legacy_balance, amount,
              ledger_transaction_id)
-        SELECT p_run_id, a.user_id, a.currency, a.entry_count - 1, a.balance,
+        SELECT v_range.run_id, a.user_id, a.currency, a.entry_count - 1, a.balance,
                CASE WHEN l.side = 'credit' THEN l.amount ELSE -l.amount END, v_transaction
           FROM jsonb_to_recordset(v_chunk.legs) AS l(account_id bigint, side text, amount numeric)
           JOIN ledger_user_balances a ON a.account_id = l.account_id;
@@ -558,9 +585,9 @@ BEGIN
         transactions := transactions + 1;
     END LOOP;
 
-    UPDATE cutover_backfill_runs
+    UPDATE cutover_backfill_ranges
        SET position = v_users[examined], chunks = chunks + 1,
            users_examined = users_examined + examined, postings = postings + posted,
            amount = amount + moved, updated_at = now()
-     WHERE id = p_run_id;
+     WHERE id = p_range_id;
 END $$;

@@ -125,7 +125,7 @@ CREATE CONSTRAINT TRIGGER ledger_transactions_balanced AFTER INSERT ON ledger_tr
 -- too, under the account's row lock. Transactions are never deleted or changed
 -- (ledger_refuse_change), nor is an account's id or currency (ledger_account_guard), nor is an
 -- account with entries deleted (ledger_account_delete_refuse), so what the check saw stays true.
--- The foreign keys that said the same (ledger 0011 drops them) re-read and key-share-locked
+-- The foreign keys that said the same (ledger 0012 drops them) re-read and key-share-locked
 -- both rows once per entry, the transaction's again at COMMIT.
 ALTER TABLE ledger_entries DROP CONSTRAINT IF EXISTS ledger_entries_fk_account_currency;
 

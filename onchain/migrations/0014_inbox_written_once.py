@@ -2,7 +2,7 @@
 inserted once with its outcome (it was inserted 'received' and updated in the same statement,
 every index written twice), deliveries of one notification id wait for each other on an
 advisory lock, onchain_deposit_credit calls the balance path without a subtransaction of its
-own (the user's id now comes in cutover_balance_mutate's CU005 HINT, cutover 0019), and both
+own (the user's id now comes in cutover_balance_mutate's CU005 HINT, cutover 0020), and both
 functions pass on cutover_balance_mutate's p_isolate_ledger (their signatures gain it). The
 inbox loses the pattern indexes (`_like`) of notification_id and transfer_id: nothing searches
 them by prefix (the admin's search is a contains); their plain and unique indexes stay."""
@@ -22,7 +22,7 @@ LIKE_INDEXES = {
 class Migration(migrations.Migration):
     dependencies = [
         ("onchain", "0013_task_deliveries_to_cutover"),
-        ("cutover", "0019_balance_path_fewer_statements"),
+        ("cutover", "0020_balance_path_fewer_statements"),
     ]
 
     operations = [

@@ -1,4 +1,4 @@
-"""The chunked backfill (cutover.backfill, cutover_backfill_chunk): several chunks under live
+"""The chunked backfill (cutover.backfill, cutover_backfill_range_chunk): several chunks under live
 traffic through the balance path end exact; a rerun posts nothing; a backfill killed mid-chunk
 resumes its run and posts every user once; the database refuses a second posting of one
 difference. Real processes, real connections."""
@@ -17,9 +17,15 @@ import pytest
 from django.db import IntegrityError, connection, connections, transaction
 from django.db.models import Count
 
-from cutover.backfill import backfill_run
+from cutover.backfill import backfill_progress, backfill_run
 from cutover.balance_path import balance_credit, balance_debit
-from cutover.models import BackfillPosting, BackfillRun, BalanceMutation, LegacyBalance
+from cutover.models import (
+    BackfillPosting,
+    BackfillRange,
+    BackfillRun,
+    BalanceMutation,
+    LegacyBalance,
+)
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account, Transaction
 from ledger.selectors import ledger_integrity_checks
@@ -164,7 +170,8 @@ def test_killed_mid_chunk_resumes_the_run_and_posts_every_user_once():
     killed = subprocess.run(command, cwd=ROOT, env=armed, capture_output=True, text=True)
     assert killed.returncode == -9
     run = BackfillRun.objects.get()
-    assert run.finished_at is None and (run.chunks, run.users_examined) == (2, 40)
+    progress = backfill_progress(run_id=run.pk)
+    assert run.finished_at is None and (progress["chunks"], progress["users_examined"]) == (2, 40)
     assert BackfillPosting.objects.count() == 40
     assert len(differing(users)) == 60
     moved = sorted(users)[0]  # passed by the killed run
@@ -182,43 +189,52 @@ def test_killed_mid_chunk_resumes_the_run_and_posts_every_user_once():
 
 
 def backends_waiting_in_backfill() -> int:
+    """Sessions waiting on a lock in a backfill statement: a range's chunk (on a user's row) or
+    a take of a range (on a range another holds)."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_stat_clear_snapshot()")  # fresh within this transaction
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%%cutover_backfill_chunk%%'"
+            "AND query LIKE '%%cutover_backfill_range%%'"
         )
         return cursor.fetchone()[0]
 
 
 def test_two_backfills_at_once_one_killed_mid_chunk_post_every_user_once():
-    """Two operators run `cutover backfill` at once, and one is killed at
-    `backfill:chunk-posted` (its chunk's postings made, not committed) while the other works
-    through the same run. A user's legacy row is held by the test meanwhile, so the first
-    cannot finish before the second dies: the second dies in its second chunk beside it, or
-    queues behind it (stopped at the held row with the run) and dies once the row is let go.
-    The first goes on to the end; a run after both finds nothing pending: every user posted
-    exactly once, the ledger verified, conservation kept."""
+    """Two operators run `cutover backfill` at once over a run of several user ranges, and one
+    is killed at `backfill:chunk-posted` (its chunk's postings made, not committed) while the
+    other works the run's other ranges. A user's legacy row is held by the test meanwhile, so
+    the first cannot finish before the second dies: the second dies in its second chunk beside
+    it, or waits for the held range (every other one finished) and dies once the row is let
+    go. The first takes the dead one's range from its last committed checkpoint and goes on
+    to the end; a run after both finds nothing pending: every user posted exactly once, the
+    ledger verified, conservation kept."""
     users = legacy_users(60, seed=21)
     held = sorted(users)[20]
     env = {**os.environ, "DATABASE_URL": database_url()}
-    command = [sys.executable, "manage.py", "cutover", "backfill", "--chunk-size", "1", "--json"]
+    command = [
+        *(sys.executable, "manage.py", "cutover", "backfill", "--json"),
+        *("--chunk-size", "1", "--range-users", "10"),
+    ]
     armed = {**env, "LEDGER_FAULT_POINT": "backfill:chunk-posted", "LEDGER_FAULT_AFTER": "2"}
     with transaction.atomic():
         LegacyBalance.objects.select_for_update().get(user_id=held)
         survivor = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
         killed = subprocess.Popen(command, cwd=ROOT, env=armed, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        # Held until the second has died beside the first, or queued behind it.
+        # Held until the second has died beside the first, or waits with it.
         while killed.poll() is None and backends_waiting_in_backfill() < 2:
             assert survivor.poll() is None
-            assert time.monotonic() < deadline, "the two backfills never queued"
+            assert time.monotonic() < deadline, "the two backfills never met"
             time.sleep(0.05)
     killed.communicate(timeout=300)
     assert killed.returncode == -9
     shared, _ = survivor.communicate(timeout=300)
     assert survivor.returncode == 0
     assert json.loads(shared)["users_examined"] < len(users)  # the other's chunks counted
+    (run,) = BackfillRun.objects.filter(finished_at__isnull=False).order_by("pk")[:1]
+    assert BackfillRange.objects.filter(run=run).count() >= 3
+    assert run.users_examined == len(users) == run.postings  # the run's sums: each user once
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["users_pending_now"] == 0

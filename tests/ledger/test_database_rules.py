@@ -252,7 +252,7 @@ def test_entry_currency_must_be_its_accounts(user):
     assert sqlstate(excinfo) == "LD004"
 
 
-# The entries' foreign keys are gone (ledger 0011): the entry trigger and these rules hold what
+# The entries' foreign keys are gone (ledger 0012): the entry trigger and these rules hold what
 # they held.
 def test_an_account_with_entries_is_never_deleted(user):
     with pytest.raises(DatabaseError) as excinfo:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cutover.actors import Actor
-from cutover.backfill import backfill_run
+from cutover.backfill import backfill_progress, backfill_run
 from cutover.custody import custody_open
 from cutover.exceptions import CutoverError, GateNotMet
 from cutover.legacy_archive import LEGACY_TABLE, days_text, legacy_archive
@@ -31,6 +31,7 @@ from cutover.selectors import (
     open_discrepancy_count,
     phase_state,
 )
+from cutover.tasks import backfill_helpers_send
 from gateway.commands import flag_error, json_text, plain, positive_int, progress_bar
 from gateway.exceptions import GatewayError
 from gateway.models import ApiClient, ApiScope
@@ -121,6 +122,24 @@ class Command(BaseCommand):
         )
         backfill.add_argument(
             "--chunk-size", type=positive_int, default=500, help="users per transaction (500)"
+        )
+        backfill.add_argument(
+            "--range-users",
+            type=positive_int,
+            default=None,
+            help="users per range of a new run, each range with its own checkpoint, taken by "
+            "one process or worker at a time (BACKFILL_RANGE_USERS)",
+        )
+        backfill.add_argument(
+            "--helpers",
+            type=int,
+            default=0,
+            metavar="N",
+            help="also ask N Celery workers (`cutover.backfill_ranges`, through --queue) to "
+            "take the run's ranges beside this process (0: this process alone)",
+        )
+        backfill.add_argument(
+            "--queue", default=None, help="the Celery queue the helpers are asked through"
         )
         backfill.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -433,16 +452,36 @@ class Command(BaseCommand):
         )
 
     def _backfill(self, options) -> None:
+        if options["helpers"] < 0:
+            raise CommandError("--helpers: 0 or more workers")
         total = backfill_pending()
+        helpers, chunk_size = options["helpers"], options["chunk_size"]
+        runs: list[int] = []
         with progress_bar(self.console, "backfill") as progress:
             task = progress.add_task("backfill", total=total)
+
+            def on_run(run) -> None:
+                runs.append(run.pk)
+                if helpers:
+                    backfill_helpers_send(
+                        run, chunk_size=chunk_size, helpers=helpers, queue=options["queue"]
+                    )
+
+            def on_progress(done: int) -> None:
+                if helpers:  # the helpers' users too: the run's so far, over its ranges
+                    done = backfill_progress(run_id=runs[-1])["users_examined"]
+                progress.update(task, completed=done)
+
             result = backfill_run(
-                chunk_size=options["chunk_size"],
-                on_progress=lambda done: progress.update(task, completed=done),
+                chunk_size=chunk_size,
+                range_users=options["range_users"],
+                on_progress=on_progress,
+                on_run=on_run,
             )
         data = {
             "runs": result.runs,
             "resumed": result.resumed,
+            "helpers": helpers,
             "users_pending_at_start": total,
             "users_examined": result.users_examined,
             "postings": result.postings,

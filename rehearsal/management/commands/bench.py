@@ -16,6 +16,7 @@ from onchain.sandbox import CircleSandbox
 from rehearsal.bench_backfill import (
     backfill_measure,
     backfill_seed,
+    backfill_workers_measure,
     gates_measure,
     gates_seed,
     ledger_verified,
@@ -165,6 +166,22 @@ class Command(BaseCommand):
         )
         backfill.add_argument(
             "--rps", type=positive_int, default=50, help="live mutations a second (50)"
+        )
+        backfill.add_argument(
+            "--workers",
+            type=positive_int,
+            nargs="+",
+            default=None,
+            help="run the chunked backfill by this many real Celery workers taking its ranges "
+            "(one pool process each; the leader message `cutover.backfill`), several values one "
+            "after another, each on a database seeded afresh (default: in a process of its own)",
+        )
+        backfill.add_argument(
+            "--range-users",
+            type=positive_int,
+            default=None,
+            help="users per range of the run, each taken by one worker at a time "
+            "(BACKFILL_RANGE_USERS)",
         )
         backfill.add_argument(
             "--custody",
@@ -431,22 +448,34 @@ class Command(BaseCommand):
         if options["old_users"] < 0:
             raise CommandError("--old-users: 0 or more")
         console = Console(file=self.stdout._out, quiet=options["json"])
-        runs = [("chunked", options["users"])]
+        runs = [("chunked", options["users"], workers) for workers in options["workers"] or [0]]
         if options["old_users"]:
-            runs.append(("per_user", options["old_users"]))
+            runs.append(("per_user", options["old_users"], 0))
         rows = []
         with database_ready(console.print):
-            for path, users in runs:
+            for path, users, workers in runs:
                 with scratch_database("bench") as name:
                     console.print(f"Seeding {users:,} legacy users in {name} ...")
                     backfill_seed(users, options["custody"])
+                    by = f" by {workers} Celery worker(s)" if workers else ""
                     console.print(
-                        f"{path} backfill of {users:,} users, {options['rps']} live mutations/s "
-                        "through the balance path ..."
+                        f"{path} backfill of {users:,} users{by}, {options['rps']} live "
+                        "mutations/s through the balance path ..."
                     )
-                    row = backfill_measure(
-                        path, users, options["chunk_size"], options["rps"], idle=5.0
-                    )
+                    if workers:
+                        row = backfill_workers_measure(
+                            name,
+                            workers,
+                            users,
+                            options["chunk_size"],
+                            options["rps"],
+                            idle=5.0,
+                            range_users=options["range_users"],
+                        )
+                    else:
+                        row = backfill_measure(
+                            path, users, options["chunk_size"], options["rps"], idle=5.0
+                        )
                     console.print("ledger verify ...")
                     row["ledger_verified"] = ledger_verified()
                 rows.append(row)

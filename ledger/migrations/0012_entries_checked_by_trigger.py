@@ -19,7 +19,7 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 
 class Migration(migrations.Migration):
-    dependencies = [("ledger", "0010_buffer_shards")]
+    dependencies = [("ledger", "0011_equity_shards")]
 
     operations = [
         migrations.AlterField(
@@ -33,7 +33,7 @@ class Migration(migrations.Migration):
             ),
         ),
         migrations.RunSQL(
-            sql=(SQL_DIR / "0011_entries_checked_by_trigger.sql").read_text(),
+            sql=(SQL_DIR / "0012_entries_checked_by_trigger.sql").read_text(),
             reverse_sql=(SQL_DIR / "0009_account_opening.sql").read_text()
             + "DROP TRIGGER IF EXISTS ledger_accounts_kept ON ledger_accounts;"
             "DROP FUNCTION IF EXISTS ledger_account_delete_refuse();",

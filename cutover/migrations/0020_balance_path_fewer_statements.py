@@ -17,16 +17,16 @@ SQL_DIR = Path(__file__).resolve().parent / "sql"
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("cutover", "0018_backfill_opens_accounts_at_once"),
-        ("ledger", "0011_entries_checked_by_trigger"),
+        ("cutover", "0019_backfill_ranges"),
+        ("ledger", "0012_entries_checked_by_trigger"),
     ]
 
     operations = [
         migrations.RunSQL(
-            sql=(SQL_DIR / "0019_balance_path_fewer_statements.sql").read_text(),
+            sql=(SQL_DIR / "0020_balance_path_fewer_statements.sql").read_text(),
             reverse_sql="DROP FUNCTION IF EXISTS cutover_balance_mutate("
             "uuid, text, numeric, text, text, text, text, text, boolean);"
-            + (SQL_DIR / "0018_backfill_opens_accounts_at_once.sql").read_text(),
+            + (SQL_DIR / "0019_backfill_ranges.sql").read_text(),
         ),
         migrations.RunSQL(
             sql="DROP INDEX IF EXISTS cutover_balance_mutations_reference_0f220979_like",
