@@ -352,27 +352,30 @@ def pool_process(worker: subprocess.Popen) -> int:
 
 
 def test_two_celery_workers_take_a_runs_ranges():
-    """The leader message opens the run and asks a helper; both workers take ranges (their
-    sessions both post chunks), and every user is posted once, verified, conserved."""
+    """The leader message opens the run and asks a helper. The worker that takes the first
+    range is stopped inside its chunk (the test holds a user's legacy row there); every other
+    range finishes meanwhile, which only the other worker can have done. Let go, the run
+    finishes: every user posted once, verified, conserved."""
     users = legacy_users(80, seed=5)
+    held = sorted(users)[0]  # in the first range, whatever the bounds
     custody_open_all(usdc=sum(row.buying_power for row in LegacyBalance.objects.all()))
-    with other_connection() as watcher, workers(2, range_users=8) as (queue, _):
-        seen: set[str] = set()
+    with (
+        other_connection() as holder,
+        other_connection() as watcher,
+        workers(2, range_users=8) as (queue, _),
+    ):
+        holder.autocommit = False
+        holder.execute("SELECT 1 FROM balances WHERE user_id = %s FOR UPDATE", [held])
+        (holder_pid,) = holder.execute("SELECT pg_backend_pid()").fetchone()
         lead(queue, 2)
-        run = None
-        deadline = time.monotonic() + 240
-        while run is None:
-            seen |= {
-                name
-                for (name,) in watcher.execute(
-                    "SELECT application_name FROM pg_stat_activity"
-                    " WHERE application_name LIKE 'backfill-w%%'"
-                    " AND query LIKE '%%cutover_backfill_range_chunk%%'"
-                ).fetchall()
-            }
-            run = BackfillRun.objects.filter(finished_at__isnull=False).first()
-            assert time.monotonic() < deadline, "the workers never finished the run"
-    assert seen == {"backfill-w0", "backfill-w1"}, seen
+        assert wait_for(lambda: waiting_on(watcher, holder_pid, "backfill-w%"), 180, every=0.05)
+        (stopped,) = waiting_on(watcher, holder_pid, "backfill-w%")
+        ranges = BackfillRange.objects.filter(run=BackfillRun.objects.get())
+        assert ranges.count() >= 3
+        assert wait_for(lambda: ranges.filter(finished_at__isnull=True).count() == 1, 180)
+        assert waiting_on(watcher, holder_pid, "backfill-w%") == [stopped]
+        holder.rollback()
+        run = finished_run()
     assert run.users_examined == 80 == run.postings
     posted_once_each(users)
     assert differing(users) == [] and verify_problems() == []
