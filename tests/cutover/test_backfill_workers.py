@@ -417,9 +417,20 @@ def test_a_celery_worker_killed_mid_chunk_leaves_its_range_to_the_other():
 
 def test_the_command_hands_ranges_to_celery_workers_beside_itself():
     """`cutover backfill --helpers 1 --queue Q`: the command asks a worker to take the run's
-    ranges while it takes them too; both post chunks, every user once."""
+    ranges while it takes them too. Whichever of the two takes the first range is stopped inside
+    its chunk (the test holds a user's legacy row there); every other range finishes meanwhile,
+    which only the other can have done. Let go, both have posted chunks, every user once."""
     users = legacy_users(60, seed=11)
-    with other_connection() as watcher, workers(1, range_users=10) as (queue, _):
+    held = sorted(users)[0]  # in the first range, whatever the bounds
+    parties = "backfill-%"  # the command's session and the worker's
+    with (
+        other_connection() as holder,
+        other_connection() as watcher,
+        workers(1, range_users=10) as (queue, _),
+    ):
+        holder.autocommit = False
+        holder.execute("SELECT 1 FROM balances WHERE user_id = %s FOR UPDATE", [held])
+        (holder_pid,) = holder.execute("SELECT pg_backend_pid()").fetchone()
         command = subprocess.Popen(
             [
                 *(sys.executable, "manage.py", "cutover", "backfill", "--json"),
@@ -434,23 +445,17 @@ def test_the_command_hands_ranges_to_celery_workers_beside_itself():
             stdout=subprocess.PIPE,
             text=True,
         )
-        seen: set[str] = set()
-        while command.poll() is None:
-            seen |= {
-                name
-                for (name,) in watcher.execute(
-                    "SELECT application_name FROM pg_stat_activity"
-                    " WHERE application_name IN ('backfill-w0', 'backfill-command')"
-                    " AND query LIKE '%%cutover_backfill_range_chunk%%'"
-                ).fetchall()
-            }
-            time.sleep(0.01)
-        out, _ = command.communicate()
+        assert wait_for(lambda: waiting_on(watcher, holder_pid, parties), 180, every=0.05)
+        ranges = BackfillRange.objects.filter(run=BackfillRun.objects.get())
+        assert ranges.count() >= 3
+        assert wait_for(lambda: ranges.filter(finished_at__isnull=True).count() == 1, 180)
+        assert len(waiting_on(watcher, holder_pid, parties)) == 1
+        holder.rollback()
+        out, _ = command.communicate(timeout=300)
     assert command.returncode == 0
     summary = json.loads(out)
     assert summary["helpers"] == 1 and summary["users_pending_now"] == 0
-    assert summary["users_examined"] < 60  # the worker's chunks are not the command's
-    assert seen == {"backfill-w0", "backfill-command"}, seen
+    assert 0 < summary["users_examined"] < 60  # the worker's chunks are not the command's
     run = BackfillRun.objects.get(pk=summary["runs"][0])
     assert run.users_examined == 60 == run.postings
     posted_once_each(users)
