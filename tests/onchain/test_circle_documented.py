@@ -247,6 +247,24 @@ def test_four_notification_ids_for_one_transfer_at_once_all_200_credited_once(
     assert set(CircleNotification.objects.values_list("status", flat=True)) == {"processed"}
 
 
+def test_one_notification_delivered_four_times_at_once_all_200_stored_once_counted(
+    sandbox, webhook, depositor
+):
+    """Circle retries one notification id (same body) while the first delivery is still in
+    flight: the deliveries wait for each other (the notification's advisory lock), so each is
+    answered 200, the inbox holds one row with every delivery counted, and the deposit is
+    credited once."""
+    body = CircleSandbox.notification("custody.transfer", mint_transfer(), "n-retried")
+    for _ in range(5):  # five rounds: the race is not won by luck
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: sandbox.deliver(webhook, body), range(4)))
+        assert [status for status, _ in answers] == [200] * 4
+    row = stored()
+    assert (row.notification_id, row.status, row.deliveries) == ("n-retried", "processed", 20)
+    assert credited(depositor) == Decimal("25.5")
+    assert BalanceMutation.objects.count() == 1
+
+
 def test_a_renotification_contradicting_the_credit_is_a_discrepancy_answered_200(
     sandbox, webhook, depositor
 ):
