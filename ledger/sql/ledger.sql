@@ -4,8 +4,11 @@
 -- Entry insert: lock the account row, check currency and scale, move the cached balance,
 -- extend the account's hash chain. Runs in the inserting statement, so a raw INSERT keeps
 -- balances and chains right too.
+-- Its look-ups (and the commit check's, below) are planned once per connection and kept until
+-- the table is analyzed again: planned while the ledger was nearly empty, a sequential scan
+-- looked cheapest and then read the whole growing table for every entry. Always by index.
 CREATE OR REPLACE FUNCTION ledger_entry_apply() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     acc record;
     new_balance numeric;
@@ -88,7 +91,7 @@ ALTER TABLE ledger_transactions
 
 -- At COMMIT, once per ledger transaction: two or more entries, balanced per currency.
 CREATE OR REPLACE FUNCTION ledger_transaction_check() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     legs bigint;
     unbalanced text;
