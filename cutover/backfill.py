@@ -27,7 +27,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.db.models import Sum
+from django.db.models import Count, Q, Sum
 from django.utils import timezone
 
 from cutover.exceptions import (
@@ -120,15 +120,17 @@ def backfill_run(
     `on_run(run)` is called as each run opens (a Celery leader asks workers to help there);
     `on_progress(done)` after each chunk with the users examined here so far."""
     result = BackfillResult()
-    run, result.resumed = backfill_run_open(range_users=range_users)
-    if on_run:
-        on_run(run)
-    backfill_work(run_id=run.pk, chunk_size=chunk_size, result=result, on_progress=on_progress)
-    if result.resumed:
-        run, _ = backfill_run_open(range_users=range_users)
+
+    def pass_over() -> bool:
+        run, resumed = backfill_run_open(range_users=range_users)
         if on_run:
             on_run(run)
         backfill_work(run_id=run.pk, chunk_size=chunk_size, result=result, on_progress=on_progress)
+        return resumed
+
+    result.resumed = pass_over()
+    if result.resumed:
+        pass_over()
     return result
 
 
@@ -223,17 +225,11 @@ def backfill_run_finish(*, run_id: int) -> BackfillRun:
         run = BackfillRun.objects.select_for_update().get(pk=run_id)
         if run.finished_at is not None:
             return run
-        ranges = BackfillRange.objects.filter(run_id=run_id)
-        if not ranges.exists() or ranges.filter(finished_at__isnull=True).exists():
+        figures = backfill_progress(run_id=run_id)
+        if not figures["ranges"] or figures["ranges_finished"] < figures["ranges"]:
             return run
-        sums = ranges.aggregate(
-            chunks=Sum("chunks"),
-            users_examined=Sum("users_examined"),
-            postings=Sum("postings"),
-            amount=Sum("amount"),
-        )
-        for name, value in sums.items():
-            setattr(run, name, value or 0)
+        for name in ("chunks", "users_examined", "postings", "amount"):
+            setattr(run, name, figures[name])
         run.finished_at = timezone.now()
         run.updated_at = run.finished_at
         run.save()
@@ -243,15 +239,12 @@ def backfill_run_finish(*, run_id: int) -> BackfillRun:
 def backfill_progress(*, run_id: int) -> dict:
     """A run's figures so far, summed over its ranges (the run's own are written when it
     finishes): ranges, ranges finished, chunks, users examined, postings, amount."""
-    ranges = BackfillRange.objects.filter(run_id=run_id)
-    sums = ranges.aggregate(
+    figures = BackfillRange.objects.filter(run_id=run_id).aggregate(
+        ranges=Count("id"),
+        ranges_finished=Count("id", filter=Q(finished_at__isnull=False)),
         chunks=Sum("chunks"),
         users_examined=Sum("users_examined"),
         postings=Sum("postings"),
         amount=Sum("amount"),
     )
-    return {
-        "ranges": ranges.count(),
-        "ranges_finished": ranges.filter(finished_at__isnull=False).count(),
-        **{name: value or 0 for name, value in sums.items()},
-    }
+    return {name: value or 0 for name, value in figures.items()}
