@@ -6,14 +6,17 @@ difference. Real processes, real connections."""
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
 import uuid
 from decimal import Decimal
+from io import StringIO
 from pathlib import Path
 
 import pytest
+from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection, connections, transaction
 from django.db.models import Count
 
@@ -294,3 +297,20 @@ def test_a_backfill_that_grows_the_ledger_refreshes_its_statistics():
         )
         analyzed = [name for (name,) in cursor.fetchall()]
     assert analyzed == ["ledger_accounts", "ledger_entries", "ledger_transactions"]
+
+
+def test_the_backfill_command_refuses_bad_flags_naming_them_and_opens_no_run():
+    """A careless operator's backfill flags: each refused before anything is opened, the flag
+    named (a negative helper count, a range or chunk of no users, not a number)."""
+    legacy_users(5)
+    refusals = [
+        (("--helpers", "-1"), "--helpers: 0 or more workers"),
+        (("--helpers", "two"), "argument --helpers: invalid int value: 'two'"),
+        (("--range-users", "0"), "argument --range-users: invalid positive_int value: '0'"),
+        (("--chunk-size", "0"), "argument --chunk-size: invalid positive_int value: '0'"),
+    ]
+    for flag, message in refusals:
+        with pytest.raises(CommandError, match=re.escape(message)):
+            call_command("cutover", "backfill", *flag, stdout=StringIO())
+    assert not BackfillRun.objects.exists() and not BackfillRange.objects.exists()
+    assert not BackfillPosting.objects.exists()
