@@ -29,6 +29,7 @@ from cutover.models import (
     BalanceMutation,
     LegacyBalance,
 )
+from cutover.tasks import backfill_ranges_task
 from ledger.exceptions import InsufficientFunds
 from ledger.models import Account, Transaction
 from ledger.selectors import ledger_integrity_checks
@@ -314,3 +315,19 @@ def test_the_backfill_command_refuses_bad_flags_naming_them_and_opens_no_run():
             call_command("cutover", "backfill", *flag, stdout=StringIO())
     assert not BackfillRun.objects.exists() and not BackfillRange.objects.exists()
     assert not BackfillPosting.objects.exists()
+
+
+def test_a_helper_message_delivered_after_its_run_finished_changes_nothing():
+    """`cutover.backfill_ranges` redelivered, or delivered late, after its run has finished:
+    nothing is taken or posted, not even for a user whose legacy balance moved since (that is
+    the next backfill's), and the run's figures stay as they were."""
+    users = legacy_users(12)
+    (run_id,) = backfill_run(chunk_size=CHUNK, range_users=4).runs
+    run = BackfillRun.objects.get(pk=run_id)
+    balance_credit(user_id=users[0], amount="3", reference="late", reason="t")  # legacy only
+    answer = backfill_ranges_task(run_id, CHUNK)
+    assert (answer["chunks"], answer["users_examined"], answer["postings"]) == (0, 0, 0)
+    assert BackfillPosting.objects.count() == run.postings == 12
+    again = BackfillRun.objects.get(pk=run_id)
+    assert (again.finished_at, again.users_examined) == (run.finished_at, run.users_examined)
+    assert len(differing(users)) == 1
