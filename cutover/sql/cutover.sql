@@ -49,6 +49,9 @@ CREATE TRIGGER cutover_balance_mutations_append_only
 -- nothing written; the caller then repeats the call with true, which gives the answer above.
 -- Only a caller that can repeat the call (autocommit: the statement is its transaction;
 -- cutover.balance_path, onchain.deposits) passes false.
+-- Its statements read by index (`enable_seqscan = off`): PL/pgSQL keeps their plans per
+-- connection until the table is analyzed again, and the journal's reference look-up planned
+-- while the journal was empty became a sequential scan over the whole growing journal.
 DROP FUNCTION IF EXISTS cutover_balance_mutate(uuid, text, numeric, text, text, text, text, text);
 CREATE OR REPLACE FUNCTION cutover_balance_mutate(
     p_user_id uuid, p_direction text, p_amount numeric, p_currency text, p_reference text,
@@ -57,10 +60,9 @@ CREATE OR REPLACE FUNCTION cutover_balance_mutate(
     OUT created boolean, OUT phase text, OUT legacy_balance numeric, OUT ledger_balance numeric,
     OUT ledger_status text, OUT ledger_transaction_id bigint, OUT ledger_error text,
     OUT discrepancy boolean
-) LANGUAGE plpgsql AS $$
+) LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_state record;
-    v_first record;
     v_delta numeric := CASE WHEN p_direction = 'credit' THEN p_amount ELSE -p_amount END;
     v_held text;
     v_account bigint;
@@ -76,8 +78,17 @@ DECLARE
     v_ledger_us bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(7401001);  -- cutover.locks.PHASE_LOCK
-    SELECT s.phase, s.kill_switch, s.kill_switch_reason INTO v_state
-      FROM cutover_phase_state s WHERE s.id = 1;
+    -- The phase (read under the lock) and this reference's journal row, if any.
+    SELECT s.phase, s.kill_switch, s.kill_switch_reason, m.id AS first_id,
+           m.user_id AS first_user_id, m.direction AS first_direction,
+           m.amount AS first_amount, m.currency AS first_currency, m.phase AS first_phase,
+           m.legacy_balance_after, m.ledger_status AS first_ledger_status,
+           m.ledger_transaction_id AS first_ledger_transaction_id,
+           m.ledger_error AS first_ledger_error
+      INTO v_state
+      FROM cutover_phase_state s
+      LEFT JOIN cutover_balance_mutations m ON m.reference = p_reference
+     WHERE s.id = 1;
     IF v_state.kill_switch THEN
         RAISE EXCEPTION 'kill switch engaged: %', v_state.kill_switch_reason USING ERRCODE = 'CU002';
     END IF;
@@ -89,30 +100,33 @@ BEGIN
     -- A replay answers as the first time, or is refused if it differs. (A concurrent duplicate
     -- that gets past this look-up fails on the journal's unique reference at the end, CU006,
     -- and the caller retries it into this branch.)
-    SELECT * INTO v_first FROM cutover_balance_mutations m WHERE m.reference = p_reference;
-    IF FOUND THEN
-        IF (v_first.user_id, v_first.direction, v_first.amount, v_first.currency)
+    IF v_state.first_id IS NOT NULL THEN
+        IF (v_state.first_user_id, v_state.first_direction, v_state.first_amount,
+            v_state.first_currency)
            IS DISTINCT FROM (p_user_id, p_direction, p_amount, p_currency) THEN
             RAISE EXCEPTION 'reference % was already used for % % % to user %', p_reference,
-                v_first.direction, v_first.amount, v_first.currency, v_first.user_id
-                USING ERRCODE = 'CU003';
+                v_state.first_direction, v_state.first_amount, v_state.first_currency,
+                v_state.first_user_id USING ERRCODE = 'CU003';
         END IF;
         created := false;
-        phase := v_first.phase;
-        legacy_balance := v_first.legacy_balance_after;
-        ledger_status := v_first.ledger_status;
-        ledger_transaction_id := v_first.ledger_transaction_id;
-        ledger_error := v_first.ledger_error;
+        phase := v_state.first_phase;
+        legacy_balance := v_state.legacy_balance_after;
+        ledger_status := v_state.first_ledger_status;
+        ledger_transaction_id := v_state.first_ledger_transaction_id;
+        ledger_error := v_state.first_ledger_error;
         RETURN;
     END IF;
     created := true;
 
-    -- One currency per user, whichever store is written in this phase.
-    SELECT string_agg(DISTINCT held.currency, ', ') INTO v_held
-      FROM (SELECT b.currency FROM balances b WHERE b.user_id = p_user_id
-            UNION ALL
-            SELECT u.currency FROM ledger_user_balances u WHERE u.user_id = p_user_id) held
-     WHERE held.currency <> p_currency;
+    -- One currency per user, in the store this phase does not write (each write below refuses
+    -- another currency in its own store).
+    IF phase = 'legacy' THEN
+        SELECT u.currency INTO v_held FROM ledger_user_balances u
+         WHERE u.user_id = p_user_id AND u.currency <> p_currency;
+    ELSIF phase = 'cutover' THEN
+        SELECT b.currency INTO v_held FROM balances b
+         WHERE b.user_id = p_user_id AND b.currency <> p_currency;
+    END IF;
     IF v_held IS NOT NULL THEN
         RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id, v_held,
             p_currency USING ERRCODE = 'CU003';
@@ -138,13 +152,13 @@ BEGIN
         IF NOT FOUND THEN
             SELECT b.buying_power, b.currency INTO legacy_balance, v_held
               FROM balances b WHERE b.user_id = p_user_id FOR UPDATE;
+            IF v_held <> p_currency THEN  -- the user's row holds another currency
+                RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id,
+                    v_held, p_currency USING ERRCODE = 'CU003';
+            END IF;
             IF NOT FOUND OR legacy_balance + v_delta < 0 THEN
                 RAISE EXCEPTION 'user %: balance % % is less than %', p_user_id,
                     coalesce(legacy_balance, 0), p_currency, p_amount USING ERRCODE = 'CU004';
-            END IF;
-            IF v_held <> p_currency THEN  -- a concurrent first mutation in another currency won
-                RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id,
-                    v_held, p_currency USING ERRCODE = 'CU003';
             END IF;
             -- (a credit committed between the debit's update and this lock made it possible)
             UPDATE balances b SET buying_power = b.buying_power + v_delta, updated_at = now()
@@ -225,7 +239,7 @@ BEGIN
             SELECT u.account_id, u.currency INTO v_account, v_held FROM ledger_user_balances u
              WHERE u.user_id = p_user_id;
         END IF;
-        IF v_held <> p_currency THEN  -- a concurrent first mutation in another currency won
+        IF v_held <> p_currency THEN  -- the user's account holds another currency
             RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id, v_held,
                 p_currency USING ERRCODE = 'CU003';
         END IF;

@@ -94,23 +94,38 @@ ALTER TABLE ledger_transactions
 
 -- At COMMIT, once per ledger transaction: two or more entries, balanced per currency. Its query
 -- is planned once per connection (left to choose, PostgreSQL planned it again at every COMMIT:
--- a tenth of a deposit's time in PostgreSQL).
+-- a tenth of a deposit's time in PostgreSQL), as one aggregate over the transaction's entries,
+-- never in parallel: after a backfill (a few transactions of many entries) the statistics make
+-- every transaction look huge, and the generic plan became a parallel one, set up at every
+-- COMMIT. A transaction in several currencies (rare) is then checked per currency.
 CREATE OR REPLACE FUNCTION ledger_transaction_check() RETURNS trigger
-LANGUAGE plpgsql SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET plan_cache_mode = force_generic_plan
+SET max_parallel_workers_per_gather = 0 AS $$
 DECLARE
     legs bigint;
+    lowest text;
+    highest text;
+    difference numeric;
     unbalanced text;
     debits numeric;
     credits numeric;
 BEGIN
-    SELECT coalesce(sum(n), 0), min(currency) FILTER (WHERE difference <> 0)
-      INTO legs, unbalanced
-      FROM (SELECT currency, count(*) AS n,
-                   sum(CASE WHEN side = 'debit' THEN amount ELSE -amount END) AS difference
-              FROM ledger_entries WHERE transaction_id = NEW.id GROUP BY currency) per_currency;
+    SELECT count(*), min(currency), max(currency),
+           sum(CASE WHEN side = 'debit' THEN amount ELSE -amount END)
+      INTO legs, lowest, highest, difference
+      FROM ledger_entries WHERE transaction_id = NEW.id;
     IF legs < 2 THEN
         RAISE EXCEPTION 'ledger: transaction % has % entries; at least 2 are required',
             NEW.id, legs USING ERRCODE = 'LD008';
+    END IF;
+    IF lowest = highest THEN
+        unbalanced := CASE WHEN difference <> 0 THEN lowest END;
+    ELSE
+        SELECT min(per_currency.currency) INTO unbalanced
+          FROM (SELECT currency FROM ledger_entries WHERE transaction_id = NEW.id
+                 GROUP BY currency
+                HAVING sum(CASE WHEN side = 'debit' THEN amount ELSE -amount END) <> 0
+               ) per_currency;
     END IF;
     IF unbalanced IS NOT NULL THEN
         SELECT coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0),

@@ -61,6 +61,40 @@ def test_a_credit_in_another_currency_is_refused_in_every_phase(phase):
     assert not BalanceMutation.objects.exists()
 
 
+@pytest.mark.parametrize("phase", ALL)
+@pytest.mark.parametrize("legacy_currency, ledger_currency", [("USDC", "USD"), ("USD", "USDC")])
+def test_a_user_whose_stores_disagree_on_the_currency_is_refused_in_every_phase(
+    phase, legacy_currency, ledger_currency
+):
+    """Each store is checked in every phase, the one the phase writes and the one it does not:
+    a mutation in the currency of one store is refused for the other's, nothing written."""
+    user = legacy_user("100", currency=legacy_currency)
+    ledger_balance_set(user, "100", currency=ledger_currency)
+    phase_set(phase, read_percent=100 if phase in {"read_switch", "strict", "cutover"} else 0)
+    before = stores(user)
+    for currency in (legacy_currency, ledger_currency):
+        with pytest.raises(MutationConflict, match="a user has one currency"):
+            balance_credit(
+                user_id=user, amount="5", currency=currency, reference=currency, reason="t"
+            )
+    assert stores(user) == before
+    assert not BalanceMutation.objects.exists()
+
+
+@pytest.mark.parametrize("phase", ALL)
+def test_an_overdraft_in_another_currency_is_refused_for_the_currency(phase):
+    """A debit in a currency the user does not hold, larger than the balance: refused as the
+    wrong currency (what the caller must fix), not as insufficient funds."""
+    user = legacy_user("10")
+    ledger_balance_set(user, "10")
+    phase_set(phase, read_percent=100 if phase in {"read_switch", "strict", "cutover"} else 0)
+    before = stores(user)
+    with pytest.raises(MutationConflict, match="holds USDC, not USD: a user has one currency"):
+        balance_debit(user_id=user, amount="50", currency="USD", reference="usd", reason="t")
+    assert stores(user) == before
+    assert not BalanceMutation.objects.exists()
+
+
 def test_a_cutover_only_user_keeps_one_currency():
     phase_set("cutover", read_percent=100)
     user = uuid.uuid4()

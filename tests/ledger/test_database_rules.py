@@ -362,6 +362,40 @@ def test_the_commit_check_is_planned_once_per_connection(user, clearing, nested_
     assert "Index Cond: (transaction_id = $" in checks[0]
 
 
+def test_the_commit_check_is_never_a_parallel_plan(user, clearing, nested_plans):
+    """After a backfill (a few transactions of many entries) the statistics make every
+    transaction look large, and the commit check's generic plan became a parallel one, set up
+    at every COMMIT. Here parallel plans are made as cheap as they can be: still none."""
+    many = [
+        {"account_id": clearing.pk, "side": "debit", "amount": "0.01", "currency": "USDC"},
+        {"account_id": user.pk, "side": "credit", "amount": "0.01", "currency": "USDC"},
+    ] * 200
+    sql("SELECT ledger_post_transaction('plan', 'backfill', 'plan', '{}', %s)", [json.dumps(many)])
+    sql("ANALYZE ledger_entries")
+    cheap = {
+        "parallel_setup_cost": "0",
+        "parallel_tuple_cost": "0",
+        "min_parallel_index_scan_size": "0",
+        "min_parallel_table_scan_size": "0",
+    }
+    with connection.cursor() as cursor:
+        for name, value in cheap.items():
+            cursor.execute(f"SET {name} = {value}")
+    try:
+        sql(
+            "SELECT ledger_post_transaction('plan', 'after', 'plan', '{}', %s)",
+            [json.dumps(many[:2])],
+        )
+    finally:
+        with connection.cursor() as cursor:
+            for name in cheap:
+                cursor.execute(f"RESET {name}")
+    checks = [plan for plan in nested_plans if "FROM ledger_entries WHERE transaction_id" in plan]
+    assert len(checks) == 2
+    assert not [plan for plan in checks if "Gather" in plan or "Parallel" in plan]
+    assert Account.objects.get(pk=user.pk).balance == Decimal("102.01")
+
+
 def test_the_entry_hash_is_inlined_where_it_is_used():
     """ledger_entry_hash is a plain expression to the planner (in the entry trigger and in
     `ledger verify`), not a function whose body is parsed and planned at every call."""
