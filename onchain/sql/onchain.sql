@@ -98,7 +98,7 @@ CREATE OR REPLACE FUNCTION onchain_deposit_credit(
     p_isolate_ledger boolean DEFAULT true,
     OUT outcome text, OUT why text, OUT deposit_user uuid, OUT phase text,
     OUT mutation_created boolean, OUT ledger_status text, OUT discrepancy boolean
-) LANGUAGE plpgsql AS $$
+) LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_reference text := 'circle:transfer:' || p_transfer_id;
     v_currency text;
@@ -178,6 +178,10 @@ BEGIN
     discrepancy := v_mutation.discrepancy;
 END $$;
 
+-- Both deposit functions read by index (`enable_seqscan = off`), as cutover_balance_mutate does:
+-- their plans are kept per connection until a table is analyzed again, and the inbox's and the
+-- journal's look-ups planned while those were empty became sequential scans over the whole
+-- growing tables.
 -- onchain_deposit_notification_accept: a verified notification of a completed inbound transfer
 -- stored in the inbox and applied in one statement (autocommit: its own transaction): the
 -- deposit credited (onchain_deposit_credit) and the row inserted with its outcome, or nothing
@@ -195,7 +199,7 @@ CREATE OR REPLACE FUNCTION onchain_deposit_notification_accept(
     OUT inserted boolean, OUT inbox_status text, OUT outcome text, OUT why text,
     OUT deposit_user uuid, OUT phase text, OUT mutation_created boolean, OUT ledger_status text,
     OUT discrepancy boolean
-) LANGUAGE plpgsql AS $$
+) LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_credit record;
 BEGIN

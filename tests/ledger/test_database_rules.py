@@ -9,6 +9,7 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 from ledger.models import Account, Entry, Transaction
 from ledger.selectors import system_account
 from tests.ledger.factories import UserAccountFactory, fund
+from tests.scans import sequential_scans, sequential_scans_since
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -307,20 +308,15 @@ def test_the_entry_checks_read_by_index_however_small_the_tables_were_when_plann
         ]
     )
     with transaction.atomic(), connection.cursor() as cursor:
+        before = sequential_scans("ledger_transactions", "ledger_entries")
         for n in range(3):
             cursor.execute(
                 "SELECT ledger_post_transaction('plan', %s, 'plan', '{}', %s)", [f"r{n}", legs]
             )
         cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the commit check, run now
-        cursor.execute(
-            "SELECT relname, seq_scan, idx_scan FROM pg_stat_xact_user_tables "
-            "WHERE relname IN ('ledger_transactions', 'ledger_entries')"
-        )
-        scans = {name: (seq, index) for name, seq, index in cursor.fetchall()}
+        sequential = sequential_scans_since(before)
     assert Entry.objects.filter(transaction__namespace="plan").count() == 6
-    assert scans["ledger_transactions"][0] == 0
-    assert scans["ledger_entries"][0] == 0
-    assert scans["ledger_transactions"][1] > 0 and scans["ledger_entries"][1] > 0
+    assert sequential == {"ledger_transactions": 0, "ledger_entries": 0}
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from io import StringIO
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
-from django.db import transaction
+from django.db import connection, transaction
 
 from cutover.actors import Actor
 from cutover.backfill import backfill_run
@@ -47,6 +47,7 @@ from tests.onchain.factories import (
     withdraw,
     withdrawal_transfer,
 )
+from tests.scans import sequential_scans, sequential_scans_since
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -557,3 +558,28 @@ def test_a_withdrawal_made_in_legacy_after_a_rollback_leaves_the_buffer_with_the
     assert system("usdc_buffer") == 270 == circle.wallet_balance(base_url=sandbox.base_url)
     assert system("withdrawals_pending_usdc") == 0
     assert integrity_ok()
+
+
+def test_a_deposit_reads_by_index_however_small_the_tables_were_when_planned(user):
+    """The deposit functions' plans are kept per connection until a table is analyzed again.
+    Planned while the inbox and the journal were empty (a new deployment, analyzed), their
+    look-ups became sequential scans, and every later notification read both whole tables.
+    However small they were, they read by index."""
+    phase_set("shadow")
+    DepositAddress.objects.create(address="0xdeposit", chain="ETH", user_id=user)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE onchain_circle_notifications, cutover_balance_mutations")
+    deliveries = [("n1", "t1"), ("n2", "t2"), ("n3", "t1"), ("n1", "t1")]  # a renotification,
+    with transaction.atomic(), connection.cursor() as cursor:  # then a redelivery
+        before = sequential_scans("onchain_circle_notifications", "cutover_balance_mutations")
+        for notification_id, transfer_id in deliveries:
+            cursor.execute(
+                "SELECT inserted, outcome FROM onchain_deposit_notification_accept(%s, "
+                "'transfers', %s, 'key', '{}', %s, 'ETH', '0xdeposit', ARRAY['ETH'], 'USDC', 5, "
+                "'5.00', '5.00 USDC', 'usdc_buffer')",
+                [notification_id, transfer_id, transfer_id],
+            )
+        sequential = sequential_scans_since(before)
+    assert balances(user) == (Decimal("110"), Decimal("110"))
+    assert CircleNotification.objects.count() == 3
+    assert sequential == {"onchain_circle_notifications": 0, "cutover_balance_mutations": 0}
