@@ -52,7 +52,6 @@ def scratch_database(prefix: str, keep: bool = False) -> Iterator[str]:
     it forks) for the duration of the block, then dropped (unless `keep`). Nothing else on the
     server is touched. Needs the CREATEDB privilege."""
     default = connections["default"]
-    original = default.settings_dict["NAME"]
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         with default.cursor() as cursor:
@@ -61,33 +60,38 @@ def scratch_database(prefix: str, keep: bool = False) -> Iterator[str]:
         raise ScratchDatabaseError(
             f"cannot create the scratch database {name} (needs CREATEDB): {exc}"
         ) from None
-    connections.close_all()
-    default.settings_dict["NAME"] = name
     try:
-        call_command("migrate", interactive=False, verbosity=0)
-        yield name
+        with database_used(name):
+            call_command("migrate", interactive=False, verbosity=0)
+            yield name
     finally:
-        connections.close_all()
-        default.settings_dict["NAME"] = original
         if not keep:
             with default.cursor() as cursor:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
-def existing_database(name: str) -> Iterator[str]:
-    """A database beside the configured one (one a scratch_database(keep=True) left), migrated,
-    used by this process (and the ones it forks) for the duration of the block; kept."""
+def database_used(name: str) -> Iterator[str]:
+    """Another database on the same server, used by this process (and the ones it forks) for
+    the duration of the block, then the one used before it again."""
     default = connections["default"]
     original = default.settings_dict["NAME"]
     connections.close_all()
     default.settings_dict["NAME"] = name
     try:
-        call_command("migrate", interactive=False, verbosity=0)
         yield name
     finally:
         connections.close_all()
         default.settings_dict["NAME"] = original
+
+
+@contextmanager
+def existing_database(name: str) -> Iterator[str]:
+    """A database beside the configured one (one a scratch_database(keep=True) left), migrated,
+    used by this process (and the ones it forks) for the duration of the block; kept."""
+    with database_used(name):
+        call_command("migrate", interactive=False, verbosity=0)
+        yield name
 
 
 def processes_run(

@@ -143,9 +143,11 @@ def test_bench_posting_prints_ours_beside_pgbench():
         "--json",
         stdout=out,
     )
-    result = json.loads(out.getvalue())["results"][0]
+    report = json.loads(out.getvalue())
+    result = report["results"][0]
     assert result["clients"] == 2
     assert result["ours"]["postings"] > 0 and result["pgbench"]["postings"] > 0
+    assert "legacy" not in result and "goal" not in report  # transfers: no legacy write to compare
     assert result["ratio"] > 0
     assert result["ours"]["p50_ms"] <= result["ours"]["p95_ms"] <= result["ours"]["p99_ms"]
 
@@ -212,6 +214,17 @@ def test_bench_posting_through_the_shadow_balance_path():
     assert report["path"] == "balance path (shadow)"
     result = report["results"][0]
     assert result["ours"]["postings"] > 0 and result["pgbench"]["postings"] > 0
+    # beside legacy-only, measured in the same run, and the goal it is held to
+    assert result["legacy"]["postings"] > 0
+    assert result["p95_over_legacy"] == round(
+        result["ours"]["p95_ms"] / result["legacy"]["p95_ms"], 2
+    )
+    assert report["goal"] == {
+        "clients": 16,
+        "phase": "shadow",
+        "p95_over_legacy_at_most": 1.6,
+        "ratio_at_least": 0.55,
+    }
 
 
 def test_bench_reconcile_finds_every_injected_difference():

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cutover.actors import Actor
 from cutover.operators import api_client_issue
-from cutover.phases import ORDER
+from cutover.phases import ORDER, Phase
 from gateway.commands import json_text, positive_int, progress_bar
 from onchain.sandbox import CircleSandbox
 from rehearsal.bench_backfill import (
@@ -38,7 +38,20 @@ from rehearsal.benchmarks import (
     reconcile_measure,
     reconcile_seed,
 )
-from rehearsal.runtime import database_ready, existing_database, scratch_database
+from rehearsal.runtime import (
+    database_ready,
+    database_used,
+    existing_database,
+    scratch_database,
+)
+
+# Issue 14's goal for the shadow write, printed beside the figures.
+POSTING_SHADOW_GOAL = {
+    "clients": 16,
+    "phase": "shadow",
+    "p95_over_legacy_at_most": 1.6,
+    "ratio_at_least": 0.55,
+}
 
 
 class Command(BaseCommand):
@@ -224,8 +237,17 @@ class Command(BaseCommand):
         rows = []
         phase = options["phase"]
         path = f"balance path ({phase})" if phase else "transaction_post"
+        # A phase that writes the ledger is measured beside legacy-only (the same users in a
+        # database of their own in phase legacy, each client count just before the phase's):
+        # what the dual write costs over the write it replaces.
+        beside_legacy = phase not in (None, Phase.LEGACY)
+        legacy_database = None
         with ExitStack() as stack:
             stack.enter_context(database_ready(console.print))
+            if beside_legacy:
+                legacy_database = stack.enter_context(scratch_database("bench"))
+                console.print(f"Opening {options['accounts']} users in legacy ...")
+                bench_users_in_phase(options["accounts"], Phase.LEGACY)
             if phase:
                 stack.enter_context(scratch_database("bench"))
                 console.print(f"Opening {options['accounts']} users in {phase} ...")
@@ -234,48 +256,44 @@ class Command(BaseCommand):
                 console.print(f"Opening {options['accounts']} bench accounts ...")
                 targets = bench_accounts_open(options["accounts"])
             for clients in options["clients"]:
+                row = {"clients": clients}
+                if legacy_database:
+                    console.print(f"{clients} clients: legacy only for {options['seconds']} s ...")
+                    with database_used(legacy_database):
+                        row["legacy"] = posting_measure(clients, options["seconds"], targets)
                 console.print(f"{clients} clients: {path} for {options['seconds']} s ...")
-                ours = posting_measure(clients, options["seconds"], targets)
+                row["ours"] = posting_measure(clients, options["seconds"], targets)
                 console.print(f"{clients} clients: pgbench for {options['seconds']} s ...")
-                reference = pgbench_measure(clients, options["seconds"], options["accounts"])
-                ratio = (
-                    ours["per_second"] / reference["per_second"] if reference["per_second"] else 0
-                )
-                rows.append(
-                    {
-                        "clients": clients,
-                        "ours": ours,
-                        "pgbench": reference,
-                        "ratio": round(ratio, 3),
-                    }
-                )
+                row["pgbench"] = pgbench_measure(clients, options["seconds"], options["accounts"])
+                per_second = row["pgbench"]["per_second"]
+                row["ratio"] = round(row["ours"]["per_second"] / per_second if per_second else 0, 3)
+                if legacy_database:
+                    legacy_p95 = row["legacy"]["p95_ms"]
+                    row["p95_over_legacy"] = round(
+                        row["ours"]["p95_ms"] / legacy_p95 if legacy_p95 else 0, 2
+                    )
+                rows.append(row)
+        data = {"benchmark": "posting", "path": path, "results": rows}
+        columns = ["clients", "ours/s", "p50 ms", "p95 ms", "p99 ms"]
+        if beside_legacy:
+            data["goal"] = POSTING_SHADOW_GOAL
+            columns += ["legacy/s", "legacy p95 ms", "p95 / legacy"]
+        columns += ["pgbench/s", "pgbench avg ms", "ratio"]
         self._show(
             options,
             console,
-            {"benchmark": "posting", "path": path, "results": rows},
+            data,
             f"bench posting: {path} vs pgbench plain-SQL posting",
-            (
-                "clients",
-                "ours/s",
-                "p50 ms",
-                "p95 ms",
-                "p99 ms",
-                "pgbench/s",
-                "pgbench avg ms",
-                "ratio",
-            ),
-            [
-                (
-                    str(row["clients"]),
-                    f"{row['ours']['per_second']:.0f}",
-                    *_latencies(row["ours"]),
-                    f"{row['pgbench']['per_second']:.0f}",
-                    f"{row['pgbench']['latency_avg_ms']:.2f}",
-                    f"{row['ratio']:.2f}",
-                )
-                for row in rows
-            ],
+            tuple(columns),
+            [_posting_row(row) for row in rows],
         )
+        if beside_legacy and not options["json"]:
+            goal = POSTING_SHADOW_GOAL
+            console.print(
+                f"Goal at {goal['clients']} clients in {goal['phase']}: p95 at most "
+                f"{goal['p95_over_legacy_at_most']}x legacy-only's, ratio to pgbench at least "
+                f"{goal['ratio_at_least']}"
+            )
 
     def _reconcile(self, options) -> None:
         console = Console(file=self.stdout._out, quiet=options["json"])
@@ -550,6 +568,22 @@ class Command(BaseCommand):
         for row in rows:
             table.add_row(*row)
         console.print(table)
+
+
+def _posting_row(row: dict) -> tuple[str, ...]:
+    cells = [str(row["clients"]), f"{row['ours']['per_second']:.0f}", *_latencies(row["ours"])]
+    if "legacy" in row:
+        cells += [
+            f"{row['legacy']['per_second']:.0f}",
+            f"{row['legacy']['p95_ms']:.2f}",
+            f"{row['p95_over_legacy']:.2f}",
+        ]
+    return (
+        *cells,
+        f"{row['pgbench']['per_second']:.0f}",
+        f"{row['pgbench']['latency_avg_ms']:.2f}",
+        f"{row['ratio']:.2f}",
+    )
 
 
 def _latencies(figures: dict) -> tuple[str, str, str]:
