@@ -76,7 +76,6 @@ class Account(models.Model):
                 name="ledger_accounts_uniq_user_type_currency",
             ),
             models.UniqueConstraint(fields=["code"], name="ledger_accounts_uniq_code"),
-            models.UniqueConstraint(fields=["id", "currency"], name="ledger_accounts_uniq_id_cur"),
             models.CheckConstraint(
                 condition=Q(allow_negative=True) | Q(balance__gte=0),
                 name="ledger_accounts_chk_non_negative",
