@@ -7,10 +7,8 @@
 -- Its look-ups (and the commit check's, below) are planned once per connection and kept until
 -- the table is analyzed again: planned while the ledger was nearly empty, a sequential scan
 -- looked cheapest and then read the whole growing table for every entry. Always by index.
--- It runs with `ledger.entry_apply` on, the mark by which ledger_account_guard (below) lets its
--- account update through.
 CREATE OR REPLACE FUNCTION ledger_entry_apply() RETURNS trigger
-LANGUAGE plpgsql SET enable_seqscan = off SET ledger.entry_apply = 'on' AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     acc record;
     new_balance numeric;
@@ -223,38 +221,38 @@ END $$;
 
 -- An account's balance, entry count and chain head move only with its entries: the one UPDATE
 -- allowed to change them is ledger_entry_apply's, which runs inside the entry's insert trigger
--- with `ledger.entry_apply` on (its SET clause, undone when it returns). Currency and normal
--- balance (nor its id, which entries name) never change once an account exists. Anything else
--- (a raw UPDATE, the ORM, another trigger) is refused, the update undone with its statement.
--- The rule is the trigger's WHEN, checked as each row is updated; the function only says why.
--- (An AFTER trigger whose WHEN is false costs nothing more; a BEFORE trigger, even one never
--- called, re-read and re-locked the row at every posting's account update: about 7 us of a
--- 20 us update. Before ledger 0016 the function read its call stack to find ledger_entry_apply:
--- a trigger function given that name, or this parameter, by someone who can create triggers
--- gets through either way, and `ledger verify` finds what it moved.)
+-- (so this trigger fires one level deeper, called from that function). Currency and normal
+-- balance (nor its id, which entries name) never change once an account exists. Anything else (a
+-- raw UPDATE, the ORM) is refused.
 CREATE OR REPLACE FUNCTION ledger_account_guard() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_stack text;
 BEGIN
-    IF (NEW.id, NEW.currency, NEW.normal_balance)
-       IS DISTINCT FROM (OLD.id, OLD.currency, OLD.normal_balance) THEN
+    IF NEW.id IS DISTINCT FROM OLD.id OR NEW.currency IS DISTINCT FROM OLD.currency
+       OR NEW.normal_balance IS DISTINCT FROM OLD.normal_balance THEN
         RAISE EXCEPTION 'ledger: account % keeps its id, currency and normal balance', OLD.id
             USING ERRCODE = 'LD009';
     END IF;
-    RAISE EXCEPTION 'ledger: account % balance, entry count and hash chain move only by '
-        'posting entries', OLD.id USING ERRCODE = 'LD009';
+    IF (NEW.balance, NEW.entry_count, NEW.last_hash)
+       IS DISTINCT FROM (OLD.balance, OLD.entry_count, OLD.last_hash) THEN
+        IF pg_trigger_depth() < 2 THEN
+            RAISE EXCEPTION 'ledger: account % balance, entry count and hash chain move only by '
+                'posting entries', OLD.id USING ERRCODE = 'LD009';
+        END IF;
+        GET DIAGNOSTICS v_stack = PG_CONTEXT;
+        IF position('function ledger_entry_apply()' IN v_stack) = 0 THEN
+            RAISE EXCEPTION 'ledger: account % balance, entry count and hash chain move only by '
+                'posting entries', OLD.id USING ERRCODE = 'LD009';
+        END IF;
+    END IF;
+    RETURN NEW;
 END $$;
 
 DROP TRIGGER IF EXISTS ledger_accounts_guard ON ledger_accounts;
 CREATE TRIGGER ledger_accounts_guard
-    AFTER UPDATE OF id, balance, entry_count, last_hash, currency, normal_balance ON ledger_accounts
-    FOR EACH ROW
-    WHEN ((NEW.id, NEW.currency, NEW.normal_balance)
-              IS DISTINCT FROM (OLD.id, OLD.currency, OLD.normal_balance)
-          OR ((NEW.balance, NEW.entry_count, NEW.last_hash)
-                  IS DISTINCT FROM (OLD.balance, OLD.entry_count, OLD.last_hash)
-              AND (pg_trigger_depth() < 1
-                   OR current_setting('ledger.entry_apply', true) IS DISTINCT FROM 'on')))
-    EXECUTE FUNCTION ledger_account_guard();
+    BEFORE UPDATE OF id, balance, entry_count, last_hash, currency, normal_balance ON ledger_accounts
+    FOR EACH ROW EXECUTE FUNCTION ledger_account_guard();
 
 -- An account opens empty: balance 0, no entries, the chain at its genesis hash. (Without this an
 -- INSERT naming a balance would mint money that no entry ever moved; ledger_account_guard only

@@ -192,47 +192,6 @@ def test_update_from_another_trigger_is_refused_too(user):
     assert Account.objects.get(pk=user.pk).balance == Decimal("100")
 
 
-def test_a_session_that_sets_the_entry_triggers_mark_is_still_refused(user):
-    """`ledger.entry_apply` lets an update through only inside a trigger (the entry trigger
-    sets it for its own run): a raw UPDATE with the mark set by the session is refused."""
-    with (
-        pytest.raises(DatabaseError) as excinfo,
-        transaction.atomic(),
-        connection.cursor() as cursor,
-    ):
-        cursor.execute("SET LOCAL ledger.entry_apply = 'on'")
-        cursor.execute("UPDATE ledger_accounts SET balance = balance + 1 WHERE id = %s", [user.pk])
-    assert sqlstate(excinfo) == "LD009"
-    assert Account.objects.get(pk=user.pk).balance == Decimal("100")
-
-
-def test_a_posting_never_calls_the_guard(user, clearing):
-    """On the posting path the guard's rule (its trigger's WHEN) is false and nothing more
-    runs: its function is never called, and no BEFORE trigger re-reads and re-locks the row."""
-    legs = json.dumps(
-        [
-            {"account_id": clearing.pk, "side": "debit", "amount": "1", "currency": "USDC"},
-            {"account_id": user.pk, "side": "credit", "amount": "1", "currency": "USDC"},
-        ]
-    )
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SET LOCAL track_functions = 'all'")
-        cursor.execute(
-            "SELECT funcname, calls FROM pg_stat_xact_user_functions "
-            "WHERE funcname IN ('ledger_account_guard', 'ledger_entry_apply')"
-        )
-        before = dict(cursor.fetchall())
-        cursor.execute("SELECT ledger_post_transaction('guard', 'g1', 'plan', '{}', %s)", [legs])
-        cursor.execute(
-            "SELECT funcname, calls FROM pg_stat_xact_user_functions "
-            "WHERE funcname IN ('ledger_account_guard', 'ledger_entry_apply')"
-        )
-        after = dict(cursor.fetchall())
-    assert after["ledger_entry_apply"] - before.get("ledger_entry_apply", 0) == 2
-    assert after.get("ledger_account_guard", 0) - before.get("ledger_account_guard", 0) == 0
-    assert Account.objects.get(pk=user.pk).balance == Decimal("101")
-
-
 def test_with_the_guard_bypassed_a_user_balance_still_never_goes_below_zero(user):
     """An owner who disables the guard trigger still meets the CHECK constraint."""
     with (
