@@ -33,7 +33,7 @@ from ledger.selectors import (
     user_account_type,
 )
 from ledger.services import Leg, account_open, transaction_apply
-from rehearsal.benchmarks import bench_workers, peak_rss_mb
+from rehearsal.bench_reconcile import bench_workers, peak_rss_mb
 from rehearsal.runtime import latency_summary
 
 LIVE_CLIENTS = 8  # threads of the live traffic, each with its own connection

@@ -17,7 +17,8 @@ from onchain.models import CircleNotification, InboxStatus
 from onchain.sandbox import CircleSandbox
 from rehearsal.bench_floor import FLOOR_PATH, floor_bodies, floor_receive
 from rehearsal.bench_http import webhook_users, webhooks_measure, webhooks_server
-from rehearsal.benchmarks import OPENING, reconcile_injected, reconcile_measure, reconcile_seed
+from rehearsal.bench_reconcile import reconcile_injected, reconcile_measure, reconcile_seed
+from rehearsal.benchmarks import OPENING
 
 
 def test_the_product_does_not_route_the_floor():

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cutover.actors import Actor
 from cutover.operators import api_client_issue
-from cutover.phases import ORDER, Phase
+from cutover.phases import ORDER
 from gateway.commands import json_text, positive_int, progress_bar
 from onchain.sandbox import CircleSandbox
 from rehearsal.bench_backfill import (
@@ -28,30 +28,19 @@ from rehearsal.bench_http import (
     webhooks_measure,
     webhooks_server,
 )
+from rehearsal.bench_reconcile import reconcile_injected, reconcile_measure, reconcile_seed
 from rehearsal.benchmarks import (
-    bench_accounts_open,
+    POSTING_SHADOW_GOAL,
     bench_users_in_phase,
     pgbench_binary,
-    pgbench_measure,
-    posting_measure,
-    reconcile_injected,
-    reconcile_measure,
-    reconcile_seed,
+    posting_compare,
+    posting_path,
 )
 from rehearsal.runtime import (
     database_ready,
-    database_used,
     existing_database,
     scratch_database,
 )
-
-# Issue 14's goal for the shadow write, printed beside the figures.
-POSTING_SHADOW_GOAL = {
-    "clients": 16,
-    "phase": "shadow",
-    "p95_over_legacy_at_most": 1.6,
-    "ratio_at_least": 0.55,
-}
 
 
 class Command(BaseCommand):
@@ -234,45 +223,13 @@ class Command(BaseCommand):
         if options["accounts"] < 2:
             raise CommandError("--accounts: at least 2 accounts are needed")
         console = Console(file=self.stdout._out, quiet=options["json"])
-        rows = []
         phase = options["phase"]
-        path = f"balance path ({phase})" if phase else "transaction_post"
-        # A phase that writes the ledger is measured beside legacy-only (the same users in a
-        # database of their own in phase legacy, each client count just before the phase's):
-        # what the dual write costs over the write it replaces.
-        beside_legacy = phase not in (None, Phase.LEGACY)
-        legacy_database = None
-        with ExitStack() as stack:
-            stack.enter_context(database_ready(console.print))
-            if beside_legacy:
-                legacy_database = stack.enter_context(scratch_database("bench"))
-                console.print(f"Opening {options['accounts']} users in legacy ...")
-                bench_users_in_phase(options["accounts"], Phase.LEGACY)
-            if phase:
-                stack.enter_context(scratch_database("bench"))
-                console.print(f"Opening {options['accounts']} users in {phase} ...")
-                targets = bench_users_in_phase(options["accounts"], phase)
-            else:
-                console.print(f"Opening {options['accounts']} bench accounts ...")
-                targets = bench_accounts_open(options["accounts"])
-            for clients in options["clients"]:
-                row = {"clients": clients}
-                if legacy_database:
-                    console.print(f"{clients} clients: legacy only for {options['seconds']} s ...")
-                    with database_used(legacy_database):
-                        row["legacy"] = posting_measure(clients, options["seconds"], targets)
-                console.print(f"{clients} clients: {path} for {options['seconds']} s ...")
-                row["ours"] = posting_measure(clients, options["seconds"], targets)
-                console.print(f"{clients} clients: pgbench for {options['seconds']} s ...")
-                row["pgbench"] = pgbench_measure(clients, options["seconds"], options["accounts"])
-                per_second = row["pgbench"]["per_second"]
-                row["ratio"] = round(row["ours"]["per_second"] / per_second if per_second else 0, 3)
-                if legacy_database:
-                    legacy_p95 = row["legacy"]["p95_ms"]
-                    row["p95_over_legacy"] = round(
-                        row["ours"]["p95_ms"] / legacy_p95 if legacy_p95 else 0, 2
-                    )
-                rows.append(row)
+        path = posting_path(phase)
+        with database_ready(console.print):
+            rows = posting_compare(
+                options["clients"], options["seconds"], options["accounts"], phase, console.print
+            )
+        beside_legacy = "legacy" in rows[0]
         data = {"benchmark": "posting", "path": path, "results": rows}
         columns = ["clients", "ours/s", "p50 ms", "p95 ms", "p99 ms"]
         if beside_legacy:
