@@ -152,11 +152,15 @@ BEGIN
         IF NOT FOUND THEN
             SELECT b.buying_power, b.currency INTO legacy_balance, v_held
               FROM balances b WHERE b.user_id = p_user_id FOR UPDATE;
-            IF v_held <> p_currency THEN  -- the user's row holds another currency
+            IF NOT FOUND THEN  -- no legacy row: the currency of a ledger account, if any
+                SELECT u.currency INTO v_held FROM ledger_user_balances u
+                 WHERE u.user_id = p_user_id;
+            END IF;
+            IF v_held <> p_currency THEN  -- the user holds another currency
                 RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id,
                     v_held, p_currency USING ERRCODE = 'CU003';
             END IF;
-            IF NOT FOUND OR legacy_balance + v_delta < 0 THEN
+            IF legacy_balance IS NULL OR legacy_balance + v_delta < 0 THEN
                 RAISE EXCEPTION 'user %: balance % % is less than %', p_user_id,
                     coalesce(legacy_balance, 0), p_currency, p_amount USING ERRCODE = 'CU004';
             END IF;

@@ -95,6 +95,20 @@ def test_an_overdraft_in_another_currency_is_refused_for_the_currency(phase):
     assert not BalanceMutation.objects.exists()
 
 
+@pytest.mark.parametrize("phase", ALL)
+def test_a_debit_for_a_user_with_only_a_ledger_account_in_another_currency(phase):
+    """No legacy row, a ledger account in USD (stores that disagree): a USDC debit is refused as
+    the wrong currency in every phase, not as missing funds, and nothing is written."""
+    user = uuid.uuid4()
+    ledger_balance_set(user, "10", currency="USD")
+    phase_set(phase, read_percent=100 if phase in {"read_switch", "strict", "cutover"} else 0)
+    before = stores(user)
+    with pytest.raises(MutationConflict, match="holds USD, not USDC: a user has one currency"):
+        balance_debit(user_id=user, amount="5", reference="usdc", reason="t")
+    assert stores(user) == before
+    assert not BalanceMutation.objects.exists()
+
+
 def test_a_cutover_only_user_keeps_one_currency():
     phase_set("cutover", read_percent=100)
     user = uuid.uuid4()
