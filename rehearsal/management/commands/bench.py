@@ -374,8 +374,9 @@ class Command(BaseCommand):
             addresses = webhook_users(options["users"])
             with webhooks_server(name, sandbox) as port:
                 console.print(
-                    f"{options['senders']} senders for {options['seconds']} s against the floor, "
-                    f"then the same against the product, on gunicorn on 127.0.0.1:{port} ..."
+                    f"{options['senders']} senders for {options['seconds']} s against the floor "
+                    f"and {options['seconds']} s against the product, taking turns, on gunicorn "
+                    f"on 127.0.0.1:{port} ..."
                 )
                 result = webhooks_measure(
                     port,
