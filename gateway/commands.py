@@ -3,6 +3,7 @@ their output, alike in every command: `--json` for scripts, plain words for peop
 that name the flag."""
 
 import json
+import os
 from collections.abc import Mapping
 from datetime import date
 from decimal import Decimal
@@ -17,6 +18,17 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+# The width of a command's tables when its output is a file or a pipe (a CI log, `| tee`), where
+# rich would assume 80 columns and cut a benchmark's headers to "…" (COLUMNS still decides).
+LOG_WIDTH = 200
+
+
+def command_console(out, *, quiet: bool = False) -> Console:
+    """rich's console for a command's output stream `out` (`self.stdout._out`): the terminal's
+    width at a terminal, LOG_WIDTH columns otherwise; `quiet` (under `--json`) prints nothing."""
+    width = None if out.isatty() or "COLUMNS" in os.environ else LOG_WIDTH
+    return Console(file=out, quiet=quiet, width=width)
 
 
 def positive_int(value: str) -> int:

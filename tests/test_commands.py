@@ -152,6 +152,21 @@ def test_bench_posting_prints_ours_beside_pgbench():
     assert result["ours"]["p50_ms"] <= result["ours"]["p95_ms"] <= result["ours"]["p99_ms"]
 
 
+def test_bench_tables_print_whole_into_a_log(monkeypatch):
+    """Piped or logged (no terminal), rich assumed 80 columns and cut the table's headers and
+    figures to "…": an operator reading a CI log saw "ours…" and "17.…"."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = StringIO()
+    call_command(
+        "bench", "posting", "--phase", "shadow", "--clients", "2", "--seconds", "1",
+        "--accounts", "20", stdout=out,
+    )  # fmt: skip
+    table = out.getvalue()
+    assert "…" not in table
+    for header in ("ours/s", "legacy p95 ms", "p95 / legacy", "pgbench/s", "ratio"):
+        assert header in table
+
+
 def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
     """manage.py in a subprocess on the settings operators run (not the tests' own)."""
     return configuration_manage(*args, DJANGO_SETTINGS_MODULE="config.settings.base", **env)

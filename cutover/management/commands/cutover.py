@@ -5,7 +5,6 @@ import uuid
 from decimal import Decimal
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from rich.console import Console
 from rich.table import Table
 
 from cutover.actors import Actor
@@ -32,7 +31,14 @@ from cutover.selectors import (
     phase_state,
 )
 from cutover.tasks import backfill_helpers_send
-from gateway.commands import flag_error, json_text, plain, positive_int, progress_bar
+from gateway.commands import (
+    command_console,
+    flag_error,
+    json_text,
+    plain,
+    positive_int,
+    progress_bar,
+)
 from gateway.exceptions import GatewayError
 from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InvalidAmount, LedgerError
@@ -229,7 +235,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options) -> None:
-        self.console = Console(file=self.stdout._out, quiet=options.get("json", False))
+        self.console = command_console(self.stdout._out, quiet=options.get("json", False))
         action = options["action"]
         try:
             getattr(self, f"_{action.replace('-', '_')}")(options)

@@ -11,7 +11,7 @@ from rich.table import Table
 from cutover.actors import Actor
 from cutover.operators import api_client_issue
 from cutover.phases import ORDER
-from gateway.commands import json_text, positive_int, progress_bar
+from gateway.commands import command_console, json_text, positive_int, progress_bar
 from onchain.sandbox import CircleSandbox
 from rehearsal.bench_backfill import (
     backfill_measure,
@@ -222,7 +222,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         if options["accounts"] < 2:
             raise CommandError("--accounts: at least 2 accounts are needed")
-        console = Console(file=self.stdout._out, quiet=options["json"])
+        console = command_console(self.stdout._out, quiet=options["json"])
         phase = options["phase"]
         path = posting_path(phase)
         with database_ready(console.print):
@@ -253,7 +253,7 @@ class Command(BaseCommand):
             )
 
     def _reconcile(self, options) -> None:
-        console = Console(file=self.stdout._out, quiet=options["json"])
+        console = command_console(self.stdout._out, quiet=options["json"])
         users, injected = options["users"], options["differences"]
         seconds_seeding = None
         with ExitStack() as stack:
@@ -329,7 +329,7 @@ class Command(BaseCommand):
         )
 
     def _reads(self, options) -> None:
-        console = Console(file=self.stdout._out, quiet=options["json"])
+        console = command_console(self.stdout._out, quiet=options["json"])
         with database_ready(console.print), scratch_database("bench") as name:
             console.print(f"Opening {options['users']:,} users in read_switch (100 %) ...")
             users = bench_users_in_phase(options["users"], "read_switch")
@@ -364,7 +364,7 @@ class Command(BaseCommand):
     def _webhooks(self, options) -> None:
         if not 0 <= options["redeliver"] <= 1:
             raise CommandError("--redeliver: a share between 0 and 1")
-        console = Console(file=self.stdout._out, quiet=options["json"])
+        console = command_console(self.stdout._out, quiet=options["json"])
         with (
             database_ready(console.print),
             scratch_database("bench") as name,
@@ -423,7 +423,7 @@ class Command(BaseCommand):
     def _backfill(self, options) -> None:
         if options["old_users"] < 0:
             raise CommandError("--old-users: 0 or more")
-        console = Console(file=self.stdout._out, quiet=options["json"])
+        console = command_console(self.stdout._out, quiet=options["json"])
         runs = [("chunked", options["users"], workers) for workers in options["workers"] or [0]]
         if options["old_users"]:
             runs.append(("per_user", options["old_users"], 0))
@@ -479,7 +479,7 @@ class Command(BaseCommand):
         )
 
     def _gates(self, options) -> None:
-        console = Console(file=self.stdout._out, quiet=options["json"])
+        console = command_console(self.stdout._out, quiet=options["json"])
         users = options["users"]
         with database_ready(console.print), scratch_database("bench") as name:
             console.print(f"Seeding {users:,} users in both stores in {name} ...")

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from config.cockpit import run_charts
 from cutover.exceptions import CutoverError
-from gateway.commands import json_text, positive_int, progress_bar
+from gateway.commands import command_console, json_text, positive_int, progress_bar
 from rehearsal.rehearsal import Rehearsal
 from rehearsal.report_html import report_html
 from rehearsal.runtime import ScratchDatabaseError, database_ready, scratch_database
@@ -60,7 +60,7 @@ class Command(BaseCommand):
             raise CommandError(f"--html: {html_path} is a directory; name the file to write")
         if html_path is not None and not os.access(html_path.parent, os.W_OK):
             raise CommandError(f"--html: cannot write into {html_path.parent}")
-        console = Console(file=self.stdout._out, quiet=options["json"])
+        console = command_console(self.stdout._out, quiet=options["json"])
         progress = progress_bar(console, "{task.description:<18}")
         tasks: dict[str, int] = {}
 
