@@ -4,6 +4,7 @@ body — so the product's accepted/s reads as a share of it. Mounted only by the
 gunicorn (rehearsal.bench_urls), never in the product's URLs; its table is made by the
 benchmark, not by a migration."""
 
+import psycopg
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
@@ -58,6 +59,10 @@ def floor_receive(request: HttpRequest) -> JsonResponse:
         return _refuse(400, "malformed", "the body is not UTF-8", "body")
     if "\x00" in body:  # a text column refuses NUL
         return _refuse(400, "malformed", "the body contains a NUL character", "body")
-    with connection.cursor() as cursor:
-        cursor.execute("INSERT INTO bench_floor_bodies (body) VALUES (%s)", [body])
+    # As the product's deposit statement runs (cutover.balance_path.mutation_statement_run): on
+    # psycopg's own cursor, prepared, without Django's per-request health check (a `SELECT 1`
+    # round trip before the first query, which only the floor paid).
+    connection.ensure_connection()
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+        cursor.execute("INSERT INTO bench_floor_bodies (body) VALUES (%s)", [body], prepare=True)
     return JsonResponse({"stored": True})
