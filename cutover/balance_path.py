@@ -80,7 +80,24 @@ def mutation_statement_run(sql: str, params: list) -> tuple:
     PostgreSQL; when that fails with anything but a final error (the ledger refused, an
     injected fault) nothing was written, and it runs once more with the subtransaction, which
     answers as the function documents: the failure recorded in shadow, CU005 in strict. Inside
-    a transaction (a failed statement would abort it) with the subtransaction at once."""
+    a transaction (a failed statement would abort it) with the subtransaction at once.
+
+    In autocommit, a connection the server dropped (a restart, an idle timeout, a terminated
+    backend) is opened again and the statement run once more: these statements bypass
+    Django's per-request health check (a round trip before every request), and a mutation is
+    applied once per reference, so if the lost attempt did commit, the repeat is its replay."""
+    if connection.in_atomic_block:
+        return _mutation_statement_attempt(sql, params)
+    try:
+        return _mutation_statement_attempt(sql, params)
+    except DatabaseError:
+        if connection.connection is None or not connection.connection.broken:
+            raise
+    connection.close()
+    return _mutation_statement_attempt(sql, params)
+
+
+def _mutation_statement_attempt(sql: str, params: list) -> tuple:
     connection.ensure_connection()
     with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
         if not connection.in_atomic_block:

@@ -4,8 +4,9 @@ overdraft, ledger failure)."""
 import uuid
 from decimal import Decimal
 
+import psycopg
 import pytest
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 
 from cutover.balance_path import balance_credit, balance_debit, balance_mutation_apply
 from cutover.exceptions import KillSwitchEngaged, MutationConflict, StrictLedgerFailure
@@ -307,3 +308,39 @@ def test_the_journal_is_read_by_index_however_small_it_was_when_planned(user):
         sequential = sequential_scans_since(before)
     assert stores(user) == (Decimal("103"), Decimal("103"))
     assert sequential == {"cutover_balance_mutations": 0}
+
+
+def _backend_terminate() -> None:
+    """The server drops this connection (as a restart or an idle timeout would), unseen by it."""
+    connection.ensure_connection()
+    pid = connection.connection.info.backend_pid
+    with psycopg.connect(connection.connection.info.dsn, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+
+
+@pytest.mark.parametrize("phase", ["legacy", "shadow", "cutover"])
+def test_a_mutation_on_a_dropped_connection_reconnects_and_applies_once(phase, user):
+    """The balance path runs on psycopg's own cursor, so Django's per-request health check
+    never looks at the connection: the first mutation after a restart met a dead socket and
+    failed. It now opens the connection again and applies the mutation, once."""
+    phase_set(phase)
+    _backend_terminate()
+    result = balance_credit(user_id=user, amount="7", reference="after-drop", reason="test")
+    assert result.created
+    legacy, ledger = stores(user)
+    assert legacy == Decimal("107" if phase in LEGACY_WRITTEN else "100")
+    assert ledger == Decimal("107" if phase in LEDGER_WRITTEN else "100")
+    assert BalanceMutation.objects.filter(reference="after-drop").count() == 1
+
+
+def test_inside_a_transaction_a_dropped_connection_fails_the_call(user):
+    """The transaction went with the connection: nothing to repeat, nothing written."""
+    phase_set("shadow")
+    with pytest.raises(DatabaseError), transaction.atomic():
+        _backend_terminate()
+        balance_mutation_apply(
+            user_id=user, direction="credit", amount="7", reference="in-tx", reason="test"
+        )
+    connection.close()
+    assert stores(user) == (Decimal("100"), Decimal("100"))
+    assert not BalanceMutation.objects.filter(reference="in-tx").exists()
