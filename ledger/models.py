@@ -80,6 +80,10 @@ class Account(models.Model):
                 condition=Q(allow_negative=True) | Q(balance__gte=0),
                 name="ledger_accounts_chk_non_negative",
             ),
+            # The next three are held in PostgreSQL by the trigger ledger_accounts_rules
+            # (ledger 0016: under these names, only when their columns are written), not as
+            # CHECKs, which every account update would prepare again; declared here for
+            # Django's validation and migration state.
             models.CheckConstraint(
                 condition=Q(user_id__isnull=True) | Q(allow_negative=False),
                 name="ledger_accounts_chk_user_never_negative",

@@ -210,6 +210,88 @@ def test_user_account_cannot_be_declared_negative_allowed(user):
     assert "ledger_accounts_chk_user_never_negative" in str(excinfo.value)
 
 
+OPEN_ACCOUNT = (
+    "INSERT INTO ledger_accounts (user_id, code, account_type, currency, normal_balance, "
+    "allow_negative) VALUES ({user_id}, {code}, 'usdc_balance', 'USDC', {side}, {negative})"
+)
+
+
+@pytest.mark.parametrize(
+    "values, constraint",
+    [
+        (
+            {
+                "user_id": "gen_random_uuid()",
+                "code": "NULL",
+                "side": "'credit'",
+                "negative": "true",
+            },
+            "ledger_accounts_chk_user_never_negative",
+        ),
+        (
+            {
+                "user_id": "gen_random_uuid()",
+                "code": "'both'",
+                "side": "'credit'",
+                "negative": "false",
+            },
+            "ledger_accounts_chk_user_or_system",
+        ),
+        (
+            {"user_id": "NULL", "code": "NULL", "side": "'debit'", "negative": "true"},
+            "ledger_accounts_chk_user_or_system",
+        ),
+        (
+            {"user_id": "NULL", "code": "'sideways'", "side": "'across'", "negative": "true"},
+            "ledger_accounts_chk_normal_balance",
+        ),
+    ],
+)
+def test_an_account_opened_against_its_kind_is_refused_by_name(values, constraint):
+    """Ledger 0016 holds these three rules in a trigger (ledger_accounts_rules) instead of CHECK
+    constraints: an insert that breaks one fails as the CHECK failed, by the same name."""
+    before = Account.objects.count()
+    with pytest.raises(IntegrityError) as excinfo:
+        sql(OPEN_ACCOUNT.format(**values))
+    assert sqlstate(excinfo) == "23514"
+    assert excinfo.value.__cause__.diag.constraint_name == constraint
+    assert constraint in str(excinfo.value)
+    assert Account.objects.count() == before
+
+
+@pytest.mark.parametrize(
+    "assignment, constraint",
+    [
+        ("code = 'mine'", "ledger_accounts_chk_user_or_system"),
+        ("user_id = NULL", "ledger_accounts_chk_user_or_system"),
+    ],
+)
+def test_a_user_account_is_not_made_a_system_account(user, assignment, constraint):
+    with pytest.raises(IntegrityError) as excinfo:
+        sql(f"UPDATE ledger_accounts SET {assignment} WHERE id = %s", [user.pk])
+    assert excinfo.value.__cause__.diag.constraint_name == constraint
+    user.refresh_from_db()
+    assert user.user_id is not None and user.code is None
+
+
+def test_a_posting_updates_accounts_under_the_balance_check_only():
+    """The account rules that cannot change with a posting are no CHECK constraints, which
+    PostgreSQL would prepare again at every account update (two per posting); the balance's
+    own CHECK stays, and the rules' trigger fires only when their columns are written."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT conname FROM pg_constraint "
+            "WHERE conrelid = 'ledger_accounts'::regclass AND contype = 'c'"
+        )
+        assert [name for (name,) in cursor.fetchall()] == ["ledger_accounts_chk_non_negative"]
+        cursor.execute(
+            "SELECT array_agg(a.attname ORDER BY a.attname) FROM pg_trigger t "
+            "JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = ANY (t.tgattr) "
+            "WHERE t.tgname = 'ledger_accounts_rules'"
+        )
+        assert cursor.fetchone()[0] == ["allow_negative", "code", "normal_balance", "user_id"]
+
+
 def test_duplicate_reference_in_a_namespace_fails(user, clearing):
     raw_posting("dup", [(clearing.pk, "debit", "1", "USDC"), (user.pk, "credit", "1", "USDC")])
     with pytest.raises(IntegrityError) as excinfo:
