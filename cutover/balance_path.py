@@ -86,12 +86,11 @@ def mutation_statement_run(sql: str, params: list) -> tuple:
     backend) is opened again and the statement run once more: these statements bypass
     Django's per-request health check (a round trip before every request), and a mutation is
     applied once per reference, so if the lost attempt did commit, the repeat is its replay."""
-    if connection.in_atomic_block:
-        return _mutation_statement_attempt(sql, params)
     try:
         return _mutation_statement_attempt(sql, params)
     except DatabaseError:
-        if connection.connection is None or not connection.connection.broken:
+        dropped = connection.connection is not None and connection.connection.broken
+        if connection.in_atomic_block or not dropped:
             raise
     connection.close()
     return _mutation_statement_attempt(sql, params)
