@@ -165,6 +165,9 @@ class Entry(models.Model):
         verbose_name_plural = "entries"
         constraints = [
             models.UniqueConstraint(fields=["account", "seq"], name="ledger_entries_uniq_seq"),
+            # Held in PostgreSQL by the entry trigger (ledger_entry_apply; ledger 0017), which
+            # every entry passes, not as CHECKs, which every insert statement prepared again;
+            # declared here for Django's validation and migration state.
             models.CheckConstraint(condition=Q(amount__gt=0), name="ledger_entries_chk_positive"),
             models.CheckConstraint(
                 condition=Q(side__in=Side.values), name="ledger_entries_chk_side"

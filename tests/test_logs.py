@@ -106,24 +106,22 @@ def test_the_celery_worker_logs_json_at_info_with_its_task_id(tmp_path):
     log = tmp_path / "worker.log"
     worker = (*command, "--concurrency", "1", "-Q", queue, *QUIET)
     environment = {"CELERY_BROKER_URL": broker, "LOG_FORMAT": "json"}
-    configured = app.conf.broker_url
-    app.conf.broker_url = broker
-    try:
-        with log.open("w") as output, celery_running(worker, environment=environment, log=output):
-            task_id = reconciliation_task.apply_async(queue=queue).id
+    with log.open("w") as output, celery_running(worker, environment=environment, log=output):
+        # On a connection of its own to the worker's broker: the app's producer pool keeps the
+        # connection an earlier test in this process opened, whatever the app's broker_url now.
+        with app.connection_for_write(broker) as connection:
+            task_id = reconciliation_task.apply_async(queue=queue, connection=connection).id
 
-            def task_lines() -> list[dict]:
-                return [
-                    json.loads(text)
-                    for text in log.read_text().splitlines()
-                    if text.startswith("{") and json.loads(text).get("correlation_id") == task_id
-                ]
+        def task_lines() -> list[dict]:
+            return [
+                json.loads(text)
+                for text in log.read_text().splitlines()
+                if text.startswith("{") and json.loads(text).get("correlation_id") == task_id
+            ]
 
-            assert wait_for(
-                lambda: any(line["logger"] == "cutover.tasks" for line in task_lines()), 60
-            ), log.read_text()[-3000:]
-    finally:
-        app.conf.broker_url = configured
+        assert wait_for(
+            lambda: any(line["logger"] == "cutover.tasks" for line in task_lines()), 60
+        ), log.read_text()[-3000:]
     (line,) = [line for line in task_lines() if line["logger"] == "cutover.tasks"]
     assert line["level"] == "INFO"
     assert line["message"].startswith("reconciliation skipped: ")  # legacy: nothing to compare

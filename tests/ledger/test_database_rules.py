@@ -120,6 +120,8 @@ def test_raw_write_driving_a_user_negative_fails(user, clearing):
         "currency = 'USD'",
         "normal_balance = 'debit'",
         "balance = balance + 1, entry_count = entry_count + 1",
+        # as an entry moves it, but from a statement, not from the entry's trigger
+        "balance = balance + 1, entry_count = entry_count + 1, last_hash = repeat('b', 64)",
     ],
 )
 def test_raw_update_of_an_account_is_refused(user, assignment):
@@ -168,15 +170,26 @@ def test_a_raw_insert_of_an_empty_account_opens_it():
     assert (opened.balance, opened.entry_count) == (Decimal(0), 0)
 
 
-def test_update_from_another_trigger_is_refused_too(user):
+@pytest.mark.parametrize(
+    "assignment",
+    [
+        "balance = balance + 1",
+        "balance = balance + 1, entry_count = entry_count + 1",
+        "balance = balance + 1, last_hash = repeat('c', 64)",
+        "balance = balance + 1, entry_count = entry_count + 2, last_hash = repeat('c', 64)",
+    ],
+)
+def test_update_from_another_trigger_is_refused_too(user, assignment):
     """Only the entry-apply trigger may move a balance: a trigger of someone else's (one level
-    deeper than a raw statement, like the apply's own update) is refused as well."""
+    deeper than a raw statement, like the apply's own update) is refused as well unless it
+    moves the account exactly one entry on (see ledger_accounts_guard on what that leaves to
+    `ledger verify`)."""
     sql(
-        """
+        f"""
         CREATE TABLE test_sneak (account_id bigint);
         CREATE FUNCTION test_sneak() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            UPDATE ledger_accounts SET balance = balance + 1 WHERE id = NEW.account_id;
+            UPDATE ledger_accounts SET {assignment} WHERE id = NEW.account_id;
             RETURN NEW;
         END $$;
         CREATE TRIGGER test_sneak BEFORE INSERT ON test_sneak
@@ -277,7 +290,8 @@ def test_a_user_account_is_not_made_a_system_account(user, assignment, constrain
 def test_a_posting_updates_accounts_under_the_balance_check_only():
     """The account rules that cannot change with a posting are no CHECK constraints, which
     PostgreSQL would prepare again at every account update (two per posting); the balance's
-    own CHECK stays, and the rules' trigger fires only when their columns are written."""
+    own CHECK stays, and the rules' trigger fires only when their columns are written. The
+    entries' rules are the entry trigger's (ledger 0017): no CHECK on the entries either."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT conname FROM pg_constraint "
@@ -285,11 +299,58 @@ def test_a_posting_updates_accounts_under_the_balance_check_only():
         )
         assert [name for (name,) in cursor.fetchall()] == ["ledger_accounts_chk_non_negative"]
         cursor.execute(
+            "SELECT conname FROM pg_constraint "
+            "WHERE conrelid = 'ledger_entries'::regclass AND contype = 'c'"
+        )
+        assert cursor.fetchall() == []
+        cursor.execute(
             "SELECT array_agg(a.attname ORDER BY a.attname) FROM pg_trigger t "
             "JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = ANY (t.tgattr) "
             "WHERE t.tgname = 'ledger_accounts_rules'"
         )
         assert cursor.fetchone()[0] == ["allow_negative", "code", "normal_balance", "user_id"]
+
+
+def test_a_posting_moves_its_accounts_without_calling_the_guard(user, clearing):
+    """ledger_accounts_guard's WHEN clause lets the entry trigger's two account updates through
+    without calling the guard's function (which read the call stack at each of them); the
+    trigger still fires for anything else (the tests above)."""
+    legs = json.dumps(
+        [
+            {"account_id": clearing.pk, "side": "debit", "amount": "1", "currency": "USDC"},
+            {"account_id": user.pk, "side": "credit", "amount": "1", "currency": "USDC"},
+        ]
+    )
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL track_functions = 'all'")
+        cursor.execute("SELECT ledger_post_transaction('guard', 'when', 'guard', '{}', %s)", [legs])
+        cursor.execute(
+            "SELECT funcname, calls FROM pg_stat_xact_user_functions "
+            "WHERE funcname IN ('ledger_entry_apply', 'ledger_account_guard')"
+        )
+        calls = dict(cursor.fetchall())
+    assert calls == {"ledger_entry_apply": 2}
+    assert Account.objects.get(pk=user.pk).balance == Decimal("101")
+
+
+@pytest.mark.parametrize(
+    "side, amount, code",
+    [("across", "1", "23514"), ("debit", "0", "LD005"), ("debit", "-1", "LD005")],
+)
+def test_an_entry_against_the_entry_rules_is_refused_by_name(user, clearing, side, amount, code):
+    """The entries' CHECKs are the entry trigger's (ledger 0017): a side other than debit or
+    credit fails as the CHECK did, by its name; an amount that is not positive as LD005 (which
+    always came before the CHECK). Nothing is written."""
+    before = (Transaction.objects.count(), Entry.objects.count())
+    with pytest.raises(DatabaseError) as excinfo:
+        raw_posting(
+            "rules", [(clearing.pk, side, amount, "USDC"), (user.pk, "credit", amount, "USDC")]
+        )
+    assert sqlstate(excinfo) == code
+    if code == "23514":
+        assert excinfo.value.__cause__.diag.constraint_name == "ledger_entries_chk_side"
+    assert (Transaction.objects.count(), Entry.objects.count()) == before
+    assert Account.objects.get(pk=user.pk).balance == Decimal("100")
 
 
 def test_duplicate_reference_in_a_namespace_fails(user, clearing):
