@@ -88,23 +88,24 @@ def _answers(port: int) -> bool:
         return False
 
 
-# Requests at the same rate before the clock starts: gunicorn's workers each answer their
+# The same load before the clock starts, not counted: gunicorn's workers each answer their
 # first requests slowly (Django's URL conf and the database connection set up on first use; a
-# stall of 160-200 ms seen at 200 requests/s, which an open loop queues into its p99).
-READS_WARMUP_SECONDS = 2
+# stall of 160-200 ms seen at 200 requests/s, which an open loop queues into its p99). The
+# webhooks' half of it to each endpoint.
+WARMUP_SECONDS = 2
 
 
 def reads_measure(port: int, token: str, users: list, rps: int, seconds: int) -> dict:
     """An open-loop load at `rps` requests/s of GET .../balance (threads, keep-alive
     connections): latency measured from each request's scheduled time, so a slow server
-    cannot hide its queueing. The same load for READS_WARMUP_SECONDS first, not counted."""
-    _reads_open_loop(port, token, users, rps, READS_WARMUP_SECONDS)
+    cannot hide its queueing. The same load for WARMUP_SECONDS first, not counted."""
+    _reads_open_loop(port, token, users, rps, WARMUP_SECONDS)
     latencies, errors, achieved = _reads_open_loop(port, token, users, rps, seconds)
     return {
         "requests": len(latencies),
         "errors": errors,
         "achieved_rps": round(achieved, 1),
-        "warmup_seconds": READS_WARMUP_SECONDS,
+        "warmup_seconds": WARMUP_SECONDS,
         **latency_summary(latencies),
     }
 
@@ -187,7 +188,7 @@ def webhooks_server(database_name: str, sandbox) -> Iterator[int]:
 
 
 # The floor and the product take turns in short slices, in an order that gives both the same
-# mean position (the product first, so it takes the server's first requests): the machine's
+# mean position (the product first, as in the warm-up before them): the machine's
 # speed drifts by a third from minute to minute, and measured one after the other, each would
 # have seen another machine.
 TURNS = "PFFPFPPF"
@@ -197,17 +198,22 @@ def webhooks_measure(
     port: int, sandbox, addresses: list[str], senders: int, seconds: int, redeliver: float
 ) -> dict:
     """The same load against the floor (signature verified, raw body stored: FLOOR_PATH) and
-    against the product's webhook, on the same gunicorn, taking turns (TURNS), `seconds` each
-    in all: the product's figures, the floor's under "floor", and "ratio", the product's
-    accepted/s over the floor's."""
+    against the product's webhook, on the same gunicorn, after a warm-up (WARMUP_SECONDS),
+    taking turns (TURNS), `seconds` each in all: the product's figures, the floor's under
+    "floor", and "ratio", the product's accepted/s over the floor's."""
     rng = random.Random(7)
     run = uuid.uuid4().hex[:8]  # fresh transfer ids: the product credits each of them
     count = NOTIFICATIONS_PER_SECOND * seconds
-    paths = {"F": FLOOR_PATH, "P": PRODUCT_PATH}
+    paths = {"P": PRODUCT_PATH, "F": FLOOR_PATH}
     supplies = {
         "F": iter(_deposit_notifications(sandbox, addresses, count, f"floor-{run}", rng)),
         "P": iter(_deposit_notifications(sandbox, addresses, count, f"bench-{run}", rng)),
     }
+    for turn, path in paths.items():  # the warm-up (WARMUP_SECONDS), the product first
+        warm = _deposit_notifications(
+            sandbox, addresses, NOTIFICATIONS_PER_SECOND * WARMUP_SECONDS, f"warm{turn}-{run}", rng
+        )
+        _load(port, path, sandbox.key_id, iter(warm), senders, WARMUP_SECONDS / 2, 0, _Tally())
     tallies = {turn: _Tally() for turn in paths}
     slice_seconds = seconds * 2 / len(TURNS)
     for turn in TURNS:
@@ -224,7 +230,7 @@ def webhooks_measure(
     floor, product = tallies["F"].summary(), tallies["P"].summary()
     floor_rate = floor["accepted_per_second"]
     ratio = product["accepted_per_second"] / floor_rate if floor_rate else 0.0
-    return {**product, "floor": floor, "ratio": round(ratio, 3)}
+    return {**product, "floor": floor, "ratio": round(ratio, 3), "warmup_seconds": WARMUP_SECONDS}
 
 
 def _deposit_notifications(

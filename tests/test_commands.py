@@ -288,6 +288,7 @@ def test_bench_webhooks_accepts_every_signed_delivery():
     floor = report["floor"]
     assert floor["deliveries"] > 0 and floor["accepted"] == floor["deliveries"]
     assert report["ratio"] > 0 and report["goal_ratio"] == 0.6
+    assert report["warmup_seconds"] == 2  # before the clock, not in the counts above
     assert not Transaction.objects.exists()  # all of it in a scratch database
 
 

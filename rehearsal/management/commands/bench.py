@@ -22,7 +22,7 @@ from rehearsal.bench_backfill import (
     ledger_verified,
 )
 from rehearsal.bench_http import (
-    READS_WARMUP_SECONDS,
+    WARMUP_SECONDS,
     api_server,
     reads_measure,
     webhook_users,
@@ -133,10 +133,11 @@ class Command(BaseCommand):
         webhooks = sub.add_parser(
             "webhooks",
             help="signed Circle notifications (completed deposits, some redelivered) from "
-            "concurrent senders to gunicorn on loopback, in shadow: first to a floor endpoint "
-            "of the benchmark's own (signature verified, raw body stored), then to the "
-            "product's webhook, the same load on the same gunicorn; goal: product accepted/s "
-            ">= 0.6 of the floor's with p99 < 50 ms at 10 senders",
+            "concurrent senders to gunicorn on loopback, in shadow: a floor endpoint of the "
+            "benchmark's own (signature verified, raw body stored) and the product's webhook "
+            "take turns under the same load on the same gunicorn, after 1 s of warm-up to "
+            "each; goal: product accepted/s >= 0.6 of the floor's with p99 < 50 ms at 10 "
+            "senders",
         )
         webhooks.add_argument("--senders", type=positive_int, default=10, help="senders (10)")
         webhooks.add_argument("--seconds", type=positive_int, default=15, help="duration (15)")
@@ -341,7 +342,7 @@ class Command(BaseCommand):
             connections.close_all()
             with api_server(name) as port:
                 console.print(
-                    f"{options['rps']} requests/s for {READS_WARMUP_SECONDS} s (warm-up, not "
+                    f"{options['rps']} requests/s for {WARMUP_SECONDS} s (warm-up, not "
                     f"counted), then {options['seconds']} s, against gunicorn on "
                     f"127.0.0.1:{port} ..."
                 )
