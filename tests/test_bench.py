@@ -50,9 +50,12 @@ def test_the_same_load_fills_the_floor_and_credits_every_product_deposit():
         assert result["deliveries"] > 0 and result["statuses"] == {"200": result["deliveries"]}
         assert result["ratio"] > 0
 
-        # The floor stored every body it accepted (a redelivery again), the forged one not.
+        # The floor stored every body it accepted (a redelivery again; the warm-up's too), the
+        # forged one not.
+        warmup = result["warmup_accepted"]
+        assert warmup["product"] > 0 and warmup["floor"] > 0
         stored = [json.loads(body) for body in floor_bodies()]
-        assert len(stored) == floor["accepted"]
+        assert len(stored) == floor["accepted"] + warmup["floor"]
         assert {body["notificationType"] for body in stored} == {"custody.transfer"}
         status, answer = forged
         assert status == 401 and answer["error"]["field"] == "X-Circle-Signature"
@@ -61,7 +64,9 @@ def test_the_same_load_fills_the_floor_and_credits_every_product_deposit():
         # transfer once with its amount; the floor's transfers are not among them.
         notifications = list(CircleNotification.objects.all())
         assert {row.status for row in notifications} == {InboxStatus.PROCESSED}
-        assert sum(row.deliveries for row in notifications) == result["accepted"]
+        assert sum(row.deliveries for row in notifications) == (
+            result["accepted"] + warmup["product"]
+        )
         notified = {
             f"circle:transfer:{transfer['id']}": Decimal(transfer["amount"]["amount"])
             for transfer in (json.loads(row.body)["notification"] for row in notifications)
