@@ -210,11 +210,11 @@ def webhooks_measure(
         "P": iter(_deposit_notifications(sandbox, addresses, count, f"bench-{run}", rng)),
     }
     warmups = {turn: _Tally() for turn in paths}
-    for turn, path in paths.items():  # the warm-up (WARMUP_SECONDS), the product first
-        warm = _deposit_notifications(
-            sandbox, addresses, NOTIFICATIONS_PER_SECOND * WARMUP_SECONDS, f"warm{turn}-{run}", rng
-        )
-        _load(port, path, sandbox.key_id, iter(warm), senders, WARMUP_SECONDS / 2, 0, warmups[turn])
+    warm_seconds = WARMUP_SECONDS / 2  # to each endpoint, the product first
+    warm_count = int(NOTIFICATIONS_PER_SECOND * warm_seconds)
+    for turn, path in paths.items():
+        warm = _deposit_notifications(sandbox, addresses, warm_count, f"warm{turn}-{run}", rng)
+        _load(port, path, sandbox.key_id, iter(warm), senders, warm_seconds, 0, warmups[turn])
     tallies = {turn: _Tally() for turn in paths}
     slice_seconds = seconds * 2 / len(TURNS)
     for turn in TURNS:

@@ -94,3 +94,33 @@ def test_cached_balance_drift_is_caught(history):
     output, error = verify()
     assert error == "ledger verify failed: cached_balances"
     assert f"account {bob.pk}: cached balance 31.000000 but entries sum to 30.000000" in output
+
+
+def test_an_account_moved_one_entry_on_by_another_trigger_is_caught(history):
+    """What ledger_accounts_guard lets through since ledger 0017 without an entry: an update
+    made inside someone else's trigger that moves the count by one and the chain to a new head,
+    as the entry trigger's own update does. It lands; `ledger verify` finds it."""
+    _alice, bob = history
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(
+            """
+            CREATE TABLE test_forge (account_id bigint);
+            CREATE FUNCTION test_forge() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                UPDATE ledger_accounts SET balance = balance + 1, entry_count = entry_count + 1,
+                       last_hash = repeat('f', 64) WHERE id = NEW.account_id;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_forge BEFORE INSERT ON test_forge
+                FOR EACH ROW EXECUTE FUNCTION test_forge();
+            """
+        )
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("INSERT INTO test_forge VALUES (%s)", [bob.pk])
+    finally:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("DROP TABLE test_forge; DROP FUNCTION test_forge()")
+    output, error = verify()
+    assert error is not None and "cached_balances" in error
+    assert f"account {bob.pk}: cached balance 31.000000 but entries sum to 30.000000" in output
