@@ -11,7 +11,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import path, reverse
 from django.views.decorators.http import require_POST
 
-from config.cockpit import READ_STEPS, cockpit_charts, cockpit_read
+from config.cockpit import READ_STEPS, cockpit_read
+from config.cockpit_charts import cockpit_charts
 from cutover.actors import Actor
 from cutover.admin import KillSwitchForm
 from cutover.exceptions import CutoverError, GateNotMet, OperatorNotPermitted, ReasonRequired

@@ -17,6 +17,7 @@ from cutover.exceptions import (
     ReasonRequired,
     TransitionRefused,
 )
+from cutover.gates import Gate, GateCheck, equality_proof, gate_evaluate
 from cutover.locks import PHASE_LOCK
 from cutover.models import (
     AuditAction,
@@ -27,15 +28,7 @@ from cutover.phases import (
     Phase,
     next_phase,
 )
-from cutover.selectors import (
-    Gate,
-    GateCheck,
-    equality_proof,
-    gate_evaluate,
-    legacy_archive_get,
-    phase_state,
-    store_totals,
-)
+from cutover.selectors import legacy_archive_get, phase_state, store_totals
 from gateway.faults import fault_point
 from ledger.selectors import Snapshot, snapshot_now
 

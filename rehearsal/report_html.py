@@ -11,7 +11,7 @@ from decimal import Decimal
 from django.template.loader import render_to_string
 
 from config import charts
-from config.cockpit import Chart
+from config.cockpit_charts import Chart
 
 LATENCIES = (
     ("p50_ms", "p50", "#7fa7e0"),

@@ -30,6 +30,7 @@ from cutover.exceptions import (
     TriageRefused,
     cutover_error_from,
 )
+from cutover.gates import gate_evaluate
 from cutover.models import (
     Discrepancy,
     DiscrepancyRepair,
@@ -40,12 +41,7 @@ from cutover.models import (
 )
 from cutover.phases import Phase
 from cutover.reconciliation import reconciliation_run
-from cutover.selectors import (
-    gate_evaluate,
-    known_difference_count,
-    open_discrepancy_count,
-    phase_state,
-)
+from cutover.selectors import known_difference_count, open_discrepancy_count, phase_state
 from ledger.models import Account, Transaction
 from ledger.selectors import ledger_integrity_checks
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set

@@ -15,9 +15,9 @@ from cutover.actors import Actor
 from cutover.backfill import backfill_run
 from cutover.balance_path import balance_mutation_apply
 from cutover.exceptions import GateNotMet
+from cutover.gates import equality_proof
 from cutover.models import PhaseState
 from cutover.phase_machine import phase_advance
-from cutover.selectors import equality_proof
 from ledger.selectors import ledger_integrity_checks, snapshot_now
 from tests.cutover.factories import custody_open_all, legacy_user, phase_set
 

@@ -21,10 +21,11 @@ from cutover.balance_path import (
     strict_failure_recorded,
 )
 from cutover.exceptions import MutationConflict, StrictLedgerFailure, TransitionRefused
+from cutover.gates import gate_evaluate
 from cutover.models import BalanceMutation, LegacyBalance, PhaseAudit, PhaseState, StrictFailure
 from cutover.phase_machine import phase_rollback, phase_rollback_rehearse
 from cutover.phases import Phase
-from cutover.selectors import gate_evaluate, store_differences, store_totals
+from cutover.selectors import store_differences, store_totals
 from ledger.models import Account, Entry
 from tests.cutover.factories import custody_open_all, ledger_balance_set, legacy_user, phase_set
 

@@ -33,12 +33,13 @@ from cutover.exceptions import (
     ReconciliationBusy,
     TransitionRefused,
 )
+from cutover.gates import gate_evaluate
 from cutover.models import LegacyBalance
 from cutover.operators import api_client_issue
 from cutover.phase_machine import kill_switch_set, phase_advance, phase_rollback
 from cutover.phases import Phase, next_phase
 from cutover.reconciliation import reconciliation_run
-from cutover.selectors import gate_evaluate, phase_state
+from cutover.selectors import phase_state
 from onchain.exceptions import CircleUnavailable, WithdrawalRefused
 from onchain.inbox import notification_process
 from onchain.models import CircleNotification, DepositAddress, Withdrawal

@@ -11,6 +11,7 @@ from cutover.actors import Actor
 from cutover.backfill import backfill_progress, backfill_run
 from cutover.custody import custody_open
 from cutover.exceptions import CutoverError, GateNotMet
+from cutover.gates import gate_evaluate
 from cutover.legacy_archive import LEGACY_TABLE, days_text, legacy_archive
 from cutover.operators import api_client_issue
 from cutover.phase_machine import (
@@ -24,7 +25,6 @@ from cutover.reconciliation import reconciliation_run
 from cutover.selectors import (
     backfill_pending,
     custody_status,
-    gate_evaluate,
     ledger_write_stats,
     legacy_archive_get,
     open_discrepancy_count,

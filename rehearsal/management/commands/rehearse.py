@@ -9,7 +9,7 @@ from django.utils import timezone
 from rich.console import Console
 from rich.table import Table
 
-from config.cockpit import run_charts
+from config.cockpit_charts import run_charts
 from cutover.exceptions import CutoverError
 from gateway.commands import command_console, json_text, positive_int, progress_bar
 from rehearsal.rehearsal import Rehearsal
