@@ -23,6 +23,7 @@ from django.db import connections
 from onchain.models import DepositAddress
 from rehearsal.bench_floor import FLOOR_PATH, floor_table_create
 from rehearsal.benchmarks import bench_users_in_phase
+from rehearsal.cpu import cpu_per_operation, cpu_read, cpu_spent, postgres_process
 from rehearsal.runtime import database_url, latency_summary
 
 # --- bench reads ------------------------------------------------------------------------------
@@ -217,7 +218,17 @@ def webhooks_measure(
         _load(port, path, sandbox.key_id, iter(warm), senders, warm_seconds, 0, warmups[turn])
     tallies = {turn: _Tally() for turn in paths}
     slice_seconds = seconds * 2 / len(TURNS)
+    server = f"127.0.0.1:{port}"
+
+    def classify(pid: int, command: str) -> str | None:
+        if postgres_process(command):
+            return "postgres"
+        if "gunicorn" in command and server in command:  # its master and workers
+            return "server"
+        return "senders" if pid == os.getpid() else None
+
     for turn in TURNS:
+        before = cpu_read()
         _load(
             port,
             paths[turn],
@@ -228,6 +239,7 @@ def webhooks_measure(
             redeliver,
             tallies[turn],
         )
+        tallies[turn].cpu_add(cpu_spent(before, cpu_read(), classify))
     floor, product = tallies["F"].summary(), tallies["P"].summary()
     floor_rate = floor["accepted_per_second"]
     ratio = product["accepted_per_second"] / floor_rate if floor_rate else 0.0
@@ -272,10 +284,15 @@ def _deposit_notifications(
 
 
 class _Tally:
-    """What one endpoint's slices measured: latencies, statuses, seconds spent."""
+    """What one endpoint's slices measured: latencies, statuses, seconds spent, CPU by process."""
 
     def __init__(self):
         self.latencies, self.statuses, self.seconds = [], {}, 0.0
+        self.cpu: dict[str, float] = {}  # CPU seconds by process group (rehearsal.cpu)
+
+    def cpu_add(self, spent: dict) -> None:
+        for group, seconds in spent.items():
+            self.cpu[group] = self.cpu.get(group, 0.0) + seconds
 
     def summary(self) -> dict:
         accepted = sum(count for status, count in self.statuses.items() if 200 <= status < 300)
@@ -285,6 +302,7 @@ class _Tally:
             "statuses": {str(status): count for status, count in sorted(self.statuses.items())},
             "accepted_per_second": round(accepted / self.seconds, 1) if self.seconds else 0.0,
             **latency_summary(self.latencies),
+            "cpu_us_per_accepted": cpu_per_operation(self.cpu, accepted),
         }
 
 

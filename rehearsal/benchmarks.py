@@ -29,6 +29,7 @@ from ledger.services import (
     opening_balance_post,
     transaction_post,
 )
+from rehearsal.cpu import cpu_per_operation, cpu_read, cpu_spent, postgres_process
 from rehearsal.runtime import (
     database_used,
     latency_summary,
@@ -211,15 +212,26 @@ def posting_measure(clients: int, seconds: float, targets: list) -> dict:
     processes = min(clients, PGBENCH_THREADS)
     layout = [list(range(p, clients, processes)) for p in range(processes)]
     start_at = time.time() + 1.0 + clients * 0.05  # after every client has connected
+    before = cpu_read()
     results = processes_run(
         posting_process, [(group, targets, start_at, seconds) for group in layout]
     )
+    spent = cpu_spent(before, cpu_read(), _client_or_postgres)
     latencies = [value for process in results for client in process for value in client]
     return {
         "postings": len(latencies),
         "per_second": round(len(latencies) / seconds, 1),
         **latency_summary(latencies),
+        "cpu_us_per_posting": cpu_per_operation(spent, len(latencies)),
     }
+
+
+def _client_or_postgres(pid: int, command: str) -> str | None:
+    """The CPU split of a posting measurement: PostgreSQL's processes, and this process with
+    the client processes (or pgbench) it ran and reaped."""
+    if postgres_process(command):
+        return "postgres"
+    return "client" if pid == os.getpid() else None
 
 
 def _pg_env() -> tuple[list[str], dict]:
@@ -249,6 +261,7 @@ def pgbench_measure(clients: int, seconds: int, accounts: int) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
         script.write(PGBENCH_SCRIPT.format(accounts=accounts))
         script.flush()
+        before = cpu_read()
         result = subprocess.run(
             [
                 pgbench_binary(),
@@ -268,6 +281,7 @@ def pgbench_measure(clients: int, seconds: int, accounts: int) -> dict:
             text=True,
             env=env,
         )
+        spent = cpu_spent(before, cpu_read(), _client_or_postgres)
     if result.returncode != 0:
         raise RuntimeError(f"pgbench failed: {result.stderr.strip()}")
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", result.stdout)
@@ -275,8 +289,10 @@ def pgbench_measure(clients: int, seconds: int, accounts: int) -> dict:
     processed = re.search(r"number of transactions actually processed: (\d+)", result.stdout)
     with connection.cursor() as cursor:
         cursor.execute("DROP SCHEMA IF EXISTS bench_pgbench CASCADE")
+    postings = int(processed.group(1)) if processed else 0
     return {
-        "postings": int(processed.group(1)) if processed else 0,
+        "postings": postings,
         "per_second": float(tps.group(1)) if tps else 0.0,
         "latency_avg_ms": float(latency.group(1)) if latency else 0.0,
+        "cpu_us_per_posting": cpu_per_operation(spent, postings),
     }

@@ -19,6 +19,18 @@ from rehearsal.bench_floor import FLOOR_PATH, floor_bodies, floor_receive
 from rehearsal.bench_http import webhook_users, webhooks_measure, webhooks_server
 from rehearsal.bench_reconcile import reconcile_injected, reconcile_measure, reconcile_seed
 from rehearsal.benchmarks import OPENING
+from rehearsal.cpu import cpu_per_operation, cpu_spent
+
+
+def test_the_cpu_split_counts_a_reaped_child_once_and_new_processes_whole():
+    before = {1: ("postgres: main", 10.0), 2: ("postgres: backend", 3.0), 9: ("other", 5.0)}
+    # backend 2 exited and was reaped by the postmaster (1), whose time now holds its 4.0 s;
+    # backend 3 started since; 9 belongs to no group
+    after = {1: ("postgres: main", 14.5), 3: ("postgres: backend", 1.0), 9: ("other", 7.0)}
+    spent = cpu_spent(before, after, lambda pid, command: "pg" if "postgres" in command else None)
+    assert spent == {"pg": 2.5}  # 0.5 of the postmaster's own, 1.0 of backend 2's, 1.0 of 3's
+    assert cpu_per_operation(spent, 1000) == {"pg": 2500}
+    assert cpu_spent(None, after, lambda pid, command: "pg") == {}
 
 
 def test_the_product_does_not_route_the_floor():
@@ -49,6 +61,11 @@ def test_the_same_load_fills_the_floor_and_credits_every_product_deposit():
         assert floor["deliveries"] > 0 and floor["statuses"] == {"200": floor["deliveries"]}
         assert result["deliveries"] > 0 and result["statuses"] == {"200": result["deliveries"]}
         assert result["ratio"] > 0
+        # the CPU per accepted notification of gunicorn, PostgreSQL and the senders, each turn's
+        for figures in (result, floor):
+            split = figures["cpu_us_per_accepted"]
+            assert set(split) == {"server", "postgres", "senders"}, split
+            assert min(split.values()) > 0, split
 
         # The floor stored every body it accepted (a redelivery again; the warm-up's too), the
         # forged one not.

@@ -240,6 +240,10 @@ def test_bench_posting_through_the_shadow_balance_path():
         "p95_over_legacy_at_most": 1.6,
         "ratio_at_least": 0.55,
     }
+    # where each measurement's CPU went, per posting: PostgreSQL's and the client's
+    for name in ("ours", "legacy", "pgbench"):
+        split = result[name]["cpu_us_per_posting"]
+        assert set(split) == {"postgres", "client"} and min(split.values()) > 0, (name, split)
 
 
 def test_bench_reconcile_finds_every_injected_difference():

@@ -43,6 +43,10 @@ from rehearsal.runtime import (
     scratch_database,
 )
 
+# The CPU of `bench webhooks` per accepted notification, by process (rehearsal.cpu): gunicorn,
+# PostgreSQL, the senders (this process's threads).
+WEBHOOK_CPU_GROUPS = ("server", "postgres", "senders")
+
 
 class Command(BaseCommand):
     help = "Benchmarks. `posting`: our posting path side by side with pgbench on the same server."
@@ -58,7 +62,8 @@ class Command(BaseCommand):
             help="postings/s and p50/p95/p99 of transaction_post from N concurrent clients (laid "
             "out as pgbench -j 2 lays out its own: two processes, clients as threads), then "
             "pgbench running an equivalent plain-SQL posting with the same client count, and the "
-            "ratio",
+            "ratio; each measurement's CPU per posting, PostgreSQL's and the client's (run it "
+            "alone: every PostgreSQL process on the machine counts)",
         )
         posting.add_argument(
             "--clients",
@@ -137,7 +142,8 @@ class Command(BaseCommand):
             "benchmark's own (signature verified, raw body stored) and the product's webhook "
             "take turns under the same load on the same gunicorn, after 1 s of warm-up to "
             "each; goal: product accepted/s >= 0.6 of the floor's with p99 < 50 ms at 10 "
-            "senders",
+            "senders; the CPU per accepted notification of gunicorn, PostgreSQL and the senders "
+            "for each",
         )
         webhooks.add_argument("--senders", type=positive_int, default=10, help="senders (10)")
         webhooks.add_argument("--seconds", type=positive_int, default=15, help="duration (15)")
@@ -247,6 +253,11 @@ class Command(BaseCommand):
             tuple(columns),
             [_posting_row(row) for row in rows],
         )
+        if not options["json"]:
+            for row in rows:
+                split = _posting_cpu(row)
+                if split:
+                    console.print(f"CPU per posting at {row['clients']} clients: {split}")
         if beside_legacy and not options["json"]:
             goal = POSTING_SHADOW_GOAL
             console.print(
@@ -407,6 +418,7 @@ class Command(BaseCommand):
                 "p50 ms",
                 "p95 ms",
                 "p99 ms",
+                *(f"{group} CPU us" for group in WEBHOOK_CPU_GROUPS),
             ),
             [
                 (
@@ -416,6 +428,7 @@ class Command(BaseCommand):
                     f"{figures['accepted_per_second']:.0f}",
                     ratio,
                     *_latencies(figures),
+                    *_cpu_cells(figures, WEBHOOK_CPU_GROUPS),
                 )
                 for endpoint, figures, ratio in (
                     ("floor", floor, ""),
@@ -546,6 +559,25 @@ def _posting_row(row: dict) -> tuple[str, ...]:
         f"{row['pgbench']['latency_avg_ms']:.2f}",
         f"{row['ratio']:.2f}",
     )
+
+
+def _posting_cpu(row: dict) -> str:
+    """Where each measurement's CPU went, per posting: "ours PostgreSQL 900 us + client 250 us;
+    ..." (empty where the machine cannot say)."""
+    parts = []
+    for name in ("ours", "legacy", "pgbench"):
+        split = row.get(name, {}).get("cpu_us_per_posting")
+        if split:
+            parts.append(
+                f"{name} PostgreSQL {split.get('postgres', 0):,} us + "
+                f"client {split.get('client', 0):,} us"
+            )
+    return "; ".join(parts)
+
+
+def _cpu_cells(figures: dict, groups: tuple[str, ...]) -> tuple[str, ...]:
+    split = figures.get("cpu_us_per_accepted") or {}
+    return tuple(f"{split[group]:,}" if group in split else "" for group in groups)
 
 
 def _latencies(figures: dict) -> tuple[str, str, str]:
