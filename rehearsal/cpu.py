@@ -13,7 +13,8 @@ from pathlib import Path
 PROC = Path("/proc")
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-# pid -> (command line, CPU seconds: user and system, its reaped children's included)
+# pid -> (command line, or the name of an exited process, CPU seconds: user and system,
+# its reaped children's included)
 CpuReading = dict[int, tuple[str, float]]
 Classify = Callable[[int, str], str | None]  # (pid, command line) -> group, or None
 
@@ -31,9 +32,11 @@ def cpu_read() -> CpuReading | None:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # it exited meanwhile
             continue
-        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-        utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
-        reading[int(entry.name)] = (command, (utime + stime + cutime + cstime) / TICKS)
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)  # the name may hold spaces
+        utime, stime, cutime, cstime = (int(value) for value in rest.split()[11:15])
+        # An exited process not yet reaped has no command line, only its name: a backend that
+        # ends with the measurement's last connection is still counted as PostgreSQL's.
+        reading[int(entry.name)] = (command or name, (utime + stime + cutime + cstime) / TICKS)
     return reading
 
 

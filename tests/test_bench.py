@@ -3,6 +3,9 @@ it and the product's webhook stores every floor body and credits every product d
 `bench reconcile`'s set-based seed and its measurement by real Celery workers."""
 
 import json
+import shutil
+import subprocess
+import time
 from decimal import Decimal
 
 import pytest
@@ -19,7 +22,7 @@ from rehearsal.bench_floor import FLOOR_PATH, floor_bodies, floor_receive
 from rehearsal.bench_http import webhook_users, webhooks_measure, webhooks_server
 from rehearsal.bench_reconcile import reconcile_injected, reconcile_measure, reconcile_seed
 from rehearsal.benchmarks import OPENING
-from rehearsal.cpu import cpu_per_operation, cpu_spent
+from rehearsal.cpu import PROC, cpu_per_operation, cpu_read, cpu_spent
 
 
 def test_the_cpu_split_counts_a_reaped_child_once_and_new_processes_whole():
@@ -31,6 +34,19 @@ def test_the_cpu_split_counts_a_reaped_child_once_and_new_processes_whole():
     assert spent == {"pg": 2.5}  # 0.5 of the postmaster's own, 1.0 of backend 2's, 1.0 of 3's
     assert cpu_per_operation(spent, 1000) == {"pg": 2500}
     assert cpu_spent(None, after, lambda pid, command: "pg") == {}
+
+
+def test_an_exited_process_not_yet_reaped_is_read_by_its_name():
+    """A backend that ends with a measurement's last connection is a zombie for a moment: no
+    command line, but its name and its times (counted as PostgreSQL's by the name)."""
+    child = subprocess.Popen([shutil.which("true")])
+    try:
+        deadline = time.monotonic() + 10
+        while (PROC / str(child.pid) / "cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cpu_read()[child.pid][0] == "true"
+    finally:
+        child.wait()
 
 
 def test_the_product_does_not_route_the_floor():
