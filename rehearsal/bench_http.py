@@ -23,7 +23,7 @@ from django.db import connections
 from onchain.models import DepositAddress
 from rehearsal.bench_floor import FLOOR_PATH, floor_table_create
 from rehearsal.benchmarks import bench_users_in_phase
-from rehearsal.cpu import cpu_per_operation, cpu_read, cpu_spent, postgres_process
+from rehearsal.cpu import benchmark_groups, cpu_per_operation, cpu_read, cpu_spent
 from rehearsal.runtime import database_url, latency_summary
 
 # --- bench reads ------------------------------------------------------------------------------
@@ -218,15 +218,7 @@ def webhooks_measure(
         _load(port, path, sandbox.key_id, iter(warm), senders, warm_seconds, 0, warmups[turn])
     tallies = {turn: _Tally() for turn in paths}
     slice_seconds = seconds * 2 / len(TURNS)
-    server = f"127.0.0.1:{port}"
-
-    def classify(pid: int, command: str) -> str | None:
-        if postgres_process(command):
-            return "postgres"
-        if "gunicorn" in command and server in command:  # its master and workers
-            return "server"
-        return "senders" if pid == os.getpid() else None
-
+    classify = benchmark_groups("senders", server=f"127.0.0.1:{port}")
     for turn in TURNS:
         before = cpu_read()
         _load(

@@ -29,7 +29,7 @@ from ledger.services import (
     opening_balance_post,
     transaction_post,
 )
-from rehearsal.cpu import cpu_per_operation, cpu_read, cpu_spent, postgres_process
+from rehearsal.cpu import benchmark_groups, cpu_per_operation, cpu_read, cpu_spent
 from rehearsal.runtime import (
     database_used,
     latency_summary,
@@ -216,7 +216,7 @@ def posting_measure(clients: int, seconds: float, targets: list) -> dict:
     results = processes_run(
         posting_process, [(group, targets, start_at, seconds) for group in layout]
     )
-    spent = cpu_spent(before, cpu_read(), _client_or_postgres)
+    spent = cpu_spent(before, cpu_read(), benchmark_groups("client"))
     latencies = [value for process in results for client in process for value in client]
     return {
         "postings": len(latencies),
@@ -224,14 +224,6 @@ def posting_measure(clients: int, seconds: float, targets: list) -> dict:
         **latency_summary(latencies),
         "cpu_us_per_posting": cpu_per_operation(spent, len(latencies)),
     }
-
-
-def _client_or_postgres(pid: int, command: str) -> str | None:
-    """The CPU split of a posting measurement: PostgreSQL's processes, and this process with
-    the client processes (or pgbench) it ran and reaped."""
-    if postgres_process(command):
-        return "postgres"
-    return "client" if pid == os.getpid() else None
 
 
 def _pg_env() -> tuple[list[str], dict]:
@@ -281,7 +273,7 @@ def pgbench_measure(clients: int, seconds: int, accounts: int) -> dict:
             text=True,
             env=env,
         )
-        spent = cpu_spent(before, cpu_read(), _client_or_postgres)
+        spent = cpu_spent(before, cpu_read(), benchmark_groups("client"))
     if result.returncode != 0:
         raise RuntimeError(f"pgbench failed: {result.stderr.strip()}")
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", result.stdout)

@@ -58,9 +58,20 @@ def cpu_spent(before: CpuReading | None, after: CpuReading | None, classify: Cla
     return spent
 
 
-def postgres_process(command: str) -> bool:
-    """A PostgreSQL server process: the postmaster, a backend, a background process."""
-    return command.startswith("postgres") or "/bin/postgres " in command
+def benchmark_groups(load: str, server: str | None = None) -> Classify:
+    """The groups of a benchmark's split: "postgres" (every PostgreSQL server process: the
+    postmaster, its backends and background processes), `load` (this process, the load
+    generator, with the children it ran and reaped) and, given the address it serves, "server"
+    (the gunicorn master and workers bound to `server`)."""
+
+    def classify(pid: int, command: str) -> str | None:
+        if command.startswith("postgres") or "/bin/postgres " in command:
+            return "postgres"
+        if server and "gunicorn" in command and server in command:
+            return "server"
+        return load if pid == os.getpid() else None
+
+    return classify
 
 
 def cpu_per_operation(spent: dict, operations: int) -> dict:

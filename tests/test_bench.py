@@ -3,6 +3,7 @@ it and the product's webhook stores every floor body and credits every product d
 `bench reconcile`'s set-based seed and its measurement by real Celery workers."""
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -22,7 +23,7 @@ from rehearsal.bench_floor import FLOOR_PATH, floor_bodies, floor_receive
 from rehearsal.bench_http import webhook_users, webhooks_measure, webhooks_server
 from rehearsal.bench_reconcile import reconcile_injected, reconcile_measure, reconcile_seed
 from rehearsal.benchmarks import OPENING
-from rehearsal.cpu import PROC, cpu_per_operation, cpu_read, cpu_spent
+from rehearsal.cpu import PROC, benchmark_groups, cpu_per_operation, cpu_read, cpu_spent
 
 
 def test_the_cpu_split_counts_a_reaped_child_once_and_new_processes_whole():
@@ -34,6 +35,19 @@ def test_the_cpu_split_counts_a_reaped_child_once_and_new_processes_whole():
     assert spent == {"pg": 2.5}  # 0.5 of the postmaster's own, 1.0 of backend 2's, 1.0 of 3's
     assert cpu_per_operation(spent, 1000) == {"pg": 2500}
     assert cpu_spent(None, after, lambda pid, command: "pg") == {}
+
+
+def test_a_benchmark_split_names_postgres_its_server_and_its_load_generator():
+    classify = benchmark_groups("senders", server="127.0.0.1:8000")
+    gunicorn = "python -m gunicorn config.wsgi:application --bind 127.0.0.1:{}"
+    assert classify(1, "postgres: 15/main: postgres bench_x 127.0.0.1(5) idle") == "postgres"
+    assert classify(1, "/usr/lib/postgresql/15/bin/postgres -D /var/lib/x") == "postgres"
+    assert classify(1, "postgres") == "postgres"  # an exited backend, by its name
+    assert classify(1, gunicorn.format(8000)) == "server"
+    assert classify(1, gunicorn.format(8001)) is None  # another server
+    assert classify(os.getpid(), "python manage.py bench webhooks") == "senders"
+    assert classify(1, "python manage.py bench webhooks") is None
+    assert benchmark_groups("client")(1, gunicorn.format(8000)) is None  # no server named
 
 
 def test_an_exited_process_not_yet_reaped_is_read_by_its_name():
