@@ -1,6 +1,7 @@
 """Helpers shared by the long-running commands (`rehearse`, `bench`): the database they run on,
 worker processes and latency statistics."""
 
+import logging
 import multiprocessing
 import threading
 import uuid
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 from django.conf import settings
 from django.core.management import call_command
 from django.core.servers.basehttp import (
@@ -46,13 +48,24 @@ class ScratchDatabaseError(RuntimeError):
     pass
 
 
+# A scratch database is marked with this comment while the session that made it lives (it holds
+# SCRATCH_LOCK in the database itself). One whose maker was killed before it could drop it
+# (kill -9, a lost machine) is found by the next scratch_database, which can take the lock, and
+# dropped: a killed benchmark used to leave its database, a copy of a million users, behind.
+SCRATCH_COMMENT = "ledger-cutover scratch database; dropped when the session that made it ends"
+SCRATCH_LOCK = 7401901
+log = logging.getLogger("rehearsal")
+
+
 @contextmanager
 def scratch_database(prefix: str, keep: bool = False) -> Iterator[str]:
     """A new database beside the configured one, migrated, used by this process (and the ones
-    it forks) for the duration of the block, then dropped (unless `keep`). Nothing else on the
+    it forks) for the duration of the block, then dropped (unless `keep`). Scratch databases
+    that processes killed before their end left behind are dropped first. Nothing else on the
     server is touched. Needs the CREATEDB privilege."""
     default = connections["default"]
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    scratch_orphans_drop()
     try:
         with default.cursor() as cursor:
             cursor.execute(f'CREATE DATABASE "{name}"')
@@ -60,14 +73,55 @@ def scratch_database(prefix: str, keep: bool = False) -> Iterator[str]:
         raise ScratchDatabaseError(
             f"cannot create the scratch database {name} (needs CREATEDB): {exc}"
         ) from None
+    holder = _scratch_connect(name)
     try:
+        holder.execute("SELECT pg_advisory_lock(%s)", [SCRATCH_LOCK])
+        holder.execute(f"COMMENT ON DATABASE \"{name}\" IS '{SCRATCH_COMMENT}'")
         with database_used(name):
             call_command("migrate", interactive=False, verbosity=0)
             yield name
     finally:
+        if keep:  # no longer scratch: the caller keeps it (bench --seed-only)
+            holder.execute(f'COMMENT ON DATABASE "{name}" IS NULL')
+        holder.close()
         if not keep:
             with default.cursor() as cursor:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def scratch_orphans_drop() -> list[str]:
+    """Drop the scratch databases whose makers ended without dropping them (the lock in each
+    is free); the names dropped. One being made or used holds its lock and is left alone."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "SELECT datname FROM pg_database WHERE shobj_description(oid, 'pg_database') = %s",
+            [SCRATCH_COMMENT],
+        )
+        candidates = [row[0] for row in cursor.fetchall()]
+    dropped = []
+    for name in candidates:
+        try:
+            probe = _scratch_connect(name)
+        except psycopg.OperationalError:  # dropped meanwhile by another process
+            continue
+        with probe:
+            orphaned = probe.execute("SELECT pg_try_advisory_lock(%s)", [SCRATCH_LOCK]).fetchone()[
+                0
+            ]
+        if orphaned:
+            with connections["default"].cursor() as cursor:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            log.warning("dropped scratch database %s: the run that made it was killed", name)
+            dropped.append(name)
+    return dropped
+
+
+def _scratch_connect(name: str) -> psycopg.Connection:
+    params = connections["default"].get_connection_params()
+    params.pop("cursor_factory", None)  # Django's, for its own connections
+    params.pop("context", None)
+    params["dbname"] = name
+    return psycopg.connect(**params, autocommit=True)
 
 
 @contextmanager
