@@ -14,7 +14,7 @@ from django.views.decorators.http import require_POST
 from config.cockpit import READ_STEPS, cockpit_read
 from config.cockpit_charts import cockpit_charts
 from cutover.actors import Actor
-from cutover.admin import KillSwitchForm
+from cutover.admin.phase import KillSwitchForm
 from cutover.exceptions import CutoverError, GateNotMet, OperatorNotPermitted, ReasonRequired
 from cutover.models import PHASE_CHOICES, AuditAction, PhaseAudit, PhaseState
 from cutover.phase_machine import kill_switch_set, phase_advance, phase_rollback
