@@ -83,6 +83,9 @@ class IdempotencyClaim:
     replay_status: int | None = None
     replay_body: dict | None = None
     owner_token: UUID | None = None  # this claim's; completing or releasing needs it
+    # Taken over from a request that stalled or died: that request may have applied the
+    # mutation under the record's id (a crash after its commit).
+    taken_over: bool = False
 
 
 # Claim a key in one statement, whatever the others do to it meanwhile: PostgreSQL either
@@ -139,7 +142,7 @@ def idempotency_claim(*, client: ApiClient, key: str, request_sha256: str) -> Id
         record.locked_until = now + settings.IDEMPOTENCY_LOCK_TIMEOUT
         record.owner_token = owner_token
         record.save(update_fields=["locked_until", "owner_token"])
-        return IdempotencyClaim(record, owner_token=owner_token)
+        return IdempotencyClaim(record, owner_token=owner_token, taken_over=True)
 
 
 def _owned(claim: IdempotencyClaim):
@@ -161,12 +164,21 @@ def idempotency_complete(*, claim: IdempotencyClaim, status: int, body: dict) ->
 
 
 def idempotency_release(*, claim: IdempotencyClaim) -> bool:
-    """Forget a claim whose request failed in a retryable way (nothing was applied), with its
-    spend, only while this claim still owns the record (False otherwise)."""
+    """Give back a claim whose request failed in a retryable way, only while this claim still
+    owns the record (False otherwise). A key this request claimed first is forgotten with its
+    spend: nothing was applied under it. A key it took over is kept, spend included, and left
+    to the next retry at once: the request it took over may have applied the mutation, whose
+    reference names the record's id. (Forgotten, its retry made a new record, a new reference
+    and a second mutation: a debit applied twice under one key.)"""
     with transaction.atomic():
         owned = list(_owned(claim).select_for_update().values_list("pk", flat=True))
         if not owned:
             return False
+        if claim.taken_over:
+            IdempotencyRecord.objects.filter(pk__in=owned).update(
+                locked_until=timezone.now(), owner_token=uuid4()
+            )
+            return True
         ApiClientSpend.objects.filter(idempotency_record__in=owned).delete()
         IdempotencyRecord.objects.filter(pk__in=owned).delete()
     return True

@@ -19,7 +19,12 @@ from cutover.operators import api_client_issue
 from gateway.api import request_fingerprint
 from gateway.exceptions import ApiClientRefused
 from gateway.models import ApiClient, ApiClientSpend, IdempotencyRecord
-from gateway.services import idempotency_claim, idempotency_complete, idempotency_release
+from gateway.services import (
+    api_client_spend,
+    idempotency_claim,
+    idempotency_complete,
+    idempotency_release,
+)
 from ledger.models import Transaction
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 
@@ -342,6 +347,37 @@ def test_a_stalled_claim_taken_over_can_neither_release_nor_complete(client, use
     assert retry.status_code == 201 and retry.json() == {"answer": "B"}
     assert BalanceMutation.objects.count() == 1
     assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal("125.5")
+
+
+def test_a_takeover_refused_by_the_kill_switch_keeps_the_key_and_never_applies_twice(
+    client, user, service
+):
+    """A request that committed its debit and died before answering (a crash after COMMIT);
+    its retry takes the key over while the kill switch is on: 503, and the key kept, since the
+    dead request's mutation (reference `api:<record id>`) may stand. Once the switch is off the
+    retry answers that mutation; released, the key made a new record, a new reference and a
+    second debit (found from outside: 100 - 3 - 3)."""
+    debit = {"direction": "debit", "amount": "3", "currency": "USDC", "reason": "payout"}
+    parsed = {**debit, "amount": Decimal("3")}
+    dead = idempotency_claim(
+        client=service[0], key="k-9", request_sha256=request_fingerprint(user, parsed)
+    )
+    api_client_spend(claim=dead, scope="debit", amount=Decimal("3"), currency="USDC")
+    mutation = {key: parsed[key] for key in ("direction", "amount", "currency", "reason")}
+    balance_mutate(user_id=user, reference=f"api:{dead.record.pk}", correlation_id="a", **mutation)
+    IdempotencyRecord.objects.update(locked_until=timezone.now() - timedelta(seconds=1))
+
+    phase_set("shadow", kill_switch=True)
+    refused = post(client, user, service[1], debit, key="k-9")
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable"
+    assert IdempotencyRecord.objects.get().pk == dead.record.pk
+    phase_set("shadow", kill_switch=False)
+    retry = post(client, user, service[1], debit, key="k-9")
+    assert retry.status_code == 201 and retry.json()["balance"] == "97.000000"
+    assert BalanceMutation.objects.get().reference == f"api:{dead.record.pk}"
+    assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal("97")
+    assert [spend.amount for spend in ApiClientSpend.objects.all()] == [Decimal("3")]
+    assert post(client, user, service[1], debit, key="k-9").json() == retry.json()
 
 
 # --- bad headers (issue 9, item 12) ----------------------------------------------------------
