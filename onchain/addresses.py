@@ -13,7 +13,7 @@ from cutover.actors import Actor
 from cutover.operator_audit import operator_action_record
 from onchain.chains import address_lookup_form, address_validate
 from onchain.exceptions import (
-    DepositAddressInvalid,
+    AddressInvalid,
     DepositAddressTaken,
     DepositAddressUnknown,
     onchain_rules,
@@ -41,7 +41,7 @@ def _user_id(value: object) -> uuid.UUID:
     try:
         return uuid.UUID(str(value))
     except ValueError:
-        raise DepositAddressInvalid("user_id", "user_id must be a UUID") from None
+        raise AddressInvalid("user_id", "user_id must be a UUID") from None
 
 
 def _snapshot(row: DepositAddress) -> dict:
@@ -69,9 +69,7 @@ def deposit_address_add(
     stored = address_validate(chain=chain, address=address)
     owner = _user_id(user_id)
     if currency not in DEPOSIT_CURRENCIES:
-        raise DepositAddressInvalid(
-            "currency", f"currency must be one of {', '.join(DEPOSIT_CURRENCIES)}"
-        )
+        raise AddressInvalid("currency", f"currency must be one of {', '.join(DEPOSIT_CURRENCIES)}")
     try:
         row, created = _register(stored, chain, owner, currency, actor, reason)
     except IntegrityError:

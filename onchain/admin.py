@@ -15,7 +15,7 @@ from ledger.templatetags.console import amount_column, moment_column
 from onchain.addresses import DEPOSIT_CURRENCIES, deposit_address_add, deposit_address_remove
 from onchain.chains import CHAINS, address_validate
 from onchain.discrepancies import transfer_discrepancy_resolve
-from onchain.exceptions import DepositAddressInvalid
+from onchain.exceptions import AddressInvalid
 from onchain.inbox import notification_replay
 from onchain.models import (
     CircleNotification,
@@ -127,7 +127,7 @@ class DepositAddressForm(forms.ModelForm):
             # The stored form, so the model's constraints (one user per chain and address,
             # EVM in lower case) are checked on what will be stored.
             data["address"] = address_validate(chain=data["chain"], address=data["address"])
-        except DepositAddressInvalid as exc:
+        except AddressInvalid as exc:
             self.add_error(exc.field, str(exc))
             return data
         # PostgreSQL refuses it too (OC002); here the operator gets the reason on the form.

@@ -12,7 +12,7 @@ import re
 
 from Crypto.Hash import keccak
 
-from onchain.exceptions import DepositAddressInvalid
+from onchain.exceptions import AddressInvalid
 
 # Circle Mint's chain codes (its transfer API's `Chain`): Polygon is POLY, not MATIC.
 CHAINS = {"ETH", "SOL", "POLY", "AVAX", "ARB", "BASE", "OP", "ALGO", "XLM", "TRX", "NOBLE"}
@@ -36,35 +36,33 @@ def address_stored_form(*, chain: str, address: str) -> str:
 
 
 def address_lookup_form(*, chain: object, address: object) -> str:
-    """The stored form of an address an operator or a client names, or DepositAddressInvalid
+    """The stored form of an address an operator or a client names, or AddressInvalid
     naming the field: a known chain, and printable ASCII of 1..MAX_ADDRESS_LENGTH."""
     if not isinstance(chain, str) or chain not in CHAINS:
-        raise DepositAddressInvalid("chain", f"chain must be one of {', '.join(sorted(CHAINS))}")
+        raise AddressInvalid("chain", f"chain must be one of {', '.join(sorted(CHAINS))}")
     if not isinstance(address, str) or not 0 < len(address) <= MAX_ADDRESS_LENGTH:
-        raise DepositAddressInvalid(
-            "address", f"address must be 1..{MAX_ADDRESS_LENGTH} characters"
-        )
+        raise AddressInvalid("address", f"address must be 1..{MAX_ADDRESS_LENGTH} characters")
     if not _PRINTABLE_ASCII.fullmatch(address):
-        raise DepositAddressInvalid(
+        raise AddressInvalid(
             "address", "address must be printable ASCII without spaces or NUL characters"
         )
     return address_stored_form(chain=chain, address=address)
 
 
 def address_validate(*, chain: object, address: object) -> str:
-    """The stored form of a deposit address someone wants to register, or DepositAddressInvalid
-    naming the field: as address_lookup_form, and on an EVM chain `0x` and 40 hex digits, all
-    lower, all upper, or a valid EIP-55 checksum."""
+    """The stored form of an address someone wants to register as a deposit address or send a
+    withdrawal to, or AddressInvalid naming the field: as address_lookup_form, and on an EVM
+    chain `0x` and 40 hex digits, all lower, all upper, or a valid EIP-55 checksum."""
     stored = address_lookup_form(chain=chain, address=address)
     if chain not in EVM_CHAINS:
         return stored
     if not _EVM_ADDRESS.fullmatch(address):
-        raise DepositAddressInvalid(
+        raise AddressInvalid(
             "address", f"a {chain} address is 0x followed by 40 hexadecimal digits"
         )
     digits = address[2:]
     if digits != digits.lower() and digits != digits.upper() and not _eip55_valid(address):
-        raise DepositAddressInvalid(
+        raise AddressInvalid(
             "address", "the address's mixed case is not a valid EIP-55 checksum (a typo?)"
         )
     return stored

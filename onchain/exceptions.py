@@ -86,8 +86,8 @@ class DepositAddressRefused(OnchainError):
     another currency, so its deposits could never be credited."""
 
 
-class DepositAddressInvalid(OnchainError):
-    """A deposit address cannot be registered as given; `field` names what is wrong."""
+class AddressInvalid(OnchainError):
+    """An address cannot be registered or sent to as given; `field` names what is wrong."""
 
     def __init__(self, field: str, message: str):
         super().__init__(message)

@@ -37,10 +37,10 @@ from ledger.money import amount_parse
 from onchain import metrics
 from onchain.addresses import DEPOSIT_CURRENCIES, deposit_address_add
 from onchain.buffer_alert import buffer_status_observe
-from onchain.chains import CHAINS, MAX_ADDRESS_LENGTH, address_validate
+from onchain.chains import address_validate
 from onchain.exceptions import (
+    AddressInvalid,
     CircleUnavailable,
-    DepositAddressInvalid,
     DepositAddressRefused,
     DepositAddressTaken,
     MalformedNotification,
@@ -199,12 +199,10 @@ def _withdrawal_request(request: HttpRequest, client: ApiClient) -> dict:
     except InvalidAmount as exc:
         raise ApiError(400, "invalid", str(exc), "amount") from None
     address, chain = data["address"].strip(), data["chain"]
-    if not address or len(address) > MAX_ADDRESS_LENGTH:
-        raise ApiError(
-            400, "invalid", f"address must be 1..{MAX_ADDRESS_LENGTH} characters", "address"
-        )
-    if chain not in CHAINS:
-        raise ApiError(400, "invalid", f"chain must be one of {', '.join(sorted(CHAINS))}", "chain")
+    try:
+        address_validate(chain=chain, address=address)
+    except AddressInvalid as exc:
+        raise ApiError(400, "invalid", str(exc), exc.field) from None
     return {"amount": amount, "address": address, "chain": chain}
 
 
@@ -255,10 +253,10 @@ def _deposit_address_request(request: HttpRequest, client: ApiClient) -> dict:
         # Validated here, so a bad field is a 400 before the Idempotency-Key is claimed.
         address = address_validate(chain=data.get("chain"), address=data.get("address"))
         if currency not in DEPOSIT_CURRENCIES:
-            raise DepositAddressInvalid(
+            raise AddressInvalid(
                 "currency", f"currency must be one of {', '.join(DEPOSIT_CURRENCIES)}"
             )
-    except DepositAddressInvalid as exc:
+    except AddressInvalid as exc:
         raise ApiError(400, "invalid", str(exc), exc.field) from None
     return {"address": address, "chain": data["chain"], "currency": currency}
 

@@ -24,8 +24,9 @@ from gateway.faults import fault_point
 from gateway.outbox import outbox_backoff, outbox_drain
 from ledger.money import amount_parse
 from onchain import circle, metrics
-from onchain.chains import CHAINS, MAX_ADDRESS_LENGTH
+from onchain.chains import address_validate
 from onchain.exceptions import (
+    AddressInvalid,
     CancelRefused,
     CircleRefused,
     CircleUnavailable,
@@ -53,10 +54,11 @@ def withdrawal_request(
     and write the outbox row, in one transaction: both or neither. The same idempotency key
     returns the first withdrawal, or is refused if it asked for something else."""
     amount = amount_parse(amount, "USDC")
-    if not isinstance(address, str) or not address.strip() or len(address) > MAX_ADDRESS_LENGTH:
-        raise WithdrawalRefused(f"address must be 1..{MAX_ADDRESS_LENGTH} characters")
-    if chain not in CHAINS:
-        raise WithdrawalRefused(f"chain must be one of {', '.join(sorted(CHAINS))}")
+    address = address.strip() if isinstance(address, str) else address
+    try:  # what a deposit address must be, EIP-55 included: a typo here is money sent away
+        address_validate(chain=chain, address=address)
+    except AddressInvalid as exc:
+        raise WithdrawalRefused(f"{exc.field}: {exc}") from None
     key = idempotency_key or uuid.uuid4()
     existing = Withdrawal.objects.filter(idempotency_key=key).first()
     if existing is None:
@@ -66,7 +68,7 @@ def withdrawal_request(
                     idempotency_key=key,
                     user_id=user_id,
                     amount=amount,
-                    address=address.strip(),
+                    address=address,
                     chain=chain,
                     requested_by=requested_by,
                     correlation_id=correlation_id,
@@ -90,7 +92,7 @@ def withdrawal_request(
     if (existing.user_id, existing.amount, existing.address, existing.chain) != (
         user_id,
         amount,
-        address.strip(),
+        address,
         chain,
     ):
         raise WithdrawalRefused(f"idempotency key {key} was used for another withdrawal")

@@ -69,7 +69,8 @@ class Drills:
         held = []
         for index, user in enumerate(users):
             amount = Decimal(rng.randint(100, 1000)) * CENT
-            address = "0xbad-rehearsal" if index == 0 else f"0x{rng.getrandbits(160):040x}"
+            # (the first one to an address the sandbox's Circle refuses: 0xbad...)
+            address = f"0xbad{0:037x}" if index == 0 else f"0x{rng.getrandbits(160):040x}"
             held.append(
                 withdrawal_request(user_id=user, amount=amount, address=address, chain="ETH")
             )
@@ -194,7 +195,7 @@ class Drills:
                 break
             held.append(
                 withdrawal_request(
-                    user_id=user, amount=amount, address=f"0x{user.hex}", chain="ETH"
+                    user_id=user, amount=amount, address=f"0x{user.hex}{0:08x}", chain="ETH"
                 )
             )
             drained += amount

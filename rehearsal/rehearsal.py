@@ -211,7 +211,7 @@ class Rehearsal(TrafficStages, Drills, Report):
         user = max(self.usdc_users, key=lambda u: balance_get(user_id=u).amount)
         amount = min(PRE_SHADOW_WITHDRAWAL, balance_get(user_id=user).amount)
         withdrawal = withdrawal_request(
-            user_id=user, amount=amount, address=f"0x{user.hex}", chain="ETH"
+            user_id=user, amount=amount, address=f"0x{user.hex}{0:08x}", chain="ETH"
         )
         withdrawals_send(limit=1, base_url=self.circle.base_url)
         withdrawal.refresh_from_db()

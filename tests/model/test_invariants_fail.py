@@ -16,6 +16,7 @@ from ledger.services import Leg, transaction_post
 from onchain.withdrawals import withdrawal_request
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.model import invariants, world
+from tests.onchain.factories import DESTINATION
 from treasury.models import ConversionJob, ConversionProvider
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -168,7 +169,7 @@ def test_conservation_sees_a_buffer_changed_alone_and_an_unnamed_account(user):
 
 
 def test_holds_match_withdrawals_sees_a_stranded_hold(user):
-    withdrawal = withdrawal_request(user_id=user, amount="30", address="0xdest", chain="ETH")
+    withdrawal = withdrawal_request(user_id=user, amount="30", address=DESTINATION, chain="ETH")
     assert withdrawal.hold_in_ledger
     assert invariants.holds_match_withdrawals() == []
     with corrupted(
@@ -229,6 +230,6 @@ def test_custody_matches_providers_sees_a_difference(user):
 
 def test_nothing_stuck_sees_a_pending_withdrawal(user):
     assert invariants.nothing_stuck() == []
-    withdrawal_request(user_id=user, amount="30", address="0xdest", chain="ETH")
+    withdrawal_request(user_id=user, amount="30", address=DESTINATION, chain="ETH")
     [found] = invariants.nothing_stuck()
     assert "still pending" in found

@@ -36,7 +36,11 @@ def system(code: str) -> Decimal:
     return system_balance(code=code)
 
 
-def withdraw(user_id, amount="30", address="0xdest", **kwargs) -> Withdrawal:
+# A withdrawal's destination: an EVM address as Circle takes one (withdrawals are validated).
+DESTINATION = "0xde57de57de57de57de57de57de57de57de57de57"
+
+
+def withdraw(user_id, amount="30", address=DESTINATION, **kwargs) -> Withdrawal:
     return withdrawal_request(
         user_id=user_id, amount=amount, address=address, chain="ETH", **kwargs
     )

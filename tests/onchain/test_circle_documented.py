@@ -20,7 +20,7 @@ from cutover.models import BalanceMutation, OperatorAudit
 from ledger.selectors import system_balance
 from onchain.chains import address_validate
 from onchain.discrepancies import transfer_discrepancy_resolve
-from onchain.exceptions import DepositAddressInvalid
+from onchain.exceptions import AddressInvalid
 from onchain.models import CircleNotification, DepositAddress, TransferDiscrepancy
 from onchain.sandbox import DEPOSIT_NOTIFICATIONS, USDC_TOKEN_ID, CircleSandbox, wallets_inbound
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
@@ -365,7 +365,7 @@ def test_an_operator_resolves_a_discrepancy_with_a_note_audited(
 
 
 def test_polygon_is_poly_as_circle_names_it_and_matic_is_refused_naming_the_chain():
-    with pytest.raises(DepositAddressInvalid) as refused:
+    with pytest.raises(AddressInvalid) as refused:
         address_validate(chain="MATIC", address=ADDRESS)
     assert refused.value.field == "chain" and "POLY" in str(refused.value)
     assert address_validate(chain="POLY", address=ADDRESS) == ADDRESS

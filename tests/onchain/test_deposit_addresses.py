@@ -22,7 +22,7 @@ from cutover.operators import api_client_issue
 from gateway.exceptions import ApiClientRefused
 from onchain.addresses import deposit_address_add, deposit_address_remove
 from onchain.chains import address_validate
-from onchain.exceptions import DepositAddressInvalid, DepositAddressTaken, DepositAddressUnknown
+from onchain.exceptions import AddressInvalid, DepositAddressTaken, DepositAddressUnknown
 from onchain.inbox import notification_receive
 from onchain.models import CircleNotification, DepositAddress
 from onchain.sandbox import CircleSandbox
@@ -99,7 +99,7 @@ def test_an_eip55_address_is_accepted_and_stored_in_lower_case(address):
 def test_a_mixed_case_address_with_a_wrong_checksum_is_refused(address):
     letter = next(i for i, c in enumerate(address) if i > 1 and c.isalpha())
     typo = address[:letter] + address[letter].swapcase() + address[letter + 1 :]
-    with pytest.raises(DepositAddressInvalid, match="EIP-55") as refused:
+    with pytest.raises(AddressInvalid, match="EIP-55") as refused:
         address_validate(chain="ETH", address=typo)
     assert refused.value.field == "address"
 
@@ -120,7 +120,7 @@ def test_a_mixed_case_address_with_a_wrong_checksum_is_refused(address):
 def test_a_malformed_address_is_refused_naming_the_field_and_nothing_is_written(
     chain, address, field, message
 ):
-    with pytest.raises(DepositAddressInvalid, match=message) as refused:
+    with pytest.raises(AddressInvalid, match=message) as refused:
         add(address=address, chain=chain)
     assert refused.value.field == field
     assert not DepositAddress.objects.exists() and not OperatorAudit.objects.exists()

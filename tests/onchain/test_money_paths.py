@@ -38,6 +38,7 @@ from onchain.sandbox import CircleSandbox
 from onchain.withdrawals import withdrawal_cancel, withdrawal_resend, withdrawals_send
 from tests.cutover.factories import OPERATOR, ledger_balance_set, legacy_user, phase_set
 from tests.onchain.factories import (
+    DESTINATION,
     balances,
     buffer_fund,
     integrity_ok,
@@ -179,7 +180,7 @@ def test_cancel_command_reverses_a_dead_withdrawal_once_and_audits_it(sandbox, u
     assert withdrawal.status == "failed"
     assert withdrawal.last_error.startswith(f"cancelled by {OPERATOR}")
     assert out.getvalue() == (
-        f"withdrawal {withdrawal.pk}: 30.000000 USDC of user {user} to ETH:0xdest, failed "
+        f"withdrawal {withdrawal.pk}: 30.000000 USDC of user {user} to ETH:{DESTINATION}, failed "
         f"({withdrawal.last_error})\n"
     )
     assert balances(user) == (Decimal(100), Decimal(100))
@@ -242,7 +243,7 @@ def test_resend_and_replay_commands_are_audited(sandbox, user, settings):
 
 def test_withdraw_command_holds_the_money_as_the_operator_s_request(user):
     phase_set("shadow")
-    given = {"--user": str(user), "--amount": "25.50", "--address": "0xdest", "--chain": "ETH"}
+    given = {"--user": str(user), "--amount": "25.50", "--address": DESTINATION, "--chain": "ETH"}
     args = [part for pair in given.items() for part in pair]
     out = StringIO()
     call_command("onchain", "withdraw", *args, "--json", stdout=out)
@@ -263,6 +264,7 @@ def test_withdraw_command_holds_the_money_as_the_operator_s_request(user):
     refusals = [
         ("--amount", "1e3", "--amount: amount '1e3' must be a plain decimal"),
         ("--address", " ", "--address: address must be 1..128 characters"),
+        ("--address", "0x12", "--address: a ETH address is 0x followed by 40 hexadecimal digits"),
         ("--chain", "MARS", "argument --chain: invalid choice: 'MARS'"),
         ("--user", "alice", "--user: not a UUID"),
     ]
@@ -396,7 +398,7 @@ def test_an_illegal_withdrawal_change_is_a_domain_error(sandbox, user):
 
 def test_kill_switch_refuses_new_withdrawals_over_http_with_503(client, user, api_token):
     phase_set("shadow", kill_switch=True)
-    body = {"amount": "25", "address": "0xdest", "chain": "ETH"}
+    body = {"amount": "25", "address": DESTINATION, "chain": "ETH"}
     status, answer = post_withdrawal(client, user, api_token, body)
     assert status == 503 and answer["error"]["code"] == "unavailable"
     assert "kill switch" in answer["error"]["message"]

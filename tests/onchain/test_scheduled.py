@@ -13,7 +13,7 @@ from onchain.sandbox import CircleSandbox
 from onchain.withdrawals import withdrawal_request
 from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
-from tests.onchain.factories import buffer_fund
+from tests.onchain.factories import DESTINATION, buffer_fund
 
 pytestmark = pytest.mark.django_db(transaction=True)
 BROKER = "redis://127.0.0.1:6379/14"
@@ -39,7 +39,7 @@ def test_beat_sends_withdrawals_and_polls_deposits(live_server):
         }
         with celery_running(WORKER_WITH_BEAT, environment=environment):
             withdrawal = withdrawal_request(
-                user_id=user, amount="30", address="0xdest", chain="ETH"
+                user_id=user, amount="30", address=DESTINATION, chain="ETH"
             )
             deposit = sandbox.deposit(address="0xdeposit", amount="12.5", notify=False)
             assert wait_for(lambda: Withdrawal.objects.get(pk=withdrawal.pk).status == "completed")

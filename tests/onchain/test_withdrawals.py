@@ -20,6 +20,7 @@ from cutover.actors import Actor
 from cutover.exceptions import KillSwitchEngaged
 from cutover.models import BalanceMutation
 from cutover.operators import api_client_issue
+from gateway.models import ApiClientSpend
 from ledger.exceptions import InsufficientFunds
 from onchain.models import CircleNotification, DepositAddress, Withdrawal
 from onchain.polling import transfers_poll
@@ -27,6 +28,7 @@ from onchain.sandbox import CircleSandbox
 from onchain.withdrawals import withdrawal_cancel, withdrawal_resend, withdrawals_send
 from tests.cutover.factories import database_url, ledger_balance_set, legacy_user, phase_set
 from tests.onchain.factories import (
+    DESTINATION,
     balances,
     buffer_fund,
     integrity_ok,
@@ -57,7 +59,7 @@ def test_withdrawal_holds_sends_and_completes_once(sandbox, user, phase):
     assert withdrawal.status == "submitted" and withdrawal.attempts == 1
     [transfer] = outbound(sandbox)
     assert sandbox.by_key[str(withdrawal.idempotency_key)][0] == transfer["id"]
-    assert transfer["destination"]["address"] == "0xdest"
+    assert transfer["destination"]["address"] == DESTINATION
 
     sandbox.transfer_finish(transfer["id"], "complete")  # the webhook, signed, over HTTP
     withdrawal.refresh_from_db()
@@ -108,7 +110,7 @@ def test_a_hold_placed_in_legacy_and_reversed_in_shadow_leaves_pending_untouched
 
 def test_circle_refusal_is_final_and_reverses(sandbox, user):
     phase_set("shadow")
-    withdrawal = withdraw(user, address="0xbad-address")
+    withdrawal = withdraw(user, address="0xbad" + "0" * 37)  # the sandbox refuses 0xbad...
     report = withdrawals_send()
     assert report.failed == 1 and sandbox.create_calls == 1
     withdrawal.refresh_from_db()
@@ -319,9 +321,12 @@ def test_polling_settles_a_submitted_withdrawal_whose_webhook_never_came(sandbox
     assert withdrawal.status == "completed" and system("usdc_buffer") == 970
 
 
+CHECKSUMMED = "0x8381470ED67C3802402dbbFa0058E8871F017A6F"  # a valid EIP-55 spelling
+
+
 def test_withdrawal_api_holds_once_per_key_and_names_bad_fields(client, user, api_token):
     phase_set("shadow")
-    body = {"amount": "25.5", "address": "0xdest", "chain": "ETH"}
+    body = {"amount": "25.5", "address": DESTINATION, "chain": "ETH"}
     status, first = post_withdrawal(client, user, api_token, body)
     assert status == 201 and first["status"] == "pending" and first["amount"] == "25.5"
     assert post_withdrawal(client, user, api_token, body) == (201, first)  # replay
@@ -339,6 +344,15 @@ def test_withdrawal_api_holds_once_per_key_and_names_bad_fields(client, user, ap
         ({**body, "address": "0x\ud800"}, "address"),
         ({**body, "chain": ["ETH"]}, "chain"),
         ({**body, "memo": nested}, "memo"),
+        # An address Circle would send to, checked as a deposit address is (found from outside:
+        # each of these was held and queued for Circle): a typo sends money away for good.
+        ({**body, "address": "hello world"}, "address"),
+        ({**body, "address": "0x12"}, "address"),
+        ({**body, "address": "0x" + "g" * 40}, "address"),
+        ({**body, "address": "\u202e0x" + "a" * 40}, "address"),
+        ({**body, "address": "\uff58" * 42}, "address"),
+        ({**body, "address": "0x" + "A" * 20 + "a" * 20}, "address"),  # not its EIP-55 case
+        ({**body, "address": CHECKSUMMED.replace("ED67", "Ed67")}, "address"),
     ]:
         status, answer = post_withdrawal(client, user, api_token, bad, key=f"k-{field}-{bad}")
         assert status == 400 and answer["error"]["field"] == field
@@ -347,7 +361,12 @@ def test_withdrawal_api_holds_once_per_key_and_names_bad_fields(client, user, ap
     status, answer = post_withdrawal(client, user, api_token, {**body, "amount": "1"})
     assert status == 422 and answer["error"]["field"] == "Idempotency-Key"
     assert Withdrawal.objects.count() == 1
+    assert not ApiClientSpend.objects.exclude(amount=Decimal("25.5")).exists()
     assert balances(user) == (Decimal("74.5"), Decimal("74.5"))
+    status, answer = post_withdrawal(
+        client, user, api_token, {**body, "address": CHECKSUMMED}, "w-3"
+    )
+    assert status == 201 and answer["address"] == CHECKSUMMED  # as given, EIP-55 case kept
 
 
 def test_a_users_own_client_needs_the_withdraw_scope(client, user):
@@ -356,7 +375,7 @@ def test_a_users_own_client_needs_the_withdraw_scope(client, user):
     phase_set("shadow")
     actor = Actor("test")
     _, reader = api_client_issue(name="reader", user_id=user, scopes=["read"], actor=actor)
-    body = {"amount": "25.5", "address": "0xdest", "chain": "ETH"}
+    body = {"amount": "25.5", "address": DESTINATION, "chain": "ETH"}
     status, answer = post_withdrawal(client, user, reader, body)
     assert status == 403 and answer["error"]["scope"] == "withdraw"
     _, wallet = api_client_issue(

@@ -17,7 +17,7 @@ from ledger.exceptions import InvalidAmount, LedgerError
 from ledger.money import amount_parse
 from onchain.addresses import deposit_address_add, deposit_address_remove
 from onchain.chains import CHAINS
-from onchain.exceptions import DepositAddressInvalid, OnchainError
+from onchain.exceptions import AddressInvalid, OnchainError
 from onchain.inbox import notification_replay
 from onchain.models import CircleNotification, Withdrawal, WithdrawalStatus
 from onchain.polling import transfers_poll
@@ -156,7 +156,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options) -> None:
         try:
             getattr(self, f"_{options['action']}")(options)
-        except DepositAddressInvalid as exc:
+        except AddressInvalid as exc:
             flag = ADDRESS_FLAGS.get(exc.field, exc.field)
             raise CommandError(f"{flag}: {exc}") from None
         except (OnchainError, CutoverError, LedgerError) as exc:
@@ -201,7 +201,9 @@ class Command(BaseCommand):
                 requested_by=Actor.command_line().name,
             )
         except (OnchainError, LedgerError) as exc:
-            raise flag_error(exc, {"amount": "--amount", "address": "--address"}) from None
+            raise flag_error(
+                exc, {"amount": "--amount", "address": "--address", "chain": "--chain"}
+            ) from None
         self._withdrawal(options, withdrawal)
 
     def _resend(self, options) -> None:
