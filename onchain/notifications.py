@@ -136,10 +136,10 @@ def _mint_event(transfer_id: str, transfer: dict) -> TransferEvent:
         # From a wallet: ours only when it is our wallet (a withdrawal); Circle Mint v1
         # delivers every wallet's transfers of the account.
         direction = OUTBOUND if source.get("id") == ours else FOREIGN
-    elif destination.get("type") == "wallet" and destination.get("id") not in (None, ours):
-        direction = FOREIGN  # a deposit into another wallet of the account
-    else:
+    elif destination.get("type") == "wallet" and destination.get("id") == ours:
         direction = INBOUND
+    else:  # into another wallet of the account, one unnamed, or no wallet at all
+        direction = FOREIGN
     amount = transfer.get("amount")
     amount = amount if isinstance(amount, dict) else {}
     circle_currency = amount.get("currency")
@@ -161,9 +161,14 @@ def _mint_event(transfer_id: str, transfer: dict) -> TransferEvent:
 def _wallets_event(notification_type: str, transfer_id: str, transaction: dict) -> TransferEvent:
     """A Programmable Wallets transaction: `walletId`, `sourceAddress`, `destinationAddress`,
     `blockchain`, `tokenId`, `amounts` (one decimal string for a token transfer), `state`."""
-    if notification_type == WALLETS_OUTBOUND:
-        ours = transaction.get("walletId") == settings.CIRCLE_WALLET_ID
-        direction = OUTBOUND if ours else FOREIGN
+    # Ours only to or from our wallet, as for Mint: money that reached another wallet of the
+    # account is not in the custody the USDC buffer books (found from outside: an inbound
+    # transaction into any wallet was credited).
+    ours = transaction.get("walletId") == settings.CIRCLE_WALLET_ID
+    if not ours:
+        direction = FOREIGN
+    elif notification_type == WALLETS_OUTBOUND:
+        direction = OUTBOUND
     else:
         direction = INBOUND
     amounts = transaction.get("amounts")

@@ -149,6 +149,9 @@ def test_a_wallets_transaction_credits_only_at_complete(sandbox, webhook, deposi
         ({"amount": {"amount": "NaN", "currency": "USD"}}, "plain decimal"),
         ({"source": {"type": "wallet", "id": "1000099999"}}, "another wallet's"),
         ({"destination": {"type": "wallet", "id": "1000099999", "address": ADDRESS}}, "another"),
+        # Found from outside: a destination wallet that names no id was credited.
+        ({"destination": {"type": "wallet", "address": ADDRESS, "chain": "ETH"}}, "another"),
+        ({"destination": {"type": "blockchain", "address": ADDRESS, "chain": "ETH"}}, "another"),
     ],
 )
 def test_a_transfer_we_do_not_credit_is_refused_kept_and_answered_200(
@@ -166,6 +169,19 @@ def test_a_transfer_we_do_not_credit_is_refused_kept_and_answered_200(
     assert stored().deliveries == 2 and credited(depositor) == 0
 
 
+@pytest.mark.parametrize("wallet", ["c4d1da72-111e-4d52-bdbf-2e74a2d803d5", "", None])
+def test_a_wallets_transaction_into_another_wallet_is_refused_not_credited(
+    sandbox, webhook, depositor, wallet
+):
+    """Found from outside: `transactions.inbound` credited whatever its walletId; money in
+    another wallet of the account is not in the custody the USDC buffer books."""
+    transaction = {**wallets_inbound(mint_transfer()), "walletId": wallet}
+    status, answer = send(sandbox, webhook, "transactions.inbound", transaction)
+    assert (status, answer["status"]) == (200, "refused")
+    assert "another wallet's" in stored().error
+    assert credited(depositor) == 0 and not BalanceMutation.objects.exists()
+
+
 def test_a_wallets_token_we_do_not_know_is_refused_not_taken_for_usdc(sandbox, webhook, depositor):
     transaction = {**wallets_inbound(mint_transfer()), "tokenId": str(uuid.uuid4())}
     status, answer = send(sandbox, webhook, "transactions.inbound", transaction)
@@ -181,6 +197,7 @@ def test_the_documented_wallets_example_is_refused_for_its_eight_decimals(
     example = fixture("wallets_v2_transactions_inbound_apiref_example.json")
     transaction = example["notification"]
     settings.CIRCLE_WALLETS_TOKENS = {transaction["tokenId"]: "USDC"}
+    settings.CIRCLE_WALLET_ID = transaction["walletId"]  # into our wallet
     user_id = legacy_user("0")
     ledger_balance_set(user_id, "0")
     DepositAddress.objects.create(
@@ -194,9 +211,15 @@ def test_the_documented_wallets_example_is_refused_for_its_eight_decimals(
     assert credited(user_id) == 0
 
 
-def test_the_documented_wallets_example_as_it_stands_credits_nothing(sandbox, webhook):
-    """As documented (no `state`): recorded, nothing moves."""
+def test_the_documented_wallets_example_as_it_stands_credits_nothing(sandbox, webhook, settings):
+    """As documented (no `state`): recorded, nothing moves; into another wallet than ours,
+    refused as not ours."""
     body = (FIXTURES / "wallets_v2_transactions_inbound_apiref_example.json").read_bytes()
+    status, answer = sandbox.deliver(webhook, body)
+    assert (status, answer["status"]) == (200, "refused")
+    assert "wallet" in stored().error
+    CircleNotification.objects.all().delete()
+    settings.CIRCLE_WALLET_ID = json.loads(body)["notification"]["walletId"]
     status, answer = sandbox.deliver(webhook, body)
     assert (status, answer["status"]) == (200, "processed")
     assert stored().transfer_id == "c4d1da72-111e-4d52-bdbf-2e74a2d803d5"

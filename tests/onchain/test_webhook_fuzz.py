@@ -69,6 +69,10 @@ def post(client, body: bytes, headers: dict):
     return response.status_code
 
 
+# Into our wallet (CIRCLE_WALLET_ID's default, the sandbox's) at the depositor's address.
+OURS = {"type": "wallet", "id": "1000000001", "address": "0xabc"}
+
+
 @FUZZ
 @given(
     notification=st.one_of(json_values, st.dictionaries(st.text(max_size=8), json_values)),
@@ -76,7 +80,7 @@ def post(client, body: bytes, headers: dict):
         ["transfers.completed", "transfers.failed", "transfers.created", "custody.transfer"]
     ),
     transfer_id=json_values,
-    destination=st.one_of(json_values, st.just({"address": "0xabc"})),
+    destination=st.one_of(json_values, st.just(OURS), st.just({"address": "0xabc"})),
     amount=amounts,
     currency=st.sampled_from(["USD", "EUR", "usd", None]),
     source=st.one_of(json_values, st.just({"type": "wallet"})),
@@ -97,7 +101,7 @@ def test_signed_malformed_transfers_never_500_and_never_credit(
 ):
     if creditable:  # the rest still fuzzed: the credit path is drawn often, not by luck
         notification = notification if isinstance(notification, dict) else {}
-        kind, currency, destination = "custody.transfer", "USD", {"address": "0xabc"}
+        kind, currency, destination = "custody.transfer", "USD", OURS
         transfer_id = f"fuzz-{uuid.uuid4()}"
         source = {"type": "blockchain"}
         amount = amount if _exact(amount) else "12.5"
@@ -122,7 +126,8 @@ def test_signed_malformed_transfers_never_500_and_never_credit(
     new = "\x00" in reference or not BalanceMutation.objects.filter(reference=reference).exists()
     before = BalanceMutation.objects.count()
     post(client, body, headers)
-    # Only a completed inbound transfer with a string id, to the known address, in USD (USDC),
+    # Only a completed inbound transfer with a string id, into our wallet at the known address
+    # (one that names no wallet is not ours), in USD (USDC),
     # with an exact positive amount, credits: once, that amount.
     credits = (
         isinstance(notification, dict)
@@ -130,7 +135,7 @@ def test_signed_malformed_transfers_never_500_and_never_credit(
         and currency == "USD"
         and isinstance(transfer_id, str)
         and transfer_id != ""
-        and destination == {"address": "0xabc"}
+        and destination == OURS
         and not (isinstance(source, dict) and source.get("type") == "wallet")
         and _exact(amount)
         and new
