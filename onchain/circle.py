@@ -71,7 +71,12 @@ def public_key_fetch(*, base_url: str, key_id: str) -> tuple[str, str]:
         data = _call(base_url, "GET", f"/v2/notifications/publicKey/{quote(key_id, safe='')}")[
             "data"
         ]
-        return data["algorithm"], data["publicKey"]
+        algorithm, public_key = data["algorithm"], data["publicKey"]
+        if not (isinstance(algorithm, str) and 0 < len(algorithm) <= 32):
+            raise TypeError("algorithm")
+        if not isinstance(public_key, str):
+            raise TypeError("publicKey")
+        return algorithm, public_key
     except CircleRefused as exc:
         if exc.status == 404:
             raise UnknownSigningKey(f"Circle does not know the key id {key_id}") from None

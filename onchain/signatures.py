@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from gateway.boundary import printable_ascii
 from onchain import circle
-from onchain.exceptions import SignatureRejected, UnknownSigningKey
+from onchain.exceptions import CircleUnavailable, SignatureRejected, UnknownSigningKey
 from onchain.models import CirclePublicKey, CircleUnknownKey
 
 ALGORITHM = "ECDSA_SHA_256"
@@ -41,13 +41,33 @@ def _public_key(key_id: str, base_url: str):
     known = CirclePublicKey.objects.filter(key_id=key_id).first()
     if known is None:
         algorithm, public_key = _public_key_fetch(key_id, base_url)
+        if algorithm == ALGORITHM:
+            _key_load(key_id, public_key)  # kept only once it is a key we can verify with
         known, _ = CirclePublicKey.objects.get_or_create(
             key_id=key_id, defaults={"algorithm": algorithm, "public_key": public_key}
         )
     if known.algorithm != ALGORITHM:
         raise SignatureRejected(f"key {key_id} uses {known.algorithm}, not {ALGORITHM}")
-    _KEYS[key_id] = load_der_public_key(base64.b64decode(known.public_key))
+    try:
+        _KEYS[key_id] = _key_load(key_id, known.public_key)
+    except CircleUnavailable:  # kept before its answer was checked: fetched again next time
+        CirclePublicKey.objects.filter(key_id=key_id).delete()
+        raise
     return _KEYS[key_id]
+
+
+def _key_load(key_id: str, public_key: str) -> ec.EllipticCurvePublicKey:
+    """Circle's answer for an ECDSA key as a key: base64 of a DER EC public key. Anything else
+    is Circle's answer gone wrong (found from outside: a malformed answer was kept, and every
+    later delivery signed by that key id was a 500): CircleUnavailable, a 503 that Circle's
+    redelivery retries, nothing kept."""
+    try:
+        key = load_der_public_key(base64.b64decode(public_key, validate=True))
+    except (binascii.Error, ValueError, TypeError):
+        key = None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CircleUnavailable(f"Circle's public key for {key_id} is not an EC public key")
+    return key
 
 
 def _public_key_fetch(key_id: str, base_url: str) -> tuple[str, str]:

@@ -3,12 +3,18 @@ worker process knows it) for CIRCLE_UNKNOWN_KEY_TTL: deliveries naming it are re
 asking Circle again; only Circle's 404 is remembered, never a failure to reach it. Against the
 Circle sandbox (counting its publicKey requests) and the webhook over real HTTP."""
 
+import base64
+import json
+import threading
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.utils import timezone
 
-from onchain.models import CircleNotification, CircleUnknownKey
+from onchain.models import CircleNotification, CirclePublicKey, CircleUnknownKey
 from onchain.sandbox import CircleSandbox
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -75,3 +81,79 @@ def test_only_circles_not_found_is_remembered(sandbox, webhook, settings):
     settings.CIRCLE_API_BASE_URL = sandbox.base_url
     assert deliver(sandbox, webhook, UNKNOWN)[0] == 400
     assert sandbox.key_requests == [UNKNOWN]
+
+
+class KeyAnswers(ThreadingHTTPServer):
+    """A stand-in for Circle's publicKey endpoint whose answers have gone wrong: `answers` by
+    key id, each Circle's `data` object; what was asked for, in order, in `asked`."""
+
+    def __init__(self, answers: dict[str, dict]):
+        self.answers, self.asked = answers, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                key_id = self.path.rsplit("/", 1)[-1]
+                server.asked.append(key_id)
+                body = json.dumps({"data": server.answers[key_id]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __exit__(self, *exc_info):
+        self.shutdown()
+        super().__exit__(*exc_info)
+
+
+def _der_b64(public_key) -> str:
+    der = public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(der).decode()
+
+
+RSA_KEY = _der_b64(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key())
+MALFORMED = {
+    "not-base64": {"algorithm": "ECDSA_SHA_256", "publicKey": "not base64!"},
+    "not-der": {"algorithm": "ECDSA_SHA_256", "publicKey": base64.b64encode(b"xyz").decode()},
+    "rsa-as-ecdsa": {"algorithm": "ECDSA_SHA_256", "publicKey": RSA_KEY},
+    "no-key": {"algorithm": "ECDSA_SHA_256", "publicKey": None},
+    "no-algorithm": {"algorithm": None, "publicKey": RSA_KEY},
+    "long-algorithm": {"algorithm": "E" * 33, "publicKey": RSA_KEY},
+}
+
+
+@pytest.mark.parametrize("key_id", sorted(MALFORMED))
+def test_a_malformed_key_answer_is_503_and_kept_nowhere(sandbox, webhook, settings, key_id):
+    """Found from outside: Circle's answer was kept before it was checked, and every later
+    delivery under that key id was a 500, retried by Circle forever. Now 503 (Circle's
+    redelivery asks again), nothing kept, the key asked for again next time."""
+    with KeyAnswers(MALFORMED) as circle:
+        settings.CIRCLE_API_BASE_URL = circle.base_url
+        for _ in range(2):
+            status, answer = deliver(sandbox, webhook, key_id)
+            assert (status, answer["error"]["code"]) == (503, "circle_unavailable")
+        assert circle.asked == [key_id, key_id]
+    assert not CirclePublicKey.objects.exists()
+    assert not CircleNotification.objects.exists()
+
+
+def test_a_malformed_key_kept_before_is_dropped_and_fetched_again(sandbox, webhook):
+    CirclePublicKey.objects.create(
+        key_id=sandbox.key_id, algorithm="ECDSA_SHA_256", public_key="not base64!"
+    )
+    status, answer = deliver(sandbox, webhook, sandbox.key_id)
+    assert (status, answer["error"]["code"]) == (503, "circle_unavailable")
+    assert not CirclePublicKey.objects.exists()
+    assert deliver(sandbox, webhook, sandbox.key_id)[0] == 200  # Circle's real key, fetched
+    assert CirclePublicKey.objects.get().public_key == sandbox.public_key_b64
