@@ -72,7 +72,7 @@ END;
 
 
 def bench_accounts_open(count: int) -> list[int]:
-    """`count` bench accounts with a large opening balance (idempotent across runs)."""
+    """`count` bench accounts with a large opening balance."""
     ids = []
     for index in range(count):
         account = account_open(
@@ -166,7 +166,7 @@ def posting_compare(
     client_counts: list[int], seconds: int, accounts: int, phase: str | None, say
 ) -> list[dict]:
     """`bench posting`, one row per client count: ours (transaction_post transfers, or the
-    balance path in `phase`, in a scratch database), pgbench's plain-SQL posting and the ratio.
+    balance path in `phase`; in a scratch database either way), pgbench's plain-SQL posting and the ratio.
     A phase that writes the ledger is also measured beside legacy-only (the same users in a
     scratch database of their own in phase legacy, each client count just before the phase's):
     "legacy" and "p95_over_legacy", what the dual write costs over the write it replaces."""
@@ -177,8 +177,10 @@ def posting_compare(
             legacy_database = stack.enter_context(scratch_database("bench"))
             say(f"Opening {accounts} users in legacy ...")
             bench_users_in_phase(accounts, Phase.LEGACY)
+        # Always a scratch database: the ledger is append-only, and transfers written into
+        # the configured one (found from outside: 350,000 of them) could never be taken back.
+        stack.enter_context(scratch_database("bench"))
         if phase:
-            stack.enter_context(scratch_database("bench"))
             say(f"Opening {accounts} users in {phase} ...")
             targets = bench_users_in_phase(accounts, phase)
         else:

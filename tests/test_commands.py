@@ -12,7 +12,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from ledger.models import Transaction
+from ledger.models import Account, Transaction
 from ledger.selectors import ledger_integrity_checks
 from rehearsal import embedded_db
 from tests.test_configuration import manage as configuration_manage
@@ -150,6 +150,8 @@ def test_bench_posting_prints_ours_beside_pgbench():
     assert "legacy" not in result and "goal" not in report  # transfers: no legacy write to compare
     assert result["ratio"] > 0
     assert result["ours"]["p50_ms"] <= result["ours"]["p95_ms"] <= result["ours"]["p99_ms"]
+    # All of it in a scratch database: the ledger is append-only.
+    assert not Transaction.objects.exists() and not Account.objects.filter(user_id__isnull=False)
 
 
 def test_bench_tables_print_whole_into_a_log(monkeypatch):
