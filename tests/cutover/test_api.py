@@ -323,6 +323,28 @@ def test_a_refused_mutation_does_not_count_against_the_limit(client, user):
     assert post(client, user, token, debit, key="k-2").status_code == 201
 
 
+def test_a_balance_past_ten_to_the_22_reads_and_moves_exactly(client, user, service):
+    """Balances live in numeric(38, 6); Python's default 28 digits could not quantize one past
+    10^22 USDC (found from outside: the crossing credit committed and answered 500, and every
+    read of the balance after it was a 500)."""
+    largest = Decimal("99999999999999999999.999999")  # the largest single amount
+    for number in range(101):
+        balance_mutate(
+            user_id=user, direction="credit", amount=largest, reference=f"big-{number}", reason="t"
+        )
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {service[1]}"}
+    expected = "10100000000000000000099.999899"  # 100 + 101 x largest
+    for read_percent in (0, 100):  # legacy's reading, then the ledger's
+        phase_set("read_switch", read_percent=read_percent)
+        answer = client.get(f"/api/v1/users/{user}/balance", **headers)
+        assert (answer.status_code, answer.json()["balance"]) == (200, expected)
+    credit = post(client, user, service[1], {**CREDIT, "amount": "0.5"}, key="k-big")
+    assert (credit.status_code, credit.json()["balance"]) == (201, "10100000000000000000100.499899")
+    assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal(
+        "10100000000000000000100.499899"
+    )
+
+
 # --- a stalled request taken over (issue 9, item 11) -----------------------------------------
 
 
