@@ -12,6 +12,7 @@ from cutover.exceptions import KillSwitchEngaged, MutationConflict, StrictLedger
 from cutover.models import Direction
 from cutover.selectors import balance_get
 from gateway.api import (
+    PAUSED,
     UNAVAILABLE,
     ApiError,
     Refusal,
@@ -28,7 +29,7 @@ from ledger.money import CURRENCY_DECIMALS, amount_parse
 MAX_REASON_LENGTH = 64
 # The balance path's refusals, as the API answers them.
 REFUSALS = {
-    KillSwitchEngaged: UNAVAILABLE,
+    KillSwitchEngaged: PAUSED,
     StrictLedgerFailure: UNAVAILABLE,
     InsufficientFunds: Refusal(422, "insufficient_funds", "amount"),
     MutationConflict: Refusal(422, "conflict"),

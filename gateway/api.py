@@ -64,12 +64,27 @@ class Refusal:
     code: str
     field: str | None = None
     retryable: bool = False
+    message: str | None = None  # said instead of the exception's, which is for operators
 
     def error(self, exc: Exception) -> ApiError:
-        return ApiError(self.status, self.code, str(exc), self.field)
+        return ApiError(self.status, self.code, self.message or str(exc), self.field)
 
 
-UNAVAILABLE = Refusal(503, "unavailable", retryable=True)
+# The kill switch's reason and a strict failure's cause are the operators' (an incident, a
+# user's id, the ledger's error): found from outside, the reason reached every API client,
+# user-scoped ones included. The client hears what it can act on; the logs keep the rest.
+PAUSED = Refusal(
+    503,
+    "unavailable",
+    retryable=True,
+    message="money movements are paused (kill switch engaged); nothing was applied, retry later",
+)
+UNAVAILABLE = Refusal(
+    503,
+    "unavailable",
+    retryable=True,
+    message="the ledger could not apply this now; nothing was applied, retry later",
+)
 
 
 def _refusal(exc: Exception, refusals: Mapping[type[Exception], Refusal]) -> Refusal | None:
@@ -270,6 +285,10 @@ def idempotent(
                 refusal = _refusal(exc, refusals)
                 if refusal is None:
                     raise
+                if refusal.message:  # the client hears less: the operators read why here
+                    log.warning(
+                        "%s %s refused (%s): %s", request.method, request.path, refusal.code, exc
+                    )
                 if refusal.retryable:
                     idempotency_release(claim=claim)
                     raise refusal.error(exc) from None

@@ -19,6 +19,7 @@ from cutover.exceptions import (
     StrictLedgerFailure,
 )
 from gateway.api import (
+    PAUSED,
     UNAVAILABLE,
     ApiError,
     Refusal,
@@ -180,7 +181,7 @@ WITHDRAWAL_NAMESPACE = uuid.UUID("6f1d3c52-4b8e-4f0a-9a57-3c2b7e9d1a10")
 
 # A withdrawal's refusals, as the API answers them.
 WITHDRAWAL_REFUSALS = {
-    KillSwitchEngaged: UNAVAILABLE,
+    KillSwitchEngaged: PAUSED,
     StrictLedgerFailure: UNAVAILABLE,
     InsufficientFunds: Refusal(422, "insufficient_funds", "amount"),
     MutationConflict: Refusal(422, "conflict"),

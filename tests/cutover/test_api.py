@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from cutover.actors import Actor
 from cutover.balance_path import balance_mutate
-from cutover.models import BalanceMutation, LegacyBalance, OperatorAudit
+from cutover.models import BalanceMutation, LegacyBalance, OperatorAudit, PhaseState
 from cutover.operators import api_client_issue
 from gateway.api import request_fingerprint
 from gateway.exceptions import ApiClientRefused
@@ -175,9 +175,15 @@ def test_overdraft_is_422_and_replays_the_same(client, user, service):
     assert LegacyBalance.objects.get(user_id=user).buying_power == Decimal("100")
 
 
-def test_kill_switch_is_503_and_the_key_stays_usable(client, user, service):
-    phase_set("shadow", kill_switch=True)
-    assert post(client, user, service[1], CREDIT).status_code == 503
+def test_kill_switch_is_503_and_the_key_stays_usable(client, user, service, caplog):
+    phase_set("shadow", kill_switch=True)  # its reason: "test"
+    PhaseState.objects.update(kill_switch_reason="suspected fraud on user 42, see INC-7")
+    refused = post(client, user, service[1], CREDIT)
+    assert refused.status_code == 503
+    # The operators' reason is not the clients' to read (found from outside); the log has it.
+    assert "kill switch engaged" in refused.json()["error"]["message"]
+    assert "INC-7" not in refused.content.decode()
+    assert "INC-7" in caplog.text
     phase_set("shadow")
     assert post(client, user, service[1], CREDIT).status_code == 201
 
