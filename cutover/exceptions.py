@@ -40,6 +40,10 @@ class MutationConflict(CutoverError):
     """The reference was already used for a different mutation."""
 
 
+class CurrencyNotHeld(CutoverError):
+    """A user's balance asked for in a currency the user does not hold (a user has one)."""
+
+
 class StrictLedgerFailure(CutoverError):
     """The ledger refused a write the phase requires (strict, cutover, or the legacy mirror
     once custody is open), so the whole request failed. Carries what a StrictFailure row

@@ -12,6 +12,7 @@ from django.db.models import Count, Exists, Max, OuterRef, Q, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from cutover.exceptions import CurrencyNotHeld
 from cutover.models import (
     UNRESOLVED,
     BalanceMutation,
@@ -81,22 +82,26 @@ class BalanceReading:
     phase: str
 
 
-LEGACY_READ_SQL = "SELECT buying_power FROM balances WHERE user_id = %s AND currency = %s"
-LEDGER_READ_SQL = "SELECT balance FROM ledger_user_balances WHERE user_id = %s AND currency = %s"
+LEGACY_READ_SQL = "SELECT buying_power, currency FROM balances WHERE user_id = %s"
+LEDGER_READ_SQL = "SELECT balance, currency FROM ledger_user_balances WHERE user_id = %s"
 
 
 def balance_get(*, user_id: UUID, currency: str = "USDC") -> BalanceReading:
-    """The user's balance from the store the phase reads (0 for a user never seen)."""
+    """The user's balance from the store the phase reads (0 for a user never seen);
+    CurrencyNotHeld when that store holds the user in another currency (found from outside:
+    a user holding 25 USD read as 0 USDC, a funded user told they had nothing)."""
     state = phase_state()
     log_context_bind(phase=state.phase)  # the rest of the request's log lines name it
     source = read_source(state, user_id)
     with connection.cursor() as cursor:
         if source == "ledger":
-            cursor.execute(LEDGER_READ_SQL, [user_id, currency])
+            cursor.execute(LEDGER_READ_SQL, [user_id])
             ledger_metrics.account_balance_checked.labels(source="read").inc()
         else:
-            cursor.execute(LEGACY_READ_SQL, [user_id, currency])
+            cursor.execute(LEGACY_READ_SQL, [user_id])
         row = cursor.fetchone()
+    if row and row[1] != currency:
+        raise CurrencyNotHeld(f"user {user_id} holds {row[1]}, not {currency}")
     amount = row[0] if row else Decimal(0)
     return BalanceReading(user_id, currency, amount, source, state.phase)
 

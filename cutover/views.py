@@ -8,7 +8,12 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from cutover.balance_path import balance_mutate
-from cutover.exceptions import KillSwitchEngaged, MutationConflict, StrictLedgerFailure
+from cutover.exceptions import (
+    CurrencyNotHeld,
+    KillSwitchEngaged,
+    MutationConflict,
+    StrictLedgerFailure,
+)
 from cutover.models import Direction
 from cutover.selectors import balance_get
 from gateway.api import (
@@ -55,7 +60,11 @@ def balance_detail(request: HttpRequest, client: ApiClient, user_id: uuid.UUID):
     currency = request.GET.get("currency", "USDC")
     if currency not in CURRENCY_DECIMALS:
         raise ApiError(400, "invalid", f"unknown currency {currency!r}", "currency")
-    return 200, _reading(balance_get(user_id=user_id, currency=currency))
+    try:
+        return 200, _reading(balance_get(user_id=user_id, currency=currency))
+    except CurrencyNotHeld as exc:
+        message = f"{exc}: ask for ?currency=<the one held>"
+        raise ApiError(422, "conflict", message, "currency") from None
 
 
 def _mutation_request(request: HttpRequest, client: ApiClient) -> dict:

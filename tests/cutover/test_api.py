@@ -351,6 +351,27 @@ def test_a_balance_past_ten_to_the_22_reads_and_moves_exactly(client, user, serv
     )
 
 
+@pytest.mark.parametrize(("phase", "read_percent"), [("shadow", 0), ("read_switch", 100)])
+def test_a_balance_asked_in_a_currency_the_user_does_not_hold_is_422(
+    client, service, phase, read_percent
+):
+    """Found from outside: a user holding 25 USD read as 0 USDC (the default), in every phase:
+    a funded user told they had nothing. Now 422 naming `currency`; the held one reads."""
+    holder = legacy_user("25", currency="USD")
+    ledger_balance_set(holder, "25", currency="USD")
+    phase_set(phase, read_percent=read_percent)
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {service[1]}"}
+    for query in ("", "?currency=USDC"):
+        answer = client.get(f"/api/v1/users/{holder}/balance{query}", **headers)
+        assert answer.status_code == 422
+        assert answer.json()["error"]["field"] == "currency"
+        assert "holds USD" in answer.json()["error"]["message"]
+    answer = client.get(f"/api/v1/users/{holder}/balance?currency=USD", **headers)
+    assert (answer.status_code, answer.json()["balance"]) == (200, "25.00")
+    stranger = client.get(f"/api/v1/users/{uuid.uuid4()}/balance", **headers)  # never seen
+    assert (stranger.status_code, stranger.json()["balance"]) == (200, "0.000000")
+
+
 # --- a stalled request taken over (issue 9, item 11) -----------------------------------------
 
 
