@@ -7,6 +7,7 @@ console handler; a value a log call passes itself (`extra={"phase": ...}`) wins.
 Imported while logging is configured, before the apps are loaded: nothing here touches models."""
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -65,3 +66,17 @@ class LogContextFilter(logging.Filter):
             if not hasattr(record, name):
                 setattr(record, name, value)
         return True
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class PlainFormatter(logging.Formatter):
+    """LOG_FORMAT=plain: one line per record, a control character in its message (a request
+    path's %0a, a NUL, an operator's tab) written as an escape, so that no input can forge a
+    line of its own (found from outside: a path holding a newline wrote a fake "CRITICAL ...
+    rollback" line). A traceback stays as Python prints it, after the line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", record.message)
+        return super().formatMessage(record)

@@ -11,6 +11,8 @@ import logging
 import logging.config
 import os
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from django.conf import settings
@@ -132,7 +134,15 @@ def test_the_celery_worker_logs_json_at_info_with_its_task_id(tmp_path):
 def json_log():
     """The root logger also writes to a buffer as LOG_FORMAT=json's handler does (the
     settings' formatter and filter); yields a reader of the lines written so far."""
-    formatter_config = dict(settings.LOGGING["formatters"]["json"])
+    with log_written("json") as written:
+        yield lambda: [json.loads(line) for line in written().splitlines()]
+
+
+@contextmanager
+def log_written(log_format: str) -> Iterator[Callable[[], str]]:
+    """The root logger also writes to a buffer as LOG_FORMAT=`log_format`'s handler does;
+    yields a reader of what was written so far."""
+    formatter_config = dict(settings.LOGGING["formatters"][log_format])
     configurator = logging.config.DictConfigurator(settings.LOGGING)
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)
@@ -141,9 +151,23 @@ def json_log():
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        yield lambda: [json.loads(line) for line in buffer.getvalue().splitlines()]
+        yield buffer.getvalue
     finally:
         root.removeHandler(handler)
+
+
+@pytest.mark.django_db
+def test_a_request_cannot_forge_a_plain_log_line(client):
+    """Found from outside: a path holding an encoded newline wrote a line of its own, a fake
+    "CRITICAL ... rollback" among the real ones. Each record is one line, its control
+    characters escaped."""
+    forged = "2026-12-03 11:31:00,000 CRITICAL cutover.phase_machine rollback by admin:root"
+    path = "/api/v1/users/x%0a" + forged.replace(" ", "%20") + "%00/balance"
+    with log_written("plain") as written:
+        assert client.get(path).status_code == 400  # NUL in the path
+    lines = written().splitlines()
+    assert not any(line.startswith(forged) for line in lines)
+    assert any(f"x\\x0a{forged}\\x00/balance" in line for line in lines)
 
 
 @pytest.mark.django_db

@@ -139,7 +139,7 @@ LOGGING = {
     "filters": {"context": {"()": "gateway.log_context.LogContextFilter"}},
     "formatters": {
         "plain": {
-            "()": "logging.Formatter",
+            "()": "gateway.log_context.PlainFormatter",
             "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s "
             "[%(correlation_id)s %(actor)s %(phase)s]",
             "defaults": {"correlation_id": "-", "actor": "-", "phase": "-"},
