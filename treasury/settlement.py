@@ -5,11 +5,12 @@ job is not posted (the job is `disputed`, with an ALERT, for an operator); a fai
 job. This runs under the kill switch too: it records money that already moved."""
 
 import logging
+import time
 import uuid
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from gateway import boundary
@@ -20,7 +21,12 @@ from ledger.money import amount_parse
 from ledger.selectors import BUFFER_ACCOUNTS, system_account
 from ledger.services import Leg, system_account_gather, transaction_apply
 from treasury import due, metrics
-from treasury.exceptions import CallbackRejected, DueUnavailable, treasury_rules
+from treasury.exceptions import (
+    CallbackRejected,
+    DueUnavailable,
+    ProviderReferenceTaken,
+    treasury_rules,
+)
 from treasury.models import ConversionJob, JobStatus
 
 log = logging.getLogger(__name__)
@@ -29,6 +35,22 @@ log = logging.getLogger(__name__)
 # provider error or a different conversion, and is not posted.
 CONVERSION_TOLERANCE = Decimal("0.01")
 MAX_TIMESTAMP_DIGITS = 12  # Unix seconds (10 digits until the year 2286)
+# How far a callback's signed X-Due-Timestamp may be from our clock, either way: a captured
+# callback replayed later (its signature still good) is refused. Each delivery, a retry
+# included, is signed afresh with the time it is sent (the sandbox does so).
+CALLBACK_TOLERANCE_SECONDS = 300
+# The longest conversion id a job can record (treasury_conversion_jobs.provider_reference).
+PROVIDER_REFERENCE_MAX = ConversionJob._meta.get_field("provider_reference").max_length
+TIMESTAMP_OUTSIDE_WINDOW = (
+    "X-Due-Timestamp is {skew:+d} s from our clock; a callback is accepted only within "
+    "{tolerance} s either way (a replayed or delayed delivery)"
+)
+ID_TOO_LONG = "data.id is longer than {limit} characters: no conversion id we can record"
+ID_TAKEN = (
+    "data.id {conversion_id!r} is already job {owner}'s conversion, yet the callback names "
+    "job {job}'s key as its reference: the provider contradicts what we recorded; refused, "
+    "for an operator"
+)
 
 
 def job_save(job: ConversionJob) -> None:
@@ -149,8 +171,10 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
 def callback_receive(*, body: bytes, timestamp: str, signature: str) -> str:
     """A provider's signed callback about a conversion: verified (HMAC with DUE_API_SECRET),
     then settled like a poll's answer; duplicates change nothing. What no retry can make
-    acceptable (a malformed timestamp, a body that is no conversion, text PostgreSQL cannot
-    store) is CallbackRejected naming the field."""
+    acceptable (a malformed timestamp or one more than CALLBACK_TOLERANCE_SECONDS from our
+    clock, a body that is no conversion, text PostgreSQL cannot store, a `data.id` longer than
+    a job can record) is CallbackRejected naming the field; a `data.id` another job holds is
+    ProviderReferenceTaken. Nothing is written for any of them."""
     if not settings.DUE_API_SECRET:
         raise CallbackRejected("DUE_API_SECRET is not configured")
     if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= MAX_TIMESTAMP_DIGITS):
@@ -167,6 +191,16 @@ def callback_receive(*, body: bytes, timestamp: str, signature: str) -> str:
         raise CallbackRejected(f"the body is not a Due conversion: {exc}", exc.field) from None
     except DueUnavailable:
         raise CallbackRejected("the body is not a Due conversion") from None
+    # Its age, once it is known to be Due's (a forgery is told only of its signature) and
+    # before anything is read or written; what the body holds is refused alike at any age.
+    skew = int(timestamp) - int(time.time())
+    if abs(skew) > CALLBACK_TOLERANCE_SECONDS:
+        raise CallbackRejected(
+            TIMESTAMP_OUTSIDE_WINDOW.format(skew=skew, tolerance=CALLBACK_TOLERANCE_SECONDS),
+            "X-Due-Timestamp",
+        )
+    if len(conversion["id"]) > PROVIDER_REFERENCE_MAX:
+        raise CallbackRejected(ID_TOO_LONG.format(limit=PROVIDER_REFERENCE_MAX), "data.id")
     job = _job_by_reference_adopt(conversion) or (
         ConversionJob.objects.filter(provider_reference=conversion["id"]).first()
     )
@@ -178,7 +212,9 @@ def callback_receive(*, body: bytes, timestamp: str, signature: str) -> str:
 def _job_by_reference_adopt(conversion: dict) -> ConversionJob | None:
     """A signed callback about a conversion we never got the answer for (its submit's answer
     was lost): its `reference` is the job's idempotency key, so the job learns its provider
-    reference here and the completion is booked now rather than at the next lookup."""
+    reference here and the completion is booked now rather than at the next lookup.
+    A conversion id another job already holds is ProviderReferenceTaken (nothing written): one
+    conversion cannot be two jobs', and which one Due means is for an operator to find out."""
     try:
         key = uuid.UUID(str(conversion.get("reference") or ""))
     except ValueError:
@@ -195,12 +231,31 @@ def _job_by_reference_adopt(conversion: dict) -> ConversionJob | None:
         )
         if job is None:
             return None
+        _provider_reference_free(job, conversion["id"])
         job.provider_reference = conversion["id"]
         if job.status == JobStatus.PENDING:
             job.status = JobStatus.SUBMITTED
         job.submitted_at = job.submitted_at or timezone.now()
-        job_save(job)
+        try:
+            job_save(job)
+        except IntegrityError:  # another job recorded the id meanwhile (its unique constraint)
+            _provider_reference_free(job, conversion["id"])
+            raise
     log.warning(
         "treasury: job %s learnt its reference %s from a callback", job.pk, job.provider_reference
     )
     return job
+
+
+def _provider_reference_free(job: ConversionJob, conversion_id: str) -> None:
+    """ProviderReferenceTaken when a job other than `job` holds `conversion_id`."""
+    owner = (
+        ConversionJob.objects.filter(provider_reference=conversion_id)
+        .exclude(pk=job.pk)
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if owner is not None:
+        raise ProviderReferenceTaken(
+            ID_TAKEN.format(conversion_id=conversion_id, owner=owner, job=job.pk)
+        )

@@ -59,7 +59,8 @@ def due_callback(request: HttpRequest) -> JsonResponse:
         )
     except JobRefused as exc:  # the job's rules refused the change: retrying cannot help
         log.error("ALERT treasury: due callback not applied: %s", exc)
-        return JsonResponse({"error": {"code": "refused", "message": str(exc)}}, status=409)
+        error = ApiError(409, "refused", str(exc), getattr(exc, "field", None))
+        return JsonResponse(error.body(), status=error.status)
     except LedgerError as exc:  # nothing applied; the provider's retry or the monitor settles it
         return JsonResponse({"error": {"code": "not_applied", "message": str(exc)}}, status=503)
     return JsonResponse({"status": status})
