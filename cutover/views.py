@@ -82,10 +82,9 @@ def _mutation_request(request: HttpRequest, client: ApiClient) -> dict:
     except InvalidAmount as exc:
         raise ApiError(400, "invalid", str(exc), "amount") from None
     reason = data.get("reason", "api")
-    if not isinstance(reason, str) or not reason or len(reason) > MAX_REASON_LENGTH:
-        raise ApiError(
-            400, "invalid", f"reason must be 1..{MAX_REASON_LENGTH} characters", "reason"
-        )
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_LENGTH:
+        message = f"reason must be 1..{MAX_REASON_LENGTH} characters, not only spaces"
+        raise ApiError(400, "invalid", message, "reason")
     scope_require(client, direction)  # the credit and debit scopes
     return {"direction": direction, "amount": amount, "currency": currency, "reason": reason}
 

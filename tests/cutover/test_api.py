@@ -129,6 +129,7 @@ def test_missing_idempotency_key_is_400(client, user, service):
         ),
         ({**CREDIT, "currency": "EUR"}, "currency"),
         ({**CREDIT, "reason": ""}, "reason"),
+        ({**CREDIT, "reason": " \t "}, "reason"),  # found from outside: accepted
     ],
 )
 def test_bad_fields_are_400_naming_the_field(client, user, service, body, field):
