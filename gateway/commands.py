@@ -2,9 +2,11 @@
 their output, alike in every command: `--json` for scripts, plain words for people, refusals
 that name the flag."""
 
+import argparse
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from datetime import date
 from decimal import Decimal
 
@@ -19,6 +21,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from gateway.boundary import printable_ascii
+
 # The width of a command's tables when its output is a file or a pipe (a CI log, `| tee`), where
 # rich would assume 80 columns and cut a benchmark's headers to "…" (COLUMNS still decides).
 LOG_WIDTH = 200
@@ -31,12 +35,103 @@ def command_console(out, *, quiet: bool = False) -> Console:
     return Console(file=out, quiet=quiet, width=width)
 
 
-def positive_int(value: str) -> int:
-    """argparse type for counts: a whole number of at least 1."""
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
+# The largest whole numbers PostgreSQL's integer and bigint hold: a count or size a command hands
+# to SQL as an integer (a chunk of users, a LIMIT) stays within the first, a row's id the second.
+PG_INTEGER_MAX = 2**31 - 1
+PG_BIGINT_MAX = 2**63 - 1
+# An operator's written reason (kept in audit rows as text): a few sentences, not a document.
+REASON_MAX_LENGTH = 1000
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,30}")
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """argparse type for a whole number from `low` to `high` (ASCII digits, no sign), refused
+    naming the range: `argument --port: invalid positive_int value: '99999' (a whole number
+    from 1 to 65,535)`. Bounded so that no flag can reach a timedelta, a thread count or an SQL
+    integer the code or PostgreSQL cannot take."""
+    kind = "positive_int" if low >= 1 else "int"
+
+    def whole_number(value: str) -> int:
+        if _WHOLE_NUMBER.fullmatch(value) and low <= int(value) <= high:
+            return int(value)
+        raise argparse.ArgumentTypeError(
+            f"invalid {kind} value: {_shown(value)} (a whole number from {low:,} to {high:,})"
+        )
+
+    whole_number.__name__ = kind
+    return whole_number
+
+
+# Counts and sizes: a whole number of at least 1 that PostgreSQL's integer holds.
+positive_int = bounded_int(1, PG_INTEGER_MAX)
+# A row's id (bigint).
+record_id = bounded_int(1, PG_BIGINT_MAX)
+# A TCP port to listen on.
+port_number = bounded_int(1, 65_535)
+
+
+def printable_text(max_length: int) -> Callable[[str], str]:
+    """argparse type for free text an operator writes (a reason, a provider's name): at most
+    `max_length` printable characters (str.isprintable: any script, spaces included). Refused,
+    before anything is written, when it holds what PostgreSQL cannot store as text (a NUL; an
+    unpaired surrogate: how Python passes on bytes of an argument that are not UTF-8, see
+    gateway.boundary) or a control character (a tab, a newline). Empty text passes: whether a
+    flag needs some is the command's to say (written_reason)."""
+
+    def text(value: str) -> str:
+        unprintable = next((char for char in value if not char.isprintable()), None)
+        if unprintable is not None:
+            raise argparse.ArgumentTypeError(
+                f"holds {_character(unprintable)} at character {value.index(unprintable) + 1}; "
+                "only printable UTF-8 text is taken (no NUL, tab, newline or other control "
+                "character)"
+            )
+        if len(value) > max_length:
+            raise argparse.ArgumentTypeError(f"{len(value):,} characters, at most {max_length:,}")
+        return value
+
+    text.__name__ = "text"
+    return text
+
+
+# A reason for the audit (`--reason`).
+reason_text = printable_text(REASON_MAX_LENGTH)
+
+
+def ascii_word(max_length: int) -> Callable[[str], str]:
+    """argparse type for a name or an id (a client's name, a queue, a database, a URL): 1 to
+    `max_length` printable ASCII characters without spaces (gateway.boundary.printable_ascii,
+    as the input boundary takes a token)."""
+
+    def word(value: str) -> str:
+        if not printable_ascii(value, max_length=max_length):
+            raise argparse.ArgumentTypeError(
+                f"expected 1 to {max_length:,} printable ASCII characters without spaces, "
+                f"got {_shown(value)}"
+            )
+        return value
+
+    word.__name__ = "word"
+    return word
+
+
+def written_reason(reason: str, what: str) -> str:
+    """`reason` when it says something, else CommandError as the services refuse a blank
+    one (ReasonRequired): `<what> needs a written --reason`."""
+    if not reason.strip():
+        raise CommandError(f"{what} needs a written --reason")
+    return reason
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """An argument as an error quotes it: its repr (escapes, one line), cut after `limit`."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+def _character(char: str) -> str:
+    if "\udc80" <= char <= "\udcff":  # Python's stand-in for a byte that is not UTF-8
+        return f"byte 0x{ord(char) - 0xDC00:02x} (not UTF-8)"
+    return f"{char!r}"
 
 
 def progress_bar(console: Console, label: str) -> Progress:

@@ -4,7 +4,18 @@
 from django.core.management.base import CommandParser
 
 from cutover.phases import ORDER
-from gateway.commands import positive_int
+from gateway.commands import PG_INTEGER_MAX, ascii_word, bounded_int, positive_int
+
+# Upper bounds of the benchmarks' counts, beyond which a run cannot be what was meant: a client
+# or sender is a connection (PostgreSQL serves 100 by default), a worker a Celery process.
+MAX_CLIENTS = 1_000
+MAX_WORKERS = 64
+MAX_SECONDS = 24 * 3600
+MAX_RPS = 100_000
+clients_count = bounded_int(1, MAX_CLIENTS)
+workers_count = bounded_int(1, MAX_WORKERS)
+seconds_count = bounded_int(1, MAX_SECONDS)
+rate = bounded_int(1, MAX_RPS)
 
 
 def bench_arguments_add(parser: CommandParser) -> None:
@@ -23,13 +34,14 @@ def bench_arguments_add(parser: CommandParser) -> None:
     )
     posting.add_argument(
         "--clients",
-        type=positive_int,
+        type=clients_count,
         nargs="+",
         default=[4],
-        help="concurrent clients; several values run one after another (4)",
+        help=f"concurrent clients, at most {MAX_CLIENTS:,}; several values run one after "
+        "another (4)",
     )
     posting.add_argument(
-        "--seconds", type=positive_int, default=10, help="seconds per measurement (10)"
+        "--seconds", type=seconds_count, default=10, help="seconds per measurement (10)"
     )
     posting.add_argument(
         "--accounts", type=positive_int, default=1000, help="accounts to spread over (1000)"
@@ -59,11 +71,11 @@ def bench_arguments_add(parser: CommandParser) -> None:
     )
     reconcile.add_argument(
         "--workers",
-        type=positive_int,
+        type=workers_count,
         nargs="+",
         default=[1, 2],
-        help="Celery worker replicas (one pool process each); several values run one "
-        "after another on the same seeded database (1 2)",
+        help=f"Celery worker replicas (one pool process each, at most {MAX_WORKERS}); several "
+        "values run one after another on the same seeded database (1 2)",
     )
     seeded = reconcile.add_mutually_exclusive_group()
     seeded.add_argument(
@@ -74,6 +86,7 @@ def bench_arguments_add(parser: CommandParser) -> None:
     )
     seeded.add_argument(
         "--reuse",
+        type=ascii_word(63),
         metavar="DATABASE",
         help="time against a database seeded with --seed-only (same --users and "
         "--differences); it is kept",
@@ -86,8 +99,8 @@ def bench_arguments_add(parser: CommandParser) -> None:
         "in read_switch at 100 %%, after 2 s of the same load not counted (the "
         "workers' first requests); goal: p99 < 25 ms at 200 requests/s",
     )
-    reads.add_argument("--rps", type=positive_int, default=200, help="requests/s (200)")
-    reads.add_argument("--seconds", type=positive_int, default=20, help="duration (20)")
+    reads.add_argument("--rps", type=rate, default=200, help="requests/s (200)")
+    reads.add_argument("--seconds", type=seconds_count, default=20, help="duration (20)")
     reads.add_argument("--users", type=positive_int, default=10_000, help="users (10,000)")
     reads.add_argument("--json", action="store_true", help="print the results as JSON")
 
@@ -101,8 +114,10 @@ def bench_arguments_add(parser: CommandParser) -> None:
         "senders; the CPU per accepted notification of gunicorn, PostgreSQL and the senders "
         "for each",
     )
-    webhooks.add_argument("--senders", type=positive_int, default=10, help="senders (10)")
-    webhooks.add_argument("--seconds", type=positive_int, default=15, help="duration (15)")
+    webhooks.add_argument(
+        "--senders", type=clients_count, default=10, help=f"senders, at most {MAX_CLIENTS:,} (10)"
+    )
+    webhooks.add_argument("--seconds", type=seconds_count, default=15, help="duration (15)")
     webhooks.add_argument("--users", type=positive_int, default=1000, help="users (1,000)")
     webhooks.add_argument(
         "--redeliver",
@@ -122,24 +137,23 @@ def bench_arguments_add(parser: CommandParser) -> None:
     backfill.add_argument("--users", type=positive_int, default=1_000_000, help="users (1,000,000)")
     backfill.add_argument(
         "--old-users",
-        type=int,
+        type=bounded_int(0, PG_INTEGER_MAX),
         default=5_000,
         help="users for the per-user path, too slow for N (5,000; 0: not run)",
     )
     backfill.add_argument(
         "--chunk-size", type=positive_int, default=500, help="users per chunk (500)"
     )
-    backfill.add_argument(
-        "--rps", type=positive_int, default=50, help="live mutations a second (50)"
-    )
+    backfill.add_argument("--rps", type=rate, default=50, help="live mutations a second (50)")
     backfill.add_argument(
         "--workers",
-        type=positive_int,
+        type=workers_count,
         nargs="+",
         default=None,
         help="run the chunked backfill by this many real Celery workers taking its ranges "
-        "(one pool process each; the leader message `cutover.backfill`), several values one "
-        "after another, each on a database seeded afresh (default: in a process of its own)",
+        f"(one pool process each, at most {MAX_WORKERS}; the leader message "
+        "`cutover.backfill`), several values one after another, each on a database seeded "
+        "afresh (default: in a process of its own)",
     )
     backfill.add_argument(
         "--range-users",

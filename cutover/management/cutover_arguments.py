@@ -8,13 +8,20 @@ from decimal import Decimal
 from django.core.management.base import CommandParser
 
 from cutover.phases import ORDER
-from gateway.commands import positive_int
-from gateway.models import ApiScope
+from gateway.commands import ascii_word, bounded_int, positive_int, printable_text, reason_text
+from gateway.models import ApiClient, ApiScope
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from ledger.selectors import BUFFER_ACCOUNTS
 
 PHASES = [phase.value for phase in ORDER]
+# Celery workers one backfill asks to help (`--helpers`): more than a run has ranges is idle.
+MAX_BACKFILL_HELPERS = 1_000
+# A balance API client's name (`--name`): a word, as `api:<name>` attributes its changes.
+CLIENT_NAME_MAX_LENGTH = ApiClient._meta.get_field("name").max_length
+client_name = ascii_word(CLIENT_NAME_MAX_LENGTH)
+# Who reported a custody balance (`--source`), as custody_open stores it.
+custody_source = printable_text(64)
 
 
 def percent(value: str) -> int:
@@ -66,12 +73,16 @@ def cutover_arguments_add(parser: CommandParser) -> None:
     advance.add_argument(
         "--force", action="store_true", help="advance although the gate is not met"
     )
-    advance.add_argument("--reason", default="", help="why (required with --force)")
+    advance.add_argument(
+        "--reason", type=reason_text, default="", help="why (required with --force)"
+    )
     advance.add_argument("--json", action="store_true", help="print the audit record as JSON")
 
     rollback = sub.add_parser("rollback", help="emergency rollback to legacy in one step")
     rollback.add_argument(
-        "--reason", help="why (recorded in the audit trail; required unless --dry-run)"
+        "--reason",
+        type=reason_text,
+        help="why (recorded in the audit trail; required unless --dry-run)",
     )
     rollback.add_argument(
         "--dry-run",
@@ -97,14 +108,18 @@ def cutover_arguments_add(parser: CommandParser) -> None:
     )
     backfill.add_argument(
         "--helpers",
-        type=int,
+        type=bounded_int(0, MAX_BACKFILL_HELPERS),
         default=0,
         metavar="N",
         help="also ask N Celery workers (`cutover.backfill_ranges`, through --queue) to "
-        "take the run's ranges beside this process (0: this process alone)",
+        "take the run's ranges beside this process (0: this process alone; at most "
+        f"{MAX_BACKFILL_HELPERS:,})",
     )
     backfill.add_argument(
-        "--queue", default=None, help="the Celery queue the helpers are asked through"
+        "--queue",
+        type=ascii_word(255),
+        default=None,
+        help="the Celery queue the helpers are asked through",
     )
     backfill.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -118,7 +133,13 @@ def cutover_arguments_add(parser: CommandParser) -> None:
     client = sub.add_parser(
         "client", help="create a balance API client and print its bearer token once"
     )
-    client.add_argument("--name", required=True, help="a unique name for the caller")
+    client.add_argument(
+        "--name",
+        type=client_name,
+        required=True,
+        help=f"a unique name for the caller: up to {CLIENT_NAME_MAX_LENGTH} printable ASCII "
+        "characters, no spaces",
+    )
     client.add_argument(
         "--user-id",
         type=uuid.UUID,
@@ -145,7 +166,9 @@ def cutover_arguments_add(parser: CommandParser) -> None:
         help="the most moved in each direction (in: credits; out: debits and withdrawals) "
         "over any 24 hours (default: no cap)",
     )
-    client.add_argument("--reason", default="", help="why, for the operator audit")
+    client.add_argument(
+        "--reason", type=reason_text, default="", help="why, for the operator audit"
+    )
     client.add_argument("--json", action="store_true", help="print JSON")
 
     custody = sub.add_parser(
@@ -168,9 +191,11 @@ def cutover_arguments_add(parser: CommandParser) -> None:
         help="the provider's reported balance, a plain decimal (0 allowed, never negative)",
     )
     custody_open_parser.add_argument(
-        "--source", required=True, help="who reported it (e.g. circle, due)"
+        "--source", type=custody_source, required=True, help="who reported it (e.g. circle, due)"
     )
-    custody_open_parser.add_argument("--reason", required=True, help="why (recorded)")
+    custody_open_parser.add_argument(
+        "--reason", type=reason_text, required=True, help="why (recorded)"
+    )
     custody_open_parser.add_argument("--json", action="store_true", help="print JSON")
     custody_status_parser = custody_sub.add_parser(
         "status", help="per currency: opened or not, the buffer's balance, open discrepancies"
@@ -183,10 +208,10 @@ def cutover_arguments_add(parser: CommandParser) -> None:
         "`balances` into the schema legacy_archive, empty it and close both to writes "
         "(audited; once: a second run changes nothing; afterwards no rollback)",
     )
-    archive.add_argument("--reason", required=True, help="why (recorded)")
+    archive.add_argument("--reason", type=reason_text, required=True, help="why (recorded)")
     archive.add_argument("--json", action="store_true", help="print the archive as JSON")
 
     killswitch = sub.add_parser("killswitch", help="stop or resume every money mutation")
     killswitch.add_argument("state", choices=["on", "off"], help="on stops, off resumes")
-    killswitch.add_argument("--reason", required=True, help="why (recorded)")
+    killswitch.add_argument("--reason", type=reason_text, required=True, help="why (recorded)")
     killswitch.add_argument("--json", action="store_true", help="print the audit record as JSON")

@@ -305,7 +305,8 @@ def test_the_backfill_command_refuses_bad_flags_naming_them_and_opens_no_run():
     named (a negative helper count, a range or chunk of no users, not a number)."""
     legacy_users(5)
     refusals = [
-        (("--helpers", "-1"), "--helpers: 0 or more workers"),
+        (("--helpers", "-1"), "argument --helpers: invalid int value: '-1' (a whole number"),
+        (("--chunk-size", "3000000000"), "--chunk-size: invalid positive_int value"),
         (("--helpers", "two"), "argument --helpers: invalid int value: 'two'"),
         (("--range-users", "0"), "argument --range-users: invalid positive_int value: '0'"),
         (("--chunk-size", "0"), "argument --chunk-size: invalid positive_int value: '0'"),

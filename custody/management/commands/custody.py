@@ -7,7 +7,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from custody.services import SOURCES, custody_open_from_providers, custody_reconcile_from_providers
 from cutover.actors import Actor
 from cutover.exceptions import CutoverError
-from gateway.commands import flag_error, json_text, plain
+from gateway.commands import flag_error, json_text, plain, reason_text
 from ledger.exceptions import LedgerError
 from onchain.exceptions import OnchainError
 from treasury.exceptions import TreasuryError
@@ -30,7 +30,9 @@ class Command(BaseCommand):
             choices=sorted(SOURCES),
             help="only this buffer (repeatable; default: every buffer)",
         )
-        opening.add_argument("--reason", required=True, help="why (recorded in the audit)")
+        opening.add_argument(
+            "--reason", type=reason_text, required=True, help="why (recorded in the audit)"
+        )
         opening.add_argument("--json", action="store_true", help="print JSON")
         reconcile = sub.add_parser("reconcile", help="compare the buffers with the providers")
         reconcile.add_argument("--json", action="store_true", help="print JSON")

@@ -12,7 +12,18 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from cutover.actors import Actor
 from cutover.exceptions import CutoverError
-from gateway.commands import flag_error, json_text, plain, positive_int
+from gateway.commands import (
+    ascii_word,
+    bounded_int,
+    flag_error,
+    json_text,
+    plain,
+    port_number,
+    positive_int,
+    reason_text,
+    record_id,
+    written_reason,
+)
 from ledger.exceptions import InvalidAmount, LedgerError
 from ledger.money import amount_parse
 from onchain.addresses import deposit_address_add, deposit_address_remove
@@ -37,6 +48,10 @@ ADDRESS_FLAGS = {
     "user_id": "--user",
     "currency": "--currency",
 }
+# How far back `poll --hours` may look: a year (and never past what a datetime holds).
+MAX_POLL_HOURS = 366 * 24
+# A Circle notificationId as stored (CircleNotification.notification_id).
+notification_id_type = ascii_word(CircleNotification._meta.get_field("notification_id").max_length)
 # What a deposit address's --json carries (`address add`, `remove`, `list`).
 ADDRESS_FIELDS = ["chain", "address", "user_id", "currency", "created_at"]
 # What a withdrawal's --json carries (`withdraw`, `resend`, `cancel`, `withdrawals`).
@@ -67,8 +82,12 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         replay = sub.add_parser("replay", help="process a stored notification again (idempotent)")
-        replay.add_argument("notification_id", help="Circle's notificationId")
-        replay.add_argument("--reason", default="", help="why (kept in the operator audit)")
+        replay.add_argument(
+            "notification_id", type=notification_id_type, help="Circle's notificationId"
+        )
+        replay.add_argument(
+            "--reason", type=reason_text, default="", help="why (kept in the operator audit)"
+        )
         replay.add_argument("--json", action="store_true", help="print the outcome as JSON")
         send = sub.add_parser("send", help="send due withdrawals to Circle now (the worker's pass)")
         send.add_argument("--limit", type=positive_int, default=100, help="at most (100)")
@@ -77,7 +96,11 @@ class Command(BaseCommand):
             "poll", help="ask Circle for recent inbound transfers and submitted withdrawals"
         )
         poll.add_argument(
-            "--hours", type=positive_int, default=None, help="look back this many hours"
+            "--hours",
+            type=bounded_int(1, MAX_POLL_HOURS),
+            default=None,
+            help=f"look back this many hours, at most {MAX_POLL_HOURS:,} (a year; default: "
+            "ONCHAIN_DEPOSIT_POLL_LOOKBACK)",
         )
         poll.add_argument("--json", action="store_true", help="print the report as JSON")
         withdraw = sub.add_parser("withdraw", help="hold a user's USDC and queue its withdrawal")
@@ -89,8 +112,10 @@ class Command(BaseCommand):
         )
         withdraw.add_argument("--json", action="store_true", help="print the withdrawal as JSON")
         resend = sub.add_parser("resend", help="send a dead withdrawal again (same key)")
-        resend.add_argument("withdrawal", type=positive_int, help="the withdrawal's id")
-        resend.add_argument("--reason", default="", help="why (kept in the operator audit)")
+        resend.add_argument("withdrawal", type=record_id, help="the withdrawal's id")
+        resend.add_argument(
+            "--reason", type=reason_text, default="", help="why (kept in the operator audit)"
+        )
         resend.add_argument("--json", action="store_true", help="print the withdrawal as JSON")
         cancel = sub.add_parser(
             "cancel",
@@ -99,9 +124,12 @@ class Command(BaseCommand):
                 "transfer Circle has is not cancelled but follows Circle's status"
             ),
         )
-        cancel.add_argument("withdrawal", type=positive_int, help="the withdrawal's id")
+        cancel.add_argument("withdrawal", type=record_id, help="the withdrawal's id")
         cancel.add_argument(
-            "--reason", required=True, help="why (kept on the withdrawal and in the audit)"
+            "--reason",
+            type=reason_text,
+            required=True,
+            help="why (kept on the withdrawal and in the audit)",
         )
         cancel.add_argument("--json", action="store_true", help="print the withdrawal as JSON")
         listing = sub.add_parser("withdrawals", help="list withdrawals")
@@ -112,9 +140,14 @@ class Command(BaseCommand):
             "sandbox",
             help="serve the Circle sandbox until interrupted; point CIRCLE_API_BASE_URL at it",
         )
-        sandbox.add_argument("--port", type=int, default=8099, help="port on 127.0.0.1 (8099)")
         sandbox.add_argument(
-            "--subscriber", default=None, help="the webhook URL to notify of transfers"
+            "--port", type=port_number, default=8099, help="port on 127.0.0.1, 1..65535 (8099)"
+        )
+        sandbox.add_argument(
+            "--subscriber",
+            type=ascii_word(2048),
+            default=None,
+            help="the webhook URL to notify of transfers",
         )
         sandbox.add_argument(
             "--settle",
@@ -140,7 +173,9 @@ class Command(BaseCommand):
         add.add_argument("--chain", required=True, help=f"one of {', '.join(sorted(CHAINS))}")
         add.add_argument("--user", required=True, help="the user's UUID")
         add.add_argument("--currency", default="USDC", help="what it receives (USDC)")
-        add.add_argument("--reason", required=True, help="why (kept in the operator audit)")
+        add.add_argument(
+            "--reason", type=reason_text, required=True, help="why (kept in the operator audit)"
+        )
         add.add_argument("--json", action="store_true", help="print JSON")
         listing = actions.add_parser("list", help="list registered deposit addresses")
         listing.add_argument("--user", default=None, help="only this user's (a UUID)")
@@ -150,7 +185,9 @@ class Command(BaseCommand):
         )
         remove.add_argument("--address", required=True, help="the address (EVM: any case)")
         remove.add_argument("--chain", required=True, help="its chain")
-        remove.add_argument("--reason", required=True, help="why (kept in the operator audit)")
+        remove.add_argument(
+            "--reason", type=reason_text, required=True, help="why (kept in the operator audit)"
+        )
         remove.add_argument("--json", action="store_true", help="print JSON")
 
     def handle(self, *args, **options) -> None:
@@ -257,7 +294,7 @@ class Command(BaseCommand):
                 user_id=self._user(options["user"]),
                 currency=options["currency"],
                 actor=Actor.command_line(),
-                reason=options["reason"],
+                reason=written_reason(options["reason"], "adding a deposit address"),
             )
             if options["json"]:
                 data = {
@@ -276,14 +313,14 @@ class Command(BaseCommand):
                 address=options["address"],
                 chain=options["chain"],
                 actor=Actor.command_line(),
-                reason=options["reason"],
+                reason=written_reason(options["reason"], "removing a deposit address"),
             )
             if options["json"]:
                 self.stdout.write(json_text({**_address_data(row), "removed": True}))
                 return
             self.stdout.write(f"{row} removed (it was {row.user_id}'s)")
         else:
-            user = options["user"] and self._user(options["user"])
+            user = None if options["user"] is None else self._user(options["user"])
             data = list(deposit_address_list(user_id=user).values(*ADDRESS_FIELDS))
             if options["json"]:
                 self.stdout.write(json_text(data))
@@ -317,9 +354,15 @@ class Command(BaseCommand):
             )
         except InvalidAmount as exc:
             raise CommandError(f"--wallet-balance: {exc}") from None
-        with CircleSandbox(
-            port=options["port"], subscriber=options["subscriber"], settle=options["settle"]
-        ) as sandbox:
+        try:
+            served = CircleSandbox(
+                port=options["port"], subscriber=options["subscriber"], settle=options["settle"]
+            )
+        except OSError as exc:  # the port is taken, or below 1024 without the right
+            raise CommandError(
+                f"--port: cannot listen on 127.0.0.1:{options['port']}: {exc.strerror}"
+            ) from None
+        with served as sandbox:
             sandbox.wallet_balance = balance
             self.stdout.write(
                 f"Circle sandbox at {sandbox.base_url}, signing key id {sandbox.key_id}"

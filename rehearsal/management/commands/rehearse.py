@@ -11,7 +11,8 @@ from rich.table import Table
 
 from config.cockpit_charts import run_charts
 from cutover.exceptions import CutoverError
-from gateway.commands import command_console, json_text, positive_int, progress_bar
+from gateway.commands import bounded_int, command_console, json_text, positive_int, progress_bar
+from rehearsal.bench_arguments import MAX_WORKERS
 from rehearsal.rehearsal import Rehearsal
 from rehearsal.report_html import report_html
 from rehearsal.runtime import ScratchDatabaseError, database_ready, scratch_database
@@ -33,7 +34,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--users", type=positive_int, default=500, help="synthetic users (500)")
         parser.add_argument(
-            "--workers", type=positive_int, default=4, help="concurrent worker processes (4)"
+            "--workers",
+            type=bounded_int(1, MAX_WORKERS),
+            default=4,
+            help=f"concurrent worker processes, at most {MAX_WORKERS} (4)",
         )
         parser.add_argument(
             "--operations",

@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from cutover.actors import Actor
-from gateway.commands import json_text, plain
+from gateway.commands import ascii_word, json_text, plain, port_number
 from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import TreasuryError
 from treasury.monitor import monitor_run
@@ -39,8 +39,15 @@ class Command(BaseCommand):
             help="serve the Due sandbox until interrupted (DUE_API_KEY/DUE_API_SECRET); point "
             "DUE_API_BASE_URL at it",
         )
-        sandbox.add_argument("--port", type=int, default=8098, help="port on 127.0.0.1 (8098)")
-        sandbox.add_argument("--callback", default=None, help="URL to call back completions")
+        sandbox.add_argument(
+            "--port", type=port_number, default=8098, help="port on 127.0.0.1, 1..65535 (8098)"
+        )
+        sandbox.add_argument(
+            "--callback",
+            type=ascii_word(2048),
+            default=None,
+            help="URL to call back completions",
+        )
 
     def handle(self, *args, **options) -> None:
         try:
@@ -86,12 +93,18 @@ class Command(BaseCommand):
     def _sandbox(self, options) -> None:
         if not settings.DUE_API_KEY or not settings.DUE_API_SECRET:
             raise CommandError("DUE_API_KEY and DUE_API_SECRET must be set for the sandbox")
-        with DueSandbox(
-            port=options["port"],
-            api_key=settings.DUE_API_KEY,
-            api_secret=settings.DUE_API_SECRET,
-            callback=options["callback"],
-        ) as sandbox:
+        try:
+            served = DueSandbox(
+                port=options["port"],
+                api_key=settings.DUE_API_KEY,
+                api_secret=settings.DUE_API_SECRET,
+                callback=options["callback"],
+            )
+        except OSError as exc:  # the port is taken, or below 1024 without the right
+            raise CommandError(
+                f"--port: cannot listen on 127.0.0.1:{options['port']}: {exc.strerror}"
+            ) from None
+        with served as sandbox:
             self.stdout.write(f"Due sandbox at {sandbox.base_url}")
             try:
                 while True:
