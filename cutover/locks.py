@@ -17,6 +17,9 @@ TASK_DELIVERY_LOCK = 7_401_006
 # With a second key, the notification id's hash: one delivery of a Circle notification id is
 # stored and applied at a time (onchain_deposit_notification_accept, onchain/sql/onchain.sql).
 CIRCLE_NOTIFICATION_LOCK = 7_401_007
+# Session-level, in a scratch database itself, by the session that made it, for as long as it
+# is in use (rehearsal.runtime.scratch_database): free, the database is a killed run's orphan.
+SCRATCH_DATABASE_LOCK = 7_401_008
 
 REGISTRY = {
     "phase": PHASE_LOCK,
@@ -26,4 +29,5 @@ REGISTRY = {
     "circle_transfer": CIRCLE_TRANSFER_LOCK,
     "task_delivery": TASK_DELIVERY_LOCK,
     "circle_notification": CIRCLE_NOTIFICATION_LOCK,
+    "scratch_database": SCRATCH_DATABASE_LOCK,
 }

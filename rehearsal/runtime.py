@@ -21,6 +21,7 @@ from django.core.servers.basehttp import (
 )
 from django.db import DatabaseError, connections
 
+from cutover.locks import SCRATCH_DATABASE_LOCK
 from rehearsal import embedded_db
 
 
@@ -48,12 +49,11 @@ class ScratchDatabaseError(RuntimeError):
     pass
 
 
-# A scratch database is marked with this comment while the session that made it lives (it holds
-# SCRATCH_LOCK in the database itself). One whose maker was killed before it could drop it
-# (kill -9, a lost machine) is found by the next scratch_database, which can take the lock, and
-# dropped: a killed benchmark used to leave its database, a copy of a million users, behind.
+# A scratch database is marked with this comment while the session that made it lives (it
+# holds SCRATCH_DATABASE_LOCK in the database itself). One whose maker was killed before it
+# could drop it (kill -9, a lost machine) is found by the next scratch_database, which can take
+# the lock, and dropped: a killed benchmark used to leave its database (a million users) behind.
 SCRATCH_COMMENT = "ledger-cutover scratch database; dropped when the session that made it ends"
-SCRATCH_LOCK = 7401901
 log = logging.getLogger("rehearsal")
 
 
@@ -75,7 +75,7 @@ def scratch_database(prefix: str, keep: bool = False) -> Iterator[str]:
         ) from None
     holder = _scratch_connect(name)
     try:
-        holder.execute("SELECT pg_advisory_lock(%s)", [SCRATCH_LOCK])
+        holder.execute("SELECT pg_advisory_lock(%s)", [SCRATCH_DATABASE_LOCK])
         holder.execute(f"COMMENT ON DATABASE \"{name}\" IS '{SCRATCH_COMMENT}'")
         with database_used(name):
             call_command("migrate", interactive=False, verbosity=0)
@@ -105,9 +105,8 @@ def scratch_orphans_drop() -> list[str]:
         except psycopg.OperationalError:  # dropped meanwhile by another process
             continue
         with probe:
-            orphaned = probe.execute("SELECT pg_try_advisory_lock(%s)", [SCRATCH_LOCK]).fetchone()[
-                0
-            ]
+            taken = probe.execute("SELECT pg_try_advisory_lock(%s)", [SCRATCH_DATABASE_LOCK])
+            orphaned = taken.fetchone()[0]
         if not orphaned:
             continue
         try:
