@@ -134,18 +134,24 @@ def _transfers_all(base_url: str, params: dict, since: datetime, page_size: int)
     Circle ignored still ends the paging."""
     params = {**params, "from": _iso(since), "pageSize": page_size}
     found: list = []
+    relisted: list = []
     while True:
         page = _transfer_page(_call(base_url, "GET", f"/v1/transfers?{urlencode(params)}"))
-        found.extend(page)
+        # The items after the previous page's cursor head this page again: kept once (found
+        # in the full run: a malformed transfer ending a page was recorded twice).
+        if relisted and page[: len(relisted)] == relisted:
+            found.extend(page[len(relisted) :])
+        else:
+            found.extend(page)
         if len(page) < page_size or any(_created_before(item, since) for item in page):
             return found
         # The cursor is the last listed id: a malformed item has none, so the last one that
-        # has (the items after it are listed again, and were recorded once already).
-        cursor = next((item["id"] for item in reversed(page) if _transfer_id(item)), None)
-        if cursor is None or cursor == params.get("pageAfter"):
+        # has (the items after it are listed again).
+        at = next((i for i in range(len(page) - 1, -1, -1) if _transfer_id(page[i])), None)
+        if at is None or page[at]["id"] == params.get("pageAfter"):
             log.error("ALERT Circle's transfer list cannot be paged past %s", params)
             return found
-        params["pageAfter"] = cursor
+        params["pageAfter"], relisted = page[at]["id"], page[at + 1 :]
 
 
 def _transfer_page(answer: dict) -> list:

@@ -106,6 +106,23 @@ def test_one_poll_credits_sixty_missed_deposits_over_two_pages_and_a_second_noth
     assert balances(depositor) == (Decimal(190), Decimal(190))
 
 
+def test_a_malformed_transfer_ending_a_page_is_parked_and_counted_once(sandbox, depositor):
+    """It has no id to page past: the next page starts at the last transfer that has one and
+    lists it again (once seen as two malformed transfers in one poll)."""
+    good = missed(sandbox, 10)
+    bad = sandbox.deposit(address="0xdeposit", amount="1.5", notify=False)
+    good += missed(sandbox, 49)  # newer: the first page's 49, then the bad one, its 50th
+    del bad["id"]
+    report = transfers_poll()
+    assert (report.deposits_seen, report.deposits_credited, report.deposits_malformed) == (
+        60,
+        59,
+        1,
+    )
+    assert credited() == references(good)
+    assert CircleNotification.objects.get().status == "parked"
+
+
 def _no_id(transfer: dict) -> None:
     del transfer["id"]
 
