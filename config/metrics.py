@@ -5,6 +5,8 @@ PROMETHEUS_MULTIPROC_DIR); a count kept per process cannot say how many discrepa
 now, so the state gauges are read from the database by the worker answering the scrape. Every
 host's scrape reads the same database: aggregate them with max(), not sum()."""
 
+import contextlib
+import glob
 import logging
 import os
 
@@ -171,11 +173,26 @@ DATABASE_STATE = CollectorRegistry()
 DATABASE_STATE.register(DatabaseStateCollector())
 
 
+class SizedFilesCollector(multiprocess.MultiProcessCollector):
+    """prometheus_client's collector of every process's files, without the files a process has
+    made but not sized yet (0 bytes): reading one raises, and the whole scrape failed with it
+    (prometheus/client_python#1199; here a 500 while gunicorn's workers started). A worker
+    killed in that moment leaves one for good: every scrape after it failed."""
+
+    def collect(self):
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(OSError):  # gone meanwhile: a process marked dead
+                if os.path.getsize(path) > 0:
+                    files.append(path)
+        return self.merge(files, accumulate=True)
+
+
 def _processes_registry() -> CollectorRegistry:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Every process's files, added up (a registry per scrape, as prometheus_client asks).
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        SizedFilesCollector(registry)
         return registry
     return REGISTRY
 

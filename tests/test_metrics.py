@@ -244,6 +244,17 @@ def test_state_gauges_are_what_the_database_holds_at_each_scrape(
     assert sample(body, 'treasury_provider_healthy{provider="due"}') == 0
 
 
+def test_an_empty_metrics_file_a_killed_worker_left_does_not_fail_the_scrape(
+    metrics_client, tmp_path, monkeypatch, db
+):
+    """A process creates its metrics file, then sizes it: killed between the two, it leaves a
+    file of 0 bytes that prometheus_client cannot read, and every scrape after was a 500 (seen
+    once in the full run while gunicorn's workers started; prometheus/client_python#1199)."""
+    (tmp_path / "counter_4242.db").write_bytes(b"")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert sample(metrics_client(), "metrics_state_readable") == 1  # a 200, all of it read
+
+
 def test_metrics_answer_only_the_bearer_of_metrics_token(client, settings, db):
     url = "/metrics"
     settings.METRICS_TOKEN = ""  # unset: nobody is let in, whatever they send
