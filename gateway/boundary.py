@@ -94,8 +94,11 @@ def json_object(raw: bytes | str, *, field: str = "body") -> dict:
     if not isinstance(document, dict):
         raise InputRefused(400, "invalid_json", f"the {field} must be a JSON object", field)
     for key, value in document.items():
-        _storable(key, key, 1)
-        _storable(key, value, 1)
+        # A key that cannot be stored is named escaped: echoed raw, its unpaired surrogate made
+        # the error body itself JSON that strict parsers refuse (found from outside).
+        name = key.encode("unicode_escape").decode("ascii") if _UNSTORABLE.search(key) else key
+        _storable(name, key, 1)
+        _storable(name, value, 1)
     return document
 
 

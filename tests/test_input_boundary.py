@@ -311,7 +311,11 @@ def _api_body_cases():
         yield f"{endpoint}:duplicate-key", Case(api("post", endpoint, duplicate), 400, first)
         yield (
             f"{endpoint}:key-nul",
-            Case(api("post", endpoint, {**good, "x\u0000": 1}), 400, "x\x00"),
+            Case(api("post", endpoint, {**good, "x\u0000": 1}), 400, "x\\x00"),
+        )
+        yield (  # named escaped: a lone surrogate echoed made the error body unparseable
+            f"{endpoint}:key-surrogate",
+            Case(api("post", endpoint, {**good, "k\udfff": 1}), 400, "k\\udfff"),
         )
         yield (
             f"{endpoint}:bad-user",
