@@ -148,7 +148,7 @@ def test_bad_fields_are_400_naming_the_field(client, user, service, body, field)
         ('{"direction": "credit", "amount": "1", "reason": "a\\u0000b"}', "invalid", "reason"),
         ('{"direction": "credit", "amount": "1", "reason": "\\ud800"}', "invalid", "reason"),
         ('{"direction": "credit", "amount": "1", "currency": ["USDC"]}', "invalid", "currency"),
-        ('{"direction": "credit", "amount": "1", "x\\u0000": 1}', "invalid", "x\x00"),
+        ('{"direction": "credit", "amount": "1", "x\\u0000": 1}', "invalid", "x\\x00"),  # escaped
     ],
 )
 def test_unstorable_or_hostile_json_is_400_and_the_key_stays_usable(
