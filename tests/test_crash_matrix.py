@@ -34,6 +34,7 @@ from cutover.models import (
     TaskDelivery,
 )
 from cutover.operators import api_client_issue
+from cutover.phase_machine import kill_switch_set
 from cutover.selectors import backfill_pending, phase_state
 from gateway.models import IdempotencyRecord, IdempotencyStatus
 from ledger.exceptions import InsufficientFunds
@@ -220,6 +221,35 @@ class BalanceMutations(HttpFlow):
         held = IdempotencyRecord.objects.exclude(status=IdempotencyStatus.COMPLETED).count()
         if held:
             found.append(f"{held} Idempotency-Keys still in flight")
+        return found
+
+
+class BalanceMutationsAcrossTheKillSwitch(BalanceMutations):
+    """The balance API's POSTs killed after their mutation committed; their retries first
+    arrive while an operator holds the kill switch (each takes its key over, is refused 503
+    and must keep the key: found from outside, a refusal forgot the key and the next retry
+    applied the debit a second time), then after its release."""
+
+    def settle(self) -> None:
+        kill_switch_set(engaged=True, actor=OPERATOR, reason="crash matrix: the switch")
+        time.sleep(1.2)  # past IDEMPOTENCY_LOCK_TIMEOUT: each retry takes its key over
+        waiting = [call for call in self.calls if self.final(call) is None]
+        answered = [len(call.answers) for call in waiting]
+        self._send(waiting)
+        # (Kept apart: the flow's checks want every other answer final and the same per key.)
+        self.paused = [
+            call.answers.pop()
+            for call, n in zip(waiting, answered, strict=True)
+            if len(call.answers) > n
+        ]
+        kill_switch_set(engaged=False, actor=OPERATOR, reason="crash matrix: released")
+        super().settle()
+
+    def violations(self) -> list[str]:
+        found = super().violations()
+        found += [f"under the kill switch: {a}" for a in self.paused if a[0] not in (503, 409)]
+        if not any(status == 503 for status, _ in self.paused):
+            found.append("no retry reached the service while the kill switch was on")
         return found
 
 
@@ -752,3 +782,12 @@ def test_the_readme_names_every_fault_point_and_the_matrix_kills_at_each():
     section = readme.split("\n## Fault points\n", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([^`]+)` \|", section, re.MULTILINE))
     assert in_code == documented == set(MATRIX)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(300 + 30 * KILLS)
+def test_killed_mutations_retried_under_the_kill_switch_apply_once(tmp_path):
+    flow = BalanceMutationsAcrossTheKillSwitch(tmp_path)
+    result = crash_round(flow, "api:mutation-applied", KILLS, seconds=120 + 20 * KILLS)
+    assert result.kills >= KILLS
+    assert result.violations == []

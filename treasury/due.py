@@ -36,13 +36,22 @@ from urllib.parse import quote
 
 from django.conf import settings
 
+from gateway.boundary import printable_ascii
 from gateway.providers import provider_call
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
-from treasury.exceptions import DueRefused, DueUnavailable, ProviderNotConfigured
+from treasury.exceptions import (
+    ConversionMalformed,
+    DueRefused,
+    DueUnavailable,
+    ProviderNotConfigured,
+)
+from treasury.models import ConversionJob
 
 RETRY_PAUSE = 0.2  # seconds, doubled per attempt
 REFUSALS = frozenset(range(400, 500)) - {429}
+# The longest conversion id a job can record (treasury_conversion_jobs.provider_reference).
+PROVIDER_REFERENCE_MAX = ConversionJob._meta.get_field("provider_reference").max_length
 
 
 def provider_base_urls() -> dict[str, str]:
@@ -161,15 +170,22 @@ def balance_get(base_url: str, currency: str) -> Decimal:
 
 
 def conversion_parse(answer: dict) -> dict:
-    """Due's conversion object, checked for what the treasury reads of it."""
+    """Due's conversion object, checked for what the treasury reads and records of it
+    (ConversionMalformed naming the field otherwise)."""
     conversion = answer.get("data") if isinstance(answer, dict) else None
-    if (
-        not isinstance(conversion, dict)
-        or not isinstance(conversion.get("id"), str)
-        or not conversion["id"]
-        or conversion.get("status") not in ("pending", "processing", "completed", "failed")
+    if not isinstance(conversion, dict):
+        raise ConversionMalformed("Due's answer holds no conversion object", "data")
+    # Its id is recorded as the job's provider reference and sent back in URLs.
+    if not isinstance(conversion.get("id"), str) or not printable_ascii(
+        conversion["id"], max_length=PROVIDER_REFERENCE_MAX
     ):
-        raise DueUnavailable("Due's conversion object is malformed")
+        raise ConversionMalformed(
+            f"data.id is not 1..{PROVIDER_REFERENCE_MAX} printable ASCII characters: no "
+            "conversion id we can record",
+            "data.id",
+        )
+    if conversion.get("status") not in ("pending", "processing", "completed", "failed"):
+        raise ConversionMalformed("data.status is not a conversion status", "data.status")
     if conversion["status"] == "completed":
         destination = conversion.get("destination")
         amount = destination.get("amount") if isinstance(destination, dict) else None
@@ -177,5 +193,7 @@ def conversion_parse(answer: dict) -> dict:
             if not isinstance(amount, str) or Decimal(amount) <= 0:
                 raise ArithmeticError
         except ArithmeticError:
-            raise DueUnavailable("Due's completed conversion has no destination amount") from None
+            raise ConversionMalformed(
+                "Due's completed conversion has no destination amount", "data.destination.amount"
+            ) from None
     return conversion

@@ -14,6 +14,16 @@ class DueUnavailable(TreasuryError):
     """The provider could not be reached, timed out or answered 5xx/429: worth retrying."""
 
 
+class ConversionMalformed(DueUnavailable):
+    """What the provider said of a conversion is not one we can read or record (`field` names
+    what): taken as no answer, so the job is asked again (the next answer may be right); a
+    callback carrying it is refused naming the field."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 class DueRefused(TreasuryError):
     """The provider refused the request itself (4xx): final."""
 

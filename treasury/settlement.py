@@ -23,7 +23,7 @@ from ledger.services import Leg, system_account_gather, transaction_apply
 from treasury import due, metrics
 from treasury.exceptions import (
     CallbackRejected,
-    DueUnavailable,
+    ConversionMalformed,
     ProviderReferenceTaken,
     treasury_rules,
 )
@@ -39,13 +39,10 @@ MAX_TIMESTAMP_DIGITS = 12  # Unix seconds (10 digits until the year 2286)
 # callback replayed later (its signature still good) is refused. Each delivery, a retry
 # included, is signed afresh with the time it is sent (the sandbox does so).
 CALLBACK_TOLERANCE_SECONDS = 300
-# The longest conversion id a job can record (treasury_conversion_jobs.provider_reference).
-PROVIDER_REFERENCE_MAX = ConversionJob._meta.get_field("provider_reference").max_length
 TIMESTAMP_OUTSIDE_WINDOW = (
     "X-Due-Timestamp is {skew:+d} s from our clock; a callback is accepted only within "
     "{tolerance} s either way (a replayed or delayed delivery)"
 )
-ID_TOO_LONG = "data.id is longer than {limit} characters: no conversion id we can record"
 ID_TAKEN = (
     "data.id {conversion_id!r} is already job {owner}'s conversion, yet the callback names "
     "job {job}'s key as its reference: the provider contradicts what we recorded; refused, "
@@ -189,8 +186,8 @@ def callback_receive(*, body: bytes, timestamp: str, signature: str) -> str:
         conversion = due.conversion_parse(boundary.json_object(body))
     except InputRefused as exc:
         raise CallbackRejected(f"the body is not a Due conversion: {exc}", exc.field) from None
-    except DueUnavailable:
-        raise CallbackRejected("the body is not a Due conversion") from None
+    except ConversionMalformed as exc:
+        raise CallbackRejected(f"the body is not a Due conversion: {exc}", exc.field) from None
     # Its age, once it is known to be Due's (a forgery is told only of its signature) and
     # before anything is read or written; what the body holds is refused alike at any age.
     skew = int(timestamp) - int(time.time())
@@ -199,8 +196,6 @@ def callback_receive(*, body: bytes, timestamp: str, signature: str) -> str:
             TIMESTAMP_OUTSIDE_WINDOW.format(skew=skew, tolerance=CALLBACK_TOLERANCE_SECONDS),
             "X-Due-Timestamp",
         )
-    if len(conversion["id"]) > PROVIDER_REFERENCE_MAX:
-        raise CallbackRejected(ID_TOO_LONG.format(limit=PROVIDER_REFERENCE_MAX), "data.id")
     job = _job_by_reference_adopt(conversion) or (
         ConversionJob.objects.filter(provider_reference=conversion["id"]).first()
     )

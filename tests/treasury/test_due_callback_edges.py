@@ -17,8 +17,9 @@ from ledger.models import Transaction
 from tests.cutover.factories import database_url
 from tests.treasury.factories import SECRET
 from treasury import due
+from treasury.due import PROVIDER_REFERENCE_MAX
 from treasury.models import ConversionJob, ConversionProvider
-from treasury.settlement import CALLBACK_TOLERANCE_SECONDS, PROVIDER_REFERENCE_MAX
+from treasury.settlement import CALLBACK_TOLERANCE_SECONDS
 
 pytestmark = pytest.mark.django_db(transaction=True)
 URL = "/webhooks/due/conversions"

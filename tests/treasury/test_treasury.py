@@ -148,6 +148,24 @@ def test_a_timed_out_call_is_resent_with_the_same_key(due, usdc_low):
     assert job.provider_reference == next(iter(due.conversions))
 
 
+@pytest.mark.parametrize("answered_id", ["c" * 65, "conv_\x00nul", "conv 1", ""])
+def test_a_conversion_id_we_cannot_record_is_an_answer_to_ask_again(due, usdc_low, answered_id):
+    """Found from outside: an id longer than a job's provider reference (64) in the creation's
+    answer made the job's save fail inside the submission run, with the conversion created at
+    the provider. Such an answer is read as no answer: the job is asked again by its key."""
+    due.on_created = lambda answer: answer.update(id=answered_id)
+    settlement_cycle_run(triggered_by="test")
+    report = jobs_submit()
+    assert report.retried == 1 and report.submitted == 0
+    job = ConversionJob.objects.get()
+    assert job.status == "pending" and job.provider_reference is None
+    assert "data.id" in job.last_error
+    due.on_created = None
+    assert jobs_submit().submitted == 1  # the same key: the conversion created the first time
+    job.refresh_from_db()
+    assert len(due.conversions) == 1 and job.provider_reference == next(iter(due.conversions))
+
+
 def test_duplicate_callbacks_and_polls_post_once(due, usdc_low, live_server, settings):
     due.callback = f"{live_server.url}/webhooks/due/conversions"
     due.callback_copies = 3
