@@ -20,6 +20,9 @@ CIRCLE_NOTIFICATION_LOCK = 7_401_007
 # Session-level, in a scratch database itself, by the session that made it, for as long as it
 # is in use (rehearsal.runtime.scratch_database): free, the database is a killed run's orphan.
 SCRATCH_DATABASE_LOCK = 7_401_008
+# Transaction-level, around counting and recording one fetch of signing material we do not
+# hold (onchain.signatures.signing_fetch_claim): concurrent deliveries cannot all pass.
+SIGNING_FETCH_LOCK = 7_401_009
 
 REGISTRY = {
     "phase": PHASE_LOCK,
@@ -30,4 +33,5 @@ REGISTRY = {
     "task_delivery": TASK_DELIVERY_LOCK,
     "circle_notification": CIRCLE_NOTIFICATION_LOCK,
     "scratch_database": SCRATCH_DATABASE_LOCK,
+    "signing_fetch": SIGNING_FETCH_LOCK,
 }

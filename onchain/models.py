@@ -1,5 +1,6 @@
-"""The on-chain engine's records: users' deposit addresses, Circle's signing keys as fetched,
-the inbox of Circle notifications and the outbox of withdrawals.
+"""The on-chain engine's records: users' deposit addresses, Circle's signing keys as fetched
+(with the fetches of signing material counted against their budget, and the SNS certificate
+URLs that failed), the inbox of Circle notifications and the outbox of withdrawals.
 
 What PostgreSQL holds: one inbox row per Circle notification id (Circle redelivers with the same
 id); one user per deposit address and chain, EVM addresses in lower case; legal inbox statuses;
@@ -78,6 +79,41 @@ class CircleUnknownKey(models.Model):
 
     def __str__(self) -> str:
         return self.key_id
+
+
+class SigningFetch(models.Model):
+    """A fetch of signing material we did not hold (a Circle key id, an SNS certificate URL):
+    at most CIRCLE_KEY_FETCHES_PER_MINUTE in any CIRCLE_KEY_FETCH_WINDOW, counted here so that
+    every worker process spends one budget (onchain.signatures.signing_fetch_claim). Rows
+    older than the window are deleted as new ones come."""
+
+    source = models.TextField()  # the key id or the certificate URL
+    fetched_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        db_table = "onchain_signing_fetches"
+
+    def __str__(self) -> str:
+        return self.source
+
+
+class SnsCertificateFailure(models.Model):
+    """An SNS certificate URL whose fetch failed for good (4xx, not a PEM certificate, not
+    RSA), and how: answered the same without fetching it again for CIRCLE_UNKNOWN_KEY_TTL (in
+    the database, so every worker process knows it). Keyed by the URL's SHA-256: a URL may be
+    longer than an index entry can be."""
+
+    url_sha256 = models.CharField(max_length=64, primary_key=True)
+    url = models.TextField()
+    rejected = models.BooleanField()  # SnsRejected (403); otherwise SnsUnavailable (503)
+    error = models.TextField()
+    checked_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        db_table = "onchain_sns_certificate_failures"
+
+    def __str__(self) -> str:
+        return self.url
 
 
 class InboxStatus(models.TextChoices):

@@ -1,23 +1,35 @@
 """Circle's signing keys and the verification of its notifications' signatures (the v2
 scheme: base64 ECDSA-SHA256 over the raw body); a key is fetched once, then kept by the
-process; a key id Circle does not know is not asked for again for CIRCLE_UNKNOWN_KEY_TTL."""
+process; a key id Circle does not know is not asked for again for CIRCLE_UNKNOWN_KEY_TTL.
+Fetches of signing material we do not hold (these keys, SNS's certificates) share one budget,
+CIRCLE_KEY_FETCHES_PER_MINUTE, across every worker process (signing_fetch_claim)."""
 
 import base64
 import binascii
+import logging
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from django.conf import settings
+from django.db import connection, transaction
+from django.db.models.functions import Now
 from django.utils import timezone
 
+from cutover.locks import SIGNING_FETCH_LOCK
 from gateway.boundary import printable_ascii
 from onchain import circle
 from onchain.exceptions import CircleUnavailable, SignatureRejected, UnknownSigningKey
-from onchain.models import CirclePublicKey, CircleUnknownKey
+from onchain.models import CirclePublicKey, CircleUnknownKey, SigningFetch
+
+log = logging.getLogger(__name__)
 
 ALGORITHM = "ECDSA_SHA_256"
+FETCH_BUDGET_SPENT = (
+    "the budget of fetches of signing material we do not hold (CIRCLE_KEY_FETCHES_PER_MINUTE) "
+    "is spent; try again later"
+)
 
 
 # Loaded signing keys by key id. Circle's keys never change under an id, so a process keeps
@@ -75,6 +87,10 @@ def _public_key_fetch(key_id: str, base_url: str) -> tuple[str, str]:
     expired = now - settings.CIRCLE_UNKNOWN_KEY_TTL
     if CircleUnknownKey.objects.filter(key_id=key_id, checked_at__gt=expired).exists():
         raise UnknownSigningKey(f"Circle does not know the key id {key_id}")
+    # Found from outside: a fresh made-up key id on every forged delivery was a call to Circle
+    # each time, with our API key (whose rate limit withdrawals and polls need).
+    if not signing_fetch_claim(source=key_id):
+        raise CircleUnavailable(f"key id {key_id} not fetched: {FETCH_BUDGET_SPENT}")
     try:
         return circle.public_key_fetch(base_url=base_url, key_id=key_id)
     except UnknownSigningKey:
@@ -87,6 +103,31 @@ def _public_key_fetch(key_id: str, base_url: str) -> tuple[str, str]:
             update_fields=["checked_at"],
         )
         raise
+
+
+def signing_fetch_claim(*, source: str) -> bool:
+    """Count one fetch of signing material we do not hold (`source`: a key id, a certificate
+    URL) against CIRCLE_KEY_FETCHES_PER_MINUTE per CIRCLE_KEY_FETCH_WINDOW, shared by every
+    worker process; False, and a warning, when the budget is spent. Counted and recorded under
+    a transaction-level advisory lock (so concurrent deliveries cannot each pass), released
+    before the caller fetches."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SIGNING_FETCH_LOCK])
+        window = settings.CIRCLE_KEY_FETCH_WINDOW
+        SigningFetch.objects.filter(fetched_at__lte=Now() - window).delete()
+        spent = SigningFetch.objects.count() >= settings.CIRCLE_KEY_FETCHES_PER_MINUTE
+        if not spent:
+            SigningFetch.objects.create(source=source)
+    if spent:
+        log.warning(
+            "%s (%d per %s): %s not fetched",
+            FETCH_BUDGET_SPENT,
+            settings.CIRCLE_KEY_FETCHES_PER_MINUTE,
+            window,
+            source,
+        )
+    return not spent
 
 
 def signature_verify(*, body: bytes, signature: str, key_id: str, base_url: str) -> None:

@@ -7,8 +7,10 @@ SubscribeURL; an unsubscribe confirmation is recorded and alerted, never resubsc
 What is checked, before anything is fetched: the TopicArn is one of CIRCLE_SNS_TOPIC_ARNS; the
 SigningCertURL (and a confirmation's SubscribeURL) is `scheme://host[:port]` fullmatching
 CIRCLE_SNS_URL_PATTERN, and the certificate's path ends in `.pem`. The certificate (PEM X.509,
-RSA) is then fetched once per URL and kept by the process; SignatureVersion "1" is RSA PKCS#1
-v1.5 with SHA1, "2" with SHA256.
+RSA) is then fetched once per URL and kept by the process, each new URL within the budget of
+onchain.signatures.signing_fetch_claim; a URL that failed for good (4xx, not a PEM certificate,
+not RSA) is answered the same, without fetching, for CIRCLE_UNKNOWN_KEY_TTL (in the database).
+SignatureVersion "1" is RSA PKCS#1 v1.5 with SHA1, "2" with SHA256.
 
 The string to sign is AWS's canonical form: for a Notification the keys Message, MessageId,
 Subject (only when present), Timestamp, TopicArn, Type; for a SubscriptionConfirmation or an
@@ -25,6 +27,7 @@ validator and AWS's documentation include the Token, as we do).
 
 import base64
 import binascii
+import hashlib
 import logging
 import urllib.error
 import urllib.request
@@ -44,8 +47,8 @@ from gateway.exceptions import InputRefused
 from onchain import metrics
 from onchain.exceptions import SnsMalformed, SnsRejected, SnsUnavailable
 from onchain.inbox import Delivery, notification_accept
-from onchain.models import CircleNotification, InboxStatus
-from onchain.signatures import MAX_ID_LENGTH
+from onchain.models import CircleNotification, InboxStatus, SnsCertificateFailure
+from onchain.signatures import FETCH_BUDGET_SPENT, MAX_ID_LENGTH, signing_fetch_claim
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,12 @@ MAX_CERTIFICATE_BYTES = 65536
 # Signing keys by certificate URL. A certificate never changes under its URL (AWS rotates
 # certificates by publishing new URLs), so a process fetches each one once.
 _CERTIFICATE_KEYS: dict[str, rsa.RSAPublicKey] = {}
+# Answers that no retry changes: the URL names nothing (remembered, unlike 408, 429 or 5xx).
+NOT_SERVED = frozenset(range(400, 500)) - {408, 429}
+
+
+class _NotServed(SnsUnavailable):
+    """SNS's host answered one of NOT_SERVED: a 503 as any SnsUnavailable, but remembered."""
 
 
 @dataclass(frozen=True)
@@ -179,10 +188,50 @@ def _signature_verify(envelope: dict[str, str], certificate_url: str) -> None:
 
 
 def _certificate_key(url: str) -> rsa.RSAPublicKey:
-    """The RSA key of SNS's certificate at `url`, fetched once per process."""
+    """The RSA key of SNS's certificate at `url`, fetched once per process. Found from outside:
+    a made-up path on an SNS host was fetched on every forged delivery. Now a URL that failed
+    for good is answered from the database for CIRCLE_UNKNOWN_KEY_TTL, and a new URL is fetched
+    only within the budget (over it, SnsUnavailable: SNS redelivers)."""
     key = _CERTIFICATE_KEYS.get(url)
     if key is not None:
         return key
+    url_sha256 = hashlib.sha256(url.encode()).hexdigest()
+    now = timezone.now()
+    expired = now - settings.CIRCLE_UNKNOWN_KEY_TTL
+    failed = SnsCertificateFailure.objects.filter(
+        url_sha256=url_sha256, checked_at__gt=expired
+    ).first()
+    if failed is not None:
+        if failed.rejected:
+            raise SnsRejected("SigningCertURL", failed.error)
+        raise SnsUnavailable(failed.error)
+    if not signing_fetch_claim(source=url):
+        raise SnsUnavailable(f"the signing certificate at {url} not fetched: {FETCH_BUDGET_SPENT}")
+    try:
+        key = _certificate_load(url)
+    except (_NotServed, SnsRejected) as exc:
+        # Made-up URLs would each leave a row: the expired ones go as new ones come.
+        SnsCertificateFailure.objects.filter(checked_at__lte=expired).delete()
+        SnsCertificateFailure.objects.bulk_create(
+            [
+                SnsCertificateFailure(
+                    url_sha256=url_sha256,
+                    url=url,
+                    rejected=isinstance(exc, SnsRejected),
+                    error=str(exc),
+                    checked_at=now,
+                )
+            ],
+            update_conflicts=True,
+            unique_fields=["url_sha256"],
+            update_fields=["rejected", "error", "checked_at"],
+        )
+        raise
+    _CERTIFICATE_KEYS[url] = key
+    return key
+
+
+def _certificate_load(url: str) -> rsa.RSAPublicKey:
     pem = _get(url, what="the signing certificate")
     if len(pem) > MAX_CERTIFICATE_BYTES:
         raise SnsRejected(
@@ -194,7 +243,6 @@ def _certificate_key(url: str) -> rsa.RSAPublicKey:
         raise SnsRejected("SigningCertURL", "SigningCertURL is not a PEM certificate") from None
     if not isinstance(key, rsa.RSAPublicKey):
         raise SnsRejected("SigningCertURL", "the signing certificate's key is not RSA")
-    _CERTIFICATE_KEYS[url] = key
     return key
 
 
@@ -206,7 +254,8 @@ def _get(url: str, *, what: str) -> bytes:
         with urllib.request.urlopen(url, timeout=settings.CIRCLE_HTTP_TIMEOUT) as response:  # noqa: S310
             answer = response.read(MAX_CERTIFICATE_BYTES + 1)
     except urllib.error.HTTPError as exc:
-        raise SnsUnavailable(f"{what} at {url}: answered {exc.code}") from None
+        unavailable = _NotServed if exc.code in NOT_SERVED else SnsUnavailable
+        raise unavailable(f"{what} at {url}: answered {exc.code}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
         raise SnsUnavailable(f"{what} at {url}: {exc}") from None
     return answer

@@ -1,6 +1,7 @@
 """Settings shared by every environment. Differences come from the environment, read once through
 config.env and validated here: a missing or malformed variable stops the process naming it."""
 
+from datetime import timedelta
 from pathlib import Path
 
 from celery.schedules import crontab
@@ -285,8 +286,15 @@ CIRCLE_SNS_URL_PATTERN = env_pattern(
 # Programmable Wallets notifications name no currency, only a token id: the ones we credit
 # (`<tokenId>=USDC,...`); a token not listed is refused and recorded, never credited.
 CIRCLE_WALLETS_TOKENS = env_mapping("CIRCLE_WALLETS_TOKENS", "", ("USDC",))
-# How long a signing key id Circle does not know is answered without asking Circle again.
+# How long a signing key id Circle does not know (or an SNS certificate URL that failed) is
+# answered without asking again.
 CIRCLE_UNKNOWN_KEY_TTL = env_duration("CIRCLE_UNKNOWN_KEY_TTL", "5m")
+# Fetches of signing material we do not hold (Circle key ids, SNS certificate URLs), however
+# many worker processes: at most this many per CIRCLE_KEY_FETCH_WINDOW; over it a delivery is
+# a 503 (the sender redelivers) and nothing is fetched. The window is a minute, a setting only
+# so that tests can shorten it.
+CIRCLE_KEY_FETCHES_PER_MINUTE = env_int("CIRCLE_KEY_FETCHES_PER_MINUTE", 10, minimum=1)
+CIRCLE_KEY_FETCH_WINDOW = timedelta(minutes=1)
 # Withdrawals: the Circle wallet they are sent from; the outbox worker's pace, its backoff
 # (base * 2^(attempt-1), capped) and how many sends fail before a withdrawal is dead.
 CIRCLE_WALLET_ID = env.str("CIRCLE_WALLET_ID", default="1000000001")
