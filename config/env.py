@@ -7,6 +7,8 @@ from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 
 import environ
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from django.core.exceptions import ImproperlyConfigured
 
 env = environ.Env()
@@ -84,6 +86,23 @@ def env_url(name: str, default: str | None, schemes: tuple[str, ...]) -> str | N
         raise ConfigurationError(
             f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}, "
             f"got {raw!r}"
+        )
+    return raw
+
+
+def env_ed25519_public_key(name: str) -> str:
+    """A PEM Ed25519 public key (`\\n` accepted for its line breaks, as one-line environment
+    files write them), or empty when unset."""
+    raw = env.str(name, default="").strip().replace("\\n", "\n")
+    if not raw:
+        return ""
+    try:
+        key = load_pem_public_key(raw.encode())
+    except (ValueError, TypeError):
+        key = None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigurationError(
+            f"{name}: expected a PEM Ed25519 public key (-----BEGIN PUBLIC KEY-----...)"
         )
     return raw
 

@@ -28,6 +28,7 @@ from rehearsal.scenario import ACTOR, CENT, CURRENCIES, user_totals
 from treasury.cycle import settlement_cycle_run
 from treasury.models import BufferThreshold, ConversionJob
 from treasury.monitor import monitor_run
+from treasury.sandbox import OUTCOMES
 from treasury.submission import jobs_submit
 
 
@@ -162,7 +163,7 @@ class Drills:
             completed = [
                 c
                 for c in self.due.conversions.values()
-                if c["status"] == "completed"
+                if c["status"] == OUTCOMES["completed"]
                 and c["destination"]["currency"] == "USDC"
                 and c["id"] not in paid
             ]
@@ -224,7 +225,7 @@ class Drills:
         if lost is not None:
             key = str(lost.idempotency_key)
             with due.lock:
-                at_due = [c["id"] for c in due.conversions.values() if c["reference"] == key]
+                at_due = [due.by_key[key][0]] if key in due.by_key else []
             lost_answer = {
                 "job": lost.pk,
                 "key": key,

@@ -48,6 +48,7 @@ def due(settings, live_server):
     settings.TREASURY_SUBMIT_BACKOFF = timedelta(0)
     with DueSandbox(api_key=KEY, api_secret=SECRET, settle=None) as sandbox:
         settings.DUE_API_BASE_URL = sandbox.base_url
+        settings.DUE_WEBHOOK_PUBLIC_KEY = sandbox.public_key_pem
         yield sandbox
 
 

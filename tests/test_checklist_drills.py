@@ -78,8 +78,15 @@ TABLES_SQL = """
 
 # What a migration's way down may forget, with the table it made: the processes' bookkeeping,
 # no money and no audit. The buffer alert's last observed state (cutover 0012: the next
-# observation writes it again) and the Celery task deliveries (onchain 0012: which messages ran).
-RE_OBSERVED = {"cutover_alert_states", "celery_task_deliveries"}
+# observation writes it again), the Celery task deliveries (onchain 0012: which messages ran),
+# and the fetches of signing material and the SNS certificate URLs that failed (onchain 0016: a
+# rate limit's count and a cache of refusals, both fetched again at worst).
+RE_OBSERVED = {
+    "cutover_alert_states",
+    "celery_task_deliveries",
+    "onchain_signing_fetches",
+    "onchain_sns_certificate_failures",
+}
 
 
 def database_content() -> dict[str, tuple[int, str]]:

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import boto3
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from config.env import env_duration
+from tests.treasury.factories import webhook_public_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +27,14 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+EC_PUBLIC_KEY = (
+    ec.generate_private_key(ec.SECP256R1())
+    .public_key()
+    .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
 
 
 @pytest.mark.parametrize(
@@ -44,6 +55,8 @@ def manage(*args: str, **env: str) -> subprocess.CompletedProcess:
         ("LOG_LEVEL", "LOUD"),
         ("DJANGO_STATIC_ROOT", "staticfiles"),
         ("DJANGO_STATIC_ROOT", ""),
+        ("DUE_WEBHOOK_PUBLIC_KEY", "not a key"),
+        ("DUE_WEBHOOK_PUBLIC_KEY", EC_PUBLIC_KEY),  # a key, but not Due's kind (Ed25519)
     ],
 )
 def test_malformed_variable_stops_the_process_naming_it(variable, value):
@@ -51,6 +64,21 @@ def test_malformed_variable_stops_the_process_naming_it(variable, value):
     assert result.returncode == 2
     assert result.stderr.startswith(f"configuration error: {variable}:")
     assert "Traceback" not in result.stderr
+
+
+def test_due_s_webhook_key_is_read_as_due_gives_it_or_on_one_line():
+    """The PEM Due's `POST /v1/webhook_endpoints` answers, or the same with `\\n` for its
+    line breaks (as one-line environment files hold it)."""
+    pem = webhook_public_key()
+    for value in (pem, pem.replace("\n", "\\n")):
+        result = manage(
+            "shell",
+            "-c",
+            "from django.conf import settings; print(settings.DUE_WEBHOOK_PUBLIC_KEY)",
+            DUE_WEBHOOK_PUBLIC_KEY=value,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == pem.strip()
 
 
 # Strong enough for production's checks; used where a test is about something else.

@@ -14,6 +14,7 @@ from gateway.models import IdempotencyRecord
 from ledger.models import Account, Transaction
 from ledger.services import Leg, transaction_post
 from tests.ledger.factories import UserAccountFactory, fund
+from tests.treasury.factories import webhook_public_key
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -130,16 +131,15 @@ def test_a_non_ascii_circle_webhook_token_is_401(client, settings, token):
 
 @pytest.mark.parametrize("signature", ["sig-\u00e9", "\u20ac" * 64])
 def test_a_non_ascii_due_callback_signature_is_refused(client, settings, signature):
-    settings.DUE_API_SECRET = "due-secret-0123456789"
+    settings.DUE_WEBHOOK_PUBLIC_KEY = webhook_public_key()
     response = client.post(
         "/webhooks/due/conversions",
         data=b'{"id": "c-1"}',
         content_type="application/json",
-        HTTP_X_DUE_TIMESTAMP="1700000000",
-        HTTP_X_DUE_SIGNATURE=signature,
+        HTTP_X_WEBHOOK_SIGNATURE=signature,
     )
     assert response.status_code == 400
-    assert response.json()["error"]["field"] == "X-Due-Signature"
+    assert response.json()["error"]["field"] == "X-Webhook-Signature"
 
 
 # What Django answers itself is the API's JSON error too; the admin keeps its HTML pages.

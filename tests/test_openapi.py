@@ -10,13 +10,12 @@ parameter and body field, missing required headers, undocumented methods). Every
 be no 5xx, a status the operation documents, the documented content type and headers, and a
 body its schema describes. The webhooks are fuzzed three ways: unsigned with every operation (a
 fuzzer cannot sign: each delivery is a JSON 4xx), then signed by the keys the test holds (the
-Circle sandbox's, which the service fetches as Circle's; DUE_API_SECRET), by schemathesis and
+Circle sandbox's, which the service fetches as Circle's; Due's webhook key), by schemathesis and
 field by field with any JSON value in each documented field of a valid delivery."""
 
 import json
 import os
 import re
-import time
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import schemathesis
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 from hypothesis import HealthCheck, given, seed, settings
@@ -39,7 +40,6 @@ from gateway.api import ApiError
 from onchain.models import DepositAddress
 from onchain.sandbox import USDC_TOKEN_ID, CircleSandbox, wallets_inbound
 from tests.cutover.factories import custody_open_all, ledger_balance_set, phase_set
-from treasury import due
 
 DOCUMENT = Path(config.__file__).resolve().parent / "openapi.json"
 DOCUMENTED_PREFIXES = ("/api/", "/internal/", "/webhooks/")
@@ -48,7 +48,12 @@ EXAMPLE_USER = "7d3f6a52-4b8e-4f0a-9a57-3c2b7e9d1a10"  # the document's example 
 EXAMPLE_ADDRESS = "0x52908400098527886e0f7030069857d2e4169ee7"  # and deposit address
 ADMIN_TOKEN = "Kq7-admin-token-3Vx9wLp2"
 WEBHOOK_SECRET = "Hy2-webhook-secret-5Bd7kRn4"
-DUE_SECRET = "Pw6-due-secret-1Jc8tGv3"
+DUE_WEBHOOK_KEY = Ed25519PrivateKey.generate()
+DUE_WEBHOOK_PUBLIC_KEY = (
+    DUE_WEBHOOK_KEY.public_key()
+    .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
 DEFAULT_SEED = 20261201  # scripts/test's, for a run without --hypothesis-seed
 
 
@@ -193,13 +198,9 @@ class World:
     def signatures(self, case, body: bytes) -> dict:
         """The headers that sign `body` as the webhook's sender would: Circle v2's ECDSA (an
         SNS envelope, text/plain, is signed inside by SNS's certificate: left as drawn) or
-        Due's HMAC over the time it is sent."""
+        Due's Ed25519."""
         if case.path == "/webhooks/due/conversions":
-            timestamp = str(int(time.time()))  # within the window: the body is what is drawn
-            return {
-                "X-Due-Timestamp": timestamp,
-                "X-Due-Signature": due.signature(DUE_SECRET, timestamp, body),
-            }
+            return {"X-Webhook-Signature": DUE_WEBHOOK_KEY.sign(body).hex()}
         return {"X-Circle-Signature": self.circle.sign(body), "X-Circle-Key-Id": self.circle.key_id}
 
 
@@ -226,7 +227,7 @@ def world(settings, circle_sandbox) -> World:
     secret; the shadow phase (both stores written), the document's example user holding money
     in both."""
     settings.ADMIN_TOKEN, settings.CIRCLE_WEBHOOK_SECRET = ADMIN_TOKEN, WEBHOOK_SECRET
-    settings.DUE_API_SECRET = DUE_SECRET
+    settings.DUE_WEBHOOK_PUBLIC_KEY = DUE_WEBHOOK_PUBLIC_KEY
     settings.CIRCLE_API_BASE_URL = circle_sandbox.base_url
     port = circle_sandbox.server.server_address[1]
     settings.CIRCLE_SNS_URL_PATTERN = re.compile(rf"http://127\.0\.0\.1:{port}")
@@ -334,21 +335,19 @@ def _delivery_fields() -> list[tuple[str, tuple]]:
             ("circle:transactions.inbound", ("notification", *path))
             for path in _field_paths(doc, schemas["CircleWalletsTransaction"])
         ),
-        ("due", ("data",)),
-        *(("due", ("data", *path)) for path in _field_paths(doc, schemas["DueConversion"])),
+        *(("due", path) for path in _field_paths(doc, schemas["DueEvent"])),
     ]
 
 
 def _delivery(kind: str) -> tuple[str, dict]:
     """(path, body) of a valid delivery: the document's example deposit to the example user's
-    address (Mint, or the same transfer as Programmable Wallets reports it), or Due's completed
-    conversion."""
+    address (Mint, or the same transfer as Programmable Wallets reports it), or the document's
+    example of Due's event about a processed transfer."""
     if kind == "due":
-        money = {"currency": "USD", "amount": "10.00"}
-        conversion = {"id": f"conv_{uuid.uuid4().hex[:20]}", "status": "completed"}
-        conversion |= {"reference": str(uuid.uuid4()), "source": money}
-        conversion["destination"] = {"currency": "USDC", "amount": "10.000000"}
-        return "/webhooks/due/conversions", {"data": conversion}
+        operation = document()["paths"]["/webhooks/due/conversions"]["post"]
+        return "/webhooks/due/conversions", json.loads(
+            json.dumps(operation["requestBody"]["content"]["application/json"]["example"])
+        )
     operation = document()["paths"]["/webhooks/circle/transfers"]["post"]
     body = json.loads(
         json.dumps(operation["requestBody"]["content"]["application/json"]["example"])
@@ -397,11 +396,7 @@ def test_any_json_in_any_documented_field_of_a_signed_delivery_is_stored_or_refu
     _set(body, path, value)
     raw = json.dumps(body).encode()
     if kind == "due":
-        timestamp = str(int(time.time()))
-        headers = {
-            "X-Due-Timestamp": timestamp,
-            "X-Due-Signature": due.signature(DUE_SECRET, timestamp, raw),
-        }
+        headers = {"X-Webhook-Signature": DUE_WEBHOOK_KEY.sign(raw).hex()}
     else:
         url += f"?token={WEBHOOK_SECRET}"
         headers = {

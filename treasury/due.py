@@ -1,24 +1,27 @@
-"""Due's conversion API, as far as the treasury uses it, over real HTTP (gateway.providers).
+"""Due's API, as far as the treasury uses it, over real HTTP (gateway.providers).
 
-Requests carry `Authorization: Bearer DUE_API_KEY` and an HMAC-SHA256 of
-`<X-Due-Timestamp>.<body>` with DUE_API_SECRET in `X-Due-Signature`; conversions are created
-with an `Idempotency-Key` (the same key names the same conversion). A call is tried
-DUE_HTTP_ATTEMPTS times on 5xx, 429 or a timeout, with a short doubling pause; 4xx is final.
+Due's, as it documents them (due.readme.io; the examples and their addresses in
+tests/treasury/fixtures/due/SOURCES.md):
 
-The wire format is ours (Due's public API documentation was not found), shaped like the provider
-APIs that were; the sandbox (treasury/sandbox.py) serves exactly these calls:
+- the transfer object: `{"id", "ownerId", "status", "source": {"amount", "fee", "currency",
+  "rail"}, "destination": {"amount", "fee", "currency", "rail", ...}, "fxRate", "createdAt",
+  "expiresAt"}`, amounts as decimal strings; a job's conversion is one transfer. It is final
+  when `payment_processed` (completed) or `failed`, `canceled`, `refund_processed` (failed);
+  every other status (`awaiting_funds`, `funds_received`, `approved`, `manual_review`,
+  `payment_submitted`, `refund_submitted`, or one Due adds) is in flight;
+- `GET /v1/transfers/{id}` -> the transfer object (how jobs are polled, and how a webhook is
+  acted on: treasury.settlement.callback_receive);
+- errors `{"error_code", "message", "http_code"}`; `Authorization: Bearer DUE_API_KEY`.
 
-- `POST /v1/conversions` with `Idempotency-Key`, body `{"source": {"currency", "amount"},
-  "destination": {"currency"}, "reference"}` -> 201 (200 for a repeat) `{"data": conversion}`.
-- `GET /v1/conversions/{id}` -> `{"data": conversion}`; 404 when unknown.
-- `GET /v1/conversions?idempotency_key=K` -> `{"data": conversion}` created under that key; 404
-  when the provider never received a creation under it (how a lost answer is resolved).
-- `GET /v1/balances` -> `{"data": [{"currency": "USD", "amount": "123.45"}, ...]}`: what the
-  provider holds for us per currency (a currency not listed holds 0).
-
-A conversion is `{"id", "status": pending|processing|completed|failed, "source": {"currency",
-"amount"}, "destination": {"currency", "amount" (set once completed)}, "rate", "fee",
-"reference", "createdAt"}`.
+Still ours, not Due's (open work, README "Due client and sandbox"): creating a conversion,
+`POST /v1/conversions` with `Idempotency-Key` (the same key names the same transfer), body
+`{"source": {"currency", "amount"}, "destination": {"currency"}, "reference"}` -> 201 (200 for
+a repeat) `{"data": transfer}`; finding it by key, `GET /v1/conversions?idempotency_key=K` ->
+`{"data": transfer}`, 404 when the provider never received a creation under K (how a lost
+answer is resolved); `GET /v1/balances` -> `{"data": [{"currency", "amount"}, ...]}`; and the
+HMAC-SHA256 of `<X-Due-Timestamp>.<body>` with DUE_API_SECRET in `X-Due-Signature` that every
+request carries. A call is tried DUE_HTTP_ATTEMPTS times on 5xx, 429 or a timeout, with a
+short doubling pause; 4xx is final.
 
 Where each provider's API is comes from the settings, never from the database: `due` is at
 DUE_API_BASE_URL, any other provider code at TREASURY_PROVIDER_BASE_URLS[code]
@@ -28,6 +31,7 @@ DUE_API_BASE_URL, any other provider code at TREASURY_PROVIDER_BASE_URLS[code]
 import hashlib
 import hmac
 import json
+import logging
 import re
 import time
 from collections.abc import Mapping
@@ -37,7 +41,7 @@ from urllib.parse import quote
 from django.conf import settings
 
 from gateway.boundary import printable_ascii
-from gateway.providers import provider_call
+from gateway.providers import error_message, provider_call
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from treasury.exceptions import (
@@ -48,8 +52,27 @@ from treasury.exceptions import (
 )
 from treasury.models import ConversionJob
 
+log = logging.getLogger(__name__)
+
 RETRY_PAUSE = 0.2  # seconds, doubled per attempt
 REFUSALS = frozenset(range(400, 500)) - {429}
+# Due's final transfer statuses, as a job's conversion ends; any other is in flight.
+STATUSES = {
+    "payment_processed": "completed",
+    "failed": "failed",
+    "canceled": "failed",
+    "refund_processed": "failed",
+}
+IN_FLIGHT = frozenset(
+    {
+        "awaiting_funds",
+        "funds_received",
+        "approved",
+        "manual_review",
+        "payment_submitted",
+        "refund_submitted",
+    }
+)
 # The longest conversion id a job can record (treasury_conversion_jobs.provider_reference).
 PROVIDER_REFERENCE_MAX = ConversionJob._meta.get_field("provider_reference").max_length
 
@@ -104,10 +127,18 @@ def _call(base_url: str, method: str, path: str, body: dict | None = None, key: 
                 refusals=REFUSALS,
                 refused=DueRefused,
                 unavailable=DueUnavailable,
+                error_text=_error_text,
             )
         except DueUnavailable as exc:
             last = str(exc).strip()
     raise DueUnavailable(f"{last} (after {settings.DUE_HTTP_ATTEMPTS} attempts)")
+
+
+def _error_text(body: dict) -> str:
+    """Due's error body: `{"error_code", "message", "http_code"}`."""
+    code = body.get("error_code")
+    message = error_message(body)
+    return f"{code}: {message}" if isinstance(code, str) and code else message
 
 
 def conversion_create(
@@ -123,12 +154,14 @@ def conversion_create(
         "destination": {"currency": target_currency},
         "reference": idempotency_key,
     }
-    return conversion_parse(_call(base_url, "POST", "/v1/conversions", body, key=idempotency_key))
+    answer = _call(base_url, "POST", "/v1/conversions", body, key=idempotency_key)
+    return conversion_parse(_data(answer))
 
 
 def conversion_get(*, base_url: str, conversion_id: str) -> dict:
+    """Due's transfer `conversion_id` as it is now (`GET /v1/transfers/{id}`)."""
     return conversion_parse(
-        _call(base_url, "GET", f"/v1/conversions/{quote(conversion_id, safe='')}")
+        _call(base_url, "GET", f"/v1/transfers/{quote(conversion_id, safe='')}")
     )
 
 
@@ -143,7 +176,7 @@ def conversion_find(*, base_url: str, idempotency_key: str) -> dict | None:
         if exc.status == 404:
             return None
         raise
-    return conversion_parse(answer)
+    return conversion_parse(_data(answer))
 
 
 def balance_get(base_url: str, currency: str) -> Decimal:
@@ -169,31 +202,48 @@ def balance_get(base_url: str, currency: str) -> Decimal:
     return -amount if negative else amount
 
 
-def conversion_parse(answer: dict) -> dict:
-    """Due's conversion object, checked for what the treasury reads and records of it
-    (ConversionMalformed naming the field otherwise)."""
-    conversion = answer.get("data") if isinstance(answer, dict) else None
-    if not isinstance(conversion, dict):
-        raise ConversionMalformed("Due's answer holds no conversion object", "data")
+def _data(answer: dict) -> object:
+    """The transfer our creation and look-up calls wrap in `data`."""
+    return answer.get("data") if isinstance(answer, dict) else None
+
+
+def conversion_parse(transfer: object) -> dict:
+    """Due's transfer object, checked for what the treasury reads and records of it
+    (ConversionMalformed naming the field otherwise), as a conversion: its id, `status`
+    pending | completed | failed (Due's own in `due_status`), `source` and `destination`."""
+    if not isinstance(transfer, dict):
+        raise ConversionMalformed("Due's answer holds no transfer object", "data")
     # Its id is recorded as the job's provider reference and sent back in URLs.
-    if not isinstance(conversion.get("id"), str) or not printable_ascii(
-        conversion["id"], max_length=PROVIDER_REFERENCE_MAX
+    if not isinstance(transfer.get("id"), str) or not printable_ascii(
+        transfer["id"], max_length=PROVIDER_REFERENCE_MAX
     ):
         raise ConversionMalformed(
-            f"data.id is not 1..{PROVIDER_REFERENCE_MAX} printable ASCII characters: no "
-            "conversion id we can record",
+            f"id is not 1..{PROVIDER_REFERENCE_MAX} printable ASCII characters: no transfer id "
+            "we can record",
             "data.id",
         )
-    if conversion.get("status") not in ("pending", "processing", "completed", "failed"):
-        raise ConversionMalformed("data.status is not a conversion status", "data.status")
-    if conversion["status"] == "completed":
-        destination = conversion.get("destination")
+    due_status = transfer.get("status")
+    if not isinstance(due_status, str) or not printable_ascii(due_status, max_length=64):
+        raise ConversionMalformed("status is not a transfer status", "data.status")
+    status = STATUSES.get(due_status, "pending")
+    if due_status not in STATUSES and due_status not in IN_FLIGHT:
+        log.warning(
+            "treasury: Due's transfer %s is %r, read as in flight", transfer["id"], due_status
+        )
+    if status == "completed":
+        destination = transfer.get("destination")
         amount = destination.get("amount") if isinstance(destination, dict) else None
         try:
             if not isinstance(amount, str) or Decimal(amount) <= 0:
                 raise ArithmeticError
         except ArithmeticError:
             raise ConversionMalformed(
-                "Due's completed conversion has no destination amount", "data.destination.amount"
+                "a processed transfer has no destination amount", "data.destination.amount"
             ) from None
-    return conversion
+    return {
+        "id": transfer["id"],
+        "status": status,
+        "due_status": due_status,
+        "source": transfer.get("source"),
+        "destination": transfer.get("destination"),
+    }

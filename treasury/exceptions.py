@@ -61,13 +61,6 @@ class JobTransitionRefused(JobRefused):
     transition, a change of what the job converts, or a replaced provider reference."""
 
 
-class ProviderReferenceTaken(JobRefused):
-    """A provider's callback names, as the conversion of one job, an id another job already
-    holds (one job per provider reference): refused, for an operator; its field is `data.id`."""
-
-    field = "data.id"
-
-
 class ProviderNotConfigured(TreasuryError):
     """No API host is configured in the settings for this provider's code."""
 

@@ -1,24 +1,31 @@
 """A Due sandbox shipped with the product, for development, tests and the rehearsal.
 
-It speaks the wire format the treasury's client uses (documented in treasury/due.py; ours):
-`POST /v1/conversions` (bearer DUE_API_KEY, HMAC-SHA256 signature with DUE_API_SECRET,
-`Idempotency-Key`: the same key and body name the same conversion, another body under the key is
-409), `GET /v1/conversions/{id}`, `GET /v1/conversions?idempotency_key=K` (404 when no creation
-under K was received) and `GET /v1/balances`; completions may also be called back to a
-subscriber, signed the same way. Rate 1:1 between USD and USDC.
+It speaks what the treasury's client uses (treasury/due.py): Due's own transfer objects,
+`GET /v1/transfers/{id}`, error bodies `{"error_code", "message", "http_code"}` and webhooks
+(`{"id", "type": "transfer.status_changed", "data": transfer, "occurredAt", "attemptedAt"}`,
+Ed25519 over the raw body, hex in `X-Webhook-Signature`, by the sandbox's own key pair: its
+`public_key_pem` is what Due's `POST /v1/webhook_endpoints` would answer); and what is still
+ours: `POST /v1/conversions` (bearer DUE_API_KEY, HMAC-SHA256 signature with DUE_API_SECRET,
+`Idempotency-Key`: the same key and body name the same transfer, another body under the key is
+409), `GET /v1/conversions?idempotency_key=K` (404 when no creation under K was received) and
+`GET /v1/balances`. Rate 1:1 between USD and USDC, no fee unless told.
+
+A transfer is created `awaiting_funds`; `finish(id, "completed" | "failed")` makes it
+`payment_processed` or `failed`, as Due would once it was funded and paid out (or not).
 
 Balances: `balances` (per currency, settable; 0 unless set) are what we hold at the provider; a
-completed conversion takes its source amount from one and adds its destination amount to the
+processed transfer takes its source amount from one and adds its destination amount to the
 other. The sandbox does not refuse a conversion for want of balance (a balance may go negative),
 so tests see exactly what the conversions did.
 
 Knobs: `fail_next` (statuses for the next creations), `delay` (seconds before answering a
 creation: timeouts), `lose_answers` (how many next creations are recorded and then answered with
 nothing: the connection closes, as when a timeout cuts it), `unavailable` (every call 503),
-`on_created` (called after a conversion is recorded, before the answer), `settle` ("completed" or
-"failed": what a conversion becomes when it is next read, or at once when `callback` is set),
-`callback` + `callback_copies` (duplicate callbacks); `finish(id, status, destination_amount=...)`
-settles one conversion by hand (a destination amount other than 1:1 on demand).
+`on_created` (called with the answer after a transfer is recorded, before the answer is sent),
+`settle` ("completed" or "failed": what a transfer becomes when it is next read, or at once when
+`callback` is set), `callback` + `callback_copies` (the same event delivered again); `finish(id,
+outcome, destination_amount=...)` settles one transfer by hand (a destination amount other than
+1:1 on demand).
 """
 
 import json
@@ -27,12 +34,24 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import parse_qs, urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from gateway.sandbox import SandboxHandler, SandboxServer
 from treasury.due import signature
+
+# What a finished transfer is at Due, by the outcome a test or the rehearsal asks for.
+OUTCOMES = {"completed": "payment_processed", "failed": "failed"}
+RAILS = {"USDC": "ethereum", "USD": "ach"}
+OPEN = "awaiting_funds"
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 class DueSandbox(SandboxServer):
@@ -59,43 +78,61 @@ class DueSandbox(SandboxServer):
         self.unavailable = False
         self.balances: dict[str, Decimal] = {}
         self.on_created = None
+        self.signing_key = Ed25519PrivateKey.generate()
+        self.public_key_pem = (
+            self.signing_key.public_key()
+            .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
         self._serve(host, port)
 
     def finish(
-        self, conversion_id: str, status: str, destination_amount: str | None = None
+        self, conversion_id: str, outcome: str, destination_amount: str | None = None
     ) -> dict:
-        """The provider settles a conversion ("completed" or "failed"), calling back if asked. A
-        completion pays `destination_amount` (1:1 unless given) and moves the balances."""
+        """The provider settles a transfer ("completed": `payment_processed`, or "failed"),
+        calling back if asked. A completion pays `destination_amount` (1:1 unless given) and
+        moves the balances."""
         with self.lock:
-            conversion = self.conversions[conversion_id]
-            if conversion["status"] in ("pending", "processing"):
-                conversion["status"] = status
-                if status == "completed":
-                    source, destination = conversion["source"], conversion["destination"]
+            transfer = self.conversions[conversion_id]
+            if transfer["status"] == OPEN:
+                transfer["status"] = OUTCOMES[outcome]
+                if outcome == "completed":
+                    source, destination = transfer["source"], transfer["destination"]
                     destination["amount"] = destination_amount or source["amount"]
                     for currency, change in (
                         (source["currency"], -Decimal(source["amount"])),
                         (destination["currency"], Decimal(destination["amount"])),
                     ):
                         self.balances[currency] = self.balances.get(currency, Decimal(0)) + change
-            answer = json.loads(json.dumps(conversion))
+            answer = json.loads(json.dumps(transfer))
         if self.callback:
+            event = self.event(answer)
             for _ in range(self.callback_copies):
-                self.call_back(answer)
+                self.call_back(event)
         return answer
 
-    def call_back(self, conversion: dict) -> int:
-        body = json.dumps({"type": f"conversion.{conversion['status']}", "data": conversion})
-        timestamp = str(int(time.time()))
+    def event(self, transfer: dict) -> bytes:
+        """Due's webhook about `transfer`, as sent (each redelivery the same bytes)."""
+        at = iso(datetime.now(UTC))
+        return json.dumps(
+            {
+                "id": f"wh_evt_{uuid.uuid4().hex[:16]}",
+                "type": "transfer.status_changed",
+                "data": transfer,
+                "occurredAt": at,
+                "attemptedAt": at,
+            }
+        ).encode()
+
+    def sign(self, body: bytes) -> str:
+        return self.signing_key.sign(body).hex()
+
+    def call_back(self, body: bytes) -> int:
         request = urllib.request.Request(  # noqa: S310 (the subscriber's http URL)
             self.callback,
-            data=body.encode(),
+            data=body,
             method="POST",
-            headers={
-                "Content-Type": "application/json",
-                "X-Due-Timestamp": timestamp,
-                "X-Due-Signature": signature(self.api_secret, timestamp, body.encode()),
-            },
+            headers={"Content-Type": "application/json", "X-Webhook-Signature": self.sign(body)},
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (loopback)
@@ -107,24 +144,28 @@ class DueSandbox(SandboxServer):
         sandbox = self
 
         class Handler(SandboxHandler):
-            def _authorised(self, raw: bytes) -> bool:
+            def _error(self, status: int, code: str, message: str) -> None:
+                self._json(status, {"error_code": code, "message": message, "http_code": status})
+
+            def _authorised(self, raw: bytes, *, signed: bool = True) -> bool:
+                """Due's bearer key; on our own calls (`signed`), our HMAC too."""
                 timestamp = self.headers.get("X-Due-Timestamp", "")
                 expected = signature(sandbox.api_secret, timestamp, raw)
                 if self.headers.get("Authorization") != f"Bearer {sandbox.api_key}":
-                    self._json(401, {"code": "unauthorized", "message": "Unknown API key."})
+                    self._error(401, "err_unauthorized", "Unknown API key.")
                     return False
-                if self.headers.get("X-Due-Signature") != expected:
-                    self._json(401, {"code": "bad_signature", "message": "Bad signature."})
+                if signed and self.headers.get("X-Due-Signature") != expected:
+                    self._error(401, "err_bad_signature", "Bad signature.")
                     return False
                 return True
 
             def do_GET(self):
-                if not self._authorised(b""):
-                    return None
-                if sandbox.unavailable:
-                    return self._json(503, {"code": "unavailable", "message": "Try later."})
                 url = urlsplit(self.path)
                 path = url.path
+                if not self._authorised(b"", signed=not path.startswith("/v1/transfers/")):
+                    return None
+                if sandbox.unavailable:
+                    return self._error(503, "err_unavailable", "Try later.")
                 if path == "/v1/balances":
                     with sandbox.lock:
                         rows = [
@@ -137,24 +178,25 @@ class DueSandbox(SandboxServer):
                     with sandbox.lock:
                         known = sandbox.by_key.get(key)
                     if not key or known is None:
-                        return self._json(404, {"code": "not_found", "message": "No conversion."})
-                    conversion_id = known[0]
+                        return self._error(404, "err_transfer_not_found", "No transfer.")
+                    transfer_id = known[0]
                 else:
-                    conversion_id = path.removeprefix("/v1/conversions/")
-                if conversion_id == path or conversion_id not in sandbox.conversions:
-                    return self._json(404, {"code": "not_found", "message": "No conversion."})
+                    transfer_id = path.removeprefix("/v1/transfers/")
+                if transfer_id == path or transfer_id not in sandbox.conversions:
+                    return self._error(404, "err_transfer_not_found", "No transfer.")
                 if sandbox.settle and not sandbox.callback:
-                    sandbox.finish(conversion_id, sandbox.settle)
+                    sandbox.finish(transfer_id, sandbox.settle)
                 with sandbox.lock:
-                    answer = json.loads(json.dumps(sandbox.conversions[conversion_id]))
-                return self._json(200, {"data": answer})
+                    answer = json.loads(json.dumps(sandbox.conversions[transfer_id]))
+                # Due answers a transfer itself; our look-up by key wraps it in `data`.
+                return self._json(200, answer if path != "/v1/conversions" else {"data": answer})
 
             def do_POST(self):
                 raw = self._body()
                 if not self._authorised(raw):
                     return None
                 if urlsplit(self.path).path != "/v1/conversions":
-                    return self._json(404, {"code": "not_found", "message": "Not found."})
+                    return self._error(404, "err_not_found", "Not found.")
                 with sandbox.lock:
                     sandbox.create_calls += 1
                     failure = sandbox.fail_next.pop(0) if sandbox.fail_next else None
@@ -163,7 +205,7 @@ class DueSandbox(SandboxServer):
                 if sandbox.delay:
                     time.sleep(sandbox.delay)
                 if failure is not None:
-                    return self._json(failure, {"code": "injected", "message": "Injected."})
+                    return self._error(failure, "err_injected", "Injected.")
                 key = self.headers.get("Idempotency-Key", "")
                 try:
                     body = json.loads(raw)
@@ -173,24 +215,35 @@ class DueSandbox(SandboxServer):
                         raise ValueError("unsupported pair or no Idempotency-Key")
                     amount = source["amount"]
                 except (ValueError, KeyError, TypeError) as exc:
-                    return self._json(400, {"code": "invalid", "message": str(exc)})
+                    return self._error(400, "err_invalid_request", str(exc))
                 with sandbox.lock:
                     known = sandbox.by_key.get(key)
                     if known is not None and known[1] != body:
-                        return self._json(409, {"code": "conflict", "message": "Key reused."})
+                        return self._error(409, "err_conflict", "Key reused.")
                     if known is None:
-                        conversion = {
-                            "id": f"conv_{uuid.uuid4().hex[:20]}",
-                            "status": "pending",
-                            "source": {"currency": pair[0], "amount": amount},
-                            "destination": {"currency": pair[1], "amount": None},
-                            "rate": "1",
-                            "fee": "0",
-                            "reference": body.get("reference", ""),
-                            "createdAt": datetime.now(UTC).isoformat(),
+                        created = datetime.now(UTC)
+                        transfer = {
+                            "id": f"tf_{uuid.uuid4().hex[:20]}",
+                            "ownerId": "acct_sandbox",
+                            "status": OPEN,
+                            "source": {
+                                "amount": amount,
+                                "fee": "0",
+                                "currency": pair[0],
+                                "rail": RAILS[pair[0]],
+                            },
+                            "destination": {
+                                "amount": amount,
+                                "fee": "0",
+                                "currency": pair[1],
+                                "rail": RAILS[pair[1]],
+                            },
+                            "fxRate": 1,
+                            "createdAt": iso(created),
+                            "expiresAt": iso(created + timedelta(minutes=30)),
                         }
-                        sandbox.conversions[conversion["id"]] = conversion
-                        sandbox.by_key[key] = (conversion["id"], body)
+                        sandbox.conversions[transfer["id"]] = transfer
+                        sandbox.by_key[key] = (transfer["id"], body)
                     answer = json.loads(json.dumps(sandbox.conversions[sandbox.by_key[key][0]]))
                     lost = sandbox.lose_answers > 0
                     sandbox.lose_answers -= lost

@@ -5,28 +5,23 @@ job is not posted (the job is `disputed`, with an ALERT, for an operator); a fai
 job. This runs under the kill switch too: it records money that already moved."""
 
 import logging
-import time
-import uuid
 from decimal import Decimal
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from gateway import boundary
-from gateway.boundary import token_matches
+from gateway.boundary import printable_ascii
 from gateway.exceptions import InputRefused
 from ledger.exceptions import InvalidAmount
 from ledger.money import amount_parse
 from ledger.selectors import BUFFER_ACCOUNTS, system_account
 from ledger.services import Leg, system_account_gather, transaction_apply
 from treasury import due, metrics
-from treasury.exceptions import (
-    CallbackRejected,
-    ConversionMalformed,
-    ProviderReferenceTaken,
-    treasury_rules,
-)
+from treasury.exceptions import CallbackRejected, DueRefused, DueUnavailable, treasury_rules
 from treasury.models import ConversionJob, JobStatus
 
 log = logging.getLogger(__name__)
@@ -34,20 +29,7 @@ log = logging.getLogger(__name__)
 # provider's fee or spread; the sandbox takes none) and never more: anything outside that is a
 # provider error or a different conversion, and is not posted.
 CONVERSION_TOLERANCE = Decimal("0.01")
-MAX_TIMESTAMP_DIGITS = 12  # Unix seconds (10 digits until the year 2286)
-# How far a callback's signed X-Due-Timestamp may be from our clock, either way: a captured
-# callback replayed later (its signature still good) is refused. Each delivery, a retry
-# included, is signed afresh with the time it is sent (the sandbox does so).
-CALLBACK_TOLERANCE_SECONDS = 300
-TIMESTAMP_OUTSIDE_WINDOW = (
-    "X-Due-Timestamp is {skew:+d} s from our clock; a callback is accepted only within "
-    "{tolerance} s either way (a replayed or delayed delivery)"
-)
-ID_TAKEN = (
-    "data.id {conversion_id!r} is already job {owner}'s conversion, yet the callback names "
-    "job {job}'s key as its reference: the provider contradicts what we recorded; refused, "
-    "for an operator"
-)
+WEBHOOK_TRANSFER = "transfer.status_changed"  # Due's one event about a transfer
 
 
 def job_save(job: ConversionJob) -> None:
@@ -112,7 +94,11 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
             )
             return job.status
         if status == "failed":
-            job_fail(job, f"the provider failed conversion {job.provider_reference}")
+            job_fail(
+                job,
+                f"the provider's transfer {job.provider_reference} is "
+                f"{conversion.get('due_status', status)}",
+            )
             return job.status
         mismatch = completion_mismatch(job, conversion)
         if mismatch:
@@ -165,92 +151,58 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
         return job.status
 
 
-def callback_receive(*, body: bytes, timestamp: str, signature: str) -> str:
-    """A provider's signed callback about a conversion: verified (HMAC with DUE_API_SECRET),
-    then settled like a poll's answer; duplicates change nothing. What no retry can make
-    acceptable (a malformed timestamp or one more than CALLBACK_TOLERANCE_SECONDS from our
-    clock, a body that is no conversion, text PostgreSQL cannot store, a `data.id` longer than
-    a job can record) is CallbackRejected naming the field; a `data.id` another job holds is
-    ProviderReferenceTaken. Nothing is written for any of them."""
-    if not settings.DUE_API_SECRET:
-        raise CallbackRejected("DUE_API_SECRET is not configured")
-    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= MAX_TIMESTAMP_DIGITS):
-        raise CallbackRejected(
-            f"X-Due-Timestamp must be Unix seconds (1..{MAX_TIMESTAMP_DIGITS} digits)",
-            "X-Due-Timestamp",
-        )
-    expected = due.signature(settings.DUE_API_SECRET, timestamp, body)
-    if not signature or not token_matches(signature, expected):
-        raise CallbackRejected("X-Due-Signature does not match the body", "X-Due-Signature")
+def callback_receive(*, body: bytes, signature: str) -> str:
+    """Due's webhook (its documented form: `{"id", "type", "data", "occurredAt",
+    "attemptedAt"}`, Ed25519 over the raw body, hex in X-Webhook-Signature, verified with
+    DUE_WEBHOOK_PUBLIC_KEY). A `transfer.status_changed` about a job's transfer settles the job
+    with what Due says of the transfer *now* (`GET /v1/transfers/{id}`, as Due advises): Due
+    signs no time, so a captured delivery verifies forever and its copy of the transfer is never
+    acted on. Any other event, or a transfer no job holds, changes nothing ("ignored"). A bad
+    signature or a body that is no event is CallbackRejected naming the field; nothing is
+    written. DueUnavailable when the key is not configured or Due cannot be asked now."""
+    if not settings.DUE_WEBHOOK_PUBLIC_KEY:
+        raise DueUnavailable("DUE_WEBHOOK_PUBLIC_KEY is not configured")
+    key = load_pem_public_key(settings.DUE_WEBHOOK_PUBLIC_KEY.encode())
     try:
-        conversion = due.conversion_parse(boundary.json_object(body))
+        key.verify(bytes.fromhex(signature), body)
+    except (ValueError, InvalidSignature):
+        raise CallbackRejected(
+            "X-Webhook-Signature is not Due's signature of the body (hex Ed25519)",
+            "X-Webhook-Signature",
+        ) from None
+    try:
+        event = boundary.json_object(body)
     except InputRefused as exc:
-        raise CallbackRejected(f"the body is not a Due conversion: {exc}", exc.field) from None
-    except ConversionMalformed as exc:
-        raise CallbackRejected(f"the body is not a Due conversion: {exc}", exc.field) from None
-    # Its age, once it is known to be Due's (a forgery is told only of its signature) and
-    # before anything is read or written; what the body holds is refused alike at any age.
-    skew = int(timestamp) - int(time.time())
-    if abs(skew) > CALLBACK_TOLERANCE_SECONDS:
+        raise CallbackRejected(f"the body is not a Due event: {exc}", exc.field) from None
+    kind = event.get("type")
+    if not isinstance(kind, str):
+        raise CallbackRejected("type is not an event type", "type")
+    if kind != WEBHOOK_TRANSFER:
+        log.info("treasury: Due's %s event %s ignored", kind, event.get("id"))
+        return "ignored"
+    data = event.get("data")
+    transfer_id = data.get("id") if isinstance(data, dict) else None
+    if not isinstance(transfer_id, str) or not printable_ascii(
+        transfer_id, max_length=due.PROVIDER_REFERENCE_MAX
+    ):
         raise CallbackRejected(
-            TIMESTAMP_OUTSIDE_WINDOW.format(skew=skew, tolerance=CALLBACK_TOLERANCE_SECONDS),
-            "X-Due-Timestamp",
+            f"data.id is not 1..{due.PROVIDER_REFERENCE_MAX} printable ASCII characters: no "
+            "transfer id we can record",
+            "data.id",
         )
-    job = _job_by_reference_adopt(conversion) or (
-        ConversionJob.objects.filter(provider_reference=conversion["id"]).first()
-    )
-    if job is None:
-        raise CallbackRejected(f"no job for conversion {conversion['id']}")
-    return job_settle(job_id=job.pk, conversion=conversion)
-
-
-def _job_by_reference_adopt(conversion: dict) -> ConversionJob | None:
-    """A signed callback about a conversion we never got the answer for (its submit's answer
-    was lost): its `reference` is the job's idempotency key, so the job learns its provider
-    reference here and the completion is booked now rather than at the next lookup.
-    A conversion id another job already holds is ProviderReferenceTaken (nothing written): one
-    conversion cannot be two jobs', and which one Due means is for an operator to find out."""
-    try:
-        key = uuid.UUID(str(conversion.get("reference") or ""))
-    except ValueError:
-        return None
-    with transaction.atomic(durable=True):
-        job = (
-            ConversionJob.objects.select_for_update()
-            .filter(
-                idempotency_key=key,
-                provider_reference__isnull=True,
-                status__in=[JobStatus.PENDING, JobStatus.TIMED_OUT],
-            )
-            .first()
-        )
-        if job is None:
-            return None
-        _provider_reference_free(job, conversion["id"])
-        job.provider_reference = conversion["id"]
-        if job.status == JobStatus.PENDING:
-            job.status = JobStatus.SUBMITTED
-        job.submitted_at = job.submitted_at or timezone.now()
-        try:
-            job_save(job)
-        except IntegrityError:  # another job recorded the id meanwhile (its unique constraint)
-            _provider_reference_free(job, conversion["id"])
-            raise
-    log.warning(
-        "treasury: job %s learnt its reference %s from a callback", job.pk, job.provider_reference
-    )
-    return job
-
-
-def _provider_reference_free(job: ConversionJob, conversion_id: str) -> None:
-    """ProviderReferenceTaken when a job other than `job` holds `conversion_id`."""
-    owner = (
-        ConversionJob.objects.filter(provider_reference=conversion_id)
-        .exclude(pk=job.pk)
-        .values_list("pk", flat=True)
+    job = (
+        ConversionJob.objects.select_related("provider")
+        .filter(provider_reference=transfer_id)
         .first()
     )
-    if owner is not None:
-        raise ProviderReferenceTaken(
-            ID_TAKEN.format(conversion_id=conversion_id, owner=owner, job=job.pk)
+    if job is None:  # not ours, or a job whose answer was lost (its look-up by key finds it)
+        log.warning("treasury: Due's event about transfer %s, which no job holds", transfer_id)
+        return "ignored"
+    try:
+        conversion = due.conversion_get(
+            base_url=due.provider_base_url(job.provider.code, due.provider_base_urls()),
+            conversion_id=transfer_id,
         )
+    except DueRefused as exc:  # Due refusing to show a transfer it told us of: ask again later
+        raise DueUnavailable(str(exc)) from None
+    return job_settle(job_id=job.pk, conversion=conversion)

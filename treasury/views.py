@@ -12,12 +12,17 @@ from gateway.boundary import body_read
 from gateway.exceptions import InputRefused
 from ledger.exceptions import LedgerError
 from treasury.cycle import settlement_cycle_run
-from treasury.exceptions import CallbackRejected, JobRefused
+from treasury.exceptions import (
+    CallbackRejected,
+    DueUnavailable,
+    JobRefused,
+    ProviderNotConfigured,
+)
 from treasury.settlement import callback_receive
 from treasury.submission import jobs_submit
 
 log = logging.getLogger("treasury.api")
-# A conversion is well under a kilobyte; more is not one of Due's callbacks.
+# A transfer event is a few kilobytes at most; more is not one of Due's webhooks.
 MAX_CALLBACK_BYTES = 65536
 
 
@@ -41,25 +46,29 @@ def trigger_cycle(request: HttpRequest) -> JsonResponse:
 @csrf_exempt
 @require_POST
 def due_callback(request: HttpRequest) -> JsonResponse:
-    """Due's signed callback about a conversion; duplicates change nothing."""
+    """Due's webhook (Ed25519-signed); what it says of a job's transfer is asked of Due again
+    before it is applied, so duplicates and replays change nothing."""
     try:
         status = callback_receive(
             body=body_read(request, limit=MAX_CALLBACK_BYTES),
-            timestamp=request.headers.get("X-Due-Timestamp", ""),
-            signature=request.headers.get("X-Due-Signature", ""),
+            signature=request.headers.get("X-Webhook-Signature", ""),
         )
     except InputRefused as exc:
         error = ApiError(exc.status, exc.code, str(exc), exc.field)
         return JsonResponse(error.body(), status=error.status)
     except CallbackRejected as exc:
-        log.warning("due callback refused: %s", exc)
+        log.warning("due webhook refused: %s", exc)
         return JsonResponse(
             {"error": {"code": "rejected", "message": str(exc), "field": exc.field}},
             status=400,
         )
     except JobRefused as exc:  # the job's rules refused the change: retrying cannot help
-        log.error("ALERT treasury: due callback not applied: %s", exc)
+        log.error("ALERT treasury: due webhook not applied: %s", exc)
         error = ApiError(409, "refused", str(exc), getattr(exc, "field", None))
+        return JsonResponse(error.body(), status=error.status)
+    except (DueUnavailable, ProviderNotConfigured) as exc:  # Due's redelivery will find us ready
+        log.warning("due webhook not applied now: %s", exc)
+        error = ApiError(503, "provider_unavailable", str(exc))
         return JsonResponse(error.body(), status=error.status)
     except LedgerError as exc:  # nothing applied; the provider's retry or the monitor settles it
         return JsonResponse({"error": {"code": "not_applied", "message": str(exc)}}, status=503)

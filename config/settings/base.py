@@ -15,6 +15,7 @@ from config.env import (
     env_decimal,
     env_directory,
     env_duration,
+    env_ed25519_public_key,
     env_fraction,
     env_int,
     env_list,
@@ -309,6 +310,10 @@ DUE_API_BASE_URL = env_url(
     "DUE_API_BASE_URL", default="https://api.due.network", schemes=("https", "http")
 ).rstrip("/")
 DUE_HTTP_TIMEOUT = env_duration("DUE_HTTP_TIMEOUT", "5s").total_seconds()
+# Due's webhooks are signed with Ed25519 by a key pair of the webhook endpoint's own: its public
+# key (PEM), as Due's `POST /v1/webhook_endpoints` answered it. Unset, every webhook is a 503
+# (Due redelivers; the monitor's polls settle jobs meanwhile).
+DUE_WEBHOOK_PUBLIC_KEY = env_ed25519_public_key("DUE_WEBHOOK_PUBLIC_KEY")
 
 
 def _provider_base_urls(raw: list[str]) -> dict[str, str]:

@@ -51,6 +51,7 @@ from treasury.exceptions import JobRefused
 from treasury.models import ConversionJob
 from treasury.monitor import monitor_run
 from treasury.operators import job_retry
+from treasury.sandbox import OPEN
 from treasury.submission import jobs_submit
 
 OPERATOR = Actor(name="model:operator")
@@ -377,7 +378,7 @@ class MoneyMachine(RuleBasedStateMachine):
         """Due finishes one conversion it accepted (whether or not we know it did)."""
         due = Context.due
         with due.lock:
-            pending = [c for c, v in due.conversions.items() if v["status"] == "pending"]
+            pending = [c for c, v in due.conversions.items() if v["status"] == OPEN]
         if pending:
             due.finish(_pick(pending, pick), outcome)
 
@@ -470,9 +471,7 @@ class MoneyMachine(RuleBasedStateMachine):
             self.parked_replay()
             monitor_run()
             with due.lock:
-                open_conversions = [
-                    c for c, v in due.conversions.items() if v["status"] == "pending"
-                ]
+                open_conversions = [c for c, v in due.conversions.items() if v["status"] == OPEN]
             for conversion_id in open_conversions:
                 due.finish(conversion_id, "completed")
             monitor_run()

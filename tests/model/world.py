@@ -12,7 +12,7 @@ from cutover.actors import Actor
 from onchain.sandbox import CircleSandbox
 from tests.data_migrations import DATA_MIGRATIONS
 from treasury.bands import threshold_set
-from treasury.sandbox import DueSandbox
+from treasury.sandbox import OUTCOMES, DueSandbox
 
 APP_LABELS = ("ledger", "gateway", "cutover", "onchain", "treasury")
 # Small bands, so that the model's amounts move buffers across them.
@@ -84,7 +84,7 @@ def due_conversion_flows(due: DueSandbox) -> dict[str, Decimal]:
     flows = {"USD": Decimal(0), "USDC": Decimal(0)}
     with due.lock:
         for conversion in due.conversions.values():
-            if conversion["status"] != "completed":
+            if conversion["status"] != OUTCOMES["completed"]:
                 continue
             flows[conversion["source"]["currency"]] -= Decimal(conversion["source"]["amount"])
             flows[conversion["destination"]["currency"]] += Decimal(

@@ -4,6 +4,9 @@ funded buffers and their balances, and the environment of a real Celery worker a
 import uuid
 from decimal import Decimal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from cutover.actors import Actor
 from ledger.models import Account
 from ledger.services import Leg, transaction_post
@@ -12,6 +15,12 @@ from treasury.selectors import buffer_status_list
 
 KEY, SECRET = "due-key", "due-secret"
 OPS = Actor(name="cli:ops")
+
+
+def webhook_public_key() -> str:
+    """A webhook endpoint's public key as Due answers it (PEM Ed25519), of a fresh key pair."""
+    key = Ed25519PrivateKey.generate().public_key()
+    return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 def fund(code: str, amount: str) -> None:

@@ -98,16 +98,25 @@ def test_a_submit_whose_answer_is_lost_after_due_accepted_is_never_failed(
     assert all(check.ok for check in ledger_integrity_checks())
 
 
-def test_a_callback_books_a_job_whose_answer_was_lost(due, answers_lost, usdc_low, live_server):
+def test_a_webhook_about_a_job_whose_answer_was_lost_waits_for_its_look_up(
+    due, answers_lost, usdc_low, live_server
+):
+    """Due's event names only its transfer, which no job holds yet (the creation's answer was
+    lost): nothing is applied from it; once Due can be asked, the job's look-up by key finds
+    the transfer and the completion is posted, once."""
     settlement_cycle_run(triggered_by="test")
     jobs_submit()
     due.unavailable = True  # Due cannot be asked: the job's fate is unknown
     jobs_submit()
     job = ConversionJob.objects.get()
     assert job.status == "timed_out" and job.provider_reference is None
+    due.unavailable = False
     due.callback = f"{live_server.url}/webhooks/due/conversions"
     due.callback_copies = 2
-    due.finish(next(iter(due.conversions)), "completed")  # signed, carrying our key
+    due.finish(next(iter(due.conversions)), "completed")  # two deliveries, both 200 "ignored"
+    job.refresh_from_db()
+    assert job.status == "timed_out" and treasury_postings() == 0
+    monitor_run()
     job.refresh_from_db()
     assert job.status == "completed" and job.provider_reference == next(iter(due.conversions))
     assert treasury_postings() == 1 and buffers()["USDC"] == Decimal("20000")

@@ -159,7 +159,7 @@ def test_a_conversion_id_we_cannot_record_is_an_answer_to_ask_again(due, usdc_lo
     assert report.retried == 1 and report.submitted == 0
     job = ConversionJob.objects.get()
     assert job.status == "pending" and job.provider_reference is None
-    assert "data.id" in job.last_error
+    assert "printable ASCII" in job.last_error
     due.on_created = None
     assert jobs_submit().submitted == 1  # the same key: the conversion created the first time
     job.refresh_from_db()
@@ -186,20 +186,22 @@ def test_a_forged_callback_is_refused_and_changes_nothing(due, usdc_low, client)
     job = ConversionJob.objects.get()
     body = json.dumps(
         {
+            "type": "transfer.status_changed",
             "data": {
                 **due.conversions[job.provider_reference],
-                "status": "completed",
+                "status": "payment_processed",
                 "destination": {"currency": "USDC", "amount": "999999"},
-            }
+            },
         }
     )
     response = client.post(
         "/webhooks/due/conversions",
         data=body,
         content_type="application/json",
-        headers={"X-Due-Timestamp": "1", "X-Due-Signature": "0" * 64},
+        headers={"X-Webhook-Signature": "0" * 128},
     )
-    assert response.status_code == 400 and response.json()["error"]["field"] == "X-Due-Signature"
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "X-Webhook-Signature"
     job.refresh_from_db()
     assert job.status == "submitted" and not Transaction.objects.filter(namespace="treasury")
 

@@ -46,7 +46,8 @@ class Command(BaseCommand):
             "--callback",
             type=ascii_word(2048),
             default=None,
-            help="URL to call back completions",
+            help="URL to deliver its webhooks to (transfer.status_changed), signed by the key it "
+            "prints",
         )
 
     def handle(self, *args, **options) -> None:
@@ -106,6 +107,8 @@ class Command(BaseCommand):
             ) from None
         with served as sandbox:
             self.stdout.write(f"Due sandbox at {sandbox.base_url}")
+            one_line = sandbox.public_key_pem.strip().replace("\n", "\\n")
+            self.stdout.write(f"its webhooks' key: DUE_WEBHOOK_PUBLIC_KEY='{one_line}'")
             try:
                 while True:
                     time.sleep(3600)
