@@ -225,7 +225,12 @@ class Drills:
         if lost is not None:
             key = str(lost.idempotency_key)
             with due.lock:
-                at_due = [due.by_key[key][0]] if key in due.by_key else []
+                at_due = [
+                    t["id"]
+                    for t in due.conversions.values()
+                    if t["source"]["currency"] == lost.source_currency
+                    and Decimal(t["source"]["amount"]) == lost.source_amount
+                ]
             lost_answer = {
                 "job": lost.pk,
                 "key": key,

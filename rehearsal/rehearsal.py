@@ -93,6 +93,7 @@ class Rehearsal(TrafficStages, Drills, Report):
             "CIRCLE_API_KEY": "rehearsal",
             "DUE_API_KEY": key,
             "DUE_API_SECRET": secret,
+            "DUE_RECIPIENTS": {"USD": "rcp_rehearsal_bank", "USDC": "wlt_rehearsal_wallet"},
         }
         token = f"?token={settings.CIRCLE_WEBHOOK_SECRET}" if settings.CIRCLE_WEBHOOK_SECRET else ""
         saved = {name: getattr(settings, name) for name in [*overrides, "CIRCLE_API_BASE_URL"]}

@@ -118,16 +118,17 @@ class Report:
             },
             {
                 "name": "conversion_with_lost_answer_booked_once",
-                "ok": lost.get("status_before_monitor") == "timed_out"
+                # Still open (not failed, not created again) until Due can be asked.
+                "ok": lost.get("status_before_monitor") in ("pending", "timed_out")
                 and lost.get("status") == "completed"
                 and lost.get("conversions_at_due") == 1
                 and lost.get("postings") == 1
                 and bool(self.treasury.get("restored")),
                 "detail": f"job {lost.get('job')}: {lost.get('status_before_monitor')} after "
-                f"its submits ({lost.get('creations_sent')} creations sent: the first "
-                "accepted and its answer lost, then Due unavailable), "
-                f"{lost.get('status')} after the monitor's look-up by key; "
-                f"{lost.get('conversions_at_due')} conversion at Due under its key, "
+                f"its submits ({lost.get('creations_sent')} transfer creations sent: the "
+                "first accepted and its answer lost, then Due unavailable, so not sent again), "
+                f"{lost.get('status')} after the monitor's look-up among Due's transfers; "
+                f"{lost.get('conversions_at_due')} transfer of its amount at Due, "
                 f"{lost.get('postings')} posting treasury/conversion:{lost.get('key')}; "
                 f"USDC buffer {self.treasury.get('buffer_after')} (target "
                 f"{self.treasury.get('target')})",

@@ -13,7 +13,7 @@ from django.apps import apps
 
 from onchain.sandbox import USDC_TOKEN_ID, CircleSandbox
 from tests.data_migrations import DATA_MIGRATIONS
-from tests.treasury.factories import KEY, SECRET
+from tests.treasury.factories import KEY, RECIPIENTS, SECRET
 from treasury.sandbox import DueSandbox
 
 
@@ -49,6 +49,7 @@ def due(settings, live_server):
     with DueSandbox(api_key=KEY, api_secret=SECRET, settle=None) as sandbox:
         settings.DUE_API_BASE_URL = sandbox.base_url
         settings.DUE_WEBHOOK_PUBLIC_KEY = sandbox.public_key_pem
+        settings.DUE_RECIPIENTS = RECIPIENTS
         yield sandbox
 
 

@@ -41,7 +41,7 @@ from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.cutover.test_reconciliation import other_connection
 from tests.onchain.factories import balances, buffer_fund, withdraw
 from tests.test_metrics import sample
-from tests.treasury.factories import KEY, SECRET, fund
+from tests.treasury.factories import KEY, RECIPIENT_ENVIRONMENT, RECIPIENTS, SECRET, fund
 from treasury.cycle import settlement_cycle_run
 from treasury.models import ConversionJob, SettlementCycle
 from treasury.sandbox import DueSandbox
@@ -151,6 +151,7 @@ def worker(django_db_setup, providers):
         "DUE_API_BASE_URL": providers.due.base_url,
         "DUE_API_KEY": KEY,
         "DUE_API_SECRET": SECRET,
+        **RECIPIENT_ENVIRONMENT,
     }
     with celery_running(("worker", "-Q", QUEUE, "-c", "2", *QUIET), environment=environment):
         yield providers
@@ -330,6 +331,7 @@ def test_treasury_monitor_delivered_twice_posts_a_completion_once(worker, settin
         KEY,
         SECRET,
     )
+    settings.DUE_RECIPIENTS = RECIPIENTS
     fund("usdc_buffer", "1000")
     fund("fiat_buffer", "60000")
     settlement_cycle_run(triggered_by="test")

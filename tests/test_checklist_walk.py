@@ -112,6 +112,7 @@ from tests.test_metrics import (
     sample,
     scrape,
 )
+from tests.treasury.factories import RECIPIENT_ENVIRONMENT, RECIPIENTS
 from treasury.models import BufferThreshold, SettlementCycle
 from treasury.sandbox import DueSandbox
 from treasury.tasks import settlement_cycle_task
@@ -358,6 +359,7 @@ def world(transactional_db, aws, aws_environment, settings, tmp_path) -> Iterato
         settings.CIRCLE_WALLET_ID = WALLET
         settings.CIRCLE_API_BASE_URL = circle.base_url
         settings.DUE_API_BASE_URL = due.base_url
+        settings.DUE_RECIPIENTS = RECIPIENTS
         users = {
             "alice": legacy_user("100.00"),
             "bob": legacy_user("250.50"),
@@ -372,6 +374,7 @@ def world(transactional_db, aws, aws_environment, settings, tmp_path) -> Iterato
             "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
             "CIRCLE_API_BASE_URL": circle.base_url,
             "DUE_API_BASE_URL": due.base_url,
+            **RECIPIENT_ENVIRONMENT,
         }
         walk = World(url, circle, due, aws, secrets, operator_environment, users, tmp_path)
         walk.scraped_at_start = metrics(walk)

@@ -73,6 +73,7 @@ def test_due_s_webhook_key_is_read_as_due_gives_it_or_on_one_line():
     for value in (pem, pem.replace("\n", "\\n")):
         result = manage(
             "shell",
+            "--no-imports",
             "-c",
             "from django.conf import settings; print(settings.DUE_WEBHOOK_PUBLIC_KEY)",
             DUE_WEBHOOK_PUBLIC_KEY=value,

@@ -1,27 +1,30 @@
 """Due's API, as far as the treasury uses it, over real HTTP (gateway.providers).
 
-Due's, as it documents them (due.readme.io; the examples and their addresses in
-tests/treasury/fixtures/due/SOURCES.md):
+As Due documents it (due.readme.io; the examples and their addresses, and what Due leaves out,
+in tests/treasury/fixtures/due/SOURCES.md):
 
-- the transfer object: `{"id", "ownerId", "status", "source": {"amount", "fee", "currency",
-  "rail"}, "destination": {"amount", "fee", "currency", "rail", ...}, "fxRate", "createdAt",
-  "expiresAt"}`, amounts as decimal strings; a job's conversion is one transfer. It is final
-  when `payment_processed` (completed) or `failed`, `canceled`, `refund_processed` (failed);
-  every other status (`awaiting_funds`, `funds_received`, `approved`, `manual_review`,
-  `payment_submitted`, `refund_submitted`, or one Due adds) is in flight;
-- `GET /v1/transfers/{id}` -> the transfer object (how jobs are polled, and how a webhook is
-  acted on: treasury.settlement.callback_receive);
-- errors `{"error_code", "message", "http_code"}`; `Authorization: Bearer DUE_API_KEY`.
+- a job's conversion is one of Due's *transfers*: `{"id", "ownerId", "status", "source":
+  {"amount", "fee", "currency", "rail"}, "destination": {"amount", "fee", "currency", "rail",
+  "id" (the recipient), ...}, "fxRate", "createdAt", "expiresAt"}`, amounts as decimal strings.
+  It is final when `payment_processed` (completed) or `failed`, `canceled`, `refund_processed`
+  (failed); every other status (`awaiting_funds`, `funds_received`, `approved`,
+  `manual_review`, `payment_submitted`, `refund_submitted`, or one Due adds) is in flight;
+- it is made from a quote: `POST /v1/transfers/quote {"source": {"rail", "currency",
+  "amount"}, "destination": {"rail", "currency", "amount": "0"}}` -> `{"token", ...}` (valid 2
+  minutes), then `POST /v1/transfers {"quote": token, "recipient": <our recipient id>}` -> the
+  transfer. Due documents no idempotency for it: the creation is sent once, and a lost answer
+  is looked for in `GET /v1/transfers?order=desc&limit=&startDate=[&next=]` -> `{"items":
+  [...], "next"}` (conversion_find);
+- `GET /v1/transfers/{id}` -> the transfer (how jobs are polled, and how a webhook is acted
+  on: treasury.settlement.callback_receive);
+- `Authorization: Bearer DUE_API_KEY`, `Due-Account-Id: DUE_ACCOUNT_ID` when set; errors
+  `{"error_code", "message", "http_code"}`.
 
-Still ours, not Due's (open work, README "Due client and sandbox"): creating a conversion,
-`POST /v1/conversions` with `Idempotency-Key` (the same key names the same transfer), body
-`{"source": {"currency", "amount"}, "destination": {"currency"}, "reference"}` -> 201 (200 for
-a repeat) `{"data": transfer}`; finding it by key, `GET /v1/conversions?idempotency_key=K` ->
-`{"data": transfer}`, 404 when the provider never received a creation under K (how a lost
-answer is resolved); `GET /v1/balances` -> `{"data": [{"currency", "amount"}, ...]}`; and the
+Still ours, not Due's (Due holds no balances for us; README "Due client and sandbox"): `GET
+/v1/balances` -> `{"data": [{"currency", "amount"}, ...]}`, which custody reads, and the
 HMAC-SHA256 of `<X-Due-Timestamp>.<body>` with DUE_API_SECRET in `X-Due-Signature` that every
 request carries. A call is tried DUE_HTTP_ATTEMPTS times on 5xx, 429 or a timeout, with a
-short doubling pause; 4xx is final.
+short doubling pause (a transfer's creation once); 4xx is final.
 
 Where each provider's API is comes from the settings, never from the database: `due` is at
 DUE_API_BASE_URL, any other provider code at TREASURY_PROVIDER_BASE_URLS[code]
@@ -34,9 +37,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from datetime import datetime
 from decimal import Decimal
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from django.conf import settings
 
@@ -98,10 +102,15 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def _call(base_url: str, method: str, path: str, body: dict | None = None, key: str = "") -> dict:
+def _call(
+    base_url: str, method: str, path: str, body: dict | None = None, *, resend: bool = True
+) -> dict:
+    """One call, tried DUE_HTTP_ATTEMPTS times on 5xx, 429 or a timeout; once only when it must
+    not be `resend` (a transfer's creation: Due documents no idempotency)."""
     raw = json.dumps(body).encode() if body is not None else b""
     last = None
-    for attempt in range(settings.DUE_HTTP_ATTEMPTS):
+    attempts = settings.DUE_HTTP_ATTEMPTS if resend else 1
+    for attempt in range(attempts):
         if attempt:
             time.sleep(RETRY_PAUSE * 2 ** (attempt - 1))
         timestamp = str(int(time.time()))
@@ -113,8 +122,8 @@ def _call(base_url: str, method: str, path: str, body: dict | None = None, key: 
         }
         if body is not None:
             headers["Content-Type"] = "application/json"
-        if key:
-            headers["Idempotency-Key"] = key
+        if settings.DUE_ACCOUNT_ID:
+            headers["Due-Account-Id"] = settings.DUE_ACCOUNT_ID
         try:
             return provider_call(
                 provider="Due",
@@ -131,7 +140,7 @@ def _call(base_url: str, method: str, path: str, body: dict | None = None, key: 
             )
         except DueUnavailable as exc:
             last = str(exc).strip()
-    raise DueUnavailable(f"{last} (after {settings.DUE_HTTP_ATTEMPTS} attempts)")
+    raise DueUnavailable(f"{last} (after {attempts} attempt{'s' if attempts > 1 else ''})")
 
 
 def _error_text(body: dict) -> str:
@@ -141,21 +150,44 @@ def _error_text(body: dict) -> str:
     return f"{code}: {message}" if isinstance(code, str) and code else message
 
 
+def recipient(currency: str) -> str:
+    """Where Due pays a transfer into `currency`: our bank account (USD) or our wallet (USDC),
+    each registered at Due once (DUE_RECIPIENT_USD, DUE_RECIPIENT_USDC)."""
+    found = settings.DUE_RECIPIENTS.get(currency, "")
+    if not found:
+        raise ProviderNotConfigured(f"DUE_RECIPIENT_{currency} is not configured")
+    return found
+
+
 def conversion_create(
-    *,
-    base_url: str,
-    idempotency_key: str,
-    source_currency: str,
-    source_amount: Decimal,
-    target_currency: str,
+    *, base_url: str, source_currency: str, source_amount: Decimal, target_currency: str
 ) -> dict:
-    body = {
-        "source": {"currency": source_currency, "amount": str(source_amount)},
-        "destination": {"currency": target_currency},
-        "reference": idempotency_key,
-    }
-    answer = _call(base_url, "POST", "/v1/conversions", body, key=idempotency_key)
-    return conversion_parse(_data(answer))
+    """A quote (`POST /v1/transfers/quote`, 2 minutes) and the transfer on it (`POST
+    /v1/transfers`) to our recipient in `target_currency`. The transfer's creation is sent
+    once: Due documents no idempotency, so a lost answer is looked for (conversion_find),
+    never resent blindly."""
+    to = recipient(target_currency)
+    side = {"rail": settings.DUE_RAILS[source_currency], "currency": source_currency}
+    quote = _call(
+        base_url,
+        "POST",
+        "/v1/transfers/quote",
+        {
+            "source": {**side, "amount": str(source_amount)},
+            "destination": {
+                "rail": settings.DUE_RAILS[target_currency],
+                "currency": target_currency,
+                "amount": "0",
+            },
+        },
+    )
+    token = quote.get("token") if isinstance(quote, dict) else None
+    if not isinstance(token, str) or not token:
+        raise DueUnavailable("Due's quote holds no token")
+    answer = _call(
+        base_url, "POST", "/v1/transfers", {"quote": token, "recipient": to}, resend=False
+    )
+    return conversion_parse(answer)
 
 
 def conversion_get(*, base_url: str, conversion_id: str) -> dict:
@@ -165,18 +197,65 @@ def conversion_get(*, base_url: str, conversion_id: str) -> dict:
     )
 
 
-def conversion_find(*, base_url: str, idempotency_key: str) -> dict | None:
-    """The conversion the provider created under `idempotency_key`, or None when the provider
-    says it never received one (404). DueUnavailable when it cannot say."""
-    try:
-        answer = _call(
-            base_url, "GET", f"/v1/conversions?idempotency_key={quote(idempotency_key, safe='')}"
+def conversion_find(
+    *,
+    base_url: str,
+    source_currency: str,
+    source_amount: Decimal,
+    target_currency: str,
+    since: datetime,
+    taken: Collection[str],
+) -> dict | None:
+    """The transfer a job's creation made when its answer was lost: among Due's transfers
+    created since `since` (`GET /v1/transfers`, newest first, page by page with `next`), the
+    one of the job's source amount and currencies to our recipient that no other job holds
+    (`taken`). None when Due lists none: it never received the creation. DueUnavailable when
+    Due cannot say, or when more than one would do (for an operator: which one is the job's
+    is not ours to guess)."""
+    to = recipient(target_currency)
+    query = {"order": "desc", "limit": "100", "startDate": since.isoformat()}
+    found = []
+    while True:
+        page = _call(base_url, "GET", f"/v1/transfers?{urlencode(query)}")
+        items = page.get("items") if isinstance(page, dict) else None
+        if not isinstance(items, list):
+            raise DueUnavailable("Due's list of transfers is malformed")
+        for item in items:
+            try:
+                transfer = conversion_parse(item)
+            except ConversionMalformed:
+                continue  # not one our job could have made
+            source, destination = (
+                side if isinstance(side, dict) else {}
+                for side in (transfer["source"], transfer["destination"])
+            )
+            if (
+                transfer["id"] not in taken
+                and source.get("currency") == source_currency
+                and _amount(source.get("amount")) == source_amount
+                and destination.get("currency") == target_currency
+                and destination.get("id", to) == to
+            ):
+                found.append(transfer)
+        cursor = page.get("next")
+        if not items or not isinstance(cursor, str) or not cursor:
+            break
+        query["next"] = cursor
+    if len(found) > 1:
+        raise DueUnavailable(
+            f"{len(found)} transfers at Due could be this job's: "
+            f"{', '.join(t['id'] for t in found)}; for an operator"
         )
-    except DueRefused as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return conversion_parse(_data(answer))
+    return found[0] if found else None
+
+
+def _amount(raw: object) -> Decimal | None:
+    """A listed transfer's amount, to compare (None when it is no finite decimal string)."""
+    try:
+        value = Decimal(raw) if isinstance(raw, str) else None
+    except ArithmeticError:
+        return None
+    return value if value is not None and value.is_finite() else None
 
 
 def balance_get(base_url: str, currency: str) -> Decimal:

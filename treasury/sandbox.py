@@ -1,14 +1,15 @@
 """A Due sandbox shipped with the product, for development, tests and the rehearsal.
 
-It speaks what the treasury's client uses (treasury/due.py): Due's own transfer objects,
-`GET /v1/transfers/{id}`, error bodies `{"error_code", "message", "http_code"}` and webhooks
-(`{"id", "type": "transfer.status_changed", "data": transfer, "occurredAt", "attemptedAt"}`,
-Ed25519 over the raw body, hex in `X-Webhook-Signature`, by the sandbox's own key pair: its
-`public_key_pem` is what Due's `POST /v1/webhook_endpoints` would answer); and what is still
-ours: `POST /v1/conversions` (bearer DUE_API_KEY, HMAC-SHA256 signature with DUE_API_SECRET,
-`Idempotency-Key`: the same key and body name the same transfer, another body under the key is
-409), `GET /v1/conversions?idempotency_key=K` (404 when no creation under K was received) and
-`GET /v1/balances`. Rate 1:1 between USD and USDC, no fee unless told.
+It speaks what the treasury's client uses (treasury/due.py), Due's parts as Due documents them:
+quotes (`POST /v1/transfers/quote`, 1:1 without fee, a token valid 2 minutes), transfers
+(`POST /v1/transfers {quote, recipient}`: a new transfer at each call, as nothing in Due's
+documentation promises otherwise; `GET /v1/transfers/{id}`; `GET /v1/transfers?order=desc&
+limit=&startDate=&next=` -> `{"items", "next"}`), bearer DUE_API_KEY, error bodies
+`{"error_code", "message", "http_code"}` and webhooks (`{"id", "type":
+"transfer.status_changed", "data": transfer, "occurredAt", "attemptedAt"}`, Ed25519 over the
+raw body, hex in `X-Webhook-Signature`, by the sandbox's own key pair: its `public_key_pem` is
+what Due's `POST /v1/webhook_endpoints` would answer); and what is still ours, `GET
+/v1/balances` (with our HMAC-SHA256 signature by DUE_API_SECRET).
 
 A transfer is created `awaiting_funds`; `finish(id, "completed" | "failed")` makes it
 `payment_processed` or `failed`, as Due would once it was funded and paid out (or not).
@@ -18,14 +19,14 @@ processed transfer takes its source amount from one and adds its destination amo
 other. The sandbox does not refuse a conversion for want of balance (a balance may go negative),
 so tests see exactly what the conversions did.
 
-Knobs: `fail_next` (statuses for the next creations), `delay` (seconds before answering a
-creation: timeouts), `lose_answers` (how many next creations are recorded and then answered with
-nothing: the connection closes, as when a timeout cuts it), `unavailable` (every call 503),
-`on_created` (called with the answer after a transfer is recorded, before the answer is sent),
-`settle` ("completed" or "failed": what a transfer becomes when it is next read, or at once when
-`callback` is set), `callback` + `callback_copies` (the same event delivered again); `finish(id,
-outcome, destination_amount=...)` settles one transfer by hand (a destination amount other than
-1:1 on demand).
+Knobs on transfer creations: `fail_next` (statuses for the next ones), `delay` (seconds before
+answering: timeouts), `lose_answers` (how many next ones are recorded and then answered with
+nothing: the connection closes, as when a timeout cuts it), `on_created` (called with the answer
+after the transfer is recorded, before it is sent); `unavailable` (every call 503); `settle`
+("completed" or "failed": what a transfer becomes when it is next read, or at once when
+`callback` is set), `callback` + `callback_copies` (the same event delivered again);
+`finish(id, outcome, destination_amount=...)` settles one transfer by hand (a destination
+amount other than 1:1 on demand). `create_calls` counts the creations received.
 """
 
 import json
@@ -46,7 +47,6 @@ from treasury.due import signature
 
 # What a finished transfer is at Due, by the outcome a test or the rehearsal asks for.
 OUTCOMES = {"completed": "payment_processed", "failed": "failed"}
-RAILS = {"USDC": "ethereum", "USD": "ach"}
 OPEN = "awaiting_funds"
 
 
@@ -70,7 +70,7 @@ class DueSandbox(SandboxServer):
         self.callback = callback
         self.callback_copies = 1
         self.conversions: dict[str, dict] = {}
-        self.by_key: dict[str, tuple[str, dict]] = {}
+        self.quotes: dict[str, dict] = {}
         self.create_calls = 0
         self.fail_next: list[int] = []
         self.delay = 0.0
@@ -162,7 +162,7 @@ class DueSandbox(SandboxServer):
             def do_GET(self):
                 url = urlsplit(self.path)
                 path = url.path
-                if not self._authorised(b"", signed=not path.startswith("/v1/transfers/")):
+                if not self._authorised(b"", signed=path == "/v1/balances"):
                     return None
                 if sandbox.unavailable:
                     return self._error(503, "err_unavailable", "Try later.")
@@ -173,29 +173,52 @@ class DueSandbox(SandboxServer):
                             for currency, amount in sorted(sandbox.balances.items())
                         ]
                     return self._json(200, {"data": rows})
-                if path == "/v1/conversions":
-                    key = parse_qs(url.query).get("idempotency_key", [""])[0]
-                    with sandbox.lock:
-                        known = sandbox.by_key.get(key)
-                    if not key or known is None:
-                        return self._error(404, "err_transfer_not_found", "No transfer.")
-                    transfer_id = known[0]
-                else:
-                    transfer_id = path.removeprefix("/v1/transfers/")
+                if path == "/v1/transfers":
+                    return self._list(parse_qs(url.query))
+                transfer_id = path.removeprefix("/v1/transfers/")
                 if transfer_id == path or transfer_id not in sandbox.conversions:
                     return self._error(404, "err_transfer_not_found", "No transfer.")
                 if sandbox.settle and not sandbox.callback:
                     sandbox.finish(transfer_id, sandbox.settle)
                 with sandbox.lock:
                     answer = json.loads(json.dumps(sandbox.conversions[transfer_id]))
-                # Due answers a transfer itself; our look-up by key wraps it in `data`.
-                return self._json(200, answer if path != "/v1/conversions" else {"data": answer})
+                return self._json(200, answer)
+
+            def _list(self, query: dict):
+                """Transfers created since `startDate`, newest first, `limit` a page; `next`
+                names the following page."""
+                try:
+                    since = datetime.fromisoformat(query.get("startDate", ["1970-01-01"])[0])
+                    limit = int(query.get("limit", ["20"])[0])
+                    start = int(query.get("next", ["0"])[0])
+                except ValueError as exc:
+                    return self._error(400, "err_invalid_request", str(exc))
+                if since.tzinfo is None:
+                    since = since.replace(tzinfo=UTC)
+                with sandbox.lock:
+                    listed = [
+                        json.loads(json.dumps(t))
+                        for t in reversed(sandbox.conversions.values())
+                        if datetime.fromisoformat(t["createdAt"]) >= since
+                    ]
+                page = listed[start : start + limit]
+                more = start + limit < len(listed)
+                return self._json(200, {"items": page, "next": str(start + limit) if more else ""})
 
             def do_POST(self):
                 raw = self._body()
-                if not self._authorised(raw):
+                path = urlsplit(self.path).path
+                if not self._authorised(raw, signed=False):
                     return None
-                if urlsplit(self.path).path != "/v1/conversions":
+                try:
+                    body = json.loads(raw)
+                    if not isinstance(body, dict):
+                        raise TypeError("the body is not an object")
+                except (ValueError, TypeError) as exc:
+                    return self._error(400, "err_invalid_request", str(exc))
+                if path == "/v1/transfers/quote":
+                    return self._quote(body)
+                if path != "/v1/transfers":
                     return self._error(404, "err_not_found", "Not found.")
                 with sandbox.lock:
                     sandbox.create_calls += 1
@@ -206,57 +229,73 @@ class DueSandbox(SandboxServer):
                     time.sleep(sandbox.delay)
                 if failure is not None:
                     return self._error(failure, "err_injected", "Injected.")
-                key = self.headers.get("Idempotency-Key", "")
-                try:
-                    body = json.loads(raw)
-                    source = body["source"]
-                    pair = (source["currency"], body["destination"]["currency"])
-                    if pair not in (("USD", "USDC"), ("USDC", "USD")) or not key:
-                        raise ValueError("unsupported pair or no Idempotency-Key")
-                    amount = source["amount"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    return self._error(400, "err_invalid_request", str(exc))
                 with sandbox.lock:
-                    known = sandbox.by_key.get(key)
-                    if known is not None and known[1] != body:
-                        return self._error(409, "err_conflict", "Key reused.")
-                    if known is None:
-                        created = datetime.now(UTC)
-                        transfer = {
-                            "id": f"tf_{uuid.uuid4().hex[:20]}",
-                            "ownerId": "acct_sandbox",
-                            "status": OPEN,
-                            "source": {
-                                "amount": amount,
-                                "fee": "0",
-                                "currency": pair[0],
-                                "rail": RAILS[pair[0]],
-                            },
-                            "destination": {
-                                "amount": amount,
-                                "fee": "0",
-                                "currency": pair[1],
-                                "rail": RAILS[pair[1]],
-                            },
-                            "fxRate": 1,
-                            "createdAt": iso(created),
-                            "expiresAt": iso(created + timedelta(minutes=30)),
-                        }
-                        sandbox.conversions[transfer["id"]] = transfer
-                        sandbox.by_key[key] = (transfer["id"], body)
-                    answer = json.loads(json.dumps(sandbox.conversions[sandbox.by_key[key][0]]))
+                    quote = sandbox.quotes.get(body.get("quote"))
+                    if quote is None or quote["expires"] < time.monotonic():
+                        return self._error(400, "err_quote_not_found", "No such quote.")
+                    if not isinstance(body.get("recipient"), str) or not body["recipient"]:
+                        return self._error(400, "err_recipient_required", "Recipient required.")
+                    created = datetime.now(UTC)
+                    transfer = {
+                        "id": f"tf_{uuid.uuid4().hex[:20]}",
+                        "ownerId": "acct_sandbox",
+                        "status": OPEN,
+                        "source": {**quote["source"]},
+                        "destination": {**quote["destination"], "id": body["recipient"]},
+                        "fxRate": 1,
+                        "createdAt": iso(created),
+                        "expiresAt": iso(created + timedelta(minutes=30)),
+                    }
+                    sandbox.conversions[transfer["id"]] = transfer
+                    answer = json.loads(json.dumps(transfer))
                     lost = sandbox.lose_answers > 0
                     sandbox.lose_answers -= lost
-                if known is None:
-                    if sandbox.on_created is not None:
-                        sandbox.on_created(answer)
-                    if sandbox.settle and sandbox.callback:
-                        threading.Thread(
-                            target=sandbox.finish, args=(answer["id"], sandbox.settle), daemon=True
-                        ).start()
+                if sandbox.on_created is not None:
+                    sandbox.on_created(answer)
+                if sandbox.settle and sandbox.callback:
+                    threading.Thread(
+                        target=sandbox.finish, args=(answer["id"], sandbox.settle), daemon=True
+                    ).start()
                 if lost:  # accepted, but the answer never reaches the caller
                     self.close_connection = True
                     return None
-                return self._json(201 if known is None else 200, {"data": answer})
+                return self._json(200, answer)
+
+            def _quote(self, body: dict):
+                """A quote at 1:1 without fee, valid 2 minutes, named by its token."""
+                try:
+                    source, destination = body["source"], body["destination"]
+                    pair = (source["currency"], destination["currency"])
+                    if pair not in (("USD", "USDC"), ("USDC", "USD")):
+                        raise ValueError(f"no channel from {pair[0]} to {pair[1]}")
+                    amount = source["amount"]
+                    if not isinstance(amount, str) or Decimal(amount) <= 0:
+                        raise ValueError("source.amount is not a positive amount")
+                    rails = (source["rail"], destination["rail"])
+                except (ValueError, KeyError, TypeError, ArithmeticError) as exc:
+                    return self._error(400, "err_invalid_request", str(exc))
+                token = f"qt_{uuid.uuid4().hex}"
+                sides = [
+                    {"rail": rail, "currency": currency, "amount": amount, "fee": "0"}
+                    for rail, currency in zip(rails, pair, strict=True)
+                ]
+                with sandbox.lock:
+                    sandbox.quotes[token] = {
+                        "source": sides[0],
+                        "destination": sides[1],
+                        "expires": time.monotonic() + 120,
+                    }
+                expires = iso(datetime.now(UTC) + timedelta(minutes=2))
+                return self._json(
+                    200,
+                    {
+                        "token": token,
+                        "source": sides[0],
+                        "destination": sides[1],
+                        "fxRate": 1,
+                        "fxMarkup": 0,
+                        "expiresAt": expires,
+                    },
+                )
 
         return Handler

@@ -1,13 +1,16 @@
-"""Submission (the outbox worker): due pending jobs are sent to their provider, each with
-its own idempotency key; a lost answer is resent with the same key, and when the attempts are
-spent the provider is asked by that key what it has. A job is failed only when the provider
-says it failed or that it never received it; a job whose fate is unknown is `timed_out`, still
-open and still asked. Providers' health is kept here. Nothing is submitted under the kill
-switch."""
+"""Submission (the outbox worker): due pending jobs are sent to their provider, each as one
+quote and one transfer. Due documents no idempotency, so a creation is never resent blindly:
+before each attempt the provider's transfers are looked through for the job's
+(treasury.due.conversion_find: a creation whose answer was lost, or whose process died before
+the attempt was recorded), and only when it is not there is it created; when the attempts are
+spent the job is `timed_out`, still open and still looked for. A job is failed
+only when the provider refuses it or has nothing of it. Providers' health is kept here. Nothing
+is submitted under the kill switch."""
 
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -22,6 +25,9 @@ from treasury.models import ConversionJob, ConversionProvider, JobStatus
 from treasury.settlement import job_fail, job_save, job_settle
 
 log = logging.getLogger(__name__)
+# A lost creation is looked for among the transfers created from a little before the job's
+# first send (the clocks of two machines), and other jobs' transfers of that time are not it.
+LOOKUP_SLACK = timedelta(minutes=5)
 
 
 @dataclass
@@ -52,29 +58,35 @@ def jobs_submit(*, limit: int = 50, base_urls: Mapping[str, str] | None = None) 
 
 
 def _job_submit(job: ConversionJob, base_urls: Mapping[str, str]) -> str:
-    """One submission of a locked pending job. A lost answer (timeout, 5xx) is resent with the
-    same key; when the attempts are spent the provider is asked by that key what it has."""
+    """One submission of a locked pending job: its transfer is looked for at the provider, and
+    created only when the provider has none. A lost answer (timeout, 5xx) is an attempt; when
+    the attempts are spent the job is timed out and looked for by the monitor."""
     try:
         base_url = due.provider_base_url(job.provider.code, base_urls)
+        due.recipient(job.target_currency)
     except ProviderNotConfigured as exc:  # nothing sent: not an attempt
         log.error("ALERT treasury: job %s not submitted: %s", job.pk, exc)
         job.last_error = str(exc)
         job.next_attempt_at = timezone.now() + settings.TREASURY_SUBMIT_BACKOFF
         job_save(job)
         return "retried"
-    job.attempts += 1
     try:
+        # Looked for first, every time: an earlier creation whose answer was lost, or whose
+        # process was killed before its attempt was recorded, may have made the transfer.
+        found = _job_find(job, base_url)
+        if found is not None:
+            log.warning("treasury: job %s found at the provider as %s", job.pk, found["id"])
+            _provider_succeeded(job.provider)
+            _job_submitted(job, found)
+            return "submitted"
+        job.attempts += 1
         conversion = due.conversion_create(
             base_url=base_url,
-            idempotency_key=str(job.idempotency_key),
             source_currency=job.source_currency,
             source_amount=job.source_amount,
             target_currency=job.target_currency,
         )
     except DueRefused as exc:
-        if job.attempts > 1:  # an earlier attempt's answer was lost: that one may exist
-            job.last_error = str(exc)
-            return job_lost_answer_resolve(job, base_urls)
         job_fail(job, str(exc))  # the provider refused the creation itself: it holds nothing
         return "failed"
     except DueUnavailable as exc:
@@ -106,15 +118,34 @@ def _job_submitted(job: ConversionJob, conversion: dict) -> None:
     transaction.on_commit(lambda: job_settle(job_id=job.pk, conversion=conversion), robust=True)
 
 
-def job_lost_answer_resolve(job: ConversionJob, base_urls: Mapping[str, str]) -> str:
-    """A locked job was sent but no answer came back: ask the provider by the job's key. It
-    has the conversion: recorded as submitted. It says it never received it: failed (nothing
-    can exist there). It cannot say: timed_out, open, asked again on every monitor run."""
+def _job_find(job: ConversionJob, base_url: str) -> dict | None:
+    """The transfer a locked job's lost creation made at the provider, if it has one
+    (treasury.due.conversion_find): created since the job's first send, of its amount and
+    currencies, held by no other job."""
+    taken = ConversionJob.objects.exclude(pk=job.pk).filter(
+        provider=job.provider,
+        provider_reference__isnull=False,
+        created_at__gte=job.created_at - LOOKUP_SLACK,
+    )
     try:
-        conversion = due.conversion_find(
-            base_url=due.provider_base_url(job.provider.code, base_urls),
-            idempotency_key=str(job.idempotency_key),
+        return due.conversion_find(
+            base_url=base_url,
+            source_currency=job.source_currency,
+            source_amount=job.source_amount,
+            target_currency=job.target_currency,
+            since=(job.submitted_at or job.created_at) - LOOKUP_SLACK,
+            taken=set(taken.values_list("provider_reference", flat=True)),
         )
+    except DueRefused as exc:  # a refused look-up says nothing of the transfer: ask again
+        raise DueUnavailable(f"looking for job {job.pk}'s transfer: {exc}") from None
+
+
+def job_lost_answer_resolve(job: ConversionJob, base_urls: Mapping[str, str]) -> str:
+    """A locked job was sent but no answer came back: look for its transfer at the provider.
+    It has it: recorded as submitted. It has nothing of it: failed (nothing can exist there).
+    It cannot say: timed_out, open, looked for again on every monitor run."""
+    try:
+        conversion = _job_find(job, due.provider_base_url(job.provider.code, base_urls))
     except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
         job.last_error = (
             f"answer lost after {job.attempts} attempts; the provider cannot say yet: {exc}"

@@ -310,6 +310,18 @@ DUE_API_BASE_URL = env_url(
     "DUE_API_BASE_URL", default="https://api.due.network", schemes=("https", "http")
 ).rstrip("/")
 DUE_HTTP_TIMEOUT = env_duration("DUE_HTTP_TIMEOUT", "5s").total_seconds()
+# Which of our Due accounts acts (`Due-Account-Id`; unset: the API key's own), where Due pays a
+# conversion into each currency (recipients registered at Due once: our bank account for USD,
+# our wallet for USDC) and the rail each currency moves on.
+DUE_ACCOUNT_ID = env.str("DUE_ACCOUNT_ID", default="")
+DUE_RECIPIENTS = {
+    "USD": env.str("DUE_RECIPIENT_USD", default=""),
+    "USDC": env.str("DUE_RECIPIENT_USDC", default=""),
+}
+DUE_RAILS = {
+    "USD": env.str("DUE_RAIL_USD", default="ach"),
+    "USDC": env.str("DUE_RAIL_USDC", default="ethereum"),
+}
 # Due's webhooks are signed with Ed25519 by a key pair of the webhook endpoint's own: its public
 # key (PEM), as Due's `POST /v1/webhook_endpoints` answered it. Unset, every webhook is a 503
 # (Due redelivers; the monitor's polls settle jobs meanwhile).

@@ -6,6 +6,7 @@ import pytest
 
 from onchain.sandbox import CircleSandbox
 from tests.model.machine import Context
+from tests.treasury.factories import RECIPIENTS
 from treasury.sandbox import DueSandbox
 
 DUE_KEY, DUE_SECRET = "model-due-key", "model-due-secret"
@@ -22,6 +23,7 @@ def product(settings, live_server):
     settings.ONCHAIN_WITHDRAWAL_BACKOFF = timedelta(0)
     settings.ONCHAIN_WITHDRAWAL_MAX_ATTEMPTS = 2
     settings.DUE_API_KEY, settings.DUE_API_SECRET = DUE_KEY, DUE_SECRET
+    settings.DUE_RECIPIENTS = RECIPIENTS
     settings.DUE_HTTP_TIMEOUT = 0.25
     settings.DUE_HTTP_ATTEMPTS = 1
     settings.TREASURY_SUBMIT_BACKOFF = timedelta(0)

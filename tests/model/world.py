@@ -55,7 +55,7 @@ def circle_reset(circle: CircleSandbox) -> None:
 def due_reset(due: DueSandbox) -> None:
     with due.lock:
         due.conversions.clear()
-        due.by_key.clear()
+        due.quotes.clear()
         due.fail_next.clear()
         due.delay = 0.0
         due.settle = None

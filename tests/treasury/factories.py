@@ -14,6 +14,9 @@ from treasury.sandbox import DueSandbox
 from treasury.selectors import buffer_status_list
 
 KEY, SECRET = "due-key", "due-secret"
+# Where the sandbox's transfers pay: our bank account (USD) and our wallet (USDC) at Due.
+RECIPIENTS = {"USD": "rcp_sandbox_bank", "USDC": "wlt_sandbox_wallet"}
+RECIPIENT_ENVIRONMENT = {f"DUE_RECIPIENT_{c}": recipient for c, recipient in RECIPIENTS.items()}
 OPS = Actor(name="cli:ops")
 
 
@@ -45,6 +48,7 @@ def celery_environment(sandbox: DueSandbox, broker: str) -> dict[str, str]:
         "DUE_API_BASE_URL": sandbox.base_url,
         "DUE_API_KEY": KEY,
         "DUE_API_SECRET": SECRET,
+        **RECIPIENT_ENVIRONMENT,
         "CUTOVER_RECONCILE_INTERVAL": "1h",
     }
 

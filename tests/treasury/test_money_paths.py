@@ -64,24 +64,25 @@ def test_a_submit_whose_answer_is_lost_after_due_accepted_is_never_failed(
 ):
     settlement_cycle_run(triggered_by="test")
     job = ConversionJob.objects.get()
-    assert jobs_submit().retried == 1  # accepted by Due, answer lost: resent with the same key
-    due.unavailable = True  # and then Due cannot say what it has
+    assert jobs_submit().retried == 1  # accepted by Due, answer lost
+    due.unavailable = True  # and then Due cannot say what it has: never sent again blindly
+    assert jobs_submit().retried == 1
+    settings.TREASURY_CONVERSION_TIMEOUT = timedelta(0)
     with caplog.at_level(logging.ERROR, logger="treasury.submission"):
-        assert jobs_submit().timed_out == 1
+        assert monitor_run().timed_out == 1
     job.refresh_from_db()
     assert job.status == "timed_out" and job.provider_reference is None
     assert "ALERT treasury" in caplog.text and len(due.conversions) == 1
     # Fate unknown: retry refused, the slot and the source amount held, however long it takes.
     with pytest.raises(JobRefused, match="only a job the provider failed"):
         job_retry(job_id=job.pk, actor=OPS, reason="it looks failed")
-    settings.TREASURY_CONVERSION_TIMEOUT = timedelta(0)
     for _ in range(3):
         monitor_run()
         assert settlement_cycle_run(triggered_by="test").jobs_created == []
     job.refresh_from_db()
     assert job.status == "timed_out"
     assert source_available("USD") == Decimal("60000") - Decimal("10000") - Decimal("19000")
-    # Due answers again: the lookup by key finds the conversion; Due completes it late.
+    # Due answers again: the look-up finds the transfer; Due completes it late.
     due.unavailable = False
     monitor_run()
     job.refresh_from_db()
@@ -99,7 +100,7 @@ def test_a_submit_whose_answer_is_lost_after_due_accepted_is_never_failed(
 
 
 def test_a_webhook_about_a_job_whose_answer_was_lost_waits_for_its_look_up(
-    due, answers_lost, usdc_low, live_server
+    due, answers_lost, usdc_low, live_server, settings
 ):
     """Due's event names only its transfer, which no job holds yet (the creation's answer was
     lost): nothing is applied from it; once Due can be asked, the job's look-up by key finds
@@ -107,7 +108,8 @@ def test_a_webhook_about_a_job_whose_answer_was_lost_waits_for_its_look_up(
     settlement_cycle_run(triggered_by="test")
     jobs_submit()
     due.unavailable = True  # Due cannot be asked: the job's fate is unknown
-    jobs_submit()
+    settings.TREASURY_CONVERSION_TIMEOUT = timedelta(0)
+    monitor_run()
     job = ConversionJob.objects.get()
     assert job.status == "timed_out" and job.provider_reference is None
     due.unavailable = False

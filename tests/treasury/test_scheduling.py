@@ -20,7 +20,14 @@ from ledger.selectors import ledger_integrity_checks
 from ledger.services import Leg, transaction_post
 from rehearsal.runtime import processes_run
 from tests.celery import WORKER_WITH_BEAT, celery_running, wait_for
-from tests.treasury.factories import KEY, SECRET, buffers, celery_environment, fund
+from tests.treasury.factories import (
+    KEY,
+    RECIPIENTS,
+    SECRET,
+    buffers,
+    celery_environment,
+    fund,
+)
 from treasury.cycle import settlement_cycle_run
 from treasury.models import OPEN_STATUSES, ConversionJob, SettlementCycle
 from treasury.monitor import monitor_run
@@ -67,6 +74,7 @@ def racer(role: str, index: int, rounds: int) -> dict:
 
 def test_two_schedulers_and_three_workers_race_for_sixty_cycles(settings):
     settings.DUE_API_KEY, settings.DUE_API_SECRET = KEY, SECRET
+    settings.DUE_RECIPIENTS = RECIPIENTS
     settings.TREASURY_SUBMIT_BACKOFF = timedelta(0)
     fund("usdc_buffer", "4000")
     fund("fiat_buffer", "450000")

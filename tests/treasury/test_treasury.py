@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -23,7 +24,7 @@ from cutover.locks import SETTLEMENT_CYCLE_LOCK
 from ledger.models import Transaction
 from ledger.selectors import ledger_integrity_checks
 from tests.cutover.factories import OPERATOR, database_url, phase_set
-from tests.treasury.factories import KEY, OPS, SECRET, buffers, fund
+from tests.treasury.factories import KEY, OPS, RECIPIENT_ENVIRONMENT, SECRET, buffers, fund
 from treasury.bands import threshold_set
 from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import JobRefused, ThresholdInvalid
@@ -53,7 +54,7 @@ def test_a_buffer_below_min_is_brought_to_target_once(due, usdc_low):
     assert jobs_submit().submitted == 1
     job.refresh_from_db()
     assert job.status == "submitted" and len(due.conversions) == 1
-    assert due.by_key[str(job.idempotency_key)][0] == job.provider_reference
+    assert next(iter(due.conversions)) == job.provider_reference
     due.finish(job.provider_reference, "completed")
     assert monitor_run().completed == 1
     assert monitor_run().completed == 0  # the provider answers again: nothing more
@@ -115,7 +116,7 @@ def test_server_errors_are_retried_and_the_provider_fails_over(due, usdc_low, se
     settings.TREASURY_SUBMIT_MAX_ATTEMPTS = 2
     settings.TREASURY_PROVIDER_FAILURE_LIMIT = 2
     settings.DUE_HTTP_ATTEMPTS = 2
-    due.fail_next = [500, 503, 502, 504]  # two calls of two attempts each
+    due.fail_next = [500, 503]  # each creation is sent once (no idempotency at Due)
     with DueSandbox(api_key=KEY, api_secret=SECRET, settle="completed") as backup:
         settings.TREASURY_PROVIDER_BASE_URLS = {"backup": backup.base_url}
         ConversionProvider.objects.create(code="backup", name="Backup", priority=20)
@@ -123,8 +124,8 @@ def test_server_errors_are_retried_and_the_provider_fails_over(due, usdc_low, se
         assert jobs_submit().retried == 1
         assert jobs_submit().failed == 1
         failed = ConversionJob.objects.get()
-        # Every answer was a 5xx: asked by key, Due says it never received the conversion.
-        assert failed.status == "failed" and failed.attempts == 2 and due.create_calls == 4
+        # Every answer was a 5xx: looked for, Due lists no transfer of it.
+        assert failed.status == "failed" and failed.attempts == 2 and due.create_calls == 2
         assert "never received" in failed.last_error
         assert not ConversionProvider.objects.get(code="due").healthy
         settlement_cycle_run(triggered_by="test")  # the next job goes to the healthy backup
@@ -137,13 +138,17 @@ def test_server_errors_are_retried_and_the_provider_fails_over(due, usdc_low, se
     assert Transaction.objects.filter(namespace="treasury").count() == 1
 
 
-def test_a_timed_out_call_is_resent_with_the_same_key(due, usdc_low):
-    due.delay = 1.5  # longer than DUE_HTTP_TIMEOUT, every attempt
+def test_a_timed_out_creation_is_found_at_due_not_sent_again(due, usdc_low):
+    due.delay = 1.5  # longer than DUE_HTTP_TIMEOUT: the answer never comes, the transfer does
     settlement_cycle_run(triggered_by="test")
     assert jobs_submit().retried == 1
     due.delay = 0
+    deadline = time.monotonic() + 10  # (the backoff's wait: Due finishes what it was sent)
+    while not due.conversions:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     assert jobs_submit().submitted == 1
-    assert len(due.conversions) == 1  # every attempt named the same conversion
+    assert len(due.conversions) == 1 and due.create_calls == 1  # looked for, not sent again
     job = ConversionJob.objects.get()
     assert job.provider_reference == next(iter(due.conversions))
 
@@ -253,13 +258,15 @@ def test_a_failed_conversion_posts_nothing_and_can_be_retried_as_a_new_job(due, 
 
 def test_worker_killed_after_submission_before_recording(due, usdc_low):
     """SIGKILL of `manage.py treasury cycle` after the provider accepted the conversion and
-    before we recorded it; the restart sends the same key: one conversion, one posting."""
+    before we recorded it (its attempt with it); the restart looks first and finds it: one
+    transfer, one posting."""
     env = {
         **os.environ,
         "DATABASE_URL": database_url(),
         "DUE_API_BASE_URL": due.base_url,
         "DUE_API_KEY": KEY,
         "DUE_API_SECRET": SECRET,
+        **RECIPIENT_ENVIRONMENT,
     }
     child = subprocess.Popen(
         [sys.executable, "manage.py", "treasury", "cycle"],
