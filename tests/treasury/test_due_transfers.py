@@ -1,0 +1,128 @@
+"""Conversions created as Due documents them (a quote, then a transfer to our recipient), over
+HTTP against the Due sandbox. Due documents no idempotency, so a job's transfer is looked for
+among Due's transfers before every creation: these tests put at Due what a lost answer, another
+job or a stranger would have left there, and check what the job does and what Due is sent."""
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from tests.treasury.factories import RECIPIENTS
+from treasury.cycle import settlement_cycle_run
+from treasury.models import ConversionJob, ConversionProvider
+from treasury.sandbox import OPEN, iso
+from treasury.submission import jobs_submit
+
+pytestmark = pytest.mark.django_db(transaction=True)
+JOB_AMOUNT = "19000.00"  # what usdc_low's cycle converts: USD -> USDC
+
+
+def at_due(due, *, amount: str = JOB_AMOUNT, source: str = "USD", target: str = "USDC") -> str:
+    """A transfer at Due, created now, to our recipient in `target` (its id)."""
+    transfer_id = f"tf_{uuid.uuid4().hex[:20]}"
+    now = iso(datetime.now(UTC))
+    with due.lock:
+        due.conversions[transfer_id] = {
+            "id": transfer_id,
+            "ownerId": "acct_sandbox",
+            "status": OPEN,
+            "source": {"amount": amount, "fee": "0", "currency": source, "rail": "ach"},
+            "destination": {
+                "amount": amount,
+                "fee": "0",
+                "currency": target,
+                "rail": "ethereum",
+                "id": RECIPIENTS[target],
+            },
+            "fxRate": 1,
+            "createdAt": now,
+            "expiresAt": now,
+        }
+    return transfer_id
+
+
+def test_a_job_is_quoted_and_sent_to_our_recipient_once(due, usdc_low):
+    settlement_cycle_run(triggered_by="test")
+    assert jobs_submit().submitted == 1
+    job = ConversionJob.objects.get()
+    [transfer] = due.conversions.values()
+    assert transfer["id"] == job.provider_reference and due.create_calls == 1
+    assert transfer["destination"]["id"] == RECIPIENTS["USDC"]
+    assert (transfer["source"]["currency"], Decimal(transfer["source"]["amount"])) == (
+        "USD",
+        job.source_amount,
+    )
+
+
+def test_the_job_s_transfer_is_found_on_a_later_page(due, usdc_low):
+    """More than a page (100) of newer transfers at Due: the look-up pages with `next`."""
+    settlement_cycle_run(triggered_by="test")
+    ours = at_due(due)  # as a lost answer would have left it
+    for _ in range(150):
+        at_due(due, amount="1.00")
+    assert jobs_submit().submitted == 1
+    assert ConversionJob.objects.get().provider_reference == ours and due.create_calls == 0
+
+
+def test_another_job_s_transfer_is_not_taken(due, usdc_low):
+    earlier = at_due(due)
+    ConversionJob.objects.create(
+        idempotency_key=uuid.uuid4(),
+        buffer_currency="USDC",
+        source_currency="USD",
+        source_amount=Decimal(JOB_AMOUNT),
+        target_currency="USDC",
+        provider=ConversionProvider.objects.get(code="due"),
+        provider_reference=earlier,
+        status="failed",
+        attempts=1,
+        created_by="test",
+    )
+    settlement_cycle_run(triggered_by="test")
+    assert jobs_submit().submitted == 1
+    job = ConversionJob.objects.exclude(provider_reference=earlier).get()
+    assert job.provider_reference not in (None, earlier) and due.create_calls == 1
+
+
+@pytest.mark.parametrize(
+    "stranger",
+    [
+        {"amount": "19000.01"},
+        {"source": "USDC", "target": "USD"},
+    ],
+    ids=["another-amount", "the-other-way"],
+)
+def test_a_transfer_that_is_not_the_job_s_is_not_taken(due, usdc_low, stranger):
+    at_due(due, **stranger)
+    settlement_cycle_run(triggered_by="test")
+    assert jobs_submit().submitted == 1 and due.create_calls == 1
+
+
+def test_two_candidates_at_due_are_for_an_operator_and_nothing_is_sent(due, usdc_low):
+    first, second = at_due(due), at_due(due)
+    settlement_cycle_run(triggered_by="test")
+    assert jobs_submit().retried == 1
+    job = ConversionJob.objects.get()
+    assert job.status == "pending" and job.provider_reference is None
+    assert first in job.last_error and second in job.last_error and "operator" in job.last_error
+    assert due.create_calls == 0 and job.attempts == 0
+
+
+def test_without_our_recipient_nothing_is_sent(due, usdc_low, settings, caplog):
+    settings.DUE_RECIPIENTS = {**RECIPIENTS, "USDC": ""}
+    settlement_cycle_run(triggered_by="test")
+    assert jobs_submit().retried == 1
+    job = ConversionJob.objects.get()
+    assert job.attempts == 0 and "DUE_RECIPIENT_USDC" in job.last_error
+    assert "ALERT treasury" in caplog.text and due.create_calls == 0 and not due.quotes
+
+
+def test_a_creation_due_refuses_fails_the_job_with_due_s_error_code(due, usdc_low):
+    settlement_cycle_run(triggered_by="test")
+    with due.lock:
+        due.fail_next = [400]  # the transfer's creation refused: nothing was made
+    assert jobs_submit().failed == 1
+    job = ConversionJob.objects.get()
+    assert job.status == "failed" and "err_injected" in job.last_error and not due.conversions
