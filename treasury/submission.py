@@ -26,7 +26,7 @@ from treasury.settlement import job_fail, job_save, job_settle
 
 log = logging.getLogger(__name__)
 # A lost creation is looked for among the transfers created from a little before the job's
-# first send (the clocks of two machines), and other jobs' transfers of that time are not it.
+# first send (the clocks of two machines apart).
 LOOKUP_SLACK = timedelta(minutes=5)
 
 
@@ -122,10 +122,9 @@ def _job_find(job: ConversionJob, base_url: str) -> dict | None:
     """The transfer a locked job's lost creation made at the provider, if it has one
     (treasury.due.conversion_find): created since the job's first send, of its amount and
     currencies, held by no other job."""
+    # Every other job's (a few a day): one made long ago may have sent its transfer lately.
     taken = ConversionJob.objects.exclude(pk=job.pk).filter(
-        provider=job.provider,
-        provider_reference__isnull=False,
-        created_at__gte=job.created_at - LOOKUP_SLACK,
+        provider=job.provider, provider_reference__isnull=False
     )
     try:
         return due.conversion_find(

@@ -4,7 +4,7 @@ among Due's transfers before every creation: these tests put at Due what a lost 
 job or a stranger would have left there, and check what the job does and what Due is sent."""
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -67,6 +67,7 @@ def test_the_job_s_transfer_is_found_on_a_later_page(due, usdc_low):
 
 
 def test_another_job_s_transfer_is_not_taken(due, usdc_low):
+    """Even one made long before this job (its transfer sent lately, after long retries)."""
     earlier = at_due(due)
     ConversionJob.objects.create(
         idempotency_key=uuid.uuid4(),
@@ -79,6 +80,7 @@ def test_another_job_s_transfer_is_not_taken(due, usdc_low):
         status="failed",
         attempts=1,
         created_by="test",
+        created_at=datetime.now(UTC) - timedelta(days=2),
     )
     settlement_cycle_run(triggered_by="test")
     assert jobs_submit().submitted == 1
