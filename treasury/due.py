@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 RETRY_PAUSE = 0.2  # seconds, doubled per attempt
 REFUSALS = frozenset(range(400, 500)) - {429}
+# A lost creation is looked for among at most LOOKUP_PAGES pages of LOOKUP_PAGE transfers.
+LOOKUP_PAGE = 100
+LOOKUP_PAGES = 50
 # Due's final transfer statuses, as a job's conversion ends; any other is in flight.
 STATUSES = {
     "payment_processed": "completed",
@@ -213,9 +216,9 @@ def conversion_find(
     Due cannot say, or when more than one would do (for an operator: which one is the job's
     is not ours to guess)."""
     to = recipient(target_currency)
-    query = {"order": "desc", "limit": "100", "startDate": since.isoformat()}
+    query = {"order": "desc", "limit": str(LOOKUP_PAGE), "startDate": since.isoformat()}
     found = []
-    while True:
+    for _ in range(LOOKUP_PAGES):
         page = _call(base_url, "GET", f"/v1/transfers?{urlencode(query)}")
         items = page.get("items") if isinstance(page, dict) else None
         if not isinstance(items, list):
@@ -241,6 +244,11 @@ def conversion_find(
         if not items or not isinstance(cursor, str) or not cursor:
             break
         query["next"] = cursor
+    else:  # a list that never ends (or a cursor that never moves) is not an answer
+        raise DueUnavailable(
+            f"Due lists more than {LOOKUP_PAGES * LOOKUP_PAGE} transfers since {since}; "
+            "the job's is for an operator to find"
+        )
     if len(found) > 1:
         raise DueUnavailable(
             f"{len(found)} transfers at Due could be this job's: "
