@@ -19,7 +19,6 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from cryptography import x509
@@ -44,6 +43,7 @@ from onchain.signatures import FETCH_BUDGET_SPENT
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.onchain.factories import balances
 from tests.onchain.test_circle_sns import mint_deposit
+from tests.stand_in import StandIn
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -196,38 +196,6 @@ def _ec_certificate() -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-class SnsHost(ThreadingHTTPServer):
-    """A stand-in SNS host whose certificate URLs have gone wrong: `answers` by path, each
-    (status, body); every path asked for, in order, in `asked`."""
-
-    def __init__(self, answers: dict[str, tuple[int, bytes]]):
-        self.answers, self.asked = answers, []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.asked.append(self.path)
-                status, body = server.answers.get(self.path, (404, b"Not Found"))
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def __exit__(self, *exc_info):
-        self.shutdown()
-        super().__exit__(*exc_info)
-
-
 FAILURES = {
     "/SimpleNotificationService-gone.pem": (404, b"<Error>NoSuchKey</Error>"),
     "/SimpleNotificationService-forbidden.pem": (403, b"<Error>AccessDenied</Error>"),
@@ -240,7 +208,8 @@ FAILURES = {
 @pytest.fixture
 def sns_host(sandbox, settings):
     """The stand-in SNS host and the sandbox (SNS's genuine certificate), both SNS's hosts."""
-    with SnsHost(FAILURES) as host:
+    # A stand-in SNS host whose certificate URLs have gone wrong.
+    with StandIn(lambda path: FAILURES.get(path, (404, b"Not Found"))) as host:
         ports = f"({sandbox.server.server_address[1]}|{host.server_address[1]})"
         settings.CIRCLE_SNS_URL_PATTERN = re.compile(rf"http://127\.0\.0\.1:{ports}")
         yield host

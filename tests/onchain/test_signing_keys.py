@@ -5,9 +5,7 @@ Circle sandbox (counting its publicKey requests) and the webhook over real HTTP.
 
 import base64
 import json
-import threading
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -16,6 +14,7 @@ from django.utils import timezone
 
 from onchain.models import CircleNotification, CirclePublicKey, CircleUnknownKey
 from onchain.sandbox import CircleSandbox
+from tests.stand_in import StandIn
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -83,38 +82,12 @@ def test_only_circles_not_found_is_remembered(sandbox, webhook, settings):
     assert sandbox.key_requests == [UNKNOWN]
 
 
-class KeyAnswers(ThreadingHTTPServer):
+def key_answers(answers: dict[str, dict]) -> StandIn:
     """A stand-in for Circle's publicKey endpoint whose answers have gone wrong: `answers` by
-    key id, each Circle's `data` object; what was asked for, in order, in `asked`."""
-
-    def __init__(self, answers: dict[str, dict]):
-        self.answers, self.asked = answers, []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                key_id = self.path.rsplit("/", 1)[-1]
-                server.asked.append(key_id)
-                body = json.dumps({"data": server.answers[key_id]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def __exit__(self, *exc_info):
-        self.shutdown()
-        super().__exit__(*exc_info)
+    key id, each Circle's `data` object."""
+    return StandIn(
+        lambda path: (200, json.dumps({"data": answers[path.rsplit("/", 1)[-1]]}).encode())
+    )
 
 
 def _der_b64(public_key) -> str:
@@ -138,12 +111,12 @@ def test_a_malformed_key_answer_is_503_and_kept_nowhere(sandbox, webhook, settin
     """Found from outside: Circle's answer was kept before it was checked, and every later
     delivery under that key id was a 500, retried by Circle forever. Now 503 (Circle's
     redelivery asks again), nothing kept, the key asked for again next time."""
-    with KeyAnswers(MALFORMED) as circle:
+    with key_answers(MALFORMED) as circle:
         settings.CIRCLE_API_BASE_URL = circle.base_url
         for _ in range(2):
             status, answer = deliver(sandbox, webhook, key_id)
             assert (status, answer["error"]["code"]) == (503, "circle_unavailable")
-        assert circle.asked == [key_id, key_id]
+        assert [path.rsplit("/", 1)[-1] for path in circle.asked] == [key_id, key_id]
     assert not CirclePublicKey.objects.exists()
     assert not CircleNotification.objects.exists()
 

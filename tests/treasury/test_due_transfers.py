@@ -4,14 +4,13 @@ among Due's transfers before every creation: these tests put at Due what a lost 
 job or a stranger would have left there, and check what the job does and what Due is sent."""
 
 import json
-import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.stand_in import StandIn
 from tests.treasury.factories import RECIPIENTS
 from treasury.cycle import settlement_cycle_run
 from treasury.due import LOOKUP_PAGES
@@ -134,47 +133,17 @@ def test_a_creation_due_refuses_fails_the_job_with_due_s_error_code(due, usdc_lo
     assert job.status == "failed" and "err_injected" in job.last_error and not due.conversions
 
 
-class EndlessTransfers(ThreadingHTTPServer):
-    """A Due whose list of transfers never ends: every page full, its `next` the same."""
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), self._handler())
-        self.pages = 0
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.pages += 1
-                body = json.dumps({"items": [{"id": "tf_other"}] * 100, "next": "same"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.shutdown()
-        self.server_close()
+# A Due whose list of transfers never ends: every page full, its `next` the same.
+ENDLESS_PAGE = json.dumps({"items": [{"id": "tf_other"}] * 100, "next": "same"}).encode()
 
 
 def test_a_list_of_transfers_that_never_ends_is_no_answer(due, usdc_low, settings):
     """Found by reading the look-up: a cursor that never moves made it page forever. Bounded:
     the job stays pending, nothing is created, the last error says why."""
     settlement_cycle_run(triggered_by="test")
-    with EndlessTransfers() as endless:
-        settings.DUE_API_BASE_URL = f"http://127.0.0.1:{endless.server_address[1]}"
+    with StandIn(lambda path: (200, ENDLESS_PAGE)) as endless:
+        settings.DUE_API_BASE_URL = endless.base_url
         assert jobs_submit().retried == 1
-        assert endless.pages == LOOKUP_PAGES
+        assert len(endless.asked) == LOOKUP_PAGES
     job = ConversionJob.objects.get()
     assert job.status == "pending" and job.attempts == 0 and "operator" in job.last_error
