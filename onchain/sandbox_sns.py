@@ -36,6 +36,24 @@ def answer_json(request: urllib.request.Request) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def self_signed_certificate(key) -> bytes:
+    """A PEM certificate for `key`'s public key, signed by `key`, valid from yesterday for a
+    year, named as SNS's."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
 class SnsSandbox:
     # Amazon SNS (Circle Mint v1) ----------------------------------------------------------
     # Circle Mint v1 notifications are published by Circle to an SNS topic, which delivers
@@ -58,19 +76,7 @@ class SnsSandbox:
         """SNS's signing key, its self-signed certificate (PEM) and the certificate's path,
         made on first use (an RSA key takes a while)."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
-        now = datetime.now(UTC)
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(days=1))
-            .not_valid_after(now + timedelta(days=365))
-            .sign(key, hashes.SHA256())
-        )
-        pem = certificate.public_bytes(serialization.Encoding.PEM)
+        pem = self_signed_certificate(key)
         return key, pem, f"/SimpleNotificationService-{uuid.uuid4().hex}.pem"
 
     @property

@@ -18,13 +18,10 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from django.test import override_settings
 from django.utils import timezone
 
@@ -39,6 +36,7 @@ from onchain.models import (
     SnsCertificateFailure,
 )
 from onchain.sandbox import CircleSandbox
+from onchain.sandbox_sns import self_signed_certificate
 from onchain.signatures import FETCH_BUDGET_SPENT
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.onchain.factories import balances
@@ -179,28 +177,14 @@ def test_the_budget_frees_when_its_window_has_passed(sandbox, webhook, depositor
 # Amazon SNS's certificates -----------------------------------------------------------------
 
 
-def _ec_certificate() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.example")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
 FAILURES = {
     "/SimpleNotificationService-gone.pem": (404, b"<Error>NoSuchKey</Error>"),
     "/SimpleNotificationService-forbidden.pem": (403, b"<Error>AccessDenied</Error>"),
     "/SimpleNotificationService-text.pem": (200, b"not a certificate"),
-    "/SimpleNotificationService-ec.pem": (200, _ec_certificate()),
+    "/SimpleNotificationService-ec.pem": (
+        200,
+        self_signed_certificate(ec.generate_private_key(ec.SECP256R1())),
+    ),
     "/SimpleNotificationService-busy.pem": (503, b"Slow Down"),
 }
 
