@@ -333,4 +333,16 @@ def conversion_parse(transfer: object) -> dict:
         "due_status": due_status,
         "source": transfer.get("source"),
         "destination": transfer.get("destination"),
+        "instructions": transfer.get("transferInstructions"),
     }
+
+
+def funding_address_request(*, base_url: str, transfer_id: str) -> dict:
+    """Where to send a USDC-funded transfer's source amount (`POST
+    /v1/transfers/{id}/funding_address`), as Due answers it: kept and shown to an operator as
+    given, not read (Due publishes no example of it)."""
+    path = f"/v1/transfers/{quote(transfer_id, safe='')}/funding_address"
+    answer = _call(base_url, "POST", path, {})
+    if not isinstance(answer, dict) or not answer:
+        raise DueUnavailable("Due's funding address answer is not an object")
+    return answer

@@ -94,6 +94,10 @@ class ConversionJob(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     next_attempt_at = models.DateTimeField(db_default=Now())
     last_error = models.TextField(blank=True, default="")
+    # Due's own status of the job's transfer as last read, and what Due says funds it (kept as
+    # Due gave it): what an operator sends while the treasury does not fund transfers itself.
+    provider_status = models.CharField(max_length=64, blank=True, default="", db_default="")
+    funding = models.JSONField(null=True, blank=True)
     ledger_transaction_id = models.BigIntegerField(null=True, blank=True)
     created_by = models.CharField(max_length=150)
     created_at = models.DateTimeField(db_default=Now())

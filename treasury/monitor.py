@@ -3,6 +3,7 @@ answer was lost, polls every job the provider has until it gives a final answer,
 and marks jobs still open after TREASURY_CONVERSION_TIMEOUT timed out (still open, still
 asked)."""
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from treasury.settlement import job_fail, job_save, job_settle
 from treasury.submission import job_lost_answer_resolve, jobs_submit, provider_failed
 
 log = logging.getLogger(__name__)
+AWAITING_FUNDS = "awaiting_funds"  # Due's status of a transfer it has not been paid for yet
 
 
 @dataclass
@@ -31,6 +33,7 @@ class MonitorReport:
     failed: int = 0
     timed_out: int = 0
     disputed: int = 0
+    awaiting_funds: int = 0  # jobs whose funding instructions were recorded in this run
 
 
 def monitor_run(*, base_urls: Mapping[str, str] | None = None) -> MonitorReport:
@@ -79,6 +82,8 @@ def monitor_run(*, base_urls: Mapping[str, str] | None = None) -> MonitorReport:
         except LedgerError as exc:  # e.g. the source buffer was spent meanwhile: next poll
             log.error("ALERT treasury: job %s completed but not posted: %s", job.pk, exc)
             continue
+        if conversion["due_status"] == AWAITING_FUNDS and job.funding is None:
+            report.awaiting_funds += _funding_record(job, conversion, urls)
         if before != after:
             report.completed += after == JobStatus.COMPLETED
             report.failed += after == JobStatus.FAILED
@@ -116,3 +121,39 @@ def monitor_run(*, base_urls: Mapping[str, str] | None = None) -> MonitorReport:
                 report.timed_out += outcome == "timed_out"
     metrics.system_buffer_usdc.set(float(system_balance(code=USDC_BUFFER)))
     return report
+
+
+def _funding_record(job: ConversionJob, conversion: dict, base_urls: Mapping[str, str]) -> bool:
+    """What Due says funds a job's transfer, recorded on the job once, with an ALERT for the
+    operator who sends it (the treasury does not fund transfers itself yet): for USDC, where to
+    send it (`POST /v1/transfers/{id}/funding_address`); for USD, the transfer's own
+    instructions when Due gives any. Whether Due can be asked now or not, the poll goes on."""
+    try:
+        if job.source_currency == "USDC":
+            funding = due.funding_address_request(
+                base_url=due.provider_base_url(job.provider.code, base_urls),
+                transfer_id=job.provider_reference,
+            )
+        else:
+            funding = conversion["instructions"]
+    except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
+        log.warning("treasury: job %s's funding instructions not read now: %s", job.pk, exc)
+        return False
+    if not funding:
+        return False
+    with transaction.atomic(durable=True):
+        updated = ConversionJob.objects.filter(
+            pk=job.pk,
+            funding__isnull=True,
+            status__in=[JobStatus.SUBMITTED, JobStatus.TIMED_OUT],
+        ).update(funding=funding)
+    if updated:
+        log.error(
+            "ALERT treasury: job %s: Due's transfer %s awaits %s %s; fund it as Due says: %s",
+            job.pk,
+            job.provider_reference,
+            job.source_amount,
+            job.source_currency,
+            json.dumps(funding),
+        )
+    return bool(updated)

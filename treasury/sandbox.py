@@ -3,7 +3,9 @@
 It speaks what the treasury's client uses (treasury/due.py), Due's parts as Due documents them:
 quotes (`POST /v1/transfers/quote`, 1:1 without fee, a token valid 2 minutes), transfers
 (`POST /v1/transfers {quote, recipient}`: a new transfer at each call, as nothing in Due's
-documentation promises otherwise; `GET /v1/transfers/{id}`; `GET /v1/transfers?order=desc&
+documentation promises otherwise; `GET /v1/transfers/{id}`; `POST
+/v1/transfers/{id}/funding_address` while it awaits funds, shaped as the third-party spec in
+tests/treasury/fixtures/due/SOURCES.md has it; `GET /v1/transfers?order=desc&
 limit=&startDate=&next=` -> `{"items", "next"}`), bearer DUE_API_KEY, error bodies
 `{"error_code", "message", "http_code"}` and webhooks (`{"id", "type":
 "transfer.status_changed", "data": transfer, "occurredAt", "attemptedAt"}`, Ed25519 over the
@@ -29,6 +31,7 @@ after the transfer is recorded, before it is sent); `unavailable` (every call 50
 amount other than 1:1 on demand). `create_calls` counts the creations received.
 """
 
+import hashlib
 import json
 import threading
 import time
@@ -218,6 +221,8 @@ class DueSandbox(SandboxServer):
                     return self._error(400, "err_invalid_request", str(exc))
                 if path == "/v1/transfers/quote":
                     return self._quote(body)
+                if path.endswith("/funding_address"):
+                    return self._funding_address(path.split("/")[-2])
                 if path != "/v1/transfers":
                     return self._error(404, "err_not_found", "Not found.")
                 with sandbox.lock:
@@ -260,6 +265,26 @@ class DueSandbox(SandboxServer):
                     self.close_connection = True
                     return None
                 return self._json(200, answer)
+
+            def _funding_address(self, transfer_id: str):
+                """Where a transfer's USDC is to be sent: an address of its own (the shape of
+                the third-party spec's TransferInstructionsDisposableAccount; Due publishes no
+                example)."""
+                with sandbox.lock:
+                    transfer = sandbox.conversions.get(transfer_id)
+                if transfer is None:
+                    return self._error(404, "err_transfer_not_found", "No transfer.")
+                if transfer["status"] != OPEN:
+                    return self._error(
+                        422,
+                        "err_transfer_not_awaiting_funds",
+                        "The transfer is not awaiting funds.",
+                    )
+                address = "0x" + hashlib.sha256(transfer_id.encode()).hexdigest()[:40]
+                details = {"schema": "evm", "address": address}
+                return self._json(
+                    200, {"kind": "disposable_account", "details": details, "memo": ""}
+                )
 
             def _quote(self, body: dict):
                 """A quote at 1:1 without fee, valid 2 minutes, named by its token."""

@@ -82,17 +82,23 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
     under the kill switch (a fact about money that already moved): a completion whose amounts
     match the job posts it to the ledger (reference `conversion:<idempotency key>`), one that
     does not marks the job disputed (nothing posted, ALERT); a failure marks it failed;
-    anything else changes nothing."""
+    anything else records only Due's own status of the transfer (`provider_status`)."""
     with transaction.atomic(durable=True):
         job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
         status = conversion.get("status")
+        due_status = conversion.get("due_status", "")
+        open_before = job.status in (JobStatus.SUBMITTED, JobStatus.TIMED_OUT)
         if job.status == JobStatus.COMPLETED or status in ("pending", "processing"):
+            if open_before and due_status and due_status != job.provider_status:
+                job.provider_status = due_status  # what an operator sees: awaiting funds...
+                job_save(job)
             return job.status
         if job.status not in (JobStatus.SUBMITTED, JobStatus.TIMED_OUT):
             log.error(
                 "ALERT treasury: job %s is %s but the provider says %s", job.pk, job.status, status
             )
             return job.status
+        job.provider_status = due_status or job.provider_status
         if status == "failed":
             job_fail(
                 job,

@@ -110,6 +110,7 @@ def _job_submitted(job: ConversionJob, conversion: dict) -> None:
     says of it is applied in a transaction of its own once the reference is safely recorded
     (if that fails, the monitor's poll applies it)."""
     job.provider_reference = conversion["id"]
+    job.provider_status = conversion.get("due_status", "")
     if job.status == JobStatus.PENDING:
         job.status = JobStatus.SUBMITTED
     job.submitted_at = job.submitted_at or timezone.now()

@@ -11,10 +11,11 @@ from decimal import Decimal
 import pytest
 
 from tests.stand_in import StandIn
-from tests.treasury.factories import RECIPIENTS
+from tests.treasury.factories import RECIPIENTS, fund
 from treasury.cycle import settlement_cycle_run
 from treasury.due import LOOKUP_PAGES
 from treasury.models import ConversionJob, ConversionProvider
+from treasury.monitor import monitor_run
 from treasury.sandbox import OPEN, iso
 from treasury.submission import jobs_submit
 
@@ -147,3 +148,44 @@ def test_a_list_of_transfers_that_never_ends_is_no_answer(due, usdc_low, setting
         assert len(endless.asked) == LOOKUP_PAGES
     job = ConversionJob.objects.get()
     assert job.status == "pending" and job.attempts == 0 and "operator" in job.last_error
+
+
+# Funding: recorded for the operator who sends it --------------------------------------------
+
+
+@pytest.fixture
+def usdc_high():
+    """USDC buffer 150,000 (above its 100,000 maximum), fiat buffer 60,000: converted to USD."""
+    fund("usdc_buffer", "150000")
+    fund("fiat_buffer", "60000")
+
+
+def test_a_usdc_transfer_awaiting_funds_records_where_to_send_it_once(due, usdc_high, caplog):
+    settlement_cycle_run(triggered_by="test")
+    jobs_submit()
+    job = ConversionJob.objects.get()
+    assert (job.source_currency, job.provider_status) == ("USDC", OPEN) and job.funding is None
+    assert monitor_run().awaiting_funds == 1
+    job.refresh_from_db()
+    assert job.funding["details"]["address"].startswith("0x") and job.status == "submitted"
+    alerts = [r for r in caplog.records if "awaits" in r.getMessage()]
+    assert len(alerts) == 1 and job.funding["details"]["address"] in alerts[0].getMessage()
+    assert monitor_run().awaiting_funds == 0  # once
+    due.finish(job.provider_reference, "completed")
+    monitor_run()
+    job.refresh_from_db()
+    assert (job.status, job.provider_status) == ("completed", "payment_processed")
+
+
+def test_funding_instructions_due_cannot_give_now_are_asked_again(due, usdc_high):
+    settlement_cycle_run(triggered_by="test")
+    jobs_submit()
+    job = ConversionJob.objects.get()
+    with due.lock:
+        due.conversions[job.provider_reference]["status"] = "manual_review"
+    assert monitor_run().awaiting_funds == 0
+    job.refresh_from_db()
+    assert job.provider_status == "manual_review" and job.funding is None
+    with due.lock:
+        due.conversions[job.provider_reference]["status"] = OPEN
+    assert monitor_run().awaiting_funds == 1
