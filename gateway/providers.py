@@ -1,14 +1,19 @@
 """One HTTP call to a provider's JSON API (Circle, Due), over real HTTP (urllib): the request,
 its timeout, the JSON answer, and every failure mapped to the caller's own exceptions. A status
 in `refusals` says the request itself is wrong and raises `refused(status, message)`, which is
-final; anything else (timeouts, transport errors, 5xx, 429, an answer that is not JSON) raises
-`unavailable(message)`, which a caller may retry. Each provider keeps its own wire format,
-headers and retry policy."""
+final; anything else (timeouts, transport errors, 5xx, 429, an answer that is not a JSON object
+we could store: NaN, a NUL or an unpaired surrogate in a string, nesting deeper than the input
+boundary's) raises `unavailable(message)`, which a caller may retry. A provider's answer is read
+as strictly as a request to us (gateway.boundary.json_object): found from outside, a NUL in a
+Due answer reached a row PostgreSQL refused, and every monitor run died on it. Each provider
+keeps its own wire format, headers and retry policy."""
 
-import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Container
+
+from gateway.boundary import json_object
+from gateway.exceptions import InputRefused
 
 
 def error_message(body: dict) -> str:
@@ -38,12 +43,11 @@ def provider_call(
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            return json.loads(response.read())
+            raw = response.read()
     except urllib.error.HTTPError as exc:
         try:
-            body = json.loads(exc.read())
-            message = error_text(body) if isinstance(body, dict) else ""
-        except ValueError:
+            message = error_text(json_object(exc.read(), field="answer"))
+        except InputRefused:
             message = ""
         if exc.code in refusals:
             raise refused(
@@ -52,3 +56,7 @@ def provider_call(
         raise unavailable(f"{provider} answered {exc.code} to {method} {path} {message}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
         raise unavailable(f"{method} {path} failed: {exc}") from None
+    try:
+        return json_object(raw, field="answer")
+    except InputRefused as exc:
+        raise unavailable(f"{provider}'s answer to {method} {path}: {exc}") from None

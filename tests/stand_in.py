@@ -1,6 +1,6 @@
 """A stand-in HTTP peer for the answers our sandboxes never give (a provider's answer gone
-wrong): a loopback server whose GETs are answered by `answer(path) -> (status, body)`, every
-path asked for kept in `asked`, in order."""
+wrong): a loopback server whose GETs and POSTs are answered by `answer(method, path) ->
+(status, body)`, every path asked for kept in `asked`, in order."""
 
 import threading
 from collections.abc import Callable
@@ -8,19 +8,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class StandIn(ThreadingHTTPServer):
-    def __init__(self, answer: Callable[[str], tuple[int, bytes]]):
+    def __init__(self, answer: Callable[[str, str], tuple[int, bytes]]):
         self.asked: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
+            def _answer(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 server.asked.append(self.path)
-                status, body = answer(self.path)
+                status, body = answer(self.command, self.path)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            do_GET = do_POST = _answer
 
             def log_message(self, *args):
                 pass

@@ -38,7 +38,7 @@ import logging
 import re
 import time
 from collections.abc import Collection, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from urllib.parse import quote, urlencode
 
@@ -194,10 +194,17 @@ def conversion_create(
 
 
 def conversion_get(*, base_url: str, conversion_id: str) -> dict:
-    """Due's transfer `conversion_id` as it is now (`GET /v1/transfers/{id}`)."""
-    return conversion_parse(
+    """Due's transfer `conversion_id` as it is now (`GET /v1/transfers/{id}`). An answer about
+    another transfer is no answer (found from outside: it was applied to the job asking)."""
+    transfer = conversion_parse(
         _call(base_url, "GET", f"/v1/transfers/{quote(conversion_id, safe='')}")
     )
+    if transfer["id"] != conversion_id:
+        raise ConversionMalformed(
+            f"Due answered about transfer {transfer['id']} when asked for {conversion_id}",
+            "data.id",
+        )
+    return transfer
 
 
 def conversion_find(
@@ -217,7 +224,7 @@ def conversion_find(
     is not ours to guess)."""
     to = recipient(target_currency)
     query = {"order": "desc", "limit": str(LOOKUP_PAGE), "startDate": since.isoformat()}
-    found = []
+    found: dict[str, dict] = {}
     for _ in range(LOOKUP_PAGES):
         page = _call(base_url, "GET", f"/v1/transfers?{urlencode(query)}")
         items = page.get("items") if isinstance(page, dict) else None
@@ -238,10 +245,15 @@ def conversion_find(
                 and _amount(source.get("amount")) == source_amount
                 and destination.get("currency") == target_currency
                 and destination.get("id", to) == to
+                and _moment(item.get("createdAt")) >= since  # not trusting startDate alone
             ):
-                found.append(transfer)
+                found[transfer["id"]] = transfer  # (pages shift as transfers are created)
         cursor = page.get("next")
-        if not items or not isinstance(cursor, str) or not cursor:
+        if cursor in (None, ""):
+            break
+        if not isinstance(cursor, str):  # not the end of the list: a list we cannot read
+            raise DueUnavailable(f"Due's list of transfers has a `next` of {cursor!r}")
+        if not items:
             break
         query["next"] = cursor
     else:  # a list that never ends (or a cursor that never moves) is not an answer
@@ -251,10 +263,22 @@ def conversion_find(
         )
     if len(found) > 1:
         raise DueUnavailable(
-            f"{len(found)} transfers at Due could be this job's: "
-            f"{', '.join(t['id'] for t in found)}; for an operator"
+            f"{len(found)} transfers at Due could be this job's: {', '.join(found)}; "
+            "for an operator"
         )
-    return found[0] if found else None
+    return next(iter(found.values()), None)
+
+
+def _moment(raw: object) -> datetime:
+    """A listed transfer's `createdAt` (ISO 8601); the earliest moment when it is unreadable,
+    so that such a transfer is never taken for a job's."""
+    try:
+        moment = datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        return datetime.min.replace(tzinfo=UTC)
+    return moment
 
 
 def _amount(raw: object) -> Decimal | None:

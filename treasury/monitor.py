@@ -17,7 +17,7 @@ from ledger.selectors import USDC_BUFFER, system_balance
 from treasury import due, metrics
 from treasury.exceptions import DueRefused, DueUnavailable, ProviderNotConfigured
 from treasury.models import ConversionJob, JobStatus
-from treasury.settlement import job_fail, job_save, job_settle
+from treasury.settlement import job_save, job_settle
 from treasury.submission import job_lost_answer_resolve, jobs_submit, provider_failed
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,10 @@ class MonitorReport:
 
 
 def monitor_run(*, base_urls: Mapping[str, str] | None = None) -> MonitorReport:
-    """Submit what is due (retries); ask the provider by key about jobs whose answer was lost;
+    """Submit what is due (retries); look for the transfers of jobs whose answer was lost;
     poll every job it has, for as long as it takes; mark jobs still open after
     TREASURY_CONVERSION_TIMEOUT timed out (still open, still asked). A job never sent within
-    the timeout fails (the provider cannot have it). Polls and lookups run under the kill
+    the timeout fails once the provider lists none of it. Polls and look-ups run under the kill
     switch too: they only record what the provider did. Providers are at `base_urls`
     (`due.provider_base_urls()` unless given)."""
     urls = due.provider_base_urls() if base_urls is None else base_urls
@@ -112,10 +112,10 @@ def monitor_run(*, base_urls: Mapping[str, str] | None = None) -> MonitorReport:
                 transaction.on_commit(metrics.jobs_failed.inc)
                 log.error("ALERT treasury: conversion job %s timed out", job.pk)
                 report.timed_out += 1
-            elif job.status == JobStatus.PENDING and job.attempts == 0:
-                job_fail(job, f"not sent within {settings.TREASURY_CONVERSION_TIMEOUT}")
-                report.failed += 1
-            elif job.status == JobStatus.PENDING:  # sent, its answer lost: ask by key
+            elif job.status == JobStatus.PENDING:
+                # Looked for even when no attempt is recorded: a worker killed after Due took
+                # the creation leaves none (found from outside: failed unasked, the job's slot
+                # freed, and the next job's transfer made a second one).
                 outcome = job_lost_answer_resolve(job, urls)
                 report.failed += outcome == "failed"
                 report.timed_out += outcome == "timed_out"

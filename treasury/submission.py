@@ -141,15 +141,19 @@ def _job_find(job: ConversionJob, base_url: str) -> dict | None:
 
 
 def job_lost_answer_resolve(job: ConversionJob, base_urls: Mapping[str, str]) -> str:
-    """A locked job was sent but no answer came back: look for its transfer at the provider.
-    It has it: recorded as submitted. It has nothing of it: failed (nothing can exist there).
-    It cannot say: timed_out, open, looked for again on every monitor run."""
+    """A locked job was sent (or may have been) but no answer came back: look for its transfer
+    at the provider. It has it: recorded as submitted. It has nothing of it: failed (nothing can
+    exist there). It cannot say: timed_out (pending when no attempt is recorded), open, looked
+    for again on every monitor run."""
     try:
         conversion = _job_find(job, due.provider_base_url(job.provider.code, base_urls))
     except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
         job.last_error = (
             f"answer lost after {job.attempts} attempts; the provider cannot say yet: {exc}"
         )
+        if not job.attempts:  # none recorded (a killed worker's may exist): pending, asked again
+            job_save(job)
+            return "retried"
         if job.status != JobStatus.TIMED_OUT:
             job.status = JobStatus.TIMED_OUT
             job.finished_at = timezone.now()

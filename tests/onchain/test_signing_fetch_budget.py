@@ -193,7 +193,7 @@ FAILURES = {
 def sns_host(sandbox, settings):
     """The stand-in SNS host and the sandbox (SNS's genuine certificate), both SNS's hosts."""
     # A stand-in SNS host whose certificate URLs have gone wrong.
-    with StandIn(lambda path: FAILURES.get(path, (404, b"Not Found"))) as host:
+    with StandIn(lambda method, path: FAILURES.get(path, (404, b"Not Found"))) as host:
         ports = f"({sandbox.server.server_address[1]}|{host.server_address[1]})"
         settings.CIRCLE_SNS_URL_PATTERN = re.compile(rf"http://127\.0\.0\.1:{ports}")
         yield host

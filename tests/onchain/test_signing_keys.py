@@ -86,7 +86,7 @@ def key_answers(answers: dict[str, dict]) -> StandIn:
     """A stand-in for Circle's publicKey endpoint whose answers have gone wrong: `answers` by
     key id, each Circle's `data` object."""
     return StandIn(
-        lambda path: (200, json.dumps({"data": answers[path.rsplit("/", 1)[-1]]}).encode())
+        lambda method, path: (200, json.dumps({"data": answers[path.rsplit("/", 1)[-1]]}).encode())
     )
 
 

@@ -142,7 +142,7 @@ def test_a_list_of_transfers_that_never_ends_is_no_answer(due, usdc_low, setting
     """Found by reading the look-up: a cursor that never moves made it page forever. Bounded:
     the job stays pending, nothing is created, the last error says why."""
     settlement_cycle_run(triggered_by="test")
-    with StandIn(lambda path: (200, ENDLESS_PAGE)) as endless:
+    with StandIn(lambda method, path: (200, ENDLESS_PAGE)) as endless:
         settings.DUE_API_BASE_URL = endless.base_url
         assert jobs_submit().retried == 1
         assert len(endless.asked) == LOOKUP_PAGES

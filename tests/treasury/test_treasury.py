@@ -164,7 +164,7 @@ def test_a_conversion_id_we_cannot_record_is_an_answer_to_ask_again(due, usdc_lo
     assert report.retried == 1 and report.submitted == 0
     job = ConversionJob.objects.get()
     assert job.status == "pending" and job.provider_reference is None
-    assert "printable ASCII" in job.last_error
+    assert "id " in job.last_error  # named: its length, its characters, or a NUL
     due.on_created = None
     assert jobs_submit().submitted == 1  # the same key: the conversion created the first time
     job.refresh_from_db()
@@ -287,6 +287,45 @@ def test_worker_killed_after_submission_before_recording(due, usdc_low):
     monitor_run()
     assert Transaction.objects.filter(namespace="treasury").count() == 1
     assert buffers()["USDC"] == Decimal("20000")
+
+
+def test_a_job_killed_after_due_accepted_is_failed_only_on_due_s_word(due, usdc_low, settings):
+    """Found from outside: the kill leaves the job pending with no attempt recorded; past the
+    timeout (the kill switch on meanwhile, so nothing is submitted) the monitor failed it as
+    never sent, without asking Due, which held its transfer: the buffer's slot was freed and
+    the next job made a second transfer. Now it is looked for first: found, kept, one transfer."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "DUE_API_BASE_URL": due.base_url,
+        "DUE_API_KEY": KEY,
+        "DUE_API_SECRET": SECRET,
+        **RECIPIENT_ENVIRONMENT,
+    }
+    child = subprocess.Popen(
+        [sys.executable, "manage.py", "treasury", "cycle"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    due.on_created = lambda conversion: os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(timeout=60) == -signal.SIGKILL
+    due.on_created = None
+    job = ConversionJob.objects.get()
+    assert (job.status, job.attempts, job.provider_reference) == ("pending", 0, None)
+    phase_set("legacy", kill_switch=True)
+    settings.TREASURY_CONVERSION_TIMEOUT = timedelta(0)
+    monitor_run()
+    job.refresh_from_db()
+    assert job.status == "submitted" and job.provider_reference == next(iter(due.conversions))
+    phase_set("legacy", kill_switch=False)
+    assert settlement_cycle_run(triggered_by="test").jobs_created == []  # the slot is held
+    due.finish(job.provider_reference, "completed")
+    monitor_run()
+    assert (
+        len(due.conversions) == 1 and Transaction.objects.filter(namespace="treasury").count() == 1
+    )
 
 
 def test_kill_switch_stops_submission(due, usdc_low):
