@@ -1,6 +1,8 @@
 """What the treasury tests share besides fixtures: the Due sandbox's credentials, an operator,
-funded buffers and their balances, and the environment of a real Celery worker and beat."""
+funded buffers and their balances, the environment of a real Celery worker and beat, and the
+rows and Due objects the Due tests arrange: a job, a transfer at Due, a signed webhook."""
 
+import json
 import uuid
 from decimal import Decimal
 
@@ -10,7 +12,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cutover.actors import Actor
 from ledger.models import Account
 from ledger.services import Leg, transaction_post
-from treasury.sandbox import DueSandbox
+from treasury.models import ConversionJob, ConversionProvider
+from treasury.sandbox import OPEN, DueSandbox
 from treasury.selectors import buffer_status_list
 
 KEY, SECRET = "due-key", "due-secret"
@@ -18,6 +21,8 @@ KEY, SECRET = "due-key", "due-secret"
 RECIPIENTS = {"USD": "rcp_sandbox_bank", "USDC": "wlt_sandbox_wallet"}
 RECIPIENT_ENVIRONMENT = {f"DUE_RECIPIENT_{c}": recipient for c, recipient in RECIPIENTS.items()}
 OPS = Actor(name="cli:ops")
+RAILS = {"USD": "ach", "USDC": "ethereum"}
+DUE_WEBHOOK_URL = "/webhooks/due/conversions"
 
 
 def webhook_public_key() -> str:
@@ -55,3 +60,77 @@ def celery_environment(sandbox: DueSandbox, broker: str) -> dict[str, str]:
 
 def buffers() -> dict[str, Decimal]:
     return {reading.currency: reading.balance for reading in buffer_status_list()}
+
+
+def job_make(
+    *,
+    reference: str | None,
+    source: str = "USD",
+    amount: str = "19000",
+    status: str = "submitted",
+    attempts: int = 1,
+) -> ConversionJob:
+    """A conversion job of `amount` from `source` (to the other currency) whose transfer at
+    Due is `reference`, as the cycle and the submission leave it."""
+    target = "USDC" if source == "USD" else "USD"
+    return ConversionJob.objects.create(
+        idempotency_key=uuid.uuid4(),
+        buffer_currency=target,
+        source_currency=source,
+        source_amount=Decimal(amount),
+        target_currency=target,
+        provider=ConversionProvider.objects.get(code="due"),
+        provider_reference=reference,
+        status=status,
+        attempts=attempts,
+        created_by="test",
+    )
+
+
+def due_transfer(
+    *,
+    transfer_id: str,
+    source: str,
+    amount: str,
+    status: str = OPEN,
+    created: str = "2026-12-03T12:00:00Z",
+    recipient: str | None = None,
+) -> dict:
+    """A transfer object as Due documents it (as the sandbox makes it: 1:1, no fee) from
+    `source` to the other currency; `recipient` is its destination's id."""
+    target = "USDC" if source == "USD" else "USD"
+    side = {"amount": amount, "fee": "0"}
+    destination = {**side, "currency": target, "rail": RAILS[target]}
+    if recipient is not None:
+        destination["id"] = recipient
+    return {
+        "id": transfer_id,
+        "ownerId": "acct_sandbox",
+        "status": status,
+        "source": {**side, "currency": source, "rail": RAILS[source]},
+        "destination": destination,
+        "fxRate": 1,
+        "createdAt": created,
+        "expiresAt": created,
+    }
+
+
+def job_transfer(job: ConversionJob, *, transfer_id: str, **fields) -> dict:
+    """`job`'s transfer at Due (see due_transfer for `fields`)."""
+    return due_transfer(
+        transfer_id=transfer_id,
+        source=job.source_currency,
+        amount=str(job.source_amount),
+        **fields,
+    )
+
+
+def webhook_delivered(client, due: DueSandbox, event: dict):
+    """`event` posted to our webhook as Due sends it: these bytes, signed by the sandbox."""
+    body = json.dumps(event).encode()
+    return client.post(
+        DUE_WEBHOOK_URL,
+        data=body,
+        content_type="application/json",
+        headers={"X-Webhook-Signature": due.sign(body)},
+    )

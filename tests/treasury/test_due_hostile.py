@@ -7,9 +7,7 @@ database."""
 
 import json
 import re
-import uuid
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -17,73 +15,21 @@ from django.test import Client
 
 from ledger.models import Transaction
 from tests.stand_in import StandIn
-from tests.treasury.factories import RECIPIENTS
+from tests.treasury.factories import (
+    DUE_WEBHOOK_URL,
+    RECIPIENTS,
+    job_make,
+    job_transfer,
+    webhook_delivered,
+)
 from treasury.models import ConversionJob, ConversionProvider
 from treasury.monitor import monitor_run
+from treasury.sandbox import iso
 from treasury.submission import jobs_submit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 TRANSFER = re.compile(r"^/v1/transfers/([^/?]+)$")
 FUNDING = re.compile(r"^/v1/transfers/([^/?]+)/funding_address$")
-URL = "/webhooks/due/conversions"
-RAILS = {"USD": "ach", "USDC": "ethereum"}
-
-
-def job_make(
-    *,
-    reference: str | None,
-    source: str = "USD",
-    amount: str = "19000",
-    status: str = "submitted",
-    attempts: int = 1,
-) -> ConversionJob:
-    target = "USDC" if source == "USD" else "USD"
-    return ConversionJob.objects.create(
-        idempotency_key=uuid.uuid4(),
-        buffer_currency="USDC" if target == "USDC" else "USD",
-        source_currency=source,
-        source_amount=Decimal(amount),
-        target_currency=target,
-        provider=ConversionProvider.objects.get(code="due"),
-        provider_reference=reference,
-        status=status,
-        attempts=attempts,
-        created_by="test",
-    )
-
-
-def transfer(
-    job: ConversionJob,
-    *,
-    transfer_id: str,
-    status: str = "awaiting_funds",
-    created: str = "2026-12-03T12:00:00Z",
-    recipient: str | None = None,
-) -> dict:
-    side = {"amount": str(job.source_amount), "fee": "0"}
-    destination = {**side, "currency": job.target_currency, "rail": RAILS[job.target_currency]}
-    if recipient is not None:
-        destination["id"] = recipient
-    return {
-        "id": transfer_id,
-        "ownerId": "acct_sandbox",
-        "status": status,
-        "source": {**side, "currency": job.source_currency, "rail": RAILS[job.source_currency]},
-        "destination": destination,
-        "fxRate": 1,
-        "createdAt": created,
-        "expiresAt": created,
-    }
-
-
-def delivered(client: Client, due, event: dict):
-    body = json.dumps(event).encode()
-    return client.post(
-        URL,
-        data=body,
-        content_type="application/json",
-        headers={"X-Webhook-Signature": due.sign(body)},
-    )
 
 
 def postings() -> int:
@@ -98,21 +44,17 @@ def test_an_answer_about_another_transfer_is_not_applied(client, due, usdc_low, 
     job = job_make(reference="tf_ours")
     with due.lock:  # what Due answers to GET /v1/transfers/tf_ours
         due.conversions["tf_ours"] = json.loads(
-            json.dumps(transfer(job, transfer_id="tf_other", status="payment_processed"))
+            json.dumps(job_transfer(job, transfer_id="tf_other", status="payment_processed"))
         )
     if path == "webhook":
         event = {"type": "transfer.status_changed", "data": {"id": "tf_ours"}}
-        response = delivered(client, due, event)
+        response = webhook_delivered(client, due, event)
         assert response.status_code != 500
     else:
         monitor_run()
     job.refresh_from_db()
     assert job.status != "completed", "completed on the answer about another transfer"
     assert postings() == 0
-
-
-def _iso(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
 
 
 def _fake(pages: dict[str, dict], created: list):
@@ -149,14 +91,14 @@ def test_a_cursor_of_another_type_is_no_end_of_the_list(due, usdc_low, settings)
     expects). It was taken for the end of the list, nothing found, and a second transfer
     created while the job's first one was on page two."""
     job = _pending_job_sent_once()
-    now = _iso(datetime.now(UTC))
+    now = iso(datetime.now(UTC))
     strangers = [
-        transfer(job, transfer_id=f"tf_s{i}", created=now, recipient=RECIPIENTS["USDC"])
+        job_transfer(job, transfer_id=f"tf_s{i}", created=now, recipient=RECIPIENTS["USDC"])
         for i in range(100)
     ]
     for stranger in strangers:
         stranger["source"]["amount"] = stranger["destination"]["amount"] = "1.00"
-    ours = transfer(job, transfer_id="tf_ours", created=now, recipient=RECIPIENTS["USDC"])
+    ours = job_transfer(job, transfer_id="tf_ours", created=now, recipient=RECIPIENTS["USDC"])
     pages = {"": {"items": strangers, "next": 100}, "100": {"items": [ours], "next": ""}}
     created: list = []
     with _fake(pages, created) as fake:
@@ -172,8 +114,8 @@ def test_the_same_transfer_listed_on_two_pages_is_one_candidate(due, usdc_low, s
     last of page one comes again first on page two. One transfer, listed twice, is one
     candidate, not "2 transfers ... for an operator"."""
     job = _pending_job_sent_once()
-    now = _iso(datetime.now(UTC))
-    ours = transfer(job, transfer_id="tf_ours", created=now, recipient=RECIPIENTS["USDC"])
+    now = iso(datetime.now(UTC))
+    ours = job_transfer(job, transfer_id="tf_ours", created=now, recipient=RECIPIENTS["USDC"])
     pages = {"": {"items": [ours], "next": "p2"}, "p2": {"items": [ours], "next": ""}}
     created: list = []
     with _fake(pages, created) as fake:
@@ -188,8 +130,8 @@ def test_a_transfer_created_before_the_job_is_not_adopted(due, usdc_low, setting
     the third-party spec, and was not checked on our side): same amount, currencies and
     recipient, held by no job. It cannot be this job's creation."""
     job = _pending_job_sent_once()
-    old = _iso(datetime.now(UTC) - timedelta(days=2))
-    stale = transfer(job, transfer_id="tf_stale", created=old, recipient=RECIPIENTS["USDC"])
+    old = iso(datetime.now(UTC) - timedelta(days=2))
+    stale = job_transfer(job, transfer_id="tf_stale", created=old, recipient=RECIPIENTS["USDC"])
     pages = {"": {"items": [stale], "next": ""}}
     created: list = []
     with _fake(pages, created) as fake:
@@ -219,8 +161,8 @@ def test_funding_instructions_postgres_refuses_do_not_stop_the_monitor(
     due, usdc_low, settings, funding_raw
 ):
     poison, fine = _two_jobs()
-    fine_transfer = transfer(fine, transfer_id="tf_fine", status="payment_processed")
-    poison_transfer = json.dumps(transfer(poison, transfer_id="tf_poison")).encode()
+    fine_transfer = job_transfer(fine, transfer_id="tf_fine", status="payment_processed")
+    poison_transfer = json.dumps(job_transfer(poison, transfer_id="tf_poison")).encode()
     # the USD job's transfer carries its instructions (transferInstructions)
     poison_transfer = poison_transfer[:-1] + b', "transferInstructions": ' + funding_raw + b"}"
 
@@ -244,7 +186,7 @@ def test_usdc_funding_address_with_nul_does_not_stop_the_monitor(due, usdc_low, 
 
     def answer(method, path):
         if method == "GET" and TRANSFER.match(path):
-            return 200, json.dumps(transfer(job, transfer_id="tf_usdc")).encode()
+            return 200, json.dumps(job_transfer(job, transfer_id="tf_usdc")).encode()
         if method == "POST" and FUNDING.match(path):
             return 200, b'{"kind": "disposable_account", "details": {"address": "0x\\u0000"}}'
         return 404, b"{}"
@@ -300,7 +242,7 @@ def test_a_deeply_nested_answer_is_no_answer(due, usdc_low, settings):
         settings.DUE_API_BASE_URL = fake.base_url
         body = json.dumps({"type": "transfer.status_changed", "data": {"id": "tf_deep"}}).encode()
         response = Client(raise_request_exception=False).post(
-            URL,
+            DUE_WEBHOOK_URL,
             data=body,
             content_type="application/json",
             headers={"X-Webhook-Signature": due.sign(body)},

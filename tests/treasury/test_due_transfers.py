@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 
 from tests.stand_in import StandIn
-from tests.treasury.factories import RECIPIENTS, fund
+from tests.treasury.factories import RECIPIENTS, due_transfer, fund
 from treasury.cycle import settlement_cycle_run
 from treasury.due import LOOKUP_PAGES
 from treasury.models import ConversionJob, ConversionProvider
@@ -23,27 +23,18 @@ pytestmark = pytest.mark.django_db(transaction=True)
 JOB_AMOUNT = "19000.00"  # what usdc_low's cycle converts: USD -> USDC
 
 
-def at_due(due, *, amount: str = JOB_AMOUNT, source: str = "USD", target: str = "USDC") -> str:
-    """A transfer at Due, created now, to our recipient in `target` (its id)."""
+def at_due(due, *, amount: str = JOB_AMOUNT, source: str = "USD") -> str:
+    """A transfer at Due, created now, to our recipient in the other currency (its id)."""
     transfer_id = f"tf_{uuid.uuid4().hex[:20]}"
-    now = iso(datetime.now(UTC))
+    target = "USDC" if source == "USD" else "USD"
     with due.lock:
-        due.conversions[transfer_id] = {
-            "id": transfer_id,
-            "ownerId": "acct_sandbox",
-            "status": OPEN,
-            "source": {"amount": amount, "fee": "0", "currency": source, "rail": "ach"},
-            "destination": {
-                "amount": amount,
-                "fee": "0",
-                "currency": target,
-                "rail": "ethereum",
-                "id": RECIPIENTS[target],
-            },
-            "fxRate": 1,
-            "createdAt": now,
-            "expiresAt": now,
-        }
+        due.conversions[transfer_id] = due_transfer(
+            transfer_id=transfer_id,
+            source=source,
+            amount=amount,
+            created=iso(datetime.now(UTC)),
+            recipient=RECIPIENTS[target],
+        )
     return transfer_id
 
 
@@ -96,7 +87,7 @@ def test_another_job_s_transfer_is_not_taken(due, usdc_low):
     "stranger",
     [
         {"amount": "19000.01"},
-        {"source": "USDC", "target": "USD"},
+        {"source": "USDC"},
     ],
     ids=["another-amount", "the-other-way"],
 )

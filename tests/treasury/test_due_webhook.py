@@ -8,7 +8,6 @@ verifies forever. Anything refused writes nothing."""
 
 import json
 import threading
-import uuid
 from decimal import Decimal
 from pathlib import Path
 
@@ -18,12 +17,16 @@ from django.db import connection
 from django.test import Client
 
 from ledger.models import Transaction
+from tests.treasury.factories import (
+    DUE_WEBHOOK_URL,
+    job_make,
+    job_transfer,
+    webhook_delivered,
+)
 from treasury.due import PROVIDER_REFERENCE_MAX
-from treasury.models import ConversionJob, ConversionProvider
-from treasury.sandbox import OPEN
+from treasury.models import ConversionJob
 
 pytestmark = pytest.mark.django_db(transaction=True)
-URL = "/webhooks/due/conversions"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "due"
 DOCUMENTED_TRANSFER_ID = "tf_XYZ123456789"
 
@@ -32,59 +35,19 @@ def documented(name: str) -> dict:
     return json.loads((FIXTURES / name).read_text())
 
 
-def job_make(*, reference: str, source: str = "USD", amount: str = "19000") -> ConversionJob:
-    """A submitted conversion job whose transfer at Due is `reference`."""
-    target = "USDC" if source == "USD" else "USD"
-    return ConversionJob.objects.create(
-        idempotency_key=uuid.uuid4(),
-        buffer_currency="USDC" if target == "USDC" else "USD",
-        source_currency=source,
-        source_amount=Decimal(amount),
-        target_currency=target,
-        provider=ConversionProvider.objects.get(code="due"),
-        provider_reference=reference,
-        status="submitted",
-        attempts=1,
-        created_by="test",
-    )
-
-
 def at_due(due, transfer: dict) -> None:
     """Due holds `transfer` (what `GET /v1/transfers/{id}` answers)."""
     with due.lock:
         due.conversions[transfer["id"]] = json.loads(json.dumps(transfer))
 
 
-def sandbox_transfer(job: ConversionJob, *, transfer_id: str, status: str = OPEN) -> dict:
-    """The transfer the sandbox makes for `job` (1:1, no fee)."""
-    rails = {"USD": "ach", "USDC": "ethereum"}
-    side = {"amount": str(job.source_amount), "fee": "0"}
-    return {
-        "id": transfer_id,
-        "ownerId": "acct_sandbox",
-        "status": status,
-        "source": {**side, "currency": job.source_currency, "rail": rails[job.source_currency]},
-        "destination": {
-            **side,
-            "currency": job.target_currency,
-            "rail": rails[job.target_currency],
-        },
-        "fxRate": 1,
-        "createdAt": "2026-12-03T12:00:00Z",
-        "expiresAt": "2026-12-03T12:30:00Z",
-    }
-
-
 def post(client: Client, body: bytes, signature: str):
     return client.post(
-        URL, data=body, content_type="application/json", headers={"X-Webhook-Signature": signature}
+        DUE_WEBHOOK_URL,
+        data=body,
+        content_type="application/json",
+        headers={"X-Webhook-Signature": signature},
     )
-
-
-def delivered(client: Client, due, event: dict):
-    """`event` as Due sends it: these bytes, signed with the endpoint's key."""
-    body = json.dumps(event).encode()
-    return post(client, body, due.sign(body))
 
 
 def database() -> tuple[list[dict], int]:
@@ -110,7 +73,7 @@ def test_the_documented_event_is_acted_on_as_due_says_the_transfer_is(client, du
     event = documented("webhook_transfer_status_changed.json")
     job = job_make(reference=DOCUMENTED_TRANSFER_ID, source="USDC", amount="150.00")
     at_due(due, event["data"])
-    response = delivered(client, due, event)
+    response = webhook_delivered(client, due, event)
     assert response.status_code == 200 and response.json() == {"status": "disputed"}
     job.refresh_from_db()
     assert "147.50" in job.last_error and database()[1] == 0
@@ -124,12 +87,10 @@ def test_a_documented_event_about_a_processed_transfer_posts_once(client, due, u
     """Both documented envelopes (the older one without id, occurredAt, attemptedAt), about a
     job's transfer that Due processed 1:1: posted once, however often it is delivered."""
     job = job_make(reference=DOCUMENTED_TRANSFER_ID)
-    at_due(
-        due, sandbox_transfer(job, transfer_id=DOCUMENTED_TRANSFER_ID, status="payment_processed")
-    )
+    at_due(due, job_transfer(job, transfer_id=DOCUMENTED_TRANSFER_ID, status="payment_processed"))
     event = documented(fixture)
     for _ in range(3):
-        response = delivered(client, due, event)
+        response = webhook_delivered(client, due, event)
         assert response.status_code == 200 and response.json() == {"status": "completed"}
     job.refresh_from_db()
     assert job.status == "completed" and job.target_amount == Decimal("19000")
@@ -139,7 +100,7 @@ def test_a_documented_event_about_a_processed_transfer_posts_once(client, due, u
 def test_the_documented_kyc_event_is_ignored(client, due, usdc_low):
     job_make(reference=DOCUMENTED_TRANSFER_ID)
     before = database()
-    response = delivered(client, due, documented("webhook_kyc_status_changed.json"))
+    response = webhook_delivered(client, due, documented("webhook_kyc_status_changed.json"))
     assert response.status_code == 200 and response.json() == {"status": "ignored"}
     assert database() == before
 
@@ -159,10 +120,10 @@ def test_the_transfer_is_asked_of_due_and_its_answer_applied(
     client, due, usdc_low, said, at_due_status, outcome
 ):
     job = job_make(reference="tf_asked")
-    at_due(due, sandbox_transfer(job, transfer_id="tf_asked", status=at_due_status))
+    at_due(due, job_transfer(job, transfer_id="tf_asked", status=at_due_status))
     event = documented("webhook_transfer_status_changed.json")
-    event["data"] = sandbox_transfer(job, transfer_id="tf_asked", status=said)
-    response = delivered(client, due, event)
+    event["data"] = job_transfer(job, transfer_id="tf_asked", status=said)
+    response = webhook_delivered(client, due, event)
     assert response.status_code == 200 and response.json() == {"status": outcome}
     job.refresh_from_db()
     assert job.status == outcome
@@ -171,23 +132,23 @@ def test_the_transfer_is_asked_of_due_and_its_answer_applied(
 
 def test_a_status_due_may_add_is_in_flight(client, due, usdc_low, caplog):
     job = job_make(reference="tf_new_status")
-    at_due(due, sandbox_transfer(job, transfer_id="tf_new_status", status="compliance_hold"))
+    at_due(due, job_transfer(job, transfer_id="tf_new_status", status="compliance_hold"))
     event = {"type": "transfer.status_changed", "data": {"id": "tf_new_status"}}
-    response = delivered(client, due, event)
+    response = webhook_delivered(client, due, event)
     assert response.status_code == 200 and response.json() == {"status": "submitted"}
     assert "compliance_hold" in caplog.text and database()[1] == 0
 
 
 def test_due_unreachable_is_a_503_and_its_redelivery_settles(client, due, usdc_low):
     job = job_make(reference="tf_later")
-    at_due(due, sandbox_transfer(job, transfer_id="tf_later", status="payment_processed"))
+    at_due(due, job_transfer(job, transfer_id="tf_later", status="payment_processed"))
     event = {"type": "transfer.status_changed", "data": {"id": "tf_later"}}
     before = database()
     due.unavailable = True
-    refused(delivered(client, due, event), 503, "provider_unavailable", None)
+    refused(webhook_delivered(client, due, event), 503, "provider_unavailable", None)
     assert database() == before
     due.unavailable = False
-    assert delivered(client, due, event).json() == {"status": "completed"}
+    assert webhook_delivered(client, due, event).json() == {"status": "completed"}
     assert database()[1] == 1
 
 
@@ -195,15 +156,15 @@ def test_a_transfer_no_job_holds_is_ignored(client, due, usdc_low):
     job_make(reference="tf_ours")
     before = database()
     event = {"type": "transfer.status_changed", "data": {"id": "tf_someone_elses"}}
-    response = delivered(client, due, event)
+    response = webhook_delivered(client, due, event)
     assert response.status_code == 200 and response.json() == {"status": "ignored"}
     assert database() == before
 
 
 def test_concurrent_deliveries_of_one_event_post_once(due, usdc_low, live_server):
     job = job_make(reference="tf_storm")
-    at_due(due, sandbox_transfer(job, transfer_id="tf_storm", status="payment_processed"))
-    due.callback = f"{live_server.url}{URL}"
+    at_due(due, job_transfer(job, transfer_id="tf_storm", status="payment_processed"))
+    due.callback = f"{live_server.url}{DUE_WEBHOOK_URL}"
     body = due.event(due.conversions["tf_storm"])
     statuses = []
 
@@ -228,7 +189,7 @@ def test_concurrent_deliveries_of_one_event_post_once(due, usdc_low, live_server
 
 def test_signatures_that_are_not_due_s_are_refused(client, due, usdc_low):
     job = job_make(reference="tf_forged")
-    at_due(due, sandbox_transfer(job, transfer_id="tf_forged", status="payment_processed"))
+    at_due(due, job_transfer(job, transfer_id="tf_forged", status="payment_processed"))
     body = json.dumps({"type": "transfer.status_changed", "data": {"id": "tf_forged"}}).encode()
     good = due.sign(body)
     flipped = good[:-2] + f"{int(good[-2:], 16) ^ 1:02x}"
@@ -267,7 +228,7 @@ def test_a_signed_body_that_is_no_transfer_event_is_refused_naming_the_field(
 ):
     job_make(reference="tf_1")
     before = database()
-    refused(delivered(client, due, event), 400, "rejected", field)
+    refused(webhook_delivered(client, due, event), 400, "rejected", field)
     assert database() == before
 
 
@@ -280,8 +241,8 @@ def test_a_signed_body_that_is_not_json_is_refused(client, due, usdc_low):
 def test_without_the_endpoint_s_key_every_webhook_is_a_503(client, due, usdc_low, settings):
     settings.DUE_WEBHOOK_PUBLIC_KEY = ""
     job = job_make(reference="tf_unkeyed")
-    at_due(due, sandbox_transfer(job, transfer_id="tf_unkeyed", status="payment_processed"))
+    at_due(due, job_transfer(job, transfer_id="tf_unkeyed", status="payment_processed"))
     before = database()
     event = {"type": "transfer.status_changed", "data": {"id": "tf_unkeyed"}}
-    error = refused(delivered(client, due, event), 503, "provider_unavailable", None)
+    error = refused(webhook_delivered(client, due, event), 503, "provider_unavailable", None)
     assert "DUE_WEBHOOK_PUBLIC_KEY" in error["message"] and database() == before

@@ -256,28 +256,33 @@ def test_a_failed_conversion_posts_nothing_and_can_be_retried_as_a_new_job(due, 
         job_cancel(job_id=again.pk, actor=OPS, reason="twice")
 
 
-def test_worker_killed_after_submission_before_recording(due, usdc_low):
-    """SIGKILL of `manage.py treasury cycle` after the provider accepted the conversion and
-    before we recorded it (its attempt with it); the restart looks first and finds it: one
-    transfer, one posting."""
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "DUE_API_BASE_URL": due.base_url,
-        "DUE_API_KEY": KEY,
-        "DUE_API_SECRET": SECRET,
-        **RECIPIENT_ENVIRONMENT,
-    }
+def cycle_killed_once_due_took_the_transfer(due: DueSandbox) -> None:
+    """`manage.py treasury cycle` SIGKILLed the moment Due has recorded the transfer it sent,
+    before the answer reaches it (nothing of the submission is committed)."""
     child = subprocess.Popen(
         [sys.executable, "manage.py", "treasury", "cycle"],
         cwd=ROOT,
-        env=env,
+        env={
+            **os.environ,
+            "DATABASE_URL": database_url(),
+            "DUE_API_BASE_URL": due.base_url,
+            "DUE_API_KEY": KEY,
+            "DUE_API_SECRET": SECRET,
+            **RECIPIENT_ENVIRONMENT,
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     due.on_created = lambda conversion: os.kill(child.pid, signal.SIGKILL)
     assert child.wait(timeout=60) == -signal.SIGKILL
     due.on_created = None
+
+
+def test_worker_killed_after_submission_before_recording(due, usdc_low):
+    """SIGKILL of `manage.py treasury cycle` after the provider accepted the conversion and
+    before we recorded it (its attempt with it); the restart looks first and finds it: one
+    transfer, one posting."""
+    cycle_killed_once_due_took_the_transfer(due)
     job = ConversionJob.objects.get()
     assert job.status == "pending" and job.provider_reference is None and len(due.conversions) == 1
     assert monitor_run().submitted == 1  # the restarted worker's pass
@@ -294,24 +299,7 @@ def test_a_job_killed_after_due_accepted_is_failed_only_on_due_s_word(due, usdc_
     timeout (the kill switch on meanwhile, so nothing is submitted) the monitor failed it as
     never sent, without asking Due, which held its transfer: the buffer's slot was freed and
     the next job made a second transfer. Now it is looked for first: found, kept, one transfer."""
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "DUE_API_BASE_URL": due.base_url,
-        "DUE_API_KEY": KEY,
-        "DUE_API_SECRET": SECRET,
-        **RECIPIENT_ENVIRONMENT,
-    }
-    child = subprocess.Popen(
-        [sys.executable, "manage.py", "treasury", "cycle"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    due.on_created = lambda conversion: os.kill(child.pid, signal.SIGKILL)
-    assert child.wait(timeout=60) == -signal.SIGKILL
-    due.on_created = None
+    cycle_killed_once_due_took_the_transfer(due)
     job = ConversionJob.objects.get()
     assert (job.status, job.attempts, job.provider_reference) == ("pending", 0, None)
     phase_set("legacy", kill_switch=True)
