@@ -1,6 +1,7 @@
 """A stand-in HTTP peer for the answers our sandboxes never give (a provider's answer gone
 wrong): a loopback server whose GETs and POSTs are answered by `answer(method, path) ->
-(status, body)`, every path asked for kept in `asked`, in order."""
+(status, body)`, every path asked for kept in `asked` and every request body in `bodies`, in
+order."""
 
 import threading
 from collections.abc import Callable
@@ -10,11 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class StandIn(ThreadingHTTPServer):
     def __init__(self, answer: Callable[[str, str], tuple[int, bytes]]):
         self.asked: list[str] = []
+        self.bodies: list[bytes] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                server.bodies.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 server.asked.append(self.path)
                 status, body = answer(self.command, self.path)
                 self.send_response(status)

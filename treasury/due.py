@@ -47,7 +47,7 @@ from django.conf import settings
 from gateway.boundary import printable_ascii
 from gateway.providers import error_message, provider_call
 from ledger.exceptions import InvalidAmount
-from ledger.money import amount_parse
+from ledger.money import amount_format, amount_parse
 from treasury.exceptions import (
     ConversionMalformed,
     DueRefused,
@@ -176,7 +176,7 @@ def conversion_create(
         "POST",
         "/v1/transfers/quote",
         {
-            "source": {**side, "amount": str(source_amount)},
+            "source": {**side, "amount": amount_format(source_amount, source_currency)},
             "destination": {
                 "rail": settings.DUE_RAILS[target_currency],
                 "currency": target_currency,

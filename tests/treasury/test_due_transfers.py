@@ -7,6 +7,7 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from treasury.sandbox import OPEN, iso
 from treasury.submission import jobs_submit
 
 pytestmark = pytest.mark.django_db(transaction=True)
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "due"
 JOB_AMOUNT = "19000.00"  # what usdc_low's cycle converts: USD -> USDC
 
 
@@ -180,3 +182,57 @@ def test_funding_instructions_due_cannot_give_now_are_asked_again(due, usdc_high
     with due.lock:
         due.conversions[job.provider_reference]["status"] = OPEN
     assert monitor_run().awaiting_funds == 1
+
+
+# What we send Due, against what Due documents ------------------------------------------------
+
+
+def documented(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def shape(document: object) -> object:
+    """A JSON document's keys, nested, without its values."""
+    if isinstance(document, dict):
+        return {key: shape(value) for key, value in document.items()}
+    return type(document).__name__
+
+
+def test_our_requests_are_due_s_documented_ones_and_its_answers_are_read(usdc_low, settings):
+    """A stand-in Due answering with Due's own documented quote (Privy's Due recipe) and error
+    body (due.readme.io docs/api-error-codes): our quote request has the shape of Due's
+    documented one (docs/fiat-to-stablecoin-transfers-pay-ins) with the amount in the
+    currency's scale, our transfer request carries the quote's token to our recipient as
+    Privy's recipe does, and the refusal is told by its error_code (fixtures' addresses in
+    tests/treasury/fixtures/due/SOURCES.md)."""
+    quote_answer = documented("quote_response_offramp_usdc_base_to_eur_sepa.privy.json")
+    refusal = documented("error_response.json")
+
+    def answer(method, path):
+        if method == "GET":
+            return 200, b'{"items": [], "next": ""}'
+        if path == "/v1/transfers/quote":
+            return 200, json.dumps(quote_answer).encode()
+        return refusal["http_code"], json.dumps(refusal).encode()
+
+    settings.DUE_RECIPIENTS = RECIPIENTS
+    settlement_cycle_run(triggered_by="test")
+    with StandIn(answer) as stand_in:
+        settings.DUE_API_BASE_URL = stand_in.base_url
+        assert jobs_submit().failed == 1
+    quote_sent, transfer_sent = (
+        json.loads(body)
+        for path, body in zip(stand_in.asked, stand_in.bodies, strict=True)
+        if path in ("/v1/transfers/quote", "/v1/transfers")
+    )
+    assert shape(quote_sent) == shape(
+        documented("quote_request_onramp_usd_ach_to_usdc_ethereum.json")
+    )
+    assert quote_sent == {
+        "source": {"rail": "ach", "currency": "USD", "amount": "19000.00"},
+        "destination": {"rail": "ethereum", "currency": "USDC", "amount": "0"},
+    }
+    assert set(transfer_sent) <= set(documented("transfer_request_offramp.privy.json"))
+    assert transfer_sent == {"quote": quote_answer["token"], "recipient": RECIPIENTS["USDC"]}
+    job = ConversionJob.objects.get()
+    assert job.status == "failed" and "err_recipient_not_found" in job.last_error
