@@ -56,7 +56,14 @@ from tests.crash import (
 )
 from tests.cutover.factories import ledger_balance_set, legacy_user, phase_set
 from tests.onchain.factories import buffer_fund, withdraw
-from tests.treasury.factories import KEY, RECIPIENT_ENVIRONMENT, SECRET, fund
+from tests.treasury.factories import (
+    KEY,
+    RECIPIENT_ENVIRONMENT,
+    SECRET,
+    fund,
+    job_make,
+    job_transfer,
+)
 from treasury.models import ConversionJob, SettlementCycle
 from treasury.sandbox import DueSandbox
 
@@ -313,6 +320,64 @@ class CircleDeposits(HttpFlow):
         stored = CircleNotification.objects.filter(status="processed").count()
         if stored != len(self.calls):
             found.append(f"{len(self.calls)} notifications sent, {stored} processed")
+        return found
+
+
+class DueWebhooks(HttpFlow):
+    """Due's webhook killed right after the completion it asked Due for was committed, before
+    its 200: a job per buffer whose transfer Due has processed, its event delivered (each
+    delivery a new event, as Due's redeliveries and renotifications are) until answered 200.
+    Each completion is posted once."""
+
+    final_statuses = (200,)
+
+    def __init__(self, tmp_path: Path, due: DueSandbox):
+        super().__init__(tmp_path)
+        self.due = due
+
+    def prepare(self) -> None:
+        fund("usdc_buffer", "1000")
+        fund("fiat_buffer", "60000")
+        self.jobs = [
+            job_make(reference=f"tf_{uuid.uuid4().hex[:20]}", source=source, amount=amount)
+            for source, amount in (("USD", "19000"), ("USDC", "500"))
+        ]
+        with self.due.lock:
+            for job in self.jobs:
+                self.due.conversions[job.provider_reference] = job_transfer(
+                    job, transfer_id=job.provider_reference, status="payment_processed"
+                )
+
+    def server_environment(self) -> dict[str, str]:
+        return {
+            "DUE_API_BASE_URL": self.due.base_url,
+            "DUE_API_KEY": KEY,
+            "DUE_API_SECRET": SECRET,
+            "DUE_WEBHOOK_PUBLIC_KEY": self.due.public_key_pem,
+        }
+
+    def new_call(self) -> Call:
+        job = self.rng.choice(self.jobs)
+        body = self.due.event(self.due.conversions[job.provider_reference])
+        headers = {"Content-Type": "application/json", "X-Webhook-Signature": self.due.sign(body)}
+        return Call("/webhooks/due/conversions", headers, body, uuid.uuid4(), Decimal(0))
+
+    def expected_balances(self) -> dict[uuid.UUID, Decimal]:
+        return {}
+
+    def violations(self) -> list[str]:
+        found = super().violations()
+        found += [
+            f"answered {body}"
+            for call in self.calls
+            for status, body in call.answers
+            if status == 200 and body != {"status": "completed"}
+        ]
+        for job in self.jobs:
+            job.refresh_from_db()
+            postings = Transaction.objects.filter(reference_id=f"conversion:{job.idempotency_key}")
+            if (job.status, postings.count()) != ("completed", 1):
+                found.append(f"job {job.pk} {job.status}, posted {postings.count()} times")
         return found
 
 
@@ -750,6 +815,7 @@ MATRIX = {
     "outbox:claimed": (WithdrawalSends, "circle"),
     "withdrawal:circle-answered": (WithdrawalSends, "circle"),
     "conversion:due-answered": (SettlementCycles, "due"),
+    "webhook:due-settled": (DueWebhooks, "due"),
     "cycle:committed": (SettlementCycles, "due"),
     "reconcile:recorded": (Reconciliations, None),
     "backfill:chunk-posted": (Backfills, None),

@@ -10,6 +10,7 @@ from django.views.decorators.http import require_POST
 from gateway.api import ApiError, admin_token_refusal
 from gateway.boundary import body_read
 from gateway.exceptions import InputRefused
+from gateway.faults import fault_point
 from ledger.exceptions import LedgerError
 from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import (
@@ -72,4 +73,5 @@ def due_callback(request: HttpRequest) -> JsonResponse:
         return JsonResponse(error.body(), status=error.status)
     except LedgerError as exc:  # nothing applied; the provider's retry or the monitor settles it
         return JsonResponse({"error": {"code": "not_applied", "message": str(exc)}}, status=503)
+    fault_point("webhook:due-settled")
     return JsonResponse({"status": status})

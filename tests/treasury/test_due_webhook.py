@@ -17,6 +17,7 @@ from django.db import connection
 from django.test import Client
 
 from ledger.models import Transaction
+from tests.cutover.factories import phase_set
 from tests.treasury.factories import (
     DUE_WEBHOOK_URL,
     job_make,
@@ -246,3 +247,16 @@ def test_without_the_endpoint_s_key_every_webhook_is_a_503(client, due, usdc_low
     event = {"type": "transfer.status_changed", "data": {"id": "tf_unkeyed"}}
     error = refused(webhook_delivered(client, due, event), 503, "provider_unavailable", None)
     assert "DUE_WEBHOOK_PUBLIC_KEY" in error["message"] and database() == before
+
+
+@pytest.mark.parametrize("phase", ["legacy", "cutover"])
+def test_a_completion_is_booked_under_the_kill_switch_in_any_phase(client, due, usdc_low, phase):
+    """An operator stops money movement (the kill switch), or rolled back to legacy: money that
+    already moved at Due is still booked, once, however often Due says so."""
+    phase_set(phase, kill_switch=True)
+    job = job_make(reference="tf_switched")
+    at_due(due, job_transfer(job, transfer_id="tf_switched", status="payment_processed"))
+    event = {"type": "transfer.status_changed", "data": {"id": "tf_switched"}}
+    for _ in range(2):
+        assert webhook_delivered(client, due, event).json() == {"status": "completed"}
+    assert database()[1] == 1
