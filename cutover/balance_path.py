@@ -114,10 +114,10 @@ def _mutation_execute(
     user_id, direction, amount, reference, reason, currency, counterparty, correlation_id
 ) -> MutationResult:
     if direction not in Direction.values:
-        raise MutationConflict(f"direction must be credit or debit, not {direction!r}")
+        raise MutationConflict(f"direction must be credit or debit, not {direction!r}", "direction")
     amount = amount_parse(amount, currency)
     if not isinstance(reference, str) or not reference or len(reference) > 255:
-        raise MutationConflict("reference must be 1..255 characters")
+        raise MutationConflict("reference must be 1..255 characters", "reference")
     counterparty = counterparty or (
         f"deposits_clearing_{currency.lower()}"
         if direction == Direction.CREDIT

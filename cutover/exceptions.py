@@ -37,7 +37,13 @@ class OperatorNotPermitted(CutoverError):
 
 
 class MutationConflict(CutoverError):
-    """The reference was already used for a different mutation."""
+    """A mutation that cannot be this user's: its reference was used for another one, or its
+    currency is not the one the user holds. `field` names what is wrong, when it is the
+    caller's (`reference`, `currency`, `direction`), for an API answer naming it."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class CurrencyNotHeld(CutoverError):
@@ -120,6 +126,8 @@ def cutover_error_from(
         return None
     diag = exc.__cause__.diag
     message = (diag.message_primary or str(exc)).removeprefix("ledger: ")
+    if error_class is MutationConflict:  # the database names the argument (COLUMN)
+        return MutationConflict(message, diag.column_name)
     if error_class is StrictLedgerFailure:
         return StrictLedgerFailure(
             message, phase=diag.message_detail or "", user_id=user_id, reference=reference

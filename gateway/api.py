@@ -67,7 +67,9 @@ class Refusal:
     message: str | None = None  # said instead of the exception's, which is for operators
 
     def error(self, exc: Exception) -> ApiError:
-        return ApiError(self.status, self.code, self.message or str(exc), self.field)
+        # (an exception that knows which of the caller's fields it is about names it)
+        field = self.field or getattr(exc, "field", None)
+        return ApiError(self.status, self.code, self.message or str(exc), field)
 
 
 # The kill switch's reason and a strict failure's cause are the operators' (an incident, a

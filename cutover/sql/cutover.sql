@@ -19,8 +19,9 @@ CREATE TRIGGER cutover_balance_mutations_append_only
 
 -- The balance path in one round trip: every user-balance mutation, routed by phase (the phase
 -- table in README.md). Error codes, mapped in cutover/exceptions.py:
---   CU002 kill switch engaged, CU003 reference reused for another mutation, a currency other
---   than the user's, or an unknown counterparty, CU004 insufficient funds in the legacy store,
+--   CU002 kill switch engaged, CU003 reference reused for another mutation (COLUMN
+--   'reference'), a currency other than the user's (COLUMN 'currency'), or an unknown
+--   counterparty, CU004 insufficient funds in the legacy store,
 --   CU005 the ledger refused a write the phase requires (strict, cutover, or the legacy mirror;
 --   the whole mutation rolls back; DETAIL is the phase, HINT the user, for a caller that found
 --   the user itself, as onchain_deposit_credit does), CU006 a concurrent duplicate committed
@@ -106,7 +107,7 @@ BEGIN
            IS DISTINCT FROM (p_user_id, p_direction, p_amount, p_currency) THEN
             RAISE EXCEPTION 'reference % was already used for % % % to user %', p_reference,
                 v_state.first_direction, v_state.first_amount, v_state.first_currency,
-                v_state.first_user_id USING ERRCODE = 'CU003';
+                v_state.first_user_id USING ERRCODE = 'CU003', COLUMN = 'reference';
         END IF;
         created := false;
         phase := v_state.first_phase;
@@ -129,7 +130,7 @@ BEGIN
     END IF;
     IF v_held IS NOT NULL THEN
         RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id, v_held,
-            p_currency USING ERRCODE = 'CU003';
+            p_currency USING ERRCODE = 'CU003', COLUMN = 'currency';
     END IF;
 
     v_clock := clock_timestamp();
@@ -158,7 +159,7 @@ BEGIN
             END IF;
             IF v_held <> p_currency THEN  -- the user holds another currency
                 RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id,
-                    v_held, p_currency USING ERRCODE = 'CU003';
+                    v_held, p_currency USING ERRCODE = 'CU003', COLUMN = 'currency';
             END IF;
             IF legacy_balance IS NULL OR legacy_balance + v_delta < 0 THEN
                 RAISE EXCEPTION 'user %: balance % % is less than %', p_user_id,
@@ -245,7 +246,7 @@ BEGIN
         END IF;
         IF v_held <> p_currency THEN  -- the user's account holds another currency
             RAISE EXCEPTION 'user % holds %, not %: a user has one currency', p_user_id, v_held,
-                p_currency USING ERRCODE = 'CU003';
+                p_currency USING ERRCODE = 'CU003', COLUMN = 'currency';
         END IF;
         v_legs := jsonb_build_array(
             jsonb_build_object('account_id', CASE WHEN v_delta > 0 THEN v_other ELSE v_account END,

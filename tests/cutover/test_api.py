@@ -456,3 +456,25 @@ def test_a_non_ascii_bearer_token_is_401(client, user, service, token):
     headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
     assert client.get(f"/api/v1/users/{user}/balance", **headers).status_code == 401
     assert not BalanceMutation.objects.exists()
+
+
+@pytest.mark.parametrize("phase", ["legacy", "shadow", "cutover"])
+@pytest.mark.parametrize("direction", ["credit", "debit"])
+def test_a_mutation_in_a_currency_the_user_does_not_hold_is_422_naming_currency(
+    client, service, phase, direction
+):
+    """Found from outside: a mutation in another currency than the user's was 422 with no
+    field (the database's refusal, CU003, covers a reused reference and an unknown
+    counterparty too). It names `currency`, in every phase, and changes nothing."""
+    holder = legacy_user("25", currency="USD")
+    ledger_balance_set(holder, "25", currency="USD")
+    phase_set(phase)
+    body = {"direction": direction, "amount": "1.00", "currency": "USDC", "reason": "deposit"}
+    response = post(client, holder, service[1], body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("conflict", "currency")
+    assert "holds USD" in error["message"]
+    assert not BalanceMutation.objects.exists()
+    assert LegacyBalance.objects.get(user_id=holder).buying_power == Decimal("25")
+    assert Transaction.objects.filter(kind__startswith="balance_").count() == 0
