@@ -97,6 +97,19 @@ class _NotServed(SnsUnavailable):
     """SNS's host answered one of NOT_SERVED: a 503 as any SnsUnavailable, but remembered."""
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is not followed: its target is a host CIRCLE_SNS_URL_PATTERN never allowed
+    (an open redirect on an SNS host would have a certificate of anyone's accepted). The 3xx
+    is an HTTPError, a failed fetch."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+# urlopen's opener (proxies from the environment, http and https), without redirects.
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 @dataclass(frozen=True)
 class SnsSubscription:
     """A verified subscription or unsubscribe confirmation, as recorded in the inbox."""
@@ -249,9 +262,9 @@ def _certificate_load(url: str) -> rsa.RSAPublicKey:
 def _get(url: str, *, what: str) -> bytes:
     """GET `url` (checked by _sns_url: http or https on an SNS host) within
     CIRCLE_HTTP_TIMEOUT: at most MAX_CERTIFICATE_BYTES + 1 bytes of its answer; SnsUnavailable
-    on any failure (SNS redelivers)."""
+    on any failure (SNS redelivers), a redirect included (not followed: _NoRedirect)."""
     try:
-        with urllib.request.urlopen(url, timeout=settings.CIRCLE_HTTP_TIMEOUT) as response:  # noqa: S310
+        with _OPENER.open(url, timeout=settings.CIRCLE_HTTP_TIMEOUT) as response:
             answer = response.read(MAX_CERTIFICATE_BYTES + 1)
     except urllib.error.HTTPError as exc:
         unavailable = _NotServed if exc.code in NOT_SERVED else SnsUnavailable
