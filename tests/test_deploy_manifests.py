@@ -5,6 +5,7 @@ for External Secrets Operator's resources, against the schema of the fields we u
 rendered files the checklist applies are current; and what the manifests say agrees with the
 settings, the systemd units, deploy/env.example and the seed checklist."""
 
+import ast
 import os
 import re
 import shutil
@@ -450,6 +451,57 @@ def test_every_variable_of_env_example_reaches_every_process(overlay):
             assert environment[secret] is None, f"{secret} of {name} is not from the Secret"
     assert not set(SECRETS) & set(config_map["data"])
     assert not set(FLAG_NAMES + ENGINE_SWITCHES) & set(config_map["data"])
+
+
+def variables_the_settings_read(prefix: str) -> set[str]:
+    """The environment variables named `prefix...` that config/settings/ reads through
+    config/env.py's readers (`env.str("NAME", ...)`, `env_url("NAME", ...)`,
+    `env_secret("NAME", ...)`, ...), and the secrets it reads by SECRET_SETTINGS."""
+    names = {name for name in settings.SECRET_SETTINGS if name.startswith(prefix)}
+    for path in (ROOT / "config" / "settings").glob("*.py"):
+        if path.name == "test.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            reader = node.func
+            through_env = (isinstance(reader, ast.Name) and reader.id.startswith("env")) or (
+                isinstance(reader, ast.Attribute)
+                and isinstance(reader.value, ast.Name)
+                and reader.value.id == "env"
+            )
+            name = node.args[0]
+            if (
+                through_env
+                and isinstance(name, ast.Constant)
+                and isinstance(name.value, str)
+                and name.value.startswith(prefix)
+            ):
+                names.add(name.value)
+    return names
+
+
+def test_every_due_setting_the_treasury_reads_reaches_every_process(overlay):
+    """Every DUE_* variable the settings read reaches every process, commented out in
+    deploy/env.example or not (the recipients, the rails, the account, the webhook's key):
+    a job is not sent without its recipient, and Due's webhooks are refused without the key.
+    Secrets only from the Secret, the others (the webhook's public key too) from the
+    ConfigMap."""
+    _, resources = overlay
+    due = variables_the_settings_read("DUE_")
+    # What the derivation must find (DUE_API_KEY through env_secret, the others through
+    # env.str, env_url and env_ed25519_public_key): it reads the settings, not a list kept here.
+    assert {"DUE_API_KEY", "DUE_API_BASE_URL", "DUE_RECIPIENT_USD", "DUE_WEBHOOK_PUBLIC_KEY"} <= due
+    from_the_secret = set(SECRETS) & due
+    (config_map,) = by_kind(resources, "ConfigMap").values()
+    for name, workload in workloads(resources).items():
+        environment = container_environment(resources, app_container(workload))
+        missing = due - set(environment)
+        assert not missing, f"{name} lacks {sorted(missing)}"
+        for variable in from_the_secret:
+            assert environment[variable] is None, f"{variable} of {name} is not from the Secret"
+    assert not from_the_secret & set(config_map["data"])
+    assert due - from_the_secret <= set(config_map["data"])
 
 
 def test_configuration_loads_in_production_settings(overlay):
