@@ -56,6 +56,11 @@ class CallbackRejected(TreasuryError):
         self.field = field
 
 
+class ConversionNotReversible(JobRefused):
+    """A completed conversion's reversal that the ledger cannot take: the target buffer no
+    longer holds what the conversion brought."""
+
+
 class JobTransitionRefused(JobRefused):
     """PostgreSQL refused a job's change (TR001, treasury/sql/treasury.sql): an illegal state
     transition, a change of what the job converts, or a replaced provider reference."""

@@ -12,6 +12,14 @@ cycle_duration_ms = Histogram(
     buckets=(5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
 )
 jobs_failed = Counter("conversion_jobs_failed", "Conversion jobs failed or timed out")
+jobs_contradicted = Counter(
+    "treasury_conversion_jobs_contradicted",
+    "Final conversion jobs the provider later contradicted (a completed one refunded, a failed "
+    "one processed)",
+    ["status"],
+)
+for _status in ("completed", "disputed", "failed", "cancelled"):  # exported from 0
+    jobs_contradicted.labels(status=_status)
 system_buffer_usdc = Gauge(
     "system_buffer_usdc",
     "The system USDC buffer, from the ledger",

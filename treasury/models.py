@@ -68,6 +68,7 @@ class JobStatus(models.TextChoices):
     TIMED_OUT = "timed_out", "Timed out (fate unknown: still asked until the provider answers)"
     CANCELLED = "cancelled", "Cancelled"
     DISPUTED = "disputed", "Disputed (the provider's amounts do not match: for an operator)"
+    REVERSED = "reversed", "Reversed (the provider refunded it; an operator reversed the posting)"
 
 
 # Open: the provider's final answer is still awaited; the job holds its buffer's slot.
@@ -99,6 +100,7 @@ class ConversionJob(models.Model):
     provider_status = models.CharField(max_length=64, blank=True, default="", db_default="")
     funding = models.JSONField(null=True, blank=True)
     ledger_transaction_id = models.BigIntegerField(null=True, blank=True)
+    reversal_transaction_id = models.BigIntegerField(null=True, blank=True)
     created_by = models.CharField(max_length=150)
     created_at = models.DateTimeField(db_default=Now())
     submitted_at = models.DateTimeField(null=True, blank=True)

@@ -1,6 +1,7 @@
-"""Operators' actions on conversion jobs: cancelling a job never sent and retrying one the
-provider failed (or never received) as a new job, each with a reason and audited in the same
-transaction; a retry is refused under the kill switch."""
+"""Operators' actions on conversion jobs: cancelling a job never sent, retrying one the
+provider failed (or never received) as a new job, and reversing a completed one the provider
+refunded, each with a reason and audited in the same transaction; a retry is refused under the
+kill switch."""
 
 import uuid
 
@@ -14,7 +15,7 @@ from cutover.selectors import phase_state
 from treasury.exceptions import JobRefused
 from treasury.models import ConversionJob, JobStatus
 from treasury.selectors import provider_pick, source_available
-from treasury.settlement import job_save
+from treasury.settlement import conversion_reversal_post, job_save
 
 JOB_PERMISSION = "treasury.change_conversionjob"
 
@@ -33,6 +34,8 @@ def _job_values(job: ConversionJob) -> dict:
         "provider": job.provider.code,
         "provider_reference": job.provider_reference,
         "attempts": job.attempts,
+        "provider_status": job.provider_status,
+        "ledger_transaction_id": job.ledger_transaction_id,
     }
 
 
@@ -116,3 +119,41 @@ def job_retry(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
             reason=reason,
         )
     return again
+
+
+# Due's status of a transfer whose source money it returned (fixtures/due/SOURCES.md 2.5).
+REFUNDED = "refund_processed"
+
+
+def job_reverse(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
+    """Reverse a completed conversion that the provider refunded: the mirror image of its
+    posting (treasury.settlement.conversion_reversal_post), the job `reversed`, audited in the
+    same transaction; once. Only when the provider says its transfer is `refund_processed`:
+    Due documents no refund after a transfer is processed, so the provider's word makes an
+    ALERT, and the operator who has seen the source money back reverses it. In any phase and
+    under the kill switch: it books money that already moved."""
+    reason = _reason_required(reason, "reverse a job")
+    actor.require(JOB_PERMISSION)
+    with transaction.atomic(durable=True):
+        job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
+        if job.status != JobStatus.COMPLETED:
+            raise JobRefused(f"{job} is {job.status}; only a completed job is reversed")
+        if job.provider_status != REFUNDED:
+            raise JobRefused(
+                f"{job}: the provider says its transfer is {job.provider_status or 'unknown'}, "
+                f"not {REFUNDED}; a conversion is reversed once the provider has refunded it"
+            )
+        before = _job_values(job)
+        job.reversal_transaction_id = conversion_reversal_post(job)
+        job.status = JobStatus.REVERSED
+        job.last_error = f"reversed by {actor.name}: {reason}"
+        job_save(job)
+        operator_action_record(
+            actor=actor,
+            action="job.reverse",
+            target=f"job:{job.pk}",
+            before=before,
+            after={**_job_values(job), "reversal_transaction_id": job.reversal_transaction_id},
+            reason=reason,
+        )
+    return job

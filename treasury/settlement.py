@@ -16,12 +16,19 @@ from django.utils import timezone
 from gateway import boundary
 from gateway.boundary import printable_ascii
 from gateway.exceptions import InputRefused
-from ledger.exceptions import InvalidAmount
+from ledger.exceptions import InsufficientFunds, InvalidAmount
+from ledger.models import Side
 from ledger.money import amount_parse
 from ledger.selectors import BUFFER_ACCOUNTS, system_account
 from ledger.services import Leg, system_account_gather, transaction_apply
 from treasury import due, metrics
-from treasury.exceptions import CallbackRejected, DueRefused, DueUnavailable, treasury_rules
+from treasury.exceptions import (
+    CallbackRejected,
+    ConversionNotReversible,
+    DueRefused,
+    DueUnavailable,
+    treasury_rules,
+)
 from treasury.models import ConversionJob, JobStatus
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ log = logging.getLogger(__name__)
 # provider error or a different conversion, and is not posted.
 CONVERSION_TOLERANCE = Decimal("0.01")
 WEBHOOK_TRANSFER = "transfer.status_changed"  # Due's one event about a transfer
+_OTHER_SIDE = {Side.DEBIT: Side.CREDIT, Side.CREDIT: Side.DEBIT}
 
 
 def job_save(job: ConversionJob) -> None:
@@ -77,26 +85,37 @@ def completion_mismatch(job: ConversionJob, conversion: dict) -> str:
     return ""
 
 
+def _conversion_legs(job: ConversionJob, target_amount: Decimal) -> list[Leg]:
+    """A job's conversion: the source buffer gives the source amount to its conversion
+    clearing account, the target's clearing account gives the target buffer what arrived."""
+    source, target = job.source_currency, job.target_currency
+    return [
+        Leg.debit(system_account(code=f"conversion_clearing_{source.lower()}"), job.source_amount),
+        Leg.credit(system_account(code=BUFFER_ACCOUNTS[source]), job.source_amount),
+        Leg.debit(system_account(code=BUFFER_ACCOUNTS[target]), target_amount),
+        Leg.credit(system_account(code=f"conversion_clearing_{target.lower()}"), target_amount),
+    ]
+
+
 def job_settle(*, job_id: int, conversion: dict) -> str:
     """Bring a job to what the provider says of its conversion, exactly once, in any phase and
     under the kill switch (a fact about money that already moved): a completion whose amounts
     match the job posts it to the ledger (reference `conversion:<idempotency key>`), one that
     does not marks the job disputed (nothing posted, ALERT); a failure marks it failed;
-    anything else records only Due's own status of the transfer (`provider_status`)."""
+    anything else records only Due's own status of the transfer (`provider_status`). Of a
+    final job only Due's status is recorded, with an ALERT when it contradicts the job
+    (_final_job_told)."""
     with transaction.atomic(durable=True):
         job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
         status = conversion.get("status")
         due_status = conversion.get("due_status", "")
-        open_before = job.status in (JobStatus.SUBMITTED, JobStatus.TIMED_OUT)
-        if job.status == JobStatus.COMPLETED or status in ("pending", "processing"):
-            if open_before and due_status and due_status != job.provider_status:
+        if job.status not in (JobStatus.SUBMITTED, JobStatus.TIMED_OUT):
+            _final_job_told(job, status, due_status)
+            return job.status
+        if status in ("pending", "processing"):
+            if due_status and due_status != job.provider_status:
                 job.provider_status = due_status  # what an operator sees: awaiting funds...
                 job_save(job)
-            return job.status
-        if job.status not in (JobStatus.SUBMITTED, JobStatus.TIMED_OUT):
-            log.error(
-                "ALERT treasury: job %s is %s but the provider says %s", job.pk, job.status, status
-            )
             return job.status
         job.provider_status = due_status or job.provider_status
         if status == "failed":
@@ -127,20 +146,7 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
             namespace="treasury",
             reference_id=f"conversion:{job.idempotency_key}",
             kind="conversion",
-            legs=[
-                Leg.debit(
-                    system_account(code=f"conversion_clearing_{job.source_currency.lower()}"),
-                    job.source_amount,
-                ),
-                Leg.credit(
-                    system_account(code=BUFFER_ACCOUNTS[job.source_currency]), job.source_amount
-                ),
-                Leg.debit(system_account(code=BUFFER_ACCOUNTS[job.target_currency]), target_amount),
-                Leg.credit(
-                    system_account(code=f"conversion_clearing_{job.target_currency.lower()}"),
-                    target_amount,
-                ),
-            ],
+            legs=_conversion_legs(job, target_amount),
             metadata={
                 "job": job.pk,
                 "provider": job.provider.code,
@@ -155,6 +161,71 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
         job.finished_at = timezone.now()
         job_save(job)
         return job.status
+
+
+# What a provider may still say of a final job's transfer without contradicting it.
+CONSISTENT = {
+    JobStatus.COMPLETED: {"completed"},
+    JobStatus.DISPUTED: {"completed"},
+    JobStatus.FAILED: {"failed"},
+    JobStatus.CANCELLED: set(),  # never sent: the provider has no such transfer
+}
+
+
+def _final_job_told(job: ConversionJob, status: str, due_status: str) -> None:
+    """What the provider says of a final job's transfer is kept (`provider_status`) and, when it
+    contradicts the job (a completed conversion refunded, a failed one processed after all),
+    alerted, once per status: nothing is booked or reversed on it (job_reverse is an
+    operator's, once the money is seen back)."""
+    if due_status and due_status == job.provider_status:
+        return  # a redelivery, or Due's status again: told before
+    if due_status:
+        job.provider_status = due_status
+        job_save(job)
+    if job.status in CONSISTENT and status not in CONSISTENT[job.status]:
+        transaction.on_commit(metrics.jobs_contradicted.labels(status=job.status).inc)
+        hint = {
+            JobStatus.COMPLETED: "when its source money is back, reverse the job (admin: "
+            "Conversion jobs, Reverse)",
+        }.get(job.status, "nothing was booked on it: find where the money is")
+        log.error(
+            "ALERT treasury: job %s is %s but the provider now says its transfer %s is %s: %s",
+            job.pk,
+            job.status,
+            job.provider_reference,
+            due_status or status,
+            hint,
+        )
+
+
+def conversion_reversal_post(job: ConversionJob) -> int:
+    """Post the mirror image of a completed job's conversion (reference
+    `conversion-reversal:<idempotency key>`), in the caller's transaction: the source money back
+    in its buffer, the target money out of its buffer. ConversionNotReversible when the target
+    buffer no longer holds it. The ledger transaction's id."""
+    clearing = [f"conversion_clearing_{c.lower()}" for c in BUFFER_ACCOUNTS]
+    system_account_gather(
+        code=BUFFER_ACCOUNTS[job.target_currency],
+        also=[*BUFFER_ACCOUNTS.values(), *clearing],
+    )
+    legs = _conversion_legs(job, job.target_amount)
+    try:
+        posting = transaction_apply(
+            namespace="treasury",
+            reference_id=f"conversion-reversal:{job.idempotency_key}",
+            kind="conversion_reversal",
+            legs=[
+                Leg(leg.account_id, _OTHER_SIDE[leg.side], leg.amount, leg.currency) for leg in legs
+            ],
+            metadata={"job": job.pk, "reverses": job.ledger_transaction_id},
+        )
+    except InsufficientFunds:
+        raise ConversionNotReversible(
+            f"the {job.target_currency} buffer holds less than the {job.target_amount} "
+            f"{job.target_currency} the conversion brought: its money was used since; fund the "
+            "buffer first"
+        ) from None
+    return posting.transaction_id
 
 
 def callback_receive(*, body: bytes, signature: str) -> str:

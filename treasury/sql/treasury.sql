@@ -5,7 +5,11 @@
 --   submitted -> submitted | completed | failed | timed_out | disputed
 --   timed_out -> timed_out | completed | failed | disputed
 --              (fate unknown: open, asked until the provider gives a final answer)
--- completed, failed, cancelled and disputed are final. What a job converts never changes.
+--   completed -> reversed (an operator reverses a conversion the provider refunded)
+-- completed, failed, cancelled, disputed and reversed are final: a final job records only the
+-- provider's later status of its transfer (provider_status), so that a refund of a completed
+-- conversion, or a failed one processed after all, is kept for an operator; what it booked
+-- never changes. What a job converts never changes.
 CREATE OR REPLACE FUNCTION treasury_job_transition() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -17,6 +21,14 @@ BEGIN
             AND NEW.status IN ('submitted', 'completed', 'failed', 'timed_out', 'disputed'))
         OR (OLD.status = 'timed_out'
             AND NEW.status IN ('timed_out', 'completed', 'failed', 'disputed'))
+        OR (OLD.status = 'completed' AND NEW.status = 'reversed'
+            AND NEW.reversal_transaction_id IS NOT NULL
+            AND (NEW.target_amount, NEW.ledger_transaction_id)
+                = (OLD.target_amount, OLD.ledger_transaction_id))
+        OR (OLD.status IN ('completed', 'failed', 'cancelled', 'disputed', 'reversed')
+            AND NEW.status = OLD.status
+            AND to_jsonb(NEW) - 'provider_status' - 'updated_at'
+                = to_jsonb(OLD) - 'provider_status' - 'updated_at')
     ) THEN
         RAISE EXCEPTION 'conversion job %: % -> % is not a legal transition', OLD.id,
             OLD.status, NEW.status USING ERRCODE = 'TR001';

@@ -1,0 +1,235 @@
+"""A conversion Due refunds after it was processed (an ACH return of the payout, say: Due
+documents `refund_submitted` and `refund_processed` but not when they can follow
+`payment_processed`, tests/treasury/fixtures/due/SOURCES.md 2.5). The ledger booked the
+conversion; Due now says the money went back. Nothing is reversed on Due's word alone: the job
+keeps Due's status with an ALERT, and an operator who has seen the source money come back
+reverses the posting, once, audited. A job failed that Due later processes is alerted the same
+way."""
+
+import threading
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.db import connection, transaction
+
+from cutover.actors import Actor
+from cutover.exceptions import OperatorNotPermitted
+from cutover.models import OperatorAudit
+from ledger.models import Account, Transaction
+from ledger.services import Leg, transaction_post
+from tests.cutover.factories import phase_set
+from tests.treasury.factories import OPS, buffers, job_make, job_transfer, webhook_delivered
+from treasury.exceptions import JobRefused, JobTransitionRefused, treasury_rules
+from treasury.models import ConversionJob
+from treasury.operators import job_reverse
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def refunded_job(client, due, *, statuses=("refund_submitted", "refund_processed")):
+    """A 19,000 USD -> USDC job Due processed (posted through its webhook), then took back
+    through `statuses`, each announced by its webhook."""
+    job = job_make(reference="tf_returned")
+    transfer = job_transfer(job, transfer_id="tf_returned", status="payment_processed")
+    with due.lock:
+        due.conversions["tf_returned"] = transfer
+    assert webhook_delivered(client, due, due_event(due, "tf_returned")).json() == {
+        "status": "completed"
+    }
+    for status in statuses:
+        with due.lock:
+            due.conversions["tf_returned"]["status"] = status
+        response = webhook_delivered(client, due, due_event(due, "tf_returned"))
+        assert response.status_code == 200 and response.json() == {"status": "completed"}
+    job.refresh_from_db()
+    return job
+
+
+def due_event(due, transfer_id: str) -> dict:
+    with due.lock:
+        return {"type": "transfer.status_changed", "data": dict(due.conversions[transfer_id])}
+
+
+def postings() -> list[tuple[str, str]]:
+    return list(
+        Transaction.objects.filter(namespace="treasury")
+        .order_by("pk")
+        .values_list("kind", "reference_id")
+    )
+
+
+def alerts(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("ALERT")]
+
+
+def test_a_refund_of_a_processed_conversion_is_recorded_and_alerted_not_reversed(
+    client, due, usdc_low, caplog
+):
+    before = buffers()
+    job = refunded_job(client, due)
+    assert (job.status, job.provider_status) == ("completed", "refund_processed")
+    assert buffers() == {"USD": before["USD"] - 19000, "USDC": before["USDC"] + 19000}
+    assert postings() == [("conversion", f"conversion:{job.idempotency_key}")]
+    said = alerts(caplog)
+    assert len(said) == 2 and all("refund" in line and f"job {job.pk}" in line for line in said)
+    # Due's redeliveries (and the same status again) record and alert nothing more.
+    for _ in range(2):
+        webhook_delivered(client, due, due_event(due, "tf_returned"))
+    assert len(alerts(caplog)) == 2 and postings() == [
+        ("conversion", f"conversion:{job.idempotency_key}")
+    ]
+
+
+@pytest.mark.parametrize("phase", ["shadow", "cutover"])
+def test_an_operator_reverses_a_refunded_conversion_once(client, due, usdc_low, phase):
+    phase_set(phase, kill_switch=True)  # it books money that already moved back
+    before = buffers()
+    job = refunded_job(client, due)
+    reversed_job = job_reverse(job_id=job.pk, actor=OPS, reason="Due returned the ACH payout")
+    assert reversed_job.status == "reversed"
+    assert buffers() == before
+    key = job.idempotency_key
+    assert postings() == [
+        ("conversion", f"conversion:{key}"),
+        ("conversion_reversal", f"conversion-reversal:{key}"),
+    ]
+    audit = OperatorAudit.objects.get(action="job.reverse")
+    assert (audit.actor, audit.target, audit.reason) == (
+        "cli:ops",
+        f"job:{job.pk}",
+        "Due returned the ACH payout",
+    )
+    assert (audit.before["status"], audit.after["status"]) == ("completed", "reversed")
+    with pytest.raises(JobRefused, match="reversed"):
+        job_reverse(job_id=job.pk, actor=OPS, reason="again")
+    # Due's later deliveries change nothing of a reversed job.
+    webhook_delivered(client, due, due_event(due, "tf_returned"))
+    assert buffers() == before and len(postings()) == 2
+    assert OperatorAudit.objects.filter(action="job.reverse").count() == 1
+
+
+@pytest.mark.parametrize(
+    "statuses", [(), ("refund_submitted",)], ids=["processed", "refund-in-flight"]
+)
+def test_a_conversion_due_has_not_refunded_is_not_reversed(client, due, usdc_low, statuses):
+    job = refunded_job(client, due, statuses=statuses)
+    after = buffers()
+    with pytest.raises(JobRefused, match="refund_processed"):
+        job_reverse(job_id=job.pk, actor=OPS, reason="looks wrong")
+    job.refresh_from_db()
+    assert job.status == "completed" and buffers() == after and len(postings()) == 1
+    assert not OperatorAudit.objects.filter(action="job.reverse").exists()
+
+
+def test_a_reversal_needs_a_reason_and_the_permission(client, due, usdc_low):
+    job = refunded_job(client, due)
+    clerk = User.objects.create_user("clerk", password="a-long-password-1")
+    with pytest.raises(OperatorNotPermitted):
+        job_reverse(job_id=job.pk, actor=Actor.for_user(clerk), reason="no permission")
+    with pytest.raises(JobRefused, match="reason"):
+        job_reverse(job_id=job.pk, actor=OPS, reason="  ")
+    clerk.user_permissions.add(Permission.objects.get(codename="change_conversionjob"))
+    job_reverse(job_id=job.pk, actor=Actor.for_user(User.objects.get(pk=clerk.pk)), reason="ok")
+    assert ConversionJob.objects.get(pk=job.pk).status == "reversed" and len(postings()) == 2
+
+
+def test_a_reversal_the_target_buffer_cannot_give_is_refused_and_changes_nothing(
+    client, due, usdc_low
+):
+    """The USDC the conversion brought was spent since (here: withdrawn to equity): the
+    reversal would take the buffer below zero. Refused naming the buffer; nothing written."""
+    job = refunded_job(client, due)
+    spent = buffers()["USDC"] - 10
+    transaction_post(
+        namespace="test",
+        reference_id="spent",
+        kind="opening_balance",
+        legs=[
+            Leg.debit(Account.objects.get(code="opening_balance_equity_usdc"), spent),
+            Leg.credit(Account.objects.get(code="usdc_buffer"), spent),
+        ],
+    )
+    after = buffers()
+    with pytest.raises(JobRefused, match="USDC buffer"):
+        job_reverse(job_id=job.pk, actor=OPS, reason="Due returned it")
+    job.refresh_from_db()
+    assert job.status == "completed" and buffers() == after and len(postings()) == 1
+
+
+def test_concurrent_reversals_post_once(client, due, usdc_low):
+    job = refunded_job(client, due)
+    outcomes, start = [], threading.Barrier(4)
+
+    def reverse():
+        start.wait()
+        try:
+            outcomes.append(job_reverse(job_id=job.pk, actor=OPS, reason="race").status)
+        except JobRefused as exc:
+            outcomes.append(str(exc))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=reverse) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count("reversed") == 1, outcomes
+    assert len(postings()) == 2 and OperatorAudit.objects.filter(action="job.reverse").count() == 1
+
+
+def test_a_failed_job_due_later_processes_is_alerted_and_recorded(client, due, usdc_low, caplog):
+    """The other contradiction: the job failed (Due said `canceled`), then Due says the
+    transfer was processed. Nothing is posted on it (a failed job's money never left, as far as
+    the ledger knows); Due's status is kept and an operator alerted, once."""
+    job = job_make(reference="tf_revived")
+    with due.lock:
+        due.conversions["tf_revived"] = job_transfer(
+            job, transfer_id="tf_revived", status="canceled"
+        )
+    assert webhook_delivered(client, due, due_event(due, "tf_revived")).json() == {
+        "status": "failed"
+    }
+    with due.lock:
+        due.conversions["tf_revived"]["status"] = "payment_processed"
+    for _ in range(2):
+        response = webhook_delivered(client, due, due_event(due, "tf_revived"))
+        assert response.status_code == 200 and response.json() == {"status": "failed"}
+    job.refresh_from_db()
+    assert (job.status, job.provider_status) == ("failed", "payment_processed")
+    assert postings() == []
+    assert len([line for line in alerts(caplog) if "payment_processed" in line]) == 1
+
+
+def test_a_final_job_changes_only_by_its_rules(client, due, usdc_low):
+    """In the database: a completed job may only record Due's status or become reversed; a
+    failed one never becomes reversed; what a final job says it booked never changes."""
+    job = refunded_job(client, due)
+    for change in ({"target_amount": Decimal("1")}, {"ledger_transaction_id": 1}):
+        with pytest.raises(JobTransitionRefused), treasury_rules(), transaction.atomic():
+            ConversionJob.objects.filter(pk=job.pk).update(**change)
+    failed = job_make(reference="tf_failed", status="failed", source="USDC", amount="5")
+    with pytest.raises(JobTransitionRefused), treasury_rules(), transaction.atomic():
+        ConversionJob.objects.filter(pk=failed.pk).update(status="reversed")
+    job_reverse(job_id=job.pk, actor=OPS, reason="returned")
+    with pytest.raises(JobTransitionRefused), treasury_rules(), transaction.atomic():
+        ConversionJob.objects.filter(pk=job.pk).update(status="completed")
+    assert ConversionJob.objects.get(pk=job.pk).status == "reversed"
+
+
+def test_the_console_shows_due_s_status_and_reverses_after_confirmation(client, due, usdc_low):
+    before = buffers()
+    job = refunded_job(client, due)
+    admin = User.objects.create_superuser("root", password="a-long-password-1")
+    client.force_login(admin)
+    changelist = "/admin/treasury/conversionjob/"
+    listed = client.get(changelist, {"provider_status": "refund_processed"})
+    assert listed.status_code == 200 and f">{job.pk}<" in listed.content.decode()
+    action = {"action": "reverse", "_selected_action": [job.pk]}
+    confirm = client.post(changelist, action)
+    assert confirm.status_code == 200 and "reason" in confirm.content.decode()
+    assert ConversionJob.objects.get(pk=job.pk).status == "completed"  # not before confirming
+    client.post(changelist, {**action, "confirmed": "yes", "reason": "the payout came back"})
+    assert ConversionJob.objects.get(pk=job.pk).status == "reversed" and buffers() == before
+    assert OperatorAudit.objects.get(action="job.reverse").actor == "admin:root"
