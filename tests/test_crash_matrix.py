@@ -29,6 +29,7 @@ from cutover.models import (
     BalanceMutation,
     Discrepancy,
     LegacyBalance,
+    OperatorAudit,
     PhaseAudit,
     ReconciliationRun,
     TaskDelivery,
@@ -66,6 +67,8 @@ from tests.treasury.factories import (
 )
 from treasury.models import ConversionJob, SettlementCycle
 from treasury.sandbox import DueSandbox
+from treasury.selectors import buffer_status_list
+from treasury.settlement import job_settle
 
 BROKER = "redis://127.0.0.1:6379/10"
 OPERATOR = Actor("cli:test")
@@ -790,6 +793,59 @@ class Rollbacks(CommandFlow):
         return found
 
 
+class Reversals(CommandFlow):
+    """`treasury reverse` of a completed conversion Due refunded, killed after the reversal is
+    posted and before it commits; the operator runs it again."""
+
+    after = 1
+
+    def prepare(self) -> None:
+        fund("usdc_buffer", "100000")
+        fund("fiat_buffer", "100000")
+        self.before = self._buffers()
+        self.jobs: list[int] = []
+
+    def step(self) -> None:
+        amount = str(self.rng.randint(1, 500))
+        job = job_make(reference=f"tf_refunded_{uuid.uuid4().hex[:12]}", amount=amount)
+        transfer = job_transfer(job, transfer_id=job.provider_reference)
+        for status, due_status in (
+            ("completed", "payment_processed"),
+            ("failed", "refund_processed"),
+        ):
+            job_settle(
+                job_id=job.pk, conversion={**transfer, "status": status, "due_status": due_status}
+            )
+        self.jobs.append(job.pk)
+        if self.run("treasury", "reverse", str(job.pk), "--reason", "crash matrix"):
+            job.refresh_from_db()
+            if job.status != "completed" or job.reversal_transaction_id is not None:
+                self.problems.append(f"a killed reversal left job {job.pk} {job.status}")
+
+    def settle(self) -> None:
+        for job_id in ConversionJob.objects.filter(status="completed").values_list("pk", flat=True):
+            self.run("treasury", "reverse", str(job_id), "--reason", "crash matrix")
+
+    def violations(self) -> list[str]:
+        found = super().violations()
+        reversed_jobs = ConversionJob.objects.filter(pk__in=self.jobs, status="reversed").count()
+        if reversed_jobs != len(self.jobs):
+            found.append(f"{reversed_jobs} of {len(self.jobs)} refunded jobs reversed")
+        reversals = Transaction.objects.filter(kind="conversion_reversal").count()
+        if reversals != len(self.jobs):
+            found.append(f"{reversals} reversal postings for {len(self.jobs)} jobs")
+        audits = OperatorAudit.objects.filter(action="job.reverse").count()
+        if audits != len(self.jobs):
+            found.append(f"{audits} reversals audited for {len(self.jobs)} jobs")
+        if self._buffers() != self.before:
+            found.append(f"buffers {self._buffers()} after the reversals, {self.before} before")
+        return found
+
+    @staticmethod
+    def _buffers() -> dict[str, Decimal]:
+        return {reading.currency: reading.balance for reading in buffer_status_list()}
+
+
 # The matrix ------------------------------------------------------------------------------------
 
 
@@ -820,6 +876,7 @@ MATRIX = {
     "reconcile:recorded": (Reconciliations, None),
     "backfill:chunk-posted": (Backfills, None),
     "rollback:legacy-rebuilt": (Rollbacks, None),
+    "treasury:reversal-posted": (Reversals, None),
 }
 
 

@@ -12,6 +12,7 @@ from cutover.actors import Actor
 from cutover.locks import SETTLEMENT_CYCLE_LOCK
 from cutover.operator_audit import operator_action_record
 from cutover.selectors import phase_state
+from gateway.faults import fault_point
 from treasury.exceptions import JobRefused
 from treasury.models import ConversionJob, JobStatus
 from treasury.selectors import provider_pick, source_available
@@ -145,6 +146,7 @@ def job_reverse(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
             )
         before = _job_values(job)
         job.reversal_transaction_id = conversion_reversal_post(job)
+        fault_point("treasury:reversal-posted")
         job.status = JobStatus.REVERSED
         job.last_error = f"reversed by {actor.name}: {reason}"
         job_save(job)

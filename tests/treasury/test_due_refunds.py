@@ -6,11 +6,14 @@ keeps Due's status with an ALERT, and an operator who has seen the source money 
 reverses the posting, once, audited. A job failed that Due later processes is alerted the same
 way."""
 
+import json
 import threading
 from decimal import Decimal
+from io import StringIO
 
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 
 from cutover.actors import Actor
@@ -233,3 +236,23 @@ def test_the_console_shows_due_s_status_and_reverses_after_confirmation(client, 
     client.post(changelist, {**action, "confirmed": "yes", "reason": "the payout came back"})
     assert ConversionJob.objects.get(pk=job.pk).status == "reversed" and buffers() == before
     assert OperatorAudit.objects.get(action="job.reverse").actor == "admin:root"
+
+
+def test_the_command_reverses_and_names_what_it_refuses(client, due, usdc_low):
+    job = refunded_job(client, due)
+    for args, message in (
+        (["reverse", "999999", "--reason", "r"], "JOB: no conversion job 999999"),
+        (["reverse", str(job.pk), "--reason", " "], "needs a written --reason"),
+    ):
+        with pytest.raises(CommandError, match=message):
+            call_command("treasury", *args)
+    assert len(postings()) == 1
+    out = StringIO()
+    call_command("treasury", "reverse", str(job.pk), "--reason", "returned", "--json", stdout=out)
+    answer = json.loads(out.getvalue())
+    assert (answer["job"], answer["status"]) == (job.pk, "reversed")
+    assert (
+        answer["reversal_transaction_id"] == Transaction.objects.get(kind="conversion_reversal").pk
+    )
+    with pytest.raises(CommandError, match="is reversed; only a completed job is reversed"):
+        call_command("treasury", "reverse", str(job.pk), "--reason", "again")

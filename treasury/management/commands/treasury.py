@@ -1,5 +1,5 @@
-"""`python manage.py treasury ...`: a settlement cycle now, the monitor now, the buffers, the
-Due sandbox."""
+"""`python manage.py treasury ...`: a settlement cycle now, the monitor now, the buffers, a
+refunded conversion reversed, the Due sandbox."""
 
 import dataclasses
 import time
@@ -8,10 +8,20 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from cutover.actors import Actor
-from gateway.commands import ascii_word, json_text, plain, port_number
+from gateway.commands import (
+    ascii_word,
+    json_text,
+    plain,
+    port_number,
+    reason_text,
+    record_id,
+    written_reason,
+)
 from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import TreasuryError
+from treasury.models import ConversionJob
 from treasury.monitor import monitor_run
+from treasury.operators import job_reverse
 from treasury.sandbox import DueSandbox
 from treasury.selectors import buffer_status_list
 from treasury.submission import jobs_submit
@@ -19,7 +29,8 @@ from treasury.submission import jobs_submit
 
 class Command(BaseCommand):
     help = (
-        "The treasury engine: settlement cycle, monitor, buffer status, Due sandbox. A cycle "
+        "The treasury engine: settlement cycle, monitor, buffer status, reversing a conversion "
+        "the provider refunded, Due sandbox. A cycle "
         "run here is recorded as triggered by cli:<user>; --json prints what a script reads. "
         "Exit status: 0 done, 1 refused or failed, 2 a bad argument."
     )
@@ -34,6 +45,17 @@ class Command(BaseCommand):
         monitor.add_argument("--json", action="store_true", help="print the result as JSON")
         status = sub.add_parser("status", help="the buffers against their thresholds")
         status.add_argument("--json", action="store_true", help="print JSON")
+        reverse = sub.add_parser(
+            "reverse",
+            help="reverse a completed conversion job Due refunded (its transfer "
+            "refund_processed), once the source money is seen back: its posting mirrored, "
+            "audited",
+        )
+        reverse.add_argument("job", type=record_id, metavar="JOB", help="the job's id")
+        reverse.add_argument(
+            "--reason", type=reason_text, required=True, help="why (kept in the audit)"
+        )
+        reverse.add_argument("--json", action="store_true", help="print the job as JSON")
         sandbox = sub.add_parser(
             "sandbox",
             help="serve the Due sandbox until interrupted (DUE_API_KEY/DUE_API_SECRET); point "
@@ -90,6 +112,20 @@ class Command(BaseCommand):
                 f"{row['currency']:<5} {row['balance']:>20} min {row['minimum']} target "
                 f"{row['target']} max {row['maximum']}: {row['state']}"
             )
+
+    def _reverse(self, options) -> None:
+        reason = written_reason(options["reason"], "reversing a conversion")
+        try:
+            job = job_reverse(job_id=options["job"], actor=Actor.command_line(), reason=reason)
+        except ConversionJob.DoesNotExist:
+            raise CommandError(f"JOB: no conversion job {options['job']}") from None
+        data = {
+            "job": job.pk,
+            "status": job.status,
+            "ledger_transaction_id": job.ledger_transaction_id,
+            "reversal_transaction_id": job.reversal_transaction_id,
+        }
+        self.stdout.write(json_text(data) if options["json"] else plain(data))
 
     def _sandbox(self, options) -> None:
         if not settings.DUE_API_KEY or not settings.DUE_API_SECRET:
