@@ -44,6 +44,10 @@ EC_PUBLIC_KEY = (
         ("ONCHAIN_DEPOSIT_POLL_INTERVAL", "0s"),
         ("CUTOVER_LEGACY_ARCHIVE_AFTER", "90 days"),
         ("ONCHAIN_BUFFER_ALERT_THRESHOLD", "lots"),
+        ("TREASURY_CONVERSION_TOLERANCE", "1%"),
+        ("TREASURY_CONVERSION_TOLERANCE", "-0.01"),
+        ("TREASURY_CONVERSION_TOLERANCE", "0.5"),  # no fee takes half
+        ("TREASURY_CONVERSION_TOLERANCE", "NaN"),
         ("LEDGER_SHADOW_MODE", "maybe"),
         ("BALANCE_SOURCE", "both"),
         ("DATABASE_URL", "mysql://localhost/x"),

@@ -32,10 +32,6 @@ from treasury.exceptions import (
 from treasury.models import ConversionJob, JobStatus
 
 log = logging.getLogger(__name__)
-# USD and USDC convert 1:1. A completion may pay up to 1 % less than the source amount (the
-# provider's fee or spread; the sandbox takes none) and never more: anything outside that is a
-# provider error or a different conversion, and is not posted.
-CONVERSION_TOLERANCE = Decimal("0.01")
 WEBHOOK_TRANSFER = "transfer.status_changed"  # Due's one event about a transfer
 _OTHER_SIDE = {Side.DEBIT: Side.CREDIT, Side.CREDIT: Side.DEBIT}
 
@@ -59,7 +55,8 @@ def job_fail(job: ConversionJob, reason: str) -> None:
 def completion_mismatch(job: ConversionJob, conversion: dict) -> str:
     """Why a completed conversion's amounts cannot be this job's (empty when they can): the
     source must be exactly the job's, the destination in the target currency's scale and within
-    CONVERSION_TOLERANCE below 1:1, never above."""
+    TREASURY_CONVERSION_TOLERANCE below 1:1 (the provider's fee or spread; the sandbox takes
+    none), never above: anything else is a provider error or a different conversion."""
     # A provider's answer may hold anything where an object is due: read as an empty one.
     source, destination = (
         side if isinstance(side, dict) else {}
@@ -76,11 +73,12 @@ def completion_mismatch(job: ConversionJob, conversion: dict) -> str:
         return f"amounts unreadable: {exc}"
     if source_amount != job.source_amount:
         return f"source amount {source_amount} is not the job's {job.source_amount}"
-    floor = job.source_amount * (1 - CONVERSION_TOLERANCE)
+    tolerance = settings.TREASURY_CONVERSION_TOLERANCE
+    floor = job.source_amount * (1 - tolerance)
     if not floor <= target_amount <= job.source_amount:
         return (
             f"destination amount {target_amount} is outside [{floor}, {job.source_amount}] "
-            f"(1:1 less at most {CONVERSION_TOLERANCE:%})"
+            f"(1:1 less at most {tolerance:%}, TREASURY_CONVERSION_TOLERANCE)"
         )
     return ""
 

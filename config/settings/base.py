@@ -2,6 +2,7 @@
 config.env and validated here: a missing or malformed variable stops the process naming it."""
 
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from celery.schedules import crontab
@@ -230,6 +231,15 @@ TREASURY_CONVERSION_TIMEOUT = env_duration("TREASURY_CONVERSION_TIMEOUT", "30m")
 TREASURY_SUBMIT_MAX_ATTEMPTS = env_int("TREASURY_SUBMIT_MAX_ATTEMPTS", 5, minimum=1)
 TREASURY_SUBMIT_BACKOFF = env_duration("TREASURY_SUBMIT_BACKOFF", "30s")
 TREASURY_PROVIDER_FAILURE_LIMIT = env_int("TREASURY_PROVIDER_FAILURE_LIMIT", 3, minimum=1)
+# How much less than 1:1 a completed conversion may pay and still be posted (the provider's fee
+# or spread, as a fraction: 0.01 = 1 %); more is disputed, for an operator. At most 0.1: a
+# conversion that loses more is no fee.
+TREASURY_CONVERSION_TOLERANCE = env_fraction("TREASURY_CONVERSION_TOLERANCE", "0.01")
+if Decimal("0.1") < TREASURY_CONVERSION_TOLERANCE:
+    raise ConfigurationError(
+        f"TREASURY_CONVERSION_TOLERANCE: expected a fraction from 0 to 0.1, got "
+        f"{TREASURY_CONVERSION_TOLERANCE}"
+    )
 ONCHAIN_DEPOSIT_POLL_INTERVAL = env_duration("ONCHAIN_DEPOSIT_POLL_INTERVAL", "30s")
 # How far back each poll asks Circle for inbound transfers (longer outages: `onchain poll`).
 ONCHAIN_DEPOSIT_POLL_LOOKBACK = env_duration("ONCHAIN_DEPOSIT_POLL_LOOKBACK", "2h")

@@ -260,3 +260,18 @@ def test_a_completion_is_booked_under_the_kill_switch_in_any_phase(client, due, 
     for _ in range(2):
         assert webhook_delivered(client, due, event).json() == {"status": "completed"}
     assert database()[1] == 1
+
+
+def test_a_fee_within_the_configured_tolerance_is_posted(client, due, usdc_low, settings):
+    """Due's documented example charges 2.50 on 150.00 (1.67 %): over the 1 % default, so
+    disputed (above); a deployment whose contract with Due allows 2 % says so
+    (TREASURY_CONVERSION_TOLERANCE=0.02) and the same completion posts 147.50, once."""
+    settings.TREASURY_CONVERSION_TOLERANCE = Decimal("0.02")
+    event = documented("webhook_transfer_status_changed.json")
+    job = job_make(reference=DOCUMENTED_TRANSFER_ID, source="USDC", amount="150.00")
+    at_due(due, event["data"])
+    for _ in range(2):
+        response = webhook_delivered(client, due, event)
+        assert response.status_code == 200 and response.json() == {"status": "completed"}
+    job.refresh_from_db()
+    assert job.target_amount == Decimal("147.50") and database()[1] == 1
