@@ -98,6 +98,9 @@ class ConversionJob(models.Model):
     # Due's own status of the job's transfer as last read, and what Due says funds it (kept as
     # Due gave it): what an operator sends while the treasury does not fund transfers itself.
     provider_status = models.CharField(max_length=64, blank=True, default="", db_default="")
+    # When the monitor last asked the provider about a completed job (a refund after it
+    # completed: treasury.monitor, TREASURY_REFUND_WATCH).
+    provider_checked_at = models.DateTimeField(null=True, blank=True)
     funding = models.JSONField(null=True, blank=True)
     ledger_transaction_id = models.BigIntegerField(null=True, blank=True)
     reversal_transaction_id = models.BigIntegerField(null=True, blank=True)

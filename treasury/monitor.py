@@ -1,15 +1,18 @@
 """The monitor: it submits what is due (retries), asks the provider by key about jobs whose
 answer was lost, polls every job the provider has until it gives a final answer, however late,
-and marks jobs still open after TREASURY_CONVERSION_TIMEOUT timed out (still open, still
-asked)."""
+marks jobs still open after TREASURY_CONVERSION_TIMEOUT timed out (still open, still asked),
+and asks again about jobs completed within TREASURY_REFUND_WATCH (a refund after
+completion)."""
 
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 from ledger.exceptions import LedgerError
@@ -22,6 +25,10 @@ from treasury.submission import job_lost_answer_resolve, jobs_submit, provider_f
 
 log = logging.getLogger(__name__)
 AWAITING_FUNDS = "awaiting_funds"  # Due's status of a transfer it has not been paid for yet
+# Completed jobs asked about again (_completed_watch): each at most once per hour, at most 50 a
+# run (a run a minute: 3,000 an hour, beyond any day's conversions).
+REFUND_CHECK_EVERY = timedelta(hours=1)
+REFUND_CHECK_BATCH = 50
 
 
 @dataclass
@@ -34,6 +41,7 @@ class MonitorReport:
     timed_out: int = 0
     disputed: int = 0
     awaiting_funds: int = 0  # jobs whose funding instructions were recorded in this run
+    watched: int = 0  # completed jobs asked about again (a refund after completion)
 
 
 def monitor_run(*, base_urls: Mapping[str, str] | None = None) -> MonitorReport:
@@ -119,8 +127,47 @@ def monitor_run(*, base_urls: Mapping[str, str] | None = None) -> MonitorReport:
                 outcome = job_lost_answer_resolve(job, urls)
                 report.failed += outcome == "failed"
                 report.timed_out += outcome == "timed_out"
+    report.watched = _completed_watch(urls)
     metrics.system_buffer_usdc.set(float(system_balance(code=USDC_BUFFER)))
     return report
+
+
+def _completed_watch(base_urls: Mapping[str, str]) -> int:
+    """Ask the provider again about jobs completed within TREASURY_REFUND_WATCH, each at most
+    once per REFUND_CHECK_EVERY (the least recently asked first, at most REFUND_CHECK_BATCH per
+    run): a refund after completion is recorded with its ALERT (job_settle) even when its
+    webhook never came. One the provider cannot answer now is asked next run; its failures do
+    not count against the provider's health (the open jobs' polls say that). How many were
+    asked."""
+    now = timezone.now()
+    asked = 0
+    watched = (
+        ConversionJob.objects.select_related("provider")
+        .filter(
+            status=JobStatus.COMPLETED,
+            provider_reference__isnull=False,
+            finished_at__gte=now - settings.TREASURY_REFUND_WATCH,
+        )
+        .filter(
+            Q(provider_checked_at__isnull=True)
+            | Q(provider_checked_at__lt=now - REFUND_CHECK_EVERY)
+        )
+        .order_by(F("provider_checked_at").asc(nulls_first=True), "pk")[:REFUND_CHECK_BATCH]
+    )
+    for job in watched:
+        try:
+            conversion = due.conversion_get(
+                base_url=due.provider_base_url(job.provider.code, base_urls),
+                conversion_id=job.provider_reference,
+            )
+        except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
+            log.warning("treasury: completed job %s not asked about now: %s", job.pk, exc)
+            continue
+        job_settle(job_id=job.pk, conversion=conversion)
+        with transaction.atomic(durable=True):
+            ConversionJob.objects.filter(pk=job.pk).update(provider_checked_at=timezone.now())
+        asked += 1
+    return asked
 
 
 def _funding_record(job: ConversionJob, conversion: dict, base_urls: Mapping[str, str]) -> bool:

@@ -154,6 +154,7 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
         if job.status == JobStatus.TIMED_OUT:
             log.warning("treasury: job %s completed after its timeout; posted now", job.pk)
         job.status = JobStatus.COMPLETED
+        job.provider_checked_at = timezone.now()  # (asked now: the refund watch's clock starts)
         job.target_amount = target_amount
         job.ledger_transaction_id = posting.transaction_id
         job.finished_at = timezone.now()

@@ -226,6 +226,9 @@ ENABLE_ONCHAIN_ENGINE = env_bool("ENABLE_ONCHAIN_ENGINE", False)
 TREASURY_SCHEDULER_INTERVAL = env_duration("TREASURY_SCHEDULER_INTERVAL", "5m")
 TREASURY_MONITOR_INTERVAL = env_duration("TREASURY_MONITOR_INTERVAL", "1m")
 TREASURY_CONVERSION_TIMEOUT = env_duration("TREASURY_CONVERSION_TIMEOUT", "30m")
+# How long after a conversion completes the monitor still asks the provider about it (hourly),
+# for a refund whose webhook never came: an ACH payout can be returned for up to 60 days.
+TREASURY_REFUND_WATCH = env_duration("TREASURY_REFUND_WATCH", "60d")
 # Conversion jobs: how often a submission is tried (backoff base * 2^(n-1)) before the job
 # fails, and how many failures in a row make a provider unhealthy (the next one gets jobs).
 TREASURY_SUBMIT_MAX_ATTEMPTS = env_int("TREASURY_SUBMIT_MAX_ATTEMPTS", 5, minimum=1)

@@ -8,6 +8,7 @@ way."""
 
 import json
 import threading
+from datetime import timedelta
 from decimal import Decimal
 from io import StringIO
 
@@ -15,6 +16,7 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
+from django.utils import timezone
 
 from cutover.actors import Actor
 from cutover.exceptions import OperatorNotPermitted
@@ -25,6 +27,7 @@ from tests.cutover.factories import phase_set
 from tests.treasury.factories import OPS, buffers, job_make, job_transfer, webhook_delivered
 from treasury.exceptions import JobRefused, JobTransitionRefused, treasury_rules
 from treasury.models import ConversionJob
+from treasury.monitor import monitor_run
 from treasury.operators import job_reverse
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -256,3 +259,74 @@ def test_the_command_reverses_and_names_what_it_refuses(client, due, usdc_low):
     )
     with pytest.raises(CommandError, match="is reversed; only a completed job is reversed"):
         call_command("treasury", "reverse", str(job.pk), "--reason", "again")
+
+
+# Without the webhook: the monitor asks again -------------------------------------------------
+
+
+def completed_by_a_poll(due, reference: str) -> ConversionJob:
+    """A 19,000 USD -> USDC job Due processed, completed by the monitor's poll (no webhook),
+    Due last asked about it two hours ago."""
+    job = job_make(reference=reference)
+    with due.lock:
+        due.conversions[reference] = job_transfer(
+            job, transfer_id=reference, status="payment_processed"
+        )
+    assert monitor_run().completed == 1
+    job.refresh_from_db()
+    assert job.status == "completed" and job.provider_checked_at is not None
+    with due.lock:
+        due.conversions[reference]["status"] = "refund_processed"
+    assert monitor_run().watched == 0  # asked when it completed: not again within the hour
+    ConversionJob.objects.filter(pk=job.pk).update(
+        provider_checked_at=timezone.now() - timedelta(hours=2)
+    )
+    job.refresh_from_db()
+    return job
+
+
+def test_the_monitor_asks_due_again_about_completed_jobs_and_finds_a_refund(due, usdc_low, caplog):
+    """Due's webhook for the refund never came (the endpoint's key unset, a lost delivery): the
+    monitor asks Due about each job completed within TREASURY_REFUND_WATCH, at most once an hour
+    each, and records the refund with its ALERT, as the webhook would have."""
+    job = completed_by_a_poll(due, "tf_quiet")
+    report = monitor_run()
+    job.refresh_from_db()
+    assert (report.watched, job.provider_status) == (1, "refund_processed")
+    assert len([line for line in alerts(caplog) if "refund_processed" in line]) == 1
+    checked = job.provider_checked_at
+    assert monitor_run().watched == 0  # within the hour: not asked again
+    job.refresh_from_db()
+    assert job.provider_checked_at == checked and len(postings()) == 1
+    job_reverse(job_id=job.pk, actor=OPS, reason="the ACH payout came back")
+    assert ConversionJob.objects.get(pk=job.pk).status == "reversed"
+
+
+def test_a_job_completed_before_the_watch_is_not_asked(due, usdc_low, settings):
+    settings.TREASURY_REFUND_WATCH = timedelta(days=60)
+    job = completed_by_a_poll(due, "tf_old")
+    with connection.cursor() as cursor:  # finished 61 days ago (the rules refuse it: moved)
+        cursor.execute("ALTER TABLE treasury_conversion_jobs DISABLE TRIGGER USER")
+        cursor.execute(
+            "UPDATE treasury_conversion_jobs SET finished_at = now() - interval '61 days' "
+            "WHERE id = %s",
+            [job.pk],
+        )
+        cursor.execute("ALTER TABLE treasury_conversion_jobs ENABLE TRIGGER USER")
+    assert monitor_run().watched == 0
+    checked = job.provider_checked_at
+    job.refresh_from_db()
+    assert (job.provider_status, job.provider_checked_at) == ("payment_processed", checked)
+
+
+def test_due_unreachable_for_a_watched_job_changes_nothing_and_it_is_asked_next_time(due, usdc_low):
+    job = completed_by_a_poll(due, "tf_flaky")
+    checked = job.provider_checked_at
+    due.unavailable = True  # every call a 503
+    assert monitor_run().watched == 0
+    job.refresh_from_db()
+    assert (job.provider_status, job.provider_checked_at) == ("payment_processed", checked)
+    due.unavailable = False
+    assert monitor_run().watched == 1
+    job.refresh_from_db()
+    assert job.provider_status == "refund_processed" and job.provider_checked_at > checked

@@ -7,9 +7,10 @@
 --              (fate unknown: open, asked until the provider gives a final answer)
 --   completed -> reversed (an operator reverses a conversion the provider refunded)
 -- completed, failed, cancelled, disputed and reversed are final: a final job records only the
--- provider's later status of its transfer (provider_status), so that a refund of a completed
--- conversion, or a failed one processed after all, is kept for an operator; what it booked
--- never changes. What a job converts never changes.
+-- provider's later status of its transfer (provider_status) and when it was last asked
+-- (provider_checked_at), so that a refund of a completed conversion, or a failed one processed
+-- after all, is kept for an operator; what it booked never changes. What a job converts never
+-- changes.
 CREATE OR REPLACE FUNCTION treasury_job_transition() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -27,8 +28,8 @@ BEGIN
                 = (OLD.target_amount, OLD.ledger_transaction_id))
         OR (OLD.status IN ('completed', 'failed', 'cancelled', 'disputed', 'reversed')
             AND NEW.status = OLD.status
-            AND to_jsonb(NEW) - 'provider_status' - 'updated_at'
-                = to_jsonb(OLD) - 'provider_status' - 'updated_at')
+            AND to_jsonb(NEW) - ARRAY['provider_status', 'provider_checked_at', 'updated_at']
+                = to_jsonb(OLD) - ARRAY['provider_status', 'provider_checked_at', 'updated_at'])
     ) THEN
         RAISE EXCEPTION 'conversion job %: % -> % is not a legal transition', OLD.id,
             OLD.status, NEW.status USING ERRCODE = 'TR001';
