@@ -11,10 +11,11 @@ in tests/treasury/fixtures/due/SOURCES.md):
   `manual_review`, `payment_submitted`, `refund_submitted`, or one Due adds) is in flight;
 - it is made from a quote: `POST /v1/transfers/quote {"source": {"rail", "currency",
   "amount"}, "destination": {"rail", "currency", "amount": "0"}}` -> `{"token", ...}` (valid 2
-  minutes), then `POST /v1/transfers {"quote": token, "recipient": <our recipient id>}` -> the
-  transfer. Due documents no idempotency for it: the creation is sent once, and a lost answer
-  is looked for in `GET /v1/transfers?order=desc&limit=&startDate=[&next=]` -> `{"items":
-  [...], "next"}` (conversion_find);
+  minutes), then `POST /v1/transfers {"quote": token, "recipient": <our recipient id>,
+  "externalId": <the job's key>}` -> the transfer. Due documents no idempotency for it: the
+  creation is sent once, and a lost answer is looked for in `GET
+  /v1/transfers?order=desc&limit=&startDate=[&next=]` -> `{"items": [...], "next"}`
+  (conversion_find);
 - `GET /v1/transfers/{id}` -> the transfer (how jobs are polled, and how a webhook is acted
   on: treasury.settlement.callback_receive);
 - `Authorization: Bearer DUE_API_KEY`, `Due-Account-Id: DUE_ACCOUNT_ID` when set; errors
@@ -163,12 +164,18 @@ def recipient(currency: str) -> str:
 
 
 def conversion_create(
-    *, base_url: str, source_currency: str, source_amount: Decimal, target_currency: str
+    *,
+    base_url: str,
+    source_currency: str,
+    source_amount: Decimal,
+    target_currency: str,
+    external_id: str,
 ) -> dict:
     """A quote (`POST /v1/transfers/quote`, 2 minutes) and the transfer on it (`POST
-    /v1/transfers`) to our recipient in `target_currency`. The transfer's creation is sent
-    once: Due documents no idempotency, so a lost answer is looked for (conversion_find),
-    never resent blindly."""
+    /v1/transfers`) to our recipient in `target_currency`, carrying `external_id` (the job's
+    key: Due's quickstart sends an `externalId`, what it guarantees of it is not published).
+    The creation is sent once: Due documents no idempotency, so a lost answer is looked for
+    (conversion_find), never resent blindly."""
     to = recipient(target_currency)
     side = {"rail": settings.DUE_RAILS[source_currency], "currency": source_currency}
     quote = _call(
@@ -188,7 +195,11 @@ def conversion_create(
     if not isinstance(token, str) or not token:
         raise DueUnavailable("Due's quote holds no token")
     answer = _call(
-        base_url, "POST", "/v1/transfers", {"quote": token, "recipient": to}, resend=False
+        base_url,
+        "POST",
+        "/v1/transfers",
+        {"quote": token, "recipient": to, "externalId": external_id},
+        resend=False,
     )
     return conversion_parse(answer)
 
@@ -215,16 +226,19 @@ def conversion_find(
     target_currency: str,
     since: datetime,
     taken: Collection[str],
+    external_id: str,
 ) -> dict | None:
     """The transfer a job's creation made when its answer was lost: among Due's transfers
     created since `since` (`GET /v1/transfers`, newest first, page by page with `next`), the
     one of the job's source amount and currencies to our recipient that no other job holds
-    (`taken`). None when Due lists none: it never received the creation. DueUnavailable when
+    (`taken`): the one carrying the job's `external_id` if Due shows it, never one carrying
+    another. None when Due lists none: it never received the creation. DueUnavailable when
     Due cannot say, or when more than one would do (for an operator: which one is the job's
     is not ours to guess)."""
     to = recipient(target_currency)
     query = {"order": "desc", "limit": str(LOOKUP_PAGE), "startDate": since.isoformat()}
     found: dict[str, dict] = {}
+    keyed: dict[str, dict] = {}  # carrying the job's external id
     for _ in range(LOOKUP_PAGES):
         page = _call(base_url, "GET", f"/v1/transfers?{urlencode(query)}")
         items = page.get("items") if isinstance(page, dict) else None
@@ -239,8 +253,10 @@ def conversion_find(
                 side if isinstance(side, dict) else {}
                 for side in (transfer["source"], transfer["destination"])
             )
+            theirs = item.get("externalId")
             if (
                 transfer["id"] not in taken
+                and theirs in (None, "", external_id)
                 and source.get("currency") == source_currency
                 and _amount(source.get("amount")) == source_amount
                 and destination.get("currency") == target_currency
@@ -248,6 +264,8 @@ def conversion_find(
                 and _moment(item.get("createdAt")) >= since  # not trusting startDate alone
             ):
                 found[transfer["id"]] = transfer  # (pages shift as transfers are created)
+                if theirs == external_id:
+                    keyed[transfer["id"]] = transfer
         cursor = page.get("next")
         if cursor in (None, ""):
             break
@@ -261,6 +279,8 @@ def conversion_find(
             f"Due lists more than {LOOKUP_PAGES * LOOKUP_PAGE} transfers since {since}; "
             "the job's is for an operator to find"
         )
+    if len(keyed) == 1:
+        found = keyed
     if len(found) > 1:
         raise DueUnavailable(
             f"{len(found)} transfers at Due could be this job's: {', '.join(found)}; "

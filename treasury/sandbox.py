@@ -247,6 +247,7 @@ class DueSandbox(SandboxServer):
                         "status": OPEN,
                         "source": {**quote["source"]},
                         "destination": {**quote["destination"], "id": body["recipient"]},
+                        "externalId": body.get("externalId"),
                         "fxRate": 1,
                         "createdAt": iso(created),
                         "expiresAt": iso(created + timedelta(minutes=30)),

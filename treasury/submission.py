@@ -85,6 +85,7 @@ def _job_submit(job: ConversionJob, base_urls: Mapping[str, str]) -> str:
             source_currency=job.source_currency,
             source_amount=job.source_amount,
             target_currency=job.target_currency,
+            external_id=str(job.idempotency_key),
         )
     except DueRefused as exc:
         job_fail(job, str(exc))  # the provider refused the creation itself: it holds nothing
@@ -135,6 +136,7 @@ def _job_find(job: ConversionJob, base_url: str) -> dict | None:
             target_currency=job.target_currency,
             since=(job.submitted_at or job.created_at) - LOOKUP_SLACK,
             taken=set(taken.values_list("provider_reference", flat=True)),
+            external_id=str(job.idempotency_key),
         )
     except DueRefused as exc:  # a refused look-up says nothing of the transfer: ask again
         raise DueUnavailable(f"looking for job {job.pk}'s transfer: {exc}") from None

@@ -109,6 +109,32 @@ def test_two_candidates_at_due_are_for_an_operator_and_nothing_is_sent(due, usdc
     assert due.create_calls == 0 and job.attempts == 0
 
 
+def test_a_transfer_carrying_the_job_s_key_is_the_job_s(due, usdc_low):
+    """The job's key goes to Due as the transfer's externalId: a lost answer's transfer that
+    carries it is the job's, among others of its amount; one carrying another key never is."""
+    settlement_cycle_run(triggered_by="test")
+    job = ConversionJob.objects.get()
+    others = [at_due(due), at_due(due)]
+    ours = at_due(due)
+    with due.lock:
+        due.conversions[others[1]]["externalId"] = str(uuid.uuid4())  # another system's
+        due.conversions[ours]["externalId"] = str(job.idempotency_key)
+    assert jobs_submit().submitted == 1
+    job.refresh_from_db()
+    assert job.provider_reference == ours and due.create_calls == 0
+
+
+def test_a_transfer_carrying_another_key_is_never_the_job_s(due, usdc_low):
+    stranger = at_due(due)
+    with due.lock:
+        due.conversions[stranger]["externalId"] = str(uuid.uuid4())
+    settlement_cycle_run(triggered_by="test")
+    assert jobs_submit().submitted == 1
+    job = ConversionJob.objects.get()
+    assert job.provider_reference != stranger and due.create_calls == 1
+    assert due.conversions[job.provider_reference]["externalId"] == str(job.idempotency_key)
+
+
 def test_without_our_recipient_nothing_is_sent(due, usdc_low, settings, caplog):
     settings.DUE_RECIPIENTS = {**RECIPIENTS, "USDC": ""}
     settlement_cycle_run(triggered_by="test")
@@ -232,7 +258,14 @@ def test_our_requests_are_due_s_documented_ones_and_its_answers_are_read(usdc_lo
         "source": {"rail": "ach", "currency": "USD", "amount": "19000.00"},
         "destination": {"rail": "ethereum", "currency": "USDC", "amount": "0"},
     }
-    assert set(transfer_sent) <= set(documented("transfer_request_offramp.privy.json"))
-    assert transfer_sent == {"quote": quote_answer["token"], "recipient": RECIPIENTS["USDC"]}
+    # (externalId: "POST /v1/transfers with the quote token and an externalId", Due's
+    # quickstart, due.readme.io/docs/getting-started; Privy's recipe sends none)
+    documented_fields = set(documented("transfer_request_offramp.privy.json")) | {"externalId"}
+    assert set(transfer_sent) <= documented_fields
     job = ConversionJob.objects.get()
+    assert transfer_sent == {
+        "quote": quote_answer["token"],
+        "recipient": RECIPIENTS["USDC"],
+        "externalId": str(job.idempotency_key),
+    }
     assert job.status == "failed" and "err_recipient_not_found" in job.last_error
