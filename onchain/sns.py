@@ -267,6 +267,7 @@ def _get(url: str, *, what: str) -> bytes:
         with _OPENER.open(url, timeout=settings.CIRCLE_HTTP_TIMEOUT) as response:
             answer = response.read(MAX_CERTIFICATE_BYTES + 1)
     except urllib.error.HTTPError as exc:
+        exc.close()  # (its connection, not left to the garbage collector)
         unavailable = _NotServed if exc.code in NOT_SERVED else SnsUnavailable
         raise unavailable(f"{what} at {url}: answered {exc.code}") from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
