@@ -1,7 +1,8 @@
 """The treasury console in Chromium: a threshold with minimum above target is refused with the
 field named and nothing saved, a valid one saved with a reason and audited; a provider's
 priority changed with a reason and audited, with no host to edit; a pending job is cancelled
-after a confirmation with a reason, audited."""
+after a confirmation with a reason, audited; a completed conversion Due refunded is found by
+Due's status and reversed after a confirmation, one Due did not refund is refused."""
 
 import uuid
 from decimal import Decimal
@@ -12,7 +13,9 @@ from playwright.sync_api import expect
 
 from cutover.models import OperatorAudit
 from tests.browser.console import login
+from tests.treasury.factories import fund, job_make, job_transfer
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider
+from treasury.settlement import job_settle
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -99,3 +102,48 @@ def test_pending_job_cancelled_with_a_reason(live_server, operator):
         f"job:{job.pk}",
         "cancelled",
     )
+
+
+def completed_job(reference: str, due_statuses: tuple[str, ...]) -> ConversionJob:
+    """A 100 USD -> USDC job Due processed (posted), then told `due_statuses` of."""
+    job = job_make(reference=reference, amount="100")
+    transfer = job_transfer(job, transfer_id=reference)
+    settled = [("completed", "payment_processed")]
+    settled += [("failed" if s.endswith("processed") else "pending", s) for s in due_statuses]
+    for status, due_status in settled:
+        job_settle(
+            job_id=job.pk, conversion={**transfer, "status": status, "due_status": due_status}
+        )
+    return job
+
+
+def test_a_refunded_conversion_is_found_by_due_s_status_and_reversed(live_server, operator):
+    fund("fiat_buffer", "1000")
+    fund("usdc_buffer", "1000")
+    refunded = completed_job("tf_refunded", ("refund_submitted", "refund_processed"))
+    kept = completed_job("tf_kept", ())
+    page = operator
+    page.goto(f"{live_server.url}/admin/treasury/conversionjob/")
+    page.get_by_role("link", name="refund_processed").click()  # the filter: Due's status
+    expect(page.locator("#result_list tbody tr")).to_have_count(1)
+    page.check("input.action-select")
+    page.select_option("select[name=action]", "reverse")
+    page.click("button[name=index]")
+    page.fill("#id_reason", "the ACH payout came back to the bank")
+    page.click("#confirm")
+    expect(page.locator(".messagelist")).to_contain_text("reversed")
+    refunded.refresh_from_db()
+    assert refunded.status == "reversed" and refunded.reversal_transaction_id is not None
+    # A job Due did not refund: refused on the page, row by row; nothing changes.
+    page.goto(f"{live_server.url}/admin/treasury/conversionjob/?status__exact=completed")
+    page.check("input.action-select")
+    page.select_option("select[name=action]", "reverse")
+    page.click("button[name=index]")
+    page.fill("#id_reason", "wrong row")
+    page.click("#confirm")
+    expect(page.locator(".messagelist .error")).to_contain_text("not refund_processed")
+    kept.refresh_from_db()
+    assert kept.status == "completed"
+    assert list(OperatorAudit.objects.values_list("action", "target")) == [
+        ("job.reverse", f"job:{refunded.pk}")
+    ]
