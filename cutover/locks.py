@@ -23,6 +23,10 @@ SCRATCH_DATABASE_LOCK = 7_401_008
 # Transaction-level, around counting and recording one fetch of signing material we do not
 # hold (onchain.signatures.signing_fetch_claim): concurrent deliveries cannot all pass.
 SIGNING_FETCH_LOCK = 7_401_009
+# With a second key, the conversion job's id's hash, session-level around asking the provider
+# about a job and applying its answer (treasury.settlement.job_ask_settle): an answer read
+# before another asker's newer one is never applied after it.
+CONVERSION_ASK_LOCK = 7_401_010
 
 REGISTRY = {
     "phase": PHASE_LOCK,
@@ -34,4 +38,5 @@ REGISTRY = {
     "circle_notification": CIRCLE_NOTIFICATION_LOCK,
     "scratch_database": SCRATCH_DATABASE_LOCK,
     "signing_fetch": SIGNING_FETCH_LOCK,
+    "conversion_ask": CONVERSION_ASK_LOCK,
 }

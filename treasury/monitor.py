@@ -20,7 +20,7 @@ from ledger.selectors import USDC_BUFFER, system_balance
 from treasury import due, metrics
 from treasury.exceptions import DueRefused, DueUnavailable, ProviderNotConfigured
 from treasury.models import ConversionJob, JobStatus
-from treasury.settlement import job_save, job_settle
+from treasury.settlement import job_ask_settle, job_save
 from treasury.submission import job_lost_answer_resolve, jobs_submit, provider_failed
 
 log = logging.getLogger(__name__)
@@ -75,21 +75,17 @@ def monitor_run(*, base_urls: Mapping[str, str] | None = None) -> MonitorReport:
     for job in ConversionJob.objects.select_related("provider").filter(
         status__in=[JobStatus.SUBMITTED, JobStatus.TIMED_OUT], provider_reference__isnull=False
     ):
+        before = job.status
         try:
-            conversion = due.conversion_get(
-                base_url=due.provider_base_url(job.provider.code, urls),
-                conversion_id=job.provider_reference,
-            )
+            after, conversion = job_ask_settle(job=job, base_urls=urls)
         except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
             provider_failed(job.provider, str(exc))
             continue
-        report.polled += 1
-        before = job.status
-        try:
-            after = job_settle(job_id=job.pk, conversion=conversion)
         except LedgerError as exc:  # e.g. the source buffer was spent meanwhile: next poll
+            report.polled += 1
             log.error("ALERT treasury: job %s completed but not posted: %s", job.pk, exc)
             continue
+        report.polled += 1
         if conversion["due_status"] == AWAITING_FUNDS and job.funding is None:
             report.awaiting_funds += _funding_record(job, conversion, urls)
         if before != after:
@@ -136,9 +132,9 @@ def _completed_watch(base_urls: Mapping[str, str]) -> int:
     """Ask the provider again about jobs completed within TREASURY_REFUND_WATCH, each at most
     once per REFUND_CHECK_EVERY (the least recently asked first, at most REFUND_CHECK_BATCH per
     run): a refund after completion is recorded with its ALERT (job_settle) even when its
-    webhook never came. One the provider cannot answer now is asked next run; its failures do
-    not count against the provider's health (the open jobs' polls say that). How many were
-    asked."""
+    webhook never came. One the provider cannot answer now is asked again an hour later; its
+    failures do not count against the provider's health (the open jobs' polls say that). How
+    many were answered."""
     now = timezone.now()
     asked = 0
     watched = (
@@ -156,17 +152,14 @@ def _completed_watch(base_urls: Mapping[str, str]) -> int:
     )
     for job in watched:
         try:
-            conversion = due.conversion_get(
-                base_url=due.provider_base_url(job.provider.code, base_urls),
-                conversion_id=job.provider_reference,
-            )
+            job_ask_settle(job=job, base_urls=base_urls)
+            asked += 1
         except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
             log.warning("treasury: completed job %s not asked about now: %s", job.pk, exc)
-            continue
-        job_settle(job_id=job.pk, conversion=conversion)
+        # Asked, answered or not: the next is asked in an hour (found from outside: jobs Due
+        # could not show stayed the least recently asked and filled every run's batch).
         with transaction.atomic(durable=True):
             ConversionJob.objects.filter(pk=job.pk).update(provider_checked_at=timezone.now())
-        asked += 1
     return asked
 
 

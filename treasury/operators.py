@@ -24,6 +24,8 @@ JOB_PERMISSION = "treasury.change_conversionjob"
 def _reason_required(reason: str, what: str) -> str:
     if not reason or not reason.strip():
         raise JobRefused(f"a reason is required to {what}")
+    if not reason.isprintable():  # (a NUL PostgreSQL cannot store, a control character)
+        raise JobRefused(f"the reason to {what} holds a character that is not printable text")
     return reason.strip()
 
 

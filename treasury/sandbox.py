@@ -28,7 +28,9 @@ after the transfer is recorded, before it is sent); `unavailable` (every call 50
 ("completed" or "failed": what a transfer becomes when it is next read, or at once when
 `callback` is set), `callback` + `callback_copies` (the same event delivered again);
 `finish(id, outcome, destination_amount=...)` settles one transfer by hand (a destination
-amount other than 1:1 on demand). `create_calls` counts the creations received.
+amount other than 1:1 on demand). `create_calls` counts the creations received. On reads:
+`slow_reads` (how many next `GET /v1/transfers/{id}` answers are held `delay` seconds after
+the transfer is read: an answer that arrives after a newer one was given), `reads` counts them.
 """
 
 import hashlib
@@ -78,6 +80,8 @@ class DueSandbox(SandboxServer):
         self.fail_next: list[int] = []
         self.delay = 0.0
         self.lose_answers = 0
+        self.slow_reads = 0
+        self.reads = 0
         self.unavailable = False
         self.balances: dict[str, Decimal] = {}
         self.on_created = None
@@ -185,6 +189,11 @@ class DueSandbox(SandboxServer):
                     sandbox.finish(transfer_id, sandbox.settle)
                 with sandbox.lock:
                     answer = json.loads(json.dumps(sandbox.conversions[transfer_id]))
+                    sandbox.reads += 1
+                    slow = sandbox.slow_reads > 0
+                    sandbox.slow_reads -= slow
+                if slow:
+                    time.sleep(sandbox.delay)
                 return self._json(200, answer)
 
             def _list(self, query: dict):

@@ -5,21 +5,24 @@ job is not posted (the job is `disputed`, with an ALERT, for an operator); a fai
 job. This runs under the kill switch too: it records money that already moved."""
 
 import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from decimal import Decimal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
+from cutover.locks import CONVERSION_ASK_LOCK
 from gateway import boundary
 from gateway.boundary import printable_ascii
 from gateway.exceptions import InputRefused
 from ledger.exceptions import InsufficientFunds, InvalidAmount
 from ledger.models import Side
 from ledger.money import amount_parse
-from ledger.selectors import BUFFER_ACCOUNTS, system_account
+from ledger.selectors import BUFFER_ACCOUNTS, system_account, system_balance
 from ledger.services import Leg, system_account_gather, transaction_apply
 from treasury import due, metrics
 from treasury.exceptions import (
@@ -30,6 +33,7 @@ from treasury.exceptions import (
     treasury_rules,
 )
 from treasury.models import ConversionJob, JobStatus
+from treasury.selectors import withdrawals_held
 
 log = logging.getLogger(__name__)
 WEBHOOK_TRANSFER = "transfer.status_changed"  # Due's one event about a transfer
@@ -168,6 +172,7 @@ CONSISTENT = {
     JobStatus.DISPUTED: {"completed"},
     JobStatus.FAILED: {"failed"},
     JobStatus.CANCELLED: set(),  # never sent: the provider has no such transfer
+    JobStatus.REVERSED: {"failed"},  # refunded: Due's `refund_processed`
 }
 
 
@@ -186,6 +191,7 @@ def _final_job_told(job: ConversionJob, status: str, due_status: str) -> None:
         hint = {
             JobStatus.COMPLETED: "when its source money is back, reverse the job (admin: "
             "Conversion jobs, Reverse)",
+            JobStatus.REVERSED: "the ledger has it reversed: find where the money is",
         }.get(job.status, "nothing was booked on it: find where the money is")
         log.error(
             "ALERT treasury: job %s is %s but the provider now says its transfer %s is %s: %s",
@@ -207,6 +213,15 @@ def conversion_reversal_post(job: ConversionJob) -> int:
         code=BUFFER_ACCOUNTS[job.target_currency],
         also=[*BUFFER_ACCOUNTS.values(), *clearing],
     )
+    held = withdrawals_held(job.target_currency)  # (committed to users' withdrawals)
+    if held and system_balance(code=BUFFER_ACCOUNTS[job.target_currency]) - held < (
+        job.target_amount
+    ):
+        raise ConversionNotReversible(
+            f"the {job.target_currency} buffer holds {held} for withdrawals not yet settled; "
+            f"less than the {job.target_amount} {job.target_currency} the conversion brought is "
+            "left beside them: fund the buffer first"
+        )
     legs = _conversion_legs(job, job.target_amount)
     try:
         posting = transaction_apply(
@@ -225,6 +240,35 @@ def conversion_reversal_post(job: ConversionJob) -> int:
             "buffer first"
         ) from None
     return posting.transaction_id
+
+
+@contextmanager
+def _job_asked(job_id: int) -> Iterator[None]:
+    """One asker of the provider about a job at a time (session-level: the ask is HTTP, outside
+    any transaction)."""
+    key = [CONVERSION_ASK_LOCK, str(job_id)]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", key)
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", key)
+
+
+def job_ask_settle(*, job: ConversionJob, base_urls: Mapping[str, str]) -> tuple[str, dict]:
+    """Ask the provider about a job's transfer (`GET /v1/transfers/{id}`) and settle the job
+    with the answer (job_settle), one asker at a time per job: concurrent webhooks and polls
+    apply the provider's answers in the order they were read (found from outside: an answer
+    read first and applied last put a refund back to `refund_submitted`). The job's status and
+    the answer; the provider's errors (DueUnavailable, DueRefused, ProviderNotConfigured,
+    ConversionMalformed) and the ledger's are raised."""
+    with _job_asked(job.pk):
+        conversion = due.conversion_get(
+            base_url=due.provider_base_url(job.provider.code, base_urls),
+            conversion_id=job.provider_reference,
+        )
+        return job_settle(job_id=job.pk, conversion=conversion), conversion
 
 
 def callback_receive(*, body: bytes, signature: str) -> str:
@@ -275,10 +319,6 @@ def callback_receive(*, body: bytes, signature: str) -> str:
         log.warning("treasury: Due's event about transfer %s, which no job holds", transfer_id)
         return "ignored"
     try:
-        conversion = due.conversion_get(
-            base_url=due.provider_base_url(job.provider.code, due.provider_base_urls()),
-            conversion_id=transfer_id,
-        )
+        return job_ask_settle(job=job, base_urls=due.provider_base_urls())[0]
     except DueRefused as exc:  # Due refusing to show a transfer it told us of: ask again later
         raise DueUnavailable(str(exc)) from None
-    return job_settle(job_id=job.pk, conversion=conversion)

@@ -319,14 +319,24 @@ def test_a_job_completed_before_the_watch_is_not_asked(due, usdc_low, settings):
     assert (job.provider_status, job.provider_checked_at) == ("payment_processed", checked)
 
 
-def test_due_unreachable_for_a_watched_job_changes_nothing_and_it_is_asked_next_time(due, usdc_low):
+def test_due_unreachable_for_a_watched_job_changes_nothing_and_it_is_asked_an_hour_later(
+    due, usdc_low
+):
+    """Asked, answered or not, a job waits an hour for its next ask: jobs Due cannot show never
+    hold the batch's places (found from outside: they stayed the least recently asked)."""
     job = completed_by_a_poll(due, "tf_flaky")
     checked = job.provider_checked_at
     due.unavailable = True  # every call a 503
     assert monitor_run().watched == 0
     job.refresh_from_db()
-    assert (job.provider_status, job.provider_checked_at) == ("payment_processed", checked)
+    assert job.provider_status == "payment_processed" and job.provider_checked_at > checked
     due.unavailable = False
+    assert monitor_run().watched == 0  # within the hour
+    ConversionJob.objects.filter(pk=job.pk).update(
+        provider_checked_at=timezone.now() - timedelta(hours=2)
+    )
+    job.refresh_from_db()
+    checked = job.provider_checked_at
     assert monitor_run().watched == 1
     job.refresh_from_db()
     assert job.provider_status == "refund_processed" and job.provider_checked_at > checked
