@@ -6,7 +6,7 @@ from decimal import Decimal
 from django.db import connection, transaction
 
 from ledger import metrics
-from ledger.models import GENESIS_HASH, Account
+from ledger.models import GENESIS_HASH, Account, Transaction
 
 # System accounts others name (ledger migration 0003): the buffer of each custody currency
 # (what Circle's wallet and the bank/Due hold for us) and opening-balance equity per currency.
@@ -65,6 +65,16 @@ def system_balance(*, code: str) -> Decimal:
     with connection.cursor() as cursor:
         cursor.execute(SYSTEM_BALANCE_SQL, [shard_codes(code)])
         return cursor.fetchone()[0]
+
+
+def transaction_reference(*, transaction_id: int) -> tuple[str, str] | None:
+    """A ledger transaction's (namespace, reference_id), or None when there is no such
+    transaction."""
+    return (
+        Transaction.objects.filter(pk=transaction_id)
+        .values_list("namespace", "reference_id")
+        .first()
+    )
 
 
 def account_balance(*, account_id: int) -> Decimal:

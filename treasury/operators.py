@@ -13,6 +13,7 @@ from cutover.locks import SETTLEMENT_CYCLE_LOCK
 from cutover.operator_audit import operator_action_record
 from cutover.selectors import phase_state
 from gateway.faults import fault_point
+from ledger.selectors import transaction_reference
 from treasury.exceptions import JobRefused
 from treasury.models import ConversionJob, JobStatus
 from treasury.selectors import provider_pick, source_available
@@ -138,9 +139,16 @@ def job_reverse(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
     reason = _reason_required(reason, "reverse a job")
     actor.require(JOB_PERMISSION)
     with transaction.atomic(durable=True):
+        with connection.cursor() as cursor:  # never beside a cycle: it plans from the buffers
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
         job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
         if job.status != JobStatus.COMPLETED:
             raise JobRefused(f"{job} is {job.status}; only a completed job is reversed")
+        posted = job.ledger_transaction_id and transaction_reference(
+            transaction_id=job.ledger_transaction_id
+        )
+        if posted != ("treasury", f"conversion:{job.idempotency_key}"):  # (a job made by hand)
+            raise JobRefused(f"{job} has no conversion posted to the ledger: nothing to reverse")
         if job.provider_status != REFUNDED:
             raise JobRefused(
                 f"{job}: the provider says its transfer is {job.provider_status or 'unknown'}, "

@@ -340,3 +340,23 @@ def test_due_unreachable_for_a_watched_job_changes_nothing_and_it_is_asked_an_ho
     assert monitor_run().watched == 1
     job.refresh_from_db()
     assert job.provider_status == "refund_processed" and job.provider_checked_at > checked
+
+
+def test_a_completed_job_with_no_conversion_posted_is_not_reversed(client, due, usdc_low):
+    """A job marked completed by hand (a migration, a repair) with no conversion in the
+    ledger, or naming another posting: a reversal would mint the conversion's money."""
+    job = refunded_job(client, due)
+    other = job_make(reference="tf_by_hand", status="submitted")
+    with connection.cursor() as cursor:  # (the rules refuse it: written past them)
+        cursor.execute("ALTER TABLE treasury_conversion_jobs DISABLE TRIGGER USER")
+        cursor.execute(
+            "UPDATE treasury_conversion_jobs SET status = 'completed', target_amount = 19000, "
+            "provider_status = 'refund_processed', ledger_transaction_id = %s WHERE id = %s",
+            [job.ledger_transaction_id, other.pk],  # the first job's posting
+        )
+        cursor.execute("ALTER TABLE treasury_conversion_jobs ENABLE TRIGGER USER")
+    after = buffers()
+    with pytest.raises(JobRefused, match="no conversion posted"):
+        job_reverse(job_id=other.pk, actor=OPS, reason="by hand")
+    assert buffers() == after and len(postings()) == 1
+    assert ConversionJob.objects.get(pk=other.pk).status == "completed"
