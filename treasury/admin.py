@@ -22,7 +22,7 @@ from ledger.templatetags.console import (
 from treasury.bands import provider_set, threshold_set, threshold_validate
 from treasury.exceptions import ThresholdInvalid
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider, SettlementCycle
-from treasury.operators import job_cancel, job_retry, job_reverse
+from treasury.operators import job_cancel, job_resolve, job_retry, job_reverse
 
 # The reason's help on this console's forms: every change here is audited with its values.
 REASON_HELP = "Why: kept in the operator audit with the values before and after."
@@ -132,7 +132,7 @@ class ConversionJobAdmin(ActionsOnlyFields, ReadOnlyAdmin):
     )
     list_filter = ("status", "provider_status", "buffer_currency", "provider")
     search_fields = ("=idempotency_key", "provider_reference")
-    actions = ["retry", "cancel", "reverse"]
+    actions = ["retry", "cancel", "resolve", "reverse"]
     created = moment_column("created_at", "created")
     source_amount_shown = amount_column(
         "source_amount", "source amount", currency_field="source_currency"
@@ -171,6 +171,15 @@ class ConversionJobAdmin(ActionsOnlyFields, ReadOnlyAdmin):
     @admin.action(description="Cancel the selected jobs never sent", permissions=["change"])
     def cancel(self, request: HttpRequest, queryset):
         return self._run(request, queryset, job_cancel, "cancel", "Cancel these conversion jobs")
+
+    @admin.action(
+        description="Resolve the selected disputed jobs with the provider's answer now",
+        permissions=["change"],
+    )
+    def resolve(self, request: HttpRequest, queryset):
+        return self._run(
+            request, queryset, job_resolve, "resolve", "Resolve these disputed conversions"
+        )
 
     @admin.action(
         description="Reverse the selected completed jobs the provider refunded",

@@ -1,9 +1,11 @@
 """Operators' actions on conversion jobs: cancelling a job never sent, retrying one the
-provider failed (or never received) as a new job, and reversing a completed one the provider
-refunded, each with a reason and audited in the same transaction; a retry is refused under the
-kill switch."""
+provider failed (or never received) as a new job, resolving a disputed one with the provider's
+final answer, and reversing a completed one the provider refunded, each with a reason and
+audited in the same transaction; a retry is refused under the kill switch."""
 
 import uuid
+from collections.abc import Mapping
+from decimal import Decimal
 
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
@@ -13,11 +15,19 @@ from cutover.locks import SETTLEMENT_CYCLE_LOCK
 from cutover.operator_audit import operator_action_record
 from cutover.selectors import phase_state
 from gateway.faults import fault_point
+from ledger.exceptions import LedgerError
 from ledger.selectors import transaction_reference
-from treasury.exceptions import JobRefused
+from treasury import due
+from treasury.exceptions import DueRefused, DueUnavailable, JobRefused, ProviderNotConfigured
 from treasury.models import ConversionJob, JobStatus
 from treasury.selectors import provider_pick, source_available
-from treasury.settlement import conversion_reversal_post, job_save
+from treasury.settlement import (
+    completion_mismatch,
+    conversion_book,
+    conversion_reversal_post,
+    job_asked,
+    job_save,
+)
 
 JOB_PERMISSION = "treasury.change_conversionjob"
 
@@ -168,4 +178,71 @@ def job_reverse(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
             after={**_job_values(job), "reversal_transaction_id": job.reversal_transaction_id},
             reason=reason,
         )
+    return job
+
+
+def job_resolve(
+    *, job_id: int, actor: Actor, reason: str, base_urls: Mapping[str, str] | None = None
+) -> ConversionJob:
+    """Resolve a disputed job (the provider completed it with amounts outside what is posted
+    unasked: a fee over TREASURY_CONVERSION_TOLERANCE, say) with what the provider says of its
+    transfer now: processed, its conversion is booked as the provider made it (the source
+    exactly the job's, the destination in its currency, paying more than 0 and never more
+    than 1:1); failed or refunded, the job fails. Either way its reservation of the source
+    buffer ends. In flight, or the provider unreachable: refused, nothing written. Audited in
+    the same transaction; in any phase and under the kill switch (money that already moved).
+    Providers are at `base_urls` (`due.provider_base_urls()` unless given)."""
+    reason = _reason_required(reason, "resolve a job")
+    actor.require(JOB_PERMISSION)
+    job = ConversionJob.objects.select_related("provider").get(pk=job_id)
+    if job.status != JobStatus.DISPUTED:
+        raise JobRefused(f"{job} is {job.status}; only a disputed job is resolved")
+    urls = due.provider_base_urls() if base_urls is None else base_urls
+    with job_asked(job.pk):  # (one asker of the provider at a time: webhooks, polls)
+        try:
+            conversion = due.conversion_get(
+                base_url=due.provider_base_url(job.provider.code, urls),
+                conversion_id=job.provider_reference,
+            )
+        except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
+            raise JobRefused(f"{job}: the provider cannot be asked now: {exc}") from None
+        with transaction.atomic(durable=True):
+            with connection.cursor() as cursor:  # never beside a cycle: it plans reservations
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
+            job = (
+                ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
+            )
+            if job.status != JobStatus.DISPUTED:
+                raise JobRefused(f"{job} is {job.status}; only a disputed job is resolved")
+            before = _job_values(job)
+            said = conversion.get("due_status") or conversion["status"]
+            job.provider_status = conversion.get("due_status", job.provider_status)
+            if conversion["status"] == "failed":
+                job.status = JobStatus.FAILED
+                job.last_error = f"resolved by {actor.name} as the provider's {said}: {reason}"
+                job_save(job)
+            elif conversion["status"] == "completed":
+                mismatch = completion_mismatch(job, conversion, tolerance=Decimal(1))
+                if mismatch:
+                    raise JobRefused(
+                        f"{job}: the provider's conversion cannot be booked: {mismatch}"
+                    )
+                job.last_error = f"resolved by {actor.name} as the provider made it: {reason}"
+                try:
+                    conversion_book(job, Decimal(conversion["destination"]["amount"]))
+                except LedgerError as exc:  # the source buffer no longer holds it, say
+                    raise JobRefused(f"{job}: not booked: {exc}") from None
+            else:
+                raise JobRefused(
+                    f"{job}: the provider says its transfer is {said}, not final; resolve it "
+                    "once the provider has"
+                )
+            operator_action_record(
+                actor=actor,
+                action="job.resolve",
+                target=f"job:{job.pk}",
+                before=before,
+                after={**_job_values(job), "target_amount": str(job.target_amount)},
+                reason=reason,
+            )
     return job

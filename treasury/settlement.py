@@ -56,11 +56,14 @@ def job_fail(job: ConversionJob, reason: str) -> None:
     log.error("ALERT treasury: conversion job %s failed: %s", job.pk, reason)
 
 
-def completion_mismatch(job: ConversionJob, conversion: dict) -> str:
+def completion_mismatch(
+    job: ConversionJob, conversion: dict, tolerance: Decimal | None = None
+) -> str:
     """Why a completed conversion's amounts cannot be this job's (empty when they can): the
     source must be exactly the job's, the destination in the target currency's scale and within
-    TREASURY_CONVERSION_TOLERANCE below 1:1 (the provider's fee or spread; the sandbox takes
-    none), never above: anything else is a provider error or a different conversion."""
+    `tolerance` (TREASURY_CONVERSION_TOLERANCE unless given) below 1:1 (the provider's fee or
+    spread; the sandbox takes none), never above: anything else is a provider error or a
+    different conversion."""
     # A provider's answer may hold anything where an object is due: read as an empty one.
     source, destination = (
         side if isinstance(side, dict) else {}
@@ -77,7 +80,8 @@ def completion_mismatch(job: ConversionJob, conversion: dict) -> str:
         return f"amounts unreadable: {exc}"
     if source_amount != job.source_amount:
         return f"source amount {source_amount} is not the job's {job.source_amount}"
-    tolerance = settings.TREASURY_CONVERSION_TOLERANCE
+    if tolerance is None:
+        tolerance = settings.TREASURY_CONVERSION_TOLERANCE
     floor = job.source_amount * (1 - tolerance)
     if not floor <= target_amount <= job.source_amount:
         return (
@@ -135,35 +139,40 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
             job_save(job)
             log.error("ALERT treasury: conversion job %s disputed: %s", job.pk, mismatch)
             return job.status
-        target_amount = Decimal(conversion["destination"]["amount"])
-        # The source buffer's shards (deposits) gathered into its base, which the posting
-        # credits (no row goes below 0), with every other account of the posting locked in the
-        # same pass, in the one id order (conversions both ways cannot deadlock).
-        clearing = [f"conversion_clearing_{c.lower()}" for c in BUFFER_ACCOUNTS]
-        system_account_gather(
-            code=BUFFER_ACCOUNTS[job.source_currency],
-            also=[*BUFFER_ACCOUNTS.values(), *clearing],
-        )
-        posting = transaction_apply(
-            namespace="treasury",
-            reference_id=f"conversion:{job.idempotency_key}",
-            kind="conversion",
-            legs=_conversion_legs(job, target_amount),
-            metadata={
-                "job": job.pk,
-                "provider": job.provider.code,
-                "reference": job.provider_reference,
-            },
-        )
         if job.status == JobStatus.TIMED_OUT:
             log.warning("treasury: job %s completed after its timeout; posted now", job.pk)
-        job.status = JobStatus.COMPLETED
-        job.provider_checked_at = timezone.now()  # (asked now: the refund watch's clock starts)
-        job.target_amount = target_amount
-        job.ledger_transaction_id = posting.transaction_id
-        job.finished_at = timezone.now()
-        job_save(job)
+        conversion_book(job, Decimal(conversion["destination"]["amount"]))
         return job.status
+
+
+def conversion_book(job: ConversionJob, target_amount: Decimal) -> None:
+    """Post a locked job's conversion (reference `conversion:<idempotency key>`: once) and
+    mark it completed, in the caller's transaction."""
+    # The source buffer's shards (deposits) gathered into its base, which the posting credits
+    # (no row goes below 0), with every other account of the posting locked in the same pass,
+    # in the one id order (conversions both ways cannot deadlock).
+    clearing = [f"conversion_clearing_{c.lower()}" for c in BUFFER_ACCOUNTS]
+    system_account_gather(
+        code=BUFFER_ACCOUNTS[job.source_currency],
+        also=[*BUFFER_ACCOUNTS.values(), *clearing],
+    )
+    posting = transaction_apply(
+        namespace="treasury",
+        reference_id=f"conversion:{job.idempotency_key}",
+        kind="conversion",
+        legs=_conversion_legs(job, target_amount),
+        metadata={
+            "job": job.pk,
+            "provider": job.provider.code,
+            "reference": job.provider_reference,
+        },
+    )
+    job.status = JobStatus.COMPLETED
+    job.provider_checked_at = timezone.now()  # (asked now: the refund watch's clock starts)
+    job.target_amount = target_amount
+    job.ledger_transaction_id = posting.transaction_id
+    job.finished_at = timezone.now()
+    job_save(job)
 
 
 # What a provider may still say of a final job's transfer without contradicting it.
@@ -243,7 +252,7 @@ def conversion_reversal_post(job: ConversionJob) -> int:
 
 
 @contextmanager
-def _job_asked(job_id: int) -> Iterator[None]:
+def job_asked(job_id: int) -> Iterator[None]:
     """One asker of the provider about a job at a time (session-level: the ask is HTTP, outside
     any transaction)."""
     key = [CONVERSION_ASK_LOCK, str(job_id)]
@@ -263,7 +272,7 @@ def job_ask_settle(*, job: ConversionJob, base_urls: Mapping[str, str]) -> tuple
     read first and applied last put a refund back to `refund_submitted`). The job's status and
     the answer; the provider's errors (DueUnavailable, DueRefused, ProviderNotConfigured,
     ConversionMalformed) and the ledger's are raised."""
-    with _job_asked(job.pk):
+    with job_asked(job.pk):
         conversion = due.conversion_get(
             base_url=due.provider_base_url(job.provider.code, base_urls),
             conversion_id=job.provider_reference,

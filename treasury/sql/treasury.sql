@@ -6,11 +6,13 @@
 --   timed_out -> timed_out | completed | failed | disputed
 --              (fate unknown: open, asked until the provider gives a final answer)
 --   completed -> reversed (an operator reverses a conversion the provider refunded)
--- completed, failed, cancelled, disputed and reversed are final: a final job records only the
--- provider's later status of its transfer (provider_status) and when it was last asked
--- (provider_checked_at), so that a refund of a completed conversion, or a failed one processed
--- after all, is kept for an operator; what it booked never changes. What a job converts never
--- changes.
+--   disputed  -> completed (an operator books what the provider converted, with its posting)
+--              | failed (the provider failed or refunded it): an operator's resolution
+-- completed, failed, cancelled, reversed (and disputed, but for its resolution) are final: a
+-- final job records only the provider's later status of its transfer (provider_status) and
+-- when it was last asked (provider_checked_at), so that a refund of a completed conversion, or
+-- a failed one processed after all, is kept for an operator; what it booked never changes.
+-- What a job converts never changes.
 CREATE OR REPLACE FUNCTION treasury_job_transition() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -22,6 +24,9 @@ BEGIN
             AND NEW.status IN ('submitted', 'completed', 'failed', 'timed_out', 'disputed'))
         OR (OLD.status = 'timed_out'
             AND NEW.status IN ('timed_out', 'completed', 'failed', 'disputed'))
+        OR (OLD.status = 'disputed' AND NEW.status = 'failed')
+        OR (OLD.status = 'disputed' AND NEW.status = 'completed'
+            AND NEW.ledger_transaction_id IS NOT NULL AND NEW.target_amount IS NOT NULL)
         OR (OLD.status = 'completed' AND NEW.status = 'reversed'
             AND NEW.reversal_transaction_id IS NOT NULL
             AND (NEW.target_amount, NEW.ledger_transaction_id)

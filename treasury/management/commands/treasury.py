@@ -1,5 +1,5 @@
 """`python manage.py treasury ...`: a settlement cycle now, the monitor now, the buffers, a
-refunded conversion reversed, the Due sandbox."""
+disputed conversion resolved, a refunded one reversed, the Due sandbox."""
 
 import dataclasses
 import time
@@ -21,7 +21,7 @@ from treasury.cycle import settlement_cycle_run
 from treasury.exceptions import TreasuryError
 from treasury.models import ConversionJob
 from treasury.monitor import monitor_run
-from treasury.operators import job_reverse
+from treasury.operators import job_resolve, job_reverse
 from treasury.sandbox import DueSandbox
 from treasury.selectors import buffer_status_list
 from treasury.submission import jobs_submit
@@ -29,8 +29,8 @@ from treasury.submission import jobs_submit
 
 class Command(BaseCommand):
     help = (
-        "The treasury engine: settlement cycle, monitor, buffer status, reversing a conversion "
-        "the provider refunded, Due sandbox. A cycle "
+        "The treasury engine: settlement cycle, monitor, buffer status, resolving a disputed "
+        "conversion, reversing one the provider refunded, Due sandbox. A cycle "
         "run here is recorded as triggered by cli:<user>; --json prints what a script reads. "
         "Exit status: 0 done, 1 refused or failed, 2 a bad argument."
     )
@@ -56,6 +56,16 @@ class Command(BaseCommand):
             "--reason", type=reason_text, required=True, help="why (kept in the audit)"
         )
         reverse.add_argument("--json", action="store_true", help="print the job as JSON")
+        resolve = sub.add_parser(
+            "resolve",
+            help="resolve a disputed conversion job with Due's answer now: processed, booked as "
+            "Due made it; failed or refunded, failed; audited",
+        )
+        resolve.add_argument("job", type=record_id, metavar="JOB", help="the job's id")
+        resolve.add_argument(
+            "--reason", type=reason_text, required=True, help="why (kept in the audit)"
+        )
+        resolve.add_argument("--json", action="store_true", help="print the job as JSON")
         sandbox = sub.add_parser(
             "sandbox",
             help="serve the Due sandbox until interrupted (DUE_API_KEY/DUE_API_SECRET); point "
@@ -114,14 +124,21 @@ class Command(BaseCommand):
             )
 
     def _reverse(self, options) -> None:
-        reason = written_reason(options["reason"], "reversing a conversion")
+        self._job_act(options, job_reverse, "reversing a conversion")
+
+    def _resolve(self, options) -> None:
+        self._job_act(options, job_resolve, "resolving a disputed conversion")
+
+    def _job_act(self, options, service, what: str) -> None:
+        reason = written_reason(options["reason"], what)
         try:
-            job = job_reverse(job_id=options["job"], actor=Actor.command_line(), reason=reason)
+            job = service(job_id=options["job"], actor=Actor.command_line(), reason=reason)
         except ConversionJob.DoesNotExist:
             raise CommandError(f"JOB: no conversion job {options['job']}") from None
         data = {
             "job": job.pk,
             "status": job.status,
+            "target_amount": job.target_amount,
             "ledger_transaction_id": job.ledger_transaction_id,
             "reversal_transaction_id": job.reversal_transaction_id,
         }
