@@ -794,10 +794,26 @@ class Rollbacks(CommandFlow):
 
 
 class Reversals(CommandFlow):
-    """`treasury reverse` of a completed conversion Due refunded, killed after the reversal is
-    posted and before it commits; the operator runs it again."""
+    """`treasury reverse` of a completed conversion Due refunded (asked of Due by the command),
+    killed after the reversal is posted and before it commits; the operator runs it again."""
 
     after = 1
+
+    def __init__(self, tmp_path: Path, due: DueSandbox):
+        super().__init__(tmp_path)
+        self.due = due
+
+    @contextmanager
+    def serving(self, environment: dict[str, str]) -> Iterator[None]:
+        with super().serving(
+            {
+                **environment,
+                "DUE_API_BASE_URL": self.due.base_url,
+                "DUE_API_KEY": KEY,
+                "DUE_API_SECRET": SECRET,
+            }
+        ):
+            yield
 
     def prepare(self) -> None:
         fund("usdc_buffer", "100000")
@@ -816,6 +832,11 @@ class Reversals(CommandFlow):
             job_settle(
                 job_id=job.pk, conversion={**transfer, "status": status, "due_status": due_status}
             )
+        with self.due.lock:  # what the command asks Due
+            self.due.conversions[job.provider_reference] = {
+                **transfer,
+                "status": "refund_processed",
+            }
         self.jobs.append(job.pk)
         if self.run("treasury", "reverse", str(job.pk), "--reason", "crash matrix"):
             job.refresh_from_db()
@@ -876,7 +897,7 @@ MATRIX = {
     "reconcile:recorded": (Reconciliations, None),
     "backfill:chunk-posted": (Backfills, None),
     "rollback:legacy-rebuilt": (Rollbacks, None),
-    "treasury:reversal-posted": (Reversals, None),
+    "treasury:reversal-posted": (Reversals, "due"),
 }
 
 

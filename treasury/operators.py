@@ -27,6 +27,7 @@ from treasury.settlement import (
     conversion_reversal_post,
     job_asked,
     job_save,
+    job_settle,
 )
 
 JOB_PERMISSION = "treasury.change_conversionjob"
@@ -139,45 +140,72 @@ def job_retry(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
 REFUNDED = "refund_processed"
 
 
-def job_reverse(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
+def _reversible(job: ConversionJob) -> None:
+    if job.status != JobStatus.COMPLETED:
+        raise JobRefused(f"{job} is {job.status}; only a completed job is reversed")
+    posted = job.ledger_transaction_id and transaction_reference(
+        transaction_id=job.ledger_transaction_id
+    )
+    if posted != ("treasury", f"conversion:{job.idempotency_key}"):  # (a job made by hand)
+        raise JobRefused(f"{job} has no conversion posted to the ledger: nothing to reverse")
+
+
+def _provider_answer(job: ConversionJob, base_urls: Mapping[str, str] | None) -> dict:
+    """What the provider says of a job's transfer now; JobRefused when it cannot be asked."""
+    urls = due.provider_base_urls() if base_urls is None else base_urls
+    try:
+        return due.conversion_get(
+            base_url=due.provider_base_url(job.provider.code, urls),
+            conversion_id=job.provider_reference,
+        )
+    except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
+        raise JobRefused(f"{job}: the provider cannot be asked now: {exc}") from None
+
+
+def job_reverse(
+    *, job_id: int, actor: Actor, reason: str, base_urls: Mapping[str, str] | None = None
+) -> ConversionJob:
     """Reverse a completed conversion that the provider refunded: the mirror image of its
     posting (treasury.settlement.conversion_reversal_post), the job `reversed`, audited in the
-    same transaction; once. Only when the provider says its transfer is `refund_processed`:
-    Due documents no refund after a transfer is processed, so the provider's word makes an
-    ALERT, and the operator who has seen the source money back reverses it. In any phase and
-    under the kill switch: it books money that already moved."""
+    same transaction; once. Only when the provider, asked now, says its transfer is
+    `refund_processed` (what it says is recorded on the job either way, as a poll would): Due
+    documents no refund after a transfer is processed, so the provider's word makes an ALERT,
+    and the operator who has seen the source money back reverses it. In any phase and under
+    the kill switch: it books money that already moved. Providers are at `base_urls`
+    (`due.provider_base_urls()` unless given)."""
     reason = _reason_required(reason, "reverse a job")
     actor.require(JOB_PERMISSION)
-    with transaction.atomic(durable=True):
-        with connection.cursor() as cursor:  # never beside a cycle: it plans from the buffers
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
-        job = ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
-        if job.status != JobStatus.COMPLETED:
-            raise JobRefused(f"{job} is {job.status}; only a completed job is reversed")
-        posted = job.ledger_transaction_id and transaction_reference(
-            transaction_id=job.ledger_transaction_id
-        )
-        if posted != ("treasury", f"conversion:{job.idempotency_key}"):  # (a job made by hand)
-            raise JobRefused(f"{job} has no conversion posted to the ledger: nothing to reverse")
-        if job.provider_status != REFUNDED:
-            raise JobRefused(
-                f"{job}: the provider says its transfer is {job.provider_status or 'unknown'}, "
-                f"not {REFUNDED}; a conversion is reversed once the provider has refunded it"
+    job = ConversionJob.objects.select_related("provider").get(pk=job_id)
+    _reversible(job)  # (before Due is asked)
+    with job_asked(job.pk):  # (one asker of the provider at a time: webhooks, polls)
+        job_settle(job_id=job.pk, conversion=_provider_answer(job, base_urls))
+        with transaction.atomic(durable=True):
+            with connection.cursor() as cursor:  # never beside a cycle: it plans from buffers
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])
+            job = (
+                ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
             )
-        before = _job_values(job)
-        job.reversal_transaction_id = conversion_reversal_post(job)
-        fault_point("treasury:reversal-posted")
-        job.status = JobStatus.REVERSED
-        job.last_error = f"reversed by {actor.name}: {reason}"
-        job_save(job)
-        operator_action_record(
-            actor=actor,
-            action="job.reverse",
-            target=f"job:{job.pk}",
-            before=before,
-            after={**_job_values(job), "reversal_transaction_id": job.reversal_transaction_id},
-            reason=reason,
-        )
+            _reversible(job)
+            if job.provider_status != REFUNDED:
+                raise JobRefused(
+                    f"{job}: the provider says its transfer is "
+                    f"{job.provider_status or 'unknown'}, not {REFUNDED}; a conversion is "
+                    "reversed once the provider has refunded it"
+                )
+            before = _job_values(job)
+            job.reversal_transaction_id = conversion_reversal_post(job)
+            fault_point("treasury:reversal-posted")
+            job.status = JobStatus.REVERSED
+            job.last_error = f"reversed by {actor.name}: {reason}"
+            job_save(job)
+            operator_action_record(
+                actor=actor,
+                action="job.reverse",
+                target=f"job:{job.pk}",
+                before=before,
+                after={**_job_values(job), "reversal_transaction_id": job.reversal_transaction_id},
+                reason=reason,
+            )
     return job
 
 
@@ -197,15 +225,8 @@ def job_resolve(
     job = ConversionJob.objects.select_related("provider").get(pk=job_id)
     if job.status != JobStatus.DISPUTED:
         raise JobRefused(f"{job} is {job.status}; only a disputed job is resolved")
-    urls = due.provider_base_urls() if base_urls is None else base_urls
     with job_asked(job.pk):  # (one asker of the provider at a time: webhooks, polls)
-        try:
-            conversion = due.conversion_get(
-                base_url=due.provider_base_url(job.provider.code, urls),
-                conversion_id=job.provider_reference,
-            )
-        except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
-            raise JobRefused(f"{job}: the provider cannot be asked now: {exc}") from None
+        conversion = _provider_answer(job, base_urls)
         with transaction.atomic(durable=True):
             with connection.cursor() as cursor:  # never beside a cycle: it plans reservations
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SETTLEMENT_CYCLE_LOCK])

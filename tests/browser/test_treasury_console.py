@@ -104,8 +104,9 @@ def test_pending_job_cancelled_with_a_reason(live_server, operator):
     )
 
 
-def completed_job(reference: str, due_statuses: tuple[str, ...]) -> ConversionJob:
-    """A 100 USD -> USDC job Due processed (posted), then told `due_statuses` of."""
+def completed_job(due, reference: str, due_statuses: tuple[str, ...]) -> ConversionJob:
+    """A 100 USD -> USDC job Due processed (posted), then told `due_statuses` of; Due's
+    transfer in the last of them."""
     job = job_make(reference=reference, amount="100")
     transfer = job_transfer(job, transfer_id=reference)
     settled = [("completed", "payment_processed")]
@@ -114,14 +115,16 @@ def completed_job(reference: str, due_statuses: tuple[str, ...]) -> ConversionJo
         job_settle(
             job_id=job.pk, conversion={**transfer, "status": status, "due_status": due_status}
         )
+    with due.lock:
+        due.conversions[reference] = {**transfer, "status": settled[-1][1]}
     return job
 
 
-def test_a_refunded_conversion_is_found_by_due_s_status_and_reversed(live_server, operator):
+def test_a_refunded_conversion_is_found_by_due_s_status_and_reversed(live_server, operator, due):
     fund("fiat_buffer", "1000")
     fund("usdc_buffer", "1000")
-    refunded = completed_job("tf_refunded", ("refund_submitted", "refund_processed"))
-    kept = completed_job("tf_kept", ())
+    refunded = completed_job(due, "tf_refunded", ("refund_submitted", "refund_processed"))
+    kept = completed_job(due, "tf_kept", ())
     page = operator
     page.goto(f"{live_server.url}/admin/treasury/conversionjob/")
     page.get_by_role("link", name="refund_processed").click()  # the filter: Due's status

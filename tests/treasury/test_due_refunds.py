@@ -360,3 +360,23 @@ def test_a_completed_job_with_no_conversion_posted_is_not_reversed(client, due, 
         job_reverse(job_id=other.pk, actor=OPS, reason="by hand")
     assert buffers() == after and len(postings()) == 1
     assert ConversionJob.objects.get(pk=other.pk).status == "completed"
+
+
+def test_a_reversal_asks_due_now_and_never_acts_on_a_refund_due_took_back(client, due, usdc_low):
+    """The job says `refund_processed` (its webhook came), but Due has since processed the
+    transfer again: the reversal asks Due, records what it says now, and reverses nothing.
+    Due unreachable: refused, nothing written."""
+    job = refunded_job(client, due)
+    after = buffers()
+    due.unavailable = True
+    with pytest.raises(JobRefused, match="cannot be asked now"):
+        job_reverse(job_id=job.pk, actor=OPS, reason="returned")
+    due.unavailable = False
+    with due.lock:
+        due.conversions["tf_returned"]["status"] = "payment_processed"
+    with pytest.raises(JobRefused, match="payment_processed, not refund_processed"):
+        job_reverse(job_id=job.pk, actor=OPS, reason="returned")
+    job.refresh_from_db()
+    assert (job.status, job.provider_status) == ("completed", "payment_processed")
+    assert buffers() == after and len(postings()) == 1
+    assert not OperatorAudit.objects.filter(action="job.reverse").exists()
