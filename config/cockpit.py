@@ -1,8 +1,8 @@
 """The operators' cockpit: the whole rollout at a glance (the admin index; its charts, and
 `rehearse --html`'s, are config.cockpit_charts). It reads every app (the phase machine's state
-and gates, the treasury's buffers and bands, the on-chain engine's dead withdrawals and parked
-notifications), so it lives in the composition root, above them all; it writes nothing (the
-actions are the services')."""
+and gates, the treasury's buffers and bands and the conversion jobs only an operator can end,
+the on-chain engine's dead withdrawals and parked notifications), so it lives in the
+composition root, above them all; it writes nothing (the actions are the services')."""
 
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +24,7 @@ from cutover.selectors import (
 from ledger.templatetags.console import amount_display
 from onchain.models import InboxStatus
 from onchain.selectors import dead_withdrawal_count, notification_count
-from treasury.selectors import BufferReading, buffer_status_list
+from treasury.selectors import BufferReading, buffer_status_list, jobs_for_an_operator
 
 # The read-percentage steps of read_switch (README: 1, then 10, 50, 100; it only grows).
 READ_STEPS = (1, 10, 50, 100)
@@ -72,6 +72,11 @@ class Cockpit:
     buffers: list[BufferBand]
     dead_withdrawals: int
     parked_notifications: int
+    jobs: dict[str, int]  # conversion jobs for an operator: disputed, refunded
+
+    @property
+    def jobs_for_an_operator(self) -> int:
+        return sum(self.jobs.values())
 
     @property
     def write_success(self) -> str:
@@ -108,4 +113,5 @@ def cockpit_read(*, now: datetime | None = None) -> Cockpit:
         buffers=[BufferBand(reading) for reading in buffer_status_list()],
         dead_withdrawals=dead_withdrawal_count(),
         parked_notifications=notification_count(InboxStatus.PARKED),
+        jobs=jobs_for_an_operator(),
     )

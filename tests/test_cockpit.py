@@ -30,6 +30,8 @@ from cutover.models import (
 from cutover.phase_machine import kill_switch_set
 from ledger.selectors import USDC_BUFFER, account_balance_history
 from tests.cutover.factories import custody_open_all, legacy_user, phase_set
+from tests.treasury.factories import job_make
+from treasury.models import ConversionJob
 
 pytestmark = pytest.mark.django_db
 CLI = Actor("cli:test")
@@ -116,6 +118,25 @@ def test_the_rollout_at_a_glance(operator):
     # an operator with every permission sees every action that applies
     for form in ("advance-form", "force-form", "rollback-form", "kill-switch-form"):
         assert f'id="{form}"' in page
+
+
+def test_conversion_jobs_only_an_operator_can_end_are_in_view(operator):
+    """A disputed job (job_resolve) and a completed one Due refunded (job_reverse) are counted
+    on the cockpit, each linked to its list; none, the card is quiet."""
+    page = operator.get("/admin/").content.decode()
+    assert 'id="cockpit-jobs-for-an-operator">0<' in page
+    assert re.search(r'class="cockpit-card ok" id="card-jobs"', page)
+    job_make(reference="tf_disputed", status="disputed")
+    job_make(reference="tf_refunded", status="submitted")
+    ConversionJob.objects.filter(provider_reference="tf_refunded").update(
+        status="completed", provider_status="refund_processed"
+    )
+    job_make(reference="tf_fine", status="submitted")
+    page = operator.get("/admin/").content.decode()
+    assert 'id="cockpit-jobs-for-an-operator">2<' in page
+    assert re.search(r'class="cockpit-card alert" id="card-jobs"', page)
+    assert "?status__exact=disputed" in page and "?provider_status=refund_processed" in page
+    assert re.search(r"1 disputed.*1 refunded", page, re.DOTALL)
 
 
 def test_the_shadow_experiment_per_hour_as_a_chart_and_a_table(operator):
