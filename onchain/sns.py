@@ -89,8 +89,9 @@ MAX_CERTIFICATE_BYTES = 65536
 # Signing keys by certificate URL. A certificate never changes under its URL (AWS rotates
 # certificates by publishing new URLs), so a process fetches each one once.
 _CERTIFICATE_KEYS: dict[str, rsa.RSAPublicKey] = {}
-# Answers that no retry changes: the URL names nothing (remembered, unlike 408, 429 or 5xx).
-NOT_SERVED = frozenset(range(400, 500)) - {408, 429}
+# Answers that no retry changes: the URL names nothing (remembered, unlike 408, 429 or 5xx),
+# or sends us elsewhere (a redirect is never followed: _NoRedirect).
+NOT_SERVED = (frozenset(range(400, 500)) - {408, 429}) | {301, 302, 303, 307, 308}
 
 
 class _NotServed(SnsUnavailable):

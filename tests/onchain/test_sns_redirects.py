@@ -89,6 +89,13 @@ def test_a_certificate_url_that_redirects_off_sns_hosts_is_not_followed(
     assert elsewhere.asked == []  # the certificate off SNS's hosts was never fetched
     assert url not in sns_module._CERTIFICATE_KEYS
     nothing_happened(depositor)  # no notification row, nothing credited
+    # A URL that redirects serves no certificate: remembered (CIRCLE_UNKNOWN_KEY_TTL), not
+    # fetched again for every delivery naming it.
+    envelope = sandbox.sns_envelope(mint_deposit(str(uuid.uuid4()), "25.50", ADDRESS))
+    envelope["SigningCertURL"] = url
+    status, answer = sandbox.deliver_sns(webhook, envelope)
+    assert status == 503 and redirecting.asked == [CERTIFICATE_PATH]
+    nothing_happened(depositor)
 
 
 @pytest.mark.parametrize("redirecting", REDIRECTS, indirect=True)
