@@ -231,10 +231,10 @@ def conversion_find(
     """The transfer a job's creation made when its answer was lost: among Due's transfers
     created since `since` (`GET /v1/transfers`, newest first, page by page with `next`), the
     one of the job's source amount and currencies to our recipient that no other job holds
-    (`taken`): the one carrying the job's `external_id` if Due shows it, never one carrying
-    another. None when Due lists none: it never received the creation. DueUnavailable when
-    Due cannot say, or when more than one would do (for an operator: which one is the job's
-    is not ours to guess)."""
+    (`taken`); one carrying the job's `external_id` is the job's whatever its amount, one
+    carrying another never is. None when Due lists none: it never received the creation.
+    DueUnavailable when Due cannot say, or when more than one would do (for an operator: which
+    one is the job's is not ours to guess)."""
     to = recipient(target_currency)
     query = {"order": "desc", "limit": str(LOOKUP_PAGE), "startDate": since.isoformat()}
     found: dict[str, dict] = {}
@@ -254,9 +254,13 @@ def conversion_find(
                 for side in (transfer["source"], transfer["destination"])
             )
             theirs = item.get("externalId")
+            if transfer["id"] in taken:
+                continue
+            if theirs == external_id:  # made by the job's creation, whatever Due made of it
+                keyed[transfer["id"]] = transfer
+                continue
             if (
-                transfer["id"] not in taken
-                and theirs in (None, "", external_id)
+                theirs in (None, "")
                 and source.get("currency") == source_currency
                 and _amount(source.get("amount")) == source_amount
                 and destination.get("currency") == target_currency
@@ -264,8 +268,6 @@ def conversion_find(
                 and _moment(item.get("createdAt")) >= since  # not trusting startDate alone
             ):
                 found[transfer["id"]] = transfer  # (pages shift as transfers are created)
-                if theirs == external_id:
-                    keyed[transfer["id"]] = transfer
         cursor = page.get("next")
         if cursor in (None, ""):
             break
@@ -279,7 +281,7 @@ def conversion_find(
             f"Due lists more than {LOOKUP_PAGES * LOOKUP_PAGE} transfers since {since}; "
             "the job's is for an operator to find"
         )
-    if len(keyed) == 1:
+    if keyed:  # (a completion whose amounts are not the job's is disputed, not posted)
         found = keyed
     if len(found) > 1:
         raise DueUnavailable(
