@@ -231,14 +231,16 @@ def conversion_find(
     """The transfer a job's creation made when its answer was lost: among Due's transfers
     created since `since` (`GET /v1/transfers`, newest first, page by page with `next`), the
     one of the job's source amount and currencies to our recipient that no other job holds
-    (`taken`); one carrying the job's `external_id` is the job's whatever its amount, one
-    carrying another never is. None when Due lists none: it never received the creation.
+    (`taken`), the one carrying the job's `external_id` first; one carrying another key never
+    is; one carrying the job's key but not its amount, currencies or recipient is for an
+    operator. None when Due lists none: it never received the creation.
     DueUnavailable when Due cannot say, or when more than one would do (for an operator: which
     one is the job's is not ours to guess)."""
     to = recipient(target_currency)
     query = {"order": "desc", "limit": str(LOOKUP_PAGE), "startDate": since.isoformat()}
     found: dict[str, dict] = {}
-    keyed: dict[str, dict] = {}  # carrying the job's external id
+    keyed: dict[str, dict] = {}  # of those, carrying the job's external id
+    odd: dict[str, dict] = {}  # carrying the job's external id, of another amount
     for _ in range(LOOKUP_PAGES):
         page = _call(base_url, "GET", f"/v1/transfers?{urlencode(query)}")
         items = page.get("items") if isinstance(page, dict) else None
@@ -254,20 +256,21 @@ def conversion_find(
                 for side in (transfer["source"], transfer["destination"])
             )
             theirs = item.get("externalId")
-            if transfer["id"] in taken:
+            if transfer["id"] in taken or theirs not in (None, "", external_id):
                 continue
-            if theirs == external_id:  # made by the job's creation, whatever Due made of it
-                keyed[transfer["id"]] = transfer
-                continue
-            if (
-                theirs in (None, "")
-                and source.get("currency") == source_currency
+            matches = (
+                source.get("currency") == source_currency
                 and _amount(source.get("amount")) == source_amount
                 and destination.get("currency") == target_currency
                 and destination.get("id", to) == to
                 and _moment(item.get("createdAt")) >= since  # not trusting startDate alone
-            ):
+            )
+            if matches:
                 found[transfer["id"]] = transfer  # (pages shift as transfers are created)
+                if theirs == external_id:
+                    keyed[transfer["id"]] = transfer
+            elif theirs == external_id:  # made by the job's creation, not as it asked
+                odd[transfer["id"]] = transfer
         cursor = page.get("next")
         if cursor in (None, ""):
             break
@@ -281,7 +284,12 @@ def conversion_find(
             f"Due lists more than {LOOKUP_PAGES * LOOKUP_PAGE} transfers since {since}; "
             "the job's is for an operator to find"
         )
-    if keyed:  # (a completion whose amounts are not the job's is disputed, not posted)
+    if odd:  # the job's creation made it, not as asked: neither taken nor made again
+        raise DueUnavailable(
+            f"transfer(s) {', '.join(odd)} at Due carry this job's key but not its amount, "
+            "currencies or recipient; for an operator"
+        )
+    if len(keyed) == 1:
         found = keyed
     if len(found) > 1:
         raise DueUnavailable(

@@ -62,8 +62,8 @@ def completion_mismatch(
     """Why a completed conversion's amounts cannot be this job's (empty when they can): the
     source must be exactly the job's, the destination in the target currency's scale and within
     `tolerance` (TREASURY_CONVERSION_TOLERANCE unless given) below 1:1 (the provider's fee or
-    spread; the sandbox takes none), never above: anything else is a provider error or a
-    different conversion."""
+    spread; the sandbox takes none), never above, and paid to our recipient when the transfer
+    names one: anything else is a provider error or a different conversion."""
     # A provider's answer may hold anything where an object is due: read as an empty one.
     source, destination = (
         side if isinstance(side, dict) else {}
@@ -88,6 +88,10 @@ def completion_mismatch(
             f"destination amount {target_amount} is outside [{floor}, {job.source_amount}] "
             f"(1:1 less at most {tolerance:%}, TREASURY_CONVERSION_TOLERANCE)"
         )
+    paid_to = destination.get("id")  # (Due's transfer names the recipient it paid)
+    ours = settings.DUE_RECIPIENTS.get(job.target_currency, "")
+    if paid_to is not None and paid_to != ours:
+        return f"paid to recipient {paid_to!r}, not ours ({ours or 'none configured'})"
     return ""
 
 

@@ -18,7 +18,7 @@ from cutover.exceptions import OperatorNotPermitted
 from cutover.models import OperatorAudit
 from ledger.models import Transaction
 from tests.cutover.factories import phase_set
-from tests.treasury.factories import OPS, buffers, job_make, webhook_delivered
+from tests.treasury.factories import OPS, RECIPIENTS, buffers, job_make, webhook_delivered
 from treasury.exceptions import JobRefused
 from treasury.models import ConversionJob
 from treasury.operators import job_resolve
@@ -27,6 +27,12 @@ from treasury.selectors import reserved
 pytestmark = pytest.mark.django_db(transaction=True)
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "due"
 TRANSFER = "tf_XYZ123456789"  # Due's documented example: 150.00 USDC -> 147.50 USD
+
+
+@pytest.fixture(autouse=True)
+def documented_recipient(due, settings):
+    """Our USD recipient is the one Due's documented example pays (rcp_QWERTY98765)."""
+    settings.DUE_RECIPIENTS = {**RECIPIENTS, "USD": "rcp_QWERTY98765"}
 
 
 def disputed(client, due) -> ConversionJob:
@@ -163,3 +169,14 @@ def test_the_command_and_the_console_resolve(client, due, usdc_low):
     )
     assert ConversionJob.objects.get(pk=other.pk).status == "failed"
     assert OperatorAudit.objects.filter(action="job.resolve").count() == 2
+
+
+def test_a_conversion_due_paid_to_another_recipient_is_never_booked(client, due, usdc_low):
+    """Found from outside: a processed transfer naming another recipient than ours was booked
+    into our buffer. Its money is not ours: the resolution refuses it, nothing written."""
+    job = disputed(client, due)
+    with due.lock:
+        due.conversions[TRANSFER]["destination"]["id"] = "rcp_someone_else"
+    with pytest.raises(JobRefused, match="paid to recipient 'rcp_someone_else'"):
+        job_resolve(job_id=job.pk, actor=OPS, reason="r")
+    assert ConversionJob.objects.get(pk=job.pk).status == "disputed" and postings() == 0

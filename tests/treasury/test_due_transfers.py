@@ -124,24 +124,25 @@ def test_a_transfer_carrying_the_job_s_key_is_the_job_s(due, usdc_low):
     assert job.provider_reference == ours and due.create_calls == 0
 
 
-def test_a_transfer_carrying_the_job_s_key_is_the_job_s_whatever_its_amount(due, usdc_low):
+def test_a_transfer_carrying_the_job_s_key_for_another_amount_is_for_an_operator(due, usdc_low):
     """Due made the job's transfer for another amount (its quote's rounding, say): it carries
-    the job's key, so it is the job's and nothing is created again; its completion, not the
-    job's amount, is disputed for an operator. Two carrying the key are for an operator."""
+    the job's key, so nothing is created again, but neither is it taken (its conversion could
+    never be the job's): the job waits for an operator, nothing sent."""
     settlement_cycle_run(triggered_by="test")
     job = ConversionJob.objects.get()
     ours = at_due(due, amount="18999.99")
     with due.lock:
         due.conversions[ours]["externalId"] = str(job.idempotency_key)
-    assert jobs_submit().submitted == 1
+    assert jobs_submit().retried == 1
     job.refresh_from_db()
-    assert job.provider_reference == ours and due.create_calls == 0
+    assert job.provider_reference is None and due.create_calls == 0
+    assert ours in job.last_error and "operator" in job.last_error
 
 
 def test_two_transfers_carrying_the_job_s_key_are_for_an_operator(due, usdc_low):
     settlement_cycle_run(triggered_by="test")
     job = ConversionJob.objects.get()
-    both = [at_due(due), at_due(due, amount="1.00")]
+    both = [at_due(due), at_due(due)]
     with due.lock:
         for transfer_id in both:
             due.conversions[transfer_id]["externalId"] = str(job.idempotency_key)

@@ -20,6 +20,7 @@ from ledger.models import Transaction
 from tests.cutover.factories import phase_set
 from tests.treasury.factories import (
     DUE_WEBHOOK_URL,
+    RECIPIENTS,
     job_make,
     job_transfer,
     webhook_delivered,
@@ -267,6 +268,7 @@ def test_a_fee_within_the_configured_tolerance_is_posted(client, due, usdc_low, 
     disputed (above); a deployment whose contract with Due allows 2 % says so
     (TREASURY_CONVERSION_TOLERANCE=0.02) and the same completion posts 147.50, once."""
     settings.TREASURY_CONVERSION_TOLERANCE = Decimal("0.02")
+    settings.DUE_RECIPIENTS = {**RECIPIENTS, "USD": "rcp_QWERTY98765"}  # whom the example pays
     event = documented("webhook_transfer_status_changed.json")
     job = job_make(reference=DOCUMENTED_TRANSFER_ID, source="USDC", amount="150.00")
     at_due(due, event["data"])
