@@ -55,11 +55,15 @@ def test_an_exited_process_not_yet_reaped_is_read_by_its_name():
     command line, but its name and its times (counted as PostgreSQL's by the name)."""
     child = subprocess.Popen([shutil.which("true")])
     try:
-        # (On a loaded machine the child may take seconds even to run and exit: found in CI.)
+        # (On a loaded machine the child may take seconds even to run and exit: found in CI.
+        # Waited for by its state, Z: its command line also reads empty for a moment while it
+        # execs, which a wait on the command line took for its exit, found in CI.)
         deadline = time.monotonic() + 120
-        while (PROC / str(child.pid) / "cmdline").read_bytes():
+        stat = PROC / str(child.pid) / "stat"
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
             assert time.monotonic() < deadline, "the child never exited"
             time.sleep(0.01)
+        assert (PROC / str(child.pid) / "cmdline").read_bytes() == b""
         assert cpu_read()[child.pid][0] == "true"
     finally:
         child.wait()
