@@ -71,6 +71,9 @@ STATUSES = {
     "canceled": "failed",
     "refund_processed": "failed",
 }
+# Due taking back, or having taken back, a transfer's money (fixtures/due/SOURCES.md 2.5).
+REFUNDED = "refund_processed"
+REFUND_STATUSES = ("refund_submitted", REFUNDED)
 IN_FLIGHT = frozenset(
     {
         "awaiting_funds",

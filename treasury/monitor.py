@@ -137,7 +137,7 @@ def _completed_watch(base_urls: Mapping[str, str]) -> int:
     many were answered."""
     now = timezone.now()
     asked = 0
-    watched = (
+    watched = list(
         ConversionJob.objects.select_related("provider")
         .filter(
             status=JobStatus.COMPLETED,
@@ -150,16 +150,15 @@ def _completed_watch(base_urls: Mapping[str, str]) -> int:
         )
         .order_by(F("provider_checked_at").asc(nulls_first=True), "pk")[:REFUND_CHECK_BATCH]
     )
+    # Asked, answered or not: the next ask is in an hour (found from outside: jobs Due could
+    # not show stayed the least recently asked and filled every run's batch). One update.
+    ConversionJob.objects.filter(pk__in=[job.pk for job in watched]).update(provider_checked_at=now)
     for job in watched:
         try:
             job_ask_settle(job=job, base_urls=base_urls)
             asked += 1
         except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
             log.warning("treasury: completed job %s not asked about now: %s", job.pk, exc)
-        # Asked, answered or not: the next is asked in an hour (found from outside: jobs Due
-        # could not show stayed the least recently asked and filled every run's batch).
-        with transaction.atomic(durable=True):
-            ConversionJob.objects.filter(pk=job.pk).update(provider_checked_at=timezone.now())
     return asked
 
 

@@ -101,16 +101,12 @@ def source_available(source: str) -> Decimal:
     return max(available, Decimal(0)).quantize(quantum("USD"), rounding=ROUND_DOWN)
 
 
-# Due's statuses of a transfer it is taking back, or has taken back, from a completed job.
-REFUND_STATUSES = ("refund_submitted", "refund_processed")
-
-
 def jobs_for_an_operator() -> dict[str, int]:
     """Conversion jobs only an operator can end: disputed ones (treasury.operators.job_resolve)
     and completed ones Due refunds (job_reverse)."""
     return {
         "disputed": ConversionJob.objects.filter(status=JobStatus.DISPUTED).count(),
         "refunded": ConversionJob.objects.filter(
-            status=JobStatus.COMPLETED, provider_status__in=REFUND_STATUSES
+            status=JobStatus.COMPLETED, provider_status__in=due.REFUND_STATUSES
         ).count(),
     }

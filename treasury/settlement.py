@@ -149,17 +149,20 @@ def job_settle(*, job_id: int, conversion: dict) -> str:
         return job.status
 
 
+def _buffer_gather(currency: str) -> None:
+    """The `currency` buffer's shards (deposits) gathered into its base, which a conversion
+    posting credits (no row goes below 0), with every other account of the posting locked in
+    the same pass, in the one id order (conversions and reversals cannot deadlock)."""
+    clearing = [f"conversion_clearing_{c.lower()}" for c in BUFFER_ACCOUNTS]
+    system_account_gather(
+        code=BUFFER_ACCOUNTS[currency], also=[*BUFFER_ACCOUNTS.values(), *clearing]
+    )
+
+
 def conversion_book(job: ConversionJob, target_amount: Decimal) -> None:
     """Post a locked job's conversion (reference `conversion:<idempotency key>`: once) and
     mark it completed, in the caller's transaction."""
-    # The source buffer's shards (deposits) gathered into its base, which the posting credits
-    # (no row goes below 0), with every other account of the posting locked in the same pass,
-    # in the one id order (conversions both ways cannot deadlock).
-    clearing = [f"conversion_clearing_{c.lower()}" for c in BUFFER_ACCOUNTS]
-    system_account_gather(
-        code=BUFFER_ACCOUNTS[job.source_currency],
-        also=[*BUFFER_ACCOUNTS.values(), *clearing],
-    )
+    _buffer_gather(job.source_currency)
     posting = transaction_apply(
         namespace="treasury",
         reference_id=f"conversion:{job.idempotency_key}",
@@ -221,11 +224,7 @@ def conversion_reversal_post(job: ConversionJob) -> int:
     `conversion-reversal:<idempotency key>`), in the caller's transaction: the source money back
     in its buffer, the target money out of its buffer. ConversionNotReversible when the target
     buffer no longer holds it. The ledger transaction's id."""
-    clearing = [f"conversion_clearing_{c.lower()}" for c in BUFFER_ACCOUNTS]
-    system_account_gather(
-        code=BUFFER_ACCOUNTS[job.target_currency],
-        also=[*BUFFER_ACCOUNTS.values(), *clearing],
-    )
+    _buffer_gather(job.target_currency)
     held = withdrawals_held(job.target_currency)  # (committed to users' withdrawals)
     if held and system_balance(code=BUFFER_ACCOUNTS[job.target_currency]) - held < (
         job.target_amount
@@ -277,11 +276,16 @@ def job_ask_settle(*, job: ConversionJob, base_urls: Mapping[str, str]) -> tuple
     the answer; the provider's errors (DueUnavailable, DueRefused, ProviderNotConfigured,
     ConversionMalformed) and the ledger's are raised."""
     with job_asked(job.pk):
-        conversion = due.conversion_get(
-            base_url=due.provider_base_url(job.provider.code, base_urls),
-            conversion_id=job.provider_reference,
-        )
+        conversion = job_transfer_get(job, base_urls)
         return job_settle(job_id=job.pk, conversion=conversion), conversion
+
+
+def job_transfer_get(job: ConversionJob, base_urls: Mapping[str, str]) -> dict:
+    """What the job's provider says of its transfer now (treasury.due.conversion_get)."""
+    return due.conversion_get(
+        base_url=due.provider_base_url(job.provider.code, base_urls),
+        conversion_id=job.provider_reference,
+    )
 
 
 def callback_receive(*, body: bytes, signature: str) -> str:

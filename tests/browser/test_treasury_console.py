@@ -13,9 +13,8 @@ from playwright.sync_api import expect
 
 from cutover.models import OperatorAudit
 from tests.browser.console import login
-from tests.treasury.factories import fund, job_make, job_transfer
+from tests.treasury.factories import fund, job_make, job_told
 from treasury.models import BufferThreshold, ConversionJob, ConversionProvider
-from treasury.settlement import job_settle
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -104,27 +103,13 @@ def test_pending_job_cancelled_with_a_reason(live_server, operator):
     )
 
 
-def completed_job(due, reference: str, due_statuses: tuple[str, ...]) -> ConversionJob:
-    """A 100 USD -> USDC job Due processed (posted), then told `due_statuses` of; Due's
-    transfer in the last of them."""
-    job = job_make(reference=reference, amount="100")
-    transfer = job_transfer(job, transfer_id=reference)
-    settled = [("completed", "payment_processed")]
-    settled += [("failed" if s.endswith("processed") else "pending", s) for s in due_statuses]
-    for status, due_status in settled:
-        job_settle(
-            job_id=job.pk, conversion={**transfer, "status": status, "due_status": due_status}
-        )
-    with due.lock:
-        due.conversions[reference] = {**transfer, "status": settled[-1][1]}
-    return job
-
-
 def test_a_refunded_conversion_is_found_by_due_s_status_and_reversed(live_server, operator, due):
     fund("fiat_buffer", "1000")
     fund("usdc_buffer", "1000")
-    refunded = completed_job(due, "tf_refunded", ("refund_submitted", "refund_processed"))
-    kept = completed_job(due, "tf_kept", ())
+    processed = ("completed", "payment_processed")
+    told = [processed, ("pending", "refund_submitted"), ("failed", "refund_processed")]
+    refunded = job_told(due, job_make(reference="tf_refunded", amount="100"), told)
+    kept = job_told(due, job_make(reference="tf_kept", amount="100"), [processed])
     page = operator
     page.goto(f"{live_server.url}/admin/treasury/conversionjob/")
     page.get_by_role("link", name="refund_processed").click()  # the filter: Due's status

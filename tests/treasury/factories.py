@@ -15,6 +15,7 @@ from ledger.services import Leg, transaction_post
 from treasury.models import ConversionJob, ConversionProvider
 from treasury.sandbox import OPEN, DueSandbox
 from treasury.selectors import buffer_status_list
+from treasury.settlement import job_settle
 
 KEY, SECRET = "due-key", "due-secret"
 # Where the sandbox's transfers pay: our bank account (USD) and our wallet (USDC) at Due.
@@ -123,6 +124,23 @@ def job_transfer(job: ConversionJob, *, transfer_id: str, **fields) -> dict:
         amount=str(job.source_amount),
         **fields,
     )
+
+
+def job_told(
+    due: DueSandbox, job: ConversionJob, told: list[tuple[str, str]], **transfer_fields
+) -> ConversionJob:
+    """`job` settled with each of Due's answers `told`, (status, Due's status) in turn (the
+    first a completion posts it, a disputed one disputes it), its transfer at Due left as the
+    last of them said (`transfer_fields` on it: a destination amount other than 1:1)."""
+    transfer = {**job_transfer(job, transfer_id=job.provider_reference), **transfer_fields}
+    for status, due_status in told:
+        job_settle(
+            job_id=job.pk, conversion={**transfer, "status": status, "due_status": due_status}
+        )
+    with due.lock:
+        due.conversions[job.provider_reference] = {**transfer, "status": told[-1][1]}
+    job.refresh_from_db()
+    return job
 
 
 def webhook_delivered(client, due: DueSandbox, event: dict):
