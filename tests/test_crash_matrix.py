@@ -61,14 +61,14 @@ from tests.treasury.factories import (
     KEY,
     RECIPIENT_ENVIRONMENT,
     SECRET,
+    buffers,
     fund,
     job_make,
+    job_told,
     job_transfer,
 )
 from treasury.models import ConversionJob, SettlementCycle
 from treasury.sandbox import DueSandbox
-from treasury.selectors import buffer_status_list
-from treasury.settlement import job_settle
 
 BROKER = "redis://127.0.0.1:6379/10"
 OPERATOR = Actor("cli:test")
@@ -793,11 +793,14 @@ class Rollbacks(CommandFlow):
         return found
 
 
-class Reversals(CommandFlow):
-    """`treasury reverse` of a completed conversion Due refunded (asked of Due by the command),
-    killed after the reversal is posted and before it commits; the operator runs it again."""
+class JobActions(CommandFlow):
+    """An operator's command on conversion jobs Due has told a final word of (`action`, asked
+    of Due by the command), killed after its posting and before its commit; the operator runs
+    it again. Each job ends `done` with one posting of `kind`, audited once; the buffers moved
+    by what each job's Due answer says (`moved`)."""
 
     after = 1
+    action = kind = done = ""
 
     def __init__(self, tmp_path: Path, due: DueSandbox):
         super().__init__(tmp_path)
@@ -811,6 +814,7 @@ class Reversals(CommandFlow):
                 "DUE_API_BASE_URL": self.due.base_url,
                 "DUE_API_KEY": KEY,
                 "DUE_API_SECRET": SECRET,
+                **RECIPIENT_ENVIRONMENT,
             }
         ):
             yield
@@ -818,53 +822,84 @@ class Reversals(CommandFlow):
     def prepare(self) -> None:
         fund("usdc_buffer", "100000")
         fund("fiat_buffer", "100000")
-        self.before = self._buffers()
-        self.jobs: list[int] = []
+        self.before = buffers()
+        self.jobs: list[ConversionJob] = []
+
+    def job_told(self, job: ConversionJob) -> ConversionJob:
+        raise NotImplementedError
+
+    def moved(self, job: ConversionJob) -> dict[str, Decimal]:
+        raise NotImplementedError
 
     def step(self) -> None:
-        amount = str(self.rng.randint(1, 500))
-        job = job_make(reference=f"tf_refunded_{uuid.uuid4().hex[:12]}", amount=amount)
-        transfer = job_transfer(job, transfer_id=job.provider_reference)
-        for status, due_status in (
-            ("completed", "payment_processed"),
-            ("failed", "refund_processed"),
-        ):
-            job_settle(
-                job_id=job.pk, conversion={**transfer, "status": status, "due_status": due_status}
-            )
-        with self.due.lock:  # what the command asks Due
-            self.due.conversions[job.provider_reference] = {
-                **transfer,
-                "status": "refund_processed",
-            }
-        self.jobs.append(job.pk)
-        if self.run("treasury", "reverse", str(job.pk), "--reason", "crash matrix"):
+        amount = str(self.rng.randint(100, 500))
+        job = job_make(reference=f"tf_{uuid.uuid4().hex[:20]}", amount=amount)
+        self.jobs.append(self.job_told(job))
+        was = job.status
+        if self.run("treasury", self.action, str(job.pk), "--reason", "crash matrix"):
             job.refresh_from_db()
-            if job.status != "completed" or job.reversal_transaction_id is not None:
-                self.problems.append(f"a killed reversal left job {job.pk} {job.status}")
+            if job.status != was:
+                self.problems.append(f"a killed {self.action} left job {job.pk} {job.status}")
 
     def settle(self) -> None:
-        for job_id in ConversionJob.objects.filter(status="completed").values_list("pk", flat=True):
-            self.run("treasury", "reverse", str(job_id), "--reason", "crash matrix")
+        for job in self.jobs:
+            job.refresh_from_db()
+            if job.status != self.done:
+                self.run("treasury", self.action, str(job.pk), "--reason", "crash matrix")
 
     def violations(self) -> list[str]:
         found = super().violations()
-        reversed_jobs = ConversionJob.objects.filter(pk__in=self.jobs, status="reversed").count()
-        if reversed_jobs != len(self.jobs):
-            found.append(f"{reversed_jobs} of {len(self.jobs)} refunded jobs reversed")
-        reversals = Transaction.objects.filter(kind="conversion_reversal").count()
-        if reversals != len(self.jobs):
-            found.append(f"{reversals} reversal postings for {len(self.jobs)} jobs")
-        audits = OperatorAudit.objects.filter(action="job.reverse").count()
-        if audits != len(self.jobs):
-            found.append(f"{audits} reversals audited for {len(self.jobs)} jobs")
-        if self._buffers() != self.before:
-            found.append(f"buffers {self._buffers()} after the reversals, {self.before} before")
+        ids = [job.pk for job in self.jobs]
+        ended = ConversionJob.objects.filter(pk__in=ids, status=self.done).count()
+        if ended != len(ids):
+            found.append(f"{ended} of {len(ids)} jobs {self.done}")
+        postings = Transaction.objects.filter(kind=self.kind).count()
+        if postings != len(ids):
+            found.append(f"{postings} {self.kind} postings for {len(ids)} jobs")
+        audits = OperatorAudit.objects.filter(action=f"job.{self.action}").count()
+        if audits != len(ids):
+            found.append(f"{audits} audits of job.{self.action} for {len(ids)} jobs")
+        expected = dict(self.before)
+        for job in self.jobs:
+            for currency, change in self.moved(job).items():
+                expected[currency] += change
+        if buffers() != expected:
+            found.append(f"buffers {buffers()}, expected {expected}")
         return found
 
-    @staticmethod
-    def _buffers() -> dict[str, Decimal]:
-        return {reading.currency: reading.balance for reading in buffer_status_list()}
+
+class Reversals(JobActions):
+    """`treasury reverse` of completed conversions Due refunded."""
+
+    action, kind, done = "reverse", "conversion_reversal", "reversed"
+
+    def job_told(self, job: ConversionJob) -> ConversionJob:
+        return job_told(
+            self.due, job, [("completed", "payment_processed"), ("failed", "refund_processed")]
+        )
+
+    def moved(self, job: ConversionJob) -> dict[str, Decimal]:
+        return {}  # converted, then reversed
+
+
+class Resolutions(JobActions):
+    """`treasury resolve` of disputed conversions (Due kept a 2 % fee, over the 1 % the
+    treasury posts unasked) that Due processed: each booked as Due made it."""
+
+    action, kind, done = "resolve", "conversion", "completed"
+
+    def job_told(self, job: ConversionJob) -> ConversionJob:
+        paid = str(job.source_amount * Decimal("0.98"))
+        destination = {**job_transfer(job, transfer_id=job.provider_reference)["destination"]}
+        return job_told(
+            self.due,
+            job,
+            [("completed", "payment_processed")],
+            destination={**destination, "amount": paid},
+        )
+
+    def moved(self, job: ConversionJob) -> dict[str, Decimal]:
+        return {"USD": -job.source_amount, "USDC": job.source_amount * Decimal("0.98")}
 
 
 # The matrix ------------------------------------------------------------------------------------
@@ -898,6 +933,7 @@ MATRIX = {
     "backfill:chunk-posted": (Backfills, None),
     "rollback:legacy-rebuilt": (Rollbacks, None),
     "treasury:reversal-posted": (Reversals, "due"),
+    "treasury:resolution-booked": (Resolutions, "due"),
 }
 
 

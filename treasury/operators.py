@@ -28,6 +28,7 @@ from treasury.settlement import (
     job_asked,
     job_save,
     job_settle,
+    job_transfer_get,
 )
 
 JOB_PERMISSION = "treasury.change_conversionjob"
@@ -136,10 +137,6 @@ def job_retry(*, job_id: int, actor: Actor, reason: str) -> ConversionJob:
     return again
 
 
-# Due's status of a transfer whose source money it returned (fixtures/due/SOURCES.md 2.5).
-REFUNDED = "refund_processed"
-
-
 def _reversible(job: ConversionJob) -> None:
     if job.status != JobStatus.COMPLETED:
         raise JobRefused(f"{job} is {job.status}; only a completed job is reversed")
@@ -152,12 +149,8 @@ def _reversible(job: ConversionJob) -> None:
 
 def _provider_answer(job: ConversionJob, base_urls: Mapping[str, str] | None) -> dict:
     """What the provider says of a job's transfer now; JobRefused when it cannot be asked."""
-    urls = due.provider_base_urls() if base_urls is None else base_urls
     try:
-        return due.conversion_get(
-            base_url=due.provider_base_url(job.provider.code, urls),
-            conversion_id=job.provider_reference,
-        )
+        return job_transfer_get(job, due.provider_base_urls() if base_urls is None else base_urls)
     except (DueUnavailable, DueRefused, ProviderNotConfigured) as exc:
         raise JobRefused(f"{job}: the provider cannot be asked now: {exc}") from None
 
@@ -186,10 +179,10 @@ def job_reverse(
                 ConversionJob.objects.select_for_update().select_related("provider").get(pk=job_id)
             )
             _reversible(job)
-            if job.provider_status != REFUNDED:
+            if job.provider_status != due.REFUNDED:
                 raise JobRefused(
                     f"{job}: the provider says its transfer is "
-                    f"{job.provider_status or 'unknown'}, not {REFUNDED}; a conversion is "
+                    f"{job.provider_status or 'unknown'}, not {due.REFUNDED}; a conversion is "
                     "reversed once the provider has refunded it"
                 )
             before = _job_values(job)
@@ -253,6 +246,7 @@ def job_resolve(
                     conversion_book(job, Decimal(conversion["destination"]["amount"]))
                 except LedgerError as exc:  # the source buffer no longer holds it, say
                     raise JobRefused(f"{job}: not booked: {exc}") from None
+                fault_point("treasury:resolution-booked")
             else:
                 raise JobRefused(
                     f"{job}: the provider says its transfer is {said}, not final; resolve it "
