@@ -1,6 +1,7 @@
 """The input boundary of every HTTP entry (the API, Circle's and Due's webhooks, the internal
-endpoints, /metrics): what any sender may put in a request is checked here, before it is parsed,
-trusted or written, and refused as InputRefused naming the field.
+endpoints, /metrics; the admin console's is gateway.console_boundary): what any sender may put
+in a request is checked here, before it is parsed, trusted or written, and refused as
+InputRefused naming the field.
 
 - A body is read only up to its endpoint's limit, judged by its declared Content-Length before
   a byte is read (413); Django's own limit (DATA_UPLOAD_MAX_MEMORY_SIZE) stays behind it.
@@ -26,6 +27,11 @@ MAX_JSON_DEPTH = 16
 _PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 MAX_TOKEN_LENGTH = 512  # ours are 43 characters; a longer header is not a token
+
+
+def unstorable(text: str) -> bool:
+    """`text` holds a NUL or an unpaired surrogate: PostgreSQL stores neither in text."""
+    return bool(_UNSTORABLE.search(text))
 
 
 def printable_ascii(value: str, *, max_length: int) -> bool:
@@ -96,7 +102,7 @@ def json_object(raw: bytes | str, *, field: str = "body") -> dict:
     for key, value in document.items():
         # A key that cannot be stored is named escaped: echoed raw, its unpaired surrogate made
         # the error body itself JSON that strict parsers refuse (found from outside).
-        name = key.encode("unicode_escape").decode("ascii") if _UNSTORABLE.search(key) else key
+        name = key.encode("unicode_escape").decode("ascii") if unstorable(key) else key
         _storable(name, key, 1)
         _storable(name, value, 1)
     return document
@@ -108,7 +114,7 @@ def _storable(field: str, value, depth: int) -> None:
             400, "invalid_json", f"{field} is nested deeper than {MAX_JSON_DEPTH} levels", field
         )
     if isinstance(value, str):
-        if _UNSTORABLE.search(value):
+        if unstorable(value):
             raise InputRefused(
                 400, "invalid", f"{field} holds a NUL character or an unpaired surrogate", field
             )
