@@ -12,6 +12,7 @@ from django.db import connection
 from django.test import Client
 from django.urls import reverse
 
+from config.cockpit_admin import FORMS
 from ledger.models import Entry
 from onchain.models import Withdrawal
 
@@ -108,3 +109,29 @@ def test_a_selection_that_is_not_an_id_is_named_and_nothing_is_done(console):
 def test_a_nul_in_a_filter_is_a_bad_request(console):
     assert console.get(_changelist(Entry) + "?currency=US%00D").status_code == 400
     assert console.get(_changelist(Entry) + "?currency=USD").status_code == 200
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+def test_hostile_cockpit_forms_answer_without_a_server_error(console, name):
+    """The cockpit's own forms (phase changes, read share, rollback, kill switch): every field
+    given what is not a value of it answers a page, never a 500."""
+    url = reverse(
+        {
+            "advance": "cockpit_advance",
+            "force": "cockpit_force",
+            "reads": "cockpit_reads",
+            "rollback": "cockpit_rollback",
+            "kill": "cockpit_kill_switch",
+        }[name]
+    )
+    fields = list(FORMS[name]().fields)
+    answers = {}
+    for field in fields:
+        for value in ["abc", "", "-1", "1e999", "x" * 20000, "\x00", "\ud800"]:
+            form = {f"{name}-{other}": "shadow" for other in fields}
+            form[f"{name}-{field}"] = value
+            response = console.post(
+                url, _form(form), content_type="application/x-www-form-urlencoded"
+            )
+            answers[(field, value[:8])] = response.status_code
+    assert {key: code for key, code in answers.items() if code >= 500} == {}
