@@ -77,10 +77,14 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def json_object(raw: bytes | str, *, field: str = "body") -> dict:
+def json_object(raw: bytes | str, *, field: str = "body", listed: str | None = None) -> dict:
     """The JSON object `raw` holds (UTF-8 bytes, or text already decoded), every string in it
     storable and nested at most MAX_JSON_DEPTH levels; else InputRefused (400) naming the key
-    at fault (the top-level key holding it) or `field` for the document as a whole."""
+    at fault (the top-level key holding it) or `field` for the document as a whole.
+    `listed`: the key of a list whose items are read one by one (a provider's list of
+    transfers): an item that cannot be stored does not make the whole list unreadable; it is
+    replaced by `{"unreadable": why, "listed": the item as ASCII JSON}`, which no reader takes
+    for a transfer, for the caller to record and skip."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError:
@@ -99,6 +103,9 @@ def json_object(raw: bytes | str, *, field: str = "body") -> dict:
         raise InputRefused(400, "invalid_json", f"the {field} is not valid JSON", field) from None
     if not isinstance(document, dict):
         raise InputRefused(400, "invalid_json", f"the {field} must be a JSON object", field)
+    items = document.get(listed) if listed is not None else None
+    if isinstance(items, list):
+        document[listed] = [_item_readable(listed, item) for item in items]
     for key, value in document.items():
         # A key that cannot be stored is named escaped: echoed raw, its unpaired surrogate made
         # the error body itself JSON that strict parsers refuse (found from outside).
@@ -106,6 +113,14 @@ def json_object(raw: bytes | str, *, field: str = "body") -> dict:
         _storable(name, key, 1)
         _storable(name, value, 1)
     return document
+
+
+def _item_readable(field: str, item: object) -> object:
+    try:
+        _storable(field, item, 2)
+    except InputRefused as exc:
+        return {"unreadable": str(exc), "listed": json.dumps(item, ensure_ascii=True)}
+    return item
 
 
 def _storable(field: str, value, depth: int) -> None:

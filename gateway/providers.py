@@ -35,9 +35,11 @@ def provider_call(
     refused: type[Exception],
     unavailable: type[Exception],
     error_text: Callable[[dict], str] = error_message,
+    listed: str | None = None,
 ) -> dict:
     """`method base_url+path` with `headers` and body `data`; the decoded JSON answer. An
-    error's JSON body is told in the exception's message by `error_text`."""
+    error's JSON body is told in the exception's message by `error_text`. `listed`: the key of
+    the answer's list whose items are read one by one (gateway.boundary.json_object)."""
     request = urllib.request.Request(  # noqa: S310 (settings allow only http and https)
         f"{base_url}{path}", data=data, method=method, headers=headers
     )
@@ -57,6 +59,6 @@ def provider_call(
     except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
         raise unavailable(f"{method} {path} failed: {exc}") from None
     try:
-        return json_object(raw, field="answer")
+        return json_object(raw, field="answer", listed=listed)
     except InputRefused as exc:
         raise unavailable(f"{provider}'s answer to {method} {path}: {exc}") from None

@@ -26,7 +26,13 @@ REFUSALS = {400, 404, 409, 422}
 
 
 def _call(
-    base_url: str, method: str, path: str, body: dict | None = None, *, idempotency_key: str = ""
+    base_url: str,
+    method: str,
+    path: str,
+    body: dict | None = None,
+    *,
+    idempotency_key: str = "",
+    listed: str | None = None,
 ) -> dict:
     headers = {"Authorization": f"Bearer {settings.CIRCLE_API_KEY}", "Accept": "application/json"}
     data = None
@@ -47,6 +53,7 @@ def _call(
         refused=CircleRefused,
         unavailable=CircleUnavailable,
         error_text=error_describe,
+        listed=listed,
     )
 
 
@@ -136,7 +143,11 @@ def _transfers_all(base_url: str, params: dict, since: datetime, page_size: int)
     found: list = []
     relisted: list = []
     while True:
-        page = _transfer_page(_call(base_url, "GET", f"/v1/transfers?{urlencode(params)}"))
+        # One transfer we could not store (a NUL in any of its strings) is an unreadable item
+        # of the page, not an unreadable page: the others are still credited.
+        page = _transfer_page(
+            _call(base_url, "GET", f"/v1/transfers?{urlencode(params)}", listed="data")
+        )
         # The items after the previous page's cursor head this page again: kept once (found
         # in the full run: a malformed transfer ending a page was recorded twice).
         if relisted and page[: len(relisted)] == relisted:

@@ -151,6 +151,20 @@ def _nothing_but_a_date(transfer: dict) -> None:
     transfer.clear()
 
 
+def _nul_in_a_field_we_do_not_read(transfer: dict) -> None:
+    # PostgreSQL stores no NUL in text: the whole page was refused as unreadable, and with it
+    # the 59 good deposits (the list is read as strictly as a request to us).
+    transfer["description"] = "a\x00b"
+
+
+def _nul_in_the_id(transfer: dict) -> None:
+    transfer["id"] = transfer["id"][:8] + "\x00" + transfer["id"][9:]
+
+
+def _unpaired_surrogate_in_the_status(transfer: dict) -> None:
+    transfer["status"] = "complete\ud800"
+
+
 @pytest.mark.parametrize(
     "poison",
     [
@@ -161,6 +175,9 @@ def _nothing_but_a_date(transfer: dict) -> None:
         _number_id,
         _number_status,
         _nothing_but_a_date,
+        _nul_in_a_field_we_do_not_read,
+        _nul_in_the_id,
+        _unpaired_surrogate_in_the_status,
     ],
 )
 def test_a_poisoned_transfer_mid_page_is_parked_and_the_others_are_credited(
