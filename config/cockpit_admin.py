@@ -20,6 +20,7 @@ from cutover.models import PHASE_CHOICES, AuditAction, PhaseAudit, PhaseState
 from cutover.phase_machine import kill_switch_set, phase_advance, phase_rollback
 from cutover.phases import Phase, next_phase
 from cutover.selectors import phase_state
+from gateway.actions import reason_field
 
 PERMISSIONS = {
     "advance": ("cutover.advance_phase",),
@@ -43,17 +44,12 @@ class AdvanceForm(forms.Form):
         empty_value=1,
         label="Users reading from the ledger",
     )
-    reason = forms.CharField(
-        required=False,
-        widget=forms.Textarea(attrs={"rows": 2, "cols": 40}),
-        help_text="Recorded in the audit trail with your name.",
-    )
+    reason = reason_field("Recorded in the audit trail with your name.", required=False, cols=40)
 
 
 class ForceForm(AdvanceForm):
-    reason = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 2, "cols": 40}),
-        help_text="Why the gate may be passed although it is not met; audited as forced.",
+    reason = reason_field(
+        "Why the gate may be passed although it is not met; audited as forced.", cols=40
     )
 
 
@@ -62,14 +58,11 @@ class ReadPercentForm(forms.Form):
     read_percent = forms.TypedChoiceField(
         choices=READ_STEP_CHOICES, coerce=int, label="Users reading from the ledger"
     )
-    reason = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2, "cols": 40}))
+    reason = reason_field("Recorded in the audit trail with your name.", required=False, cols=40)
 
 
 class RollbackForm(forms.Form):
-    reason = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 2, "cols": 40}),
-        help_text="Recorded in the audit trail with your name.",
-    )
+    reason = reason_field("Recorded in the audit trail with your name.", cols=40)
     confirm_phase = forms.CharField(
         label="Type the target phase to confirm",
         help_text=f"Type {Phase.LEGACY}: every step of the rollout is undone at once.",

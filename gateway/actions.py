@@ -14,6 +14,8 @@ from django.forms import Form
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
+from gateway.commands import REASON_MAX_LENGTH
+
 
 def action_confirm(
     model_admin: admin.ModelAdmin,
@@ -74,11 +76,17 @@ def action_run(
     return None
 
 
-def reason_field(help_text: str = "Why: kept in the operator audit.") -> forms.CharField:
-    """The text an operator writes for a change (a reason, a note), required, kept in the
-    operator audit."""
+def reason_field(
+    help_text: str = "Why: kept in the operator audit.", *, required: bool = True, cols: int = 60
+) -> forms.CharField:
+    """The text an operator writes for a change (a reason, a note), kept in the operator
+    audit: at most REASON_MAX_LENGTH characters, as the commands' `--reason` (a few
+    sentences, not a document; the console took any length the request limit let through)."""
     return forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}), help_text=help_text
+        max_length=REASON_MAX_LENGTH,
+        required=required,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": cols}),
+        help_text=help_text,
     )
 
 

@@ -13,6 +13,8 @@ from django.test import Client
 from django.urls import reverse
 
 from config.cockpit_admin import FORMS
+from cutover.models import PhaseState
+from gateway.commands import REASON_MAX_LENGTH
 from ledger.models import Entry
 from onchain.models import Withdrawal
 
@@ -135,3 +137,16 @@ def test_hostile_cockpit_forms_answer_without_a_server_error(console, name):
             )
             answers[(field, value[:8])] = response.status_code
     assert {key: code for key, code in answers.items() if code >= 500} == {}
+
+
+def test_a_console_reason_is_at_most_what_the_commands_take(console):
+    """An operator's reason in the console is at most REASON_MAX_LENGTH characters, as the
+    commands' --reason: a longer one is refused on the form, the switch left as it was."""
+    url = reverse("cockpit_kill_switch")
+    longest = {"kill-intent": "engage", "kill-reason": "x" * REASON_MAX_LENGTH}
+    page = console.post(url, {**longest, "kill-reason": "x" * (REASON_MAX_LENGTH + 1)})
+    assert page.status_code == 400
+    assert f"at most {REASON_MAX_LENGTH} characters" in page.content.decode()
+    assert PhaseState.objects.get().kill_switch is False
+    assert console.post(url, longest).status_code in (200, 302)
+    assert PhaseState.objects.get().kill_switch is True

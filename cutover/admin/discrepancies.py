@@ -38,6 +38,7 @@ from cutover.selectors import (
     known_difference_matching,
     store_balances,
 )
+from gateway.actions import reason_field
 from ledger.admin import ReadOnlyAdmin
 from ledger.templatetags.console import (
     amount_column,
@@ -55,17 +56,11 @@ KNOWN_DIFFERENCE_FOR = {
 
 
 class InvestigateForm(forms.Form):
-    note = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
-        help_text="What you are looking into: kept in the operator audit with your name.",
-    )
+    note = reason_field("What you are looking into: kept in the operator audit with your name.")
 
 
 class KnownDifferenceForm(forms.Form):
-    reason = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
-        help_text="Why this difference is expected: kept in the operator audit.",
-    )
+    reason = reason_field("Why this difference is expected: kept in the operator audit.")
     expires_in = forms.ChoiceField(
         choices=[(key, label) for key, (label, _) in KNOWN_DIFFERENCE_FOR.items()],
         initial="7",
@@ -75,10 +70,7 @@ class KnownDifferenceForm(forms.Form):
 
 class RepairRequestForm(forms.Form):
     side = forms.ChoiceField(choices=RepairSide.choices, widget=forms.RadioSelect)
-    reason = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
-        help_text="Why this store is the wrong one: kept with the repair and in the audit.",
-    )
+    reason = reason_field("Why this store is the wrong one: kept with the repair and in the audit.")
 
 
 @admin.register(Discrepancy)

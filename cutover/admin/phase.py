@@ -14,14 +14,12 @@ from cutover.models import (
 )
 from cutover.phase_machine import kill_switch_set
 from cutover.phases import flags_of
+from gateway.actions import reason_field
 from ledger.admin import ReadOnlyAdmin
 
 
 class ReasonForm(forms.Form):
-    reason = forms.CharField(
-        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
-        help_text="Recorded in the audit trail with your name.",
-    )
+    reason = reason_field("Recorded in the audit trail with your name.")
 
 
 class KillSwitchForm(ReasonForm):
