@@ -80,11 +80,13 @@ def circle_wallet_flows(circle: CircleSandbox, registered: set[str] | None = Non
 
 
 def due_conversion_flows(due: DueSandbox) -> dict[str, Decimal]:
-    """Per currency, what completed conversions at Due added (destination) and took (source)."""
+    """Per currency, what completed conversions at Due added (destination) and took (source);
+    one Due is refunding still counts, one it refunded does not (the source came back, the
+    payout went)."""
     flows = {"USD": Decimal(0), "USDC": Decimal(0)}
     with due.lock:
         for conversion in due.conversions.values():
-            if conversion["status"] != OUTCOMES["completed"]:
+            if conversion["status"] not in (OUTCOMES["completed"], "refund_submitted"):
                 continue
             flows[conversion["source"]["currency"]] -= Decimal(conversion["source"]["amount"])
             flows[conversion["destination"]["currency"]] += Decimal(
