@@ -104,14 +104,15 @@ def json_object(raw: bytes | str, *, field: str = "body", listed: str | None = N
     if not isinstance(document, dict):
         raise InputRefused(400, "invalid_json", f"the {field} must be a JSON object", field)
     items = document.get(listed) if listed is not None else None
-    if isinstance(items, list):
+    if isinstance(items, list):  # (read here, item by item: not again below)
         document[listed] = [_item_readable(listed, item) for item in items]
     for key, value in document.items():
         # A key that cannot be stored is named escaped: echoed raw, its unpaired surrogate made
         # the error body itself JSON that strict parsers refuse (found from outside).
         name = key.encode("unicode_escape").decode("ascii") if unstorable(key) else key
         _storable(name, key, 1)
-        _storable(name, value, 1)
+        if not (key == listed and isinstance(items, list)):
+            _storable(name, value, 1)
     return document
 
 

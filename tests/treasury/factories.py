@@ -43,6 +43,19 @@ def fund(code: str, amount: str) -> None:
     )
 
 
+def spend(code: str, amount) -> None:
+    """`amount` taken out of the system account `code` to opening-balance equity: money of a
+    buffer spent since (withdrawn, say)."""
+    account = Account.objects.get(code=code)
+    equity = Account.objects.get(code=f"opening_balance_equity_{account.currency_id.lower()}")
+    transaction_post(
+        namespace="test",
+        reference_id=f"spend:{uuid.uuid4()}",
+        kind="opening_balance",
+        legs=[Leg.debit(equity, amount), Leg.credit(account, amount)],
+    )
+
+
 def celery_environment(sandbox: DueSandbox, broker: str) -> dict[str, str]:
     """What a real Celery worker and beat need to run the treasury every second against
     `sandbox` over `broker`."""

@@ -15,10 +15,15 @@ import pytest
 from django.db import connection
 
 from cutover.models import OperatorAudit
-from ledger.models import Account
-from ledger.services import Leg, transaction_post
 from tests.cutover.factories import phase_set
-from tests.treasury.factories import DUE_WEBHOOK_URL, OPS, buffers, webhook_delivered
+from tests.treasury.factories import (
+    DUE_WEBHOOK_URL,
+    OPS,
+    buffers,
+    job_make,
+    spend,
+    webhook_delivered,
+)
 from tests.treasury.test_disputed_jobs import (  # noqa: F401 (documented_recipient: autouse)
     TRANSFER,
     at_due,
@@ -206,16 +211,7 @@ def test_a_resolution_the_spent_source_buffer_cannot_give_is_refused_and_writes_
     client, due, usdc_low
 ):
     job = disputed(client, due)
-    spent = buffers()["USDC"] - 100  # 100 USDC left, the job converted 150
-    transaction_post(
-        namespace="test",
-        reference_id="spent",
-        kind="opening_balance",
-        legs=[
-            Leg.debit(Account.objects.get(code="opening_balance_equity_usdc"), spent),
-            Leg.credit(Account.objects.get(code="usdc_buffer"), spent),
-        ],
-    )
+    spend("usdc_buffer", buffers()["USDC"] - 100)  # 100 USDC left, the job converted 150
     before = buffers()
     with pytest.raises(JobRefused, match="not booked"):
         job_resolve(job_id=job.pk, actor=OPS, reason="r")
@@ -329,18 +325,7 @@ def test_a_job_that_is_not_disputed_is_refused_and_unchanged(client, due, usdc_l
     job = disputed(client, due)
     with pytest.raises(ConversionJob.DoesNotExist):
         job_resolve(job_id=job.pk + 1000, actor=OPS, reason="r")
-    other = ConversionJob.objects.create(
-        idempotency_key=uuid.uuid4(),
-        buffer_currency="USDC",
-        source_currency="USD",
-        source_amount=Decimal("10"),
-        target_currency="USDC",
-        provider=job.provider,
-        provider_reference="tf_submitted",
-        status="submitted",
-        attempts=1,
-        created_by="test",
-    )
+    other = job_make(reference="tf_submitted", amount="10")
     with pytest.raises(JobRefused, match="only a disputed job"):
         job_resolve(job_id=other.pk, actor=OPS, reason="r")
     other.refresh_from_db()

@@ -21,10 +21,16 @@ from django.utils import timezone
 from cutover.actors import Actor
 from cutover.exceptions import OperatorNotPermitted
 from cutover.models import OperatorAudit
-from ledger.models import Account, Transaction
-from ledger.services import Leg, transaction_post
+from ledger.models import Transaction
 from tests.cutover.factories import phase_set
-from tests.treasury.factories import OPS, buffers, job_make, job_transfer, webhook_delivered
+from tests.treasury.factories import (
+    OPS,
+    buffers,
+    job_make,
+    job_transfer,
+    spend,
+    webhook_delivered,
+)
 from treasury.exceptions import JobRefused, JobTransitionRefused, treasury_rules
 from treasury.models import ConversionJob
 from treasury.monitor import monitor_run
@@ -146,16 +152,7 @@ def test_a_reversal_the_target_buffer_cannot_give_is_refused_and_changes_nothing
     """The USDC the conversion brought was spent since (here: withdrawn to equity): the
     reversal would take the buffer below zero. Refused naming the buffer; nothing written."""
     job = refunded_job(client, due)
-    spent = buffers()["USDC"] - 10
-    transaction_post(
-        namespace="test",
-        reference_id="spent",
-        kind="opening_balance",
-        legs=[
-            Leg.debit(Account.objects.get(code="opening_balance_equity_usdc"), spent),
-            Leg.credit(Account.objects.get(code="usdc_buffer"), spent),
-        ],
-    )
+    spend("usdc_buffer", buffers()["USDC"] - 10)
     after = buffers()
     with pytest.raises(JobRefused, match="USDC buffer"):
         job_reverse(job_id=job.pk, actor=OPS, reason="Due returned it")
