@@ -165,6 +165,13 @@ def _unpaired_surrogate_in_the_status(transfer: dict) -> None:
     transfer["status"] = "complete\ud800"
 
 
+def _nested_deeper_than_the_boundary(transfer: dict) -> None:
+    deep: dict = {}
+    for _ in range(40):
+        deep = {"a": deep}
+    transfer["description"] = deep
+
+
 @pytest.mark.parametrize(
     "poison",
     [
@@ -178,6 +185,7 @@ def _unpaired_surrogate_in_the_status(transfer: dict) -> None:
         _nul_in_a_field_we_do_not_read,
         _nul_in_the_id,
         _unpaired_surrogate_in_the_status,
+        _nested_deeper_than_the_boundary,
     ],
 )
 def test_a_poisoned_transfer_mid_page_is_parked_and_the_others_are_credited(
